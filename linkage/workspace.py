@@ -1,0 +1,99 @@
+"""The workspace folder: its zones, and atomic publication of files into them.
+
+A run works in one workspace. Stages read the zone before theirs and write their own;
+every file is written to a temporary path in the same folder and renamed into place, so
+no half-written file is ever visible in a zone.
+
+Example:
+    >>> ws = Workspace("/tmp/ws").ensure()
+    >>> ws.zone("landing")
+    PosixPath('/tmp/ws/landing')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from linkage.errors import WorkspaceError
+
+ZONES = (
+    "landing", "truth", "staged", "quarantine", "pseudonymised", "linked",
+    "research", "published", "reports", "audit",
+)
+
+
+class Workspace:
+    """A run's workspace folder and its zones."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    def ensure(self) -> Workspace:
+        """Create the workspace folder if needed and check it is writable.
+
+        Raises:
+            WorkspaceError: the folder cannot be created or written.
+        """
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise WorkspaceError(f"{self.root}: cannot create workspace ({exc.strerror})") from None
+        if not self.root.is_dir():
+            raise WorkspaceError(f"{self.root}: workspace is not a folder")
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise WorkspaceError(f"{self.root}: workspace is not writable")
+        try:
+            with tempfile.TemporaryFile(dir=self.root):
+                pass
+        except OSError as exc:
+            raise WorkspaceError(f"{self.root}: workspace is not writable ({exc.strerror})") from None
+        return self
+
+    def zone(self, name: str) -> Path:
+        """Return the path of a zone (not created)."""
+        if name not in ZONES:
+            raise WorkspaceError(f"unknown zone '{name}'")
+        return self.root / name
+
+    @contextlib.contextmanager
+    def publish_dir(self, name: str) -> Iterator[Path]:
+        """Build a whole zone in a temporary folder, then swap it into place.
+
+        The previous contents of the zone are replaced only when the block finishes
+        without error; on error the old zone stays as it was.
+        """
+        final = self.zone(name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=self.root))
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = None
+        if final.exists():
+            old = self.root / f".{name}.old-{os.getpid()}"
+            os.rename(final, old)
+        os.rename(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; rename it to ``final`` on success."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,60 @@
+"""The typed configuration and the schema files."""
+
+from __future__ import annotations
+
+import pytest
+
+from linkage.config import DEFAULT_CONFIG_PATH, Config, load_config
+from linkage.errors import ConfigError, SchemaError
+from linkage.schemas import IDENTIFIER_ROLES, SOURCES, load_schema
+
+
+def test_default_file_matches_model_defaults():
+    # hhlink.toml restates every default: a drift between the two is a bug in one of them
+    assert load_config() == Config()
+
+
+def test_every_config_field_is_documented():
+    import linkage.config as module
+
+    def walk(model):
+        for name, field in model.model_fields.items():
+            yield model, name
+            ann = field.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                yield from walk(ann)
+
+    for model, name in walk(Config):
+        assert f"{name}:" in (model.__doc__ or ""), f"{model.__name__}.{name} is not documented"
+    assert module.__doc__
+
+
+def test_overrides_are_validated():
+    with pytest.raises(ConfigError, match="generate.persons"):
+        load_config(generate={"persons": 0})
+    assert load_config(generate={"persons": 10, "seed": None}).generate.seed == 42
+
+
+def test_years_must_span_childhood_and_adulthood(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(DEFAULT_CONFIG_PATH.read_text().replace("end_year = 2025", "end_year = 2005"))
+    with pytest.raises(ConfigError, match="end_year"):
+        load_config(cfg)
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_schemas_declare_roles_and_types(source):
+    schema = load_schema(source)
+    assert schema.source == source
+    roles = {c.role for c in schema.columns}
+    assert {"record_id", "first_name", "surname", "dob"} <= roles
+    assert roles & IDENTIFIER_ROLES and "attribute" in roles
+
+
+def test_malformed_schema_is_refused(tmp_path):
+    (tmp_path / "education.toml").write_text(
+        'source = "education"\nversion = "1"\n[[columns]]\nname = "x"\ntype = "blob"\nrole = "attribute"\nnullable = true\n')
+    with pytest.raises(SchemaError, match="unknown type 'blob'"):
+        load_schema("education", tmp_path)
+    with pytest.raises(SchemaError, match="not found"):
+        load_schema("benefits", tmp_path)
