@@ -7,7 +7,6 @@ exit status, never a traceback (set ``HHLINK_DEBUG=1`` to see one).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -24,7 +23,8 @@ WORKSPACE_HELP = "Workspace folder holding the run's zones (landing/, truth/, st
 CONFIG_HELP = "Configuration file (TOML); default: the project's hhlink.toml."
 
 
-def _common(fn):
+def common_options(fn):
+    """Add ``--workspace`` and ``--config`` to a command."""
     fn = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
                       default=None, help=CONFIG_HELP)(fn)
     fn = click.option("--workspace", type=click.Path(file_okay=False, path_type=Path),
@@ -45,51 +45,15 @@ def cli(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-@cli.command()
-@_common
-@click.option("--persons", type=int, default=None, help="People in the population (default from config).")
-@click.option("--seed", type=int, default=None, help="Random seed (default from config).")
-@click.option("--format", "fmt", type=click.Choice(["csv", "parquet"]), default=None,
-              help="Landing extract format (default from config: csv).")
-def generate(workspace: Path, config_path: Path | None, persons: int | None, seed: int | None,
-             fmt: str | None) -> None:
-    """Generate a synthetic population: extracts in DIR/landing/, ground truth in DIR/truth/.
-
-    Writes education.csv (one row per pupil per academic year), benefits.csv (one row per
-    benefit-unit member per claim) and earnings.csv (one row per employment per tax year),
-    with identifier errors at the configured rates, and the truth that only evaluation reads.
-
-    \b
-    Example:
-      hhlink generate --persons 20000 --seed 42 --workspace ./workspace
-    """
-    from synthetic_data import generate_population
-
-    cfg = load_config(config_path, generate={"persons": persons, "seed": seed, "format": fmt})
-    summary = generate_population(cfg.generate, workspace)
-    click.echo(f"generated {summary['persons']:,} persons in {summary['households']:,} households "
-               f"({summary['seconds']['total']:.1f}s)")
-    for source, n in summary["rows"].items():
-        click.echo(f"  landing/{summary['files'][source]:<18} {n:>12,} rows")
-    click.echo(f"  truth/ ground truth (evaluation only) in {workspace / 'truth'}")
-
-
-@cli.command("config")
-@_common
-def show_config(workspace: Path, config_path: Path | None) -> None:
-    """Validate the configuration and print it as JSON.
-
-    \b
-    Example:
-      hhlink config --config hhlink.toml
-    """
-    cfg = load_config(config_path)
-    click.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
+def _register_commands() -> None:
+    # each command lives in linkage/commands/<name>.py and registers itself on import
+    import linkage.commands  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and turn every error into one line and an exit status."""
     debug = os.environ.get("HHLINK_DEBUG") == "1"
+    _register_commands()
     try:
         cli.main(args=argv, prog_name="hhlink", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -113,5 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # run through the importable module, where the commands register themselves
+    from linkage.cli import main as _main
+
+    sys.exit(_main())
 
