@@ -130,6 +130,35 @@ class GenerateConfig(_Section):
         return self
 
 
+class LinkConfig(_Section):
+    """Probabilistic linkage settings (``hhlink link``). The trained model itself is Splink JSON in ``linked/``.
+
+    Fields:
+        engine: ``duckdb`` (embedded, default) or ``spark`` (Splink's SparkAPI).
+        spark_master: Spark master URL when ``engine = "spark"`` (``local[2]`` runs on this machine).
+        threshold: match probability at or above which two records are the same person.
+        keep_pairs_above: scored pairs at or above this probability are kept in ``linked/pairs.parquet``
+            (for the quality report and sensitivity analyses).
+        u_max_pairs: record pairs sampled to estimate u probabilities.
+        em_max_pairs: record pairs sampled per EM training blocking rule.
+        seed: seed for Splink's random sampling, so training is reproducible.
+        parent_min_age_gap: the smallest plausible age gap between a parent and a child.
+        parent_max_age_gap: the largest plausible age gap between a parent and a child.
+        evaluation_thresholds: thresholds at which ``hhlink evaluate`` and the report give metrics.
+    """
+
+    engine: Literal["duckdb", "spark"] = "duckdb"
+    spark_master: str = "local[2]"
+    threshold: float = Field(0.99, gt=0, lt=1)
+    keep_pairs_above: float = Field(0.01, gt=0, lt=1)
+    u_max_pairs: float = Field(5e6, gt=0)
+    em_max_pairs: float = Field(2e6, gt=0)
+    seed: int = Field(1, ge=0)
+    parent_min_age_gap: int = Field(15, ge=10, le=30)
+    parent_max_age_gap: int = Field(55, ge=30, le=80)
+    evaluation_thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.9, 0.99, 0.999])
+
+
 class PathsConfig(_Section):
     """Where the contracts live.
 
@@ -151,10 +180,12 @@ class Config(_Section):
 
     Fields:
         generate: synthetic population settings.
+        link: probabilistic linkage settings.
         paths: where schemas and expectation suites live.
     """
 
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    link: LinkConfig = Field(default_factory=LinkConfig)
     paths: PathsConfig = Field(default_factory=PathsConfig)
 
 

@@ -324,6 +324,15 @@ def simulate_population(cfg: GenerateConfig, places: Places, names: Names) -> tu
     keys = np.char.add(np.char.add(sexc, "|"), group)
     fore_tables = {f"{s}|{g}": v for (s, g), v in names.forenames.items()}
     forename = choice_by_group(r, keys, fore_tables, "M|white")
+    # parents do not give two of their children the same forename
+    for _ in range(20):
+        key = family[kids].astype(np.int64) * (1 << 24) + forename[kids]
+        order = np.argsort(key, kind="stable")
+        dup = np.zeros(len(kids), dtype=bool)
+        dup[order[1:]] = key[order[1:]] == key[order[:-1]]
+        if not dup.any():
+            break
+        forename[kids[dup]] = choice_by_group(r, keys[kids[dup]], fore_tables, "M|white")
     n_mid = r.choice([0, 1, 2], p=[0.25, 0.6, 0.15], size=len(sex))
     m1 = np.where(n_mid >= 1, choice_by_group(r, keys, fore_tables, "M|white"), -1)
     m2 = np.where(n_mid >= 2, choice_by_group(r, keys, fore_tables, "M|white"), -1)

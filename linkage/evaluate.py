@@ -1,0 +1,118 @@
+"""Evaluation against the synthetic ground truth (``truth/``), for the data engineer.
+
+Truth is keyed by the departments' record ids; linkage outputs by record tokens. The
+encrypted crosswalk (token -> record), opened with the key, joins the two, so
+evaluation runs only where the key is held. It writes ``reports/evaluation.json``,
+merging its keys into what other stages put there.
+
+Metrics (records are landing rows; persons the true people):
+
+* pairwise precision / recall / F1: over pairs of records placed in one person;
+* cluster F1: a predicted person is right when it holds exactly one true person's
+  records (precision over predicted persons, recall over true persons);
+* metrics at each of ``link.evaluation_thresholds`` by re-clustering the kept pairs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+
+from linkage.workspace import Workspace, atomic_path
+
+
+def pairwise_metrics_sql(assignments: str) -> str:
+    """SQL giving (tp, predicted_pairs, true_pairs, exact_clusters, n_pred, n_true).
+
+    ``assignments`` is a table or subquery with one row per record and columns
+    ``pred`` (predicted cluster) and ``truth`` (true entity).
+    """
+    return f"""
+        with a as (select pred, truth from {assignments}),
+        cell as (select pred, truth, count(*) n from a group by all),
+        p as (select pred, count(*) n from a group by all),
+        t as (select truth, count(*) n from a group by all),
+        exact as (select count(*) k from cell join p using (pred) join t using (truth)
+                  where cell.n = p.n and cell.n = t.n)
+        select (select coalesce(sum(n * (n - 1) / 2), 0) from cell)::double,
+               (select coalesce(sum(n * (n - 1) / 2), 0) from p)::double,
+               (select coalesce(sum(n * (n - 1) / 2), 0) from t)::double,
+               (select k from exact)::double, (select count(*) from p)::double, (select count(*) from t)::double
+    """
+
+
+def metrics_from_counts(tp: float, pred: float, true: float, exact: float, n_pred: float, n_true: float) -> dict:
+    """Precision, recall and F1 (pairwise and cluster) from pair and cluster counts."""
+
+    def f1(p: float, r: float) -> float:
+        return 2 * p * r / (p + r) if p + r else 0.0
+
+    precision = tp / pred if pred else 1.0
+    recall = tp / true if true else 1.0
+    cp = exact / n_pred if n_pred else 1.0
+    cr = exact / n_true if n_true else 1.0
+    return {"pairwise_precision": precision, "pairwise_recall": recall, "pairwise_f1": f1(precision, recall),
+            "cluster_precision": cp, "cluster_recall": cr, "cluster_f1": f1(cp, cr)}
+
+
+def person_metrics(con: duckdb.DuckDBPyConnection, assignments: str) -> dict:
+    """Evaluate a record -> (pred, truth) assignment table; see :func:`pairwise_metrics_sql`."""
+    return metrics_from_counts(*con.execute(pairwise_metrics_sql(assignments)).fetchall()[0])
+
+
+def write_evaluation(workspace: Path | str, metrics: dict) -> Path:
+    """Merge ``metrics`` into ``reports/evaluation.json`` (other stages' keys are kept)."""
+    path = Workspace(workspace).zone("reports") / "evaluation.json"
+    current = json.loads(path.read_text()) if path.exists() else {}
+    current.update(metrics)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def household_accuracy_sql() -> str:
+    """SQL: share of observed person-years whose predicted co-residents are exactly the true ones.
+
+    Needs tables ``rec_truth`` (record_token, person_key, truth_person, year),
+    ``pk_truth`` (person_key, truth_person), ``households`` (person_key, year,
+    household_key) and ``truth_py`` (person_id, year, household_id).
+    """
+    return """
+        with observed as (select distinct truth_person, year from rec_truth),
+        pred as (select p.truth_person, h.year, h.household_key from households h join pk_truth p using (person_key)),
+        pred_sets as (select a.truth_person, a.year,
+                             list(distinct b.truth_person order by b.truth_person) members
+                      from pred a join pred b on a.household_key = b.household_key and a.year = b.year
+                      join observed o on o.truth_person = b.truth_person and o.year = b.year
+                      group by all),
+        true_obs as (select t.person_id truth_person, t.year, t.household_id from truth_py t
+                     join observed o on o.truth_person = t.person_id and o.year = t.year),
+        true_sets as (select a.truth_person, a.year, list(distinct b.truth_person order by b.truth_person) members
+                      from true_obs a join true_obs b on a.household_id = b.household_id and a.year = b.year
+                      group by all)
+        select avg(case when p.members = t.members then 1.0 else 0.0 end), count(*)
+        from true_sets t left join pred_sets p using (truth_person, year)
+    """
+
+
+def parent_child_metrics_sql(min_confidence: float = 0.0) -> str:
+    """SQL: (precision, recall, predicted, true) of parent-child relations against the truth.
+
+    Needs ``pk_truth``, ``parent_child`` (parent_key, child_key, confidence),
+    ``truth_pc`` (parent_id, child_id) and ``rec_truth``.
+    """
+    return f"""
+        with pred as (select distinct p.truth_person parent, c.truth_person child
+                      from parent_child r join pk_truth p on p.person_key = r.parent_key
+                      join pk_truth c on c.person_key = r.child_key
+                      where r.confidence >= {min_confidence}),
+        seen as (select distinct truth_person from rec_truth),
+        tru as (select parent_id parent, child_id child from truth_pc
+                where parent_id in (select truth_person from seen) and child_id in (select truth_person from seen)),
+        tp as (select count(*) n from pred join tru using (parent, child))
+        select (select n from tp) / nullif((select count(*) from pred), 0),
+               (select n from tp) / nullif((select count(*) from tru), 0),
+               (select count(*) from pred), (select count(*) from tru)
+    """

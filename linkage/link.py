@@ -1,0 +1,191 @@
+"""Probabilistic linkage on pseudonymised identifiers: records into persons.
+
+Reads only ``pseudonymised/identifiers/`` (keyed tokens and Bloom filters; no cleartext,
+no attributes) and writes ``linked/``:
+
+* ``model.json`` - the trained Splink model (Splink's own JSON);
+* ``pairs.parquet`` - scored pairs of identities with match probability and weight;
+* ``identities.parquet`` - each distinct identity (records equal on every encoding,
+  collapsed so a pupil's twelve school years are compared once) and its person key;
+* ``records.parquet`` - every record token with its identity and person key;
+* ``households.parquet`` - household membership per person and year, with household keys;
+* ``parent_child.parquet`` - parent-child relations with their evidence and confidence;
+* ``summary.json`` - counts, timings, training and clustering facts.
+
+The model (``linkage.link_model``) is one Splink model over all three sources
+(link and dedupe): u by random sampling, m by EM over several blocking rules, term
+frequency adjustments on name tokens. Persons are the connected components of pairs at
+or above ``link.threshold``.
+
+Example:
+    >>> from linkage.config import load_config
+    >>> summary = link(load_config(), "workspace")      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import duckdb
+
+from linkage.config import Config
+from linkage.errors import HhlinkError
+from linkage.households import assemble_households
+from linkage.link_model import IDENTITY_COLUMNS, TRAINING_BLOCKS, model_settings
+from linkage.schemas import SOURCES
+from linkage.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+class LinkError(HhlinkError):
+    """Linkage cannot run (missing input, or an engine problem)."""
+
+
+def _identities_sql(identifiers: str) -> str:
+    """Collapse records equal on every encoding into identities, keyed deterministically."""
+    cols = ", ".join(IDENTITY_COLUMNS)
+    key_parts = ", ".join(
+        f"coalesce(hex({c}), '')" if c.endswith("_bf") else f"coalesce({c}, '')" for c in IDENTITY_COLUMNS)
+    return f"""
+        create or replace table records as
+        select record_token, source, year, birth_year, benefit_unit_tok, bu_role, claim_tok,
+               source || '-' || left(md5(concat_ws('|', {key_parts})), 20) as unique_id, {cols}
+        from read_parquet('{identifiers}/*.parquet');
+        create or replace table identities as
+        select unique_id, any_value(source) as source, any_value(birth_year) as birth_year,
+               count(*) as n_records, min(year) as first_year, max(year) as last_year,
+               {", ".join(f"any_value({c}) as {c}" for c in IDENTITY_COLUMNS)}
+        from records group by unique_id order by unique_id;
+    """
+
+
+def _connect(threads: int | None = None) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    # Splink 5 still emits some single-arrow lambdas that DuckDB 2 rejects by default
+    con.execute("SET lambda_syntax='ENABLE_SINGLE_ARROW'")
+    con.execute(f"SET threads={threads or os.cpu_count() or 2}")
+    con.execute("SET preserve_insertion_order=false")
+    return con
+
+
+def _db_api(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path):
+    if config.link.engine == "spark":
+        from linkage.spark_engine import spark_db_api
+
+        return spark_db_api(config, tmp)
+    from splink import DuckDBAPI
+
+    return DuckDBAPI(connection=con)
+
+
+def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path, out: Path) -> dict:
+    """Train the model on the ``identities`` table, score pairs, cluster into persons.
+
+    Writes ``model.json`` and ``pairs.parquet`` into ``out`` and leaves the table
+    ``clusters`` (unique_id, cluster_id) on ``con``. Returns training facts.
+    """
+    from splink import Linker, block_on
+
+    lc = config.link
+    db_api = _db_api(config, con, tmp)
+    dialect = "spark" if lc.engine == "spark" else "duckdb"
+    sdfs = []
+    for source in SOURCES:
+        con.execute(f"create or replace table ids_{source} as select * from identities where source = '{source}'")
+        if lc.engine == "spark":
+            sdfs.append(db_api.register(con.execute(f"select * from ids_{source}").df(), dataset_display_name=source))
+        else:
+            sdfs.append(db_api.register(f"ids_{source}", dataset_display_name=source))
+    linker = Linker(sdfs, model_settings(dialect), log_level=logging.WARNING)
+    t = time.perf_counter()
+    deterministic = [block_on("nino_tok", "dob_tok"), block_on("upn_tok", "dob_tok"),
+                     block_on("fn_tok", "sn_tok", "dob_tok")]
+    linker.training.estimate_probability_two_random_records_match(deterministic, recall=0.9)
+    linker.training.estimate_u_using_random_sampling(max_pairs=lc.u_max_pairs, seed=lc.seed)
+    for cols in TRAINING_BLOCKS:
+        linker.training.estimate_parameters_using_expectation_maximisation(
+            block_on(*cols), max_pairs=lc.em_max_pairs)
+    facts = {"training_seconds": round(time.perf_counter() - t, 1)}
+    linker.misc.save_model_to_json(str(out / "model.json"), overwrite=True)
+    t = time.perf_counter()
+    pairs = linker.inference.predict(threshold_match_probability=lc.keep_pairs_above)
+    clusters = linker.clustering.cluster_pairwise_predictions_at_threshold(pairs, threshold_match_probability=lc.threshold)
+    facts["predict_seconds"] = round(time.perf_counter() - t, 1)
+    pairs_pd = pairs.as_pandas_dataframe() if lc.engine == "spark" else None
+    if lc.engine == "spark":
+        con.register("pairs_df", pairs_pd)
+        con.register("clusters_df", clusters.as_pandas_dataframe())
+        pairs_name, clusters_name = "pairs_df", "clusters_df"
+    else:
+        pairs_name, clusters_name = pairs.physical_name, clusters.physical_name
+    con.execute(f"""
+        copy (select unique_id_l, unique_id_r, source_dataset_l as source_l, source_dataset_r as source_r,
+                     match_weight, match_probability
+              from {pairs_name} order by unique_id_l, unique_id_r)
+        to '{out}/pairs.parquet' (compression zstd)""")
+    con.execute(f"create or replace table clusters as select unique_id, cluster_id from {clusters_name}")
+    facts["pairs_scored"] = con.execute(f"select count(*) from {pairs_name}").fetchall()[0][0]
+    facts["probability_two_random_records_match"] = linker._settings_obj._probability_two_random_records_match
+    return facts
+
+
+def link(config: Config, workspace: Path | str) -> dict:
+    """Link the pseudonymised identifiers into persons and write ``linked/``.
+
+    Args:
+        config: the hhlink configuration (``config.link`` holds the settings).
+        workspace: the workspace folder; reads ``pseudonymised/identifiers/``.
+
+    Returns:
+        A summary: counts of records, identities, persons and pairs, and timings.
+
+    Raises:
+        LinkError: the identifiers zone is missing or empty.
+    """
+    ws = Workspace(workspace)
+    identifiers = ws.zone("pseudonymised") / "identifiers"
+    if not identifiers.is_dir() or not any(identifiers.glob("*.parquet")):
+        raise LinkError(f"{identifiers}: no identifiers to link; run 'hhlink pseudonymise' first")
+    t0 = time.perf_counter()
+    con = _connect()
+    summary: dict = {"engine": config.link.engine, "threshold": config.link.threshold}
+    with ws.publish_dir("linked") as out:
+        tmp = out / ".tmp"
+        tmp.mkdir()
+        con.execute(f"SET temp_directory='{tmp}'")
+        con.execute(_identities_sql(str(identifiers)))
+        t = time.perf_counter()
+        summary.update(train_and_predict(config, con, tmp, out))
+        con.execute("""
+            create or replace table persons as
+            select i.unique_id, 'P' || left(md5(c.cluster_id), 16) as person_key
+            from identities i join clusters c using (unique_id)""")
+        con.execute(f"""copy (select i.*, p.person_key from identities i join persons p using (unique_id)
+                              order by unique_id) to '{out}/identities.parquet' (compression zstd)""")
+        con.execute("""create or replace table records_linked as
+                       select r.record_token, r.source, r.year, r.birth_year, r.unique_id, p.person_key,
+                              r.benefit_unit_tok, r.bu_role, r.claim_tok, r.postcode_tok, r.addr_bf
+                       from records r join persons p using (unique_id)""")
+        con.execute(f"""copy (select * exclude (postcode_tok, addr_bf) from records_linked order by record_token)
+                        to '{out}/records.parquet' (compression zstd)""")
+        t_hh = time.perf_counter()
+        summary.update(assemble_households(con, config.link))
+        con.execute(f"copy households to '{out}/households.parquet' (compression zstd)")
+        con.execute(f"copy parent_child to '{out}/parent_child.parquet' (compression zstd)")
+        summary["households_seconds"] = round(time.perf_counter() - t_hh, 1)
+        counts = con.execute("""select (select count(*) from records), (select count(*) from identities),
+                                       (select count(distinct person_key) from persons)""").fetchall()[0]
+        summary.update(records=counts[0], identities=counts[1], persons=counts[2])
+        summary["seconds"] = round(time.perf_counter() - t0, 1)
+        summary["model_seconds"] = round(time.perf_counter() - t, 1)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        shutil.rmtree(tmp, ignore_errors=True)
+    con.close()
+    log.info("linked %d records into %d persons", summary["records"], summary["persons"])
+    return summary

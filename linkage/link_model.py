@@ -1,0 +1,150 @@
+"""The Splink model on keyed encodings: comparisons, blocking rules and training rules.
+
+Everything here builds Splink settings from the identifiers contract
+(``pseudonymised/identifiers/``): HMAC tokens compared for equality, Bloom-filter
+encodings compared by Dice similarity in SQL. No cleartext is needed or seen.
+"""
+
+from __future__ import annotations
+
+import splink.comparison_level_library as cll
+import splink.comparison_library as cl
+from splink import SettingsCreator, block_on
+
+from linkage.encodings import dice_sql
+
+# The encodings that define one identity: rows equal on all of these (and the source)
+# are the same identity seen again (a pupil's next school year, a worker's next tax year).
+IDENTITY_COLUMNS = (
+    "nino_tok", "upn_tok", "dob_tok", "dob_year_tok", "dob_month_tok", "dob_day_tok", "dob_swap_tok",
+    "sex_tok", "postcode_tok", "pc_sector_tok", "pc_district_tok", "fn_tok", "sn_tok", "fn_initial_tok",
+    "fn_phon_tok", "sn_phon_tok", "mn_initial_tok", "fn_bf", "sn_bf", "addr_bf",
+)
+
+# Blocking rules for prediction: any one of them brings a pair into comparison.
+PREDICTION_BLOCKS = (
+    ("nino_tok",),
+    ("upn_tok",),
+    ("dob_tok", "fn_initial_tok"),
+    ("dob_tok", "sn_phon_tok"),
+    ("fn_tok", "sn_tok", "dob_year_tok"),
+    ("postcode_tok", "fn_phon_tok", "dob_year_tok"),
+    ("sn_tok", "dob_year_tok", "dob_month_tok"),
+    ("fn_tok", "sn_tok", "dob_month_tok", "dob_day_tok"),   # year of birth mistyped
+    # (Not names with postcode: that compares parents and children who share a name and a
+    # home, where the postcode and surname agree because they are a family.)
+)
+# EM training: each rule leaves the comparisons it does not use free to be estimated.
+# (Not postcode: pairs sharing an address are mostly relatives, and EM then learns
+# "family" rather than "same person".)
+# Nor names alone: same-name pairs include parents and children named alike, and EM then
+# learns that a date-of-birth mismatch is common among matches.
+TRAINING_BLOCKS = (
+    ("nino_tok",),
+    ("dob_tok",),
+)
+
+
+def _name_comparison(name: str, prefix: str, dialect: str, initial: bool) -> cl.CustomComparison:
+    dice = dice_sql(f"{prefix}_bf_l", f"{prefix}_bf_r", dialect)
+    levels = [
+        cll.NullLevel(f"{prefix}_tok"),
+        cll.ExactMatchLevel(f"{prefix}_tok", term_frequency_adjustments=True),
+        cll.CustomLevel(f"{dice} >= 0.85", label_for_charts="Dice >= 0.85"),
+        cll.CustomLevel(f"{prefix}_phon_tok_l = {prefix}_phon_tok_r", label_for_charts="phonetic match"),
+        cll.CustomLevel(f"{dice} >= 0.6", label_for_charts="Dice >= 0.6"),
+    ]
+    if initial:
+        levels.append(cll.CustomLevel(f"{prefix}_initial_tok_l = {prefix}_initial_tok_r", label_for_charts="same initial"))
+    return cl.CustomComparison(
+        output_column_name=name, comparison_levels=[*levels, cll.ElseLevel()],
+        comparison_description=f"{name}: exact token, Bloom-filter Dice, phonetic code" + (", initial" if initial else ""),
+    )
+
+
+def _dob_comparison() -> cl.CustomComparison:
+    return cl.CustomComparison(
+        output_column_name="dob",
+        comparison_levels=[
+            cll.NullLevel("dob_tok"),
+            cll.ExactMatchLevel("dob_tok"),
+            cll.CustomLevel("dob_swap_tok_l = dob_tok_r or dob_tok_l = dob_swap_tok_r",
+                            label_for_charts="day and month swapped"),
+            cll.CustomLevel("dob_month_tok_l = dob_month_tok_r and dob_day_tok_l = dob_day_tok_r "
+                            "and abs(birth_year_l - birth_year_r) = 1",
+                            label_for_charts="same day and month, year one apart"),
+            cll.CustomLevel("dob_year_tok_l = dob_year_tok_r and dob_month_tok_l = dob_month_tok_r",
+                            label_for_charts="same year and month"),
+            cll.CustomLevel("dob_year_tok_l = dob_year_tok_r", label_for_charts="same year"),
+            cll.ElseLevel(),
+        ],
+        comparison_description="date of birth: exact, swapped day/month, partial",
+    )
+
+
+def _postcode_comparison() -> cl.CustomComparison:
+    return cl.CustomComparison(
+        output_column_name="postcode",
+        comparison_levels=[
+            cll.NullLevel("postcode_tok"),
+            cll.ExactMatchLevel("postcode_tok"),
+            cll.CustomLevel("pc_sector_tok_l = pc_sector_tok_r", label_for_charts="same sector"),
+            cll.CustomLevel("pc_district_tok_l = pc_district_tok_r", label_for_charts="same district"),
+            cll.ElseLevel(),
+        ],
+        comparison_description="postcode unit, sector, district",
+    )
+
+
+def _address_comparison(dialect: str) -> cl.CustomComparison:
+    dice = dice_sql("addr_bf_l", "addr_bf_r", dialect)
+    return cl.CustomComparison(
+        output_column_name="address",
+        comparison_levels=[
+            cll.NullLevel("addr_bf"),
+            cll.CustomLevel(f"{dice} >= 0.9", label_for_charts="Dice >= 0.9"),
+            cll.CustomLevel(f"{dice} >= 0.7", label_for_charts="Dice >= 0.7"),
+            cll.ElseLevel(),
+        ],
+        comparison_description="address line: Bloom-filter Dice",
+    )
+
+
+def _exact(column: str, name: str) -> cl.CustomComparison:
+    return cl.CustomComparison(
+        output_column_name=name,
+        comparison_levels=[cll.NullLevel(column), cll.ExactMatchLevel(column), cll.ElseLevel()],
+        comparison_description=f"{name}: exact token",
+    )
+
+
+def model_settings(dialect: str = "duckdb", probability_two_random_records_match: float = 1e-6) -> SettingsCreator:
+    """Splink settings for linking and deduplicating the three sources on encodings.
+
+    Args:
+        dialect: ``duckdb`` or ``spark`` (the Dice SQL differs).
+        probability_two_random_records_match: the prior, refined by training.
+
+    Returns:
+        A :class:`splink.SettingsCreator`.
+    """
+    return SettingsCreator(
+        link_type="link_and_dedupe",
+        unique_id_column_name="unique_id",
+        comparisons=[
+            _name_comparison("forename", "fn", dialect, initial=True),
+            _name_comparison("surname", "sn", dialect, initial=False),
+            _dob_comparison(),
+            _postcode_comparison(),
+            _address_comparison(dialect),
+            _exact("nino_tok", "nino"),
+            _exact("upn_tok", "upn"),
+            _exact("sex_tok", "sex"),
+            _exact("mn_initial_tok", "middle_initial"),
+        ],
+        blocking_rules_to_generate_predictions=[block_on(*cols) for cols in PREDICTION_BLOCKS],
+        probability_two_random_records_match=probability_two_random_records_match,
+        retain_matching_columns=False,
+        retain_intermediate_calculation_columns=False,
+        additional_columns_to_retain=["birth_year"],
+    )
