@@ -113,6 +113,8 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
             block_on(*cols), max_pairs=lc.em_max_pairs)
     facts = {"training_seconds": round(time.perf_counter() - t, 1)}
     linker.misc.save_model_to_json(str(out / "model.json"), overwrite=True)
+    _save_charts(linker, out / "charts")
+    facts["blocking"] = _blocking_counts(sdfs, con)
     t = time.perf_counter()
     pairs = linker.inference.predict(threshold_match_probability=lc.keep_pairs_above)
     clusters = linker.clustering.cluster_pairwise_predictions_at_threshold(pairs, threshold_match_probability=lc.threshold)
@@ -133,6 +135,31 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
     facts["pairs_scored"] = con.execute(f"select count(*) from {pairs_name}").fetchall()[0][0]
     facts["probability_two_random_records_match"] = linker._settings_obj._probability_two_random_records_match
     return facts
+
+
+def _save_charts(linker, folder: Path) -> None:
+    """Keep Splink's own charts as Vega-Lite specs; the report renders them offline."""
+    folder.mkdir(exist_ok=True)
+    charts = {"match_weights": linker.visualisations.match_weights_chart(),
+              "m_u_parameters": linker._settings_obj.m_u_parameters_chart()}
+    for name, chart in charts.items():
+        (folder / f"{name}.vl.json").write_text(json.dumps(chart.chart_dict, default=str))
+
+
+def _blocking_counts(sdfs, con: duckdb.DuckDBPyConnection) -> list[dict]:
+    """Comparisons each prediction blocking rule adds (marginal) and in total (cumulative)."""
+    from splink import block_on
+    from splink.blocking_analysis import count_comparisons_from_blocking_rules
+
+    from linkage.link_model import PREDICTION_BLOCKS
+
+    n = con.execute("select count(*) from identities").fetchall()[0][0]
+    records = count_comparisons_from_blocking_rules(
+        sdfs, blocking_rules=[block_on(*cols) for cols in PREDICTION_BLOCKS], link_type="link_and_dedupe",
+        record_sample_proportion=1.0 if n <= 300_000 else 0.1)
+    return [{"rule": " and ".join(cols), "marginal_comparisons": int(r["marginal_comparison_count"]),
+             "cumulative_comparisons": int(r["cumulative_comparison_count"]), "is_estimate": bool(r["is_estimate"])}
+            for cols, r in zip(PREDICTION_BLOCKS, records)]
 
 
 def link(config: Config, workspace: Path | str) -> dict:
@@ -187,5 +214,8 @@ def link(config: Config, workspace: Path | str) -> dict:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
         shutil.rmtree(tmp, ignore_errors=True)
     con.close()
+    from linkage.link_report import write_report
+
+    write_report(config, workspace)
     log.info("linked %d records into %d persons", summary["records"], summary["persons"])
     return summary
