@@ -116,3 +116,85 @@ def parent_child_metrics_sql(min_confidence: float = 0.0) -> str:
                (select n from tp) / nullif((select count(*) from tru), 0),
                (select count(*) from pred), (select count(*) from tru)
     """
+
+
+def _load(con: duckdb.DuckDBPyConnection, ws: Workspace, key) -> None:
+    import pyarrow as pa
+
+    from linkage.crosswalk import CROSSWALK_FILE, read_crosswalk
+
+    linked, truth = ws.zone("linked"), ws.zone("truth")
+    con.register("xw", pa.concat_tables(read_crosswalk(ws.zone("pseudonymised") / CROSSWALK_FILE, key)))
+    con.execute(f"""
+        create or replace table rec_truth as
+        select r.record_token, r.unique_id, r.person_key, t.person_id truth_person, r.year
+        from '{linked}/records.parquet' r join xw using (record_token)
+        join '{truth}/source_rows.parquet' t on t.source = xw.source and t.record_id = xw.record_id""")
+    con.execute("create or replace table pk_truth as select person_key, mode(truth_person) truth_person "
+                "from rec_truth group by 1")
+    for name, path in (("households", f"{linked}/households.parquet"), ("parent_child", f"{linked}/parent_child.parquet"),
+                       ("pairs", f"{linked}/pairs.parquet"), ("identities", f"{linked}/identities.parquet"),
+                       ("truth_py", f"{truth}/person_years.parquet"), ("truth_pc", f"{truth}/parent_child.parquet")):
+        con.execute(f"create or replace table {name} as select * from '{path}'")
+
+
+def _by_threshold(con: duckdb.DuckDBPyConnection, thresholds: list[float]) -> list[dict]:
+    from splink import DuckDBAPI
+    from splink.clustering import cluster_pairwise_predictions_at_threshold
+
+    out = []
+    for t in thresholds:
+        clusters = cluster_pairwise_predictions_at_threshold(
+            "identities", "pairs", DuckDBAPI(connection=con), node_id_column_name="unique_id",
+            threshold_match_probability=t)
+        m = person_metrics(con, f"(select c.cluster_id pred, r.truth_person truth from rec_truth r "
+                                f"join {clusters.physical_name} c using (unique_id))")
+        out.append({"threshold": t, **{k: round(v, 6) for k, v in m.items()}})
+    return out
+
+
+def evaluate(config, workspace: Path | str, key_file: Path | str | None = None) -> dict:
+    """Compare ``linked/`` with ``truth/`` and write ``reports/evaluation.json``.
+
+    Args:
+        config: the hhlink configuration.
+        workspace: a workspace holding ``truth/``, ``pseudonymised/crosswalk.enc`` and ``linked/``.
+        key_file: the master key file (default: ``HHLINK_KEY``, ``HHLINK_KEY_FILE`` or the default file).
+
+    Returns:
+        The metrics written (``person_pairwise_precision``, ``person_pairwise_recall``,
+        ``person_pairwise_f1``, ``person_cluster_f1``, ``household_accuracy``,
+        ``parent_child_precision``, ``parent_child_recall`` and per-threshold metrics).
+
+    Example:
+        >>> evaluate(load_config(), "workspace")["person_pairwise_f1"]   # doctest: +SKIP
+        0.999...
+    """
+    from linkage.errors import WorkspaceError
+    from linkage.keys import load_master_key
+
+    ws = Workspace(workspace)
+    for zone in ("truth", "linked"):
+        if not ws.zone(zone).is_dir():
+            raise WorkspaceError(f"{ws.zone(zone)}: missing; evaluation needs the ground truth and a linkage run")
+    key = load_master_key(key_file, workspace)
+    con = duckdb.connect()
+    con.execute("SET lambda_syntax='ENABLE_SINGLE_ARROW'")
+    _load(con, ws, key)
+    m = person_metrics(con, "(select person_key pred, truth_person truth from rec_truth)")
+    hh, _ = con.execute(household_accuracy_sql()).fetchall()[0]
+    pc_p, pc_r, _, _ = con.execute(parent_child_metrics_sql()).fetchall()[0]
+    metrics = {
+        "person_pairwise_precision": m["pairwise_precision"], "person_pairwise_recall": m["pairwise_recall"],
+        "person_pairwise_f1": m["pairwise_f1"], "person_cluster_f1": m["cluster_f1"],
+        "person_cluster_precision": m["cluster_precision"], "person_cluster_recall": m["cluster_recall"],
+        "household_accuracy": hh, "parent_child_precision": pc_p, "parent_child_recall": pc_r,
+        "person_metrics_by_threshold": _by_threshold(con, config.link.evaluation_thresholds),
+        "linkage_threshold": config.link.threshold,
+    }
+    con.close()
+    write_evaluation(workspace, metrics)
+    from linkage.link_report import write_report
+
+    write_report(config, workspace)
+    return metrics
