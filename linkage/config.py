@@ -149,7 +149,7 @@ class LinkConfig(_Section):
 
     engine: Literal["duckdb", "spark"] = "duckdb"
     spark_master: str = "local[2]"
-    threshold: float = Field(0.99, gt=0, lt=1)
+    threshold: float = Field(0.999, gt=0, lt=1)
     keep_pairs_above: float = Field(0.01, gt=0, lt=1)
     u_max_pairs: float = Field(5e6, gt=0)
     em_max_pairs: float = Field(2e6, gt=0)
@@ -157,6 +157,101 @@ class LinkConfig(_Section):
     parent_min_age_gap: int = Field(15, ge=10, le=30)
     parent_max_age_gap: int = Field(55, ge=30, le=80)
     evaluation_thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.9, 0.99, 0.999])
+
+
+_TYPICAL_LENGTH = {"name": 6, "address": 15}   # characters; measured on the synthetic population
+
+
+class PseudonymiseConfig(_Section):
+    """Pseudonymisation settings (``hhlink pseudonymise``); ``docs/privacy.md`` explains each choice.
+
+    The key is never configured here: it comes from ``HHLINK_KEY``, ``HHLINK_KEY_FILE``,
+    ``--key-file`` or ``~/.config/hhlink/master.key`` (see ``linkage/keys.py``).
+
+    Fields:
+        q: q-gram length of the Bloom-filter encodings (2 = bigrams); each value is padded
+            with q-1 ``_`` on both sides, so a 6-letter name has 7 bigrams.
+        name_bits: stored length in bits of the forename and surname filters (``fn_bf``,
+            ``sn_bf``); a multiple of 64.
+        name_hashes: hash positions per q-gram (k) in the name filters before hardening.
+            About half the bits of the unhardened filter are set when k = m ln 2 / g
+            (m unhardened bits, g q-grams): with XOR-folding m = 2 x 512 = 1024 and a
+            6-letter name's g = 7, k = 101.
+        address_bits: stored length in bits of the address-line filter (``addr_bf``).
+        address_hashes: k for the address filter: m = 2 x 1024 = 2048, a typical line of
+            15 characters has g = 16 bigrams, k = 89.
+        hardening: how filters are hardened against frequency and pattern-mining attacks:
+            ``xor_fold`` (the filter is built twice as long and its halves XORed),
+            ``balance`` (complement appended, keyed permutation) or ``none``.
+        phonetic: the phonetic code tokenised in ``fn_phon_tok``/``sn_phon_tok``:
+            ``metaphone`` (original Metaphone, jellyfish), ``nysiis`` or ``soundex``.
+        references: attribute columns that point back to a department's record, never
+            copied in clear: each is replaced in the payload by its keyed token, in the
+            column named here (``claim_id`` -> ``claim_tok``).
+        link_references: reference columns whose token also goes into the identifiers
+            zone, for linkage and household assembly.
+        member_role_column: the column holding a person's role in the benefit unit
+            (claimant, partner, dependant), copied to the identifiers as ``bu_role``.
+        period_dates: for a source without a ``period``-role column, the date column whose
+            year is the row's ``year``.
+    """
+
+    q: int = Field(2, ge=2, le=3)
+    name_bits: int = Field(512, ge=64, le=8192, multiple_of=64)
+    name_hashes: int = Field(101, ge=1, le=2000)
+    address_bits: int = Field(1024, ge=64, le=8192, multiple_of=64)
+    address_hashes: int = Field(89, ge=1, le=2000)
+    hardening: Literal["xor_fold", "balance", "none"] = "xor_fold"
+    phonetic: Literal["metaphone", "nysiis", "soundex"] = "metaphone"
+    references: dict[str, str] = Field(
+        default_factory=lambda: {"claim_id": "claim_tok", "employer_ref": "employer_tok"})
+    link_references: list[str] = Field(default_factory=lambda: ["claim_id"])
+    member_role_column: str = "role"
+    period_dates: dict[str, str] = Field(default_factory=lambda: {"benefits": "start_date"})
+
+    @model_validator(mode="after")
+    def _half_fill(self) -> PseudonymiseConfig:
+        # refuse a hash count that would leave a typical filter nearly empty or nearly full
+        # (e.g. the XOR-folding k kept after switching to balancing)
+        import math
+
+        for kind, bits, k in (("name", self.name_bits, self.name_hashes),
+                              ("address", self.address_bits, self.address_hashes)):
+            base = {"xor_fold": 2 * bits, "balance": bits // 2, "none": bits}[self.hardening]
+            grams = _TYPICAL_LENGTH[kind] + self.q - 1
+            fill = 1 - math.exp(-k * grams / base)
+            if not 0.3 <= fill <= 0.7:
+                best = round(base * math.log(2) / grams)
+                raise ValueError(f"{kind}_hashes={k} sets {fill:.0%} of the bits of a typical {kind}'s "
+                                 f"filter ({base} bits before {self.hardening}); about {best} sets half")
+        unknown = [c for c in self.link_references if c not in self.references]
+        if unknown:
+            raise ValueError(f"link_references {unknown} must also be listed in references")
+        return self
+
+
+class IngestConfig(_Section):
+    """Ingest and data-quality gate settings (``hhlink ingest``).
+
+    Distribution bounds and every other expectation live in the suites under
+    ``expectations/``, not here.
+
+    Fields:
+        max_encoding_error_share: largest share of a CSV's rows that may hold bytes
+            invalid in the declared encoding; those rows are quarantined (reason
+            ``encoding``), and above this share the file is refused as being in another
+            encoding.
+        memory_limit: DuckDB's memory limit while staging (e.g. ``"10GB"``); beyond it
+            DuckDB spills to a scratch folder in the workspace.
+        threads: DuckDB worker threads; 0 uses every core.
+        data_docs: build the Great Expectations Data Docs (HTML) in ``reports/quality/``
+            as well as the JSON summaries.
+    """
+
+    max_encoding_error_share: float = Field(0.01, ge=0, le=1)
+    memory_limit: str = Field("10GB", pattern=r"^\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+    threads: int = Field(0, ge=0, le=256)
+    data_docs: bool = True
 
 
 class PathsConfig(_Section):
@@ -181,11 +276,15 @@ class Config(_Section):
     Fields:
         generate: synthetic population settings.
         link: probabilistic linkage settings.
+        pseudonymise: keyed encodings, Bloom-filter parameters and department references.
+        ingest: ingest and data-quality gate settings.
         paths: where schemas and expectation suites live.
     """
 
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     link: LinkConfig = Field(default_factory=LinkConfig)
+    pseudonymise: PseudonymiseConfig = Field(default_factory=PseudonymiseConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
     paths: PathsConfig = Field(default_factory=PathsConfig)
 
 

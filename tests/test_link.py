@@ -1,0 +1,128 @@
+"""Linkage end to end on a small population: generate, ingest, pseudonymise, link, evaluate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+
+from linkage.config import load_config
+from linkage.errors import HhlinkError
+from linkage.link import link
+
+KEY = "5e" * 32
+REQUIRED = ("person_pairwise_precision", "person_pairwise_recall", "person_pairwise_f1", "person_cluster_f1",
+            "household_accuracy", "parent_child_precision", "parent_child_recall")
+
+
+@pytest.fixture(scope="module")
+def linked(tmp_path_factory):
+    """A 4,000-person population taken through every stage up to evaluation."""
+    from linkage.evaluate import evaluate
+    from linkage.ingest import ingest
+    from linkage.pseudonymise import pseudonymise
+    from synthetic_data import generate_population
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HHLINK_KEY", KEY)
+    root = tmp_path_factory.mktemp("linked")
+    cfg = load_config(generate={"persons": 4000, "seed": 5})
+    generate_population(cfg.generate, root)
+    ingest(cfg, root)
+    pseudonymise(cfg, root)
+    summary = link(cfg, root)
+    metrics = evaluate(cfg, root)
+    yield root, summary, metrics
+    mp.undo()
+
+
+def test_linkage_meets_quality_targets_on_a_small_population(linked):
+    _, summary, m = linked
+    assert summary["records"] > summary["identities"] > summary["persons"] > 3000
+    assert m["person_pairwise_precision"] >= 0.995
+    assert m["person_pairwise_recall"] >= 0.995
+    assert m["person_cluster_f1"] >= 0.98
+    assert m["household_accuracy"] >= 0.85
+    assert m["parent_child_precision"] >= 0.98 and m["parent_child_recall"] >= 0.85
+
+
+def test_evaluation_json_holds_the_required_keys(linked):
+    root, _, _ = linked
+    ev = json.loads((root / "reports" / "evaluation.json").read_text())
+    for key in REQUIRED:
+        assert 0.0 <= ev[key] <= 1.0, key
+    thresholds = [r["threshold"] for r in ev["person_metrics_by_threshold"]]
+    assert thresholds == load_config().link.evaluation_thresholds
+
+
+def test_linked_zone_contents(linked):
+    root, summary, _ = linked
+    out = root / "linked"
+    model = json.loads((out / "model.json").read_text())
+    assert {c["output_column_name"] for c in model["comparisons"]} >= {"forename", "surname", "dob", "postcode", "nino"}
+    con = duckdb.connect()
+    n_records = con.execute(f"select count(*), count(distinct record_token) from '{out}/records.parquet'").fetchall()[0]
+    landing = sum(con.execute(f"select count(*) from read_csv('{root}/landing/{s}.csv')").fetchall()[0][0]
+                  for s in ("education", "benefits", "earnings"))
+    assert n_records == (landing, landing) == (summary["records"], summary["records"])
+    bad = con.execute(f"select count(*) from '{out}/pairs.parquet' where match_probability < "
+                      f"{load_config().link.keep_pairs_above}").fetchall()[0][0]
+    assert bad == 0
+    # every person-year in households belongs to exactly one household
+    dup = con.execute(f"select count(*) from (select person_key, year from '{out}/households.parquet' "
+                      "group by all having count(*) > 1)").fetchall()[0][0]
+    assert dup == 0
+
+
+def test_quality_report_renders_offline_in_chromium(linked):
+    root, _, _ = linked
+    html_path = root / "reports" / "linkage" / "report.html"
+    report = json.loads((root / "reports" / "linkage" / "report.json").read_text())
+    assert report["expected_vs_true"]["true_pairwise_precision"] is not None
+    assert {r["source"] for r in report["completeness"]} == {"education", "benefits", "earnings"}
+    text = html_path.read_text()
+    assert "http://" not in text.replace("http://www.w3.org", "") and "https://" not in text
+    assert "<script" not in text
+    with tempfile.TemporaryDirectory() as profile:
+        dom = subprocess.run(
+            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--dump-dom", html_path.as_uri()],
+            capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "Linkage-quality report" in dom.stdout
+    assert dom.stdout.count("<svg") >= 2            # Splink's charts, rendered inline
+    assert "Implausible links" in dom.stdout
+
+
+def test_link_without_identifiers_is_a_clear_error(tmp_path):
+    with pytest.raises(HhlinkError, match="no identifiers to link"):
+        link(load_config(), tmp_path)
+
+
+def test_linked_outputs_hold_no_cleartext_identifiers(linked):
+    root, _, _ = linked
+    con = duckdb.connect()
+    values = set()
+    for source, cols in (("education", "forename, surname, upn, postcode"),
+                         ("earnings", "forename, surname, nino, postcode")):
+        for row in con.execute(f"select distinct {cols} from read_csv('{root}/landing/{source}.csv', "
+                               "all_varchar=true) using sample 300 rows (reservoir, 1)").fetchall():
+            values.update(v for v in row if v and len(v) >= 5)
+    assert len(values) > 200
+    scanned = 0
+    for folder in (root / "linked", root / "reports" / "linkage"):
+        for path in folder.rglob("*"):
+            if path.is_file():
+                # parquet is compressed: scan its decoded values, not its bytes
+                blob = (str(pq.read_table(path).to_pylist()).encode() if path.suffix == ".parquet"
+                        else path.read_bytes())
+                scanned += 1
+                found = [v for v in values if v.encode() in blob or v.upper().encode() in blob]
+                assert not found, (path, len(found))
+    assert scanned >= 8
