@@ -59,7 +59,9 @@ def metrics_from_counts(tp: float, pred: float, true: float, exact: float, n_pre
 
 def person_metrics(con: duckdb.DuckDBPyConnection, assignments: str) -> dict:
     """Evaluate a record -> (pred, truth) assignment table; see :func:`pairwise_metrics_sql`."""
-    return metrics_from_counts(*con.execute(pairwise_metrics_sql(assignments)).fetchall()[0])
+    # materialise once: the metrics read the assignments four times
+    con.execute(f"create or replace temp table _assign as select pred, truth from {assignments}")
+    return metrics_from_counts(*con.execute(pairwise_metrics_sql("_assign")).fetchall()[0])
 
 
 def write_evaluation(workspace: Path | str, metrics: dict) -> Path:
@@ -180,6 +182,7 @@ def evaluate(config, workspace: Path | str, key_file: Path | str | None = None) 
     key = load_master_key(key_file, workspace)
     con = duckdb.connect()
     con.execute("SET lambda_syntax='ENABLE_SINGLE_ARROW'")
+    con.execute("SET enable_progress_bar=false")
     _load(con, ws, key)
     m = person_metrics(con, "(select person_key pred, truth_person truth from rec_truth)")
     hh, _ = con.execute(household_accuracy_sql()).fetchall()[0]

@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import duckdb
@@ -36,7 +38,7 @@ import duckdb
 from linkage.config import Config
 from linkage.errors import HhlinkError
 from linkage.households import assemble_households
-from linkage.link_model import IDENTITY_COLUMNS, TRAINING_BLOCKS, model_settings
+from linkage.link_model import ADDRESS_COLUMNS, IDENTITY_COLUMNS, TRAINING_BLOCKS, model_settings
 from linkage.schemas import SOURCES
 from linkage.workspace import Workspace
 
@@ -48,20 +50,31 @@ class LinkError(HhlinkError):
 
 
 def _identities_sql(identifiers: str) -> str:
-    """Collapse records equal on every encoding into identities, keyed deterministically."""
-    cols = ", ".join(IDENTITY_COLUMNS)
+    """Collapse a source's records equal on every identity encoding into identities, keyed deterministically."""
     key_parts = ", ".join(
         f"coalesce(hex({c}), '')" if c.endswith("_bf") else f"coalesce({c}, '')" for c in IDENTITY_COLUMNS)
+    addr = ", ".join(ADDRESS_COLUMNS)
     return f"""
         create or replace table records as
         select record_token, source, year, birth_year, benefit_unit_tok, bu_role, claim_tok,
-               source || '-' || left(md5(concat_ws('|', {key_parts})), 20) as unique_id, {cols}
+               source || '-' || left(md5(concat_ws('|', source, {key_parts})), 20) as unique_id,
+               {", ".join(IDENTITY_COLUMNS)}, {addr}
         from read_parquet('{identifiers}/*.parquet');
+        create or replace table identity_address as
+        select unique_id, {addr} from (
+            select unique_id, {addr}, row_number() over (
+                partition by unique_id order by count(*) desc, postcode_tok nulls last, hex(addr_bf) nulls last) rn
+            from records group by unique_id, {addr})
+        where rn = 1;
         create or replace table identities as
-        select unique_id, any_value(source) as source, any_value(birth_year) as birth_year,
+        select unique_id, min(source) as source, min(birth_year) as birth_year,
                count(*) as n_records, min(year) as first_year, max(year) as last_year,
-               {", ".join(f"any_value({c}) as {c}" for c in IDENTITY_COLUMNS)}
-        from records group by unique_id order by unique_id;
+               {", ".join(f"min({c}) as {c}" for c in IDENTITY_COLUMNS)},
+               list_sort(list(distinct postcode_tok) filter (where postcode_tok is not null)) as postcode_toks
+        from records group by unique_id;
+        create or replace table identities as
+        select i.*, a.* exclude (unique_id) from identities i join identity_address a using (unique_id)
+        order by unique_id;
     """
 
 
@@ -71,6 +84,7 @@ def _connect(threads: int | None = None) -> duckdb.DuckDBPyConnection:
     con.execute("SET lambda_syntax='ENABLE_SINGLE_ARROW'")
     con.execute(f"SET threads={threads or os.cpu_count() or 2}")
     con.execute("SET preserve_insertion_order=false")
+    con.execute("SET enable_progress_bar=false")
     return con
 
 
@@ -84,11 +98,73 @@ def _db_api(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path):
     return DuckDBAPI(connection=con)
 
 
-def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path, out: Path) -> dict:
+def _to_spark(con: duckdb.DuckDBPyConnection, db_api, table: str, tmp: Path):
+    """A DuckDB table as a Spark DataFrame, through Parquet: BLOB, SMALLINT and VARCHAR keep their types."""
+    path = tmp / "spark_in" / f"{table}.parquet"
+    path.parent.mkdir(exist_ok=True)
+    con.execute(f"copy {table} to '{path}' (compression zstd)")
+    return db_api.spark.read.parquet(str(path))
+
+
+def _from_spark(con: duckdb.DuckDBPyConnection, sdf, tmp: Path) -> str:
+    """A Splink table on Spark as a DuckDB view over Parquet (no rows through the driver); returns its name."""
+    path = tmp / "spark_out" / sdf.physical_name
+    sdf.db_api.spark.table(sdf.physical_name).write.mode("overwrite").parquet(str(path))
+    name = f"spark_{sdf.templated_name.strip('_')}"
+    con.execute(f"create or replace view {name} as select * from read_parquet('{path}/*.parquet')")
+    return name
+
+
+def _predict_on_spark(linker, threshold_match_probability: float):
+    """Score the blocked pairs on Spark and keep those at or above the threshold, as Splink's predict does.
+
+    Given the threshold, Spark pushes Splink's filter on the summed match weight into the
+    blocking join with every term expanded, so each Dice level runs some fifteen times per
+    pair (predict took 5x longer); filtering the materialised scores gives the same pairs.
+    """
+    scored = linker.inference.predict()
+    weight = math.log2(threshold_match_probability / (1 - threshold_match_probability))
+    kept = scored.db_api.spark.table(scored.physical_name).where(f"match_weight >= {weight!r}")
+    return scored.db_api.register(kept, table_name=f"{scored.physical_name}_kept")
+
+
+def _trained_settings(model: Path | str, dialect: str) -> dict:
+    """The saved model's parameters on this version's comparisons, with their SQL in ``dialect``.
+
+    A model trained on one engine holds that engine's SQL (the Dice levels differ), so the
+    comparisons are rebuilt for ``dialect`` and each level takes the saved m, u and term
+    frequency settings; the levels must line up one to one (same comparisons, same labels).
+    """
+    try:
+        saved = json.loads(Path(model).read_text())
+    except (OSError, ValueError) as exc:
+        raise LinkError(f"{model}: cannot read the model ({exc.__class__.__name__})") from None
+    settings = model_settings(dialect).create_settings_dict(dialect)
+    saved_comparisons = {c.get("output_column_name"): c for c in saved.get("comparisons", [])}
+    if sorted(saved_comparisons) != sorted(c["output_column_name"] for c in settings["comparisons"]):
+        raise LinkError(f"{model}: its comparisons are not this version's model; retrain it")
+    for comparison in settings["comparisons"]:
+        saved_levels = saved_comparisons[comparison["output_column_name"]]["comparison_levels"]
+        levels = comparison["comparison_levels"]
+        if [lv.get("label_for_charts") for lv in saved_levels] != [lv.get("label_for_charts") for lv in levels]:
+            raise LinkError(f"{model}: comparison '{comparison['output_column_name']}' has other levels "
+                            "than this version's model; retrain it")
+        for level, old in zip(levels, saved_levels):
+            level.update({k: old[k] for k in ("m_probability", "u_probability", "fix_m_probability",
+                                              "fix_u_probability", "tf_adjustment_column",
+                                              "tf_adjustment_weight", "tf_minimum_u_value") if k in old})
+    settings["probability_two_random_records_match"] = saved["probability_two_random_records_match"]
+    return settings
+
+
+def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path, out: Path,
+                      model: Path | str | None = None) -> dict:
     """Train the model on the ``identities`` table, score pairs, cluster into persons.
 
     Writes ``model.json`` and ``pairs.parquet`` into ``out`` and leaves the table
-    ``clusters`` (unique_id, cluster_id) on ``con``. Returns training facts.
+    ``clusters`` (unique_id, cluster_id) on ``con``. Returns training facts. With
+    ``model`` (a ``model.json`` from an earlier run, on either engine) nothing is trained:
+    that model's parameters score the pairs.
     """
     from splink import Linker, block_on
 
@@ -99,31 +175,35 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
     for source in SOURCES:
         con.execute(f"create or replace table ids_{source} as select * from identities where source = '{source}'")
         if lc.engine == "spark":
-            sdfs.append(db_api.register(con.execute(f"select * from ids_{source}").df(), dataset_display_name=source))
+            sdfs.append(db_api.register(_to_spark(con, db_api, f"ids_{source}", tmp), dataset_display_name=source))
         else:
             sdfs.append(db_api.register(f"ids_{source}", dataset_display_name=source))
-    linker = Linker(sdfs, model_settings(dialect), log_level=logging.WARNING)
+    settings = model_settings(dialect) if model is None else _trained_settings(model, dialect)
+    linker = Linker(sdfs, settings, log_level=logging.WARNING)
     t = time.perf_counter()
-    deterministic = [block_on("nino_tok", "dob_tok"), block_on("upn_tok", "dob_tok"),
-                     block_on("fn_tok", "sn_tok", "dob_tok")]
-    linker.training.estimate_probability_two_random_records_match(deterministic, recall=0.9)
-    linker.training.estimate_u_using_random_sampling(max_pairs=lc.u_max_pairs, seed=lc.seed)
-    for cols in TRAINING_BLOCKS:
-        linker.training.estimate_parameters_using_expectation_maximisation(
-            block_on(*cols), max_pairs=lc.em_max_pairs)
+    if model is None:
+        deterministic = [block_on("nino_tok", "dob_tok"), block_on("upn_tok", "dob_tok"),
+                         block_on("fn_tok", "sn_tok", "dob_tok")]
+        linker.training.estimate_probability_two_random_records_match(deterministic, recall=0.9)
+        linker.training.estimate_u_using_random_sampling(max_pairs=lc.u_max_pairs, seed=lc.seed)
+        for cols in TRAINING_BLOCKS:
+            linker.training.estimate_parameters_using_expectation_maximisation(
+                block_on(*cols), max_pairs=lc.em_max_pairs)
     facts = {"training_seconds": round(time.perf_counter() - t, 1)}
+    if model is not None:
+        facts["model_loaded_from"] = str(model)
     linker.misc.save_model_to_json(str(out / "model.json"), overwrite=True)
     _save_charts(linker, out / "charts")
     facts["blocking"] = _blocking_counts(sdfs, con)
     t = time.perf_counter()
-    pairs = linker.inference.predict(threshold_match_probability=lc.keep_pairs_above)
+    if lc.engine == "spark":
+        pairs = _predict_on_spark(linker, lc.keep_pairs_above)
+    else:
+        pairs = linker.inference.predict(threshold_match_probability=lc.keep_pairs_above)
     clusters = linker.clustering.cluster_pairwise_predictions_at_threshold(pairs, threshold_match_probability=lc.threshold)
     facts["predict_seconds"] = round(time.perf_counter() - t, 1)
-    pairs_pd = pairs.as_pandas_dataframe() if lc.engine == "spark" else None
     if lc.engine == "spark":
-        con.register("pairs_df", pairs_pd)
-        con.register("clusters_df", clusters.as_pandas_dataframe())
-        pairs_name, clusters_name = "pairs_df", "clusters_df"
+        pairs_name, clusters_name = (_from_spark(con, sdf, tmp) for sdf in (pairs, clusters))
     else:
         pairs_name, clusters_name = pairs.physical_name, clusters.physical_name
     con.execute(f"""
@@ -154,20 +234,26 @@ def _blocking_counts(sdfs, con: duckdb.DuckDBPyConnection) -> list[dict]:
     from linkage.link_model import PREDICTION_BLOCKS
 
     n = con.execute("select count(*) from identities").fetchall()[0][0]
-    records = count_comparisons_from_blocking_rules(
-        sdfs, blocking_rules=[block_on(*cols) for cols in PREDICTION_BLOCKS], link_type="link_and_dedupe",
-        record_sample_proportion=1.0 if n <= 300_000 else 0.1)
+    with warnings.catch_warnings():
+        # small sampled blocks warn that their estimate is rough; the report says it is an estimate
+        warnings.simplefilter("ignore", UserWarning)
+        records = count_comparisons_from_blocking_rules(
+            sdfs, blocking_rules=[block_on(*cols) for cols in PREDICTION_BLOCKS], link_type="link_and_dedupe",
+            record_sample_proportion=1.0 if n <= 300_000 else 0.1)
     return [{"rule": " and ".join(cols), "marginal_comparisons": int(r["marginal_comparison_count"]),
              "cumulative_comparisons": int(r["cumulative_comparison_count"]), "is_estimate": bool(r["is_estimate"])}
             for cols, r in zip(PREDICTION_BLOCKS, records)]
 
 
-def link(config: Config, workspace: Path | str) -> dict:
+def link(config: Config, workspace: Path | str, model: Path | str | None = None) -> dict:
     """Link the pseudonymised identifiers into persons and write ``linked/``.
 
     Args:
-        config: the hhlink configuration (``config.link`` holds the settings).
+        config: the hhlink configuration (``config.link`` holds the settings; ``engine``
+            picks DuckDB or Spark).
         workspace: the workspace folder; reads ``pseudonymised/identifiers/``.
+        model: a trained ``model.json`` (from either engine) to score with instead of
+            training; default: train a new model.
 
     Returns:
         A summary: counts of records, identities, persons and pairs, and timings.
@@ -188,7 +274,13 @@ def link(config: Config, workspace: Path | str) -> dict:
         con.execute(f"SET temp_directory='{tmp}'")
         con.execute(_identities_sql(str(identifiers)))
         t = time.perf_counter()
-        summary.update(train_and_predict(config, con, tmp, out))
+        try:
+            summary.update(train_and_predict(config, con, tmp, out, model))
+        finally:
+            if config.link.engine == "spark":
+                from linkage.spark_engine import release_spark
+
+                release_spark()
         con.execute("""
             create or replace table persons as
             select i.unique_id, 'P' || left(md5(c.cluster_id), 16) as person_key

@@ -13,13 +13,16 @@ from splink import SettingsCreator, block_on
 
 from linkage.encodings import dice_sql
 
-# The encodings that define one identity: rows equal on all of these (and the source)
-# are the same identity seen again (a pupil's next school year, a worker's next tax year).
+# The encodings that define one identity: rows of a source equal on all of these are the
+# same identity seen again (a pupil's next school year, a worker's next tax year, at a new
+# address or the old one). Addresses change over a life, so they do not split identities:
+# each identity keeps its most frequent address and the list of all its postcodes.
 IDENTITY_COLUMNS = (
     "nino_tok", "upn_tok", "dob_tok", "dob_year_tok", "dob_month_tok", "dob_day_tok", "dob_swap_tok",
-    "sex_tok", "postcode_tok", "pc_sector_tok", "pc_district_tok", "fn_tok", "sn_tok", "fn_initial_tok",
-    "fn_phon_tok", "sn_phon_tok", "mn_initial_tok", "fn_bf", "sn_bf", "addr_bf",
+    "sex_tok", "fn_tok", "sn_tok", "fn_initial_tok", "fn_phon_tok", "sn_phon_tok", "mn_initial_tok",
+    "fn_bf", "sn_bf",
 )
+ADDRESS_COLUMNS = ("postcode_tok", "pc_sector_tok", "pc_district_tok", "addr_bf")
 
 # Blocking rules for prediction: any one of them brings a pair into comparison.
 PREDICTION_BLOCKS = (
@@ -29,7 +32,6 @@ PREDICTION_BLOCKS = (
     ("dob_tok", "sn_phon_tok"),
     ("fn_tok", "sn_tok", "dob_year_tok"),
     ("postcode_tok", "fn_phon_tok", "dob_year_tok"),
-    ("sn_tok", "dob_year_tok", "dob_month_tok"),
     ("fn_tok", "sn_tok", "dob_month_tok", "dob_day_tok"),   # year of birth mistyped
     # (Not names with postcode: that compares parents and children who share a name and a
     # home, where the postcode and surname agree because they are a family.)
@@ -73,26 +75,33 @@ def _dob_comparison() -> cl.CustomComparison:
             cll.CustomLevel("dob_month_tok_l = dob_month_tok_r and dob_day_tok_l = dob_day_tok_r "
                             "and abs(birth_year_l - birth_year_r) = 1",
                             label_for_charts="same day and month, year one apart"),
+            # Partial agreements that no error in the data makes among true matches, so EM never
+            # sees them: their m is fixed at a small prior instead of left untrained.
             cll.CustomLevel("dob_year_tok_l = dob_year_tok_r and dob_month_tok_l = dob_month_tok_r",
-                            label_for_charts="same year and month"),
-            cll.CustomLevel("dob_year_tok_l = dob_year_tok_r", label_for_charts="same year"),
+                            label_for_charts="same year and month").configure(m_probability=0.002,
+                                                                               fix_m_probability=True),
+            cll.CustomLevel("dob_year_tok_l = dob_year_tok_r", label_for_charts="same year").configure(
+                m_probability=0.002, fix_m_probability=True),
             cll.ElseLevel(),
         ],
         comparison_description="date of birth: exact, swapped day/month, partial",
     )
 
 
-def _postcode_comparison() -> cl.CustomComparison:
+def _postcode_comparison(dialect: str) -> cl.CustomComparison:
+    overlap = ("arrays_overlap(postcode_toks_l, postcode_toks_r)" if dialect == "spark"
+               else "list_has_any(postcode_toks_l, postcode_toks_r)")
     return cl.CustomComparison(
         output_column_name="postcode",
         comparison_levels=[
             cll.NullLevel("postcode_tok"),
             cll.ExactMatchLevel("postcode_tok"),
+            cll.CustomLevel(overlap, label_for_charts="a postcode in common"),
             cll.CustomLevel("pc_sector_tok_l = pc_sector_tok_r", label_for_charts="same sector"),
             cll.CustomLevel("pc_district_tok_l = pc_district_tok_r", label_for_charts="same district"),
             cll.ElseLevel(),
         ],
-        comparison_description="postcode unit, sector, district",
+        comparison_description="postcode unit (most frequent, then any in common), sector, district",
     )
 
 
@@ -135,7 +144,7 @@ def model_settings(dialect: str = "duckdb", probability_two_random_records_match
             _name_comparison("forename", "fn", dialect, initial=True),
             _name_comparison("surname", "sn", dialect, initial=False),
             _dob_comparison(),
-            _postcode_comparison(),
+            _postcode_comparison(dialect),
             _address_comparison(dialect),
             _exact("nino_tok", "nino"),
             _exact("upn_tok", "upn"),

@@ -22,7 +22,7 @@ from pathlib import Path
 import duckdb
 
 from linkage.config import PROJECT_ROOT, Config
-from linkage.link_model import IDENTITY_COLUMNS
+from linkage.link_model import ADDRESS_COLUMNS, IDENTITY_COLUMNS
 from linkage.workspace import Workspace, atomic_path
 
 LA_REFERENCE = PROJECT_ROOT / "synthetic_data" / "reference" / "upper_tier_local_authorities.csv"
@@ -35,7 +35,7 @@ def _rows(con: duckdb.DuckDBPyConnection, sql: str) -> list[dict]:
 
 
 def _completeness(con, identifiers: Path) -> list[dict]:
-    cols = [c for c in IDENTITY_COLUMNS if not c.startswith(("dob_year", "dob_month", "dob_day", "pc_"))]
+    cols = [c for c in (*IDENTITY_COLUMNS, *ADDRESS_COLUMNS) if not c.startswith(("dob_year", "dob_month", "dob_day", "pc_"))]
     exprs = ", ".join(f"round(avg(({c} is not null)::int), 4) as {c}" for c in cols)
     return _rows(con, f"select source, count(*) as records, {exprs} from read_parquet('{identifiers}/*.parquet') "
                       "group by source order by source")
