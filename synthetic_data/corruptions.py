@@ -63,6 +63,7 @@ class Rows:
     variants: dict[int, list[int]]
     flags: np.ndarray          # int32 bitmask of applied corruptions
     eligible: np.ndarray       # int32 bitmask of corruptions the row was eligible for
+    max_dob: np.datetime64 = np.datetime64("2100-12-31")   # a corrupted date of birth never passes this
 
     def __len__(self) -> int:
         return len(self.forename)
@@ -71,7 +72,8 @@ class Rows:
         """The rows at ``idx`` (vocabularies shared)."""
         arrays = {k: getattr(self, k)[idx] for k in (
             "forename", "middle1", "middle2", "surname", "dob", "sex", "postcode", "nino", "flags", "eligible")}
-        return Rows(names=self.names, postcodes=self.postcodes, ninos=self.ninos, variants=self.variants, **arrays)
+        return Rows(names=self.names, postcodes=self.postcodes, ninos=self.ninos, variants=self.variants,
+                    max_dob=self.max_dob, **arrays)
 
 
 def _pick(rows: Rows, name: str, eligible: np.ndarray, rate: float, rng: np.random.Generator) -> np.ndarray:
@@ -183,6 +185,9 @@ def corrupt_dob_wrong_year(rows: Rows, rate: float, rng: np.random.Generator) ->
     y, m, d = _ymd(rows.dob[idx])
     shift = np.where(rng.random(len(idx)) < 0.5, -1, 1)
     d = np.where((m == 2) & (d == 29), 28, d)
+    later = _date(y + 1, m, d)
+    # a year later would be after the extract was taken: the slip goes a year back instead
+    shift = np.where(later > rows.max_dob, -1, shift)
     rows.dob[idx] = _date(y + shift, m, d)
 
 

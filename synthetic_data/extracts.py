@@ -99,7 +99,7 @@ def _identity_rows(sh: Shared, py_idx: np.ndarray, with_nino: np.ndarray, cfg: G
         surname=pop.surname_in(p, yr).astype(np.int32), dob=pop.dob[p].copy(), sex=pop.sex[p].astype(np.int8),
         postcode=addr.astype(np.int32), nino=np.where(with_nino, p, -1).astype(np.int32),
         names=sh.names, postcodes=sh.postcodes, ninos=sh.ninos, variants=sh.variants,
-        flags=flags, eligible=eligible,
+        flags=flags, eligible=eligible, max_dob=np.datetime64(f"{cfg.end_year}-12-31"),
     )
     apply_field_corruptions(rows, cfg.errors, rng)
     return rows, addr
