@@ -1,0 +1,461 @@
+"""Read landing files into DuckDB, every record accounted for: delivered values or a parse fault.
+
+One landing file becomes one DuckDB table (or view) of normalised text and delivered
+identifier values (:func:`linkage.normalise.norm_select`), plus ``_file``, ``_line``,
+``_row`` and ``_rawtext``, in file order, and a list of parse rejects (records that
+cannot be split into the schema's fields). File-level faults
+(unreadable, empty, a missing or unexpected column, the wrong encoding) raise
+:class:`IngestError` with one line naming the file and, where there is one, the column.
+
+CSV has two readers with one record model (RFC 4180: comma, double quote, doubled
+quotes inside quoted fields, LF or CRLF line ends):
+
+- the *fast* reader is DuckDB's ``read_csv`` (strict mode, ``store_rejects``), which
+  parses and normalises in one multi-threaded statement; whole staging runs at about
+  200k rows per CPU-second here. DuckDB does not report the line of an accepted row,
+  so its answer is used only when every record is exactly one physical line (the
+  file's line count equals header + accepted + rejected records, no rejected record
+  spans lines, no lone carriage return); line numbers then follow from the rejected
+  lines' positions. Any disagreement falls back to the exact reader, so a DuckDB
+  quirk can cost speed but never a row.
+- otherwise (blank lines, quoted line breaks, an unterminated quote) the *exact* reader,
+  Python's ``csv`` module in strict mode over the physical lines, streams the file and
+  records each record's first line. It is about 4x slower (about 55k rows per
+  CPU-second for whole staging) and is meant for deliveries that are already malformed.
+
+Parquet is read with ``read_parquet(file_row_number=true)``; values are cast to VARCHAR
+so that the same checks apply, and ``_line`` is the row number + 1.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import hashlib
+import logging
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from linkage.errors import HhlinkError
+from linkage.normalise import lit, norm_select, q
+from linkage.schemas import Schema
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 24
+BATCH = 200_000
+_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+         (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
+_DUCKDB_REASONS = {
+    "MISSING COLUMNS": "field_count", "TOO MANY COLUMNS": "field_count",
+    "INVALID ENCODING": "encoding", "INVALID UNICODE": "encoding",
+    "UNQUOTED VALUE": "quote", "LINE SIZE OVER MAXIMUM": "line_too_long",
+}
+REJECT_COLUMNS = ("_file", "_line", "_row", "raw", "column", "reason")
+NO_NULL = "\x01hhlink-no-null\x01"     # read_csv's NULL string: no field holds it
+
+
+class IngestError(HhlinkError):
+    """A landing file cannot be ingested (unreadable, empty, wrong columns or encoding, re-sent)."""
+
+
+@dataclass
+class LandingFile:
+    """One landing file and its fingerprint."""
+
+    path: Path
+    source: str
+    fmt: str
+    size: int = 0
+    sha256: str = ""
+    newlines: int = 0
+    ends_with_newline: bool = True
+    lone_cr: bool = False       # a carriage return not followed by a line feed
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        """The landing file name, as recorded in ``_file`` and the manifest."""
+        return self.label or self.path.name
+
+    @property
+    def physical_lines(self) -> int:
+        """Lines in the file (a last line without a line break counts)."""
+        return self.newlines + (0 if self.ends_with_newline or self.size == 0 else 1)
+
+
+@dataclass
+class Loaded:
+    """What reading one file produced: a table of delivered values and the parse rejects."""
+
+    table: str
+    rows_read: int
+    reader: str
+    rejects: list[tuple] = field(default_factory=list)   # REJECT_COLUMNS, raw filled
+    raw_lookup: Path | None = None                         # file to fetch raw lines of later failures
+    view: bool = False                                     # ``table`` is a view over ``<table>_parsed``
+
+
+def find_files(landing: Path, schema: Schema) -> list[LandingFile]:
+    """The landing files of a source: ``<file_stem>*.csv`` and ``<file_stem>*.parquet``, by name."""
+    out = []
+    for fmt in ("csv", "parquet"):
+        for p in landing.glob(f"{schema.file_stem}*.{fmt}"):
+            if p.is_file():
+                out.append(LandingFile(p, schema.source, fmt))
+    return sorted(out, key=lambda f: f.name)
+
+
+def _fingerprint_one(f: LandingFile) -> LandingFile:
+    h, n, last, cr, crlf = hashlib.sha256(), 0, b"", 0, 0
+    try:
+        with open(f.path, "rb") as fh:
+            while chunk := fh.read(CHUNK):
+                h.update(chunk)
+                n += chunk.count(b"\n")
+                cr += chunk.count(b"\r")
+                crlf += chunk.count(b"\r\n") + (last == b"\r" and chunk[:1] == b"\n")
+                last = chunk[-1:]
+        f.size = f.path.stat().st_size
+    except OSError as exc:
+        raise IngestError(f"landing/{f.name}: cannot read the file ({exc.strerror})") from None
+    f.sha256, f.newlines, f.ends_with_newline = h.hexdigest(), n, last == b"\n"
+    f.lone_cr = cr != crlf
+    return f
+
+
+def fingerprint(files: list[LandingFile], threads: int = 2) -> list[LandingFile]:
+    """Fill each file's SHA-256, size and line count (files read in parallel)."""
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        return list(pool.map(_fingerprint_one, files))
+
+
+# --- header and encoding ---------------------------------------------------------------
+
+
+def _is_utf8(schema: Schema) -> bool:
+    return schema.encoding.lower().replace("_", "-") in ("utf-8", "utf8")
+
+
+def _header(f: LandingFile, schema: Schema) -> tuple[list[str], bool]:
+    """The header fields of a UTF-8 CSV and whether its lines end in CRLF; file-level faults raise."""
+    where = f"landing/{f.name}"
+    if f.size == 0:
+        raise IngestError(f"{where}: the file is empty")
+    with open(f.path, "rb") as fh:
+        head = fh.read(1 << 20)
+    if not f.label:     # the delivered file, not a transcoded copy
+        encoding = schema.encoding.lower().replace("_", "-")
+        for bom, name in _BOMS:
+            if head.startswith(bom) and not encoding.startswith(name.lower()):
+                raise IngestError(f"{where}: the file is {name} (byte-order mark) but {schema.path.name} "
+                                  f"declares encoding '{schema.encoding}'")
+    line = head.split(b"\n", 1)[0]
+    if line.startswith(codecs.BOM_UTF8):
+        line = line[len(codecs.BOM_UTF8):]
+    if b"\x00" in line:
+        raise IngestError(f"{where}: the header holds NUL bytes: the file is not '{schema.encoding}' text "
+                          f"(UTF-16 without a byte-order mark?)")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise IngestError(f"{where}: the header is not valid {schema.encoding}: the file is in another "
+                          f"encoding; declare it as 'encoding' in {schema.path.name}") from None
+    crlf = text.endswith("\r")
+    fields = next(csv.reader([text.rstrip("\r")]), [])
+    fields = [x.strip() for x in fields]
+    _check_columns(where, fields, schema)
+    if f.physical_lines <= 1:
+        raise IngestError(f"{where}: the file has a header but no data rows")
+    return fields, crlf
+
+
+def _check_columns(where: str, fields: list[str], schema: Schema) -> None:
+    seen = set()
+    for name in fields:
+        if name in seen:
+            raise IngestError(f"{where}: column '{name}' appears twice in the header")
+        seen.add(name)
+    for name in schema.names:
+        if name not in seen:
+            raise IngestError(f"{where}: required column '{name}' is missing from the header "
+                              f"(schema {schema.path.name} v{schema.version})")
+    for name in fields:
+        if name not in schema.names:
+            raise IngestError(f"{where}: column '{name}' in the header is not in schema "
+                              f"{schema.path.name} v{schema.version}")
+
+
+def _as_utf8(f: LandingFile, schema: Schema, tmpdir: Path) -> LandingFile:
+    """The file itself when declared UTF-8, else a transcoded copy (same lines, same name)."""
+    if _is_utf8(schema):
+        return f
+    for bom, name in _BOMS:
+        with open(f.path, "rb") as fh:
+            if fh.read(4).startswith(bom) and not schema.encoding.lower().startswith(name.lower()):
+                raise IngestError(f"landing/{f.name}: the file is {name} (byte-order mark) but "
+                                  f"{schema.path.name} declares encoding '{schema.encoding}'")
+    fd, out = tempfile.mkstemp(prefix=f".{f.name}.utf8-", dir=tmpdir)
+    os.close(fd)
+    try:
+        with open(f.path, encoding=schema.encoding, newline="") as src, \
+                open(out, "w", encoding="utf-8", newline="") as dst:
+            while chunk := src.read(CHUNK):
+                dst.write(chunk)
+    except UnicodeDecodeError as exc:
+        raise IngestError(f"landing/{f.name}: the file is not valid {schema.encoding} (its declared "
+                          f"encoding): {exc.reason}") from None
+    except LookupError:
+        raise IngestError(f"{schema.path.name}: unknown encoding '{schema.encoding}'") from None
+    return _fingerprint_one(LandingFile(Path(out), f.source, f.fmt, label=f.name))
+
+
+# --- CSV --------------------------------------------------------------------------------
+
+
+def load_csv(con: duckdb.DuckDBPyConnection, f: LandingFile, schema: Schema, table: str,
+             tmpdir: Path) -> Loaded:
+    """Read one CSV landing file into ``table``; see the module docstring for the two readers."""
+    utf8 = _as_utf8(f, schema, tmpdir)
+    fields, crlf = _header(utf8, schema)
+    loaded = _load_csv_fast(con, utf8, utf8.path, fields, crlf, table, schema)
+    if loaded is None:
+        log.info("landing/%s: records span lines or blank lines present: exact reader", f.name)
+        loaded = _load_csv_exact(con, utf8, utf8.path, fields, table, schema)
+    return loaded
+
+
+def _load_csv_fast(con, f: LandingFile, path: Path, fields: list[str], crlf: bool, table: str,
+                   schema: Schema) -> Loaded | None:
+    rej, scan, parsed = f"{table}_rej", f"{table}_scan", f"{table}_parsed"
+    # One extra column, null padding and a NULL string no field can hold tell field counts
+    # apart: a missing field is NULL, an empty one '', and a surplus one fills _extra.
+    # (DuckDB otherwise accepts a row with one surplus empty field, shifting nothing but
+    # hiding a stray delimiter.)
+    columns = "{" + ", ".join(f"{lit(n)}: 'VARCHAR'" for n in [*fields, "_extra"]) + "}"
+    # new_line stays auto-detected: an explicit '\\r\\n' with null_padding returns no rows at
+    # all in DuckDB 2.0.1 (the line-count check would catch it, at the exact reader's speed)
+    try:
+        _parse_fast(con, f, path, fields, columns, parsed, rej, scan, schema)
+    except duckdb.Error as exc:
+        # e.g. "the parallel scanner does not support null_padding with quoted new lines":
+        # records span lines, which is the exact reader's job anyway
+        log.info("landing/%s: fast reader declined (%s)", f.name, str(exc).splitlines()[0][:80])
+        con.execute(f"DROP TABLE IF EXISTS {parsed}; DROP TABLE IF EXISTS {rej}; DROP TABLE IF EXISTS {scan}")
+        return None
+    return _locate_fast(con, f, path, table, parsed, rej, scan)
+
+
+def _parse_fast(con, f: LandingFile, path: Path, fields: list[str], columns: str, parsed: str, rej: str,
+                scan: str, schema: Schema) -> None:
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE {parsed} AS SELECT {norm_select(schema)}, {lit(f.name)} AS _file,
+            (_extra IS NOT NULL OR {q(fields[-1])} IS NULL) AS _bad_shape
+        FROM read_csv({lit(path)}, header=true, auto_detect=false, columns={columns}, delim=',', quote='"',
+            escape='"', strict_mode=true, null_padding=true, nullstr={lit(NO_NULL)},
+            store_rejects=true, rejects_table={lit(rej)}, rejects_scan={lit(scan)})""")
+
+
+def _locate_fast(con, f: LandingFile, path: Path, table: str, parsed: str, rej: str, scan: str) -> Loaded | None:
+    """Line numbers for the fast reader's rows, or None when records do not map one-to-one onto lines."""
+    accepted = con.execute(f"SELECT count(*) FROM {parsed}").fetchall()[0][0]
+    bad = con.execute(f"""
+        SELECT line, list(error_type ORDER BY column_idx), list(column_name ORDER BY column_idx),
+               bool_or(contains(trim(csv_line, chr(13) || chr(10)), chr(10)))
+        FROM {rej} GROUP BY line ORDER BY line""").fetchall()
+    con.execute(f"DROP TABLE IF EXISTS {rej}; DROP TABLE IF EXISTS {scan}")
+    lines = [b[0] for b in bad]
+    # DuckDB may end a line at a lone CR, where the exact reader does not
+    if f.lone_cr or f.physical_lines != 1 + accepted + len(bad) or any(b[3] for b in bad) \
+            or any(not 2 <= ln <= f.physical_lines for ln in lines):
+        con.execute(f"DROP TABLE {parsed}")
+        return None
+    if not bad:
+        con.execute(f"""CREATE OR REPLACE TEMP VIEW {table} AS SELECT *, rowid + 2 AS _line, rowid + 1 AS _row,
+            CAST(NULL AS VARCHAR) AS _rawtext FROM {parsed}""")
+    else:
+        # accepted row k comes after the i rejected lines that have fewer than k accepted rows before them
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {table}_gaps (a BIGINT, i BIGINT)")
+        # a = accepted rows before the i-th rejected line; consecutive rejects share an a,
+        # and the row after them must skip all of them: keep the largest i per a
+        gaps = {ln - 1 - i: i for i, ln in enumerate(lines, start=1)}
+        con.executemany(f"INSERT INTO {table}_gaps VALUES (?, ?)", sorted(gaps.items()))
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE {table} AS
+            SELECT *, _line - 1 AS _row, CAST(NULL AS VARCHAR) AS _rawtext
+            FROM (SELECT p.*, p.rowid + 2 + coalesce(g.i, 0) AS _line
+                  FROM {parsed} p ASOF LEFT JOIN {table}_gaps g ON p.rowid + 1 > g.a)
+            ORDER BY _line""")
+        con.execute(f"DROP TABLE {table}_gaps; DROP TABLE {parsed}")
+    raws = raw_lines(path, set(lines))
+    rejects = []
+    for ln, types, cols, _ in bad:
+        reasons = [_DUCKDB_REASONS.get(t, "parse") for t in types]
+        raw = raws.get(ln, "")
+        if "quote" in reasons or raw.count('"') % 2:     # an open quote is the cause of what follows
+            reason, column = "quote", None
+        elif "field_count" in reasons:
+            reason, column = "field_count", None
+        else:
+            reason, column = reasons[0], cols[0]
+        rejects.append((f.name, ln, ln - 1, raw, column, reason))
+    return Loaded(table, accepted + len(bad), "fast", rejects, raw_lookup=path, view=not bad)
+
+
+def raw_lines(path: Path, wanted: set[int]) -> dict[int, str]:
+    """The text of the wanted physical lines (1-based), undecodable bytes as U+FFFD."""
+    out: dict[int, str] = {}
+    if not wanted:
+        return out
+    last = max(wanted)
+    with open(path, "rb") as fh:
+        for n, line in enumerate(fh, start=1):
+            if n in wanted:
+                out[n] = line.rstrip(b"\n").rstrip(b"\r").decode("utf-8", errors="replace")
+            if n >= last:
+                break
+    return out
+
+
+class _Lines:
+    """Physical lines of a binary file as text for ``csv.reader``, counting what was consumed."""
+
+    def __init__(self, fh):
+        self.fh, self.pos, self.consumed = fh, 0, []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        line = self.fh.readline()
+        if not line:
+            raise StopIteration
+        self.pos += 1
+        body = line[:-1] if line.endswith(b"\n") else line
+        body = body[:-1] if body.endswith(b"\r") else body
+        self.consumed.append(body)
+        return body.decode("utf-8", errors="surrogateescape") + ("\n" if line.endswith(b"\n") else "")
+
+
+def _has_surrogates(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def _load_csv_exact(con, f: LandingFile, path: Path, fields: list[str], table: str, schema: Schema) -> Loaded:
+    n = len(fields)
+    cols: dict[str, list] = {k: [] for k in (*fields, "_line", "_row", "_rawtext")}
+    rejects: list[tuple] = []
+    created = False
+
+    def flush() -> None:
+        nonlocal created
+        if not cols["_line"]:
+            return
+        data = {k: pa.array(v, pa.int64() if k in ("_line", "_row") else pa.string()) for k, v in cols.items()}
+        batch = pa.table(data)  # noqa: F841 - read by DuckDB's replacement scan below
+        body = f"SELECT {norm_select(schema)}, {lit(f.name)} AS _file, false AS _bad_shape, _line, _row, _rawtext FROM batch"
+        con.execute(f"INSERT INTO {table} {body}" if created else f"CREATE TEMP TABLE {table} AS {body}")
+        created = True
+        for v in cols.values():
+            v.clear()
+
+    row = 0
+    with open(path, "rb") as fh:
+        lines = _Lines(fh)
+        next(lines)                                   # header, checked already
+        reader = csv.reader(lines, strict=True)
+        while True:
+            lines.consumed.clear()
+            start = lines.pos + 1
+            try:
+                record = next(reader)
+            except StopIteration:
+                break
+            except csv.Error:
+                record = None
+            if not lines.consumed:
+                break
+            row += 1
+            raw = "\n".join(b.decode("utf-8", errors="replace") for b in lines.consumed)
+            if record is None:
+                rejects.append((f.name, start, row, raw, None, "quote"))
+            elif not record:
+                rejects.append((f.name, start, row, raw, None, "blank_line"))
+            elif len(record) != n:
+                rejects.append((f.name, start, row, raw, None, "field_count"))
+            elif (bad := next((i for i, v in enumerate(record) if _has_surrogates(v)), None)) is not None:
+                rejects.append((f.name, start, row, raw, fields[bad], "encoding"))
+            else:
+                for name, value in zip(fields, record):
+                    cols[name].append(None if value == "" else value)
+                cols["_line"].append(start)
+                cols["_row"].append(row)
+                cols["_rawtext"].append(raw)
+                if len(cols["_line"]) >= BATCH:
+                    flush()
+    flush()
+    if not created:
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT {norm_select(schema)}, {lit(f.name)} AS _file, "
+                    f"false AS _bad_shape, CAST(NULL AS BIGINT) AS _line, CAST(NULL AS BIGINT) AS _row, CAST(NULL AS VARCHAR) AS _rawtext "
+                    f"FROM (SELECT {', '.join('CAST(NULL AS VARCHAR) AS ' + q(x) for x in fields)}) WHERE false")
+    return Loaded(table, row, "exact", rejects)
+
+
+# --- Parquet ----------------------------------------------------------------------------
+
+
+def load_parquet(con: duckdb.DuckDBPyConnection, f: LandingFile, schema: Schema, table: str) -> Loaded:
+    """Read one Parquet landing file into ``table`` (values cast to VARCHAR)."""
+    where = f"landing/{f.name}"
+    if f.size == 0:
+        raise IngestError(f"{where}: the file is empty")
+    try:
+        desc = con.execute(f"DESCRIBE SELECT * FROM read_parquet({lit(f.path)})").fetchall()
+    except duckdb.Error as exc:
+        raise IngestError(f"{where}: not a readable Parquet file ({str(exc).splitlines()[0][:120]})") from None
+    _check_columns(where, [d[0] for d in desc], schema)
+    cast = ", ".join(f"CAST({q(n)} AS VARCHAR) AS {q(n)}" for n in schema.names)
+    try:
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE {table} AS SELECT {norm_select(schema)}, {lit(f.name)} AS _file,
+            false AS _bad_shape, file_row_number + 2 AS _line, file_row_number + 1 AS _row, CAST(NULL AS VARCHAR) AS _rawtext
+            FROM (SELECT {cast}, file_row_number FROM read_parquet({lit(f.path)}, file_row_number=true)
+                  ORDER BY file_row_number)""")
+    except duckdb.Error as exc:
+        raise IngestError(f"{where}: not a readable Parquet file ({str(exc).splitlines()[0][:120]})") from None
+    n = con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
+    if n == 0:
+        raise IngestError(f"{where}: the file has no rows")
+    return Loaded(table, n, "parquet", raw_lookup=f.path)
+
+
+def parquet_rows_json(con: duckdb.DuckDBPyConnection, path: Path, schema: Schema, rows: list[int]) -> dict[int, str]:
+    """JSON renderings of the delivered values of some Parquet rows (1-based ``_row``)."""
+    con.execute("CREATE OR REPLACE TEMP TABLE _wanted (r BIGINT)")
+    con.executemany("INSERT INTO _wanted VALUES (?)", [(r - 1,) for r in rows])
+    pack = ", ".join(f"{q(n)} := CAST({q(n)} AS VARCHAR)" for n in schema.names)
+    got = con.execute(f"""SELECT file_row_number + 1, CAST(to_json(struct_pack({pack})) AS VARCHAR)
+        FROM read_parquet({lit(path)}, file_row_number=true) WHERE file_row_number IN (SELECT r FROM _wanted)""").fetchall()
+    con.execute("DROP TABLE _wanted")
+    return dict(got)
+
+
+def drop(con: duckdb.DuckDBPyConnection, loaded: Loaded) -> None:
+    """Drop the tables (or view) a load left behind."""
+    kind = "VIEW" if loaded.view else "TABLE"
+    con.execute(f"DROP {kind} IF EXISTS {loaded.table}; DROP TABLE IF EXISTS {loaded.table}_parsed")
+
+
+def load(con: duckdb.DuckDBPyConnection, f: LandingFile, schema: Schema, table: str, tmpdir: Path) -> Loaded:
+    """Read one landing file (CSV or Parquet) into ``table``."""
+    if f.fmt == "csv":
+        return load_csv(con, f, schema, table, tmpdir)
+    return load_parquet(con, f, schema, table)
