@@ -1,0 +1,568 @@
+"""Pseudonymisation: split staged rows into keyed identifiers, a payload and an encrypted crosswalk.
+
+Reads ``staged/<source>.parquet`` and writes the ``pseudonymised/`` zone, atomically:
+
+* ``identifiers/<source>.parquet`` - one row per staged row: a random record token,
+  the row's source, year and year of birth, keyed HMAC tokens of the exact identifiers
+  and Bloom-filter encodings of names and address (:data:`IDENTIFIER_COLUMNS`);
+* ``payload/<source>.parquet`` - the same token and the row's attribute and period
+  columns; department references (claim, employer) only as keyed tokens;
+* ``crosswalk.enc`` - token -> (source, file, line, row, record_id), AES-GCM encrypted
+  (:mod:`linkage.crosswalk`);
+* ``metadata.json`` - key fingerprint (never the key), encoding parameters, counts, timings.
+
+Which staged column is a forename, a date of birth, ... comes from the roles in
+``schemas/<source>.toml``. Each distinct value is encoded once, in Python (HMAC) and
+numpy (Bloom filters), and the encodings are joined back to the rows in DuckDB:
+names, dates and postcodes have far fewer distinct values than there are rows.
+``docs/privacy.md`` holds the threat model and the encoding design.
+
+Example:
+    >>> from linkage.config import load_config
+    >>> summary = pseudonymise(load_config(), "workspace")      # doctest: +SKIP
+    >>> summary["rows"]                                          # doctest: +SKIP
+    {'education': 18399, 'benefits': 18876, 'earnings': 68671}
+"""
+
+from __future__ import annotations
+
+import binascii
+import datetime as dt
+import json
+import logging
+import re
+import secrets
+import shutil
+import tempfile
+import time
+import unicodedata
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import jellyfish
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from linkage.config import Config, PseudonymiseConfig
+from linkage.crosswalk import CROSSWALK_FILE, write_crosswalk
+from linkage.encodings import TOKEN_BYTES, BloomEncoder, BloomParams, Tokeniser
+from linkage.errors import HhlinkError, SchemaError, WorkspaceError
+from linkage.keys import MasterKey, load_master_key
+from linkage.schemas import SOURCES, Schema, load_schema
+from linkage.workspace import Workspace
+
+__all__ = ["IDENTIFIER_COLUMNS", "PseudonymiseError", "pseudonymise", "bloom_params"]
+
+log = logging.getLogger(__name__)
+
+# The identifiers contract: every source's file has these columns, NULL where it lacks the field.
+# Reference tokens named in ``pseudonymise.link_references`` follow ``bu_role``.
+IDENTIFIER_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("record_token", "VARCHAR"), ("source", "VARCHAR"), ("year", "SMALLINT"), ("birth_year", "SMALLINT"),
+    ("nino_tok", "VARCHAR"), ("upn_tok", "VARCHAR"),
+    ("dob_tok", "VARCHAR"), ("dob_year_tok", "VARCHAR"), ("dob_month_tok", "VARCHAR"),
+    ("dob_day_tok", "VARCHAR"), ("dob_swap_tok", "VARCHAR"), ("sex_tok", "VARCHAR"),
+    ("postcode_tok", "VARCHAR"), ("pc_sector_tok", "VARCHAR"), ("pc_district_tok", "VARCHAR"),
+    ("fn_tok", "VARCHAR"), ("sn_tok", "VARCHAR"), ("fn_initial_tok", "VARCHAR"), ("fn_phon_tok", "VARCHAR"),
+    ("sn_phon_tok", "VARCHAR"), ("mn_initial_tok", "VARCHAR"),
+    ("fn_bf", "BLOB"), ("sn_bf", "BLOB"), ("addr_bf", "BLOB"),
+    ("benefit_unit_tok", "VARCHAR"), ("bu_role", "VARCHAR"),
+)
+_META_COLUMNS = ("_file", "_line", "_row")
+_CROSSWALK_SCHEMA = pa.schema([("record_token", pa.string()), ("source", pa.string()), ("file", pa.string()),
+                               ("line", pa.int64()), ("row", pa.int64()), ("record_id", pa.string())])
+
+
+class PseudonymiseError(HhlinkError):
+    """Pseudonymisation cannot run: no staged zone, a staged file off its contract, or an engine failure."""
+
+
+# -- normalisation and phonetic codes (applied to distinct values, never logged) -----------------
+
+def _norm_name(v: str) -> str:
+    return " ".join(unicodedata.normalize("NFC", v).upper().split())
+
+
+def _letters(v: str) -> str:
+    decomposed = unicodedata.normalize("NFKD", v)
+    return "".join(c for c in decomposed if "A" <= c <= "Z")
+
+
+def _norm_address(v: str) -> str:
+    return " ".join(re.sub(r"[\W_]+", " ", unicodedata.normalize("NFC", v).upper()).split())
+
+
+def _postcode_parts(v: str) -> tuple[str | None, str | None, str | None]:
+    p = "".join(v.upper().split())
+    if not p:
+        return None, None, None
+    if len(p) < 5:
+        return p, None, None
+    return f"{p[:-3]} {p[-3:]}", f"{p[:-3]} {p[-3]}", p[:-3]
+
+
+_PHONETIC: dict[str, Callable[[str], str]] = {
+    "metaphone": jellyfish.metaphone, "nysiis": jellyfish.nysiis, "soundex": jellyfish.soundex,
+}
+
+
+def _phonetic(v: str, algorithm: str) -> str | None:
+    letters = _letters(v)
+    return (_PHONETIC[algorithm](letters) or None) if letters else None
+
+
+# -- encoders: one per identifier role ---------------------------------------------------------
+
+def bloom_params(cfg: PseudonymiseConfig) -> dict[str, BloomParams]:
+    """The Bloom-filter parameters of ``fn_bf``, ``sn_bf`` and ``addr_bf`` from the config."""
+    name = BloomParams(cfg.name_bits, cfg.name_hashes, cfg.q, cfg.hardening)
+    return {"fn_bf": name, "sn_bf": name,
+            "addr_bf": BloomParams(cfg.address_bits, cfg.address_hashes, cfg.q, cfg.hardening)}
+
+
+def _mapped(fn: Callable[[Sequence[str]], list], values: Sequence[str | None]) -> list:
+    """Apply ``fn`` to the distinct non-null values only, and map the results back."""
+    distinct = list(dict.fromkeys(v for v in values if v is not None))
+    out = dict(zip(distinct, fn(distinct)))
+    out[None] = None
+    return [out[v] for v in values]
+
+
+def _bloom_column(encoder: BloomEncoder, values: Sequence[str | None]) -> pa.Array:
+    """Bloom filters of ``values`` (NULL for None or ""), each distinct value encoded once."""
+    present = np.array([bool(v) for v in values], dtype=bool)
+    if not present.any():
+        return pa.nulls(len(values), pa.binary())
+    distinct, inverse = np.unique(np.array([v for v in values if v], dtype=str), return_inverse=True)
+    index = np.full(len(values), -1, dtype=np.int64)
+    index[present] = inverse.reshape(-1)
+    encoded = encoder.encode_many(distinct).take(pa.array(index, mask=~present))
+    return encoded.cast(pa.binary())
+
+
+@dataclass
+class _Encoder:
+    """Encodes the distinct values of one identifier into its output columns."""
+
+    name: str                      # DuckDB table holding value -> encodings
+    columns: tuple[str, ...]
+    value_type: str                # "VARCHAR" or "DATE"
+    encode: Callable[[list], dict[str, pa.Array | list]]
+
+
+class _Encoders:
+    """The encoders of every identifier role and department reference, keyed from one master key."""
+
+    def __init__(self, key: MasterKey, cfg: PseudonymiseConfig):
+        self.cfg = cfg
+        self._tokens_key = key.subkey("tokens")
+        params = bloom_params(cfg)
+        self.bloom = {
+            "fn_bf": BloomEncoder(key.subkey("bloom:first_name"), params["fn_bf"]),
+            "sn_bf": BloomEncoder(key.subkey("bloom:surname"), params["sn_bf"]),
+            "addr_bf": BloomEncoder(key.subkey("bloom:address"), params["addr_bf"]),
+        }
+
+    def tok(self, domain: str) -> Tokeniser:
+        return Tokeniser(self._tokens_key, domain)
+
+    def for_role(self, role: str) -> _Encoder | None:
+        if role in ("nino", "upn", "sex", "benefit_unit"):
+            # one token each, the role as its domain; upper case without spaces (as staged)
+            return _Encoder(f"d_{role}", (f"{role}_tok",), "VARCHAR",
+                            lambda vs: {f"{role}_tok": self.tok(role).many(
+                                ["".join(v.upper().split()) or None for v in vs])})
+        builders = {"dob": self._dob, "postcode": self._postcode, "first_name": self._first_name,
+                    "surname": self._surname, "middle_names": self._middle_names, "address": self._address}
+        if role not in builders:
+            return None
+        cols = {"dob": ("dob_tok", "dob_year_tok", "dob_month_tok", "dob_day_tok", "dob_swap_tok"),
+                "postcode": ("postcode_tok", "pc_sector_tok", "pc_district_tok"),
+                "first_name": ("fn_tok", "fn_initial_tok", "fn_phon_tok", "fn_bf"),
+                "surname": ("sn_tok", "sn_phon_tok", "sn_bf"),
+                "middle_names": ("mn_initial_tok",), "address": ("addr_bf",)}[role]
+        return _Encoder(f"d_{role}", cols, "DATE" if role == "dob" else "VARCHAR", builders[role])
+
+    def for_reference(self, column: str, token_column: str) -> _Encoder:
+        # the column name is the token domain: the same reference gets the same token everywhere
+        return _Encoder(f"d_ref_{column}", (token_column,), "VARCHAR",
+                        lambda vs: {token_column: self.tok(column).many([str(v).strip() or None for v in vs])})
+
+    def _dob(self, values: list[dt.date]) -> dict[str, list]:
+        dob = self.tok("dob")
+        return {
+            "dob_tok": dob.many([d.isoformat() for d in values]),
+            "dob_year_tok": _mapped(self.tok("dob_year").many, [f"{d.year:04d}" for d in values]),
+            "dob_month_tok": _mapped(self.tok("dob_month").many, [f"{d.month:02d}" for d in values]),
+            "dob_day_tok": _mapped(self.tok("dob_day").many, [f"{d.day:02d}" for d in values]),
+            # in the dob domain on purpose: a swapped date compares equal to the other record's dob_tok
+            "dob_swap_tok": dob.many([dt.date(d.year, d.day, d.month).isoformat() if d.day <= 12 else None
+                                      for d in values]),
+        }
+
+    def _postcode(self, values: list[str]) -> dict[str, list]:
+        parts = [_postcode_parts(v) for v in values]
+        # units are nearly all distinct already: tokenise directly; sectors and districts repeat
+        return {"postcode_tok": self.tok("postcode").many([p[0] for p in parts]),
+                "pc_sector_tok": _mapped(self.tok("pc_sector").many, [p[1] for p in parts]),
+                "pc_district_tok": _mapped(self.tok("pc_district").many, [p[2] for p in parts])}
+
+    def _name(self, values: list[str], prefix: str, initial: bool) -> dict[str, object]:
+        norm = [_norm_name(v) or None for v in values]
+        out: dict[str, object] = {f"{prefix}_tok": self.tok(prefix).many(norm)}
+        if initial:
+            out[f"{prefix}_initial_tok"] = _mapped(self.tok(f"{prefix}_initial").many,
+                                                   [n[0] if n else None for n in norm])
+        out[f"{prefix}_phon_tok"] = _mapped(
+            self.tok(f"{prefix}_phon").many,
+            [_phonetic(n, self.cfg.phonetic) if n else None for n in norm])
+        out[f"{prefix}_bf"] = _bloom_column(self.bloom[f"{prefix}_bf"], norm)
+        return out
+
+    def _first_name(self, values: list[str]) -> dict[str, object]:
+        return self._name(values, "fn", initial=True)
+
+    def _surname(self, values: list[str]) -> dict[str, object]:
+        return self._name(values, "sn", initial=False)
+
+    def _middle_names(self, values: list[str]) -> dict[str, list]:
+        norm = [_norm_name(v) for v in values]
+        return {"mn_initial_tok": _mapped(self.tok("mn_initial").many, [n[0] if n else None for n in norm])}
+
+    def _address(self, values: list[str]) -> dict[str, object]:
+        return {"addr_bf": _bloom_column(self.bloom["addr_bf"], [_norm_address(v) or None for v in values])}
+
+
+# -- the plan for one source -------------------------------------------------------------------
+
+@dataclass
+class _Source:
+    """One staged source: its schema, file and which column plays each role."""
+
+    name: str
+    path: Path
+    schema: Schema
+    rows: int
+    role_column: dict[str, str] = field(default_factory=dict)
+    year_sql: str = "NULL"
+    references: dict[str, str] = field(default_factory=dict)     # column -> token column
+    member_role: str | None = None
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _lit(text: str | Path) -> str:
+    return "'" + str(text).replace("'", "''") + "'"
+
+
+def _plan_source(source: str, path: Path, schema: Schema, cfg: PseudonymiseConfig) -> _Source:
+    try:
+        present = set(pq.read_schema(path).names)
+        rows = pq.ParquetFile(path).metadata.num_rows
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise PseudonymiseError(f"{path}: cannot read the staged file ({exc.__class__.__name__})") from None
+    missing = [c for c in [*schema.names, *_META_COLUMNS] if c not in present]
+    if missing:
+        raise PseudonymiseError(f"{path}: staged file lacks column(s) {', '.join(missing)}; re-run 'hhlink ingest'")
+    plan = _Source(source, path, schema, rows)
+    for col in schema.columns:
+        if col.is_identifier:
+            if col.role in plan.role_column:
+                raise SchemaError(f"{schema.path}: two columns play role '{col.role}' "
+                                  f"({plan.role_column[col.role]}, {col.name}); pseudonymisation needs one")
+            plan.role_column[col.role] = col.name
+    periods = schema.columns_with_role("period")
+    if periods:
+        p = periods[0]
+        plan.year_sql = (f"year(s.{_q(p.name)})" if p.type == "date"
+                         else f"TRY_CAST(left(CAST(s.{_q(p.name)} AS VARCHAR), 4) AS SMALLINT)")
+    elif source in cfg.period_dates:
+        name = cfg.period_dates[source]
+        if name not in schema.names or schema.column(name).type != "date":
+            raise SchemaError(f"pseudonymise.period_dates: '{name}' is not a date column of {source}")
+        plan.year_sql = f"year(s.{_q(name)})"
+    else:
+        raise SchemaError(f"{schema.path}: {source} has no period column; name a date column for it in "
+                          "pseudonymise.period_dates")
+    plan.references = {c: t for c, t in cfg.references.items() if c in schema.names}
+    for c in plan.references:
+        if schema.column(c).is_identifier:
+            raise SchemaError(f"pseudonymise.references: '{c}' is an identifier-role column of {source}; "
+                              "identifiers are encoded by role, not listed as references")
+    if cfg.member_role_column in schema.names and "benefit_unit" in plan.role_column:
+        plan.member_role = cfg.member_role_column
+    return plan
+
+
+# -- SQL builders ------------------------------------------------------------------------------
+
+def _key_sql(column: str, enc: _Encoder, alias: str = "s") -> str:
+    """The staged column as the type its dictionary is keyed on (VARCHAR, or DATE for dates of birth)."""
+    return f"CAST({alias}.{_q(column)} AS {enc.value_type})"
+
+
+def _rows_sql(plan: _Source, joins: list[str] | None = None) -> str:
+    """FROM ... WHERE: each staged row beside its record token, then the dictionary joins.
+
+    The tokens are paired with rows by position (a POSITIONAL JOIN: no hash table of
+    millions of tokens, and rows keep their file order, which compresses far better);
+    the WHERE clause proves the pairing on every row: token i belongs to file row i, in
+    identifiers, payload and crosswalk alike, or the query fails.
+    """
+    return (f"FROM read_parquet({_lit(plan.path)}, file_row_number = true) AS s "
+            f"POSITIONAL JOIN rt_{plan.name} AS rt {' '.join(joins or [])} "
+            "WHERE CASE WHEN rt.i = s.file_row_number THEN true "
+            "ELSE error('record tokens are not aligned with staged rows') END")
+
+
+def _identifiers_sql(plan: _Source, encoders: dict[str, _Encoder], link_refs: dict[str, str]) -> str:
+    """SELECT producing the identifiers file of one source (every contract column, in order)."""
+    supplied: dict[str, str] = {}
+    joins = []
+    for role, enc in encoders.items():
+        if role.startswith("ref:"):
+            column = role[4:]
+            if column not in plan.references or column not in link_refs:
+                continue
+        elif role not in plan.role_column:
+            continue
+        else:
+            column = plan.role_column[role]
+        joins.append(f"LEFT JOIN {enc.name} ON {enc.name}.v = {_key_sql(column, enc)}")
+        for c in enc.columns:
+            supplied[c] = f"{enc.name}.{c}"
+    dob = plan.role_column.get("dob")
+    supplied["record_token"] = "rt.record_token"
+    supplied["source"] = _lit(plan.name)
+    supplied["year"] = plan.year_sql
+    supplied["birth_year"] = f"year(s.{_q(dob)})" if dob else "NULL"
+    if plan.member_role:
+        supplied["bu_role"] = f"s.{_q(plan.member_role)}"
+    select = [f"CAST({supplied.get(name, 'NULL')} AS {typ}) AS {name}"
+              for name, typ in (*IDENTIFIER_COLUMNS, *((t, "VARCHAR") for t in link_refs.values()))]
+    return f"SELECT {', '.join(select)} {_rows_sql(plan, joins)}"
+
+
+def _payload_sql(plan: _Source, encoders: dict[str, _Encoder]) -> tuple[str, list[str]]:
+    """SELECT producing the payload of one source, and the names of its columns."""
+    select, joins, names = ["rt.record_token"], [], ["record_token"]
+    for col in plan.schema.columns:
+        if col.role not in ("attribute", "period"):
+            continue
+        if col.name in plan.references:
+            enc = encoders[f"ref:{col.name}"]
+            token_column = plan.references[col.name]
+            joins.append(f"LEFT JOIN {enc.name} ON {enc.name}.v = {_key_sql(col.name, enc)}")
+            select.append(f"{enc.name}.{token_column} AS {_q(token_column)}")
+            names.append(token_column)
+        else:
+            select.append(f"s.{_q(col.name)}")
+            names.append(col.name)
+    return f"SELECT {', '.join(select)} {_rows_sql(plan, joins)}", names
+
+
+def _crosswalk_sql(plan: _Source) -> str:
+    """SELECT producing the crosswalk rows of one source."""
+    rid = plan.role_column.get("record_id")
+    record_id = f"CAST(s.{_q(rid)} AS VARCHAR)" if rid else "CAST(NULL AS VARCHAR)"
+    return (f"SELECT rt.record_token, {_lit(plan.name)} AS source, CAST(s._file AS VARCHAR) AS file, "
+            f"CAST(s._line AS BIGINT) AS line, CAST(s._row AS BIGINT) AS row, {record_id} AS record_id "
+            f"{_rows_sql(plan)}")
+
+
+def _distinct_sql(plans: list[_Source], column_of: Callable[[_Source], str | None], value_type: str) -> str | None:
+    parts = [f"SELECT CAST({_q(col)} AS {value_type}) AS v FROM read_parquet({_lit(p.path)})"
+             for p in plans if (col := column_of(p)) is not None]
+    if not parts:
+        return None
+    blank = " AND trim(v) <> ''" if value_type == "VARCHAR" else ""
+    return f"SELECT DISTINCT v FROM ({' UNION ALL '.join(parts)}) WHERE v IS NOT NULL{blank}"
+
+
+# -- running ---------------------------------------------------------------------------------
+
+def _record_tokens(n: int) -> pa.Table:
+    """n random 128-bit record tokens (os.urandom via secrets), as 32-character hex, with row numbers."""
+    hexed = binascii.hexlify(secrets.token_bytes(TOKEN_BYTES * n))
+    width = 2 * TOKEN_BYTES
+    offsets = np.arange(0, width * (n + 1), width, dtype=np.int64)
+    tokens = pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(hexed))
+    return pa.table({"i": pa.array(np.arange(n, dtype=np.int64)), "record_token": tokens})
+
+
+def _connect(spill: Path) -> duckdb.DuckDBPyConnection:
+    # spill files can hold cleartext: keep them inside the workspace (never DuckDB's ./.tmp default)
+    con = duckdb.connect(config={"temp_directory": str(spill), "preserve_insertion_order": False})
+    try:
+        # after the positional join DuckDB cannot estimate the staged side's size and would build
+        # its hash tables on millions of rows instead of the dictionaries; keep the build side as written
+        con.execute("SET disabled_optimizers = 'build_side_probe_side'")
+    except duckdb.Error:  # an engine without that optimizer: nothing to turn off
+        pass
+    return con
+
+
+def _run(con: duckdb.DuckDBPyConnection, sql: str, what: str) -> None:
+    try:
+        con.execute(sql)
+    except duckdb.Error as exc:
+        # DuckDB messages can quote record values: report the step and error class only
+        raise PseudonymiseError(f"{what} failed in DuckDB ({exc.__class__.__name__})") from exc
+
+
+def _build_dictionaries(con, plans: list[_Source], encoders: dict[str, _Encoder]) -> dict[str, int]:
+    counts = {}
+    for key, enc in encoders.items():
+        if key.startswith("ref:"):
+            column = key[4:]
+            sql = _distinct_sql(plans, lambda p, c=column: c if c in p.references else None, enc.value_type)
+        else:
+            sql = _distinct_sql(plans, lambda p, r=key: p.role_column.get(r), enc.value_type)
+        if sql is None:
+            continue
+        try:
+            values = con.sql(sql).to_arrow_table().column("v")
+        except duckdb.Error as exc:
+            raise PseudonymiseError(f"reading distinct values of {enc.name} failed ({exc.__class__.__name__})") from exc
+        encoded = enc.encode(values.to_pylist())
+        table = pa.table({"v": values, **{c: encoded[c] for c in enc.columns}})
+        con.register(enc.name, table)
+        counts[enc.name] = table.num_rows
+    return counts
+
+
+def _crosswalk_batches(con, plans: list[_Source]) -> Iterator[pa.RecordBatch]:
+    for plan in plans:
+        try:
+            reader = con.sql(_crosswalk_sql(plan)).to_arrow_reader(1_000_000)
+        except duckdb.Error as exc:
+            raise PseudonymiseError(f"{plan.name}: crosswalk query failed ({exc.__class__.__name__})") from exc
+        for batch in reader:
+            yield batch.cast(_CROSSWALK_SCHEMA)
+
+
+def _previous_fingerprint(zone: Path) -> str | None:
+    try:
+        return json.loads((zone / "metadata.json").read_text()).get("key_fingerprint")
+    except (OSError, ValueError):
+        return None
+
+
+def pseudonymise(config: Config, workspace: Path | str, key_file: Path | str | None = None) -> dict:
+    """Pseudonymise the staged zone into ``pseudonymised/``.
+
+    Args:
+        config: the hhlink config (``config.pseudonymise`` holds the encoding parameters).
+        workspace: the workspace folder; reads ``staged/``, writes ``pseudonymised/``.
+        key_file: a key file; default ``HHLINK_KEY``, ``HHLINK_KEY_FILE`` or the default key file.
+
+    Returns:
+        A summary: rows per source, distinct values encoded per identifier, seconds per step,
+        the key fingerprint and the crosswalk's size. Never a record value.
+
+    Raises:
+        SecretKeyError: no usable key (nothing is written).
+        WorkspaceError: no staged zone.
+        PseudonymiseError: a staged file off its contract, or an engine failure (the previous
+            zone, if any, is left as it was).
+
+    Example:
+        >>> pseudonymise(load_config(), "workspace")["key_fingerprint"]   # doctest: +SKIP
+        '3f9c0b6d2a1e4f70'
+    """
+    t0 = time.perf_counter()
+    cfg = config.pseudonymise
+    ws = Workspace(workspace)
+    staged = ws.zone("staged")
+    if not staged.is_dir():
+        raise WorkspaceError(f"{staged}: no staged zone; run 'hhlink ingest' first")
+    # the key first: a missing or unusable key must stop the run before anything is written
+    key = load_master_key(key_file, workspace=ws.root)
+    ws.ensure()
+    schemas_dir = config.paths.resolve(config.paths.schemas)
+    plans = [_plan_source(s, staged / f"{s}.parquet", load_schema(s, schemas_dir), cfg)
+             for s in SOURCES if (staged / f"{s}.parquet").exists()]
+    if not plans:
+        raise WorkspaceError(f"{staged}: no staged source files ({', '.join(s + '.parquet' for s in SOURCES)})")
+    previous = _previous_fingerprint(ws.zone("pseudonymised"))
+    if previous and previous != key.fingerprint:
+        log.warning("re-pseudonymising under a different key (was %s, now %s): zones built on the old "
+                    "pseudonymised/ no longer match it", previous, key.fingerprint)
+
+    coder = _Encoders(key, cfg)
+    roles = sorted({r for p in plans for r in p.role_column})
+    encoders: dict[str, _Encoder] = {r: e for r in roles if (e := coder.for_role(r)) is not None}
+    for column in sorted({c for p in plans for c in p.references}):
+        encoders[f"ref:{column}"] = coder.for_reference(column, cfg.references[column])
+    link_refs = {c: cfg.references[c] for c in cfg.link_references}
+
+    seconds: dict[str, float] = {}
+    spill = Path(tempfile.mkdtemp(prefix=".pseudonymise-spill-", dir=ws.root))
+    con = _connect(spill)
+    try:
+        t = time.perf_counter()
+        distinct = _build_dictionaries(con, plans, encoders)
+        seconds["encode_distinct"] = time.perf_counter() - t
+        log.info("encoded distinct values: %s", distinct)
+        for plan in plans:
+            con.register(f"rt_{plan.name}", _record_tokens(plan.rows))
+        payload_columns: dict[str, list[str]] = {}
+        with ws.publish_dir("pseudonymised") as out:
+            (out / "identifiers").mkdir()
+            (out / "payload").mkdir()
+            t = time.perf_counter()
+            for plan in plans:
+                target = out / "identifiers" / f"{plan.name}.parquet"
+                _run(con, f"COPY ({_identifiers_sql(plan, encoders, link_refs)}) TO {_lit(target)} "
+                          "(FORMAT parquet, COMPRESSION zstd)", f"{plan.name}: identifiers")
+                log.info("%s: identifiers written (%d rows)", plan.name, plan.rows)
+            seconds["identifiers"] = time.perf_counter() - t
+            t = time.perf_counter()
+            for plan in plans:
+                sql, payload_columns[plan.name] = _payload_sql(plan, encoders)
+                target = out / "payload" / f"{plan.name}.parquet"
+                _run(con, f"COPY ({sql}) TO {_lit(target)} (FORMAT parquet, COMPRESSION zstd)",
+                     f"{plan.name}: payload")
+            seconds["payload"] = time.perf_counter() - t
+            t = time.perf_counter()
+            crosswalk = write_crosswalk(out / CROSSWALK_FILE, key, _crosswalk_batches(con, plans), _CROSSWALK_SCHEMA)
+            seconds["crosswalk"] = time.perf_counter() - t
+            seconds["total"] = time.perf_counter() - t0
+            summary = _metadata(config, key, plans, payload_columns, distinct, crosswalk, link_refs, seconds)
+            (out / "metadata.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    finally:
+        con.close()
+        shutil.rmtree(spill, ignore_errors=True)
+    log.info("pseudonymised %d rows in %.1fs (key %s)", sum(p.rows for p in plans), seconds["total"], key.fingerprint)
+    return summary
+
+
+def _metadata(config: Config, key: MasterKey, plans: list[_Source], payload_columns: dict[str, list[str]],
+              distinct: dict[str, int], crosswalk: dict, link_refs: dict[str, str], seconds: dict) -> dict:
+    cfg = config.pseudonymise
+    return {
+        "stage": "pseudonymise",
+        "created_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "key_fingerprint": key.fingerprint,
+        "rows": {p.name: p.rows for p in plans},
+        "distinct_values_encoded": distinct,
+        "tokens": {"algorithm": "HMAC-SHA256", "key": "HKDF-SHA256 subkey 'tokens'",
+                   "bits": TOKEN_BYTES * 8, "encoding": "lower-case hex",
+                   "domain_separation": "field name and NUL prefixed to the value",
+                   "phonetic": cfg.phonetic},
+        "bloom_filters": {name: {**p.as_dict(), "key": f"HKDF-SHA256 subkey 'bloom:{field}'"}
+                          for (name, p), field in zip(bloom_params(cfg).items(),
+                                                      ("first_name", "surname", "address"))},
+        "record_token": {"bits": TOKEN_BYTES * 8, "source": "os.urandom (secrets), not derived from any value"},
+        "identifiers_columns": [c for c, _ in IDENTIFIER_COLUMNS] + list(link_refs.values()),
+        "payload": {p.name: {"columns": payload_columns.get(p.name, []),
+                             "tokenised_references": p.references} for p in plans},
+        "crosswalk": {"file": CROSSWALK_FILE, "cipher": "AES-256-GCM", "key": "HKDF-SHA256 subkey 'crosswalk'",
+                      **crosswalk},
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+    }
