@@ -185,7 +185,9 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
         deterministic = [block_on("nino_tok", "dob_tok"), block_on("upn_tok", "dob_tok"),
                          block_on("fn_tok", "sn_tok", "dob_tok")]
         linker.training.estimate_probability_two_random_records_match(deterministic, recall=0.9)
-        linker.training.estimate_u_using_random_sampling(max_pairs=lc.u_max_pairs, seed=lc.seed)
+        # on Spark each u chunk is a separate job with seconds of overhead: sample in one chunk
+        chunking = {"num_chunks": 1} if lc.engine == "spark" else {}
+        linker.training.estimate_u_using_random_sampling(max_pairs=lc.u_max_pairs, seed=lc.seed, **chunking)
         for cols in TRAINING_BLOCKS:
             linker.training.estimate_parameters_using_expectation_maximisation(
                 block_on(*cols), max_pairs=lc.em_max_pairs)
