@@ -37,6 +37,8 @@ class Stage:
 
 STAGES: list[Stage] = [
     Stage("generate", "bench.stages:generate", 180.0, 6.0),
+    Stage("ingest", "bench.stages:ingest", 180.0, 12.0),
+    Stage("pseudonymise", "bench.stages:pseudonymise", 180.0, 12.0),
 ]
 
 

@@ -16,6 +16,8 @@ Metrics (records are landing rows; persons the true people):
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import duckdb
@@ -183,6 +185,8 @@ def evaluate(config, workspace: Path | str, key_file: Path | str | None = None) 
     con = duckdb.connect()
     con.execute("SET lambda_syntax='ENABLE_SINGLE_ARROW'")
     con.execute("SET enable_progress_bar=false")
+    spill = tempfile.mkdtemp(prefix="hhlink-evaluate-")
+    con.execute(f"SET temp_directory='{spill}'")
     _load(con, ws, key)
     m = person_metrics(con, "(select person_key pred, truth_person truth from rec_truth)")
     hh, _ = con.execute(household_accuracy_sql()).fetchall()[0]
@@ -196,6 +200,7 @@ def evaluate(config, workspace: Path | str, key_file: Path | str | None = None) 
         "linkage_threshold": config.link.threshold,
     }
     con.close()
+    shutil.rmtree(spill, ignore_errors=True)
     write_evaluation(workspace, metrics)
     from linkage.link_report import write_report
 
