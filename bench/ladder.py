@@ -102,7 +102,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write(results: list[dict]) -> None:
+    """Merge this run's rows into the stored table: a rerun of some rungs keeps the others."""
     RESULTS.mkdir(exist_ok=True)
+    stored = RESULTS / "ladder.json"
+    fresh = {(r["stage"], r["persons"]) for r in results}
+    kept = [r for r in (json.loads(stored.read_text()) if stored.exists() else [])
+            if (r["stage"], r["persons"]) not in fresh]
+    order = {s.name: i for i, s in enumerate(STAGES)}
+    results = sorted(kept + results, key=lambda r: (r["persons"], order.get(r["stage"], len(order))))
     (RESULTS / "ladder.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = ["# Size ladder", "",
              "Targets are stated at 1M persons; smaller rungs show the linear share. "

@@ -145,6 +145,10 @@ class LinkConfig(_Section):
         parent_min_age_gap: the smallest plausible age gap between a parent and a child.
         parent_max_age_gap: the largest plausible age gap between a parent and a child.
         evaluation_thresholds: thresholds at which ``hhlink evaluate`` and the report give metrics.
+        memory_limit: DuckDB's memory limit for ``hhlink link`` and ``hhlink evaluate`` (e.g. ``"8GB"``);
+            beyond it DuckDB spills to a temporary folder inside the workspace. Without a limit
+            DuckDB takes up to 80% of the machine.
+        threads: DuckDB worker threads for linkage; 0 uses every core.
     """
 
     engine: Literal["duckdb", "spark"] = "duckdb"
@@ -157,6 +161,8 @@ class LinkConfig(_Section):
     parent_min_age_gap: int = Field(15, ge=10, le=30)
     parent_max_age_gap: int = Field(55, ge=30, le=80)
     evaluation_thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.9, 0.99, 0.999])
+    memory_limit: str = Field("8GB", pattern=r"^\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+    threads: int = Field(0, ge=0, le=256)
 
 
 _TYPICAL_LENGTH = {"name": 6, "address": 15}   # characters; measured on the synthetic population
@@ -254,6 +260,154 @@ class IngestConfig(_Section):
     data_docs: bool = True
 
 
+class DisclosureConfig(_Section):
+    """Statistical disclosure control for published aggregates (``hhlink disclose``).
+
+    Defaults follow UK trusted-research-environment practice (ACRO/SACRO) and ONS's
+    Census 2021 methods; ``docs/disclosure.md`` explains each rule. A cell is one
+    combination of a table's dimension categories (margins included); its
+    contributors are the distinct persons or households counted in it.
+
+    Fields:
+        threshold: fewest contributing units a published cell may have (counts,
+            magnitudes, percentiles, proportions and coefficients alike).
+        zeros_disclosive: treat empty cells (and proportions of 0 or 1) as disclosive:
+            they say something about everyone in a group.
+        dominance_n: n of the (n,k) dominance rule: the n largest contributions ...
+        dominance_k: ... may not exceed this share of a magnitude cell's total.
+        p_percent: the p% rule: a magnitude cell is sensitive when the second-largest
+            contributor could estimate the largest to within this fraction
+            (``total - x1 - x2 < p * x1``).
+        min_dof: fewest residual degrees of freedom (units minus parameters) for a
+            released model coefficient such as the elasticity.
+        rounding: ``none``, or ``10-5``: counts below ``threshold`` suppressed and every
+            published count rounded to the nearest ``rounding_base`` (ONS's 10-5 rule).
+            Cannot be combined with ``perturb``.
+        rounding_base: the rounding base of the ``10-5`` option.
+        perturb: apply cell-key perturbation to published standard tables (tables built
+            on request are always perturbed).
+        count_ptable: the count p-table: probabilities of adding -D..+D to a published
+            count (odd length, symmetric, sums to 1); near the threshold the row is
+            truncated symmetrically so no count is pushed below it.
+        magnitude_noise: scale m of magnitude perturbation: a sum moves by
+            ``m * d * x1`` (x1 the largest contribution, d from the magnitude p-table).
+        magnitude_levels: L, the magnitude p-table: d is one of +-1/L, +-2/L, ..., +-1,
+            each with probability 1/(2L), chosen by the cell key. ``m / L`` must exceed
+            ``p_percent``: then removing one person (not the largest contributor) from a
+            cell always moves its noise by more than p% of that person's value.
+        quantile_window: percentiles and medians are the mean of this many contributors'
+            values around the percentile's rank, never one person's value.
+        protection_count: the adversary's feasible interval for a suppressed count must
+            reach at least this far above the true value (and this far below, or to zero).
+        protection_ratio: ... and at least this fraction of the true value, for counts
+            and magnitude totals; a cell failing the p% rule needs its p% shortfall too.
+        lp_max_rounds: rounds of secondary suppression (audit, add complements) before
+            giving up and suppressing every cell of the table.
+        cohort_band: standard tables group birth cohorts into bands of this many years.
+        allowed_dimensions: the dimensions a table request may use (``build_table``); the
+            catalogue in ``linkage/sdc/standard.py`` defines each.
+        allowed_measures: the measures a table request may ask for (``build_table``).
+    """
+
+    threshold: int = Field(10, ge=2, le=1000)
+    zeros_disclosive: bool = True
+    dominance_n: int = Field(2, ge=1, le=10)
+    dominance_k: float = Field(0.9, gt=0, lt=1)
+    p_percent: float = Field(0.10, ge=0, lt=1)
+    min_dof: int = Field(10, ge=1)
+    rounding: Literal["none", "10-5"] = "none"
+    rounding_base: int = Field(5, ge=2, le=100)
+    perturb: bool = True
+    count_ptable: list[float] = Field(default_factory=lambda: [0.05, 0.2, 0.5, 0.2, 0.05])
+    magnitude_noise: float = Field(0.5, ge=0, le=5)
+    magnitude_levels: int = Field(4, ge=1, le=100)
+    quantile_window: int = Field(5, ge=2, le=100)
+    protection_count: float = Field(5, ge=0)
+    protection_ratio: float = Field(0.10, ge=0, le=1)
+    lp_max_rounds: int = Field(200, ge=1)
+    cohort_band: int = Field(5, ge=1, le=20)
+    allowed_dimensions: list[str] = Field(default_factory=lambda: [
+        "region", "la", "cohort", "sex", "ethnicity", "parent_income_quintile", "child_income_quintile",
+        "household_income_quintile", "fsm_ever", "persistent_fsm", "fsm_years_band", "benefit_spell"])
+    allowed_measures: list[str] = Field(default_factory=lambda: [
+        "count", "mean_ks2", "mean_ks4", "median_ks4", "mean_pay_25_30", "median_pay_25_30",
+        "neet_rate"])
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DisclosureConfig:
+        p = self.count_ptable
+        if len(p) % 2 != 1 or any(x < 0 for x in p) or abs(sum(p) - 1) > 1e-9:
+            raise ValueError("count_ptable must have odd length, non-negative entries summing to 1")
+        if any(abs(a - b) > 1e-12 for a, b in zip(p, reversed(p))):
+            raise ValueError("count_ptable must be symmetric (unbiased noise)")
+        if self.magnitude_noise and self.magnitude_noise / self.magnitude_levels <= self.p_percent:
+            raise ValueError("magnitude_noise / magnitude_levels must exceed p_percent (differencing protection)")
+        if self.rounding != "none" and self.perturb:
+            raise ValueError("rounding = '10-5' and perturb = true cannot be combined: choose one")
+        return self
+
+
+class AssembleConfig(_Section):
+    """Research tables and mobility measures (``hhlink assemble``); ``docs/research.md`` defines each measure.
+
+    Fields:
+        project: the research project's id. Keys in ``research/`` are derived from the
+            master key for this project (HKDF purpose ``project:<id>``), so two projects'
+            extracts hold different keys for the same person and cannot be joined.
+        childhood_ages: first and last age (inclusive) of the childhood window over which
+            parental earnings and household income are averaged.
+        adult_pay_ages: ages over which a child's adult PAYE pay is averaged (years with pay).
+        neet_ages: ages over which years with neither a pupil record nor PAYE pay are
+            counted (the NEET proxy).
+        min_parent_confidence: parent-child relations below this confidence are left out
+            of the cohort table and the measures (all stay in ``research/parent_child``).
+        persistent_fsm_share: share of school years on FSM from which a child counts as
+            persistently disadvantaged.
+        long_spell_months: a benefit spell at least this long counts as long (the
+            disadvantage measure ``long_benefit_spell``).
+        bootstrap_replicates: bootstrap replicates behind every confidence interval.
+        bootstrap_seed: the bootstrap's seed (same seed and data: same intervals).
+        confidence_level: coverage of the percentile bootstrap intervals.
+        min_group_size: groups (birth cohort, region, LA) with fewer children in a
+            measure's sample get no estimate.
+        sensitivity_thresholds: match-probability thresholds at which persons are
+            re-clustered from ``linked/pairs.parquet`` and the headline measures
+            re-estimated (the linkage-error sensitivity analysis).
+        la_lookup: CSV with ``utla_code`` and ``region_code`` columns: the ONS lookup of
+            upper-tier local authorities to regions (relative to the project root).
+        memory_limit: DuckDB's memory limit while assembling (spills to the workspace beyond it).
+        threads: DuckDB worker threads; 0 uses every core.
+        data_docs: build Great Expectations Data Docs for the research tables' suite.
+    """
+
+    project: str = Field("hhlink-demo", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$")
+    childhood_ages: tuple[int, int] = (10, 16)
+    adult_pay_ages: tuple[int, int] = (25, 30)
+    neet_ages: tuple[int, int] = (16, 24)
+    min_parent_confidence: float = Field(0.0, ge=0, le=1)
+    persistent_fsm_share: float = Field(0.8, gt=0, le=1)
+    long_spell_months: float = Field(24.0, gt=0)
+    bootstrap_replicates: int = Field(200, ge=0, le=10_000)
+    bootstrap_seed: int = Field(1, ge=0)
+    confidence_level: float = Field(0.95, gt=0, lt=1)
+    min_group_size: int = Field(20, ge=3)
+    sensitivity_thresholds: list[float] = Field(default_factory=lambda: [0.9, 0.99, 0.9999])
+    la_lookup: Path = Path("synthetic_data/reference/upper_tier_local_authorities.csv")
+    memory_limit: str = Field("8GB", pattern=r"^\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+    threads: int = Field(0, ge=0, le=256)
+    data_docs: bool = True
+
+    @model_validator(mode="after")
+    def _ages_ordered(self) -> AssembleConfig:
+        for name in ("childhood_ages", "adult_pay_ages", "neet_ages"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi <= 100:
+                raise ValueError(f"{name} must be [first, last] with 0 <= first <= last <= 100")
+        if any(not 0 < t < 1 for t in self.sensitivity_thresholds):
+            raise ValueError("sensitivity_thresholds must lie strictly between 0 and 1")
+        return self
+
+
 class PathsConfig(_Section):
     """Where the contracts live.
 
@@ -279,6 +433,8 @@ class Config(_Section):
         pseudonymise: keyed encodings, Bloom-filter parameters and department references.
         ingest: ingest and data-quality gate settings.
         paths: where schemas and expectation suites live.
+        assemble: research tables, mobility measures and the linkage-error sensitivity analysis.
+        disclosure: disclosure-control rules and parameters for published tables.
     """
 
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
@@ -286,6 +442,8 @@ class Config(_Section):
     pseudonymise: PseudonymiseConfig = Field(default_factory=PseudonymiseConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     paths: PathsConfig = Field(default_factory=PathsConfig)
+    assemble: AssembleConfig = Field(default_factory=AssembleConfig)
+    disclosure: DisclosureConfig = Field(default_factory=DisclosureConfig)
 
 
 def _describe(err: ValidationError, source: str) -> str:

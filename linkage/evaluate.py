@@ -136,10 +136,16 @@ def _load(con: duckdb.DuckDBPyConnection, ws: Workspace, key) -> None:
         join '{truth}/source_rows.parquet' t on t.source = xw.source and t.record_id = xw.record_id""")
     con.execute("create or replace table pk_truth as select person_key, mode(truth_person) truth_person "
                 "from rec_truth group by 1")
-    for name, path in (("households", f"{linked}/households.parquet"), ("parent_child", f"{linked}/parent_child.parquet"),
-                       ("pairs", f"{linked}/pairs.parquet"), ("identities", f"{linked}/identities.parquet"),
-                       ("truth_py", f"{truth}/person_years.parquet"), ("truth_pc", f"{truth}/parent_child.parquet")):
-        con.execute(f"create or replace table {name} as select * from '{path}'")
+    # only the columns evaluation reads: Splink's clustering carries every column of its
+    # node table through each step, and the identities' Bloom filters made that 15 GB at 100k
+    for name, cols, path in (
+            ("households", "person_key, year, household_key", f"{linked}/households.parquet"),
+            ("parent_child", "parent_key, child_key, confidence", f"{linked}/parent_child.parquet"),
+            ("pairs", "unique_id_l, unique_id_r, match_probability", f"{linked}/pairs.parquet"),
+            ("identities", "unique_id", f"{linked}/identities.parquet"),
+            ("truth_py", "person_id, year, household_id", f"{truth}/person_years.parquet"),
+            ("truth_pc", "parent_id, child_id", f"{truth}/parent_child.parquet")):
+        con.execute(f"create or replace table {name} as select {cols} from '{path}'")
 
 
 def _by_threshold(con: duckdb.DuckDBPyConnection, thresholds: list[float]) -> list[dict]:
@@ -182,25 +188,27 @@ def evaluate(config, workspace: Path | str, key_file: Path | str | None = None) 
         if not ws.zone(zone).is_dir():
             raise WorkspaceError(f"{ws.zone(zone)}: missing; evaluation needs the ground truth and a linkage run")
     key = load_master_key(key_file, workspace)
-    con = duckdb.connect()
-    con.execute("SET lambda_syntax='ENABLE_SINGLE_ARROW'")
-    con.execute("SET enable_progress_bar=false")
-    spill = tempfile.mkdtemp(prefix="hhlink-evaluate-")
+    from linkage.link import _connect
+
+    con = _connect(config.link.threads or None, config.link.memory_limit)
+    spill = tempfile.mkdtemp(prefix=".evaluate.tmp-", dir=ws.root)   # spills stay on the workspace disk
     con.execute(f"SET temp_directory='{spill}'")
-    _load(con, ws, key)
-    m = person_metrics(con, "(select person_key pred, truth_person truth from rec_truth)")
-    hh, _ = con.execute(household_accuracy_sql()).fetchall()[0]
-    pc_p, pc_r, _, _ = con.execute(parent_child_metrics_sql()).fetchall()[0]
-    metrics = {
-        "person_pairwise_precision": m["pairwise_precision"], "person_pairwise_recall": m["pairwise_recall"],
-        "person_pairwise_f1": m["pairwise_f1"], "person_cluster_f1": m["cluster_f1"],
-        "person_cluster_precision": m["cluster_precision"], "person_cluster_recall": m["cluster_recall"],
-        "household_accuracy": hh, "parent_child_precision": pc_p, "parent_child_recall": pc_r,
-        "person_metrics_by_threshold": _by_threshold(con, config.link.evaluation_thresholds),
-        "linkage_threshold": config.link.threshold,
-    }
-    con.close()
-    shutil.rmtree(spill, ignore_errors=True)
+    try:
+        _load(con, ws, key)
+        m = person_metrics(con, "(select person_key pred, truth_person truth from rec_truth)")
+        hh, _ = con.execute(household_accuracy_sql()).fetchall()[0]
+        pc_p, pc_r, _, _ = con.execute(parent_child_metrics_sql()).fetchall()[0]
+        metrics = {
+            "person_pairwise_precision": m["pairwise_precision"], "person_pairwise_recall": m["pairwise_recall"],
+            "person_pairwise_f1": m["pairwise_f1"], "person_cluster_f1": m["cluster_f1"],
+            "person_cluster_precision": m["cluster_precision"], "person_cluster_recall": m["cluster_recall"],
+            "household_accuracy": hh, "parent_child_precision": pc_p, "parent_child_recall": pc_r,
+            "person_metrics_by_threshold": _by_threshold(con, config.link.evaluation_thresholds),
+            "linkage_threshold": config.link.threshold,
+        }
+    finally:
+        con.close()
+        shutil.rmtree(spill, ignore_errors=True)
     write_evaluation(workspace, metrics)
     from linkage.link_report import write_report
 

@@ -78,8 +78,10 @@ def _identities_sql(identifiers: str) -> str:
     """
 
 
-def _connect(threads: int | None = None) -> duckdb.DuckDBPyConnection:
+def _connect(threads: int | None = None, memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
+    if memory_limit:
+        con.execute(f"SET memory_limit='{memory_limit}'")
     # Splink 5 still emits some single-arrow lambdas that DuckDB 2 rejects by default
     con.execute("SET lambda_syntax='ENABLE_SINGLE_ARROW'")
     con.execute(f"SET threads={threads or os.cpu_count() or 2}")
@@ -268,7 +270,7 @@ def link(config: Config, workspace: Path | str, model: Path | str | None = None)
     if not identifiers.is_dir() or not any(identifiers.glob("*.parquet")):
         raise LinkError(f"{identifiers}: no identifiers to link; run 'hhlink pseudonymise' first")
     t0 = time.perf_counter()
-    con = _connect()
+    con = _connect(config.link.threads or None, config.link.memory_limit)
     summary: dict = {"engine": config.link.engine, "threshold": config.link.threshold}
     with ws.publish_dir("linked") as out:
         tmp = out / ".tmp"
