@@ -87,7 +87,7 @@ def _thresholds(con, thresholds: list[float]) -> list[dict]:
     for t in thresholds:
         n, exp_tp = con.execute(f"select count(*), sum(match_probability) from pairs where match_probability >= {t}").fetchall()[0]
         out.append({"threshold": t, "pairs": n, "expected_precision": round(exp_tp / n, 5) if n else None,
-                    "expected_recall_of_kept_pairs": round(exp_tp / total, 5) if total else None})
+                    "expected_recall_of_kept_pairs": round((exp_tp or 0.0) / total, 5) if total else None})
     return out
 
 
