@@ -10,7 +10,10 @@ Metrics (records are landing rows; persons the true people):
 * pairwise precision / recall / F1: over pairs of records placed in one person;
 * cluster F1: a predicted person is right when it holds exactly one true person's
   records (precision over predicted persons, recall over true persons);
-* metrics at each of ``link.evaluation_thresholds`` by re-clustering the kept pairs.
+* metrics at each of ``link.evaluation_thresholds`` by re-clustering the kept pairs;
+* after ``hhlink assemble``: the planted intergenerational elasticity and the truth's
+  rank-rank slope beside the estimates from ``research/`` and on true links
+  (``ige_*``, ``rank_slope_*``, ``mobility_sensitivity``; :func:`linkage.panel.mobility_evaluation`).
 """
 
 from __future__ import annotations
@@ -23,26 +26,6 @@ from pathlib import Path
 import duckdb
 
 from linkage.workspace import Workspace, atomic_path
-
-
-def pairwise_metrics_sql(assignments: str) -> str:
-    """SQL giving (tp, predicted_pairs, true_pairs, exact_clusters, n_pred, n_true).
-
-    ``assignments`` is a table or subquery with one row per record and columns
-    ``pred`` (predicted cluster) and ``truth`` (true entity).
-    """
-    return f"""
-        with a as (select pred, truth from {assignments}),
-        cell as (select pred, truth, count(*) n from a group by all),
-        p as (select pred, count(*) n from a group by all),
-        t as (select truth, count(*) n from a group by all),
-        exact as (select count(*) k from cell join p using (pred) join t using (truth)
-                  where cell.n = p.n and cell.n = t.n)
-        select (select coalesce(sum(n * (n - 1) / 2), 0) from cell)::double,
-               (select coalesce(sum(n * (n - 1) / 2), 0) from p)::double,
-               (select coalesce(sum(n * (n - 1) / 2), 0) from t)::double,
-               (select k from exact)::double, (select count(*) from p)::double, (select count(*) from t)::double
-    """
 
 
 def metrics_from_counts(tp: float, pred: float, true: float, exact: float, n_pred: float, n_true: float) -> dict:
@@ -59,11 +42,31 @@ def metrics_from_counts(tp: float, pred: float, true: float, exact: float, n_pre
             "cluster_precision": cp, "cluster_recall": cr, "cluster_f1": f1(cp, cr)}
 
 
+def pairwise_counts(con: duckdb.DuckDBPyConnection, assignments: str) -> tuple[float, ...]:
+    """(true-positive pairs, predicted pairs, true pairs, exact clusters, predicted clusters, true clusters).
+
+    ``assignments`` is a table or subquery with one row per record and columns
+    ``pred`` (predicted cluster) and ``truth`` (true entity).
+    """
+    # Materialise the three count tables first: as one query with shared CTEs, DuckDB 2
+    # planned this as a fan-out that spilled 21 GB and took four minutes at 100k persons.
+    con.execute(f"create or replace temp table _cell as select pred, truth, count(*) n from {assignments} group by all")
+    con.execute("create or replace temp table _p as select pred, sum(n) n from _cell group by all")
+    con.execute("create or replace temp table _t as select truth, sum(n) n from _cell group by all")
+    counts = con.execute("""
+        select (select coalesce(sum(n * (n - 1) / 2), 0) from _cell)::double,
+               (select coalesce(sum(n * (n - 1) / 2), 0) from _p)::double,
+               (select coalesce(sum(n * (n - 1) / 2), 0) from _t)::double,
+               (select count(*) from _cell c join _p p on p.pred = c.pred join _t t on t.truth = c.truth
+                where c.n = p.n and c.n = t.n)::double,
+               (select count(*) from _p)::double, (select count(*) from _t)::double""").fetchall()[0]
+    con.execute("drop table _cell; drop table _p; drop table _t")
+    return counts
+
+
 def person_metrics(con: duckdb.DuckDBPyConnection, assignments: str) -> dict:
-    """Evaluate a record -> (pred, truth) assignment table; see :func:`pairwise_metrics_sql`."""
-    # materialise once: the metrics read the assignments four times
-    con.execute(f"create or replace temp table _assign as select pred, truth from {assignments}")
-    return metrics_from_counts(*con.execute(pairwise_metrics_sql("_assign")).fetchall()[0])
+    """Precision, recall and F1 of a record -> (pred, truth) assignment; see :func:`pairwise_counts`."""
+    return metrics_from_counts(*pairwise_counts(con, assignments))
 
 
 def write_evaluation(workspace: Path | str, metrics: dict) -> Path:
@@ -209,6 +212,11 @@ def evaluate(config, workspace: Path | str, key_file: Path | str | None = None) 
     finally:
         con.close()
         shutil.rmtree(spill, ignore_errors=True)
+    if (ws.zone("research") / "mobility.parquet").exists():
+        # after hhlink assemble: planted vs estimated mobility, and the estimates on true links
+        from linkage.panel import mobility_evaluation
+
+        metrics.update(mobility_evaluation(config, workspace, key))
     write_evaluation(workspace, metrics)
     from linkage.link_report import write_report
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from linkage.config import LinkConfig
-from linkage.evaluate import metrics_from_counts, pairwise_metrics_sql, person_metrics
+from linkage.evaluate import metrics_from_counts, pairwise_counts, person_metrics
 from linkage.households import assemble_households
 
 
@@ -45,11 +45,18 @@ def test_perfect_linkage_scores_one_and_singletons_count_as_exact_clusters():
 def test_pairwise_counts_match_a_brute_force_oracle(rows):
     con = duckdb.connect()
     _assign(con, [(str(p), str(t)) for p, t in rows])
-    tp, pred, true, *_ = con.execute(pairwise_metrics_sql("a")).fetchall()[0]
+    tp, pred, true, exact, n_pred, n_true = pairwise_counts(con, "a")
     pairs = [(i, j) for i in range(len(rows)) for j in range(i + 1, len(rows))]
     assert pred == sum(rows[i][0] == rows[j][0] for i, j in pairs)
     assert true == sum(rows[i][1] == rows[j][1] for i, j in pairs)
     assert tp == sum(rows[i][0] == rows[j][0] and rows[i][1] == rows[j][1] for i, j in pairs)
+    members = {}
+    for i, (p, t) in enumerate(rows):
+        members.setdefault(("p", p), set()).add(i)
+        members.setdefault(("t", t), set()).add(i)
+    predicted = {frozenset(v) for k, v in members.items() if k[0] == "p"}
+    truth = {frozenset(v) for k, v in members.items() if k[0] == "t"}
+    assert (exact, n_pred, n_true) == (len(predicted & truth), len(predicted), len(truth))
 
 
 def test_all_singletons_with_nothing_to_find_is_perfect():
