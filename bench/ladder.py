@@ -39,6 +39,9 @@ STAGES: list[Stage] = [
     Stage("generate", "bench.stages:generate", 180.0, 6.0),
     Stage("ingest", "bench.stages:ingest", 180.0, 12.0),
     Stage("pseudonymise", "bench.stages:pseudonymise", 180.0, 12.0),
+    Stage("link", "bench.stages:link", 600.0, 12.0),
+    Stage("assemble", "bench.stages:assemble", 180.0, 10.0),
+    Stage("disclose", "bench.stages:disclose", 120.0, 8.0),
 ]
 
 

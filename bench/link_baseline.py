@@ -6,7 +6,10 @@ threshold, and is scored against ``truth/`` exactly as ``hhlink evaluate`` score
 encoded run. Prints both F1s and the gap (target: encoded within 0.5 points).
 
 Usage:
-    python -m bench.link_baseline WORKSPACE
+    python -m bench.link_baseline WORKSPACE            # link + evaluate on encodings, then the baseline
+    python -m bench.link_baseline WORKSPACE --reuse    # baseline only, beside an existing evaluation
+
+WORKSPACE must hold staged/, pseudonymised/ and truth/; the key comes from HHLINK_KEY etc.
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ def cleartext_baseline(workspace: Path | str) -> dict:
     cfg = load_config()
     con = duckdb.connect()
     con.execute("SET lambda_syntax='ENABLE_SINGLE_ARROW'")
+    con.execute(f"SET memory_limit='{cfg.link.memory_limit}'")
     t = time.perf_counter()
     con.execute(_cleartext_sql(ws / "staged"))
     db = DuckDBAPI(connection=con)
@@ -118,7 +122,21 @@ def cleartext_baseline(workspace: Path | str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ws = Path((argv or sys.argv[1:])[0])
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("workspace", type=Path)
+    ap.add_argument("--reuse", action="store_true", help="keep the workspace's linked/ and evaluation")
+    args = ap.parse_args(argv)
+    ws = args.workspace
+    if not args.reuse:
+        from linkage.evaluate import evaluate
+        from linkage.link import link
+
+        t = time.perf_counter()
+        link(load_config(), ws)
+        print(f"hhlink link on encodings: {time.perf_counter() - t:.1f} s", flush=True)
+        evaluate(load_config(), ws)
     base = cleartext_baseline(ws)
     encoded = json.loads((ws / "reports" / "evaluation.json").read_text())
     gap = 100 * (base["pairwise_f1"] - encoded["person_pairwise_f1"])

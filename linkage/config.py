@@ -149,6 +149,9 @@ class LinkConfig(_Section):
             beyond it DuckDB spills to a temporary folder inside the workspace. Without a limit
             DuckDB takes up to 80% of the machine.
         threads: DuckDB worker threads for linkage; 0 uses every core.
+        predict_chunk_identities: prediction is split into chunks of about this many identities
+            on each side (Splink's ``num_chunks_left``/``num_chunks_right``), so the join of
+            blocked pairs with identities stays within memory at 1M persons.
     """
 
     engine: Literal["duckdb", "spark"] = "duckdb"
@@ -163,6 +166,7 @@ class LinkConfig(_Section):
     evaluation_thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.9, 0.99, 0.999])
     memory_limit: str = Field("8GB", pattern=r"^\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
     threads: int = Field(0, ge=0, le=256)
+    predict_chunk_identities: int = Field(1_000_000, ge=1000)
 
 
 _TYPICAL_LENGTH = {"name": 6, "address": 15}   # characters; measured on the synthetic population
@@ -347,6 +351,40 @@ class DisclosureConfig(_Section):
         return self
 
 
+class ServiceConfig(_Section):
+    """The researcher and auditor portal (``hhlink serve``); ``linkage/service/`` implements it.
+
+    Users and their token hashes live in the workspace (``service/users.json``, made by
+    ``hhlink users add``), never here; the audit log is ``audit/log.jsonl``.
+
+    Fields:
+        host: address the HTTP service binds to; the loopback address by default, so the
+            portal is reachable only from this machine (put a TLS proxy in front otherwise).
+        port: TCP port of the HTTP service.
+        daily_quota: table-builder requests each user may make per UTC day (answered or
+            refused by disclosure control alike; a request over the quota gets HTTP 429).
+        max_cells: largest table the builder computes, in cells (margins included,
+            estimated from the dimensions' categories before any data is read); larger
+            requests are refused with HTTP 422, since the linear-programming audit of
+            secondary suppression grows with the number of suppressed cells.
+        builder_concurrency: table-builder requests computed at the same time; the rest wait.
+        builder_cache: protected tables kept in memory for repeated requests (the same
+            request gets the same perturbed answer anyway, so a cached answer reveals nothing new).
+        session_minutes: a web session ends after this many minutes without a request.
+        audit_fsync: flush every audit entry to disk (``fsync``) before answering; safer
+            against a crash, slower under load.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    daily_quota: int = Field(50, ge=0, le=1_000_000)
+    max_cells: int = Field(2000, ge=1, le=1_000_000)
+    builder_concurrency: int = Field(1, ge=1, le=16)
+    builder_cache: int = Field(256, ge=0, le=100_000)
+    session_minutes: int = Field(60, ge=1, le=24 * 60)
+    audit_fsync: bool = False
+
+
 class AssembleConfig(_Section):
     """Research tables and mobility measures (``hhlink assemble``); ``docs/research.md`` defines each measure.
 
@@ -408,6 +446,50 @@ class AssembleConfig(_Section):
         return self
 
 
+class FlowConfig(_Section):
+    """Orchestration: the Prefect flow's quality gates and its schedule (``hhlink run``, ``hhlink schedule``).
+
+    A run stops before ``disclose`` when a gate fails, leaving ``published/`` as it was
+    and the flow run marked failed with the reason. The linkage gates read
+    ``reports/linkage/report.json`` (written by ``hhlink link``).
+
+    Fields:
+        min_expected_precision: the smallest acceptable pairwise precision the Splink model
+            expects at ``link.threshold`` (the mean match probability of the pairs at or
+            above it: ``expected_vs_true.expected_precision_at_threshold`` in the report).
+            Synthetic runs measure 0.9999 at 1,500 to 100,000 persons.
+        min_match_rate: per source, the smallest acceptable share of its records that link
+            to a person also seen in another source (``match_rates[].with_another_source``).
+            A source missing from the report fails the gate. Measured on the synthetic
+            population at 100,000 persons: education 0.995, benefits 0.98, earnings 0.87
+            (earnings holds adults who never claimed and left school before 1998).
+        schedule: cron expression of the served deployment (``hhlink schedule``); the
+            default runs at 06:00 on the first day of every month.
+        timezone: IANA time zone the cron expression is read in.
+        deployment: the name of the served deployment (``household-linkage/<name>``).
+    """
+
+    min_expected_precision: float = Field(0.99, ge=0, le=1)
+    min_match_rate: dict[str, float] = Field(
+        default_factory=lambda: {"education": 0.95, "benefits": 0.90, "earnings": 0.75})
+    schedule: str = Field("0 6 1 * *", min_length=9)
+    timezone: str = "Europe/London"
+    deployment: str = Field("monthly", pattern=r"^[A-Za-z0-9._-]+$")
+
+    @model_validator(mode="after")
+    def _known_sources(self) -> FlowConfig:
+        from linkage.schemas import SOURCES
+
+        unknown = sorted(set(self.min_match_rate) - set(SOURCES))
+        if unknown:
+            raise ValueError(f"min_match_rate: unknown source(s) {unknown}; sources are {list(SOURCES)}")
+        if any(not 0 <= v <= 1 for v in self.min_match_rate.values()):
+            raise ValueError("min_match_rate values must lie between 0 and 1")
+        if len(self.schedule.split()) != 5:
+            raise ValueError("schedule must be a five-field cron expression, e.g. '0 6 1 * *'")
+        return self
+
+
 class PathsConfig(_Section):
     """Where the contracts live.
 
@@ -435,6 +517,8 @@ class Config(_Section):
         paths: where schemas and expectation suites live.
         assemble: research tables, mobility measures and the linkage-error sensitivity analysis.
         disclosure: disclosure-control rules and parameters for published tables.
+        service: the researcher and auditor portal (``hhlink serve``).
+        flow: the Prefect flow's quality gates and monthly schedule.
     """
 
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
@@ -444,6 +528,8 @@ class Config(_Section):
     paths: PathsConfig = Field(default_factory=PathsConfig)
     assemble: AssembleConfig = Field(default_factory=AssembleConfig)
     disclosure: DisclosureConfig = Field(default_factory=DisclosureConfig)
+    flow: FlowConfig = Field(default_factory=FlowConfig)
+    service: ServiceConfig = Field(default_factory=ServiceConfig)
 
 
 def _describe(err: ValidationError, source: str) -> str:
