@@ -28,9 +28,20 @@ import duckdb
 from linkage.config import LinkConfig
 
 
+def _person_birth_sql() -> str:
+    # one year of birth per person: the most frequent among its records, ties to the earliest
+    # (records can disagree; any_value would pick by row order, which differs between runs)
+    return """
+        create or replace table person_birth as
+        select person_key, -(max({'n': n, 'v': -birth_year})).v as birth_year
+        from (select person_key, birth_year, count(birth_year) n from records_linked group by all)
+        group by person_key;
+    """
+
+
 def _person_years_sql() -> str:
     # one address per person and year: the most frequent among that year's records
-    return """
+    return _person_birth_sql() + """
         create or replace table addr_obs as
         select person_key, year, postcode_tok,
                postcode_tok || coalesce('|' || md5(hex(addr_bf)), '') as address_key,
@@ -41,11 +52,11 @@ def _person_years_sql() -> str:
         from (select a.*, row_number() over (partition by person_key, year
                                               order by full_address desc, n desc, address_key) rn
               from addr_obs a)
-        join (select person_key, any_value(birth_year) birth_year from records_linked group by 1) using (person_key)
+        join person_birth using (person_key)
         where rn = 1;
         insert into person_years
         select distinct r.person_key, r.year, b.birth_year, null, null, false
-        from records_linked r join (select person_key, any_value(birth_year) birth_year from records_linked group by 1) b
+        from records_linked r join person_birth b
              using (person_key)
         where r.bu_role is not null
           and not exists (select 1 from person_years p where p.person_key = r.person_key and p.year = r.year);
@@ -78,7 +89,7 @@ def _edges_sql() -> str:
 
 
 def _parent_child_sql(cfg: LinkConfig) -> str:
-    return f"""
+    return _person_birth_sql() + f"""
         create or replace table parent_child as
         with claim as (select claim_tok, year, person_key, bu_role, birth_year from records_linked
                        where claim_tok is not null),
@@ -98,9 +109,9 @@ def _parent_child_sql(cfg: LinkConfig) -> str:
         select j.*, p.birth_year parent_birth_year, c.birth_year child_birth_year,
                c.birth_year - p.birth_year age_gap,
                round(1 - exp(-(1.0 * bu_years + 0.35 * coresident_years)), 4) confidence
-        from j join (select person_key, any_value(birth_year) birth_year from records_linked group by 1) p
+        from j join person_birth p
                     on p.person_key = j.parent_key
-               join (select person_key, any_value(birth_year) birth_year from records_linked group by 1) c
+               join person_birth c
                     on c.person_key = j.child_key
         order by parent_key, child_key;
     """

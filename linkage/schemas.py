@@ -105,6 +105,16 @@ def _column(raw: dict, where: str) -> Column:
     return col
 
 
+def read_schema_toml(path: Path) -> dict:
+    """A schema file's TOML, or a SchemaError naming the file."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SchemaError(f"{path}: schema file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SchemaError(f"{path}: not valid TOML ({exc})") from None
+
+
 def load_schema(source: str, folder: Path | str | None = None) -> Schema:
     """Load and check one source schema.
 
@@ -120,12 +130,7 @@ def load_schema(source: str, folder: Path | str | None = None) -> Schema:
     """
     folder = Path(folder) if folder is not None else PROJECT_ROOT / "schemas"
     path = folder / f"{source}.toml"
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SchemaError(f"{path}: schema file not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise SchemaError(f"{path}: not valid TOML ({exc})") from None
+    raw = read_schema_toml(path)
     cols = tuple(_column(c, str(path)) for c in raw.get("columns", []))
     if not cols:
         raise SchemaError(f"{path}: declares no columns")

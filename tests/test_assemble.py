@@ -1,0 +1,251 @@
+"""``hhlink assemble`` end to end on a small population: generate, ingest, pseudonymise, link, assemble, evaluate."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+
+from linkage.config import load_config
+from linkage.panel import RESEARCH_TABLES, AssembleError, assemble, load_research_schema
+from linkage.quality import validate
+
+KEY = "5e" * 32
+PERSONS = 3000
+
+
+@pytest.fixture(scope="module")
+def assembled(tmp_path_factory):
+    """A 3,000-person population through every stage, assembled for project ``proj-a``, then evaluated."""
+    from linkage.evaluate import evaluate
+    from linkage.ingest import ingest
+    from linkage.link import link
+    from linkage.pseudonymise import pseudonymise
+    from synthetic_data import generate_population
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HHLINK_KEY", KEY)
+    root = tmp_path_factory.mktemp("assembled")
+    cfg = load_config(generate={"persons": PERSONS, "seed": 11}, assemble={"project": "proj-a"})
+    generate_population(cfg.generate, root)
+    ingest(cfg, root)
+    pseudonymise(cfg, root)
+    link(cfg, root)
+    summary = assemble(cfg, root)
+    metrics = evaluate(cfg, root)
+    yield root, cfg, summary, metrics
+    mp.undo()
+
+
+def _table(root, name):
+    return pq.read_table(root / "research" / f"{name}.parquet")
+
+
+def test_research_tables_match_their_schemas(assembled):
+    root, _, summary, _ = assembled
+    for name in RESEARCH_TABLES:
+        schema = load_research_schema(name)
+        got = pq.read_schema(root / "research" / f"{name}.parquet")
+        assert [(f.name, f.type) for f in got] == [(f.name, f.type) for f in schema.arrow()], name
+        assert summary["rows"][name] == _table(root, name).num_rows
+    meta = json.loads((root / "research" / "metadata.json").read_text())
+    assert meta["project"] == "proj-a" and len(meta["project_key_fingerprint"]) == 16
+    assert summary["rows"]["person"] > PERSONS * 0.9
+    assert summary["rows"]["cohort"] > 300
+
+
+def test_research_tables_are_consistent(assembled):
+    root, _, _, _ = assembled
+    con = duckdb.connect()
+    for name in RESEARCH_TABLES:
+        con.execute(f"create view {name} as select * from '{root}/research/{name}.parquet'")
+    one = lambda q: con.execute(q).fetchall()[0][0]  # noqa: E731
+    assert one("select count(*) - count(distinct person_id) from person") == 0
+    assert one("select count(*) from person_year where person_id not in (select person_id from person)") == 0
+    assert one("select count(*) from cohort where child_id not in (select child_id from parent_child)") == 0
+    # household-year members are exactly the person-years that point at them
+    assert one("""select count(*) from household_year h join (select household_id, year, count(*) n from person_year
+                  where household_id is not null group by all) m using (household_id, year) where h.members <> m.n""") == 0
+    # the cohort's parental earnings come from the parents' own PAYE rows
+    assert one("select count(*) from cohort where parents_earnings < 0 or household_income < 0") == 0
+    assert one("select count(*) from cohort where log_parents_earnings is not null") > 100
+    # every measure group exists and intervals bracket their estimates
+    assert {r[0] for r in con.execute("select distinct group_type from mobility").fetchall()} == {
+        "national", "birth_cohort", "region", "la"}
+    assert one("""select count(*) from mobility where estimate is not null and ci_low is not null
+                  and not (ci_low <= estimate and estimate <= ci_high)""") <= 2
+
+
+def test_research_zone_holds_no_identifiers_or_linkage_keys(assembled):
+    root, _, _, _ = assembled
+    con = duckdb.connect()
+    banned = set()
+    for source, cols in (("education", "forename, surname, upn, postcode, cast(dob as varchar)"),
+                         ("benefits", "forename, surname, nino, postcode, address_line, claim_id, benefit_unit_id"),
+                         ("earnings", "forename, surname, nino, postcode, address_line, employer_ref")):
+        for row in con.execute(f"select distinct {cols} from read_csv('{root}/landing/{source}.csv', "
+                               "all_varchar=true)").fetchall():
+            banned.update(v for v in row if v and len(v) >= 4)
+    linked = root / "linked"
+    for q in (f"select distinct person_key from '{linked}/records.parquet'",
+              f"select distinct record_token from '{linked}/records.parquet'",
+              f"select distinct unique_id from '{linked}/records.parquet'",
+              f"select distinct household_key from '{linked}/households.parquet'",
+              f"select distinct nino_tok from '{root}/pseudonymised/identifiers/earnings.parquet'"):
+        banned.update(v for (v,) in con.execute(q).fetchall() if v)
+    assert len(banned) > 10_000
+    con.execute("create table banned (v varchar)")
+    con.executemany("insert into banned values (?)", [(v,) for v in banned] + [(v.upper(),) for v in banned])
+    scanned = 0
+    for path in (root / "research").iterdir():
+        if path.suffix == ".parquet":
+            cols = [c for c, t, *_ in con.execute(f"describe select * from '{path}'").fetchall() if t == "VARCHAR"]
+            for col in cols:
+                hits = con.execute(f'select count(*) from \'{path}\' where "{col}" in (select v from banned)').fetchall()
+                assert hits[0][0] == 0, (path.name, col)
+                scanned += 1
+        else:
+            text = path.read_text()
+            assert not [v for v in banned if len(v) >= 8 and v in text], path.name
+    assert scanned >= 15
+
+
+def test_two_projects_get_different_keys_for_the_same_people(assembled, run_cli, tmp_path):
+    root, _, _, _ = assembled
+    other = tmp_path / "ws"
+    for zone in ("linked", "pseudonymised"):
+        shutil.copytree(root / zone, other / zone)
+    code, out, err = run_cli("assemble", "--workspace", str(other), "--project", "proj-b")
+    assert code == 0, err
+    assert "research tables for project proj-b" in out
+    for table, key in (("person", "person_id"), ("cohort", "child_id"), ("household_year", "household_id")):
+        a, b = _table(root, table), _table(other, table)
+        assert a.num_rows == b.num_rows
+        assert not set(a[key].to_pylist()) & set(b[key].to_pylist()), table
+    # the same people and values underneath: the tables agree once keys are dropped
+    con = duckdb.connect()
+    for table, key in (("person", "person_id"), ("cohort", "child_id")):
+        rest = [c for c in _table(root, table).column_names if c != key]
+        cols = ", ".join(rest)
+        diff = con.execute(f"""select count(*) from (select {cols} from '{root}/research/{table}.parquet'
+                               except all select {cols} from '{other}/research/{table}.parquet')""").fetchall()[0][0]
+        assert diff == 0, table
+    # within one project the keys join: every parent and child is a person
+    persons = set(_table(other, "person")["person_id"].to_pylist())
+    pc = _table(other, "parent_child")
+    assert set(pc["parent_id"].to_pylist()) <= persons and set(pc["child_id"].to_pylist()) <= persons
+    meta_a = json.loads((root / "research" / "metadata.json").read_text())
+    meta_b = json.loads((other / "research" / "metadata.json").read_text())
+    assert meta_a["project_key_fingerprint"] != meta_b["project_key_fingerprint"]
+    assert meta_a["master_key_fingerprint"] == meta_b["master_key_fingerprint"]
+
+
+def test_assemble_is_reproducible(assembled, tmp_path):
+    root, cfg, _, _ = assembled
+    again = tmp_path / "ws"
+    for zone in ("linked", "pseudonymised"):
+        shutil.copytree(root / zone, again / zone)
+    assemble(cfg, again)
+    for name in RESEARCH_TABLES:
+        assert _table(again, name).equals(_table(root, name)), name
+
+
+def test_quality_report_covers_the_research_tables(assembled):
+    root, _, summary, _ = assembled
+    report = json.loads((root / "reports" / "quality" / "research" / "quality_summary.json").read_text())
+    assert set(report["sources"]) == set(RESEARCH_TABLES)
+    assert report["critical_failed"] == [] and summary["quality"]["critical_failed"] == []
+    assert all(s["evaluated"] >= 3 for s in report["sources"].values())
+    assert (root / "reports" / "quality" / "research" / "data_docs" / "index.html").exists()
+
+
+def test_research_suite_catches_duplicate_keys_and_orphans(assembled, tmp_path):
+    root, cfg, _, _ = assembled
+    broken = tmp_path / "research"
+    broken.mkdir()
+    con = duckdb.connect()
+    for name in RESEARCH_TABLES:
+        src = root / "research" / f"{name}.parquet"
+        if name == "person":      # one person delivered twice
+            con.execute(f"""copy (select * from '{src}' union all (select * from '{src}' order by person_id limit 1))
+                            to '{broken}/person.parquet'""")
+        else:
+            shutil.copy(src, broken / src.name)
+    con.execute(f"""copy (select * from '{root}/research/parent_child.parquet'
+                          union all (select 'f' || left(parent_id, 31), child_id, confidence, benefit_unit_years,
+                                            coresident_years, age_gap
+                                     from '{root}/research/parent_child.parquet' limit 1))
+                    to '{broken}/parent_child.parquet'""")
+    scratch = tmp_path / "gx"
+    scratch.mkdir()
+    result = validate({n: broken / f"{n}.parquet" for n in RESEARCH_TABLES},
+                      cfg.paths.resolve(cfg.paths.expectations) / "research", tmp_path / "reports", scratch,
+                      data_docs=False)
+    failed = " | ".join(result["critical_failed"])
+    assert "person: expect_column_values_to_be_unique(person_id)" in failed
+    assert "parent_child: No orphan relations" in failed
+    assert not [f for f in result["critical_failed"] if f.split(":")[0] not in ("person", "parent_child")]
+
+
+def test_evaluation_holds_the_mobility_figures(assembled):
+    root, _, summary, metrics = assembled
+    ev = json.loads((root / "reports" / "evaluation.json").read_text())
+    assert ev["person_pairwise_f1"] > 0.9          # evaluate's own keys are kept
+    assert ev["ige_planted"] == load_config().generate.ige
+    for key in ("ige_estimated", "ige_true_links", "ige_true_person_links", "ige_population",
+                "rank_slope_planted", "rank_slope_estimated", "rank_slope_true_links"):
+        assert isinstance(ev[key], float) and math.isfinite(ev[key]), key
+        assert 0.0 < ev[key] < 1.0, key
+    assert ev["ige_estimated"] == pytest.approx(summary["national"]["ige"]["estimate"])
+    variants = [v["variant"] for v in ev["mobility_sensitivity"]["variants"]]
+    assert variants == ["linked"] + [
+        f"threshold {t:g}" for t in load_config().assemble.sensitivity_thresholds] + ["true person links", "true links"]
+    spread = ev["mobility_sensitivity"]["spread"]["ige"]
+    assert spread["min"] <= ev["ige_estimated"] <= spread["max"]
+
+
+def test_assemble_without_a_linkage_run_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HHLINK_KEY", KEY)
+    with pytest.raises(AssembleError, match="run 'hhlink pseudonymise' and 'hhlink link' first"):
+        assemble(load_config(), tmp_path)
+
+
+def test_incremental_threshold_variants_equal_a_full_rebuild(assembled, tmp_path):
+    """Oracle: rebuilding only the children a threshold can change gives the cohort a full rebuild gives."""
+    from linkage import _panel_sql, mobility, panel
+    from linkage._sensitivity import Incremental, recluster
+    from linkage.keys import load_master_key
+
+    root, cfg, _, _ = assembled
+    con = panel._connect(cfg, tmp_path)
+    panel.load_inputs(con, panel.Workspace(root), load_master_key(), cfg.paths.resolve(cfg.assemble.la_lookup))
+    panel.use_linked_links(con)
+    panel.build_panel(con, cfg)
+    linked = mobility.headline(panel._prepared(con, cfg))
+    a = cfg.assemble
+    inc = Incremental(con, cfg.link, cfg.link.threshold, lambda only: panel.build_panel(con, cfg, False, only),
+                      _panel_sql.mobility_cohorts_sql(a.childhood_ages, a.adult_pay_ages, alias="t_cohort"))
+    rows = "select child_key, birth_year, parents_earnings, adult_pay from t_cohort order by all"
+    partition = "select list(unique_id order by unique_id) from id_person_v group by person_key order by 1"
+    changed = 0
+    for t in (0.5, 0.9, cfg.link.threshold, 0.99999):
+        persons = inc.variant(t)
+        groups = con.execute(partition).fetchall()
+        changed += con.execute("select count(*) from v_new").fetchall()[0][0]
+        fast, fast_headline = con.execute(rows).fetchall(), mobility.headline(panel._prepared(con, cfg))
+        panel.build_panel(con, cfg, full=False)             # everyone, on the same links
+        assert fast == con.execute(rows).fetchall(), t
+        assert fast_headline == pytest.approx(mobility.headline(panel._prepared(con, cfg)), rel=1e-12, abs=1e-12)
+        if t == cfg.link.threshold:
+            assert fast_headline == pytest.approx(linked, rel=1e-12, abs=1e-12)
+        # every person re-clustered and re-derived: the same persons, nearly the same measures
+        assert persons == recluster(con, t, cfg.link)
+        assert groups == con.execute(partition).fetchall(), t      # the same persons as clustering everyone
+        panel.build_panel(con, cfg, full=False)
+        full = mobility.headline(panel._prepared(con, cfg))
+        assert abs(full["ige"] - fast_headline["ige"]) < 0.01 and full["n"] == pytest.approx(fast_headline["n"], rel=0.01)
+    assert changed > 10          # the thresholds did split and join persons
