@@ -1,0 +1,265 @@
+"""Disclosure control: only protected aggregates leave the research zone.
+
+:func:`protect_table` is the engine. It takes record-level contributions (one row per
+person or household: its key, its categories and its measure values, as a pandas or
+pyarrow table, a DuckDB relation or a SELECT statement) and a :class:`TableSpec`, and
+returns the table with every cell, margins included, either released through the rules or
+withheld:
+
+* primary suppression: the threshold (default 10 units, zeros disclosive), (n,k)
+  dominance (2, 90%) and the p% rule (10%) on magnitudes, residual degrees of freedom for
+  coefficients, numerator and complement for proportions; percentiles and medians are
+  means of a window of contributors' values and never one person's value
+  (:mod:`linkage.sdc.rules`);
+* secondary suppression over row, column and hierarchical margins (local authority
+  within region, totals), verified by linear programming: every withheld cell's feasible
+  interval is at least the protection range wide (:mod:`linkage.sdc.lp`);
+* cell-key perturbation (consistent: the same units give the same noise) or the 10-5
+  rounding rule (:mod:`linkage.sdc.perturb`).
+
+:func:`disclose` is the stage (``hhlink disclose``): the standard tables from
+``research/`` into ``published/`` (CSV, Parquet and a JSON data dictionary each) and the
+auditors' report in ``reports/disclosure/``. :func:`build_table` answers a researcher's
+request for a table from the allowed dimensions and measures, always perturbed.
+
+Example:
+    >>> import pandas as pd
+    >>> from linkage.config import load_config
+    >>> from linkage.keys import MasterKey
+    >>> people = pd.DataFrame({"person": range(40), "region": ["North"] * 25 + ["South"] * 15,
+    ...                        "pay": [20_000.0 + 100 * i for i in range(40)]})
+    >>> spec = TableSpec("pay_by_region", dimensions=(Dimension("region", ("region",)),),
+    ...                  measures=(Measure("mean_pay", "mean", "pay"),), unit="person")
+    >>> table = protect_table(people, spec, load_config(), key=MasterKey(bytes(32), "example"))
+    >>> sorted(table.frame["status"].unique())
+    ['perturbed']
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+from linkage.config import Config
+from linkage.keys import MasterKey, load_master_key
+from linkage.sdc.cells import ContributionError, compute_cells
+from linkage.sdc.lp import Audit, System, equations, protect
+from linkage.sdc.perturb import key_margin
+from linkage.sdc.publish import (STATUSES, dictionary, protected_values, rule_parameters, summary_counts,
+                                 write_report, write_table)
+from linkage.sdc.rules import QUANTILE_FETCH, measure_values, p_percent_shortfall, primary
+from linkage.sdc.spec import ADDITIVE, TOTAL, Dimension, Measure, TableSpec
+
+__all__ = [
+    "TOTAL", "STATUSES", "ContributionError", "Dimension", "Measure", "ProtectedTable", "RequestError",
+    "TableSpec", "build_table", "disclose", "protect_table", "record_key_secret",
+]
+
+log = logging.getLogger(__name__)
+
+RECORD_KEY_PURPOSE = "sdc:record-key"
+
+
+class RequestError(ContributionError):
+    """A table request names a dimension or measure outside the allowed list, or is malformed."""
+
+
+@dataclass
+class ProtectedTable:
+    """A table after disclosure control: only what may be released.
+
+    Fields:
+        spec: the table's declaration.
+        frame: the long-form table (dimension columns, ``measure``, ``value``, ``status``);
+            suppressed rows have no value.
+        metadata: the JSON data dictionary with its SDC metadata (parameters and counts only).
+        audit: what secondary suppression did.
+        seconds: time taken.
+    """
+
+    spec: TableSpec
+    frame: pd.DataFrame
+    metadata: dict
+    audit: Audit = field(repr=False)
+    seconds: float = 0.0
+
+    def write(self, folder: Path | str) -> list[Path]:
+        """Write ``<name>.csv``, ``.parquet`` and ``.json`` into ``folder`` (atomically)."""
+        return write_table(self.frame, self.metadata, Path(folder))
+
+
+def record_key_secret(key: MasterKey | bytes | None = None) -> bytes:
+    """The HKDF subkey (purpose ``sdc:record-key``) that keys every unit's record key."""
+    if key is None:
+        key = load_master_key()
+    if isinstance(key, MasterKey):
+        return key.subkey(RECORD_KEY_PURPOSE)
+    from linkage.keys import derive_key
+
+    return derive_key(bytes(key), RECORD_KEY_PURPOSE)
+
+
+def _systems(cells, spec: TableSpec, cfg, values) -> list[System]:
+    f = cells.frame
+    n = f["_n"].to_numpy().astype(float)
+    systems = [System("count", n, 0.0, np.maximum(cfg.protection_count, cfg.protection_ratio * n))]
+    seen = set()
+    for m in spec.all_measures:
+        if m.kind in ADDITIVE and m.column not in seen:
+            seen.add(m.column)
+            total = f[f"{m.column}__sum"].to_numpy(float)
+            short = np.maximum(0.0, p_percent_shortfall(cells, m.column, cfg))
+            need = np.maximum(cfg.protection_ratio * np.abs(total), short)
+            systems.append(System(m.column, total, 0.0 if cells.nonnegative[m.column] else -np.inf, need))
+        elif m.kind == "proportion" and m.column not in seen:
+            # numerators and complements add up over margins too; each is audited as its own
+            # system (a relaxation: the coupling numerator + complement = count is not used)
+            seen.add(m.column)
+            ones = f[f"{m.column}__ones"].to_numpy().astype(float)
+            for name, v in ((f"{m.column}:numerator", ones), (f"{m.column}:complement", n - ones)):
+                systems.append(System(name, v, 0.0, np.maximum(cfg.protection_count, cfg.protection_ratio * v)))
+    return systems
+
+
+def protect_table(contributions, spec: TableSpec, config: Config, key: MasterKey | bytes | None = None,
+                  con: duckdb.DuckDBPyConnection | None = None, perturb: bool | None = None) -> ProtectedTable:
+    """Apply every disclosure rule to one table and return only what may be released.
+
+    Args:
+        contributions: one row per unit with ``spec.unit``, every dimension column and every
+            measure column (pandas, pyarrow, a DuckDB relation or a SELECT statement).
+        spec: the table's dimensions, measures and unit.
+        config: the configuration (its ``disclosure`` section).
+        key: the master key (or raw secret) that keys record keys; default: the configured key.
+        con: a DuckDB connection to compute in (default: a new in-memory one).
+        perturb: override ``spec.perturb`` and the config.
+
+    Returns:
+        The :class:`ProtectedTable`.
+
+    Raises:
+        ContributionError: missing columns, more than one row per unit, missing values.
+    """
+    t0 = time.perf_counter()
+    cfg = config.disclosure
+    do_perturb = perturb if perturb is not None else (spec.perturb if spec.perturb is not None else cfg.perturb)
+    rounding = "none" if do_perturb else cfg.rounding
+    master = key if key is not None else load_master_key()
+    own = con is None
+    con = con or duckdb.connect()
+    try:
+        cells = compute_cells(con, contributions, spec, record_key_secret(master),
+                              top_k=max(cfg.dominance_n, 2), quantile_width=cfg.quantile_window + QUANTILE_FETCH,
+                              key_margin=key_margin(cfg.magnitude_levels))
+    finally:
+        if own:
+            con.close()
+    values = measure_values(cells, spec, cfg)
+    fired = primary(cells, spec, cfg, values)
+    prim = np.logical_or.reduce(list(fired.values()))
+    A = equations(cells.nodes)
+    suppressed, audit = protect(A, prim, _systems(cells, spec, cfg, values), cells.frame["_depth"].to_numpy(),
+                                max_rounds=cfg.lp_max_rounds)
+    long = protected_values(cells, spec, cfg, values, prim, suppressed, do_perturb, rounding)
+    fp = master.fingerprint if isinstance(master, MasterKey) else None
+    sdc = rule_parameters(cfg, do_perturb, rounding, fp)
+    meta = dictionary(spec, cells, sdc, summary_counts(long, fired, prim, suppressed, audit))
+    del values, cells
+    seconds = time.perf_counter() - t0
+    log.info("table %s: %d cells, %d primary, %d secondary, %d LPs, %.1fs", spec.name, len(prim), int(prim.sum()),
+             int((suppressed & ~prim).sum()), audit.lps, seconds)
+    return ProtectedTable(spec=spec, frame=long, metadata=meta, audit=audit, seconds=seconds)
+
+
+def build_table(request: dict, workspace: Path | str, config: Config, key: MasterKey | bytes | None = None,
+                con: duckdb.DuckDBPyConnection | None = None) -> ProtectedTable:
+    """Build a table on request, from the allowed dimensions and measures, always perturbed.
+
+    Args:
+        request: ``{"dimensions": ["region", "cohort"], "measure": "mean_pay_25_30"}``;
+            dimensions and measure must be in the config's ``allowed_dimensions`` and
+            ``allowed_measures`` (and known to the catalogue); at most three dimensions.
+        workspace: the workspace whose ``research/`` tables are the population.
+        config: the configuration.
+        key: the master key; default: the configured key.
+        con: a DuckDB connection (default: a new one).
+
+    Returns:
+        The :class:`ProtectedTable` (only protected values; cell-key perturbation applied).
+
+    Raises:
+        RequestError: a dimension or measure outside the allowed list.
+
+    Example:
+        >>> build_table({"dimensions": ["region"], "measure": "count"}, "ws", load_config())  # doctest: +SKIP
+    """
+    from linkage.sdc import standard
+
+    spec, source = standard.request_spec(request, config)
+    own = con is None
+    con = con or duckdb.connect()
+    try:
+        rel = standard.population(con, Path(workspace), source, config)
+        return protect_table(rel, spec, config, key=key, con=con, perturb=True)
+    finally:
+        if own:
+            con.close()
+
+
+def disclose(config: Config, workspace: Path | str, key: MasterKey | bytes | None = None) -> dict:
+    """The disclose stage: the standard tables from ``research/`` into ``published/``, and the report.
+
+    Args:
+        config: the configuration.
+        workspace: the workspace folder (reads ``research/``, writes ``published/`` and
+            ``reports/disclosure/``).
+        key: the master key; default: the configured key (``HHLINK_KEY`` etc.).
+
+    Returns:
+        A summary: tables written with their cell and suppression counts, and timings.
+
+    Example:
+        >>> disclose(load_config(), "workspace")["tables"][0]["table"]   # doctest: +SKIP
+        'mobility_la_cohort'
+    """
+    from linkage.sdc import standard
+    from linkage.workspace import Workspace
+
+    t0 = time.perf_counter()
+    ws = Workspace(workspace)
+    research = ws.zone("research")
+    if not research.is_dir():
+        from linkage.errors import WorkspaceError
+
+        raise WorkspaceError(f"{research}: no research tables; run hhlink assemble first")
+    master = key if key is not None else load_master_key(workspace=ws.root)
+    tables, metas = [], []
+    con = duckdb.connect()
+    try:
+        with ws.publish_dir("published") as out:
+            for spec, source in standard.standard_tables(research, config):
+                rel = standard.population(con, ws.root, source, config)
+                pt = protect_table(rel, spec, config, key=master, con=con)
+                pt.write(out)
+                metas.append(pt.metadata)
+                tables.append({"table": spec.name, "cells": pt.metadata["sdc"]["cells"],
+                               "suppressed": pt.metadata["sdc"]["suppressed_cells"],
+                               "protected": pt.audit.protected, "seconds": round(pt.seconds, 2)})
+            (out / "index.json").write_text(json.dumps({"tables": [m["table"] for m in metas]}, indent=2) + "\n")
+    finally:
+        con.close()
+    seconds = time.perf_counter() - t0
+    params = metas[0]["sdc"] if metas else {}
+    run = {"finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(seconds, 1),
+           "parameters": {k: params[k] for k in ("threshold", "dominance", "p_percent", "coefficients", "percentiles",
+                                                  "proportions", "secondary_suppression", "rounding",
+                                                  "perturbation") if k in params}}
+    report = write_report(metas, run, ws.zone("reports") / "disclosure")
+    return {"tables": tables, "seconds": seconds, "report": [str(p) for p in report]}

@@ -1,0 +1,190 @@
+"""``hhlink disclose`` end to end on a small population, and on-demand tables (``build_table``).
+
+A 2,000-person population goes through generate, ingest, pseudonymise, link and assemble
+once; the published tables are then checked against the research tables themselves.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from linkage.config import load_config
+from linkage.disclosure import STATUSES, RequestError, build_table, disclose
+from linkage.keys import fingerprint, load_master_key
+from linkage.sdc.standard import standard_tables
+from tests.test_disclosure_properties import _equations, _interval
+
+KEY_HEX = "5e" * 32
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    from linkage.ingest import ingest
+    from linkage.link import link
+    from linkage.panel import assemble
+    from linkage.pseudonymise import pseudonymise
+    from synthetic_data import generate_population
+
+    ws = tmp_path_factory.mktemp("disclose") / "ws"
+    cfg = load_config(generate={"persons": 2000, "seed": 5}, ingest={"data_docs": False},
+                      assemble={"data_docs": False, "bootstrap_replicates": 20})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HHLINK_KEY", KEY_HEX)
+        generate_population(cfg.generate, ws)
+        ingest(cfg, ws)
+        pseudonymise(cfg, ws)
+        link(cfg, ws)
+        assemble(cfg, ws)
+    return ws
+
+
+@pytest.fixture
+def key(monkeypatch):
+    monkeypatch.setenv("HHLINK_KEY", KEY_HEX)
+    return load_master_key()
+
+
+@pytest.fixture(scope="module")
+def published(workspace, run_cli_module):
+    code, out, err = run_cli_module("disclose", "--workspace", str(workspace))
+    assert code == 0, err
+    return workspace / "published", out
+
+
+@pytest.fixture(scope="module")
+def run_cli_module():
+    import subprocess
+    import sys
+
+    def run(*args):
+        env = {**__import__("os").environ, "HHLINK_KEY": KEY_HEX}
+        p = subprocess.run([sys.executable, "-m", "linkage.cli", *args], capture_output=True, text=True,
+                           env=env, timeout=600)
+        return p.returncode, p.stdout, p.stderr
+
+    return run
+
+
+def _cohort(workspace) -> pd.DataFrame:
+    return pd.read_parquet(workspace / "research" / "cohort.parquet")
+
+
+def test_disclose_writes_every_standard_table(published, workspace):
+    folder, out = published
+    names = [spec.name for spec, _ in standard_tables(workspace / "research", load_config())]
+    assert json.loads((folder / "index.json").read_text())["tables"] == names
+    for name in names:
+        assert name in out
+        csv = pd.read_csv(folder / f"{name}.csv", keep_default_na=False)
+        pq = pd.read_parquet(folder / f"{name}.parquet")
+        meta = json.loads((folder / f"{name}.json").read_text())
+        assert len(csv) == len(pq) == meta["sdc"]["rows"]
+        assert set(pq["status"]) <= set(STATUSES)
+        dims = [c for c in pq.columns if c not in ("measure", "value", "status")]
+        assert dims == [c["name"] for c in meta["columns"] if c["role"] == "dimension"]
+        assert (pq[dims] == "Total").all(axis=1).any(), "the grand total row is missing"
+        hidden = pq["status"].str.startswith("suppressed")
+        assert pq.loc[hidden, "value"].isna().all() and (csv.loc[hidden, "value"] == "").all()
+        assert pq.loc[~hidden & (pq["measure"] == meta["unit"]), "value"].ge(10).all()
+        assert meta["sdc"]["lp_audit"]["all_protected"]
+        assert meta["sdc"]["perturbation"]["key_fingerprint"] == fingerprint(bytes.fromhex(KEY_HEX))
+    report = json.loads((folder.parent / "reports" / "disclosure" / "report.json").read_text())
+    assert [t["table"] for t in report["tables"]] == names
+    html = (folder.parent / "reports" / "disclosure" / "report.html").read_text()
+    assert all(n in html for n in names) and "<b>NO</b>" not in html
+
+
+def test_transition_counts_match_the_research_table(published, workspace):
+    # true counts of children by region x parent quintile x child quintile (margins included),
+    # computed here from research/cohort.parquet: every published count is within the p-table's
+    # reach (2) of a true count of at least 10; suppressed cells hold no value
+    folder, _ = published
+    c = _cohort(workspace).dropna(subset=["parents_earnings_percentile", "adult_pay_percentile"])
+    c = c.assign(region=c["region_at_16"].fillna("Unknown"),
+                 parent_income_quintile=np.minimum(5, c["parents_earnings_percentile"] // 20 + 1).astype(int).astype(str),
+                 child_income_quintile=np.minimum(5, c["adult_pay_percentile"] // 20 + 1).astype(int).astype(str))
+    pub = pd.read_parquet(folder / "transition_region.parquet")
+    dims = ["region", "parent_income_quintile", "child_income_quintile"]
+    checked = 0
+    for row in pub.to_dict("records"):
+        mask = np.ones(len(c), dtype=bool)
+        for d in dims:
+            if row[d] != "Total":
+                mask &= (c[d] == row[d]).to_numpy()
+        n = int(mask.sum())
+        if row["status"].startswith("suppressed"):
+            assert np.isnan(row["value"])
+            continue
+        assert n >= 10 and abs(row["value"] - n) <= 2
+        checked += 1
+    assert checked > 0
+    # an adversary with the exact published counts cannot narrow a suppressed count below 5
+    spec = next(s for s, _ in standard_tables(workspace / "research", load_config()) if s.name == "transition_region")
+    cells = pub[pub["measure"] == "children"].reset_index(drop=True)
+    truth = np.array([int(np.logical_and.reduce([(c[d] == r[d]).to_numpy() if r[d] != "Total" else
+                                                  np.ones(len(c), bool) for d in dims]).sum())
+                      for r in cells.to_dict("records")], dtype=float)
+    hidden = cells["status"].str.startswith("suppressed").to_numpy()
+    eqs = _equations(cells, spec)
+    for i in np.flatnonzero(hidden)[:40]:
+        lo, hi = _interval(eqs, truth, hidden, i, 0.0)
+        assert hi - lo >= max(5.0, 0.1 * truth[i]) - 1e-6
+
+
+def test_disclose_is_reproducible(published, workspace, key):
+    folder, _ = published
+    before = {p.name: p.read_bytes() for p in folder.glob("*.csv")}
+    disclose(load_config(), workspace, key=key)
+    after = {p.name: p.read_bytes() for p in folder.glob("*.csv")}
+    assert before == after
+
+
+def test_build_table_perturbs_and_is_consistent(published, workspace, key):
+    cfg = load_config(disclosure={"perturb": False})   # requests are perturbed whatever the config says
+    req = {"dimensions": ["region", "sex"], "measure": "mean_pay_25_30"}
+    a = build_table(req, workspace, cfg, key=key)
+    b = build_table(dict(reversed(list(req.items()))), workspace, cfg, key=key)
+    pd.testing.assert_frame_equal(a.frame, b.frame)
+    assert set(a.frame["status"]) <= {"perturbed", "suppressed_primary", "suppressed_secondary"}
+    assert "perturbed" in set(a.frame["status"])
+    # the same children in the same cell get the same perturbed count in every table: the
+    # national cells of a region x quintile x quintile request hold exactly the children of
+    # the quintile x quintile request's cells, and, where both quintiles are known, of the
+    # standard transition table's national cells
+    dims = ["region", "parent_income_quintile", "child_income_quintile"]
+    three = build_table({"dimensions": dims, "measure": "count"}, workspace, cfg, key=key).frame
+    two = build_table({"dimensions": dims[1:], "measure": "count"}, workspace, cfg, key=key).frame
+    national = three[three["region"] == "Total"].drop(columns="region")
+    both = national.merge(two, on=dims[1:] + ["measure"], suffixes=("_3", "_2"))
+    assert len(both) == len(two)
+    shown = both[(both["status_3"] == "perturbed") & (both["status_2"] == "perturbed")]
+    assert len(shown) >= 5
+    assert (shown["value_3"] == shown["value_2"]).all()
+    std = pd.read_parquet(published[0] / "transition_region.parquet")
+    known = two[(two[dims[1:]] != "Total").all(axis=1) & (two[dims[1:]] != "Unknown").all(axis=1)]
+    cross = known.merge(std[std["region"] == "Total"].drop(columns="region"), on=dims[1:] + ["measure"],
+                        suffixes=("_r", "_s"))
+    cross = cross[(cross["status_r"] == "perturbed") & (cross["status_s"] == "perturbed")]
+    assert (cross["value_r"] == cross["value_s"]).all()
+
+
+def test_build_table_refuses_what_is_not_allowed(published, workspace, key):
+    cfg = load_config()
+    with pytest.raises(RequestError, match="not allowed"):
+        build_table({"dimensions": ["child"], "measure": "count"}, workspace, cfg, key=key)
+    with pytest.raises(RequestError, match="not allowed"):
+        build_table({"dimensions": ["region"], "measure": "max_pay"}, workspace, cfg, key=key)
+    with pytest.raises(RequestError, match="dimensions"):
+        build_table({"dimensions": ["region"], "measure": "count", "filter": "x"}, workspace, cfg, key=key)
+    narrow = load_config(disclosure={"allowed_dimensions": ["region"]})
+    with pytest.raises(RequestError, match="not allowed"):
+        build_table({"dimensions": ["sex"], "measure": "count"}, workspace, narrow, key=key)
+
+
+def test_disclose_needs_research_tables(run_cli_module, tmp_path):
+    code, out, err = run_cli_module("disclose", "--workspace", str(tmp_path))
+    assert code != 0 and err.startswith("error:") and "assemble" in err and "Traceback" not in err
