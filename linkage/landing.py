@@ -246,7 +246,8 @@ def _load_csv_fast(con, f: LandingFile, path: Path, fields: list[str], crlf: boo
     except duckdb.Error as exc:
         # e.g. "the parallel scanner does not support null_padding with quoted new lines":
         # records span lines, which is the exact reader's job anyway
-        log.info("landing/%s: fast reader declined (%s)", f.name, str(exc).splitlines()[0][:80])
+        # only the error's kind: DuckDB's CSV messages can quote the offending line
+        log.info("landing/%s: fast reader declined (%s)", f.name, exc.__class__.__name__)
         con.execute(f"DROP TABLE IF EXISTS {parsed}; DROP TABLE IF EXISTS {rej}; DROP TABLE IF EXISTS {scan}")
         return None
     return _locate_fast(con, f, path, table, parsed, rej, scan)

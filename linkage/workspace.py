@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 import shutil
 import tempfile
@@ -81,6 +82,44 @@ class Workspace:
         os.rename(tmp, final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+    def recover(self) -> list[str]:
+        """Repair what a killed run left behind; call only while no stage is writing the workspace.
+
+        A process killed between :meth:`publish_dir`'s two renames leaves the zone missing and
+        its previous contents in ``.<zone>.old-<pid>``: that folder is renamed back (the stage
+        has not finished, so it runs again). Temporary folders and files of interrupted
+        stages (``.<zone>.tmp-*``, spills, half-built reports) are removed: they are never
+        part of a zone and can hold gigabytes of spilled data.
+
+        Returns:
+            One line per repair (paths only), for the run's log.
+        """
+        done: list[str] = []
+        if not self.root.is_dir():
+            return done
+        folders = [self.root, self.root / "reports", *sorted(p for p in (self.root / "reports").glob("*") if p.is_dir())]
+        for folder in folders:
+            if not folder.is_dir():
+                continue
+            for old in sorted(folder.glob(".*.old-*")):
+                final = folder / old.name[1:].split(".old-")[0]
+                if not final.exists():
+                    os.rename(old, final)
+                    done.append(f"restored {final} (a run was killed while replacing it)")
+            for entry in sorted(folder.iterdir()):
+                if entry.name.startswith(".") and any(fnmatch.fnmatch(entry.name, p) for p in SCRATCH_PATTERNS):
+                    if entry.is_dir():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
+                    done.append(f"removed {entry} (left by an interrupted stage)")
+        return done
+
+
+# Names of the temporary entries stages create beside the zones and reports (hidden, never read).
+SCRATCH_PATTERNS = (".*.tmp-*", ".*.old-*", ".*.new-*", ".ingest-*", ".stage-*", ".pseudonymise-spill-*",
+                    ".assemble-eval.tmp-*", ".gx-research-*")
 
 
 @contextlib.contextmanager

@@ -1,0 +1,154 @@
+"""Prefect tasks: one per stage function in ``linkage/``, plus the I/O around them.
+
+Stage tasks are cached on their input fingerprint (:mod:`flows._fingerprint`), passed in
+as the ``fingerprint`` parameter: an unchanged stage is skipped and its stored summary
+returned. Results (the stage's summary, counts only) are kept as JSON in the workspace
+(``.flow/results/``), so the cache travels with the zones it describes. Stage tasks are
+not retried: they are deterministic, so a failure is a data or code problem, and a re-run
+picks up after the last completed stage. I/O tasks (hashing files, reading reports,
+calling the Prefect API) retry with back-off.
+
+A stage's unexpected error (not an :class:`~linkage.errors.HhlinkError`, whose messages are
+safe by contract) is replaced by its class name: a DuckDB or pandas message can quote a
+value, and task failures go to the Prefect server's logs. ``HHLINK_DEBUG=1`` keeps it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from prefect import task
+
+from linkage.config import Config
+from linkage.errors import HhlinkError
+from flows._fingerprint import input_fingerprint, output_digest
+from flows.progress import stage_logs
+
+__all__ = ["StageError", "disclose_task", "evaluate_task", "assemble_task", "fingerprint_task", "generate_task",
+           "ingest_task", "link_task", "linkage_report_task", "outputs_unchanged", "pseudonymise_task"]
+
+IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 15]}
+
+
+class StageError(HhlinkError):
+    """A stage failed for a reason its own errors do not describe (details withheld from logs)."""
+
+
+def _by_fingerprint(context, parameters: dict) -> str:
+    return parameters["fingerprint"]
+
+
+STAGE_OPTIONS = {"cache_key_fn": _by_fingerprint, "persist_result": True, "result_serializer": "json"}
+
+
+def _plain(value):
+    """JSON-safe copy of a summary (paths as text, numpy numbers as Python numbers)."""
+    def default(o):
+        if hasattr(o, "item"):
+            return o.item()
+        return str(o)
+    return json.loads(json.dumps(value, default=default))
+
+
+def _run(stage: str, workspace: str, fingerprint: str, call) -> dict:
+    t = time.perf_counter()
+    with stage_logs(stage):
+        try:
+            summary = call()
+        except HhlinkError:
+            raise
+        except Exception as exc:
+            if os.environ.get("HHLINK_DEBUG") == "1":
+                raise
+            raise StageError(f"{stage}: unexpected {exc.__class__.__name__} (details withheld: they can quote "
+                             f"record values); rerun with HHLINK_DEBUG=1 to see them") from None
+    return {"stage": stage, "summary": _plain(summary), "outputs": output_digest(stage, workspace),
+            "fingerprint": fingerprint, "seconds": round(time.perf_counter() - t, 2),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+@task(name="fingerprint-inputs", **IO_RETRIES)
+def fingerprint_task(stage: str, workspace: str, config: Config, code: str, key_fingerprint: str | None) -> str:
+    """Hash what ``stage`` reads (files, config sections, code version, key fingerprint)."""
+    digest, _ = input_fingerprint(stage, workspace, config, code, key_fingerprint)
+    return digest
+
+
+@task(name="check-outputs", **IO_RETRIES)
+def outputs_unchanged(stage: str, workspace: str, expected: str) -> bool:
+    """Whether ``stage``'s published outputs are still the ones its cached result recorded."""
+    return output_digest(stage, workspace) == expected
+
+
+@task(name="generate", **STAGE_OPTIONS)
+def generate_task(workspace: str, config: Config, fingerprint: str) -> dict:
+    """Synthetic population into landing/ and truth/."""
+    from synthetic_data import generate_population
+
+    return _run("generate", workspace, fingerprint, lambda: generate_population(config.generate, workspace))
+
+
+@task(name="ingest", **STAGE_OPTIONS)
+def ingest_task(workspace: str, config: Config, fingerprint: str) -> dict:
+    """landing/ into staged/ and quarantine/, behind the Great Expectations gates."""
+    from linkage.ingest import ingest
+
+    return _run("ingest", workspace, fingerprint, lambda: ingest(config, workspace))
+
+
+@task(name="pseudonymise", **STAGE_OPTIONS)
+def pseudonymise_task(workspace: str, config: Config, fingerprint: str, key_file: str | None = None) -> dict:
+    """staged/ into pseudonymised/ (the key is read here, from the file or environment; never passed)."""
+    from linkage.pseudonymise import pseudonymise
+
+    return _run("pseudonymise", workspace, fingerprint, lambda: pseudonymise(config, workspace, key_file=key_file))
+
+
+@task(name="link", **STAGE_OPTIONS)
+def link_task(workspace: str, config: Config, fingerprint: str) -> dict:
+    """pseudonymised/identifiers/ into linked/ and the linkage-quality report."""
+    from linkage.link import link
+
+    return _run("link", workspace, fingerprint, lambda: link(config, workspace))
+
+
+@task(name="assemble", **STAGE_OPTIONS)
+def assemble_task(workspace: str, config: Config, fingerprint: str, key_file: str | None = None) -> dict:
+    """linked/ and the payload into research/, with the research suites as a gate."""
+    from linkage.panel import assemble
+
+    return _run("assemble", workspace, fingerprint, lambda: assemble(config, workspace, key_file=key_file))
+
+
+@task(name="evaluate", **STAGE_OPTIONS)
+def evaluate_task(workspace: str, config: Config, fingerprint: str, key_file: str | None = None) -> dict:
+    """Linkage and mobility estimates against truth/ (synthetic runs only)."""
+    from linkage.evaluate import evaluate
+
+    return _run("evaluate", workspace, fingerprint, lambda: evaluate(config, workspace, key_file=key_file))
+
+
+@task(name="disclose", **STAGE_OPTIONS)
+def disclose_task(workspace: str, config: Config, fingerprint: str, key_file: str | None = None) -> dict:
+    """research/ into published/ under disclosure control."""
+    from linkage.disclosure import disclose
+    from linkage.keys import load_master_key
+
+    def call():
+        return disclose(config, workspace, key=load_master_key(key_file, workspace=workspace))
+
+    return _run("disclose", workspace, fingerprint, call)
+
+
+@task(name="read-linkage-report", **IO_RETRIES)
+def linkage_report_task(workspace: str, config: Config) -> dict:
+    """``reports/linkage/report.json``, rebuilt from linked/ if it has gone missing since link ran."""
+    path = Path(workspace) / "reports" / "linkage" / "report.json"
+    if not path.exists():
+        from linkage.link_report import write_report
+
+        write_report(config, workspace)
+    return json.loads(path.read_text())

@@ -1,0 +1,320 @@
+"""The Prefect flows on a real (temporary) Prefect server: a full run, caching, quality gates, SIGKILL resume.
+
+One reference run of ``household-linkage`` on a 1,000-person population is shared by the
+tests; gate tests work on copies of its workspace. The fault test runs ``hhlink run`` in a
+separate process group against the same server, kills it with SIGKILL while it links,
+runs it again, and compares published/ and research/ byte for byte with the reference.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from flows import household_linkage_flow
+from flows._fingerprint import input_fingerprint, stage_modules
+from flows._guard import workspace_run
+from flows.gates import linkage_checks
+from linkage.config import FlowConfig, load_config
+from linkage.workspace import Workspace
+
+KEY = "5e" * 32
+PERSONS, SEED = 1000, 11
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """relative path -> SHA-256 of every file under ``folder``."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _config(**sections):
+    return load_config(generate={"persons": PERSONS, "seed": SEED}, **sections)
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A temporary Prefect server (SQLite) for this module; yields its API URL."""
+    from prefect.settings import PREFECT_API_URL
+
+    saved = os.environ.get("HHLINK_KEY")
+    os.environ["HHLINK_KEY"] = KEY
+    with prefect_test_harness(server_startup_timeout=90):
+        yield PREFECT_API_URL.value()
+    if saved is None:
+        os.environ.pop("HHLINK_KEY", None)
+    else:
+        os.environ["HHLINK_KEY"] = saved
+
+
+@pytest.fixture(scope="module")
+def reference(server, tmp_path_factory):
+    """An uninterrupted run of household-linkage with generation: (workspace, final state)."""
+    ws = tmp_path_factory.mktemp("flow") / "reference"
+    state = household_linkage_flow(str(ws), _config(), generate=True, return_state=True)
+    return ws, state
+
+
+def _copy(ws: Path, dest: Path) -> Path:
+    shutil.copytree(ws, dest, symlinks=True)
+    return dest
+
+
+# --- a full run -----------------------------------------------------------------------------
+
+
+def test_parent_flow_runs_every_stage_and_publishes(reference):
+    ws, state = reference
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert list(result["stages"]) == ["generate", "ingest", "pseudonymise", "link", "assemble", "evaluate",
+                                      "disclose"]
+    assert all(s["status"] == "ran" for s in result["stages"].values())
+    index = json.loads((ws / "published" / "index.json").read_text())
+    assert index["tables"] and all((ws / "published" / f"{t}.parquet").exists() for t in index["tables"])
+    assert (ws / "research" / "cohort.parquet").exists()
+    for report in ("reports/quality/data_docs/index.html", "reports/linkage/report.html",
+                   "reports/disclosure/report.html", "reports/evaluation.json"):
+        assert (ws / report).exists(), report
+    # nothing half-built is left beside the zones: only the orchestration folder is hidden
+    assert [p.name for p in ws.iterdir() if p.name.startswith(".")] == [".flow"]
+
+
+def test_artifacts_are_keyed_per_stage_and_hold_no_record_values(reference):
+    from prefect.client.orchestration import get_client
+
+    ws, _ = reference
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts()
+        logs, offset = [], 0
+        while batch := client.read_logs(limit=200, offset=offset):
+            logs += batch
+            offset += len(batch)
+    keys = {a.key for a in artifacts}
+    assert {"ingest-conservation", "ingest-quality", "linkage-metrics", "linkage-evaluation", "research-summary",
+            "disclosure-summary", "household-linkage-run"} <= keys
+    conservation = next(a for a in artifacts if a.key == "ingest-conservation")
+    rows = json.loads(conservation.data) if isinstance(conservation.data, str) else conservation.data
+    assert {r["source"] for r in rows} == {"education", "benefits", "earnings"} and all(r["conserved"] for r in rows)
+    run = next(a for a in artifacts if a.key == "household-linkage-run")
+    assert "reports/linkage/report.html" in run.data and "file://" in run.data
+
+    # identifiers from the landing extracts (5+ characters) appear in no artifact and no log line
+    values: set[str] = set()
+    for source, cols in (("education", ("forename", "surname", "upn", "postcode")),
+                         ("benefits", ("forename", "surname", "nino", "address_line", "postcode")),
+                         ("earnings", ("forename", "surname", "nino", "address_line", "postcode"))):
+        with (ws / "landing" / f"{source}.csv").open(newline="") as fh:
+            for row in csv.DictReader(fh):
+                values.update(v for c in cols if len(v := (row.get(c) or "").strip()) >= 5)
+    text = "\n".join([*(a.data if isinstance(a.data, str) else json.dumps(a.data) for a in artifacts),
+                      *(log.message for log in logs)])
+    tokens = set(re.split(r"[^A-Za-z0-9']+", text))
+    leaked = sorted(v for v in values if (v in text if re.search(r"[^A-Za-z0-9']", v) else v in tokens))
+    assert len(values) > 1000 and len(logs) > 50 and not leaked, leaked[:5]
+    assert KEY not in text
+
+
+def test_rerun_skips_every_cached_stage(reference):
+    ws, _ = reference
+    before = _tree(ws / "published")
+    state = household_linkage_flow(str(ws), _config(), generate=True, return_state=True)
+    assert state.is_completed(), state.message
+    assert {s: v["status"] for s, v in state.result()["stages"].items()} == {
+        s: "cached" for s in ("generate", "ingest", "pseudonymise", "link", "assemble", "evaluate", "disclose")}
+    assert _tree(ws / "published") == before
+
+
+def test_a_deleted_zone_is_rebuilt_even_though_its_inputs_are_unchanged(reference, tmp_path):
+    ws = _copy(reference[0], tmp_path / "ws")
+    published = _tree(ws / "published")
+    shutil.rmtree(ws / "published")
+    state = household_linkage_flow(str(ws), _config(), return_state=True)
+    assert state.is_completed(), state.message
+    stages = state.result()["stages"]
+    assert stages["disclose"]["status"] == "ran" and stages["link"]["status"] == "cached"
+    assert _tree(ws / "published") == published
+
+
+# --- quality gates --------------------------------------------------------------------------
+
+
+def _gate_artifact(reason_part: str) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["quality-gate"])))
+    texts = [a.data for a in found if reason_part in a.data]
+    assert texts, f"no quality-gate artifact mentions {reason_part!r}"
+    return texts[-1]
+
+
+def test_a_critical_expectation_stops_the_run_before_disclose(reference, tmp_path):
+    ws = _copy(reference[0], tmp_path / "ws")
+    published, research, staged = _tree(ws / "published"), _tree(ws / "research"), _tree(ws / "staged")
+    edu = ws / "landing" / "education.csv"
+    lines = edu.read_text().splitlines(keepends=True)
+    edu.write_text("".join(lines) + lines[1])   # a pupil row delivered twice: record_id is no longer unique
+    state = household_linkage_flow(str(ws), _config(), return_state=True)
+    assert state.is_failed()
+    assert state.message.startswith("quality gate at ingest: critical expectation failed")
+    assert "record_id" in state.message and "published/ not updated" in state.message
+    assert _tree(ws / "published") == published and _tree(ws / "research") == research
+    assert _tree(ws / "staged") == staged
+    assert "record_id" in _gate_artifact("record_id")
+
+
+def test_linkage_below_the_minimums_stops_the_run_before_assemble(reference, tmp_path):
+    ws = _copy(reference[0], tmp_path / "ws")
+    published, research = _tree(ws / "published"), _tree(ws / "research")
+    cfg = _config(flow={"min_match_rate": {"education": 0.5, "benefits": 0.5, "earnings": 0.9999}})
+    state = household_linkage_flow(str(ws), cfg, return_state=True)
+    assert state.is_failed()
+    assert state.message.startswith("quality gate at link: linkage quality below the minimums in [flow]")
+    assert "earnings: match rate" in state.message and "below the minimum 0.9999" in state.message
+    assert _tree(ws / "published") == published and _tree(ws / "research") == research
+    _gate_artifact("earnings: match rate")
+
+
+# --- SIGKILL mid-link and resume --------------------------------------------------------------
+
+
+def _hhlink_run(ws: Path, server: str) -> subprocess.Popen:
+    env = {**os.environ, "HHLINK_KEY": KEY, "PREFECT_API_URL": server}
+    return subprocess.Popen([sys.executable, "-m", "linkage.cli", "run", "--workspace", str(ws),
+                             "--persons", str(PERSONS), "--seed", str(SEED)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            start_new_session=True)
+
+
+def test_sigkill_mid_link_then_rerun_gives_the_uninterrupted_outputs(reference, server, tmp_path):
+    ws = tmp_path / "killed"
+    proc = _hhlink_run(ws, server)
+    deadline = time.monotonic() + 180
+    while not list(ws.glob(".linked.tmp-*")):   # link has started building its zone
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "link never started"
+        time.sleep(0.2)
+    time.sleep(1.5)   # into training
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert list(ws.glob(".linked.tmp-*")) and not (ws / "linked").exists()   # killed mid-link, nothing visible
+    assert not (ws / "research").exists() and not (ws / "published").exists()
+
+    proc = _hhlink_run(ws, server)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "ran link, assemble, evaluate, disclose; skipped (unchanged) generate, ingest, pseudonymise" in out
+    assert not list(ws.glob(".linked.tmp-*"))   # the killed run's half-built zone was cleared
+    ref = reference[0]
+    for zone in ("published", "research"):
+        assert _tree(ws / zone) == _tree(ref / zone), zone
+
+
+# --- pieces that need no server ---------------------------------------------------------------
+
+
+def test_linkage_checks_hand_worked():
+    report = {"expected_vs_true": {"expected_precision_at_threshold": 0.9995},
+              "match_rates": [{"source": "education", "with_another_source": 0.99},
+                              {"source": "earnings", "with_another_source": 0.70}]}
+    rows, failures = linkage_checks(report, FlowConfig(min_expected_precision=0.999,
+                                                       min_match_rate={"education": 0.95, "earnings": 0.75,
+                                                                       "benefits": 0.9}))
+    assert [(r["check"], r["passed"]) for r in rows] == [
+        ("expected precision at threshold", True), ("match rate benefits", False),
+        ("match rate earnings", False), ("match rate education", True)]
+    assert failures == ["benefits: no records linked (source missing from the report)",
+                        "earnings: match rate 0.7000 is below the minimum 0.75"]
+
+
+def test_flow_config_refuses_unknown_sources_and_bad_cron():
+    with pytest.raises(ValueError, match="unknown source"):
+        FlowConfig(min_match_rate={"health": 0.5})
+    with pytest.raises(ValueError, match="five-field cron"):
+        FlowConfig(schedule="0 6 1 * * *")
+
+
+def test_fingerprint_follows_inputs_settings_and_code(tmp_path):
+    (tmp_path / "landing").mkdir()
+    (tmp_path / "landing" / "education.csv").write_text("a,b\n1,2\n")
+    cfg = load_config()
+    first, files = input_fingerprint("ingest", tmp_path, cfg, "code-1")
+    assert [f["path"] for f in files] == ["landing/education.csv"]
+    assert input_fingerprint("ingest", tmp_path, cfg, "code-1")[0] == first
+    assert input_fingerprint("ingest", tmp_path, load_config(link={"threshold": 0.9}), "code-1")[0] == first
+    assert input_fingerprint("ingest", tmp_path, load_config(ingest={"max_encoding_error_share": 0.02}),
+                             "code-1")[0] != first
+    assert input_fingerprint("ingest", tmp_path, cfg, "code-2")[0] != first
+    (tmp_path / "landing" / "education.csv").write_text("a,b\n1,3\n")   # same size, new content
+    assert input_fingerprint("ingest", tmp_path, cfg, "code-1")[0] != first
+    with pytest.raises(ValueError, match="key fingerprint"):
+        input_fingerprint("pseudonymise", tmp_path, cfg, "code-1")
+    names = {stage: {p.name for p in stage_modules(stage)} for stage in ("link", "assemble")}
+    assert "panel.py" in names["assemble"] and "panel.py" not in names["link"]
+    assert "link.py" in names["link"]
+
+
+def test_recover_restores_a_zone_caught_mid_swap_and_clears_scratch(tmp_path):
+    ws = Workspace(tmp_path).ensure()
+    (tmp_path / ".staged.old-4242").mkdir()
+    (tmp_path / ".staged.old-4242" / "education.parquet").write_text("previous")
+    (tmp_path / ".linked.tmp-abc").mkdir()
+    (tmp_path / ".pseudonymise-spill-x").mkdir()
+    (tmp_path / "published").mkdir()
+    (tmp_path / ".published.old-99").mkdir()   # the swap finished: the old copy is garbage
+    (tmp_path / "reports" / "linkage").mkdir(parents=True)
+    (tmp_path / "reports" / "linkage" / ".report.json.tmp-1").write_text("{")
+    (tmp_path / ".flow").mkdir()
+    done = ws.recover()
+    assert (tmp_path / "staged" / "education.parquet").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".flow", "published", "reports", "staged"]
+    assert not list((tmp_path / "reports" / "linkage").iterdir())
+    assert len(done) == 5
+
+
+def test_one_run_per_workspace(tmp_path):
+    code = ("import sys; from flows._guard import workspace_run\n"
+            "try:\n    with workspace_run(sys.argv[1]): pass\nexcept Exception as e:\n    print(e); sys.exit(3)\n")
+    with workspace_run(tmp_path):
+        with workspace_run(tmp_path):   # re-entrant in this process (the parent flow and its stage flows)
+            pass
+        other = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+        assert other.returncode == 3 and "another hhlink run is using this workspace" in other.stdout
+    assert subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT).returncode == 0
+
+
+def test_monthly_deployment_is_registered_with_its_cron_and_no_key(server, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from flows.deployment import monthly_deployment
+
+    cfg = _config(flow={"schedule": "0 6 1 * *", "timezone": "Europe/London", "deployment": "monthly-test"})
+    deployment_id = monthly_deployment(tmp_path / "ws", cfg, ROOT / "hhlink.toml").apply()
+    with get_client(sync_client=True) as client:
+        d = client.read_deployment(deployment_id)
+    assert d.name == "monthly-test"
+    assert [(s.schedule.cron, s.schedule.timezone) for s in d.schedules] == [("0 6 1 * *", "Europe/London")]
+    assert d.parameters == {"workspace": str((tmp_path / "ws").resolve()), "config_path": str(ROOT / "hhlink.toml")}
+    assert KEY not in json.dumps(d.model_dump(mode="json"))
+
+
+def test_run_without_a_key_is_a_one_line_error(run_cli, tmp_path):
+    code, out, err = run_cli("run", "--workspace", str(tmp_path / "ws"), "--key-file", str(tmp_path / "none.key"))
+    assert code != 0 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and "none.key" in err
