@@ -19,16 +19,15 @@ install: $(STAMP)
 
 KEY_FILE ?= $(HOME)/.config/hhlink/master.key
 
-# The main job: a synthetic population through every stage. The key lives outside the
-# workspace; the demo creates one (0600) the first time.
+# The main job: the default synthetic population (hhlink.toml: 20,000 persons, seed 42) through
+# every stage as the Prefect flow household-linkage (`hhlink run`), which prints where the
+# outputs and reports are. The key lives outside the workspace; the demo creates one (0600)
+# the first time. A second `make demo` skips every stage whose inputs are unchanged.
+PERSONS ?= 20000
+SEED    ?= 42
 demo: $(STAMP)
 	test -f $(KEY_FILE) || $(VENV)/bin/hhlink keys init --key-file $(KEY_FILE)
-	$(VENV)/bin/hhlink generate --workspace $(WORKSPACE)
-	$(VENV)/bin/hhlink ingest --workspace $(WORKSPACE)
-	HHLINK_KEY_FILE=$(KEY_FILE) $(VENV)/bin/hhlink pseudonymise --workspace $(WORKSPACE)
-	$(VENV)/bin/hhlink link --workspace $(WORKSPACE)
-	HHLINK_KEY_FILE=$(KEY_FILE) $(VENV)/bin/hhlink evaluate --workspace $(WORKSPACE)
-	@echo "outputs in $(WORKSPACE)/: landing/ staged/ quarantine/ pseudonymised/ linked/; reports in $(WORKSPACE)/reports/ (quality/, linkage/report.html, evaluation.json)"
+	$(VENV)/bin/hhlink run --workspace $(WORKSPACE) --persons $(PERSONS) --seed $(SEED) --key-file $(KEY_FILE)
 
 test: $(STAMP)
 	bash scripts/ensure-chromium

@@ -44,3 +44,37 @@ def run_cli():
         return proc.returncode, proc.stdout, proc.stderr
 
     return run
+
+
+PORTAL_KEY_HEX = "5e" * 32
+#: a line of an extract that ingest must quarantine (too few fields); the portal must never show it
+QUARANTINE_MARKER = "ZZQUARANTINEMARKER"
+
+
+@pytest.fixture(scope="session")
+def portal_workspace(tmp_path_factory) -> Path:
+    """A 2,000-person workspace through every stage to ``published/`` (for the portal's tests).
+
+    Two malformed lines are appended to the education extract so ``quarantine/`` has rows.
+    The key is ``HHLINK_KEY = 5e * 32``.
+    """
+    from linkage.disclosure import disclose
+    from linkage.ingest import ingest
+    from linkage.link import link
+    from linkage.panel import assemble
+    from linkage.pseudonymise import pseudonymise
+
+    ws = tmp_path_factory.mktemp("portal") / "ws"
+    cfg = load_config(generate={"persons": 2000, "seed": 5},
+                      assemble={"data_docs": False, "bootstrap_replicates": 20})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HHLINK_KEY", PORTAL_KEY_HEX)
+        generate_population(cfg.generate, ws)
+        with open(ws / "landing" / "education.csv", "a", encoding="utf-8") as fh:
+            fh.write(f"{QUARANTINE_MARKER},A,B\n{QUARANTINE_MARKER}2,C\n")
+        ingest(cfg, ws)
+        pseudonymise(cfg, ws)
+        link(cfg, ws)
+        assemble(cfg, ws)
+        disclose(cfg, ws)
+    return ws
