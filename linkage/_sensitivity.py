@@ -176,7 +176,7 @@ class Incremental:
             where p.match_probability >= {threshold!r} and p.match_probability < {self.base!r}
               and l.base_key <> r.base_key;
             create or replace table v_person_nodes as
-            select base_key from v_person_pairs union select base_key_r from v_person_pairs;
+            select base_key_l as base_key from v_person_pairs union select base_key_r from v_person_pairs;
         """)
         if not con.execute("select count(*) from v_person_nodes").fetchall()[0][0]:
             con.execute("create or replace table v_new as select unique_id, base_key person_key from id_base limit 0")
