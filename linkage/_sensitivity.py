@@ -16,7 +16,9 @@ old person-years were in; ``id_base`` maps each identity to its person in the li
 parent-child relations are re-derived from it with the linkage's rules
 (:mod:`linkage.households`), so only person-level linkage changes. ``id_person`` and
 ``households`` are views over the chosen variant's tables; ``parent_child`` is a table
-(the households module writes it by that name). True persons are per identity: the true
+(the households module writes it by that name). Keys are integers: a re-clustered person's
+is negative (minus its cluster's first node, minus one), so it never meets a linkage key; a
+true person's is its truth id. True persons are per identity: the true
 person most of an identity's records belong to (identities are records equal on every
 identifier encoding, so they almost never mix people).
 
@@ -102,7 +104,7 @@ def _true_identities(con: duckdb.DuckDBPyConnection) -> None:
     """``id_person`` from the truth: each identity's most common true person (needs ``rec_truth``)."""
     con.execute("""
         create or replace table id_person_v as
-        select unique_id, 'T' || (max({'n': n, 'v': -truth_person}).v * -1) person_key
+        select unique_id, max({'n': n, 'v': -truth_person}).v * -1 person_key
         from (select r.unique_id, t.truth_person, count(*) n from rec_truth t join recs r using (record_token)
               group by all) group by 1;
         create or replace view id_person as select * from id_person_v;
@@ -132,7 +134,7 @@ def recluster(con: duckdb.DuckDBPyConnection, threshold: float, cfg: LinkConfig)
     clusters = _cluster(con, "identity_nodes", "pairs", threshold)
     con.execute(f"""
         create or replace table id_person_v as
-        select unique_id, 'V' || left(md5(cluster_id), 16) person_key from {clusters};
+        select unique_id, -cluster_id - 1 person_key from {clusters};
         create or replace view id_person as select * from id_person_v""")
     _rehouse(con, cfg)
     return _persons(con)
@@ -184,7 +186,7 @@ class Incremental:
         clusters = _cluster(con, "v_person_nodes", "v_person_pairs", 0.5, node="base_key")
         con.execute(f"""
             create or replace table v_new as
-            select b.unique_id, 'V' || left(md5(c.cluster_id), 16) person_key
+            select b.unique_id, -c.cluster_id - 1 person_key
             from {clusters} c join id_base b using (base_key)
             where c.cluster_id in (select cluster_id from {clusters} group by 1 having count(*) > 1)""")
 
@@ -216,7 +218,7 @@ class Incremental:
             size as (select base_key, count(*) n from v_nodes group by 1),
             changed as (select m.cluster_id from m join size using (base_key) group by m.cluster_id
                         having count(distinct m.base_key) > 1 or count(*) <> max(size.n))
-            select unique_id, 'V' || left(md5(cluster_id), 16) person_key from m
+            select unique_id, -cluster_id - 1 person_key from m
             where cluster_id in (select cluster_id from changed)""")
 
     def variant(self, threshold: float) -> int:
@@ -310,16 +312,15 @@ def true_links(con: duckdb.DuckDBPyConnection) -> int:
         yob as (select person_key, max({'n': n, 'v': -birth_year}).v * -1 birth_year
                 from (select v.person_key, b.birth_year, sum(b.n) n from id_person v join id_birth b using (unique_id)
                       group by all) group by 1)
-        select s.person_key, s.year, yob.birth_year, 'H' || t.household_id household_key
-        from seen s join truth_py t on 'T' || t.person_id = s.person_key and t.year = s.year
+        select s.person_key, s.year, yob.birth_year, t.household_id household_key
+        from seen s join truth_py t on t.person_id = s.person_key and t.year = s.year
         join yob using (person_key);
         create or replace view households as select * from households_v;
         create or replace table parent_child as
         with persons as (select distinct person_key from id_person)
-        select 'T' || t.parent_id parent_key, 'T' || t.child_id child_key, 1.0 confidence,
+        select t.parent_id parent_key, t.child_id child_key, 1.0 confidence,
                0 bu_years, 0 coresident_years, 0 age_gap
         from truth_pc t
-        where 'T' || t.parent_id in (select person_key from persons)
-          and 'T' || t.child_id in (select person_key from persons);
+        where t.parent_id in (select person_key from persons) and t.child_id in (select person_key from persons);
     """)
     return _persons(con)

@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 from linkage import _panel_sql as sql
 from linkage import mobility
 from linkage.config import PROJECT_ROOT, Config
-from linkage.errors import HhlinkError, SchemaError, WorkspaceError
+from linkage.errors import HhlinkError, SchemaError, WorkspaceError, read_toml
 from linkage.workspace import Workspace, atomic_path
 
 __all__ = ["RESEARCH_TABLES", "AssembleError", "TableSchema", "assemble", "load_research_schema",
@@ -100,9 +100,7 @@ def load_research_schema(table: str, folder: Path | str | None = None) -> TableS
     """
     folder = Path(folder) if folder is not None else PROJECT_ROOT / "schemas" / "research"
     path = folder / f"{table}.toml"
-    from linkage.schemas import read_schema_toml
-
-    raw = read_schema_toml(path)
+    raw = read_toml(path, SchemaError, "schema file")
     cols = tuple(raw.get("columns", []))
     for c in cols:
         if c.get("type") not in _TYPES or c.get("role") not in _ROLES or "name" not in c:
@@ -126,6 +124,8 @@ def _connect(config: Config, spill: Path) -> duckdb.DuckDBPyConnection:
     con.execute(f"SET memory_limit='{a.memory_limit}'")
     con.execute(f"SET temp_directory='{spill}'")
     con.execute("SET enable_progress_bar=false")
+    # rows are ordered where order matters (every written table, the measures' input)
+    con.execute("SET preserve_insertion_order=false")
     return con
 
 
@@ -138,34 +138,60 @@ def _sex_tokens(key) -> tuple[str, str]:
 
 
 def load_inputs(con: duckdb.DuckDBPyConnection, ws: Workspace, key, la_lookup: Path) -> None:
-    """Load the run's fixed inputs (records, payloads, sex, LA lookup, pairs) and the linkage's links."""
+    """Load the run's fixed inputs (records, payloads, sex, LA lookup) and the linkage's links.
+
+    The linkage's identity, person and household keys become integers (``identity_map``,
+    ``person_map``, ``household_map`` keep the originals): every join of the panel runs on
+    integers, and the project keys are derived from the original keys.
+    """
     linked, payload = ws.zone("linked"), ws.zone("pseudonymised") / "payload"
     tok_m, tok_f = _sex_tokens(key)
     con.execute(f"""
+        create or replace table identity_map as
+        select unique_id as linkage_id, (row_number() over (order by unique_id))::integer uid
+        from read_parquet('{linked}/identities.parquet');
+        create or replace table person_map as
+        select person_key as linkage_key, (row_number() over (order by person_key))::integer pid
+        from (select distinct person_key from read_parquet('{linked}/identities.parquet'));
+        create or replace table household_map as
+        select household_key as linkage_key, (row_number() over (order by household_key))::integer hid
+        from (select distinct household_key from read_parquet('{linked}/households.parquet'));
         create or replace table recs as
-        select record_token, unique_id, source, year::int as year, birth_year::int as birth_year, claim_tok, bu_role,
-               person_key as base_key
-        from read_parquet('{linked}/records.parquet');
+        select r.record_token, i.uid as unique_id, r.source, r.year::int as year, r.birth_year::int as birth_year,
+               r.claim_tok, r.bu_role, p.pid as base_key
+        from read_parquet('{linked}/records.parquet') r
+        join identity_map i on i.linkage_id = r.unique_id join person_map p on p.linkage_key = r.person_key;
         create or replace view payload_education as select * from read_parquet('{payload}/education.parquet');
         create or replace view payload_benefits as select * from read_parquet('{payload}/benefits.parquet');
         create or replace view payload_earnings as select * from read_parquet('{payload}/earnings.parquet');
         create or replace table unique_sex as
-        select unique_id, case sex_tok when '{tok_m}' then 'M' when '{tok_f}' then 'F' end sex
-        from read_parquet('{linked}/identities.parquet');
-        create or replace table identity_nodes as select unique_id from read_parquet('{linked}/identities.parquet');
-        create or replace table pairs as
-        select unique_id_l, unique_id_r, match_probability from read_parquet('{linked}/pairs.parquet');
+        select i.uid as unique_id, case d.sex_tok when '{tok_m}' then 'M' when '{tok_f}' then 'F' end sex
+        from read_parquet('{linked}/identities.parquet') d join identity_map i on i.linkage_id = d.unique_id;
         create or replace table la_region as
         select utla_code la_code, region_code from read_csv('{la_lookup}', header = true, all_varchar = true);
         create or replace table households_base as
-        select person_key, year::int as year, birth_year::int as birth_year, household_key
-        from read_parquet('{linked}/households.parquet');
+        select p.pid as person_key, h.year::int as year, h.birth_year::int as birth_year, m.hid as household_key
+        from read_parquet('{linked}/households.parquet') h join person_map p on p.linkage_key = h.person_key
+        join household_map m on m.linkage_key = h.household_key;
         create or replace table parent_child_base as
-        select parent_key, child_key, confidence, bu_years::int bu_years, coresident_years::int coresident_years,
-               age_gap::int age_gap
-        from read_parquet('{linked}/parent_child.parquet');
+        select p.pid as parent_key, c.pid as child_key, r.confidence, r.bu_years::int bu_years,
+               r.coresident_years::int coresident_years, r.age_gap::int age_gap
+        from read_parquet('{linked}/parent_child.parquet') r join person_map p on p.linkage_key = r.parent_key
+        join person_map c on c.linkage_key = r.child_key;
     """)
     con.execute(sql.inputs_sql())
+
+
+def load_pairs(con: duckdb.DuckDBPyConnection, ws: Workspace) -> None:
+    """``identity_nodes`` and the kept ``pairs`` (on integer identity keys), for re-clustering."""
+    linked = ws.zone("linked")
+    con.execute(f"""
+        create or replace table identity_nodes as select uid as unique_id from identity_map;
+        create or replace table pairs as
+        select l.uid as unique_id_l, r.uid as unique_id_r, p.match_probability
+        from read_parquet('{linked}/pairs.parquet') p join identity_map l on l.linkage_id = p.unique_id_l
+        join identity_map r on r.linkage_id = p.unique_id_r;
+    """)
 
 
 def use_linked_links(con: duckdb.DuckDBPyConnection) -> None:
@@ -227,14 +253,16 @@ def _prepared(con: duckdb.DuckDBPyConnection, config: Config) -> dict:
 # -- writing research/ --------------------------------------------------------------------
 
 def _key_maps(con: duckdb.DuckDBPyConnection, project_secret: bytes) -> None:
-    """``key_person`` and ``key_household``: linkage key -> project key (keyed HMAC, domain per kind)."""
+    """``key_person`` and ``key_household``: panel key -> project key (keyed HMAC of the linkage's key, domain per kind)."""
     from linkage.encodings import Tokeniser
 
-    for kind, table, column in (("person", "t_person", "person_key"),
-                                ("household", "t_household_year", "household_key")):
-        keys = [r[0] for r in con.execute(f"select distinct {column} from {table} order by 1").fetchall()]
-        mapped = pa.table({column: pa.array(keys, pa.string()),
-                           f"{kind}_id": pa.array(Tokeniser(project_secret, kind).many(keys), pa.string())})
+    for kind, table, column, ids, idcol in (("person", "t_person", "person_key", "person_map", "pid"),
+                                            ("household", "t_household_year", "household_key", "household_map", "hid")):
+        rows = con.execute(f"""select m.{idcol}, m.linkage_key from {ids} m
+                               where m.{idcol} in (select {column} from {table}) order by 1""").fetchall()
+        mapped = pa.table({column: pa.array([r[0] for r in rows], pa.int32()),
+                           f"{kind}_id": pa.array(Tokeniser(project_secret, kind).many([r[1] for r in rows]),
+                                                  pa.string())})
         con.register(f"_map_{kind}", mapped)
         con.execute(f"create or replace table key_{kind} as select * from _map_{kind}")
         con.unregister(f"_map_{kind}")
@@ -332,7 +360,7 @@ def _spread(variants: list[dict]) -> dict:
     return out
 
 
-def sensitivity(con: duckdb.DuckDBPyConnection, config: Config, baseline: dict) -> list[dict]:
+def sensitivity(con: duckdb.DuckDBPyConnection, config: Config, ws: Workspace, baseline: dict) -> list[dict]:
     """Headline measures with persons re-clustered at each of ``assemble.sensitivity_thresholds``.
 
     Needs the full panel built on the linkage's links (its ``t_cohort``); replaces the links.
@@ -342,6 +370,7 @@ def sensitivity(con: duckdb.DuckDBPyConnection, config: Config, baseline: dict) 
     rows = [{"variant": "linked", "threshold": config.link.threshold, **baseline}]
     if not config.assemble.sensitivity_thresholds:
         return rows
+    load_pairs(con, ws)
     a = config.assemble
     inc = Incremental(con, config.link, config.link.threshold,
                       lambda only: build_panel(con, config, full=False, only=only),
@@ -423,7 +452,7 @@ def assemble(config: Config, workspace: Path | str, key_file: Path | str | None 
                     "data_window": list(con.execute("select y0, y1 from data_window").fetchall()[0])}
             (out / "metadata.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         t = time.perf_counter()
-        variants = sensitivity(con, config, baseline)
+        variants = sensitivity(con, config, ws, baseline)
         seconds["sensitivity"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - t0
         national = {m["measure"]: {k: m[k] for k in ("estimate", "ci_low", "ci_high", "n")}

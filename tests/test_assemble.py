@@ -223,6 +223,7 @@ def test_incremental_threshold_variants_equal_a_full_rebuild(assembled, tmp_path
     root, cfg, _, _ = assembled
     con = panel._connect(cfg, tmp_path)
     panel.load_inputs(con, panel.Workspace(root), load_master_key(), cfg.paths.resolve(cfg.assemble.la_lookup))
+    panel.load_pairs(con, panel.Workspace(root))
     panel.use_linked_links(con)
     panel.build_panel(con, cfg)
     linked = mobility.headline(panel._prepared(con, cfg))
