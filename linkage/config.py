@@ -15,13 +15,12 @@ Example:
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from linkage.errors import ConfigError
+from linkage.errors import ConfigError, read_toml
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "hhlink.toml"
@@ -560,14 +559,7 @@ def load_config(path: Path | str | None = None, **overrides: dict) -> Config:
         500
     """
     path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read config file ({exc.__class__.__name__})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    data = read_toml(path, ConfigError, "config file")
     for section, values in overrides.items():
         data.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
     try:

@@ -46,7 +46,6 @@ import re
 import shutil
 import tempfile
 import time
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +55,7 @@ import numpy as np
 import pyarrow as pa
 
 from linkage.config import Config, load_config
-from linkage.errors import HhlinkError
+from linkage.errors import HhlinkError, read_toml
 from linkage.keys import load_master_key
 from linkage.normalise import lit, normalised_sql, q
 # pseudonymisation's own encoders, plans and SQL (private there): files are encoded exactly as staged rows are
@@ -167,14 +166,7 @@ def load_map(path: Path | str) -> dict[str, FileMap]:
         '%d/%m/%Y'
     """
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MapError(f"{path}: map file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MapError(f"{path}: cannot read the map ({exc.__class__.__name__})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise MapError(f"{path}: the map is not valid TOML ({exc})") from None
+    data = read_toml(path, MapError, "map file")
     unknown = sorted(set(data) - {"files"})
     if unknown:
         raise MapError(f"{path}: unknown key(s) {', '.join(repr(u) for u in unknown)}; "

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from linkage.link_files_model import ROLE_COLUMNS
-from linkage.link_report import CSS, _mu_table, _rows, _svg, _table, _thresholds
+from linkage.link_report import _mu_table, _rows, _svg, _table, _thresholds, render_page
 from linkage.workspace import atomic_path
 
 # the encoding that shows whether a role is present in a record
@@ -123,11 +123,9 @@ def render_html(report: dict, charts: dict[str, dict]) -> str:
         ("Metrics at several thresholds (model-expected, scored pairs)", _table(report["thresholds"])),
         ("Match-weight distribution of scored pairs", _table(report["histogram"])),
     ]
-    body = "".join(f"<section><h2>{html.escape(t)}</h2>{c}</section>" for t, c in sections)
-    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>hhlink link-files report</title>"
-            f"<style>{CSS}</style></head><body><h1>Linkage-quality report: link-files</h1>"
-            f"<p class='note'>Aggregates only. Model: Splink, dedupe within and link across the files, on keyed "
-            f"encodings; comparisons: {html.escape(', '.join(report['comparisons']))}.</p>{body}</body></html>")
+    return render_page("hhlink link-files report", "Linkage-quality report: link-files",
+                       "Aggregates only. Model: Splink, dedupe within and link across the files, on keyed "
+                       f"encodings; comparisons: {', '.join(report['comparisons'])}.", sections)
 
 
 def write_report(con, inputs, summary: dict, charts: dict, out: Path) -> dict:

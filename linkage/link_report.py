@@ -206,11 +206,17 @@ def render_html(report: dict, charts: dict[str, dict]) -> str:
         ("Implausible links", _table([report["implausible_links"]])),
         ("Match-weight distribution of scored pairs", _table(report["histogram"])),
     ]
+    return render_page("hhlink linkage-quality report", "Linkage-quality report",
+                       "Aggregates only. Model: Splink, link and dedupe over education, benefits and earnings "
+                       "on keyed encodings.", sections)
+
+
+def render_page(title: str, heading: str, note: str, sections: list[tuple[str, str]]) -> str:
+    """A self-contained report page (inline CSS, no assets): a heading, a note and titled sections of HTML."""
     body = "".join(f"<section><h2>{html.escape(t)}</h2>{c}</section>" for t, c in sections)
-    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>hhlink linkage-quality report</title>"
-            f"<style>{CSS}</style></head><body><h1>Linkage-quality report</h1>"
-            f"<p class='note'>Aggregates only. Model: Splink, link and dedupe over education, benefits and earnings "
-            f"on keyed encodings.</p>{body}</body></html>")
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body><h1>{html.escape(heading)}</h1>"
+            f"<p class='note'>{html.escape(note)}</p>{body}</body></html>")
 
 
 def write_report(config: Config, workspace: Path | str) -> dict:

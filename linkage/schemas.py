@@ -13,12 +13,11 @@ Example:
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from linkage.config import PROJECT_ROOT
-from linkage.errors import SchemaError
+from linkage.errors import SchemaError, read_toml
 
 SOURCES = ("education", "benefits", "earnings")
 TYPES = ("string", "int", "float", "date", "bool")
@@ -105,16 +104,6 @@ def _column(raw: dict, where: str) -> Column:
     return col
 
 
-def read_schema_toml(path: Path) -> dict:
-    """A schema file's TOML, or a SchemaError naming the file."""
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SchemaError(f"{path}: schema file not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise SchemaError(f"{path}: not valid TOML ({exc})") from None
-
-
 def load_schema(source: str, folder: Path | str | None = None) -> Schema:
     """Load and check one source schema.
 
@@ -130,7 +119,7 @@ def load_schema(source: str, folder: Path | str | None = None) -> Schema:
     """
     folder = Path(folder) if folder is not None else PROJECT_ROOT / "schemas"
     path = folder / f"{source}.toml"
-    raw = read_schema_toml(path)
+    raw = read_toml(path, SchemaError, "schema file")
     cols = tuple(_column(c, str(path)) for c in raw.get("columns", []))
     if not cols:
         raise SchemaError(f"{path}: declares no columns")
