@@ -23,7 +23,8 @@ secondary) is protected in every system:
 1. *closure*: while an equation has exactly one suppressed cell, suppress another cell of
    that equation (the cheapest: large enough to cover the protection, at the finest level,
    smallest value);
-2. *audit*: solve the interval LPs (HiGHS) for every suppressed cell not yet shown protected;
+2. *audit*: solve the interval LPs (HiGHS, through ``highspy``) for every suppressed cell not
+   yet shown protected;
 3. for each under-protected cell, suppress the cheapest unsuppressed cell sharing an
    equation with it, and repeat from 1.
 
@@ -32,7 +33,10 @@ at least that point's value, so one LP that pushes all unprotected cells up at o
 capped at its target, so the LP stays bounded) settles most of them; only the remaining
 cells get an LP of their own, whose optimum is exact. What was shown stays valid as the
 suppression pattern grows, because the feasible region only grows. Independent
-components of suppressed cells are solved separately.
+components of suppressed cells are solved separately, each as one HiGHS model whose
+equations are loaded once: between solves only the objective and the column bounds change,
+so HiGHS re-solves from the previous basis (a fraction of a millisecond for the tables the
+table builder makes, against about 5 ms for a fresh ``scipy.optimize.linprog``).
 """
 
 from __future__ import annotations
@@ -40,9 +44,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import highspy
 import numpy as np
 from scipy import sparse
-from scipy.optimize import linprog
 from scipy.sparse.csgraph import connected_components
 
 from linkage.sdc.spec import TOTAL
@@ -139,6 +143,35 @@ def _components(A: sparse.csr_matrix, cols: np.ndarray) -> list[np.ndarray]:
     return [cols[labels == i] for i in range(k)]
 
 
+class _Model:
+    """One component's equations ``Ac @ x = b`` as a HiGHS model; each solve sets only costs and bounds."""
+
+    def __init__(self, Ac: sparse.csr_matrix, b: np.ndarray):
+        self.n = Ac.shape[1]
+        self.idx = np.arange(self.n, dtype=np.int32)
+        h = highspy.Highs()
+        h.setOptionValue("output_flag", False)
+        h.setOptionValue("threads", 1)
+        h.setOptionValue("presolve", "off")   # re-solves start from the previous basis
+        h.setOptionValue("simplex_strategy", 4)   # primal: a changed objective keeps the basis feasible
+        h.addVars(self.n, np.zeros(self.n), np.full(self.n, highspy.kHighsInf))
+        Ac = Ac.tocsr()
+        h.addRows(Ac.shape[0], b, b, Ac.nnz, Ac.indptr[:-1].astype(np.int32), Ac.indices.astype(np.int32),
+                  Ac.data.astype(float))
+        self.h = h
+
+    def solve(self, cost: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray | None:
+        """Minimise ``cost @ x`` within the bounds (``±inf`` for none); ``None`` unless optimal."""
+        h, inf = self.h, highspy.kHighsInf
+        h.changeColsCost(self.n, self.idx, cost.astype(float))
+        h.changeColsBounds(self.n, self.idx, np.where(np.isneginf(lower), -inf, lower).astype(float),
+                           np.where(np.isposinf(upper), inf, upper).astype(float))
+        h.run()
+        if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+            return None
+        return np.asarray(h.getSolution().col_value, dtype=float)
+
+
 class _Auditor:
     """The LP audit of one system: the widest interval seen for each cell so far, and its requirement."""
 
@@ -168,15 +201,15 @@ class _Auditor:
         prim = self.primary[cols]
         return np.where(prim, side_ok, width_ok | side_ok)
 
-    def _solve(self, Ac, b, cols, obj, bounds):
+    def _solve(self, model: _Model, cols, obj, bounds):
         self.lps += 1
-        res = linprog(obj, A_eq=Ac, b_eq=b, bounds=bounds, method="highs")
-        if res.status != 0:   # cannot happen for a consistent system; then nothing is confirmed
-            log.warning("disclosure LP status %s (%s) on a component of %d cells", res.status, self.s.name, len(cols))
+        x = model.solve(obj, *bounds)
+        if x is None:   # cannot happen for a consistent system; then nothing is confirmed
+            log.warning("disclosure LP not optimal (%s) on a component of %d cells", self.s.name, len(cols))
             return None
-        self.hi[cols] = np.maximum(self.hi[cols], res.x)
-        self.lo[cols] = np.minimum(self.lo[cols], res.x)
-        return res.x
+        self.hi[cols] = np.maximum(self.hi[cols], x)
+        self.lo[cols] = np.minimum(self.lo[cols], x)
+        return x
 
     def audit(self, suppressed: np.ndarray) -> list[tuple[int, str, float]]:
         """Check every suppressed cell; return the failures as (cell, side to widen, shortfall)."""
@@ -189,7 +222,7 @@ class _Auditor:
                 continue
             rows = np.flatnonzero(np.asarray((self.A[:, cols] != 0).sum(axis=1)).ravel() > 0)
             Ac = self.A[rows][:, cols]
-            b = Ac @ self.s.values[cols]
+            model = _Model(Ac, Ac @ self.s.values[cols])
             for direction in ("up", "down"):
                 # group LPs: push every unsatisfied cell toward its target at once
                 while True:
@@ -197,15 +230,18 @@ class _Auditor:
                     if not todo.any():
                         break
                     before = int(todo.sum())
-                    if self._solve(Ac, b, cols, *self._program(cols, todo, direction)) is None:
+                    if self._solve(model, cols, *self._program(cols, todo, direction)) is None:
                         break
                     if int((~self.satisfied(cols, direction)).sum()) >= before or before == 1:
                         break
                 # one LP each for the rest: its optimum is the exact end of the interval
                 for i in np.flatnonzero(~self.satisfied(cols, direction)):
+                    if self.satisfied(cols[i:i + 1], direction)[0]:
+                        continue   # an earlier LP's solution already reached this one's target
+                    todo = ~self.satisfied(cols, direction)
                     one = np.zeros(len(cols), dtype=bool)
                     one[i] = True
-                    self._solve(Ac, b, cols, *self._program(cols, one, direction))
+                    self._solve(model, cols, *self._program(cols, one, direction))
             up_ok, down_ok = self.satisfied(cols, "up"), self.satisfied(cols, "down")
             up, down = self.targets(cols)
             for i in np.flatnonzero(~(up_ok & down_ok)):
@@ -229,8 +265,7 @@ class _Auditor:
             hi[todo] = up[todo]
         else:
             lo[todo] = np.maximum(lo[todo], down[todo])
-        bounds = list(zip(np.where(np.isneginf(lo), None, lo), np.where(np.isinf(hi), None, hi)))
-        return obj, bounds
+        return obj, (lo, hi)
 
     def all_satisfied(self, suppressed: np.ndarray) -> bool:
         """Whether every suppressed cell meets its requirement on both sides."""
