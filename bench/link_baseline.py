@@ -29,9 +29,11 @@ from linkage.evaluate import person_metrics
 from linkage.schemas import SOURCES, load_schema
 
 ROLES = ("first_name", "middle_names", "surname", "dob", "sex", "postcode", "nino", "upn", "address")
-BLOCKS = (("nino",), ("upn",), ("dob", "fn_initial"), ("dob", "sn_sound"), ("first_name", "surname", "dob_year"),
-          ("postcode", "fn_sound", "dob_year"), ("surname", "dob_year", "dob_month"),
-          ("first_name", "surname", "dob_month", "dob_day"))
+# linkage.link_model.PREDICTION_BLOCKS on cleartext columns (a phonetic code becomes the first three letters)
+BLOCKS = (("nino",), ("upn",), ("dob", "fn_sound"), ("dob", "sn_sound"),
+          ("first_name", "surname", "dob_year", "dob_month"), ("first_name", "surname", "dob_year", "dob_day"),
+          ("first_name", "surname", "dob_month", "dob_day"), ("postcode", "fn_sound", "dob_year"),
+          "l.dob_swap = r.dob AND l.fn_sound = r.fn_sound", "l.dob = r.dob_swap AND l.fn_sound = r.fn_sound")
 
 
 def _cleartext_sql(staged: Path) -> str:
@@ -54,6 +56,8 @@ def _cleartext_sql(staged: Path) -> str:
                   as unique_id,
                left(first_name, 1) fn_initial, left(dob, 4) dob_year, substr(dob, 6, 2) dob_month, substr(dob, 9, 2) dob_day,
                left(first_name, 3) fn_sound, left(surname, 3) sn_sound,
+               case when try_cast(substr(dob, 9, 2) as int) <= 12
+                    then left(dob, 5) || substr(dob, 9, 2) || '-' || substr(dob, 6, 2) end dob_swap,
                regexp_replace(postcode, '[A-Z]{{2}}$', '') pc_sector, split_part(postcode, ' ', 1) pc_district
         from ({union});
         create or replace table clear_ids as select * exclude (record_id), count(*) over (partition by unique_id) n
@@ -87,7 +91,7 @@ def _settings() -> SettingsCreator:
                 cll.ElseLevel()]),
             cl.ExactMatch("nino"), cl.ExactMatch("upn"), cl.ExactMatch("sex"), cl.ExactMatch("middle_initial"),
         ],
-        blocking_rules_to_generate_predictions=[block_on(*b) for b in BLOCKS],
+        blocking_rules_to_generate_predictions=[b if isinstance(b, str) else block_on(*b) for b in BLOCKS],
         retain_matching_columns=False,
     )
 

@@ -18,10 +18,11 @@ Example:
 
 from __future__ import annotations
 
-import ast
+import dis
 import hashlib
 import json
-from collections.abc import Iterable
+import types
+from collections.abc import Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
 
@@ -120,27 +121,42 @@ def _module_file(name: str) -> Path | None:
     return None
 
 
+def _code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _code_objects(const)
+
+
 def _imports(path: Path, package: str) -> set[str]:
-    """Project modules ``path`` imports anywhere (function-level imports included)."""
+    """Project modules ``path`` imports anywhere (function-level imports included).
+
+    Read from the compiled bytecode (``IMPORT_NAME`` with its level and from-list) rather
+    than ``ast.parse``: on CPython 3.11 building AST objects while another thread compiles
+    (Prefect's in-process server does) can fail with "AST constructor recursion depth
+    mismatch", which failed whole flow runs; compiling to bytecode builds no AST objects.
+    """
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:   # relative: resolve against the importing module's package
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                mod = ".".join(base + ([node.module] if node.module else []))
+    for code in _code_objects(compile(path.read_text(), str(path), "exec", dont_inherit=True)):
+        ins = list(dis.get_instructions(code))
+        for i, op in enumerate(ins):
+            if op.opname != "IMPORT_NAME":
+                continue
+            level, fromlist = (ins[i - 2].argval, ins[i - 1].argval) if i >= 2 else (0, None)
+            if level:   # relative: resolve against the importing module's package
+                base = package.split(".")[: len(package.split(".")) - level + 1]
+                mod = ".".join(base + ([op.argval] if op.argval else []))
             else:
-                mod = node.module or ""
+                mod = op.argval
             found.add(mod)
-            found.update(f"{mod}.{a.name}" for a in node.names)   # "from linkage import panel"
-    return {m for m in found if m.split(".")[0] in _PACKAGES}
+            found.update(f"{mod}.{name}" for name in (fromlist or ()) if name != "*")   # "from linkage import panel"
+    return {m for m in found if m and m.split(".")[0] in _PACKAGES}
 
 
 def stage_modules(stage: str) -> list[Path]:
     """The project source files a stage can execute: its entry module's imports, transitively.
 
-    Read from the source (``ast``), so imports inside functions count; every package
+    Read from the compiled source, so imports inside functions count; every package
     ``__init__`` on the way counts too. Over-approximates, which is the safe direction.
     """
     todo = list(STAGES[stage].modules)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import os
 import re
+from contextlib import closing
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -161,7 +162,9 @@ def read_crosswalk(path: Path | str, key: MasterKey) -> Iterator[pa.Table]:
             except InvalidTag:
                 raise CrosswalkError(f"{path}: the crosswalk failed authentication (corrupt, truncated "
                                      "or altered)") from None
-            yield pq.read_table(io.BytesIO(plaintext))
+            # single-threaded: a segment is small, and a lookup that returns mid-file must not
+            # leave Arrow's pool threads busy at interpreter exit (seen to abort the CLI once)
+            yield pq.read_table(io.BytesIO(plaintext), use_threads=False)
             index += 1
             if last:
                 return
@@ -189,8 +192,9 @@ def crosswalk_lookup(workspace: Path | str, token: str, key: MasterKey) -> dict 
     path = Workspace(workspace).zone("pseudonymised") / CROSSWALK_FILE
     if not path.parent.is_dir():
         raise WorkspaceError(f"{path.parent}: no pseudonymised zone; run 'hhlink pseudonymise' first")
-    for table in read_crosswalk(path, key):
-        hit = table.filter(pc.equal(table["record_token"], token))
-        if hit.num_rows:
-            return hit.slice(0, 1).to_pylist()[0]
+    with closing(read_crosswalk(path, key)) as tables:   # the file is closed on an early return
+        for table in tables:
+            hit = table.filter(pc.equal(table["record_token"], token))
+            if hit.num_rows:
+                return hit.slice(0, 1).to_pylist()[0]
     return None

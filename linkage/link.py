@@ -204,7 +204,9 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
         facts["model_loaded_from"] = str(model)
     linker.misc.save_model_to_json(str(out / "model.json"), overwrite=True)
     _save_charts(linker, out / "charts")
+    t = time.perf_counter()
     facts["blocking"] = _blocking_counts(sdfs, con)
+    facts["blocking_count_seconds"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
     if lc.engine == "spark":
         pairs = _predict_on_spark(linker, lc.keep_pairs_above)
@@ -242,21 +244,20 @@ def _save_charts(linker, folder: Path) -> None:
 
 def _blocking_counts(sdfs, con: duckdb.DuckDBPyConnection) -> list[dict]:
     """Comparisons each prediction blocking rule adds (marginal) and in total (cumulative)."""
-    from splink import block_on
     from splink.blocking_analysis import count_comparisons_from_blocking_rules
 
-    from linkage.link_model import PREDICTION_BLOCKS
+    from linkage.link_model import PREDICTION_BLOCKS, rule_creator, rule_label
 
     n = con.execute("select count(*) from identities").fetchall()[0][0]
     with warnings.catch_warnings():
         # small sampled blocks warn that their estimate is rough; the report says it is an estimate
         warnings.simplefilter("ignore", UserWarning)
         records = count_comparisons_from_blocking_rules(
-            sdfs, blocking_rules=[block_on(*cols) for cols in PREDICTION_BLOCKS], link_type="link_and_dedupe",
+            sdfs, blocking_rules=[rule_creator(r) for r in PREDICTION_BLOCKS], link_type="link_and_dedupe",
             record_sample_proportion=1.0 if n <= 300_000 else 0.1)
-    return [{"rule": " and ".join(cols), "marginal_comparisons": int(r["marginal_comparison_count"]),
+    return [{"rule": rule_label(rule), "marginal_comparisons": int(r["marginal_comparison_count"]),
              "cumulative_comparisons": int(r["cumulative_comparison_count"]), "is_estimate": bool(r["is_estimate"])}
-            for cols, r in zip(PREDICTION_BLOCKS, records)]
+            for rule, r in zip(PREDICTION_BLOCKS, records)]
 
 
 def link(config: Config, workspace: Path | str, model: Path | str | None = None) -> dict:
@@ -287,6 +288,7 @@ def link(config: Config, workspace: Path | str, model: Path | str | None = None)
         tmp.mkdir()
         con.execute(f"SET temp_directory='{tmp}'")
         con.execute(_identities_sql(str(identifiers)))
+        summary["identities_seconds"] = round(time.perf_counter() - t0, 1)
         t = time.perf_counter()
         try:
             summary.update(train_and_predict(config, con, tmp, out, model))

@@ -36,12 +36,11 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from linkage.link_model import PREDICTION_BLOCKS, _exact, model_settings
+from linkage.link_model import PREDICTION_BLOCKS, _exact, model_settings, rule_columns, rule_creator, rule_label
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +81,13 @@ PRIORS: dict[str, dict[str, tuple[float | None, float]]] = {
     "id": {"Exact match on id_tok": (0.97, 0.00001), "All other comparisons": (0.03, 0.99999)},
 }
 
-_SWAP_RULES = ("l.dob_swap_tok = r.dob_tok AND l.fn_initial_tok = r.fn_initial_tok",
-               "l.dob_tok = r.dob_swap_tok AND l.fn_initial_tok = r.fn_initial_tok")
+# Own extracts are small (thousands of rows), so broader rules than the project's are
+# affordable: same birthday and first initial, also with day and month swapped (at 1M
+# persons the first alone made 48.6M comparisons, so the project link blocks on the
+# phonetic forename instead).
+_BROAD_RULES = (("dob_tok", "fn_initial_tok"),
+                "l.dob_swap_tok = r.dob_tok AND l.fn_initial_tok = r.fn_initial_tok",
+                "l.dob_tok = r.dob_swap_tok AND l.fn_initial_tok = r.fn_initial_tok")
 # The project's rules all need a date of birth or a NINO/UPN, and own extracts often lack a date
 # on some rows; names within a postcode district find those, and only those (with both dates
 # present the pair would mostly be a parent and a child named alike, living together).
@@ -110,13 +114,7 @@ class ModelRun:
 
 def _roles(rule) -> set[str]:
     """The roles a rule needs: those of its columns, or of the columns an SQL rule equates."""
-    if isinstance(rule, str):
-        return {_ROLE_OF[c] for pair in re.findall(r"l\.(\w+) = r\.(\w+)", rule) for c in pair}
-    return {_ROLE_OF[c] for c in rule}
-
-
-def _label(rule) -> str:
-    return rule if isinstance(rule, str) else " and ".join(rule)
+    return {_ROLE_OF[c] for c in rule_columns(rule)}
 
 
 def prediction_rules(file_roles: dict[str, set[str]]) -> tuple[list, list[str]]:
@@ -130,8 +128,8 @@ def prediction_rules(file_roles: dict[str, set[str]]) -> tuple[list, list[str]]:
     """
     names = list(file_roles)
     commons = {(a, b): file_roles[a] & file_roles[b] for i, a in enumerate(names) for b in names[i:]}
-    project = [("id_tok",), *(b for b in PREDICTION_BLOCKS if not {"nino_tok", "upn_tok"} & set(b)), *_SWAP_RULES,
-               _NO_DOB_RULE]
+    project = [("id_tok",), *(b for b in PREDICTION_BLOCKS if not {"nino_tok", "upn_tok"} & rule_columns(b)),
+               *_BROAD_RULES, _NO_DOB_RULE]
     # a rule is kept when some pair of files (or a file and itself) has every role it uses
     rules = [r for r in project if any(_roles(r) <= common for common in commons.values())]
     uncovered = []
@@ -152,12 +150,6 @@ def _rule_dict(rule) -> dict:
     if isinstance(rule, str):
         return {"blocking_rule": rule, "sql_dialect": "duckdb"}
     return block_on(*rule).get_blocking_rule("duckdb").as_dict()
-
-
-def _rule_creator(rule):
-    from splink import block_on
-
-    return rule if isinstance(rule, str) else block_on(*rule)
 
 
 def base_settings(present: set[str], rules: list, link_type: str, term_frequencies: bool) -> dict:
@@ -253,7 +245,7 @@ def _count(sdfs, rule, link_type: str, records: int) -> int:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)   # small samples warn that the count is rough
-        r = count_comparisons_from_blocking_rules(sdfs, blocking_rules=[_rule_creator(rule)], link_type=link_type,
+        r = count_comparisons_from_blocking_rules(sdfs, blocking_rules=[rule_creator(rule)], link_type=link_type,
                                                   record_sample_proportion=_sample(records))
     return int(r[0]["cumulative_comparison_count"])
 
@@ -273,10 +265,10 @@ def train(sdfs, settings: dict, records: int, present: set[str], config, link_ty
     if rules:
         try:
             linker.training.estimate_probability_two_random_records_match(
-                [_rule_creator(r) for r in rules], recall=0.9)
+                [rule_creator(r) for r in rules], recall=0.9)
             estimated = linker.misc.save_model_to_json()["probability_two_random_records_match"]
             if 0 < estimated < 1:
-                lam, how = estimated, f"deterministic rules ({'; '.join(map(_label, rules))}), recall 0.9"
+                lam, how = estimated, f"deterministic rules ({'; '.join(map(rule_label, rules))}), recall 0.9"
         except Exception as exc:  # noqa: BLE001 - no pair meets the rules: keep the prior
             log.info("probability_two_random_records_match not estimated (%s)", exc.__class__.__name__)
     settings = dict(settings, probability_two_random_records_match=lam)
@@ -294,7 +286,7 @@ def train(sdfs, settings: dict, records: int, present: set[str], config, link_ty
     blocks = [b for b in TRAINING_BLOCKS if _roles(b) <= present] or \
              [b for b in TRAINING_FALLBACK if _roles(b) <= present]
     for block in blocks:
-        entry = {"block": _label(block)}
+        entry = {"block": rule_label(block)}
         entry["pairs"] = pairs = _count(sdfs, block, link_type, records)
         if not u_sampled:
             entry["ran"], entry["why_not"] = False, "u not estimated: too few records"
@@ -304,7 +296,7 @@ def train(sdfs, settings: dict, records: int, present: set[str], config, link_ty
             linker = Linker(sdfs, settings, log_level=logging.ERROR)
             try:
                 linker.training.estimate_parameters_using_expectation_maximisation(
-                    _rule_creator(block), max_pairs=lc.em_max_pairs)
+                    rule_creator(block), max_pairs=lc.em_max_pairs)
                 settings = linker.misc.save_model_to_json()
                 entry["ran"] = True
                 entry["levels_left_at_prior"] = _fill_unobserved(settings, "m")
@@ -342,7 +334,7 @@ def run_model(con, inputs, config, threshold: float, out: Path) -> ModelRun:
     link_type = "link_and_dedupe" if len(used) > 1 else "dedupe_only"
     settings = base_settings(present, rules, link_type, records >= TF_MIN_RECORDS)
     facts: dict = {"comparisons": [c["output_column_name"] for c in settings["comparisons"]],
-                   "blocking_rules": [_label(r) for r in rules], "files_not_compared": uncovered}
+                   "blocking_rules": [rule_label(r) for r in rules], "files_not_compared": uncovered}
     if records < 2 or not rules:
         # (with no blocking rule Splink would compare every pair: the files share nothing to compare on)
         (out / "model.json").write_text(json.dumps(settings, indent=2))
@@ -371,8 +363,8 @@ def _blocking_counts(sdfs, rules: list, link_type: str, records: int) -> list[di
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        counts = count_comparisons_from_blocking_rules(sdfs, blocking_rules=[_rule_creator(r) for r in rules],
+        counts = count_comparisons_from_blocking_rules(sdfs, blocking_rules=[rule_creator(r) for r in rules],
                                                        link_type=link_type, record_sample_proportion=_sample(records))
-    return [{"rule": _label(r), "marginal_comparisons": int(c["marginal_comparison_count"]),
+    return [{"rule": rule_label(r), "marginal_comparisons": int(c["marginal_comparison_count"]),
              "cumulative_comparisons": int(c["cumulative_comparison_count"]), "is_estimate": bool(c["is_estimate"])}
             for r, c in zip(rules, counts)]

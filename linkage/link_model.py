@@ -7,6 +7,8 @@ encodings compared by Dice similarity in SQL. No cleartext is needed or seen.
 
 from __future__ import annotations
 
+import re
+
 import splink.comparison_level_library as cll
 import splink.comparison_library as cl
 from splink import SettingsCreator, block_on
@@ -24,15 +26,23 @@ IDENTITY_COLUMNS = (
 )
 ADDRESS_COLUMNS = ("postcode_tok", "pc_sector_tok", "pc_district_tok", "addr_bf")
 
-# Blocking rules for prediction: any one of them brings a pair into comparison.
-PREDICTION_BLOCKS = (
+# Blocking rules for prediction: any one of them brings a pair into comparison. A rule is
+# the columns that must be equal, or SQL over l. and r. where it equates different columns.
+# Every rule names the date of birth down to the day, or a name and a year-level date, so
+# comparisons grow about linearly with the population: a rule such as "dob and forename
+# initial" made 48.6M of 66.5M comparisons at 1M persons (and 1.1M of 1.9M at 100k).
+PREDICTION_BLOCKS: tuple[tuple[str, ...] | str, ...] = (
     ("nino_tok",),
     ("upn_tok",),
-    ("dob_tok", "fn_initial_tok"),
+    ("dob_tok", "fn_phon_tok"),
     ("dob_tok", "sn_phon_tok"),
-    ("fn_tok", "sn_tok", "dob_year_tok"),
-    ("postcode_tok", "fn_phon_tok", "dob_year_tok"),
+    ("fn_tok", "sn_tok", "dob_year_tok", "dob_month_tok"),  # day of birth mistyped
+    ("fn_tok", "sn_tok", "dob_year_tok", "dob_day_tok"),    # month of birth mistyped
     ("fn_tok", "sn_tok", "dob_month_tok", "dob_day_tok"),   # year of birth mistyped
+    ("postcode_tok", "fn_phon_tok", "dob_year_tok"),
+    # day and month of birth swapped (the token of the swapped date, when the day is <= 12)
+    "l.dob_swap_tok = r.dob_tok AND l.fn_phon_tok = r.fn_phon_tok",
+    "l.dob_tok = r.dob_swap_tok AND l.fn_phon_tok = r.fn_phon_tok",
     # (Not names with postcode: that compares parents and children who share a name and a
     # home, where the postcode and surname agree because they are a family.)
 )
@@ -45,6 +55,23 @@ TRAINING_BLOCKS = (
     ("nino_tok",),
     ("dob_tok",),
 )
+
+
+def rule_columns(rule: tuple[str, ...] | str) -> set[str]:
+    """The columns a blocking rule equates (of either side, for an SQL rule)."""
+    if isinstance(rule, str):
+        return {c for pair in re.findall(r"l\.(\w+) = r\.(\w+)", rule) for c in pair}
+    return set(rule)
+
+
+def rule_label(rule: tuple[str, ...] | str) -> str:
+    """How reports name a blocking rule."""
+    return rule if isinstance(rule, str) else " and ".join(rule)
+
+
+def rule_creator(rule: tuple[str, ...] | str):
+    """The rule as Splink takes it: ``block_on`` for columns, the SQL string as it is."""
+    return rule if isinstance(rule, str) else block_on(*rule)
 
 
 def _name_comparison(name: str, prefix: str, dialect: str, initial: bool) -> cl.CustomComparison:
@@ -151,7 +178,7 @@ def model_settings(dialect: str = "duckdb", probability_two_random_records_match
             _exact("sex_tok", "sex"),
             _exact("mn_initial_tok", "middle_initial"),
         ],
-        blocking_rules_to_generate_predictions=[block_on(*cols) for cols in PREDICTION_BLOCKS],
+        blocking_rules_to_generate_predictions=[rule_creator(r) for r in PREDICTION_BLOCKS],
         probability_two_random_records_match=probability_two_random_records_match,
         retain_matching_columns=False,
         retain_intermediate_calculation_columns=False,
