@@ -165,7 +165,7 @@ class LinkConfig(_Section):
     evaluation_thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.9, 0.99, 0.999])
     memory_limit: str = Field("8GB", pattern=r"^\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
     threads: int = Field(0, ge=0, le=256)
-    predict_chunk_identities: int = Field(1_000_000, ge=1000)
+    predict_chunk_identities: int = Field(3_000_000, ge=1000)
 
 
 _TYPICAL_LENGTH = {"name": 6, "address": 15}   # characters; measured on the synthetic population

@@ -60,8 +60,9 @@ def _person_years_sql() -> str:
              using (person_key)
         where r.bu_role is not null
           and not exists (select 1 from person_years p where p.person_key = r.person_key and p.year = r.year);
+        -- integer node ids: the connected-components iterations join on them many times
         create or replace table py_nodes as
-        select person_key || ':' || year as node_id, * from person_years;
+        select row_number() over (order by person_key, year) as node_id, * from person_years;
     """
 
 
@@ -69,9 +70,10 @@ def _edges_sql() -> str:
     return """
         create or replace table hh_edges as
         -- members of one claim, in the claim's year
-        with claim as (select distinct claim_tok, year, person_key from records_linked where claim_tok is not null),
-        c as (select a.person_key || ':' || a.year as l, b.person_key || ':' || b.year as r, 'benefit_unit' as evidence
-              from claim a join claim b on a.claim_tok = b.claim_tok and a.year = b.year and a.person_key < b.person_key),
+        with claim as (select distinct r.claim_tok, r.year, n.node_id
+                       from records_linked r join py_nodes n using (person_key, year) where r.claim_tok is not null),
+        c as (select a.node_id as l, b.node_id as r, 'benefit_unit' as evidence
+              from claim a join claim b on a.claim_tok = b.claim_tok and a.year = b.year and a.node_id < b.node_id),
         -- same full address in the same year
         f as (select a.node_id l, b.node_id r, 'address' evidence from py_nodes a join py_nodes b
               on a.address_key = b.address_key and a.year = b.year and a.node_id < b.node_id

@@ -124,9 +124,10 @@ def test_households_are_connected_components_of_the_evidence():
     con = duckdb.connect()
     con.execute("SET lambda_syntax='ENABLE_SINGLE_ARROW'")
     _households(con)
+    name = {n: f"{p}:{y}" for n, p, y in con.execute("select node_id, person_key, year from py_nodes").fetchall()}
     g = nx.Graph()
-    g.add_nodes_from(n for (n,) in con.execute("select node_id from py_nodes").fetchall())
-    g.add_edges_from(con.execute("select node_id_l, node_id_r from hh_edges").fetchall())
+    g.add_nodes_from(name.values())
+    g.add_edges_from((name[a], name[b]) for a, b in con.execute("select node_id_l, node_id_r from hh_edges").fetchall())
     ours = {}
     for p, y, h in con.execute("select person_key, year, household_key from households").fetchall():
         ours.setdefault((h, y), set()).add(f"{p}:{y}")
