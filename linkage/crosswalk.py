@@ -170,6 +170,21 @@ def read_crosswalk(path: Path | str, key: MasterKey) -> Iterator[pa.Table]:
                 return
 
 
+def crosswalk_table(con, path: Path | str, key: MasterKey, name: str = "xw",
+                    columns: tuple[str, ...] = ("record_token", "source", "record_id")) -> None:
+    """Decrypt the crosswalk into the DuckDB table ``name`` (only ``columns``), segment by segment.
+
+    The rows go into DuckDB, within its memory limit (spilling if need be), never into one
+    Arrow table in Python's heap: at 1M persons the crosswalk holds 21M rows, and holding
+    them beside DuckDB's own memory took evaluation past 11 GB.
+    """
+    for i, segment in enumerate(read_crosswalk(path, key)):
+        con.register("_crosswalk_segment", segment.select(list(columns)))
+        con.execute(f"create or replace table {name} as select * from _crosswalk_segment" if i == 0 else
+                    f"insert into {name} select * from _crosswalk_segment")
+        con.unregister("_crosswalk_segment")
+
+
 def crosswalk_lookup(workspace: Path | str, token: str, key: MasterKey) -> dict | None:
     """Find the source row of one record token.
 

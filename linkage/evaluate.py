@@ -126,12 +126,10 @@ def parent_child_metrics_sql(min_confidence: float = 0.0) -> str:
 
 
 def _load(con: duckdb.DuckDBPyConnection, ws: Workspace, key) -> None:
-    import pyarrow as pa
-
-    from linkage.crosswalk import CROSSWALK_FILE, read_crosswalk
+    from linkage.crosswalk import CROSSWALK_FILE, crosswalk_table
 
     linked, truth = ws.zone("linked"), ws.zone("truth")
-    con.register("xw", pa.concat_tables(read_crosswalk(ws.zone("pseudonymised") / CROSSWALK_FILE, key)))
+    crosswalk_table(con, ws.zone("pseudonymised") / CROSSWALK_FILE, key)
     con.execute(f"""
         create or replace table rec_truth as
         select r.record_token, r.unique_id, r.person_key, t.person_id truth_person, r.year

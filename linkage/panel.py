@@ -513,7 +513,7 @@ def mobility_evaluation(config: Config, workspace: Path | str, key) -> dict:
         ``mobility_sensitivity``: every variant and the spread of each measure.
     """
     from linkage._sensitivity import true_links, true_persons
-    from linkage.crosswalk import CROSSWALK_FILE, read_crosswalk
+    from linkage.crosswalk import CROSSWALK_FILE, crosswalk_table
 
     ws = Workspace(workspace)
     truth = ws.zone("truth")
@@ -531,7 +531,7 @@ def mobility_evaluation(config: Config, workspace: Path | str, key) -> dict:
     con = _connect(config, spill)
     try:
         load_inputs(con, ws, key, lookup)
-        con.register("xw", pa.concat_tables(read_crosswalk(ws.zone("pseudonymised") / CROSSWALK_FILE, key)))
+        crosswalk_table(con, ws.zone("pseudonymised") / CROSSWALK_FILE, key)
         con.execute(f"""
             create or replace table rec_truth as
             select xw.record_token, t.person_id truth_person
@@ -541,7 +541,7 @@ def mobility_evaluation(config: Config, workspace: Path | str, key) -> dict:
                 from read_parquet('{truth}/person_years.parquet');
             create or replace table truth_pc as select parent_id, child_id from read_parquet('{truth}/parent_child.parquet');
         """)
-        con.unregister("xw")
+        con.execute("drop table xw")
         persons = true_persons(con, config.link)
         person_links = _variant(con, config, "true person links", persons)
         persons = true_links(con)
