@@ -189,40 +189,44 @@ class UserStore:
         u = self._load().get(name)
         return User(u["name"], u["role"], u["token_id"]) if u else None
 
-    def cached(self, token: str | None) -> User | None | bool:
-        """The user of a token checked in the last minutes, ``None`` if malformed or unknown, ``False``
-        when the slow scrypt check is needed (:meth:`authenticate`)."""
-        if not token:
-            return None
-        m = _TOKEN.match(token)
-        if not m:
-            return None
-        self._load()
-        user = self._by_token.get(m.group(1))
-        if user is None:
-            return None
-        hit = self._verified.get(hashlib.sha256(token.encode("ascii")).digest())
-        if hit is not None and hit[0] == user["token_id"] and hit[1] > time.monotonic():
-            return User(user["name"], user["role"], user["token_id"])
-        return False
-
-    def authenticate(self, token: str | None) -> User | None:
-        """The user a token belongs to, or ``None`` (malformed, unknown or wrong token)."""
-        if not token:
-            return None
-        m = _TOKEN.match(token)
+    def _known(self, token: str | None) -> tuple[str, str, dict, bytes] | None:
+        """(token id, secret, stored user, cache key) of a well-formed token of a known user."""
+        m = _TOKEN.match(token) if token else None
         if not m:
             return None
         self._load()
         token_id, secret = m.groups()
-        key = hashlib.sha256(token.encode("ascii")).digest()
-        now = time.monotonic()
-        cached = self._verified.get(key)
         user = self._by_token.get(token_id)
         if user is None:
             return None
-        if cached is not None and cached[0] == token_id and cached[1] > now:
-            return User(user["name"], user["role"], token_id)
+        return token_id, secret, user, hashlib.sha256(token.encode("ascii")).digest()
+
+    def _recently_verified(self, key: bytes, token_id: str) -> bool:
+        hit = self._verified.get(key)
+        return hit is not None and hit[0] == token_id and hit[1] > time.monotonic()
+
+    def cached(self, token: str | None) -> User | None | bool:
+        """The user of a token checked in the last minutes, ``None`` if malformed or unknown, ``False``
+        when the slow scrypt check is needed (:meth:`authenticate`)."""
+        known = self._known(token)
+        if known is None:
+            return None
+        token_id, _, user, key = known
+        return User(user["name"], user["role"], token_id) if self._recently_verified(key, token_id) else False
+
+    def authenticate(self, token: str | None) -> User | None:
+        """The user a token belongs to, or ``None`` (malformed, unknown or wrong token)."""
+        known = self._known(token)
+        if known is None:
+            return None
+        token_id, secret, user, key = known
+        if not self._recently_verified(key, token_id):
+            if not check_token(secret, user["hash"]):
+                return None
+            if len(self._verified) > 10_000:
+                self._verified.clear()
+            self._verified[key] = (token_id, time.monotonic() + _CACHE_SECONDS)
+        return User(user["name"], user["role"], token_id)
         if not check_token(secret, user["hash"]):
             return None
         if len(self._verified) > 10_000:
