@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not (os.environ.get("HHLINK_KEY") or os.environ.get("HHLINK_KEY_FILE")):
         os.environ["HHLINK_KEY"] = BENCH_KEY
-    from linkage.commands.run import prefect_environment
+    from linkage.cli.run import prefect_environment
 
     prefect_environment(verbose=False)
     from flows import household_linkage_flow

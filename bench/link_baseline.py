@@ -25,11 +25,11 @@ import splink.comparison_library as cl
 from splink import DuckDBAPI, Linker, SettingsCreator, block_on
 
 from linkage.config import load_config
-from linkage.evaluate import person_metrics
+from linkage.evaluate.stage import person_metrics
 from linkage.schemas import SOURCES, load_schema
 
 ROLES = ("first_name", "middle_names", "surname", "dob", "sex", "postcode", "nino", "upn", "address")
-# linkage.link_model.PREDICTION_BLOCKS on cleartext columns (a phonetic code becomes the first three letters)
+# linkage.link.model.PREDICTION_BLOCKS on cleartext columns (a phonetic code becomes the first three letters)
 BLOCKS = (("nino",), ("upn",), ("dob", "fn_sound"), ("dob", "sn_sound"),
           ("first_name", "surname", "dob_year", "dob_month"), ("first_name", "surname", "dob_year", "dob_day"),
           ("first_name", "surname", "dob_month", "dob_day"), ("postcode", "fn_sound", "dob_year"),
@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     ws = args.workspace
     if not args.reuse:
-        from linkage.evaluate import evaluate
-        from linkage.link import link
+        from linkage.evaluate.stage import evaluate
+        from linkage.link.stage import link
 
         t = time.perf_counter()
         link(load_config(), ws)

@@ -51,11 +51,11 @@ def _pct(values: list[float], q: float) -> float:
 
 def build_workspace(root: Path, persons: int, seed: int) -> Path:
     """A workspace through generate, ingest, pseudonymise, link, assemble and disclose."""
-    from linkage.disclosure import disclose
-    from linkage.ingest import ingest
-    from linkage.link import link
-    from linkage.panel import assemble
-    from linkage.pseudonymise import pseudonymise
+    from linkage.disclose.stage import disclose
+    from linkage.ingest.stage import ingest
+    from linkage.link.stage import link
+    from linkage.assemble.stage import assemble
+    from linkage.pseudonymise.stage import pseudonymise
     from synthetic_data import generate_population
 
     cfg = load_config(generate={"persons": persons, "seed": seed}, ingest={"data_docs": False},
@@ -198,10 +198,10 @@ def run(workspace: Path, args) -> dict:
     """Serve ``workspace`` from a scratch copy and run both loads; returns the figures."""
     import duckdb
 
-    from linkage.service import UserStore
+    from linkage.serve import UserStore
 
     if not (workspace / "published" / "index.json").exists():
-        from linkage.disclosure import disclose
+        from linkage.disclose.stage import disclose
 
         print("publishing the standard tables first (hhlink disclose)", flush=True)
         disclose(load_config(), workspace)

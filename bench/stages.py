@@ -17,7 +17,7 @@ def generate(size: int, workspace: Path) -> dict:
 
 def ingest(size: int, workspace: Path) -> dict:
     """Ingest and validate the landing zone ``generate`` wrote (staged/, quarantine/, GX gates, reports)."""
-    from linkage.ingest import ingest as run
+    from linkage.ingest.stage import ingest as run
 
     summary = run(load_config(), workspace)
     return {"rows": summary["rows"]["read"], "staged": summary["rows"]["staged"],
@@ -32,7 +32,7 @@ def pseudonymise(size: int, workspace: Path) -> dict:
     """Pseudonymise the staged zone ``ingest`` wrote (identifiers, payload, encrypted crosswalk)."""
     import os
 
-    from linkage.pseudonymise import pseudonymise as run
+    from linkage.pseudonymise.stage import pseudonymise as run
 
     if not (os.environ.get("HHLINK_KEY") or os.environ.get("HHLINK_KEY_FILE")):
         os.environ["HHLINK_KEY"] = BENCH_KEY
@@ -91,7 +91,7 @@ def disclose(size: int, workspace: Path) -> dict:
     """Publish every standard table under disclosure control from research/ (assemble's, or a stand-in)."""
     import os
 
-    from linkage.disclosure import disclose as run
+    from linkage.disclose.stage import disclose as run
 
     if not (workspace / "research" / "cohort.parquet").exists():
         _standin_research(size, workspace)
@@ -105,7 +105,7 @@ def disclose(size: int, workspace: Path) -> dict:
 
 def link(size: int, workspace: Path) -> dict:
     """Link the identifiers zone ``pseudonymise`` wrote: train, predict, cluster, households, report."""
-    from linkage.link import link as run
+    from linkage.link.stage import link as run
 
     summary = run(load_config(), workspace)
     return {"rows": summary["records"], "identities": summary["identities"], "pairs": summary["pairs_scored"],
@@ -116,7 +116,7 @@ def assemble(size: int, workspace: Path) -> dict:
     """Assemble research/ from the linked zone: tables, measures with bootstrap intervals, GX suite, sensitivity."""
     import os
 
-    from linkage.panel import assemble as run
+    from linkage.assemble.stage import assemble as run
 
     if not (os.environ.get("HHLINK_KEY") or os.environ.get("HHLINK_KEY_FILE")):
         os.environ["HHLINK_KEY"] = BENCH_KEY

@@ -43,19 +43,19 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("generate", ("synthetic_data",), (), ("landing", "truth"), ("generate",)),
     # staged/ledger.json is a guard against re-sent files, not data: leaving it out keeps a
     # re-run over the same landing files cached
-    StageSpec("ingest", ("linkage.ingest",), ("landing",),
+    StageSpec("ingest", ("linkage.ingest.stage",), ("landing",),
               ("staged", "quarantine", "reports/quality/quality_summary.json", "reports/quality/ingest_summary.json"),
               ("ingest", "paths")),
-    StageSpec("pseudonymise", ("linkage.pseudonymise",), ("staged/*.parquet",), ("pseudonymised",), ("pseudonymise", "paths"), keyed=True),
-    StageSpec("link", ("linkage.link", "linkage.link_report"), ("pseudonymised/identifiers",), ("linked",), ("link", "generate.end_year")),
-    StageSpec("assemble", ("linkage.panel",), ("linked", "pseudonymised/payload"),
+    StageSpec("pseudonymise", ("linkage.pseudonymise.stage",), ("staged/*.parquet",), ("pseudonymised",), ("pseudonymise", "paths"), keyed=True),
+    StageSpec("link", ("linkage.link.stage", "linkage.link.report"), ("pseudonymised/identifiers",), ("linked",), ("link", "generate.end_year")),
+    StageSpec("assemble", ("linkage.assemble.stage",), ("linked", "pseudonymised/payload"),
               ("research", "reports/mobility.json", "reports/quality/research/quality_summary.json"),
               ("assemble", "link", "paths"), keyed=True, project_files=_la_lookup),
-    StageSpec("evaluate", ("linkage.evaluate", "linkage.link_report"), ("truth", "linked", "pseudonymised/crosswalk.enc", "research/mobility.parquet",
+    StageSpec("evaluate", ("linkage.evaluate.stage", "linkage.link.report"), ("truth", "linked", "pseudonymised/crosswalk.enc", "research/mobility.parquet",
                            "reports/mobility.json"),
               ("reports/evaluation.json",), ("link", "assemble", "generate.end_year", "paths"), keyed=True,
               project_files=_la_lookup),
-    StageSpec("disclose", ("linkage.disclosure",), ("research",), ("published", "reports/disclosure/report.json"),
+    StageSpec("disclose", ("linkage.disclose.stage",), ("research",), ("published", "reports/disclosure/report.json"),
               ("disclosure", "assemble", "paths"), keyed=True, project_files=_la_lookup),
 )}
 

@@ -94,7 +94,7 @@ def generate_task(workspace: str, config: Config, fingerprint: str) -> dict:
 @task(name="ingest", **STAGE_OPTIONS)
 def ingest_task(workspace: str, config: Config, fingerprint: str) -> dict:
     """landing/ into staged/ and quarantine/, behind the Great Expectations gates."""
-    from linkage.ingest import ingest
+    from linkage.ingest.stage import ingest
 
     return _run("ingest", workspace, fingerprint, lambda: ingest(config, workspace))
 
@@ -102,7 +102,7 @@ def ingest_task(workspace: str, config: Config, fingerprint: str) -> dict:
 @task(name="pseudonymise", **STAGE_OPTIONS)
 def pseudonymise_task(workspace: str, config: Config, fingerprint: str, key_file: str | None = None) -> dict:
     """staged/ into pseudonymised/ (the key is read here, from the file or environment; never passed)."""
-    from linkage.pseudonymise import pseudonymise
+    from linkage.pseudonymise.stage import pseudonymise
 
     return _run("pseudonymise", workspace, fingerprint, lambda: pseudonymise(config, workspace, key_file=key_file))
 
@@ -110,7 +110,7 @@ def pseudonymise_task(workspace: str, config: Config, fingerprint: str, key_file
 @task(name="link", **STAGE_OPTIONS)
 def link_task(workspace: str, config: Config, fingerprint: str) -> dict:
     """pseudonymised/identifiers/ into linked/ and the linkage-quality report."""
-    from linkage.link import link
+    from linkage.link.stage import link
 
     return _run("link", workspace, fingerprint, lambda: link(config, workspace))
 
@@ -118,7 +118,7 @@ def link_task(workspace: str, config: Config, fingerprint: str) -> dict:
 @task(name="assemble", **STAGE_OPTIONS)
 def assemble_task(workspace: str, config: Config, fingerprint: str, key_file: str | None = None) -> dict:
     """linked/ and the payload into research/, with the research suites as a gate."""
-    from linkage.panel import assemble
+    from linkage.assemble.stage import assemble
 
     return _run("assemble", workspace, fingerprint, lambda: assemble(config, workspace, key_file=key_file))
 
@@ -126,7 +126,7 @@ def assemble_task(workspace: str, config: Config, fingerprint: str, key_file: st
 @task(name="evaluate", **STAGE_OPTIONS)
 def evaluate_task(workspace: str, config: Config, fingerprint: str, key_file: str | None = None) -> dict:
     """Linkage and mobility estimates against truth/ (synthetic runs only)."""
-    from linkage.evaluate import evaluate
+    from linkage.evaluate.stage import evaluate
 
     return _run("evaluate", workspace, fingerprint, lambda: evaluate(config, workspace, key_file=key_file))
 
@@ -134,7 +134,7 @@ def evaluate_task(workspace: str, config: Config, fingerprint: str, key_file: st
 @task(name="disclose", **STAGE_OPTIONS)
 def disclose_task(workspace: str, config: Config, fingerprint: str, key_file: str | None = None) -> dict:
     """research/ into published/ under disclosure control."""
-    from linkage.disclosure import disclose
+    from linkage.disclose.stage import disclose
     from linkage.keys import load_master_key
 
     def call():
@@ -148,7 +148,7 @@ def linkage_report_task(workspace: str, config: Config) -> dict:
     """``reports/linkage/report.json``, rebuilt from linked/ if it has gone missing since link ran."""
     path = Path(workspace) / "reports" / "linkage" / "report.json"
     if not path.exists():
-        from linkage.link_report import write_report
+        from linkage.link.report import write_report
 
         write_report(config, workspace)
     return json.loads(path.read_text())

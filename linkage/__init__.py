@@ -3,7 +3,7 @@
 Each stage is a module with one public entry point; see ARCHITECTURE in the README.
 """
 
-from linkage import _pyspark_guard
+from linkage.compat import pyspark_guard as _pyspark_guard
 from linkage.config import Config, load_config
 from linkage.errors import ConfigError, HhlinkError, SchemaError, WorkspaceError
 from linkage.schemas import load_schema, load_schemas

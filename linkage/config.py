@@ -351,7 +351,7 @@ class DisclosureConfig(_Section):
 
 
 class ServiceConfig(_Section):
-    """The researcher and auditor portal (``hhlink serve``); ``linkage/service/`` implements it.
+    """The researcher and auditor portal (``hhlink serve``); ``linkage/serve/`` implements it.
 
     Users and their token hashes live in the workspace (``service/users.json``, made by
     ``hhlink users add``), never here; the audit log is ``audit/log.jsonl``.

@@ -12,7 +12,7 @@ asset). Every expectation becomes an aggregate query that DuckDB
 answers from the columnar file (multi-threaded, projection push-down), so no table is
 pulled into pandas, nothing is sampled, and the counts in the reports are exact at any
 size. GX 1.24 has no DuckDB data source of its own; its generic SQL data source works
-through ``duckdb_engine`` with the buffering fix in :mod:`linkage._gx_duckdb`. GX's
+through ``duckdb_engine`` with the buffering fix in :mod:`linkage.compat.gx_duckdb`. GX's
 regex expectations are not available on that dialect, so format rules are
 ``UnexpectedRowsExpectation`` queries using DuckDB's ``regexp_full_match``.
 
@@ -131,7 +131,7 @@ def _gx():
     if not log.isEnabledFor(logging.DEBUG):
         logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
-    import linkage._gx_duckdb  # noqa: F401  (registers the duckdb+hhlink dialect)
+    import linkage.compat.gx_duckdb  # noqa: F401  (registers the duckdb+hhlink dialect)
     return gx
 
 

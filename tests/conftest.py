@@ -58,11 +58,11 @@ def portal_workspace(tmp_path_factory) -> Path:
     Two malformed lines are appended to the education extract so ``quarantine/`` has rows.
     The key is ``HHLINK_KEY = 5e * 32``.
     """
-    from linkage.disclosure import disclose
-    from linkage.ingest import ingest
-    from linkage.link import link
-    from linkage.panel import assemble
-    from linkage.pseudonymise import pseudonymise
+    from linkage.disclose.stage import disclose
+    from linkage.ingest.stage import ingest
+    from linkage.link.stage import link
+    from linkage.assemble.stage import assemble
+    from linkage.pseudonymise.stage import pseudonymise
 
     ws = tmp_path_factory.mktemp("portal") / "ws"
     cfg = load_config(generate={"persons": 2000, "seed": 5},

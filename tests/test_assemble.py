@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from linkage.config import load_config
-from linkage.panel import RESEARCH_TABLES, AssembleError, assemble, load_research_schema
+from linkage.assemble.stage import RESEARCH_TABLES, AssembleError, assemble, load_research_schema
 from linkage.quality import validate
 
 KEY = "5e" * 32
@@ -21,10 +21,10 @@ PERSONS = 3000
 @pytest.fixture(scope="module")
 def assembled(tmp_path_factory):
     """A 3,000-person population through every stage, assembled for project ``proj-a``, then evaluated."""
-    from linkage.evaluate import evaluate
-    from linkage.ingest import ingest
-    from linkage.link import link
-    from linkage.pseudonymise import pseudonymise
+    from linkage.evaluate.stage import evaluate
+    from linkage.ingest.stage import ingest
+    from linkage.link.stage import link
+    from linkage.pseudonymise.stage import pseudonymise
     from synthetic_data import generate_population
 
     mp = pytest.MonkeyPatch()
@@ -217,7 +217,7 @@ def test_assemble_without_a_linkage_run_is_a_clear_error(tmp_path, monkeypatch):
 def test_incremental_threshold_variants_equal_a_full_rebuild(assembled, tmp_path):
     """Oracle: rebuilding only the children a threshold can change gives the cohort a full rebuild gives."""
     from linkage import _panel_sql, mobility, panel
-    from linkage._sensitivity import Incremental, recluster
+    from linkage.assemble.sensitivity import Incremental, recluster
     from linkage.keys import load_master_key
 
     root, cfg, _, _ = assembled

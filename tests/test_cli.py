@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import linkage.commands  # noqa: F401  (registers the commands)
+import linkage.cli  # noqa: F401  (registers the commands)
 from linkage.cli import cli
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()

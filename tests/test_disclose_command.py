@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from linkage.config import load_config
-from linkage.disclosure import STATUSES, RequestError, build_table, disclose
+from linkage.disclose.stage import STATUSES, RequestError, build_table, disclose
 from linkage.keys import fingerprint, load_master_key
 from linkage.sdc.standard import standard_tables
 from tests.test_disclosure_properties import _equations, _interval
@@ -23,10 +23,10 @@ KEY_HEX = "5e" * 32
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from linkage.ingest import ingest
-    from linkage.link import link
-    from linkage.panel import assemble
-    from linkage.pseudonymise import pseudonymise
+    from linkage.ingest.stage import ingest
+    from linkage.link.stage import link
+    from linkage.assemble.stage import assemble
+    from linkage.pseudonymise.stage import pseudonymise
     from synthetic_data import generate_population
 
     ws = tmp_path_factory.mktemp("disclose") / "ws"

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from linkage.config import load_config
-from linkage.disclosure import ContributionError, Dimension, Measure, TableSpec, protect_table
+from linkage.disclose.stage import ContributionError, Dimension, Measure, TableSpec, protect_table
 from linkage.errors import ConfigError
 from linkage.keys import load_master_key
 from linkage.sdc.cells import record_keys

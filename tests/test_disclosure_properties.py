@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from scipy.optimize import linprog
 
 from linkage.config import load_config
-from linkage.disclosure import Dimension, Measure, TableSpec, protect_table
+from linkage.disclose.stage import Dimension, Measure, TableSpec, protect_table
 from linkage.keys import MasterKey
 
 KEY = MasterKey(bytes.fromhex("5e" * 32), "test")

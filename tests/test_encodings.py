@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from linkage.config import load_config
 from linkage.encodings import BloomEncoder, BloomParams, Tokeniser, dice, dice_sql, hashes_for_half_fill
 from linkage.keys import derive_key
-from linkage.pseudonymise import bloom_params
+from linkage.pseudonymise.stage import bloom_params
 
 # fixed test keys, generated here (never a key file): results below are reproducible
 KEY = hashlib.sha256(b"hhlink test key one").digest()

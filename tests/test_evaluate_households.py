@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from linkage.config import LinkConfig
-from linkage.evaluate import metrics_from_counts, pairwise_counts, person_metrics
-from linkage.households import assemble_households
+from linkage.evaluate.stage import metrics_from_counts, pairwise_counts, person_metrics
+from linkage.link.households import assemble_households
 
 
 def _assign(con, rows):

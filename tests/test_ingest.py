@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from linkage.config import load_config
-from linkage.ingest import IngestError, QualityGateError, ingest, stage_files
+from linkage.ingest.stage import IngestError, QualityGateError, ingest, stage_files
 from linkage.schemas import SOURCES, load_schema
 
 EDU = load_schema("education")

@@ -12,7 +12,7 @@ import pytest
 
 from linkage.config import load_config
 from linkage.errors import HhlinkError
-from linkage.link import link
+from linkage.link.stage import link
 
 KEY = "5e" * 32
 REQUIRED = ("person_pairwise_precision", "person_pairwise_recall", "person_pairwise_f1", "person_cluster_f1",
@@ -22,9 +22,9 @@ REQUIRED = ("person_pairwise_precision", "person_pairwise_recall", "person_pairw
 @pytest.fixture(scope="module")
 def linked(tmp_path_factory):
     """A 4,000-person population taken through every stage up to evaluation."""
-    from linkage.evaluate import evaluate
-    from linkage.ingest import ingest
-    from linkage.pseudonymise import pseudonymise
+    from linkage.evaluate.stage import evaluate
+    from linkage.ingest.stage import ingest
+    from linkage.pseudonymise.stage import pseudonymise
     from synthetic_data import generate_population
 
     mp = pytest.MonkeyPatch()

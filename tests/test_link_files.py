@@ -22,9 +22,9 @@ import pytest
 
 from linkage.config import load_config
 from linkage.errors import HhlinkError
-from linkage.link_files import BadValueError, InputFileError, LinkFilesError, MapError, link_files, load_map
-from linkage.link_files_model import PRIORS, prediction_rules
-from linkage.link_model import model_settings
+from linkage.link_files.stage import BadValueError, InputFileError, LinkFilesError, MapError, link_files, load_map
+from linkage.link_files.model import PRIORS, prediction_rules
+from linkage.link.model import model_settings
 
 KEY = "5e" * 32
 PAIRS_COLUMNS = ["record_id_l", "file_l", "record_id_r", "file_r", "match_probability", "match_weight"]

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from linkage import _panel_sql as sql
-from linkage import mobility
+from linkage.assemble import sql
+from linkage.assemble import mobility
 from linkage.config import load_config
 
 # -- the measures on tiny tables ---------------------------------------------------------

@@ -52,7 +52,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import linkage.commands  # noqa: F401  (registers the commands)
+import linkage.cli  # noqa: F401  (registers the commands)
 from linkage.cli import cli
 from linkage.config import load_config
 from linkage.crosswalk import read_crosswalk
@@ -319,7 +319,7 @@ def test_the_scan_finds_planted_cleartext(pipeline, tmp_path):
 
 def test_log_lines_of_the_stage_hold_no_identifier(pipeline, tmp_path, caplog, monkeypatch):
     """The library's own log records at DEBUG level, captured in-process, name no value."""
-    from linkage.pseudonymise import pseudonymise
+    from linkage.pseudonymise.stage import pseudonymise
 
     root, key, _ = pipeline
     values, _ = _landing_values(root)

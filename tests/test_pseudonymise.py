@@ -22,7 +22,7 @@ from linkage.crosswalk import CrosswalkError, crosswalk_lookup, read_crosswalk, 
 from linkage.encodings import BloomEncoder, dice
 from linkage.errors import WorkspaceError
 from linkage.keys import ENV_KEY, ENV_KEY_FILE, KeyMismatchError, KeyNotFoundError, KeyPermissionError, MasterKey
-from linkage.pseudonymise import IDENTIFIER_COLUMNS, PseudonymiseError, bloom_params, pseudonymise
+from linkage.pseudonymise.stage import IDENTIFIER_COLUMNS, PseudonymiseError, bloom_params, pseudonymise
 from linkage.schemas import SOURCES, load_schema
 
 SECRET = hashlib.sha256(b"hhlink pseudonymise test key").digest()     # fixed test keys, generated here
@@ -43,7 +43,7 @@ def _oracle(domain: str, value: str | None, secret: bytes = SECRET) -> str | Non
 @pytest.fixture(scope="module")
 def ws(small_population, tmp_path_factory):
     """The 5k-person population's landing zone, ingested by the real ingest and pseudonymised."""
-    from linkage.ingest import ingest
+    from linkage.ingest.stage import ingest
 
     root = tmp_path_factory.mktemp("pseudo")
     shutil.copytree(small_population[0] / "landing", root / "landing")

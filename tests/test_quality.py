@@ -45,7 +45,7 @@ def test_a_suite_without_severity_is_refused(tmp_path):
 
 def test_buffered_duckdb_dialect_returns_rows_after_the_connection_closes():
     # GX fetches after closing the connection; plain duckdb_engine then returns nothing
-    import linkage._gx_duckdb  # noqa: F401
+    import linkage.compat.gx_duckdb  # noqa: F401
 
     engine = sa.create_engine("duckdb+hhlink:///:memory:")
     with engine.connect() as con:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from linkage.config import load_config
-from linkage.ingest import ingest
+from linkage.ingest.stage import ingest
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",

@@ -1,4 +1,4 @@
-"""The portal (``hhlink serve``, ``linkage/service/``) on a real 2,000-person workspace.
+"""The portal (``hhlink serve``, ``linkage/serve/``) on a real 2,000-person workspace.
 
 Roles on every API route and page (missing, wrong and wrong-role credentials), CSRF on
 every form, strict table requests (SQL and path tricks refused before any data is read),
@@ -26,10 +26,10 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from linkage.config import load_config
-from linkage.disclosure import build_table, record_key_secret
+from linkage.disclose.stage import build_table, record_key_secret
 from linkage.keys import MasterKey
-from linkage.service import ROLES, AuditLog, UserStore, create_app
-from linkage.service.audit import AUDIT_KEY_PURPOSE, entry_hash
+from linkage.serve import ROLES, AuditLog, UserStore, create_app
+from linkage.serve.audit import AUDIT_KEY_PURPOSE, entry_hash
 from tests.conftest import PORTAL_KEY_HEX, QUARANTINE_MARKER
 
 KEY = MasterKey(bytes.fromhex(PORTAL_KEY_HEX), "test")
@@ -140,7 +140,7 @@ def test_every_route_is_covered(app):
     for p, ops in spec["paths"].items():
         for op in ops.values():
             assert op.get("security") == [{"HTTPBearer": []}], p
-    from linkage.service import pages as page_routes
+    from linkage.serve import pages as page_routes
 
     assert {r.path for r in page_routes.router.routes} - PUBLIC == set(PAGES)
 

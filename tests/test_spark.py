@@ -30,7 +30,7 @@ import pytest
 from linkage import spark_engine
 from linkage.config import load_config
 from linkage.encodings import dice, dice_sql
-from linkage.link import link
+from linkage.link.stage import link
 
 KEY = "5e" * 32                       # a fixed test key (hex of 32 bytes)
 PERSONS = 1500
@@ -98,8 +98,8 @@ def spark():
 @pytest.fixture(scope="module")
 def identifiers(tmp_path_factory):
     """A 1,500-person population through the real generate, ingest and pseudonymise stages."""
-    from linkage.ingest import ingest
-    from linkage.pseudonymise import pseudonymise
+    from linkage.ingest.stage import ingest
+    from linkage.pseudonymise.stage import pseudonymise
     from synthetic_data import generate_population
 
     mp = pytest.MonkeyPatch()
@@ -272,7 +272,7 @@ def test_great_expectations_imports_with_pyspark_installed_from_a_script(tmp_pat
     script.write_text(textwrap.dedent(f"""
         import great_expectations
         import pyspark.sql
-        import linkage.cli, linkage.quality, linkage.spark_engine
+        import linkage.cli, linkage.quality, linkage.link.spark
         print({MARKER!r})
     """))
     proc = _run([str(script)], tmp_path)

@@ -1,4 +1,4 @@
-"""Internal modules of the disclosure-control engine; the public surface is :mod:`linkage.disclosure`.
+"""Internal modules of the disclosure-control engine; the public surface is :mod:`linkage.disclose.stage`.
 
 * :mod:`~linkage.sdc.spec` - table, dimension and measure declarations;
 * :mod:`~linkage.sdc.cells` - cell statistics from record-level contributions (DuckDB SQL);

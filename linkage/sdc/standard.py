@@ -231,7 +231,7 @@ def request_spec(request: dict, config: Config) -> tuple[TableSpec, Source]:
     Raises:
         RequestError: unknown keys, a dimension or measure not allowed, more than three dimensions.
     """
-    from linkage.disclosure import RequestError
+    from linkage.disclose.stage import RequestError
 
     if not isinstance(request, dict) or set(request) - {"dimensions", "measure"}:
         raise RequestError("a request is {'dimensions': [...], 'measure': '...'}")

@@ -1,0 +1,560 @@
+"""The research zone: person, person-year, household-year, parent-child and cohort tables, and measures.
+
+``hhlink assemble`` reads ``linked/`` (persons, households, parent-child relations, scored
+pairs) and ``pseudonymised/payload/`` (attributes by record token) and writes ``research/``:
+
+* ``person``, ``person_year``, ``household_year``, ``parent_child`` and ``cohort`` (the
+  intergenerational cohort: childhood circumstances and the child's own outcomes), built
+  by the SQL in :mod:`linkage.assemble.sql`;
+* ``mobility`` and ``transition_matrix``: the measures of :mod:`linkage.assemble.mobility` with
+  bootstrap confidence intervals, nationally and per birth cohort, region and LA;
+* ``metadata.json``: project id and key fingerprint, row counts, schema versions, settings.
+
+Every table is declared in ``schemas/research/<table>.toml`` (columns, types, roles) and
+written in that column order and type; a table that does not match its declaration stops
+the run. Keys are per research project: a person's ``person_id`` is the keyed
+HMAC-SHA256 of its linkage key under the project's subkey (``linkage.keys.project_key``),
+so two projects' extracts cannot be joined, and no linkage key, record token or
+identifier reaches ``research/``. Sex, an identifier role, is recovered from its keyed
+token only as M or F.
+
+The Great Expectations suites in ``expectations/research/`` run on the new tables before
+they replace ``research/`` (a critical failure keeps the old zone); their results go to
+``reports/quality/research/``. The linkage-error sensitivity analysis (headline measures
+with persons re-clustered at ``assemble.sensitivity_thresholds``) goes to
+``reports/mobility.json``; ``hhlink evaluate`` adds the estimates on true links.
+
+Example:
+    >>> from linkage.config import load_config
+    >>> summary = assemble(load_config(), "workspace")          # doctest: +SKIP
+    >>> summary["headline"]["ige"]                               # doctest: +SKIP
+    0.38...
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from linkage.assemble import sql
+from linkage.assemble import mobility
+from linkage.config import PROJECT_ROOT, Config
+from linkage.errors import HhlinkError, SchemaError, WorkspaceError, read_toml
+from linkage.workspace import Workspace, atomic_path
+
+__all__ = ["RESEARCH_TABLES", "AssembleError", "TableSchema", "assemble", "load_research_schema",
+           "mobility_evaluation"]
+
+log = logging.getLogger(__name__)
+
+RESEARCH_TABLES = ("person", "person_year", "household_year", "parent_child", "cohort", "mobility",
+                   "transition_matrix")
+_TYPES = {"string": ("VARCHAR", pa.string()), "int": ("BIGINT", pa.int64()), "float": ("DOUBLE", pa.float64()),
+          "bool": ("BOOLEAN", pa.bool_())}
+_ROLES = ("key", "period", "attribute", "circumstance", "outcome", "statistic")
+
+
+class AssembleError(HhlinkError):
+    """Assembly cannot run (missing zone) or a research table breaks its declared schema."""
+
+
+@dataclass(frozen=True)
+class TableSchema:
+    """A research table's contract, as declared in ``schemas/research/<table>.toml``."""
+
+    table: str
+    version: str
+    description: str
+    columns: tuple[dict, ...]
+    unique: tuple[tuple[str, ...], ...]
+
+    @property
+    def names(self) -> list[str]:
+        """Column names in declared order."""
+        return [c["name"] for c in self.columns]
+
+    def arrow(self) -> pa.Schema:
+        """The table's Arrow schema."""
+        return pa.schema([(c["name"], _TYPES[c["type"]][1]) for c in self.columns])
+
+
+def load_research_schema(table: str, folder: Path | str | None = None) -> TableSchema:
+    """Load one research table's schema.
+
+    Raises:
+        SchemaError: missing file, bad TOML, or a column with an unknown type or role.
+
+    Example:
+        >>> load_research_schema("person").names[:3]
+        ['person_id', 'birth_year', 'sex']
+    """
+    folder = Path(folder) if folder is not None else PROJECT_ROOT / "schemas" / "research"
+    path = folder / f"{table}.toml"
+    raw = read_toml(path, SchemaError, "schema file")
+    cols = tuple(raw.get("columns", []))
+    for c in cols:
+        if c.get("type") not in _TYPES or c.get("role") not in _ROLES or "name" not in c:
+            raise SchemaError(f"{path}: column {c.get('name')!r} needs a name, a type in {sorted(_TYPES)} "
+                              f"and a role in {list(_ROLES)}")
+    if not cols or raw.get("table") != table:
+        raise SchemaError(f"{path}: must declare table = \"{table}\" and its columns")
+    return TableSchema(table, raw.get("version", ""), raw.get("description", ""), cols,
+                       tuple(tuple(u) for u in raw.get("unique", [])))
+
+
+# -- inputs and links ------------------------------------------------------------------------
+
+def _connect(config: Config, spill: Path) -> duckdb.DuckDBPyConnection:
+    import os
+
+    a = config.assemble
+    con = duckdb.connect()
+    con.execute("SET lambda_syntax='ENABLE_SINGLE_ARROW'")    # Splink's clustering SQL still uses x -> ...
+    con.execute(f"SET threads={a.threads or os.cpu_count() or 2}")
+    con.execute(f"SET memory_limit='{a.memory_limit}'")
+    con.execute(f"SET temp_directory='{spill}'")
+    con.execute("SET enable_progress_bar=false")
+    # rows are ordered where order matters (every written table, the measures' input)
+    con.execute("SET preserve_insertion_order=false")
+    return con
+
+
+def _sex_tokens(key) -> tuple[str, str]:
+    """The keyed tokens of sex M and F (the pseudonymiser tokenises sex in domain ``sex``)."""
+    from linkage.encodings import Tokeniser
+
+    tok = Tokeniser(key.subkey("tokens"), "sex")
+    return tok("M"), tok("F")
+
+
+def load_inputs(con: duckdb.DuckDBPyConnection, ws: Workspace, key, la_lookup: Path) -> None:
+    """Load the run's fixed inputs (records, payloads, sex, LA lookup) and the linkage's links.
+
+    The linkage's identity, person and household keys become integers (``identity_map``,
+    ``person_map``, ``household_map`` keep the originals): every join of the panel runs on
+    integers, and the project keys are derived from the original keys.
+    """
+    linked, payload = ws.zone("linked"), ws.zone("pseudonymised") / "payload"
+    tok_m, tok_f = _sex_tokens(key)
+    con.execute(f"""
+        create or replace table identity_map as
+        select unique_id as linkage_id, (row_number() over (order by unique_id))::integer uid
+        from read_parquet('{linked}/identities.parquet');
+        create or replace table person_map as
+        select person_key as linkage_key, (row_number() over (order by person_key))::integer pid
+        from (select distinct person_key from read_parquet('{linked}/identities.parquet'));
+        create or replace table household_map as
+        select household_key as linkage_key, (row_number() over (order by household_key))::integer hid
+        from (select distinct household_key from read_parquet('{linked}/households.parquet'));
+        create or replace table recs as
+        select r.record_token, i.uid as unique_id, r.source, r.year::int as year, r.birth_year::int as birth_year,
+               r.claim_tok, r.bu_role, p.pid as base_key
+        from read_parquet('{linked}/records.parquet') r
+        join identity_map i on i.linkage_id = r.unique_id join person_map p on p.linkage_key = r.person_key;
+        create or replace view payload_education as select * from read_parquet('{payload}/education.parquet');
+        create or replace view payload_benefits as select * from read_parquet('{payload}/benefits.parquet');
+        create or replace view payload_earnings as select * from read_parquet('{payload}/earnings.parquet');
+        create or replace table unique_sex as
+        select i.uid as unique_id, case d.sex_tok when '{tok_m}' then 'M' when '{tok_f}' then 'F' end sex
+        from read_parquet('{linked}/identities.parquet') d join identity_map i on i.linkage_id = d.unique_id;
+        create or replace table la_region as
+        select utla_code la_code, region_code from read_csv('{la_lookup}', header = true, all_varchar = true);
+        create or replace table households_base as
+        select p.pid as person_key, h.year::int as year, h.birth_year::int as birth_year, m.hid as household_key
+        from read_parquet('{linked}/households.parquet') h join person_map p on p.linkage_key = h.person_key
+        join household_map m on m.linkage_key = h.household_key;
+        create or replace table parent_child_base as
+        select p.pid as parent_key, c.pid as child_key, r.confidence, r.bu_years::int bu_years,
+               r.coresident_years::int coresident_years, r.age_gap::int age_gap
+        from read_parquet('{linked}/parent_child.parquet') r join person_map p on p.linkage_key = r.parent_key
+        join person_map c on c.linkage_key = r.child_key;
+    """)
+    con.execute(sql.inputs_sql())
+
+
+def load_pairs(con: duckdb.DuckDBPyConnection, ws: Workspace) -> None:
+    """``identity_nodes`` and the kept ``pairs`` (on integer identity keys), for re-clustering."""
+    linked = ws.zone("linked")
+    con.execute(f"""
+        create or replace table identity_nodes as select uid as unique_id from identity_map;
+        create or replace table pairs as
+        select l.uid as unique_id_l, r.uid as unique_id_r, p.match_probability
+        from read_parquet('{linked}/pairs.parquet') p join identity_map l on l.linkage_id = p.unique_id_l
+        join identity_map r on r.linkage_id = p.unique_id_r;
+    """)
+
+
+def use_linked_links(con: duckdb.DuckDBPyConnection) -> None:
+    """Point ``id_person``, ``households`` and ``parent_child`` at the linkage's own links."""
+    con.execute("""
+        create or replace view id_person as select unique_id, base_key person_key from id_base;
+        create or replace view households as select * from households_base;
+        create or replace table parent_child as select * from parent_child_base;
+    """)
+
+
+def build_panel(con: duckdb.DuckDBPyConnection, config: Config, full: bool = True, only: str | None = None) -> None:
+    """Build the ``t_*`` tables from the current links.
+
+    ``full=False`` builds only what the headline measures need; ``only`` (a table of person
+    keys) limits the cohort to those children.
+    """
+    a = config.assemble
+    steps = [sql.person_sql(full), sql.pay_sql()]
+    if full:
+        steps += [sql.education_sql(), sql.claims_sql(), sql.person_year_sql(), sql.household_year_sql()]
+    # the headline measures read only children who can have both parental earnings and adult pay
+    def cohorts(alias: str) -> str | None:
+        return None if full else sql.mobility_cohorts_sql(a.childhood_ages, a.adult_pay_ages, alias)
+
+    steps += [sql.coresidence_sql(a.min_parent_confidence, cohorts("c")),
+              sql.childhood_sql(a.childhood_ages, with_income=full), sql.adult_pay_sql(a.adult_pay_ages),
+              sql.children_sql(a.min_parent_confidence, only, cohorts("p"))]
+    steps.append(sql.cohort_sql(a.childhood_ages, a.neet_ages, a.persistent_fsm_share) if full
+                 else sql.headline_cohort_sql())
+    for step in steps:
+        con.execute(step)
+
+
+_COHORT_NUMERIC = ("birth_year", "log_parents_earnings", "log_adult_pay", "parents_earnings", "adult_pay",
+                   "ever_fsm", "persistent_fsm", "household_income_percentile", "parents_earnings_percentile",
+                   "longest_spell_months", "ks2_score", "ks4_att8")
+_COHORT_TEXT = ("region_at_16", "la_at_16")
+
+
+def cohort_arrays(con: duckdb.DuckDBPyConnection) -> dict[str, np.ndarray]:
+    """The cohort columns the measures read, as numpy arrays (NaN or None for missing), in a fixed row order."""
+    have = {r[0] for r in con.execute("describe t_cohort").fetchall()}
+    cols = [c for c in _COHORT_NUMERIC + _COHORT_TEXT if c in have]
+    t = con.sql(f"select {', '.join(cols)} from t_cohort order by child_key").to_arrow_table()
+    out: dict[str, np.ndarray] = {}
+    for c in _COHORT_NUMERIC:
+        out[c] = (t[c].cast(pa.float64()).to_numpy(zero_copy_only=False) if c in have
+                  else np.full(t.num_rows, np.nan))
+    for c in _COHORT_TEXT:
+        out[c] = np.array(t[c].to_pylist() if c in have else [None] * t.num_rows, dtype=object)
+    return out
+
+
+def _prepared(con: duckdb.DuckDBPyConnection, config: Config) -> dict:
+    return mobility.prepare(cohort_arrays(con), long_spell_months=config.assemble.long_spell_months)
+
+
+# -- writing research/ --------------------------------------------------------------------
+
+def _key_maps(con: duckdb.DuckDBPyConnection, project_secret: bytes) -> None:
+    """``key_person`` and ``key_household``: panel key -> project key (keyed HMAC of the linkage's key, domain per kind)."""
+    from linkage.encodings import Tokeniser
+
+    for kind, table, column, ids, idcol in (("person", "t_person", "person_key", "person_map", "pid"),
+                                            ("household", "t_household_year", "household_key", "household_map", "hid")):
+        rows = con.execute(f"""select m.{idcol}, m.linkage_key from {ids} m
+                               where m.{idcol} in (select {column} from {table}) order by 1""").fetchall()
+        mapped = pa.table({column: pa.array([r[0] for r in rows], pa.int32()),
+                           f"{kind}_id": pa.array(Tokeniser(project_secret, kind).many([r[1] for r in rows]),
+                                                  pa.string())})
+        con.register(f"_map_{kind}", mapped)
+        con.execute(f"create or replace table key_{kind} as select * from _map_{kind}")
+        con.unregister(f"_map_{kind}")
+
+
+_VIEWS = {
+    "person": """
+        select k.person_id, p.*, c.la_at_16, r.region_code region_at_16
+        from t_person p join key_person k using (person_key)
+        left join (select e.person_key, arg_max(e.la_code, e.year) la_at_16 from t_edu e join t_person q using (person_key)
+                   where e.year - q.birth_year <= 16 group by 1) c using (person_key)
+        left join la_region r on r.la_code = c.la_at_16""",
+    "person_year": """
+        select k.person_id, h.household_id, py.* from t_person_year py join key_person k using (person_key)
+        left join key_household h using (household_key)""",
+    "household_year": "select k.household_id, h.* from t_household_year h join key_household k using (household_key)",
+    "parent_child": """
+        select p.person_id parent_id, c.person_id child_id, r.confidence, r.bu_years benefit_unit_years,
+               r.coresident_years, cb.birth_year - pb.birth_year age_gap
+        from parent_child r join key_person p on p.person_key = r.parent_key
+        join key_person c on c.person_key = r.child_key
+        join t_person pb on pb.person_key = r.parent_key join t_person cb on cb.person_key = r.child_key""",
+    "cohort": "select k.person_id child_id, c.* from t_cohort c join key_person k on k.person_key = c.child_key",
+}
+
+
+def _write_table(con: duckdb.DuckDBPyConnection, schema: TableSchema, out: Path) -> int:
+    """Write ``research/<table>.parquet`` in the declared column order and types; returns rows."""
+    cols = ", ".join(f'CAST("{c["name"]}" AS {_TYPES[c["type"]][0]}) AS "{c["name"]}"' for c in schema.columns)
+    order = ", ".join(schema.unique[0]) if schema.unique else schema.names[0]
+    path = out / f"{schema.table}.parquet"
+    try:
+        con.execute(f"copy (select {cols} from ({_VIEWS[schema.table]}) order by {order}) "
+                    f"to '{path}' (format parquet, compression zstd)")
+    except duckdb.BinderException as exc:
+        raise AssembleError(f"research/{schema.table}: does not match schemas/research/{schema.table}.toml "
+                            f"({str(exc).splitlines()[0]})") from None
+    return con.execute(f"select count(*) from read_parquet('{path}')").fetchall()[0][0]
+
+
+def _write_rows(rows: list[dict], schema: TableSchema, out: Path) -> int:
+    table = pa.Table.from_pylist(rows, schema=schema.arrow())
+    pq.write_table(table, out / f"{schema.table}.parquet", compression="zstd")
+    return table.num_rows
+
+
+def _check_written(out: Path, schemas: dict[str, TableSchema]) -> None:
+    """Every file's columns and types are exactly its declaration's."""
+    for name, schema in schemas.items():
+        got = pq.read_schema(out / f"{name}.parquet")
+        if [(f.name, f.type) for f in got] != [(f.name, f.type) for f in schema.arrow()]:
+            raise AssembleError(f"research/{name}.parquet does not match schemas/research/{name}.toml")
+
+
+def _validate(config: Config, ws: Workspace, out: Path, schemas: dict) -> dict:
+    """Run the research suites on the new tables; results to ``reports/quality/research/``."""
+    from linkage.quality import validate
+
+    suites = config.paths.resolve(config.paths.expectations) / "research"
+    reports = ws.zone("reports") / "quality"
+    reports.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".gx-research-", dir=ws.root))
+    built = Path(tempfile.mkdtemp(prefix=".research.new-", dir=reports))
+    try:
+        summary = validate({name: out / f"{name}.parquet" for name in schemas}, suites, built, scratch,
+                           data_docs=config.assemble.data_docs)
+        for s in summary["sources"].values():
+            s["suite"] = s["suite"].replace("expectations/", "expectations/research/")
+        (built / "quality_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        final = reports / "research"
+        if final.exists():
+            shutil.rmtree(final)
+        built.rename(final)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(built, ignore_errors=True)
+    return summary
+
+
+# -- the linkage-error sensitivity analysis ---------------------------------------------------
+
+def _variant(con: duckdb.DuckDBPyConnection, config: Config, name: str, persons: int, threshold=None,
+             build: bool = True) -> dict:
+    if build:
+        build_panel(con, config, full=False)
+    h = mobility.headline(_prepared(con, config))
+    return {"variant": name, "threshold": threshold, "persons": persons, **h}
+
+
+def _spread(variants: list[dict]) -> dict:
+    out = {}
+    for m in mobility.MOBILITY_MEASURES:
+        vals = [v[m] for v in variants if v.get(m) is not None]
+        out[m] = {"min": min(vals), "max": max(vals), "range": max(vals) - min(vals)} if vals else None
+    return out
+
+
+def sensitivity(con: duckdb.DuckDBPyConnection, config: Config, ws: Workspace, baseline: dict) -> list[dict]:
+    """Headline measures with persons re-clustered at each of ``assemble.sensitivity_thresholds``.
+
+    Needs the full panel built on the linkage's links (its ``t_cohort``); replaces the links.
+    """
+    from linkage.assemble.sensitivity import Incremental
+
+    rows = [{"variant": "linked", "threshold": config.link.threshold, **baseline}]
+    if not config.assemble.sensitivity_thresholds:
+        return rows
+    load_pairs(con, ws)
+    a = config.assemble
+    inc = Incremental(con, config.link, config.link.threshold,
+                      lambda only: build_panel(con, config, full=False, only=only),
+                      sql.mobility_cohorts_sql(a.childhood_ages, a.adult_pay_ages, alias="t_cohort"))
+    for t in config.assemble.sensitivity_thresholds:
+        persons = inc.variant(t)
+        rows.append(_variant(con, config, f"threshold {t:g}", persons, t, build=False))
+    return rows
+
+
+# -- the stage -------------------------------------------------------------------------------
+
+def assemble(config: Config, workspace: Path | str, key_file: Path | str | None = None) -> dict:
+    """Build ``research/`` from ``linked/`` and the payload, compute the measures, check and report them.
+
+    Args:
+        config: the hhlink configuration (``config.assemble`` holds the settings).
+        workspace: the workspace folder; reads ``linked/`` and ``pseudonymised/payload/``.
+        key_file: the master key file (default: ``HHLINK_KEY``, ``HHLINK_KEY_FILE`` or the
+            default file); the project's keys are derived from it.
+
+    Returns:
+        A summary: rows per research table, the national headline measures with their
+        intervals, the sensitivity analysis, the quality results and timings.
+
+    Raises:
+        AssembleError: ``linked/`` or the payload is missing, or a table breaks its schema.
+        QualityGateError: a critical expectation failed (reports written, ``research/`` kept).
+    """
+    from linkage.keys import fingerprint, load_master_key, project_key
+    from linkage.quality import QualityGateError
+
+    ws = Workspace(workspace)
+    for need in (ws.zone("linked") / "records.parquet", ws.zone("pseudonymised") / "payload"):
+        if not need.exists():
+            raise AssembleError(f"{need}: missing; run 'hhlink pseudonymise' and 'hhlink link' first")
+    a = config.assemble
+    key = load_master_key(key_file, workspace)
+    secret = project_key(key, a.project)
+    schemas = {t: load_research_schema(t, config.paths.resolve(config.paths.schemas) / "research")
+               for t in RESEARCH_TABLES}
+    lookup = config.paths.resolve(a.la_lookup)
+    if not lookup.is_file():
+        raise WorkspaceError(f"{lookup}: LA lookup not found (assemble.la_lookup)")
+    t0 = time.perf_counter()
+    seconds: dict[str, float] = {}
+    spill = Path(tempfile.mkdtemp(prefix=".assemble.tmp-", dir=ws.root))
+    con = _connect(config, spill)
+    try:
+        load_inputs(con, ws, key, lookup)
+        use_linked_links(con)
+        build_panel(con, config)
+        seconds["tables"] = time.perf_counter() - t0
+        t = time.perf_counter()
+        prepared = _prepared(con, config)
+        measures, transitions = mobility.bootstrap_measures(
+            prepared, a.bootstrap_replicates, a.bootstrap_seed, a.confidence_level, a.min_group_size)
+        baseline = mobility.headline(prepared)
+        seconds["measures"] = time.perf_counter() - t
+        with ws.publish_dir("research") as out:
+            t = time.perf_counter()
+            _key_maps(con, secret)
+            rows = {name: _write_table(con, schemas[name], out) for name in _VIEWS}
+            rows["mobility"] = _write_rows(measures, schemas["mobility"], out)
+            rows["transition_matrix"] = _write_rows(transitions, schemas["transition_matrix"], out)
+            _check_written(out, schemas)
+            seconds["write"] = time.perf_counter() - t
+            t = time.perf_counter()
+            quality = _validate(config, ws, out, schemas)
+            seconds["quality"] = time.perf_counter() - t
+            if quality["critical_failed"]:
+                raise QualityGateError("critical expectation failed on the research tables, research/ not "
+                                       "updated (reports in reports/quality/research/): "
+                                       + "; ".join(quality["critical_failed"][:5]))
+            meta = {"stage": "assemble", "project": a.project, "project_key_fingerprint": fingerprint(secret),
+                    "master_key_fingerprint": key.fingerprint, "rows": rows,
+                    "schemas": {t: schemas[t].version for t in RESEARCH_TABLES},
+                    "settings": a.model_dump(mode="json", exclude={"memory_limit", "threads", "data_docs"}),
+                    "data_window": list(con.execute("select y0, y1 from data_window").fetchall()[0])}
+            (out / "metadata.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        t = time.perf_counter()
+        variants = sensitivity(con, config, ws, baseline)
+        seconds["sensitivity"] = time.perf_counter() - t
+        seconds["total"] = time.perf_counter() - t0
+        national = {m["measure"]: {k: m[k] for k in ("estimate", "ci_low", "ci_high", "n")}
+                    for m in measures if m["group_type"] == "national"}
+        report = {"project": a.project, "national": national, "headline": baseline,
+                  "sensitivity": {"variants": variants, "spread": _spread(variants)},
+                  "seconds": {k: round(v, 2) for k, v in seconds.items()}}
+        with atomic_path(ws.zone("reports") / "mobility.json") as tmp:
+            tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    finally:
+        con.close()
+        shutil.rmtree(spill, ignore_errors=True)
+    log.info("assembled research tables for project %s in %.1fs", a.project, seconds.get("total", 0))
+    return {"project": a.project, "rows": rows, "headline": baseline, "national": national,
+            "sensitivity": variants, "quality": {k: quality[k] for k in ("critical_failed",)},
+            "seconds": report["seconds"]}
+
+
+# -- evaluation against the truth (hhlink evaluate) -----------------------------------------
+
+def _truth_measures(truth: Path, config: Config) -> dict:
+    """IGE and rank-rank slope on the truth tables, with the cohort table's sample definition.
+
+    The parents' side is the generator's own (``truth/children.parquet``: log mean PAYE
+    earnings of the parents a child lived with at 10-16); the child's side is the mean
+    PAYE pay over the adult ages' years with pay, from ``truth/person_years.parquet``.
+    """
+    b0, b1 = config.assemble.adult_pay_ages
+    t = duckdb.sql(f"""
+        with pay as (select y.person_id, avg(y.paye_pay) adult_pay
+                     from read_parquet('{truth}/person_years.parquet') y
+                     join read_parquet('{truth}/persons.parquet') p using (person_id)
+                     where y.year - p.birth_year between {b0} and {b1} and y.paye_pay > 0 group by 1)
+        select c.birth_year::double birth_year, c.parental_log_earnings_10_16 log_parents_earnings,
+               exp(c.parental_log_earnings_10_16) parents_earnings, pay.adult_pay, ln(pay.adult_pay) log_adult_pay
+        from read_parquet('{truth}/children.parquet') c join pay using (person_id)
+        where c.parental_log_earnings_10_16 is not null order by c.person_id""").to_arrow_table()
+    d = {c: t[c].to_numpy() for c in t.column_names}
+    n = t.num_rows
+    d.update({c: np.full(n, np.nan) for c in _COHORT_NUMERIC if c not in d})
+    d.update({c: np.array([None] * n, dtype=object) for c in _COHORT_TEXT})
+    return mobility.headline(mobility.prepare(d))
+
+
+def mobility_evaluation(config: Config, workspace: Path | str, key) -> dict:
+    """The mobility estimates against the truth, for ``reports/evaluation.json``.
+
+    Reads the planted elasticity (``truth/planted.json``), the estimates ``hhlink assemble``
+    published (``research/mobility.parquet``) and its sensitivity analysis
+    (``reports/mobility.json``), and re-estimates the headline measures with true person
+    links and with all links (persons, households, parent-child) true.
+
+    Returns:
+        ``ige_planted``, ``ige_population`` (on the truth tables), ``ige_estimated``,
+        ``ige_true_links``, ``ige_true_person_links``, the same for ``rank_slope_*``
+        (``rank_slope_planted`` is the rank-rank slope on the truth tables: the generator
+        plants the elasticity, so the truth tables define the rank slope), and
+        ``mobility_sensitivity``: every variant and the spread of each measure.
+    """
+    from linkage.assemble.sensitivity import true_links, true_persons
+    from linkage.crosswalk import CROSSWALK_FILE, crosswalk_table
+
+    ws = Workspace(workspace)
+    truth = ws.zone("truth")
+    research = ws.zone("research") / "mobility.parquet"
+    if not research.exists():
+        raise AssembleError(f"{research}: missing; run 'hhlink assemble' first")
+    planted = json.loads((truth / "planted.json").read_text())
+    national = {r["measure"]: r["estimate"] for r in pq.read_table(research).to_pylist()
+                if r["group_type"] == "national"}
+    population = _truth_measures(truth, config)
+    report_path = ws.zone("reports") / "mobility.json"
+    variants = json.loads(report_path.read_text())["sensitivity"]["variants"] if report_path.exists() else []
+    lookup = config.paths.resolve(config.assemble.la_lookup)
+    spill = Path(tempfile.mkdtemp(prefix=".assemble-eval.tmp-", dir=ws.root))
+    con = _connect(config, spill)
+    try:
+        load_inputs(con, ws, key, lookup)
+        crosswalk_table(con, ws.zone("pseudonymised") / CROSSWALK_FILE, key)
+        con.execute(f"""
+            create or replace table rec_truth as
+            select xw.record_token, t.person_id truth_person
+            from xw join read_parquet('{truth}/source_rows.parquet') t
+                 on t.source = xw.source and t.record_id = xw.record_id;
+            create or replace table truth_py as select person_id, year, household_id
+                from read_parquet('{truth}/person_years.parquet');
+            create or replace table truth_pc as select parent_id, child_id from read_parquet('{truth}/parent_child.parquet');
+        """)
+        con.execute("drop table xw")
+        persons = true_persons(con, config.link)
+        person_links = _variant(con, config, "true person links", persons)
+        persons = true_links(con)
+        all_links = _variant(con, config, "true links", persons)
+    finally:
+        con.close()
+        shutil.rmtree(spill, ignore_errors=True)
+    variants = [v for v in variants if not v["variant"].startswith("true")] + [person_links, all_links]
+    return {
+        "ige_planted": planted["ige"], "ige_population": population["ige"],
+        "ige_estimated": national.get("ige"), "ige_true_links": all_links["ige"],
+        "ige_true_person_links": person_links["ige"],
+        "rank_slope_planted": population["rank_slope"], "rank_slope_estimated": national.get("rank_slope"),
+        "rank_slope_true_links": all_links["rank_slope"], "rank_slope_true_person_links": person_links["rank_slope"],
+        "mobility_sensitivity": {"variants": variants, "spread": _spread(variants)},
+    }

@@ -1,0 +1,383 @@
+"""Ingest: landing/ -> staged/ and quarantine/, behind Great Expectations quality gates.
+
+For each source declared in ``schemas/``, every landing file (``<file_stem>*.csv`` or
+``*.parquet``) is read against its schema, its values are normalised and typed, and each
+row goes to exactly one place: ``staged/<source>.parquet`` or, with a reason code,
+``quarantine/<source>.parquet``. Per file, rows read = rows staged + rows quarantined,
+checked on every run. Then each source's expectation suite runs on the staged table; a
+critical failure stops the run with the reports written and ``staged/`` left as it was.
+
+What it writes (zones are published atomically, whole):
+
+- ``staged/<source>.parquet``: the schema's columns, typed and normalised (see
+  :mod:`linkage.normalise`), ``<name>_raw`` beside every identifier but ``record_id``,
+  and ``_file``, ``_line``, ``_row``; rows in file order.
+- ``staged/manifest.json``: per file, its SHA-256, schema version, reader and the rows
+  read, staged and quarantined (with reason counts).
+- ``staged/ledger.json``: every (file name, SHA-256) ever ingested, carried from run to
+  run; a file whose checksum was ingested under another name is refused as re-sent.
+- ``quarantine/<source>.parquet``: ``_file, _line, _row, raw, column, reason``.
+- ``reports/quality/``: GX Data Docs (HTML, readable offline), ``quality_summary.json``
+  and ``ingest_summary.json`` (counts, reasons, timings; never record values).
+
+Design for scale (1M persons = 21M rows, 2.8 GB of CSV, 2 cores): the heavy lifting is
+DuckDB SQL. A CSV is parsed by DuckDB's multi-threaded reader into VARCHAR columns
+(:mod:`linkage.ingest.landing`); one SQL pass (:func:`linkage.normalise.checked_sql`) derives
+the typed, normalised row and the first failing rule; staged and quarantined rows are
+written from that one table. Validation uses **GX's SQL execution engine on DuckDB over
+the staged Parquet files** rather than pandas or a sample (:mod:`linkage.quality`): each
+expectation is an aggregate query over the columnar file, so the checks are exact on all
+rows and nothing the size of a table enters Python. Sampling would have made uniqueness
+and completeness estimates, and pandas would have needed several GB per table.
+
+Example:
+    >>> from linkage.config import load_config
+    >>> from linkage.ingest.stage import ingest
+    >>> summary = ingest(load_config(), "/tmp/ws")          # doctest: +SKIP
+    >>> summary["rows"]["read"] == summary["rows"]["staged"] + summary["rows"]["quarantined"]
+    True
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import duckdb
+
+from linkage.config import Config
+from linkage.errors import HhlinkError, WorkspaceError
+from linkage.ingest.landing import (IngestError, LandingFile, Loaded, _header, drop, find_files, fingerprint, load,
+                             parquet_rows_json, raw_lines)
+from linkage.normalise import fail_sql, lit, staged_select
+from linkage.quality import QualityGateError, validate
+from linkage.schemas import Schema, load_schemas
+from linkage.workspace import Workspace
+
+__all__ = ["IngestError", "QualityGateError", "ingest", "stage_files"]
+
+log = logging.getLogger(__name__)
+
+LEDGER = "ledger.json"
+MANIFEST = "manifest.json"
+QUARANTINE_COLUMNS = "_file VARCHAR, _line BIGINT, _row BIGINT, raw VARCHAR, \"column\" VARCHAR, reason VARCHAR"
+
+
+def ingest(config: Config, workspace: Path | str) -> dict:
+    """Stage every landing extract, quarantine what cannot be staged, and run the quality gates.
+
+    Args:
+        config: the hhlink configuration (``config.ingest``, ``config.paths``).
+        workspace: the workspace folder; ``landing/`` must exist.
+
+    Returns:
+        A summary: ``rows`` (read, staged, quarantined), per-source ``sources`` with each
+        file's manifest entry, ``quality`` (the GX results), ``seconds`` and ``reports``.
+
+    Raises:
+        IngestError: a file-level fault (unreadable, empty, missing column, wrong
+            encoding, a re-sent file), naming the file and the column.
+        QualityGateError: a critical expectation failed; the reports are written and
+            ``staged/`` keeps its previous contents.
+
+    Example:
+        >>> ingest(load_config(), "workspace")["rows"]   # doctest: +SKIP
+        {'read': 210972, 'staged': 210972, 'quarantined': 0}
+    """
+    t0 = time.perf_counter()
+    cfg = config.ingest
+    ws = Workspace(workspace).ensure()
+    landing = ws.zone("landing")
+    if not landing.is_dir():
+        raise WorkspaceError(f"{landing}: no landing zone (run 'hhlink generate' or deliver extracts there)")
+    schemas = load_schemas(config.paths.resolve(config.paths.schemas))
+    suites_dir = config.paths.resolve(config.paths.expectations)
+    files = {}
+    for source, schema in schemas.items():
+        found = find_files(landing, schema)
+        if not found:
+            raise IngestError(f"landing/: no file for source '{source}' (expected "
+                              f"landing/{schema.file_stem}.csv or landing/{schema.file_stem}.parquet)")
+        files[source] = found
+    everything = fingerprint([f for fs in files.values() for f in fs], threads=2)
+    ledger = _read_ledger(ws)
+    _refuse_resent(everything, ledger)
+    for source, fs in files.items():
+        for f in fs:
+            _precheck(f, schemas[source])
+    seconds: dict[str, float] = {"fingerprint": round(time.perf_counter() - t0, 2)}
+
+    scratch = Path(tempfile.mkdtemp(prefix=".ingest-", dir=ws.root))
+    con = duckdb.connect()
+    try:
+        con.execute(f"SET memory_limit = {lit(cfg.memory_limit)}")
+        con.execute(f"SET temp_directory = {lit(scratch / 'duckdb')}")
+        if cfg.threads:
+            con.execute(f"SET threads = {int(cfg.threads)}")
+        with ws.publish_dir("staged") as staged_dir, ws.publish_dir("quarantine") as quarantine_dir:
+            sources = {}
+            for source, schema in schemas.items():
+                t = time.perf_counter()
+                sources[source] = _stage_source(con, schema, files[source], staged_dir, quarantine_dir,
+                                                scratch, cfg.max_encoding_error_share)
+                seconds[f"stage_{source}"] = round(time.perf_counter() - t, 2)
+                log.info("%s: %d read, %d staged, %d quarantined", source, sources[source]["rows_read"],
+                         sources[source]["rows_staged"], sources[source]["rows_quarantined"])
+            con.close()
+            rows = {k: sum(s[f"rows_{k}"] for s in sources.values()) for k in ("read", "staged", "quarantined")}
+            t = time.perf_counter()
+            reports_tmp = Path(tempfile.mkdtemp(prefix=".quality.tmp-", dir=ws.root))
+            try:
+                quality = validate({s: staged_dir / f"{s}.parquet" for s in schemas}, suites_dir, reports_tmp,
+                                   scratch / "gx", data_docs=cfg.data_docs)
+                seconds["quality"] = round(time.perf_counter() - t, 2)
+                seconds["total"] = round(time.perf_counter() - t0, 2)
+                summary = {"workspace": str(ws.root), "rows": rows, "sources": sources, "quality": quality,
+                           "seconds": seconds, "reports": str(ws.zone("reports") / "quality"),
+                           "passed": not quality["critical_failed"]}
+                _write_json(reports_tmp / "ingest_summary.json", _ingest_report(summary))
+                _publish_reports(ws, reports_tmp)
+            finally:
+                shutil.rmtree(reports_tmp, ignore_errors=True)
+            if quality["critical_failed"]:
+                raise QualityGateError(
+                    "critical expectation failed, staged/ not updated (reports in reports/quality/): "
+                    + "; ".join(quality["critical_failed"][:5])
+                    + (f" (+{len(quality['critical_failed']) - 5} more)" if len(quality["critical_failed"]) > 5 else ""))
+            _write_json(staged_dir / MANIFEST, {"files": [f for s in sources.values() for f in s["files"]]})
+            _write_json(staged_dir / LEDGER, _updated_ledger(ledger, everything))
+    finally:
+        try:
+            con.close()
+        except duckdb.Error:
+            pass
+        shutil.rmtree(scratch, ignore_errors=True)
+    return summary
+
+
+def stage_files(schema: Schema, paths: list[Path], out_dir: Path, max_encoding_error_share: float = 0.01) -> dict:
+    """Stage some landing files of one source, without quality gates, ledger or zones.
+
+    Writes ``out_dir/staged/<source>.parquet`` and ``out_dir/quarantine/<source>.parquet``
+    exactly as :func:`ingest` does; for tests and for checking a delivery by hand.
+
+    Returns:
+        The source's counts and per-file manifest entries.
+
+    Example:
+        >>> stage_files(load_schema("education"), [Path("landing/education.csv")], Path("/tmp/x"))  # doctest: +SKIP
+    """
+    out_dir = Path(out_dir)
+    (out_dir / "staged").mkdir(parents=True, exist_ok=True)
+    (out_dir / "quarantine").mkdir(parents=True, exist_ok=True)
+    files = fingerprint([LandingFile(Path(p), schema.source, Path(p).suffix.lstrip(".")) for p in paths])
+    for f in files:
+        _precheck(f, schema)
+    scratch = Path(tempfile.mkdtemp(prefix=".stage-", dir=out_dir))
+    con = duckdb.connect()
+    try:
+        con.execute(f"SET temp_directory = {lit(scratch / 'duckdb')}")
+        return _stage_source(con, schema, files, out_dir / "staged", out_dir / "quarantine", scratch,
+                             max_encoding_error_share)
+    finally:
+        con.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+# --- files, ledger, manifest --------------------------------------------------------------
+
+
+def _precheck(f: LandingFile, schema: Schema) -> None:
+    """File-level faults found before any row is read (the Parquet reader checks its own)."""
+    if f.fmt == "csv" and schema.encoding.lower().replace("_", "-") in ("utf-8", "utf8"):
+        _header(f, schema)
+
+
+def _read_ledger(ws: Workspace) -> list[dict]:
+    path = ws.zone("staged") / LEDGER
+    if not path.exists():
+        return []
+    try:
+        return json.loads(path.read_text())["files"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise IngestError(f"{path}: the ingest ledger is unreadable ({exc.__class__.__name__}); "
+                          f"restore it or remove staged/ to start afresh") from None
+
+
+def _refuse_resent(files: list[LandingFile], ledger: list[dict]) -> None:
+    seen: dict[str, str] = {}
+    for f in files:
+        if f.sha256 in seen:
+            raise IngestError(f"landing/{f.name}: same content (SHA-256 {f.sha256[:12]}...) as landing/{seen[f.sha256]}: "
+                              f"the file was delivered twice; refused")
+        seen[f.sha256] = f.name
+        for e in ledger:
+            if e["sha256"] == f.sha256 and e["file"] != f.name:
+                raise IngestError(f"landing/{f.name}: re-sent file: same SHA-256 ({f.sha256[:12]}...) as "
+                                  f"'{e['file']}', ingested {e.get('ingested', 'earlier')}; refused")
+
+
+def _updated_ledger(ledger: list[dict], files: list[LandingFile]) -> dict:
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    known = {(e["file"], e["sha256"]) for e in ledger}
+    out = list(ledger)
+    for f in files:
+        if (f.name, f.sha256) not in known:
+            out.append({"file": f.name, "source": f.source, "sha256": f.sha256, "bytes": f.size, "ingested": now})
+    return {"files": out}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _ingest_report(summary: dict) -> dict:
+    q = summary["quality"]
+    return {
+        "rows": summary["rows"], "passed": summary["passed"], "seconds": summary["seconds"],
+        "sources": summary["sources"],
+        "quality": {s: {k: v for k, v in r.items() if k != "expectations"} for s, r in q["sources"].items()},
+        "critical_failed": q["critical_failed"],
+    }
+
+
+def _publish_reports(ws: Workspace, built: Path) -> None:
+    """Swap ``reports/quality/`` for the freshly built folder (other reports are untouched)."""
+    reports = ws.zone("reports")
+    reports.mkdir(exist_ok=True)
+    final = reports / "quality"
+    tmp = Path(tempfile.mkdtemp(prefix=".quality.new-", dir=reports))
+    tmp.rmdir()
+    shutil.move(str(built), tmp)
+    old = None
+    if final.exists():
+        old = reports / f".quality.old-{os.getpid()}"
+        os.rename(final, old)
+    os.rename(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --- staging one source ---------------------------------------------------------------
+
+
+def _stage_source(con: duckdb.DuckDBPyConnection, schema: Schema, files: list[LandingFile], staged_dir: Path,
+                  quarantine_dir: Path, scratch: Path, max_encoding_share: float) -> dict:
+    """Read, check and write one source; returns its counts and per-file manifest entries."""
+    source = schema.source
+    rejects_table, fails, flags = f"rejects_{source}", f"fails_{source}", f"flags_{source}"
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {rejects_table} ({QUARANTINE_COLUMNS})")
+    loaded: dict[str, Loaded] = {}
+    t0 = time.perf_counter()
+    for i, f in enumerate(files):
+        got = load(con, f, schema, f"rows_{source}_{i}", scratch)
+        loaded[f.name] = got
+        _refuse_wrong_encoding(f, schema, got, max_encoding_share)
+        if got.rejects:
+            con.executemany(f"INSERT INTO {rejects_table} VALUES (?, ?, ?, ?, ?, ?)", got.rejects)
+    if len(files) == 1:
+        src = loaded[files[0].name].table
+    else:   # several deliveries: one table, in file-name order then line order
+        src = f"all_{source}"
+        for i, f in enumerate(files):
+            t = loaded[f.name].table
+            con.execute(f"INSERT INTO {src} SELECT * FROM {t}" if i else f"CREATE OR REPLACE TEMP TABLE {src} AS SELECT * FROM {t}")
+            drop(con, loaded[f.name])
+    staged_path, quarantine_path = staged_dir / f"{source}.parquet", quarantine_dir / f"{source}.parquet"
+    # the rules run once, into a flag per row; a positional join lines the flags up with
+    # the rows again without a sort, so both outputs keep the file's order
+    t1 = time.perf_counter()
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {flags} AS SELECT {fail_sql(schema)} AS _fail FROM {src}")
+    staged_total = con.execute(
+        f"COPY (SELECT {staged_select(schema)} FROM {src} POSITIONAL JOIN {flags} WHERE _fail IS NULL) "
+        f"TO {lit(staged_path)} (FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 1)").fetchall()[0][0]
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE {fails} AS SELECT _file, _line, _row, _rawtext AS raw,
+        nullif(split_part(_fail, ':', 2), '') AS "column", split_part(_fail, ':', 1) AS reason
+        FROM {src} POSITIONAL JOIN {flags} WHERE _fail IS NOT NULL""")
+    t2 = time.perf_counter()
+    _fill_raw(con, fails, schema, files, loaded)
+    con.execute(f"""COPY (SELECT * FROM (SELECT * FROM {fails} UNION ALL SELECT * FROM {rejects_table})
+        ORDER BY _file, _line) TO {lit(quarantine_path)} (FORMAT parquet, COMPRESSION zstd)""")
+    entries = _manifest_entries(con, schema, files, loaded, src, fails, rejects_table, staged_total)
+    for got in loaded.values():
+        drop(con, got)
+    con.execute(f"DROP TABLE IF EXISTS all_{source}; DROP TABLE {fails}; DROP TABLE {flags}; DROP TABLE {rejects_table}")
+    reasons = Counter()
+    for e in entries:
+        reasons.update(e["reasons"])
+    seconds = {"read_normalise": round(t1 - t0, 2), "check_write_staged": round(t2 - t1, 2),
+               "quarantine": round(time.perf_counter() - t2, 2)}
+    log.info("%s: %s", source, seconds)
+    return {
+        "staged": f"staged/{source}.parquet", "quarantine": f"quarantine/{source}.parquet",
+        "rows_read": sum(e["rows_read"] for e in entries), "rows_staged": sum(e["rows_staged"] for e in entries),
+        "rows_quarantined": sum(e["rows_quarantined"] for e in entries), "reasons": dict(sorted(reasons.items())),
+        "seconds": seconds, "files": entries,
+    }
+
+
+def _refuse_wrong_encoding(f: LandingFile, schema: Schema, got: Loaded, max_share: float) -> None:
+    bad = [r for r in got.rejects if r[5] == "encoding"]
+    if got.rows_read and len(bad) / got.rows_read > max_share:
+        first = min(bad, key=lambda r: r[1])
+        raise IngestError(f"landing/{f.name}: {len(bad):,} of {got.rows_read:,} rows are not valid "
+                          f"{schema.encoding} (first at line {first[1]}, column '{first[4]}'): the file is in "
+                          f"another encoding; declare it as 'encoding' in {schema.path.name}")
+
+
+def _fill_raw(con: duckdb.DuckDBPyConnection, fails: str, schema: Schema, files: list[LandingFile],
+              loaded: dict[str, Loaded]) -> None:
+    """Fill ``raw`` of failing rows: the CSV line (one file pass) or, for Parquet, the row as JSON."""
+    fmt = {f.name: f.fmt for f in files}
+    missing = con.execute(f"SELECT _file, list(_line), list(_row) FROM {fails} WHERE raw IS NULL GROUP BY _file").fetchall()
+    for name, lines, rows in missing:
+        got = loaded[name]
+        if got.raw_lookup is None:
+            continue
+        if fmt[name] == "parquet":
+            by_row = parquet_rows_json(con, got.raw_lookup, schema, rows)
+            text = {ln: by_row.get(r, "") for ln, r in zip(lines, rows)}
+        else:
+            text = raw_lines(got.raw_lookup, set(lines))
+        con.execute("CREATE OR REPLACE TEMP TABLE _rawfill (_line BIGINT, raw VARCHAR)")
+        con.executemany("INSERT INTO _rawfill VALUES (?, ?)", list(text.items()))
+        con.execute(f"""UPDATE {fails} SET raw = r.raw FROM _rawfill r
+                        WHERE {fails}._file = {lit(name)} AND {fails}._line = r._line""")
+        con.execute("DROP TABLE _rawfill")
+
+
+def _manifest_entries(con, schema: Schema, files: list[LandingFile], loaded: dict[str, Loaded], src: str,
+                      fails: str, rejects_table: str, staged_total: int) -> list[dict]:
+    parsed = dict(con.execute(f"SELECT _file, count(*) FROM {src} GROUP BY _file").fetchall())
+    failed = dict(con.execute(f"SELECT _file, count(*) FROM {fails} GROUP BY _file").fetchall())
+    reasons: dict[str, Counter] = {f.name: Counter() for f in files}
+    for name, reason, n in con.execute(
+            f"SELECT _file, reason, count(*) FROM (SELECT * FROM {fails} UNION ALL SELECT * FROM {rejects_table}) "
+            f"GROUP BY ALL").fetchall():
+        reasons[name][reason] += n
+    entries = []
+    for f in files:
+        got = loaded[f.name]
+        staged = parsed.get(f.name, 0) - failed.get(f.name, 0)
+        quarantined = failed.get(f.name, 0) + len(got.rejects)
+        if staged + quarantined != got.rows_read:
+            # a bug, never a data problem: refuse to publish rather than lose a row
+            raise HhlinkError(f"landing/{f.name}: internal error: {got.rows_read} rows read but {staged} staged "
+                              f"+ {quarantined} quarantined; nothing published")
+        entries.append({
+            "file": f.name, "source": schema.source, "format": f.fmt, "bytes": f.size, "sha256": f.sha256,
+            "schema": f"schemas/{schema.path.name}", "schema_version": schema.version, "reader": got.reader,
+            "rows_read": got.rows_read, "rows_staged": staged, "rows_quarantined": quarantined,
+            "reasons": dict(sorted(reasons[f.name].items())),
+        })
+    if sum(e["rows_staged"] for e in entries) != staged_total:
+        raise HhlinkError(f"{schema.source}: internal error: {staged_total} rows written to staged/ but "
+                          f"{sum(e['rows_staged'] for e in entries)} counted; nothing published")
+    return entries

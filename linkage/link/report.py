@@ -1,0 +1,237 @@
+"""The linkage-quality report for auditors: ``reports/linkage/report.json`` and ``report.html``.
+
+Follows GUILD (Guidance for Information about Linking Data sets) and RECORD practice:
+coverage and identifier completeness per source; blocking rules and comparison counts;
+m and u per level and Splink's own match-weight charts; match rates per source and by
+subgroup, with linked-versus-unlinked comparisons to expose linkage bias; the model's
+expected precision beside the true one (when ``hhlink evaluate`` has run); metrics at
+several thresholds; and counts of implausible links.
+
+The HTML is one self-contained file: styles inline, charts rendered to inline SVG
+(``vl-convert``, no JavaScript, nothing fetched), so it reads the same inside a secure
+environment with no internet. Only aggregates appear; no record, token or key.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+
+import duckdb
+
+from linkage.config import PROJECT_ROOT, Config
+from linkage.link.model import ADDRESS_COLUMNS, IDENTITY_COLUMNS
+from linkage.workspace import Workspace, atomic_path
+
+LA_REFERENCE = PROJECT_ROOT / "synthetic_data" / "reference" / "upper_tier_local_authorities.csv"
+
+
+def _rows(con: duckdb.DuckDBPyConnection, sql: str) -> list[dict]:
+    cur = con.execute(sql)
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+
+def _completeness(con, identifiers: Path) -> list[dict]:
+    cols = [c for c in (*IDENTITY_COLUMNS, *ADDRESS_COLUMNS) if not c.startswith(("dob_year", "dob_month", "dob_day", "pc_"))]
+    exprs = ", ".join(f"round(avg(({c} is not null)::int), 4) as {c}" for c in cols)
+    return _rows(con, f"select source, count(*) as records, {exprs} from read_parquet('{identifiers}/*.parquet') "
+                      "group by source order by source")
+
+
+def _match_rates(con) -> list[dict]:
+    return _rows(con, """
+        with person_sources as (select person_key, list(distinct source order by source) sources from rec group by 1)
+        select r.source, count(*) records,
+               round(avg(list_contains(p.sources, 'education')::int), 4) with_education,
+               round(avg(list_contains(p.sources, 'benefits')::int), 4) with_benefits,
+               round(avg(list_contains(p.sources, 'earnings')::int), 4) with_earnings,
+               round(avg((len(p.sources) > 1)::int), 4) with_another_source
+        from rec r join person_sources p using (person_key) group by 1 order by 1""")
+
+
+def _subgroups(con, payload: Path, end_year: int) -> dict:
+    """Pupils old enough to be adults in the window: who links to adult records, by subgroup."""
+    if not (payload / "education.parquet").exists():
+        return {}
+    con.execute(f"""
+        create or replace table pupils as
+        with adult as (select distinct person_key from rec where source in ('benefits', 'earnings')),
+        edu as (select r.person_key, any_value(r.birth_year) birth_year, max(p.fsm) ever_fsm,
+                       mode(p.ethnicity) ethnicity, mode(p.la_code) la_code
+                from rec r join read_parquet('{payload}/education.parquet') p using (record_token)
+                where r.source = 'education' group by 1)
+        select e.*, e.person_key in (select person_key from adult) as linked,
+               coalesce(la.region_name, 'unknown') region,
+               (e.birth_year // 5 * 5)::varchar || '-' || (e.birth_year // 5 * 5 + 4)::varchar birth_cohort
+        from edu e left join read_csv('{LA_REFERENCE}') la on la.utla_code = e.la_code
+        where e.birth_year <= {end_year} - 22""")
+    out = {}
+    for dim, expr in (("ethnicity", "ethnicity"), ("ever_fsm", "ever_fsm::varchar"), ("region", "region"),
+                      ("birth_cohort", "birth_cohort")):
+        out[dim] = _rows(con, f"""select {expr} as "group", count(*) pupils, round(avg(linked::int), 4) link_rate
+                                  from pupils group by 1 order by 1""")
+    out["linked_vs_unlinked"] = _rows(con, """
+        select case when linked then 'linked' else 'unlinked' end as "group", count(*) pupils,
+               round(avg(ever_fsm), 4) fsm_share, round(avg((ethnicity = 'WBRI')::int), 4) white_british_share,
+               round(avg(birth_year), 1) mean_birth_year
+        from pupils group by 1 order by 1""")
+    return out
+
+
+def _thresholds(con, thresholds: list[float]) -> list[dict]:
+    out = []
+    total = con.execute("select sum(match_probability) from pairs").fetchall()[0][0] or 0.0
+    for t in thresholds:
+        n, exp_tp = con.execute(f"select count(*), sum(match_probability) from pairs where match_probability >= {t}").fetchall()[0]
+        out.append({"threshold": t, "pairs": n, "expected_precision": round(exp_tp / n, 5) if n else None,
+                    "expected_recall_of_kept_pairs": round((exp_tp or 0.0) / total, 5) if total else None})
+    return out
+
+
+def _implausible(con) -> dict:
+    return con.execute("""
+        with claim as (select person_key, claim_tok, year, bu_role, record_token from rec where claim_tok is not null),
+        same as (select a.person_key, a.bu_role ra, b.bu_role rb from claim a join claim b
+                 on a.claim_tok = b.claim_tok and a.year = b.year and a.person_key = b.person_key
+                 and a.record_token < b.record_token),
+        span as (select person_key, max(birth_year) - min(birth_year) gap from rec group by 1)
+        select (select count(distinct person_key) from same where (ra = 'dependant') != (rb = 'dependant')),
+               -- a claimant and their partner in one person (two records of one role are a re-delivery)
+               (select count(distinct person_key) from same where ra != 'dependant' and rb != 'dependant' and ra != rb),
+               (select count(*) from span where gap > 1)""").fetchall()[0]
+
+
+def _mu_table(model: dict) -> list[dict]:
+    rows = []
+    for comp in model["comparisons"]:
+        for level in comp["comparison_levels"]:
+            if level.get("is_null_level"):
+                continue
+            m, u = level.get("m_probability"), level.get("u_probability")
+            rows.append({"comparison": comp["output_column_name"],
+                         "level": level.get("label_for_charts") or level["sql_condition"],
+                         "m": m, "u": u, "match_weight": round(math.log2(m / u), 2) if m and u else None})
+    return rows
+
+
+def build_report(config: Config, workspace: Path | str) -> dict:
+    """Compute the report's content (aggregates only) from ``linked/`` and ``pseudonymised/``."""
+    ws = Workspace(workspace)
+    linked, pseud = ws.zone("linked"), ws.zone("pseudonymised")
+    con = duckdb.connect()
+    con.execute(f"create table rec as select * from '{linked}/records.parquet'")
+    con.execute(f"create table pairs as select * from '{linked}/pairs.parquet'")
+    summary = json.loads((linked / "summary.json").read_text())
+    model = json.loads((linked / "model.json").read_text())
+    evaluation_path = ws.zone("reports") / "evaluation.json"
+    evaluation = json.loads(evaluation_path.read_text()) if evaluation_path.exists() else {}
+    parent_child, two_adults, dob_gap = _implausible(con)
+    report = {
+        "summary": {k: summary.get(k) for k in ("engine", "threshold", "records", "identities", "persons",
+                                                "household_years", "parent_child_relations", "pairs_scored",
+                                                "probability_two_random_records_match", "seconds")},
+        "completeness": _completeness(con, pseud / "identifiers"),
+        "blocking": summary.get("blocking", []),
+        "parameters": _mu_table(model),
+        "match_rates": _match_rates(con),
+        "subgroups": _subgroups(con, pseud / "payload", config.generate.end_year),
+        "thresholds": _thresholds(con, config.link.evaluation_thresholds),
+        "implausible_links": {"persons_holding_a_parent_and_their_dependant": parent_child,
+                              "persons_holding_two_adults_of_one_benefit_unit": two_adults,
+                              "persons_with_birth_years_more_than_one_apart": dob_gap},
+        "expected_vs_true": {
+            "expected_precision_at_threshold": next(
+                (t["expected_precision"] for t in _thresholds(con, [config.link.threshold])), None),
+            "true_pairwise_precision": evaluation.get("person_pairwise_precision"),
+            "true_pairwise_recall": evaluation.get("person_pairwise_recall"),
+            "true_metrics_by_threshold": evaluation.get("person_metrics_by_threshold"),
+        },
+        "histogram": _rows(con, """select floor(match_weight) as weight, count(*) pairs from pairs
+                                   group by 1 order by 1"""),
+    }
+    con.close()
+    return report
+
+
+def _svg(spec: dict) -> str:
+    import vl_convert as vlc
+
+    return vlc.vegalite_to_svg(spec)
+
+
+def _table(rows: list[dict]) -> str:
+    if not rows:
+        return "<p class='note'>No data.</p>"
+    head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape('' if v is None else str(v))}</td>" for v in r.values())
+                   + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:70rem;color:#1b1b1b;
+line-height:1.45;background:#fafafa}h1{color:#0b3d62;border-bottom:3px solid #0b3d62;padding-bottom:.3rem}
+h2{color:#0b3d62;margin-top:2rem}table{border-collapse:collapse;margin:.5rem 0 1rem;font-size:.85rem;background:#fff}
+th{background:#0b3d62;color:#fff;text-align:left;padding:.3rem .6rem}td{border-bottom:1px solid #ddd;padding:.25rem .6rem}
+tr:nth-child(even) td{background:#f2f6f9}.note{color:#555;font-style:italic}.kpi{display:inline-block;margin:0 1.5rem .8rem 0;
+padding:.6rem 1rem;background:#fff;border-left:5px solid #0b3d62}.kpi b{display:block;font-size:1.4rem}
+.chart{background:#fff;padding:.5rem;margin:.5rem 0;overflow-x:auto}
+"""
+
+
+def render_html(report: dict, charts: dict[str, dict]) -> str:
+    """The report as one self-contained HTML page (inline CSS and SVG, no scripts)."""
+    s = report["summary"]
+    kpis = "".join(f"<div class='kpi'>{html.escape(k.replace('_', ' '))}<b>{html.escape(str(v))}</b></div>"
+                   for k, v in s.items() if v is not None)
+    sub = report["subgroups"]
+    sub_html = "".join(f"<h3>{html.escape(k.replace('_', ' '))}</h3>{_table(v)}" for k, v in sub.items()) or \
+        "<p class='note'>No payload to break match rates down by.</p>"
+    chart_html = "".join(f"<h3>{html.escape(name.replace('_', ' '))}</h3><div class='chart'>{_svg(spec)}</div>"
+                         for name, spec in charts.items())
+    ev = report["expected_vs_true"]
+    sections = [
+        ("Summary", kpis),
+        ("Coverage and identifier completeness", _table(report["completeness"])),
+        ("Blocking rules and comparison counts", _table(report["blocking"])),
+        ("Model parameters (m, u, match weight per level)", _table(report["parameters"]) + chart_html),
+        ("Match rates per source", _table(report["match_rates"])),
+        ("Match rates by subgroup: pupils old enough to appear as adults", sub_html),
+        ("Expected versus true quality", _table([{k: v for k, v in ev.items() if k != "true_metrics_by_threshold"}])
+         + _table(ev.get("true_metrics_by_threshold") or [])),
+        ("Metrics at several thresholds (model-expected, identity pairs)", _table(report["thresholds"])),
+        ("Implausible links", _table([report["implausible_links"]])),
+        ("Match-weight distribution of scored pairs", _table(report["histogram"])),
+    ]
+    return render_page("hhlink linkage-quality report", "Linkage-quality report",
+                       "Aggregates only. Model: Splink, link and dedupe over education, benefits and earnings "
+                       "on keyed encodings.", sections)
+
+
+def render_page(title: str, heading: str, note: str, sections: list[tuple[str, str]]) -> str:
+    """A self-contained report page (inline CSS, no assets): a heading, a note and titled sections of HTML."""
+    body = "".join(f"<section><h2>{html.escape(t)}</h2>{c}</section>" for t, c in sections)
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body><h1>{html.escape(heading)}</h1>"
+            f"<p class='note'>{html.escape(note)}</p>{body}</body></html>")
+
+
+def write_report(config: Config, workspace: Path | str) -> dict:
+    """Write ``reports/linkage/report.json`` and ``report.html``; return the report dict.
+
+    Example:
+        >>> write_report(load_config(), "workspace")["summary"]["persons"]   # doctest: +SKIP
+    """
+    ws = Workspace(workspace)
+    report = build_report(config, workspace)
+    charts_dir = ws.zone("linked") / "charts"
+    charts = {p.name.removesuffix(".vl.json"): json.loads(p.read_text()) for p in sorted(charts_dir.glob("*.vl.json"))}
+    out = ws.zone("reports") / "linkage"
+    with atomic_path(out / "report.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2, default=str))
+    with atomic_path(out / "report.html") as tmp:
+        tmp.write_text(render_html(report, charts), encoding="utf-8")
+    return report

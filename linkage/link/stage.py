@@ -1,0 +1,337 @@
+"""Probabilistic linkage on pseudonymised identifiers: records into persons.
+
+Reads only ``pseudonymised/identifiers/`` (keyed tokens and Bloom filters; no cleartext,
+no attributes) and writes ``linked/``:
+
+* ``model.json`` - the trained Splink model (Splink's own JSON);
+* ``pairs.parquet`` - scored pairs of identities with match probability and weight;
+* ``identities.parquet`` - each distinct identity (records equal on every encoding,
+  collapsed so a pupil's twelve school years are compared once) and its person key;
+* ``records.parquet`` - every record token with its identity and person key;
+* ``households.parquet`` - household membership per person and year, with household keys;
+* ``parent_child.parquet`` - parent-child relations with their evidence and confidence;
+* ``summary.json`` - counts, timings, training and clustering facts.
+
+The model (``linkage.link.model``) is one Splink model over all three sources
+(link and dedupe): u by random sampling, m by EM over several blocking rules, term
+frequency adjustments on name tokens. Persons are the connected components of pairs at
+or above ``link.threshold``.
+
+Example:
+    >>> from linkage.config import load_config
+    >>> summary = link(load_config(), "workspace")      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import duckdb
+
+from linkage.config import Config
+from linkage.errors import HhlinkError
+from linkage.link.households import assemble_households
+from linkage.link.model import ADDRESS_COLUMNS, IDENTITY_COLUMNS, TRAINING_BLOCKS, model_settings
+from linkage.schemas import SOURCES
+from linkage.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+class LinkError(HhlinkError):
+    """Linkage cannot run (missing input, or an engine problem)."""
+
+
+def _identities_sql(identifiers: str) -> str:
+    """Collapse a source's records equal on every identity encoding into identities, keyed deterministically.
+
+    The identity encodings (16 columns, two of them Bloom filters) are not kept on every
+    record: at 1M persons the 21M records with them came to about 20 GB and spilled. The
+    records table holds the few columns later steps use and each record's identity key;
+    the identity facts are aggregated from it, and the encodings are read once more from
+    the Parquet files for one representative record per identity (a join on the record
+    token), rather than aggregated over every record (81 s of 139 s at 1M persons).
+    """
+    key_parts = ", ".join(
+        f"coalesce(hex({c}), '')" if c.endswith("_bf") else f"coalesce({c}, '')" for c in IDENTITY_COLUMNS)
+    addr = ", ".join(ADDRESS_COLUMNS)
+    encodings = ", ".join(f"p.{c}" for c in IDENTITY_COLUMNS)
+    return f"""
+        create or replace table records as
+        select record_token, source, year, birth_year, benefit_unit_tok, bu_role, claim_tok,
+               source || '-' || left(md5(concat_ws('|', source, {key_parts})), 20) as unique_id, {addr}
+        from read_parquet('{identifiers}/*.parquet');
+        create or replace table identity_address as
+        select unique_id, {addr} from (
+            select unique_id, {addr}, row_number() over (
+                partition by unique_id order by count(*) desc, postcode_tok nulls last, hex(addr_bf) nulls last) rn
+            from records group by unique_id, {addr})
+        where rn = 1;
+        create or replace table identity_facts as
+        select unique_id, min(source) as source, min(birth_year) as birth_year,
+               count(*) as n_records, min(year) as first_year, max(year) as last_year,
+               min(record_token) as representative,
+               list_sort(list(distinct postcode_tok) filter (where postcode_tok is not null)) as postcode_toks
+        from records group by unique_id;
+        create or replace table identities as
+        select f.unique_id, f.source, f.birth_year, f.n_records, f.first_year, f.last_year, {encodings},
+               f.postcode_toks, a.* exclude (unique_id)
+        from identity_facts f
+             join (select record_token, {", ".join(IDENTITY_COLUMNS)} from read_parquet('{identifiers}/*.parquet')) p
+                  on p.record_token = f.representative
+             join identity_address a using (unique_id)
+        order by unique_id;
+        drop table identity_facts;
+    """
+
+
+def _connect(threads: int | None = None, memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    if memory_limit:
+        con.execute(f"SET memory_limit='{memory_limit}'")
+    # Splink 5 still emits some single-arrow lambdas that DuckDB 2 rejects by default
+    con.execute("SET lambda_syntax='ENABLE_SINGLE_ARROW'")
+    con.execute(f"SET threads={threads or os.cpu_count() or 2}")
+    con.execute("SET preserve_insertion_order=false")
+    con.execute("SET enable_progress_bar=false")
+    return con
+
+
+def _db_api(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path):
+    if config.link.engine == "spark":
+        from linkage.link.spark import spark_db_api
+
+        return spark_db_api(config, tmp)
+    from splink import DuckDBAPI
+
+    return DuckDBAPI(connection=con)
+
+
+def _to_spark(con: duckdb.DuckDBPyConnection, db_api, table: str, tmp: Path):
+    """A DuckDB table as a Spark DataFrame, through Parquet: BLOB, SMALLINT and VARCHAR keep their types."""
+    path = tmp / "spark_in" / f"{table}.parquet"
+    path.parent.mkdir(exist_ok=True)
+    con.execute(f"copy {table} to '{path}' (compression zstd)")
+    return db_api.spark.read.parquet(str(path))
+
+
+def _from_spark(con: duckdb.DuckDBPyConnection, sdf, tmp: Path) -> str:
+    """A Splink table on Spark as a DuckDB view over Parquet (no rows through the driver); returns its name."""
+    path = tmp / "spark_out" / sdf.physical_name
+    sdf.db_api.spark.table(sdf.physical_name).write.mode("overwrite").parquet(str(path))
+    name = f"spark_{sdf.templated_name.strip('_')}"
+    con.execute(f"create or replace view {name} as select * from read_parquet('{path}/*.parquet')")
+    return name
+
+
+def _predict_on_spark(linker, threshold_match_probability: float):
+    """Score the blocked pairs on Spark and keep those at or above the threshold, as Splink's predict does.
+
+    Given the threshold, Spark pushes Splink's filter on the summed match weight into the
+    blocking join with every term expanded, so each Dice level runs some fifteen times per
+    pair (predict took 5x longer); filtering the materialised scores gives the same pairs.
+    """
+    scored = linker.inference.predict()
+    weight = math.log2(threshold_match_probability / (1 - threshold_match_probability))
+    kept = scored.db_api.spark.table(scored.physical_name).where(f"match_weight >= {weight!r}")
+    return scored.db_api.register(kept, table_name=f"{scored.physical_name}_kept")
+
+
+def _trained_settings(model: Path | str, dialect: str) -> dict:
+    """The saved model's parameters on this version's comparisons, with their SQL in ``dialect``.
+
+    A model trained on one engine holds that engine's SQL (the Dice levels differ), so the
+    comparisons are rebuilt for ``dialect`` and each level takes the saved m, u and term
+    frequency settings; the levels must line up one to one (same comparisons, same labels).
+    """
+    try:
+        saved = json.loads(Path(model).read_text())
+    except (OSError, ValueError) as exc:
+        raise LinkError(f"{model}: cannot read the model ({exc.__class__.__name__})") from None
+    settings = model_settings(dialect).create_settings_dict(dialect)
+    saved_comparisons = {c.get("output_column_name"): c for c in saved.get("comparisons", [])}
+    if sorted(saved_comparisons) != sorted(c["output_column_name"] for c in settings["comparisons"]):
+        raise LinkError(f"{model}: its comparisons are not this version's model; retrain it")
+    for comparison in settings["comparisons"]:
+        saved_levels = saved_comparisons[comparison["output_column_name"]]["comparison_levels"]
+        levels = comparison["comparison_levels"]
+        if [lv.get("label_for_charts") for lv in saved_levels] != [lv.get("label_for_charts") for lv in levels]:
+            raise LinkError(f"{model}: comparison '{comparison['output_column_name']}' has other levels "
+                            "than this version's model; retrain it")
+        for level, old in zip(levels, saved_levels):
+            level.update({k: old[k] for k in ("m_probability", "u_probability", "fix_m_probability",
+                                              "fix_u_probability", "tf_adjustment_column",
+                                              "tf_adjustment_weight", "tf_minimum_u_value") if k in old})
+    settings["probability_two_random_records_match"] = saved["probability_two_random_records_match"]
+    return settings
+
+
+def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path, out: Path,
+                      model: Path | str | None = None) -> dict:
+    """Train the model on the ``identities`` table, score pairs, cluster into persons.
+
+    Writes ``model.json`` and ``pairs.parquet`` into ``out`` and leaves the table
+    ``clusters`` (unique_id, cluster_id) on ``con``. Returns training facts. With
+    ``model`` (a ``model.json`` from an earlier run, on either engine) nothing is trained:
+    that model's parameters score the pairs.
+    """
+    from splink import Linker, block_on
+
+    lc = config.link
+    db_api = _db_api(config, con, tmp)
+    dialect = "spark" if lc.engine == "spark" else "duckdb"
+    sdfs = []
+    for source in SOURCES:
+        con.execute(f"create or replace table ids_{source} as select * from identities where source = '{source}'")
+        if lc.engine == "spark":
+            sdfs.append(db_api.register(_to_spark(con, db_api, f"ids_{source}", tmp), dataset_display_name=source))
+        else:
+            sdfs.append(db_api.register(f"ids_{source}", dataset_display_name=source))
+    settings = model_settings(dialect) if model is None else _trained_settings(model, dialect)
+    linker = Linker(sdfs, settings, log_level=logging.WARNING)
+    t = time.perf_counter()
+    if model is None:
+        deterministic = [block_on("nino_tok", "dob_tok"), block_on("upn_tok", "dob_tok"),
+                         block_on("fn_tok", "sn_tok", "dob_tok")]
+        linker.training.estimate_probability_two_random_records_match(deterministic, recall=0.9)
+        # on Spark each u chunk is a separate job with seconds of overhead: sample in one chunk
+        chunking = {"num_chunks": 1} if lc.engine == "spark" else {}
+        linker.training.estimate_u_using_random_sampling(max_pairs=lc.u_max_pairs, seed=lc.seed, **chunking)
+        for cols in TRAINING_BLOCKS:
+            linker.training.estimate_parameters_using_expectation_maximisation(
+                block_on(*cols), max_pairs=lc.em_max_pairs)
+    facts = {"training_seconds": round(time.perf_counter() - t, 1)}
+    if model is not None:
+        facts["model_loaded_from"] = str(model)
+    linker.misc.save_model_to_json(str(out / "model.json"), overwrite=True)
+    _save_charts(linker, out / "charts")
+    t = time.perf_counter()
+    facts["blocking"] = _blocking_counts(sdfs, con)
+    facts["blocking_count_seconds"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    if lc.engine == "spark":
+        pairs = _predict_on_spark(linker, lc.keep_pairs_above)
+    else:
+        n_identities = con.execute("select count(*) from identities").fetchall()[0][0]
+        chunks = max(1, math.ceil(n_identities / lc.predict_chunk_identities))
+        facts["predict_chunks"] = chunks * chunks
+        pairs = linker.inference.predict(threshold_match_probability=lc.keep_pairs_above,
+                                         **({"num_chunks_left": chunks, "num_chunks_right": chunks} if chunks > 1 else {}))
+    clusters = linker.clustering.cluster_pairwise_predictions_at_threshold(pairs, threshold_match_probability=lc.threshold)
+    facts["predict_seconds"] = round(time.perf_counter() - t, 1)
+    if lc.engine == "spark":
+        pairs_name, clusters_name = (_from_spark(con, sdf, tmp) for sdf in (pairs, clusters))
+    else:
+        pairs_name, clusters_name = pairs.physical_name, clusters.physical_name
+    con.execute(f"""
+        copy (select unique_id_l, unique_id_r, source_dataset_l as source_l, source_dataset_r as source_r,
+                     match_weight, match_probability
+              from {pairs_name} order by unique_id_l, unique_id_r)
+        to '{out}/pairs.parquet' (compression zstd)""")
+    con.execute(f"create or replace table clusters as select unique_id, cluster_id from {clusters_name}")
+    facts["pairs_scored"] = con.execute(f"select count(*) from {pairs_name}").fetchall()[0][0]
+    facts["probability_two_random_records_match"] = linker._settings_obj._probability_two_random_records_match
+    return facts
+
+
+def _save_charts(linker, folder: Path) -> None:
+    """Keep Splink's own charts as Vega-Lite specs; the report renders them offline."""
+    folder.mkdir(exist_ok=True)
+    charts = {"match_weights": linker.visualisations.match_weights_chart(),
+              "m_u_parameters": linker._settings_obj.m_u_parameters_chart()}
+    for name, chart in charts.items():
+        (folder / f"{name}.vl.json").write_text(json.dumps(chart.chart_dict, default=str))
+
+
+def _blocking_counts(sdfs, con: duckdb.DuckDBPyConnection) -> list[dict]:
+    """Comparisons each prediction blocking rule adds (marginal) and in total (cumulative)."""
+    from splink.blocking_analysis import count_comparisons_from_blocking_rules
+
+    from linkage.link.model import PREDICTION_BLOCKS, rule_creator, rule_label
+
+    n = con.execute("select count(*) from identities").fetchall()[0][0]
+    with warnings.catch_warnings():
+        # small sampled blocks warn that their estimate is rough; the report says it is an estimate
+        warnings.simplefilter("ignore", UserWarning)
+        records = count_comparisons_from_blocking_rules(
+            sdfs, blocking_rules=[rule_creator(r) for r in PREDICTION_BLOCKS], link_type="link_and_dedupe",
+            record_sample_proportion=1.0 if n <= 300_000 else 0.1)
+    return [{"rule": rule_label(rule), "marginal_comparisons": int(r["marginal_comparison_count"]),
+             "cumulative_comparisons": int(r["cumulative_comparison_count"]), "is_estimate": bool(r["is_estimate"])}
+            for rule, r in zip(PREDICTION_BLOCKS, records)]
+
+
+def link(config: Config, workspace: Path | str, model: Path | str | None = None) -> dict:
+    """Link the pseudonymised identifiers into persons and write ``linked/``.
+
+    Args:
+        config: the hhlink configuration (``config.link`` holds the settings; ``engine``
+            picks DuckDB or Spark).
+        workspace: the workspace folder; reads ``pseudonymised/identifiers/``.
+        model: a trained ``model.json`` (from either engine) to score with instead of
+            training; default: train a new model.
+
+    Returns:
+        A summary: counts of records, identities, persons and pairs, and timings.
+
+    Raises:
+        LinkError: the identifiers zone is missing or empty.
+    """
+    ws = Workspace(workspace)
+    identifiers = ws.zone("pseudonymised") / "identifiers"
+    if not identifiers.is_dir() or not any(identifiers.glob("*.parquet")):
+        raise LinkError(f"{identifiers}: no identifiers to link; run 'hhlink pseudonymise' first")
+    t0 = time.perf_counter()
+    con = _connect(config.link.threads or None, config.link.memory_limit)
+    summary: dict = {"engine": config.link.engine, "threshold": config.link.threshold}
+    with ws.publish_dir("linked") as out:
+        tmp = out / ".tmp"
+        tmp.mkdir()
+        con.execute(f"SET temp_directory='{tmp}'")
+        con.execute(_identities_sql(str(identifiers)))
+        summary["identities_seconds"] = round(time.perf_counter() - t0, 1)
+        t = time.perf_counter()
+        try:
+            summary.update(train_and_predict(config, con, tmp, out, model))
+        finally:
+            if config.link.engine == "spark":
+                from linkage.link.spark import release_spark
+
+                release_spark()
+        con.execute("""
+            create or replace table persons as
+            select i.unique_id, 'P' || left(md5(c.cluster_id), 16) as person_key
+            from identities i join clusters c using (unique_id)""")
+        con.execute(f"""copy (select i.*, p.person_key from identities i join persons p using (unique_id)
+                              order by unique_id) to '{out}/identities.parquet' (compression zstd)""")
+        con.execute("""create or replace table records_linked as
+                       select r.record_token, r.source, r.year, r.birth_year, r.unique_id, p.person_key,
+                              r.benefit_unit_tok, r.bu_role, r.claim_tok, r.postcode_tok, r.addr_bf
+                       from records r join persons p using (unique_id)""")
+        con.execute(f"""copy (select * exclude (postcode_tok, addr_bf) from records_linked order by record_token)
+                        to '{out}/records.parquet' (compression zstd)""")
+        t_hh = time.perf_counter()
+        summary.update(assemble_households(con, config.link))
+        con.execute(f"copy households to '{out}/households.parquet' (compression zstd)")
+        con.execute(f"copy parent_child to '{out}/parent_child.parquet' (compression zstd)")
+        summary["households_seconds"] = round(time.perf_counter() - t_hh, 1)
+        counts = con.execute("""select (select count(*) from records), (select count(*) from identities),
+                                       (select count(distinct person_key) from persons)""").fetchall()[0]
+        summary.update(records=counts[0], identities=counts[1], persons=counts[2])
+        summary["seconds"] = round(time.perf_counter() - t0, 1)
+        summary["model_seconds"] = round(time.perf_counter() - t, 1)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        shutil.rmtree(tmp, ignore_errors=True)
+    con.close()
+    from linkage.link.report import write_report
+
+    write_report(config, workspace)
+    log.info("linked %d records into %d persons", summary["records"], summary["persons"])
+    return summary

@@ -1,0 +1,370 @@
+"""The Splink model of ``hhlink link-files``: the project's model cut to the roles a map provides.
+
+Comparisons are those of :func:`linkage.link.model.model_settings` whose role some file
+provides (forename, surname, date of birth, postcode, address, sex), plus an exact-token
+comparison of the generic identifier (``id``); NINO, UPN and middle-initial comparisons
+are dropped. A role counts as present in a file when at least one row has a value.
+Blocking rules are the project's prediction rules, the generic identifier in place of
+NINO and UPN, two rules that catch a day/month swap and one on names within a postcode
+district (for rows without a date of birth), each kept when some pair of files (or a file
+and itself) has every role it uses; where two files share no such rule, the first
+fallback rule their common roles allow is added.
+
+Training adapts to how much data there is, because Splink's estimators need enough
+record pairs to be meaningful:
+
+* Every level starts from a fixed prior m and u (:data:`PRIORS`, values typical of
+  UK administrative data and of the project's error model).
+* ``probability_two_random_records_match`` is estimated from deterministic rules
+  (recall 0.9); if no pair meets them it is ``1 / (records - 1)``: each record
+  expected to have about one match.
+* u is estimated by random sampling when there are at least :data:`U_MIN_PAIRS`
+  possible pairs; levels the sample never saw keep their prior u. After EM, each sampled u
+  is corrected for the matches a random sample holds (:func:`_correct_u`).
+* m is estimated by EM (blocks on the identifier, then on date of birth) when u was
+  sampled and the block holds at least :data:`EM_MIN_PAIRS` pairs; otherwise, or if EM
+  fails, the prior m stays. Levels EM never saw keep their prior m; trained m are floored at
+  a tenth of the prior (:func:`_floor_m`).
+* Term-frequency adjustments on name tokens are kept only from :data:`TF_MIN_RECORDS`
+  records: in smaller files every name's frequency is at least 1/records, which would
+  understate how rare most names are.
+
+What was done is recorded in the summary and the report (``training``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from linkage.link.model import PREDICTION_BLOCKS, _exact, model_settings, rule_columns, rule_creator, rule_label
+
+log = logging.getLogger(__name__)
+
+U_MIN_PAIRS = 20_000          # about 200 records
+EM_MIN_PAIRS = 200
+TF_MIN_RECORDS = 1_000
+LEVEL_NOT_OBSERVED = "level not observed in training dataset"   # Splink's marker in saved models
+
+ROLE_COLUMNS = {
+    "first_name": ("fn_tok", "fn_initial_tok", "fn_phon_tok", "fn_bf"),
+    "surname": ("sn_tok", "sn_phon_tok", "sn_bf"),
+    "dob": ("dob_tok", "dob_year_tok", "dob_month_tok", "dob_day_tok", "dob_swap_tok"),
+    "sex": ("sex_tok",),
+    "postcode": ("postcode_tok", "pc_sector_tok", "pc_district_tok"),
+    "address": ("addr_bf",),
+    "id": ("id_tok",),
+}
+_ROLE_OF = {c: r for r, cols in ROLE_COLUMNS.items() for c in cols}
+COMPARISON_ROLE = {"forename": "first_name", "surname": "surname", "dob": "dob", "postcode": "postcode",
+                   "address": "address", "sex": "sex", "id": "id"}
+
+# (m, u) per non-null level; m None where the project's model fixes m itself
+PRIORS: dict[str, dict[str, tuple[float | None, float]]] = {
+    "forename": {"Exact match on fn_tok": (0.88, 0.006), "Dice >= 0.85": (0.04, 0.001),
+                 "phonetic match": (0.02, 0.004), "Dice >= 0.6": (0.03, 0.01), "same initial": (0.02, 0.06),
+                 "All other comparisons": (0.01, 0.919)},
+    "surname": {"Exact match on sn_tok": (0.85, 0.003), "Dice >= 0.85": (0.04, 0.001),
+                "phonetic match": (0.02, 0.003), "Dice >= 0.6": (0.03, 0.01),
+                "All other comparisons": (0.06, 0.983)},     # surnames change on partnership
+    "dob": {"Exact match on dob_tok": (0.975, 0.00005), "day and month swapped": (0.01, 0.00005),
+            "same day and month, year one apart": (0.01, 0.0001), "same year and month": (None, 0.001),
+            "same year": (None, 0.017), "All other comparisons": (0.001, 0.9818)},
+    "postcode": {"Exact match on postcode_tok": (0.8, 0.0005), "a postcode in common": (0.01, 0.0001),
+                 "same sector": (0.03, 0.003), "same district": (0.03, 0.01),
+                 "All other comparisons": (0.13, 0.9864)},    # people move
+    "address": {"Dice >= 0.9": (0.75, 0.001), "Dice >= 0.7": (0.08, 0.005), "All other comparisons": (0.17, 0.994)},
+    "sex": {"Exact match on sex_tok": (0.98, 0.5), "All other comparisons": (0.02, 0.5)},
+    "id": {"Exact match on id_tok": (0.97, 0.00001), "All other comparisons": (0.03, 0.99999)},
+}
+
+# Own extracts are small (thousands of rows), so broader rules than the project's are
+# affordable: same birthday and first initial, also with day and month swapped (at 1M
+# persons the first alone made 48.6M comparisons, so the project link blocks on the
+# phonetic forename instead).
+_BROAD_RULES = (("dob_tok", "fn_initial_tok"),
+                "l.dob_swap_tok = r.dob_tok AND l.fn_initial_tok = r.fn_initial_tok",
+                "l.dob_tok = r.dob_swap_tok AND l.fn_initial_tok = r.fn_initial_tok")
+# The project's rules all need a date of birth or a NINO/UPN, and own extracts often lack a date
+# on some rows; names within a postcode district find those, and only those (with both dates
+# present the pair would mostly be a parent and a child named alike, living together).
+_NO_DOB_RULE = ("l.fn_tok = r.fn_tok AND l.sn_tok = r.sn_tok AND l.pc_district_tok = r.pc_district_tok "
+                "AND (l.dob_tok IS NULL OR r.dob_tok IS NULL)")
+FALLBACK_BLOCKS = (("fn_tok", "sn_tok"), ("sn_tok", "postcode_tok"), ("fn_tok", "postcode_tok"), ("dob_tok",),
+                   ("id_tok",), ("sn_tok",), ("postcode_tok",), ("fn_tok",), ("addr_bf",))
+# deterministic rules for the prior probability of a match: the first group with a usable rule
+DETERMINISTIC = ((("id_tok", "dob_tok"), ("fn_tok", "sn_tok", "dob_tok")),
+                 (("id_tok", "sn_tok"), ("fn_tok", "sn_tok", "postcode_tok")))
+TRAINING_BLOCKS = (("id_tok",), ("dob_tok",))
+TRAINING_FALLBACK = (("fn_tok", "sn_tok"),)
+
+
+@dataclass
+class ModelRun:
+    """What :func:`run_model` leaves behind: DuckDB table names, facts for the summary, charts."""
+
+    pairs_table: str | None
+    clusters_table: str | None
+    facts: dict = field(default_factory=dict)
+    charts: dict = field(default_factory=dict)
+
+
+def _roles(rule) -> set[str]:
+    """The roles a rule needs: those of its columns, or of the columns an SQL rule equates."""
+    return {_ROLE_OF[c] for c in rule_columns(rule)}
+
+
+def prediction_rules(file_roles: dict[str, set[str]]) -> tuple[list, list[str]]:
+    """Blocking rules that some pair of files can use, plus fallbacks so every pair of files shares one.
+
+    Args:
+        file_roles: each file's table name and the roles it provides.
+
+    Returns:
+        The rules (column tuples or SQL strings) and the pairs of tables no rule can compare.
+    """
+    names = list(file_roles)
+    commons = {(a, b): file_roles[a] & file_roles[b] for i, a in enumerate(names) for b in names[i:]}
+    project = [("id_tok",), *(b for b in PREDICTION_BLOCKS if not {"nino_tok", "upn_tok"} & rule_columns(b)),
+               *_BROAD_RULES, _NO_DOB_RULE]
+    # a rule is kept when some pair of files (or a file and itself) has every role it uses
+    rules = [r for r in project if any(_roles(r) <= common for common in commons.values())]
+    uncovered = []
+    for (a, b), common in commons.items():
+        if any(_roles(r) <= common for r in rules):
+            continue
+        extra = next((r for r in FALLBACK_BLOCKS if _roles(r) <= common), None)
+        if extra is None:
+            uncovered.append(f"{a} ~ {b}")
+        else:
+            rules.append(extra)
+    return rules, uncovered
+
+
+def _rule_dict(rule) -> dict:
+    from splink import block_on
+
+    if isinstance(rule, str):
+        return {"blocking_rule": rule, "sql_dialect": "duckdb"}
+    return block_on(*rule).get_blocking_rule("duckdb").as_dict()
+
+
+def base_settings(present: set[str], rules: list, link_type: str, term_frequencies: bool) -> dict:
+    """The Splink settings dict: the project's comparisons for present roles, with the priors set."""
+    settings = model_settings("duckdb").create_settings_dict("duckdb")
+    comparisons = [c for c in settings["comparisons"] if COMPARISON_ROLE.get(c["output_column_name"]) in present]
+    if "id" in present:
+        comparisons.append(_exact("id_tok", "id").get_comparison("duckdb").as_dict())
+    for comp in comparisons:
+        priors = PRIORS[comp["output_column_name"]]
+        for level in comp["comparison_levels"]:
+            if not term_frequencies:
+                for k in ("tf_adjustment_column", "tf_adjustment_weight", "tf_minimum_u_value"):
+                    level.pop(k, None)
+            if level.get("is_null_level"):
+                continue
+            m, u = priors[level["label_for_charts"]]   # a KeyError here: link_model changed, update PRIORS
+            if not level.get("fix_m_probability"):
+                level["m_probability"] = m
+            level["u_probability"] = u
+    settings.update(link_type=link_type, comparisons=comparisons,
+                    blocking_rules_to_generate_predictions=[_rule_dict(r) for r in rules])
+    return settings
+
+
+def _fill_unobserved(settings: dict, which: str) -> int:
+    """Put the prior back on levels a training step never saw; return how many."""
+    n = 0
+    for comp in settings["comparisons"]:
+        for level in comp["comparison_levels"]:
+            if level.get(f"{which}_probability") == LEVEL_NOT_OBSERVED:
+                level[f"{which}_probability"] = PRIORS[comp["output_column_name"]][level["label_for_charts"]][
+                    0 if which == "m" else 1]
+                n += 1
+    return n
+
+
+def _floor_m(settings: dict) -> int:
+    """Raise each trained m to at least a tenth of its prior, then rescale the comparison's trained m to sum to 1.
+
+    EM on a few hundred pairs cannot tell "never" from "rare": a level no match in the
+    block showed (sex recorded differently, say) gets an m near zero and would veto every
+    pair at that level. Returns how many levels were raised.
+    """
+    raised = 0
+    for comp in settings["comparisons"]:
+        priors = PRIORS[comp["output_column_name"]]
+        levels = [lv for lv in comp["comparison_levels"]
+                  if not lv.get("is_null_level") and isinstance(lv.get("m_probability"), float | int)]
+        free = [lv for lv in levels if not lv.get("fix_m_probability")]
+        for lv in free:
+            floor = priors[lv["label_for_charts"]][0] / 10
+            if lv["m_probability"] < floor:
+                lv["m_probability"] = floor
+                raised += 1
+        fixed = sum(lv["m_probability"] for lv in levels if lv.get("fix_m_probability"))
+        total = sum(lv["m_probability"] for lv in free)
+        for lv in free:
+            lv["m_probability"] *= (1 - fixed) / total
+    return raised
+
+
+def _correct_u(settings: dict, lam: float) -> int:
+    """Take out of each sampled u the share of random pairs that are matches; return how many levels changed.
+
+    A random pair is a match with probability lam, so the sample sees a level with
+    probability lam m + (1 - lam) u. In small files with many duplicates lam is not
+    negligible beside the u of a discriminating level (an exact date of birth, an
+    identifier), and the raw sampled u would understate its weight several-fold. Where
+    the matches explain all the sample saw, the level keeps the smaller of its prior and
+    sampled u.
+    """
+    changed = 0
+    for comp in settings["comparisons"]:
+        priors = PRIORS[comp["output_column_name"]]
+        for level in comp["comparison_levels"]:
+            m, u = level.get("m_probability"), level.get("u_probability")
+            if level.get("is_null_level") or not isinstance(m, float | int) or not isinstance(u, float | int):
+                continue
+            corrected = (u - lam * m) / (1 - lam)
+            level["u_probability"] = corrected if corrected > 0 else min(u, priors[level["label_for_charts"]][1])
+            changed += level["u_probability"] != u
+    return changed
+
+
+def _sample(records: int) -> float:
+    # exact counts up to 300k records; beyond, Splink's estimate from a 10% sample of each side
+    return 1.0 if records <= 300_000 else 0.1
+
+
+def _count(sdfs, rule, link_type: str, records: int) -> int:
+    from splink.blocking_analysis import count_comparisons_from_blocking_rules
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # small samples warn that the count is rough
+        r = count_comparisons_from_blocking_rules(sdfs, blocking_rules=[rule_creator(rule)], link_type=link_type,
+                                                  record_sample_proportion=_sample(records))
+    return int(r[0]["cumulative_comparison_count"])
+
+
+def train(sdfs, settings: dict, records: int, present: set[str], config, link_type: str) -> tuple[dict, dict]:
+    """Estimate what the data allow (see the module docstring); return the settings and what was done."""
+    from splink import Linker
+
+    lc = config.link
+    facts: dict = {"records": records, "term_frequency_adjustments": records >= TF_MIN_RECORDS}
+    total_pairs = records * (records - 1) // 2
+    linker = Linker(sdfs, settings, log_level=logging.ERROR)
+    group = next((g for g in DETERMINISTIC if any(_roles(r) <= present for r in g)), ())
+    rules = [r for r in group if _roles(r) <= present]
+    prior = 1 / max(records - 1, 1)
+    lam, how = prior, "prior 1/(records - 1)"
+    if rules:
+        try:
+            linker.training.estimate_probability_two_random_records_match(
+                [rule_creator(r) for r in rules], recall=0.9)
+            estimated = linker.misc.save_model_to_json()["probability_two_random_records_match"]
+            if 0 < estimated < 1:
+                lam, how = estimated, f"deterministic rules ({'; '.join(map(rule_label, rules))}), recall 0.9"
+        except Exception as exc:  # noqa: BLE001 - no pair meets the rules: keep the prior
+            log.info("probability_two_random_records_match not estimated (%s)", exc.__class__.__name__)
+    settings = dict(settings, probability_two_random_records_match=lam)
+    facts["probability_two_random_records_match"] = {"value": lam, "how": how}
+    u_sampled = total_pairs >= U_MIN_PAIRS
+    if u_sampled:
+        linker = Linker(sdfs, settings, log_level=logging.ERROR)
+        linker.training.estimate_u_using_random_sampling(max_pairs=lc.u_max_pairs, seed=lc.seed)
+        settings = linker.misc.save_model_to_json()
+        facts["u"] = {"how": "random sampling", "max_pairs": lc.u_max_pairs,
+                      "levels_left_at_prior": _fill_unobserved(settings, "u")}
+    else:
+        facts["u"] = {"how": f"fixed priors (fewer than {U_MIN_PAIRS:,} possible pairs)"}
+    em = []
+    blocks = [b for b in TRAINING_BLOCKS if _roles(b) <= present] or \
+             [b for b in TRAINING_FALLBACK if _roles(b) <= present]
+    for block in blocks:
+        entry = {"block": rule_label(block)}
+        entry["pairs"] = pairs = _count(sdfs, block, link_type, records)
+        if not u_sampled:
+            entry["ran"], entry["why_not"] = False, "u not estimated: too few records"
+        elif pairs < EM_MIN_PAIRS:
+            entry["ran"], entry["why_not"] = False, f"fewer than {EM_MIN_PAIRS} pairs in the block"
+        else:
+            linker = Linker(sdfs, settings, log_level=logging.ERROR)
+            try:
+                linker.training.estimate_parameters_using_expectation_maximisation(
+                    rule_creator(block), max_pairs=lc.em_max_pairs)
+                settings = linker.misc.save_model_to_json()
+                entry["ran"] = True
+                entry["levels_left_at_prior"] = _fill_unobserved(settings, "m")
+            except Exception as exc:  # noqa: BLE001 - EM that cannot run leaves the prior m
+                entry["ran"], entry["why_not"] = False, f"EM failed ({exc.__class__.__name__}); prior m kept"
+        em.append(entry)
+    facts["m"] = {"how": "EM" if any(e["ran"] for e in em) else "fixed priors", "em": em}
+    if any(e["ran"] for e in em):
+        facts["m"]["levels_raised_to_floor"] = _floor_m(settings)
+    if u_sampled:
+        facts["u"]["levels_corrected_for_matches_in_the_sample"] = _correct_u(settings, lam)
+    return settings, facts
+
+
+def run_model(con, inputs, config, threshold: float, out: Path) -> ModelRun:
+    """Train, score and cluster the ``ids_<name>`` tables; write ``out/model.json``.
+
+    Args:
+        con: the DuckDB connection holding ``ids_<name>`` per input.
+        inputs: the inputs (``name``, ``rows``, ``spec.table``, ``present``: the roles with values).
+        config: the hhlink config (``link.keep_pairs_above``, ``link.seed``, sample sizes).
+        threshold: match probability at or above which records share a cluster.
+        out: the folder being built.
+
+    Returns:
+        A :class:`ModelRun`.
+    """
+    from splink import DuckDBAPI, Linker
+
+    used = [inp for inp in inputs if inp.rows]
+    records = sum(inp.rows for inp in used)
+    file_roles = {inp.spec.table: inp.present for inp in used}
+    present = set().union(*file_roles.values()) if file_roles else set()
+    rules, uncovered = prediction_rules(file_roles)
+    link_type = "link_and_dedupe" if len(used) > 1 else "dedupe_only"
+    settings = base_settings(present, rules, link_type, records >= TF_MIN_RECORDS)
+    facts: dict = {"comparisons": [c["output_column_name"] for c in settings["comparisons"]],
+                   "blocking_rules": [rule_label(r) for r in rules], "files_not_compared": uncovered}
+    if records < 2 or not rules:
+        # (with no blocking rule Splink would compare every pair: the files share nothing to compare on)
+        (out / "model.json").write_text(json.dumps(settings, indent=2))
+        facts["training"] = {"records": records, "note": "fewer than two records: nothing to compare" if records < 2
+                             else "no blocking rule fits the roles the files have: nothing compared"}
+        return ModelRun(None, None, facts)
+    db_api = DuckDBAPI(connection=con)
+    sdfs = [db_api.register(f"ids_{inp.name}", dataset_display_name=inp.name) for inp in used]
+    settings, facts["training"] = train(sdfs, settings, records, present, config, link_type)
+    linker = Linker(sdfs, settings, log_level=logging.ERROR)
+    model = linker.misc.save_model_to_json()
+    model.pop("linker_uid", None)      # a random name per Linker object: drop it so runs reproduce byte for byte
+    (out / "model.json").write_text(json.dumps(model, indent=2))
+    charts = {"match_weights": linker.visualisations.match_weights_chart().chart_dict,
+              "m_u_parameters": linker.visualisations.m_u_parameters_chart().chart_dict}
+    facts["blocking"] = _blocking_counts(sdfs, rules, link_type, records)
+    # pairs below the cluster threshold are kept down to keep_pairs_above, for review and the report
+    pairs = linker.inference.predict(threshold_match_probability=min(config.link.keep_pairs_above, threshold))
+    clusters = linker.clustering.cluster_pairwise_predictions_at_threshold(
+        pairs, threshold_match_probability=threshold)
+    return ModelRun(pairs.physical_name, clusters.physical_name, facts, charts)
+
+
+def _blocking_counts(sdfs, rules: list, link_type: str, records: int) -> list[dict]:
+    from splink.blocking_analysis import count_comparisons_from_blocking_rules
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        counts = count_comparisons_from_blocking_rules(sdfs, blocking_rules=[rule_creator(r) for r in rules],
+                                                       link_type=link_type, record_sample_proportion=_sample(records))
+    return [{"rule": rule_label(r), "marginal_comparisons": int(c["marginal_comparison_count"]),
+             "cumulative_comparisons": int(c["cumulative_comparison_count"]), "is_estimate": bool(c["is_estimate"])}
+            for r, c in zip(rules, counts)]

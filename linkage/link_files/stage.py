@@ -1,0 +1,533 @@
+"""Link a data engineer's own extracts: ``hhlink link-files FILE ... --map MAP.toml --out DIR``.
+
+The files are read (CSV or Parquet), their mapped columns normalised as ingest does
+(:mod:`linkage.normalise`), encoded exactly as pseudonymisation encodes staged rows
+(:mod:`linkage.pseudonymise.stage`: keyed HMAC tokens and Bloom filters under the master key),
+and linked with the project's Splink model (:mod:`linkage.link.model`) cut down to the
+roles the map provides: dedupe within each file and link across them. ``DIR`` receives
+
+* ``clusters.csv`` - ``file, record_id, cluster_id``: every input row exactly once;
+* ``pairs.csv`` - ``record_id_l, file_l, record_id_r, file_r, match_probability,
+  match_weight``: every scored pair at or above ``link.keep_pairs_above``;
+* ``model.json`` - the Splink model as used (Splink's own JSON);
+* ``report.json`` and ``report.html`` - the linkage-quality report (aggregates only).
+
+Nothing in ``DIR`` holds a cleartext identifier except the record ids the user supplied;
+the files are built beside ``DIR`` and moved in only when all of them are complete.
+
+The map names one table per file, by the file's stem (``patients_2024.csv`` ->
+``[files.patients_2024]``); each key is a role and its value the column(s) playing it::
+
+    [files.patients_2024]
+    record_id  = "pid"
+    first_name = "forename"
+    surname    = "family_name"
+    dob        = { column = "birth_date", format = "%d/%m/%Y" }
+    sex        = "gender"
+    postcode   = "post_code"
+    address    = ["house_no", "street", "town"]     # joined with spaces
+    id         = "nhs_no"
+
+Training adapts to the data's size (see :mod:`linkage.link_files.model`): fixed m and u
+priors where there are too few records to estimate them, u by random sampling and m by
+EM where there are enough.
+
+Example:
+    >>> summary = link_files(["a.csv", "b.csv"], "map.toml", "out")      # doctest: +SKIP
+    >>> summary["records"], summary["clusters"]                           # doctest: +SKIP
+    (240, 151)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from linkage.config import Config, load_config
+from linkage.errors import HhlinkError, read_toml
+from linkage.keys import load_master_key
+from linkage.normalise import lit, normalised_sql, q
+# pseudonymisation's own encoders, plans and SQL (private there): files are encoded exactly as staged rows are
+from linkage.pseudonymise.stage import _build_dictionaries, _Encoders, _identifiers_sql, _Source
+from linkage.schemas import Column
+
+__all__ = ["ROLES", "LinkFilesError", "MapError", "InputFileError", "BadValueError", "FileMap",
+           "load_map", "link_files"]
+
+log = logging.getLogger(__name__)
+
+ROLES = ("record_id", "first_name", "surname", "dob", "sex", "postcode", "address", "id")
+_MULTI_COLUMN = frozenset({"first_name", "surname", "postcode", "address", "id"})
+# how each role's text is normalised: the ingest rules of the role named here
+_NORMALISE_AS = {"first_name": "first_name", "surname": "surname", "sex": "sex", "postcode": "postcode",
+                 "address": "address", "id": "nino", "dob": "dob"}
+_SUFFIXES = {".csv": "csv", ".csv.gz": "csv", ".parquet": "parquet"}
+# the generic identifier is tokenised like a linked department reference, in its own "id" domain
+_ID_REFERENCE = {"id": "id_tok"}
+
+
+class LinkFilesError(HhlinkError):
+    """``hhlink link-files`` cannot run; the message names the file (and row and column)."""
+
+
+class MapError(LinkFilesError):
+    """The map is unreadable, not TOML, or not a valid map (unknown role, missing column name, ...)."""
+
+
+class InputFileError(LinkFilesError):
+    """An input file cannot be read, is not in the map, or lacks a mapped column."""
+
+
+class BadValueError(InputFileError):
+    """A value is unusable: a date off its format, a missing or repeated record id."""
+
+
+@dataclass(frozen=True)
+class FileMap:
+    """One file's entry in the map: the column(s) playing each role, and the date-of-birth format."""
+
+    table: str
+    columns: dict[str, tuple[str, ...]]
+    dob_format: str | None = None
+
+    @property
+    def roles(self) -> set[str]:
+        """The identifier roles this file provides (record_id excluded)."""
+        return set(self.columns) - {"record_id"}
+
+
+# -- the map -----------------------------------------------------------------------------------
+
+def _column_list(where: str, role: str, value) -> tuple[str, ...]:
+    if isinstance(value, str) and value.strip():
+        return (value,)
+    if role in _MULTI_COLUMN and isinstance(value, list) and value \
+            and all(isinstance(v, str) and v.strip() for v in value):
+        return tuple(value)
+    wanted = "a column name or a list of column names" if role in _MULTI_COLUMN else "a column name"
+    raise MapError(f"{where}: '{role}' must be {wanted}")
+
+
+def _file_map(path: Path, table: str, entry) -> FileMap:
+    where = f"{path}: [files.{table}]"
+    if not isinstance(entry, dict):
+        raise MapError(f"{where} must be a table of roles")
+    unknown = sorted(set(entry) - set(ROLES))
+    if unknown:
+        raise MapError(f"{where}: unknown role(s) {', '.join(repr(u) for u in unknown)}; "
+                       f"roles are {', '.join(ROLES)}")
+    columns: dict[str, tuple[str, ...]] = {}
+    fmt = None
+    for role, value in entry.items():
+        if role == "dob" and isinstance(value, dict):
+            extra = sorted(set(value) - {"column", "format"})
+            if extra or not isinstance(value.get("column"), str) or not value["column"].strip():
+                raise MapError(f"{where}: dob must be {{ column = \"...\", format = \"...\" }}")
+            fmt = value.get("format", "%Y-%m-%d")
+            if not isinstance(fmt, str) or "%" not in fmt:
+                raise MapError(f"{where}: dob format must be a strptime format such as \"%d/%m/%Y\"")
+            columns[role] = (value["column"],)
+        elif role == "dob":
+            columns[role] = _column_list(where, role, value)
+            fmt = "%Y-%m-%d"
+        else:
+            columns[role] = _column_list(where, role, value)
+    if not set(columns) - {"record_id"}:
+        raise MapError(f"{where} maps no identifier role: name at least one of "
+                       f"{', '.join(r for r in ROLES if r != 'record_id')}")
+    return FileMap(table, columns, fmt)
+
+
+def load_map(path: Path | str) -> dict[str, FileMap]:
+    """Read and check a link-files map.
+
+    Args:
+        path: the TOML map; one ``[files.<stem>]`` table per file.
+
+    Returns:
+        The :class:`FileMap` of each table, by table name (the file stem).
+
+    Raises:
+        MapError: unreadable, not TOML, or not a valid map (the message names the table and key).
+
+    Example:
+        >>> load_map("docs/link-files-example.toml")["patients_2024"].dob_format   # doctest: +SKIP
+        '%d/%m/%Y'
+    """
+    path = Path(path)
+    data = read_toml(path, MapError, "map file")
+    unknown = sorted(set(data) - {"files"})
+    if unknown:
+        raise MapError(f"{path}: unknown key(s) {', '.join(repr(u) for u in unknown)}; "
+                       "the map holds one [files.<file stem>] table per file")
+    files = data.get("files")
+    if not isinstance(files, dict) or not files:
+        raise MapError(f"{path}: no [files.<file stem>] tables")
+    maps = {table: _file_map(path, table, entry) for table, entry in files.items()}
+    _check_formats(path, maps)
+    return maps
+
+
+def _check_formats(path: Path, maps: dict[str, FileMap]) -> None:
+    con = duckdb.connect()
+    try:
+        for spec in maps.values():
+            if spec.dob_format is not None:
+                try:
+                    con.execute("SELECT try_strptime('2000-01-01', ?)", [spec.dob_format]).fetchall()
+                except duckdb.Error:
+                    raise MapError(f"{path}: [files.{spec.table}]: dob format {spec.dob_format!r} is not a valid "
+                                   "strptime format") from None
+    finally:
+        con.close()
+
+
+# -- reading and staging -----------------------------------------------------------------------
+
+@dataclass
+class _Input:
+    """One input file: its path, format, table in the map, and where its staged rows go."""
+
+    index: int
+    path: Path
+    kind: str
+    spec: FileMap
+    rows: int = 0
+    present: set[str] = field(default_factory=set)     # mapped roles with at least one value
+
+    @property
+    def name(self) -> str:
+        """The internal source name (file stems may not be SQL identifiers)."""
+        return f"src{self.index}"
+
+
+def _stem_and_kind(path: Path) -> tuple[str, str] | None:
+    lower = path.name.lower()
+    for suffix, kind in sorted(_SUFFIXES.items(), key=lambda kv: -len(kv[0])):
+        if lower.endswith(suffix):
+            return path.name[:-len(suffix)], kind
+    return None
+
+
+def _inputs(files: Sequence[Path | str], mapping: dict[str, FileMap], map_path: Path) -> list[_Input]:
+    if not files:
+        raise InputFileError("no input files given")
+    out, seen = [], {}
+    for i, f in enumerate(files):
+        path = Path(f)
+        found = _stem_and_kind(path)
+        if found is None:
+            raise InputFileError(f"{path}: not a CSV or Parquet file (.csv, .csv.gz, .parquet)")
+        stem, kind = found
+        if not path.is_file():
+            raise InputFileError(f"{path}: file not found")
+        if not os.access(path, os.R_OK):
+            raise InputFileError(f"{path}: file cannot be read (permission denied)")
+        if stem in seen:
+            raise InputFileError(f"{path} and {seen[stem]} have the same stem '{stem}'; the map names "
+                                 "each file's table by its stem, so rename one")
+        if stem not in mapping:
+            raise InputFileError(f"{path}: no [files.{stem}] table in the map {map_path}")
+        seen[stem] = path
+        out.append(_Input(i, path, kind, mapping[stem]))
+    return out
+
+
+def _db_message(exc: Exception) -> str:
+    """The error class and, where DuckDB names it, the line: never the message (it can quote values)."""
+    m = re.search(r"[Ll]ine:?\s+(\d+)", str(exc))
+    return f"{exc.__class__.__name__}{f', near line {m.group(1)}' if m else ''}"
+
+
+def _load_raw(con: duckdb.DuckDBPyConnection, inp: _Input) -> dict[str, str]:
+    """Load a file into table ``raw_<name>`` (rows in file order); return its column types."""
+    table = f"raw_{inp.name}"
+    if inp.kind == "csv":
+        source = f"read_csv({lit(inp.path)}, header = true, all_varchar = true)"
+    else:
+        source = f"read_parquet({lit(inp.path)})"
+    try:
+        con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM {source}")
+        described = con.execute(f"DESCRIBE {table}").fetchall()
+    except duckdb.Error as exc:
+        raise InputFileError(f"{inp.path}: cannot be read as {inp.kind.upper()} ({_db_message(exc)})") from None
+    return {r[0]: r[1] for r in described}
+
+
+def _check_columns(inp: _Input, types: dict[str, str], map_path: Path) -> None:
+    missing = [c for cols in inp.spec.columns.values() for c in cols if c not in types]
+    if missing:
+        roles = [r for r, cols in inp.spec.columns.items() if any(c in missing for c in cols)]
+        raise InputFileError(f"{inp.path}: missing column(s) {', '.join(repr(c) for c in missing)} "
+                             f"(mapped as {', '.join(roles)} in [files.{inp.spec.table}] of {map_path})")
+
+
+def _text_sql(columns: tuple[str, ...]) -> str:
+    """The delivered text of a role: one column, or several joined with single spaces."""
+    parts = [f"nullif(trim(CAST({q(c)} AS VARCHAR)), '')" for c in columns]
+    return parts[0] if len(parts) == 1 else f"nullif(concat_ws(' ', {', '.join(parts)}), '')"
+
+
+def _role_column(role: str) -> Column:
+    return Column(name=role, type="string", role=_NORMALISE_AS[role], nullable=True, description="")
+
+
+def _stage_select(inp: _Input, types: dict[str, str]) -> str:
+    """SELECT of a file's normalised role columns, with ``row_n`` (1 = first data row) and ``dob__t``."""
+    cols = inp.spec.columns
+    parts = ["rowid + 1 AS row_n"]
+    rid = cols.get("record_id")
+    parts.append(f"{_text_sql(rid)} AS record_id" if rid else "CAST(rowid + 1 AS VARCHAR) AS record_id")
+    for role in ("first_name", "surname", "sex", "postcode", "address", "id"):
+        if role in cols:
+            parts.append(f"{normalised_sql(_role_column(role), _text_sql(cols[role]))} AS {role}")
+    if "dob" in cols:
+        col = cols["dob"][0]
+        if types[col].upper().startswith(("DATE", "TIMESTAMP")):
+            parts += [f"CAST({q(col)} AS VARCHAR) AS dob__t", f"CAST({q(col)} AS DATE) AS dob"]
+        else:
+            text = normalised_sql(_role_column("dob"), f"CAST({q(col)} AS VARCHAR)")
+            parts += [f"{text} AS dob__t",
+                      f"CAST(TRY_STRPTIME({text}, {lit(inp.spec.dob_format)}) AS DATE) AS dob"]
+    return f"SELECT {', '.join(parts)} FROM raw_{inp.name}"
+
+
+def _first_bad(con, table: str, condition: str) -> tuple[int, int] | None:
+    row, n = con.execute(f"SELECT min(row_n), count(*) FROM {table} WHERE {condition}").fetchall()[0]
+    return (row, n) if n else None
+
+
+def _more(n: int) -> str:
+    return f" (and {n - 1} more row{'s' if n > 2 else ''})" if n > 1 else ""
+
+
+def _check_values(con, inp: _Input, table: str) -> None:
+    cols = inp.spec.columns
+    if "dob" in cols:
+        bad = _first_bad(con, table, "dob__t IS NOT NULL AND dob IS NULL")
+        if bad:
+            raise BadValueError(f"{inp.path}: row {bad[0]}, column {cols['dob'][0]!r}: date of birth does not "
+                                f"match the format {inp.spec.dob_format!r}{_more(bad[1])}")
+    if "record_id" in cols:
+        rid = ", ".join(repr(c) for c in cols["record_id"])
+        bad = _first_bad(con, table, "record_id IS NULL")
+        if bad:
+            raise BadValueError(f"{inp.path}: row {bad[0]}, column {rid}: record id is blank{_more(bad[1])}")
+        dup = con.execute(f"""SELECT min(second), count(*) FROM (
+                                  SELECT record_id, min(row_n) FILTER (WHERE rn = 2) AS second
+                                  FROM (SELECT record_id, row_n, row_number() OVER (PARTITION BY record_id
+                                        ORDER BY row_n) AS rn FROM {table})
+                                  GROUP BY record_id HAVING count(*) > 1)""").fetchall()[0]
+        if dup[1]:
+            raise BadValueError(f"{inp.path}: row {dup[0]}, column {rid}: record id repeats an earlier "
+                                f"row's{_more(dup[1])}; record ids must be unique within a file")
+
+
+def _stage(con, inp: _Input, scratch: Path, map_path: Path) -> Path:
+    """Read, check and normalise one file; write its staged rows (cleartext) to the scratch folder."""
+    types = _load_raw(con, inp)
+    _check_columns(inp, types, map_path)
+    table = f"st_{inp.name}"
+    try:
+        con.execute(f"CREATE OR REPLACE TABLE {table} AS {_stage_select(inp, types)} ORDER BY row_n")
+    except duckdb.Error as exc:
+        raise InputFileError(f"{inp.path}: cannot normalise its mapped columns ({_db_message(exc)})") from None
+    _check_values(con, inp, table)
+    roles = sorted(inp.spec.roles)
+    counts = con.execute(f"SELECT count(*), {', '.join(f'count({r})' for r in roles)} FROM {table}").fetchall()[0]
+    inp.rows = counts[0]
+    inp.present = {r for r, n in zip(roles, counts[1:]) if n}
+    target = scratch / f"{inp.name}.parquet"
+    con.execute(f"COPY (SELECT * EXCLUDE (dob__t) FROM {table} ORDER BY row_n) TO {lit(target)} (FORMAT parquet)"
+                if "dob" in inp.spec.columns else
+                f"COPY (SELECT * FROM {table} ORDER BY row_n) TO {lit(target)} (FORMAT parquet)")
+    con.execute(f"DROP TABLE raw_{inp.name}")
+    return target
+
+
+# -- encoding: the pseudonymisation stage's encoders and SQL, on the staged rows -----------------
+
+def _tokens(inp: _Input) -> pa.Table:
+    """Row-aligned record tokens: deterministic (file index, row), so training samples reproducibly."""
+    i = np.arange(inp.rows, dtype=np.int64)
+    return pa.table({"i": i, "record_token": [f"{inp.index:03d}{n + 1:010d}" for n in range(inp.rows)]})
+
+
+def _encode(con, inputs: list[_Input], staged: dict[str, Path], config: Config, key) -> dict[str, int]:
+    """Create ``ids_<name>`` per file: keyed encodings only, the record token as ``unique_id``."""
+    plans = []
+    for inp in inputs:
+        roles = inp.spec.roles
+        plans.append(_Source(inp.name, staged[inp.name], None, inp.rows,
+                             role_column={r: r for r in roles if r != "id"},
+                             references={"id": _ID_REFERENCE["id"]} if "id" in roles else {}))
+        con.register(f"rt_{inp.name}", _tokens(inp))
+    coder = _Encoders(key, config.pseudonymise)
+    present = set().union(*(inp.spec.roles for inp in inputs))
+    encoders = {r: e for r in sorted(present - {"id"}) if (e := coder.for_role(r)) is not None}
+    if "id" in present:
+        encoders["ref:id"] = coder.for_reference("id", _ID_REFERENCE["id"])
+    distinct = _build_dictionaries(con, plans, encoders)
+    for plan in plans:
+        con.execute(f"""CREATE OR REPLACE TABLE ids_{plan.name} AS
+                        SELECT record_token AS unique_id, * EXCLUDE (record_token),
+                               CASE WHEN postcode_tok IS NULL THEN []::VARCHAR[] ELSE [postcode_tok] END
+                                   AS postcode_toks
+                        FROM ({_identifiers_sql(plan, encoders, _ID_REFERENCE)})""")
+    for name in {e.name for e in encoders.values()}:
+        con.unregister(name)
+    return distinct
+
+
+# -- output ------------------------------------------------------------------------------------
+
+def _records_sql(inputs: list[_Input]) -> str:
+    """Every input row: its internal id, file (table name), record id and order."""
+    return " UNION ALL ".join(
+        f"SELECT printf('%03d%010d', {inp.index}, row_n) AS unique_id, {lit(inp.spec.table)} AS file, "
+        f"{inp.index} AS file_index, row_n, record_id FROM st_{inp.name}" for inp in inputs) + " ORDER BY unique_id"
+
+
+def _write_outputs(con, pairs: str | None, clusters: str | None, out: Path) -> None:
+    """``clusters.csv`` (every row of ``lf_records`` once) and ``pairs.csv`` from Splink's tables."""
+    cluster_of = f"LEFT JOIN {clusters} c USING (unique_id)" if clusters else ""
+    cid = "coalesce(c.cluster_id, r.unique_id)" if clusters else "r.unique_id"
+    # cluster ids numbered in order of each cluster's first record (file order, then row): reproducible
+    con.execute(f"""CREATE OR REPLACE TABLE lf_clusters AS
+        WITH c AS (SELECT r.*, {cid} AS splink_cluster FROM lf_records r {cluster_of}),
+        first AS (SELECT splink_cluster, min(unique_id) AS first_id FROM c GROUP BY 1)
+        SELECT c.unique_id, c.file, c.file_index, c.row_n, c.record_id,
+               dense_rank() OVER (ORDER BY f.first_id) AS cluster_id
+        FROM c JOIN first f USING (splink_cluster)""")
+    con.execute(f"""COPY (SELECT file, record_id, cluster_id FROM lf_clusters ORDER BY file_index, row_n)
+                    TO {lit(out / 'clusters.csv')} (HEADER, DELIMITER ',')""")
+    if pairs:
+        # the earlier record (file order, then row) on the left, so each pair reads one way
+        con.execute(f"""CREATE OR REPLACE TABLE lf_pairs AS
+            SELECT least(unique_id_l, unique_id_r) AS id_l, greatest(unique_id_l, unique_id_r) AS id_r,
+                   match_probability, match_weight FROM {pairs}""")
+    else:
+        con.execute("CREATE OR REPLACE TABLE lf_pairs (id_l VARCHAR, id_r VARCHAR, match_probability DOUBLE, "
+                    "match_weight DOUBLE)")
+    con.execute(f"""COPY (SELECT l.record_id AS record_id_l, l.file AS file_l, r.record_id AS record_id_r,
+                                 r.file AS file_r, p.match_probability, p.match_weight
+                          FROM lf_pairs p JOIN lf_records l ON l.unique_id = p.id_l
+                          JOIN lf_records r ON r.unique_id = p.id_r
+                          ORDER BY l.file_index, l.row_n, r.file_index, r.row_n)
+                    TO {lit(out / 'pairs.csv')} (HEADER, DELIMITER ',')""")
+
+
+def _publish(built: Path, out: Path) -> None:
+    """Move the finished files into ``out`` (each by an atomic rename; other files there are left alone)."""
+    if not out.exists():
+        os.rename(built, out)
+        return
+    for item in built.iterdir():
+        os.replace(item, out / item.name)
+    shutil.rmtree(built, ignore_errors=True)
+
+
+def _connect(scratch: Path, config: Config) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    # the same memory and thread limits as hhlink link; beyond the limit DuckDB spills to the scratch folder
+    con.execute(f"SET memory_limit={lit(config.link.memory_limit)}")
+    if config.link.threads:
+        con.execute(f"SET threads={int(config.link.threads)}")
+    # Splink 5 still emits some single-arrow lambdas that DuckDB 2 rejects by default
+    con.execute("SET lambda_syntax='ENABLE_SINGLE_ARROW'")
+    con.execute("SET enable_progress_bar=false")
+    # spill files can hold cleartext: keep them in the private scratch folder
+    con.execute(f"SET temp_directory={lit(scratch / 'spill')}")
+    return con
+
+
+def link_files(files: Sequence[Path | str], map_path: Path | str, out: Path | str, config: Config | None = None,
+               key_file: Path | str | None = None, threshold: float | None = None) -> dict:
+    """Pseudonymise and link a data engineer's own extracts; write clusters, pairs and a report to ``out``.
+
+    Args:
+        files: CSV (``.csv``, ``.csv.gz``) or Parquet files; each file's stem names its table in the map.
+        map_path: the TOML map (see :func:`load_map`).
+        out: the output folder (created; files already there other than ours are left alone).
+        config: the hhlink config (encoding parameters; ``link.keep_pairs_above``, ``link.seed``,
+            sampling sizes, ``memory_limit`` and ``threads``); default the project's ``hhlink.toml``.
+        key_file: a master key file; default ``HHLINK_KEY``, ``HHLINK_KEY_FILE`` or the default key file.
+        threshold: match probability at or above which records share a cluster; default ``link.threshold``.
+
+    Returns:
+        A summary: records per file, clusters, pairs, training facts, seconds. Never a record value.
+
+    Raises:
+        MapError: the map is unreadable or invalid.
+        InputFileError: a file is unreadable, not in the map, or lacks a mapped column.
+        BadValueError: a date off its format, a blank or repeated record id (file, row and column named).
+        SecretKeyError: no usable key. In every case nothing is written to ``out``.
+
+    Example:
+        >>> link_files(["patients_2024.csv", "clinic.parquet"], "map.toml", "linked")["clusters"]  # doctest: +SKIP
+        1873
+    """
+    from linkage.link_files.model import run_model
+    from linkage.link_files.report import write_report
+
+    t0 = time.perf_counter()
+    config = config or load_config()
+    threshold = config.link.threshold if threshold is None else threshold
+    if not 0 < threshold < 1:
+        raise LinkFilesError(f"threshold must be between 0 and 1, not {threshold}")
+    map_path, out = Path(map_path), Path(out)
+    mapping = load_map(map_path)
+    inputs = _inputs(files, mapping, map_path)
+    if out.exists() and not out.is_dir():
+        raise LinkFilesError(f"{out}: exists and is not a folder")
+    key = load_master_key(key_file)       # before anything is written
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))   # mode 0700
+        built = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise LinkFilesError(f"{out.parent}: cannot write there ({exc.strerror})") from None
+    con = _connect(scratch, config)
+    try:
+        staged = {inp.name: _stage(con, inp, scratch, map_path) for inp in inputs}
+        distinct = _encode(con, inputs, staged, config, key)
+        # from here on only record ids and row numbers remain in clear, and only in memory
+        con.execute(f"CREATE TABLE lf_records AS {_records_sql(inputs)}")
+        for inp in inputs:
+            con.execute(f"DROP TABLE st_{inp.name}")
+            staged[inp.name].unlink()
+        run = run_model(con, inputs, config, threshold, built)
+        _write_outputs(con, run.pairs_table, run.clusters_table, built)
+        summary = {
+            "files": {inp.spec.table: {"records": inp.rows, "roles": sorted(inp.spec.roles),
+                                       "roles_with_values": sorted(inp.present)} for inp in inputs},
+            "records": sum(inp.rows for inp in inputs),
+            "clusters": con.execute("SELECT count(DISTINCT cluster_id) FROM lf_clusters").fetchall()[0][0],
+            "pairs_scored": con.execute("SELECT count(*) FROM lf_pairs").fetchall()[0][0],
+            "pairs_at_threshold": con.execute(
+                f"SELECT count(*) FROM lf_pairs WHERE match_probability >= {threshold!r}").fetchall()[0][0],
+            "threshold": threshold, "keep_pairs_above": min(config.link.keep_pairs_above, threshold),
+            "key_fingerprint": key.fingerprint, "distinct_values_encoded": distinct, **run.facts,
+        }
+        summary["seconds"] = round(time.perf_counter() - t0, 1)
+        write_report(con, inputs, summary, run.charts, built)
+        _publish(built, out)
+    except BaseException:
+        shutil.rmtree(built, ignore_errors=True)
+        raise
+    finally:
+        con.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    log.info("linked %d records from %d files into %d clusters", summary["records"], len(inputs), summary["clusters"])
+    return summary

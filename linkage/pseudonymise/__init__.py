@@ -1,0 +1,5 @@
+"""``hhlink pseudonymise``: staged/ into pseudonymised/ (identifiers, payload, encrypted crosswalk)."""
+
+from linkage.pseudonymise.stage import pseudonymise
+
+__all__ = ["pseudonymise"]

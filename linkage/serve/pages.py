@@ -1,0 +1,341 @@
+"""The portal's web pages: server-rendered, no scripts; session cookie and CSRF-protected forms.
+
+================================ ============== =================================================
+page                             roles          shows
+================================ ============== =================================================
+``/login``, ``/logout``          -              sign in with a token; sign out (POST, CSRF)
+``/catalogue``                   researcher     published tables
+``/catalogue/{name}``            researcher     data dictionary, chart or heat map, rows, downloads
+``/builder``                     researcher     the table builder (POST, CSRF, quota, audited)
+``/reports``, ``/reports/...``   auditor, eng.  data-quality, linkage-quality and disclosure reports
+``/audit``, ``/audit/verify``    auditor        the audit log and its integrity check
+``/runs``, ``/quarantine``       engineer       run status; quarantine counts and reasons
+================================ ============== =================================================
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import FileResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from linkage.serve.app import HOME
+from linkage.serve.auth import (LOGIN_COOKIE, SESSION_COOKIE, PageUser, csrf_ok, optional_page_user,
+                                  page_user)
+from linkage.serve.builder import Refusal
+from linkage.serve.catalogue import NotFound, TableView
+from linkage.serve.charts import bar_svg, heat_cells
+from linkage.serve.status import (MEDIA_TYPES, REPORTS, json_report, quarantine_summary, report_file,
+                                    reports_index, run_status)
+
+router = APIRouter(include_in_schema=False)
+researcher = page_user("researcher")
+auditor = page_user("auditor")
+engineer = page_user("engineer")
+reader = page_user("auditor", "engineer")
+MAX_ROWS = 500
+
+
+def _portal(request: Request):
+    return request.app.state.portal
+
+
+def _cookie(response: Response, request: Request, name: str, value: str, max_age: int | None = None) -> None:
+    response.set_cookie(name, value, max_age=max_age, httponly=True, samesite="strict", path="/",
+                        secure=request.url.scheme == "https")
+
+
+_LOCAL_PATH = re.compile(r"^/(?![/\\])[A-Za-z0-9/_.~%=&?+-]{0,299}$")
+
+
+def _safe_next(path: str | None) -> str | None:
+    # only a local path: never another host ("//evil", "/\\evil", "/\t/evil", "https://...")
+    return path if path and _LOCAL_PATH.match(path) and "//" not in path else None
+
+
+async def _form(request: Request) -> dict:
+    form = await request.form()
+    return {"csrf": form.get("csrf"), "token": form.get("token"), "next": form.get("next"),
+            "dimensions": [str(v) for v in form.getlist("dimensions")][:10], "measure": form.get("measure")}
+
+
+# -- sign in and out --------------------------------------------------------------------------
+
+@router.get("/")
+async def root(request: Request):
+    me = optional_page_user(request)
+    return RedirectResponse(HOME[me.user.role] if me else "/login", status_code=303)
+
+
+@router.get("/healthz")
+async def health():
+    return {"status": "ok"}
+
+
+@router.get("/favicon.ico")
+async def favicon():
+    # browsers ask for it on every report page; nothing to show
+    return Response(status_code=204)
+
+
+@router.get("/login")
+async def login_form(request: Request, next: str | None = Query(None, max_length=300)):
+    token = secrets.token_urlsafe(24)
+    response = _portal(request).render(request, "login.html", title="Sign in", csrf=token, next=_safe_next(next) or "",
+                                       error=None, me=None)
+    _cookie(response, request, LOGIN_COOKIE, token, max_age=1800)
+    return response
+
+
+@router.post("/login")
+async def login(request: Request):
+    portal = _portal(request)
+    form = await _form(request)
+    nxt = _safe_next(form["next"])
+    if not csrf_ok(request.cookies.get(LOGIN_COOKIE), form["csrf"]):
+        raise HTTPException(403, "the sign-in form expired or did not come from this site; reload it and try again")
+    token = str(form["token"] or "").strip()
+    user = await run_in_threadpool(portal.users.authenticate, token) if token else None
+    if user is None:
+        portal.audit.append("-", "-", "login", {"via": "page"}, "failed")
+        fresh = secrets.token_urlsafe(24)
+        response = portal.render(request, "login.html", 401, title="Sign in", csrf=fresh, next=nxt or "",
+                                 error="That token is not valid.", me=None)
+        _cookie(response, request, LOGIN_COOKIE, fresh, max_age=1800)
+        return response
+    sid, _ = portal.sessions.create(user)
+    portal.audit.append(user.name, user.role, "login", {"via": "page"})
+    response = RedirectResponse(nxt or HOME[user.role], status_code=303)
+    _cookie(response, request, SESSION_COOKIE, sid)
+    response.delete_cookie(LOGIN_COOKIE, path="/", httponly=True, samesite="strict")
+    return response
+
+
+@router.post("/logout")
+async def logout(request: Request):
+    portal = _portal(request)
+    me = optional_page_user(request)
+    form = await _form(request)
+    if me is None:
+        return RedirectResponse("/login", status_code=303)
+    if not csrf_ok(me.csrf, form["csrf"]):
+        raise HTTPException(403, "missing or wrong CSRF token")
+    portal.sessions.end(request.cookies.get(SESSION_COOKIE))
+    portal.audit.append(me.user.name, me.user.role, "logout", {"via": "page"})
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+# -- researchers ------------------------------------------------------------------------------
+
+@router.get("/catalogue")
+async def catalogue(request: Request, me: PageUser = Depends(researcher)):
+    return _portal(request).render(request, "catalogue.html", title="Published tables",
+                                   tables=_portal(request).catalogue.summaries())
+
+
+def _chart(view: TableView, params: dict, labels: dict) -> dict:
+    """The chart (bar or heat map) a table page shows, from its query parameters (validated here)."""
+    dims = view.dimension_columns
+    measures = view.measures
+    measure = params.get("measure") or next((m for m in measures if m != view.meta.get("unit")), measures[0])
+    if measure not in measures:
+        raise HTTPException(400, "unknown measure")
+    distinct = list(dict.fromkeys(view.column_dimension(c)[0] for c in dims))
+    by_dim = {view.column_dimension(c)[0]: c for c in dims}          # finest column of each dimension
+    only_counts = all(m == view.meta.get("unit") or m == "children" for m in measures)
+    # two small dimensions read best as a matrix; local authorities (150 categories) as bars
+    small = [d for d in distinct if by_dim[d] != "la"]
+    kind = params.get("chart") or ("heat" if len(small) >= 2 else "bar")
+    if kind not in ("bar", "heat") or (kind == "heat" and len(distinct) < 2):
+        raise HTTPException(400, "unknown chart")
+    fixed = {}
+    for col in dims:
+        v = params.get(f"f.{col}")
+        if v:
+            if v not in view.categories(col):
+                raise HTTPException(400, f"unknown category for {col}")
+            fixed[col] = v
+    if kind == "bar":
+        x = params.get("x") or by_dim[distinct[0]]
+        if x not in dims:
+            raise HTTPException(400, "unknown column")
+        fixed.pop(x, None)
+        items = view.series(measure, x, fixed)
+        return {"kind": "bar", "measure": measure, "x": x, "fixed": fixed, "suppressed": sum(i["value"] is None for i in items),
+                "svg": bar_svg(items, f"{measure} by {x}", labels), "items": len(items)}
+    cols_default = [by_dim[d] for d in (small if len(small) >= 2 else distinct)[-2:]]
+    rows, cols = params.get("x") or cols_default[0], params.get("y") or cols_default[1]
+    if rows not in dims or cols not in dims or view.column_dimension(rows)[0] == view.column_dimension(cols)[0]:
+        raise HTTPException(400, "choose two columns of different dimensions")
+    fixed.pop(rows, None)
+    fixed.pop(cols, None)
+    share = params.get("share", "row" if only_counts else "") == "row"
+    heat = heat_cells(view.matrix(measure, rows, cols, fixed), share=share)
+    return {"kind": "heat", "measure": measure, "x": rows, "y": cols, "fixed": fixed, "share": share, "heat": heat,
+            "suppressed": sum(c["cls"] == "suppressed" for line in heat["grid"] for c in line)}
+
+
+@router.get("/catalogue/{name}")
+async def table_page(request: Request, name: str, me: PageUser = Depends(researcher)):
+    portal = _portal(request)
+    try:
+        view = portal.catalogue.get(name)
+    except NotFound:
+        raise HTTPException(404, f"no published table '{name}'") from None
+    params = {k: v for k, v in request.query_params.items() if len(v) <= 100}
+    labels = portal.catalogue.labels()
+    try:
+        chart = _chart(view, params, labels)
+        filters = {c: params[f"r.{c}"] for c in view.dimension_columns if params.get(f"r.{c}")}
+        rows = view.select(filters, params.get("r.measure") or None)
+    except NotFound:
+        raise HTTPException(400, "unknown column") from None
+    portal.audit.append(me.user.name, me.user.role, "table.view", {"table": name, "via": "page"})
+    return portal.render(request, "table.html", title=view.meta.get("title", name), view=view, chart=chart,
+                         rows=rows.head(MAX_ROWS).to_dict("records"), total_rows=len(rows), filters=filters,
+                         labels=labels, params=params, max_rows=MAX_ROWS)
+
+
+@router.get("/catalogue/{name}/download")
+async def table_download(request: Request, name: str, format: str = Query("csv", pattern="^(csv|json)$"),
+                         me: PageUser = Depends(researcher)):
+    portal = _portal(request)
+    try:
+        view = portal.catalogue.get(name)
+    except NotFound:
+        raise HTTPException(404, f"no published table '{name}'") from None
+    portal.audit.append(me.user.name, me.user.role, "table.download", {"table": name, "format": format, "via": "page"})
+    return _download(view, format)
+
+
+def _download(view: TableView, format: str) -> Response:
+    body, media = (view.csv, "text/csv; charset=utf-8") if format == "csv" else (view.json, "application/json")
+    return Response(body, media_type=media,
+                    headers={"Content-Disposition": f'attachment; filename="{view.name}.{format}"'})
+
+
+def _builder_context(portal, me: PageUser) -> dict:
+    from linkage.sdc import standard
+
+    cfg = portal.config.disclosure
+    dims = []
+    for d in cfg.allowed_dimensions:
+        try:
+            dims.append({"name": d, "description": standard.dimension(d, portal.config).description})
+        except Exception:  # noqa: BLE001 - a name the catalogue does not know is not offered
+            continue
+    measures = [{"name": m, "description": standard.MEASURES[m][3]} for m in cfg.allowed_measures if m in standard.MEASURES]
+    return {"dims": dims, "measures": measures, "quota": portal.builder.quota(me.user.name),
+            "max_cells": portal.config.service.max_cells}
+
+
+@router.get("/builder")
+async def builder_form(request: Request, me: PageUser = Depends(researcher)):
+    portal = _portal(request)
+    return portal.render(request, "builder.html", title="Table builder", result=None, error=None, chosen=[],
+                         chosen_measure=None, **_builder_context(portal, me))
+
+
+@router.post("/builder")
+async def builder(request: Request, me: PageUser = Depends(researcher)):
+    portal = _portal(request)
+    form = await _form(request)
+    if not csrf_ok(me.csrf, form["csrf"]):
+        raise HTTPException(403, "missing or wrong CSRF token")
+    raw = {"dimensions": form["dimensions"], "measure": form["measure"] or "count"}
+    ctx = dict(chosen=form["dimensions"], chosen_measure=form["measure"])
+    try:
+        res = await run_in_threadpool(portal.builder.answer, me.user, raw, "page")
+    except Refusal as r:
+        return portal.render(request, "builder.html", r.status, title="Table builder", result=None, error=r.message,
+                             **ctx, **_builder_context(portal, me))
+    labels = portal.catalogue.labels()
+    chart = _chart(res.view, {}, labels)
+    rows = res.view.frame
+    return portal.render(request, "builder.html", title="Table builder", result=res, chart=chart, error=None,
+                         rows=rows.head(MAX_ROWS).to_dict("records"), total_rows=len(rows), labels=labels,
+                         max_rows=MAX_ROWS, **ctx, **_builder_context(portal, me))
+
+
+@router.get("/builder/results/{name}")
+async def builder_download(request: Request, name: str, format: str = Query("csv", pattern="^(csv|json)$"),
+                           me: PageUser = Depends(researcher)):
+    view = _portal(request).builder.result(me.user, name)
+    if view is None:
+        raise HTTPException(404, "no recent result of yours by that name")
+    return _download(view, format)
+
+
+# -- auditors and engineers -------------------------------------------------------------------
+
+@router.get("/reports")
+async def reports(request: Request, me: PageUser = Depends(reader)):
+    portal = _portal(request)
+    return portal.render(request, "reports.html", title="Reports", reports=reports_index(portal.workspace))
+
+
+@router.get("/reports/summary/{name}.json")
+async def report_summary(request: Request, name: str, me: PageUser = Depends(reader)):
+    portal = _portal(request)
+    doc = json_report(portal.workspace, name)
+    if doc is None:
+        raise HTTPException(404, "no such report")
+    portal.audit.append(me.user.name, me.user.role, "report.view", {"report": name, "via": "page"})
+    return doc
+
+
+@router.get("/reports/{report}")
+async def report_root(report: str, me: PageUser = Depends(reader)):
+    if report not in REPORTS:
+        raise HTTPException(404, "no such report")
+    return RedirectResponse(f"/reports/{report}/", status_code=307)
+
+
+@router.get("/reports/{report}/{path:path}")
+async def report_page(request: Request, report: str, path: str, me: PageUser = Depends(reader)):
+    portal = _portal(request)
+    target = report_file(portal.workspace, report, path)
+    if target is None:
+        raise HTTPException(404, "no such report file")
+    if target.suffix == ".html":
+        portal.audit.append(me.user.name, me.user.role, "report.view", {"report": report, "file": path or "index",
+                                                                         "via": "page"})
+    return FileResponse(target, media_type=MEDIA_TYPES[target.suffix.lower()])
+
+
+@router.get("/audit")
+async def audit_page(request: Request, page: int = Query(1, ge=1, le=10**6), me: PageUser = Depends(auditor)):
+    portal = _portal(request)
+    per = 100
+    entries, total = portal.audit.entries((page - 1) * per, per, newest_first=True)
+    portal.audit.append(me.user.name, me.user.role, "audit.view", {"page": page, "via": "page"})
+    return portal.render(request, "audit.html", title="Audit log", entries=entries, total=total, page=page,
+                         pages=max(1, -(-total // per)), verification=None)
+
+
+@router.get("/audit/verify")
+async def audit_verify(request: Request, me: PageUser = Depends(auditor)):
+    portal = _portal(request)
+    result = await run_in_threadpool(portal.audit.verify)
+    portal.audit.append(me.user.name, me.user.role, "audit.verify", {"via": "page"}, "ok" if result.ok else "tampered",
+                        {"entries": result.entries, "first_bad_seq": result.first_bad_seq, "problem": result.problem})
+    return portal.render(request, "audit.html", title="Audit log check", entries=[], total=result.entries, page=1,
+                         pages=1, verification=result)
+
+
+@router.get("/runs")
+async def runs(request: Request, me: PageUser = Depends(engineer)):
+    portal = _portal(request)
+    return portal.render(request, "runs.html", title="Run status", stages=run_status(portal.workspace))
+
+
+@router.get("/quarantine")
+async def quarantine(request: Request, me: PageUser = Depends(engineer)):
+    portal = _portal(request)
+    return portal.render(request, "quarantine.html", title="Quarantine", sources=quarantine_summary(portal.workspace))
+
