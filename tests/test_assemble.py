@@ -216,7 +216,7 @@ def test_assemble_without_a_linkage_run_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_incremental_threshold_variants_equal_a_full_rebuild(assembled, tmp_path):
     """Oracle: rebuilding only the children a threshold can change gives the cohort a full rebuild gives."""
-    from linkage import _panel_sql, mobility, panel
+    from linkage.assemble import mobility, sql as _panel_sql, stage as panel
     from linkage.assemble.sensitivity import Incremental, recluster
     from linkage.keys import load_master_key
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from linkage import spark_engine
+from linkage.link import spark as spark_engine
 from linkage.config import load_config
 from linkage.encodings import dice, dice_sql
 from linkage.link.stage import link
