@@ -1,8 +1,8 @@
 """The workspace folder: its zones, and atomic publication of files into them.
 
 A run works in one workspace. Stages read the zone before theirs and write their own;
-every file is written to a temporary path in the same folder and renamed into place, so
-no half-written file is ever visible in a zone.
+every file or folder is built at a temporary path and swapped into place by :func:`publish`,
+so no half-written file is ever visible in a zone.
 
 Example:
     >>> ws = Workspace("/tmp/ws").ensure()
@@ -75,18 +75,12 @@ class Workspace:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        old = None
-        if final.exists():
-            old = self.root / f".{name}.old-{os.getpid()}"
-            os.rename(final, old)
-        os.rename(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish(tmp, final)
 
     def recover(self) -> list[str]:
         """Repair what a killed run left behind; call only while no stage is writing the workspace.
 
-        A process killed between :meth:`publish_dir`'s two renames leaves the zone missing and
+        A process killed between :func:`publish`'s two renames leaves the zone missing and
         its previous contents in ``.<zone>.old-<pid>``: that folder is renamed back (the stage
         has not finished, so it runs again). Temporary folders and files of interrupted
         stages (``.<zone>.tmp-*``, spills, half-built reports) are removed: they are never
@@ -122,6 +116,43 @@ SCRATCH_PATTERNS = (".*.tmp-*", ".*.old-*", ".*.new-*", ".ingest-*", ".stage-*",
                     ".assemble-eval.tmp-*", ".gx-research-*")
 
 
+def publish(built: Path | str, final: Path | str) -> None:
+    """Swap a finished file or folder ``built`` into place at ``final``; the one way stages publish.
+
+    A file replaces ``final`` in one atomic rename. A folder takes two renames: the previous
+    ``final`` moves aside to ``.<name>.old-<pid>``, then ``built`` takes its name, then the old
+    one is removed. Readers see the old or the new folder, never a mix; a process killed
+    between the two renames leaves ``final`` missing and the old folder beside it, which
+    :meth:`Workspace.recover` renames back. ``built`` elsewhere on the same file system is
+    first moved beside ``final`` (as ``.<name>.new-*``) so the swap itself is a rename.
+
+    Example:
+        >>> with tempfile.TemporaryDirectory() as d:             # doctest: +SKIP
+        ...     built = Path(tempfile.mkdtemp(dir=d)); (built / "a.txt").write_text("new")
+        ...     publish(built, Path(d) / "zone")
+    """
+    built, final = Path(built), Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if built.parent.resolve() != final.parent.resolve():
+        beside = Path(tempfile.mkdtemp(prefix=f".{final.name}.new-", dir=final.parent))
+        beside.rmdir()
+        shutil.move(str(built), beside)
+        built = beside
+    if not built.is_dir() and not final.is_dir():
+        os.replace(built, final)
+        return
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.rename(final, old)
+    os.rename(built, final)
+    if old is not None:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it to ``final`` on success."""
@@ -132,7 +163,7 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
-        os.replace(tmp, final)
+        publish(tmp, final)
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -38,7 +38,7 @@ from collections.abc import Callable
 import duckdb
 
 from linkage.config import LinkConfig
-from linkage.link.households import _parent_child_sql
+from linkage.link.households import parent_child_sql
 
 # the cohort columns the headline measures read (``linkage.assemble.sql.headline_cohort_sql``)
 HEADLINE_COLUMNS = ("child_key", "birth_year", "parents_earnings", "log_parents_earnings", "adult_pay",
@@ -97,7 +97,7 @@ def _rehouse(con: duckdb.DuckDBPyConnection, cfg: LinkConfig) -> None:
     con.execute("create or replace view households as select * from households_v")
     con.execute(_records_linked_sql("select claim_tok from recs where claim_tok is not null",
                                     _person_births_sql("select person_key from id_person")))
-    con.execute(_parent_child_sql(cfg))
+    con.execute(parent_child_sql(cfg))
 
 
 def _true_identities(con: duckdb.DuckDBPyConnection) -> None:
@@ -255,7 +255,7 @@ class Incremental:
             "select claim_tok from v_claims",
             _person_births_sql("select person_key from households union select v.person_key from recs r "
                                "join id_person v using (unique_id) where r.claim_tok in (select claim_tok from v_claims)")))
-        con.execute(_parent_child_sql(self.cfg))
+        con.execute(parent_child_sql(self.cfg))
         con.execute("""
             create or replace table v_pc_new as
             select * from parent_child where parent_key in (select person_key from v_new)

@@ -50,10 +50,12 @@ from linkage.assemble import sql
 from linkage.assemble import mobility
 from linkage.config import PROJECT_ROOT, Config
 from linkage.errors import HhlinkError, SchemaError, WorkspaceError, read_toml
+from linkage.keys import MasterKey
 from linkage.workspace import Workspace, atomic_path
 
-__all__ = ["RESEARCH_TABLES", "AssembleError", "TableSchema", "assemble", "load_research_schema",
-           "mobility_evaluation"]
+__all__ = ["COHORT_NUMERIC", "COHORT_TEXT", "RESEARCH_TABLES", "AssembleError", "TableSchema", "assemble",
+           "build_panel", "connect", "load_inputs", "load_pairs", "load_research_schema", "prepared", "spread",
+           "use_linked_links", "variant"]
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +116,8 @@ def load_research_schema(table: str, folder: Path | str | None = None) -> TableS
 
 # -- inputs and links ------------------------------------------------------------------------
 
-def _connect(config: Config, spill: Path) -> duckdb.DuckDBPyConnection:
+def connect(config: Config, spill: Path) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection under ``[assemble]``'s memory limit and threads, spilling to ``spill``."""
     import os
 
     a = config.assemble
@@ -226,27 +229,28 @@ def build_panel(con: duckdb.DuckDBPyConnection, config: Config, full: bool = Tru
         con.execute(step)
 
 
-_COHORT_NUMERIC = ("birth_year", "log_parents_earnings", "log_adult_pay", "parents_earnings", "adult_pay",
+COHORT_NUMERIC = ("birth_year", "log_parents_earnings", "log_adult_pay", "parents_earnings", "adult_pay",
                    "ever_fsm", "persistent_fsm", "household_income_percentile", "parents_earnings_percentile",
                    "longest_spell_months", "ks2_score", "ks4_att8")
-_COHORT_TEXT = ("region_at_16", "la_at_16")
+COHORT_TEXT = ("region_at_16", "la_at_16")
 
 
 def cohort_arrays(con: duckdb.DuckDBPyConnection) -> dict[str, np.ndarray]:
     """The cohort columns the measures read, as numpy arrays (NaN or None for missing), in a fixed row order."""
     have = {r[0] for r in con.execute("describe t_cohort").fetchall()}
-    cols = [c for c in _COHORT_NUMERIC + _COHORT_TEXT if c in have]
+    cols = [c for c in COHORT_NUMERIC + COHORT_TEXT if c in have]
     t = con.sql(f"select {', '.join(cols)} from t_cohort order by child_key").to_arrow_table()
     out: dict[str, np.ndarray] = {}
-    for c in _COHORT_NUMERIC:
+    for c in COHORT_NUMERIC:
         out[c] = (t[c].cast(pa.float64()).to_numpy(zero_copy_only=False) if c in have
                   else np.full(t.num_rows, np.nan))
-    for c in _COHORT_TEXT:
+    for c in COHORT_TEXT:
         out[c] = np.array(t[c].to_pylist() if c in have else [None] * t.num_rows, dtype=object)
     return out
 
 
-def _prepared(con: duckdb.DuckDBPyConnection, config: Config) -> dict:
+def prepared(con: duckdb.DuckDBPyConnection, config: Config) -> dict:
+    """The cohort table's columns as arrays, ready for :mod:`linkage.assemble.mobility`."""
     return mobility.prepare(cohort_arrays(con), long_spell_months=config.assemble.long_spell_months)
 
 
@@ -344,15 +348,17 @@ def _validate(config: Config, ws: Workspace, out: Path, schemas: dict) -> dict:
 
 # -- the linkage-error sensitivity analysis ---------------------------------------------------
 
-def _variant(con: duckdb.DuckDBPyConnection, config: Config, name: str, persons: int, threshold=None,
+def variant(con: duckdb.DuckDBPyConnection, config: Config, name: str, persons: int, threshold=None,
              build: bool = True) -> dict:
+    """The headline measures for one sensitivity variant (``persons`` re-clustered; rebuilt unless ``build`` is False)."""
     if build:
         build_panel(con, config, full=False)
-    h = mobility.headline(_prepared(con, config))
+    h = mobility.headline(prepared(con, config))
     return {"variant": name, "threshold": threshold, "persons": persons, **h}
 
 
-def _spread(variants: list[dict]) -> dict:
+def spread(variants: list[dict]) -> dict:
+    """Per measure, the lowest and highest estimate across the sensitivity variants."""
     out = {}
     for m in mobility.MOBILITY_MEASURES:
         vals = [v[m] for v in variants if v.get(m) is not None]
@@ -377,19 +383,19 @@ def sensitivity(con: duckdb.DuckDBPyConnection, config: Config, ws: Workspace, b
                       sql.mobility_cohorts_sql(a.childhood_ages, a.adult_pay_ages, alias="t_cohort"))
     for t in config.assemble.sensitivity_thresholds:
         persons = inc.variant(t)
-        rows.append(_variant(con, config, f"threshold {t:g}", persons, t, build=False))
+        rows.append(variant(con, config, f"threshold {t:g}", persons, t, build=False))
     return rows
 
 
 # -- the stage -------------------------------------------------------------------------------
 
-def assemble(config: Config, workspace: Path | str, key_file: Path | str | None = None) -> dict:
+def assemble(config: Config, workspace: Path | str, key: MasterKey | None = None) -> dict:
     """Build ``research/`` from ``linked/`` and the payload, compute the measures, check and report them.
 
     Args:
         config: the hhlink configuration (``config.assemble`` holds the settings).
         workspace: the workspace folder; reads ``linked/`` and ``pseudonymised/payload/``.
-        key_file: the master key file (default: ``HHLINK_KEY``, ``HHLINK_KEY_FILE`` or the
+        key: the master key (default: loaded from ``HHLINK_KEY``, ``HHLINK_KEY_FILE`` or the
             default file); the project's keys are derived from it.
 
     Returns:
@@ -408,7 +414,7 @@ def assemble(config: Config, workspace: Path | str, key_file: Path | str | None 
         if not need.exists():
             raise AssembleError(f"{need}: missing; run 'hhlink pseudonymise' and 'hhlink link' first")
     a = config.assemble
-    key = load_master_key(key_file, workspace)
+    key = key if key is not None else load_master_key(workspace=ws.root)
     secret = project_key(key, a.project)
     schemas = {t: load_research_schema(t, config.paths.resolve(config.paths.schemas) / "research")
                for t in RESEARCH_TABLES}
@@ -418,14 +424,14 @@ def assemble(config: Config, workspace: Path | str, key_file: Path | str | None 
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
     spill = Path(tempfile.mkdtemp(prefix=".assemble.tmp-", dir=ws.root))
-    con = _connect(config, spill)
+    con = connect(config, spill)
     try:
         load_inputs(con, ws, key, lookup)
         use_linked_links(con)
         build_panel(con, config)
         seconds["tables"] = time.perf_counter() - t0
         t = time.perf_counter()
-        prepared = _prepared(con, config)
+        prepared = prepared(con, config)
         measures, transitions = mobility.bootstrap_measures(
             prepared, a.bootstrap_replicates, a.bootstrap_seed, a.confidence_level, a.min_group_size)
         baseline = mobility.headline(prepared)
@@ -458,7 +464,7 @@ def assemble(config: Config, workspace: Path | str, key_file: Path | str | None 
         national = {m["measure"]: {k: m[k] for k in ("estimate", "ci_low", "ci_high", "n")}
                     for m in measures if m["group_type"] == "national"}
         report = {"project": a.project, "national": national, "headline": baseline,
-                  "sensitivity": {"variants": variants, "spread": _spread(variants)},
+                  "sensitivity": {"variants": variants, "spread": spread(variants)},
                   "seconds": {k: round(v, 2) for k, v in seconds.items()}}
         with atomic_path(ws.zone("reports") / "mobility.json") as tmp:
             tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
@@ -469,92 +475,3 @@ def assemble(config: Config, workspace: Path | str, key_file: Path | str | None 
     return {"project": a.project, "rows": rows, "headline": baseline, "national": national,
             "sensitivity": variants, "quality": {k: quality[k] for k in ("critical_failed",)},
             "seconds": report["seconds"]}
-
-
-# -- evaluation against the truth (hhlink evaluate) -----------------------------------------
-
-def _truth_measures(truth: Path, config: Config) -> dict:
-    """IGE and rank-rank slope on the truth tables, with the cohort table's sample definition.
-
-    The parents' side is the generator's own (``truth/children.parquet``: log mean PAYE
-    earnings of the parents a child lived with at 10-16); the child's side is the mean
-    PAYE pay over the adult ages' years with pay, from ``truth/person_years.parquet``.
-    """
-    b0, b1 = config.assemble.adult_pay_ages
-    t = duckdb.sql(f"""
-        with pay as (select y.person_id, avg(y.paye_pay) adult_pay
-                     from read_parquet('{truth}/person_years.parquet') y
-                     join read_parquet('{truth}/persons.parquet') p using (person_id)
-                     where y.year - p.birth_year between {b0} and {b1} and y.paye_pay > 0 group by 1)
-        select c.birth_year::double birth_year, c.parental_log_earnings_10_16 log_parents_earnings,
-               exp(c.parental_log_earnings_10_16) parents_earnings, pay.adult_pay, ln(pay.adult_pay) log_adult_pay
-        from read_parquet('{truth}/children.parquet') c join pay using (person_id)
-        where c.parental_log_earnings_10_16 is not null order by c.person_id""").to_arrow_table()
-    d = {c: t[c].to_numpy() for c in t.column_names}
-    n = t.num_rows
-    d.update({c: np.full(n, np.nan) for c in _COHORT_NUMERIC if c not in d})
-    d.update({c: np.array([None] * n, dtype=object) for c in _COHORT_TEXT})
-    return mobility.headline(mobility.prepare(d))
-
-
-def mobility_evaluation(config: Config, workspace: Path | str, key) -> dict:
-    """The mobility estimates against the truth, for ``reports/evaluation.json``.
-
-    Reads the planted elasticity (``truth/planted.json``), the estimates ``hhlink assemble``
-    published (``research/mobility.parquet``) and its sensitivity analysis
-    (``reports/mobility.json``), and re-estimates the headline measures with true person
-    links and with all links (persons, households, parent-child) true.
-
-    Returns:
-        ``ige_planted``, ``ige_population`` (on the truth tables), ``ige_estimated``,
-        ``ige_true_links``, ``ige_true_person_links``, the same for ``rank_slope_*``
-        (``rank_slope_planted`` is the rank-rank slope on the truth tables: the generator
-        plants the elasticity, so the truth tables define the rank slope), and
-        ``mobility_sensitivity``: every variant and the spread of each measure.
-    """
-    from linkage.assemble.sensitivity import true_links, true_persons
-    from linkage.crosswalk import CROSSWALK_FILE, crosswalk_table
-
-    ws = Workspace(workspace)
-    truth = ws.zone("truth")
-    research = ws.zone("research") / "mobility.parquet"
-    if not research.exists():
-        raise AssembleError(f"{research}: missing; run 'hhlink assemble' first")
-    planted = json.loads((truth / "planted.json").read_text())
-    national = {r["measure"]: r["estimate"] for r in pq.read_table(research).to_pylist()
-                if r["group_type"] == "national"}
-    population = _truth_measures(truth, config)
-    report_path = ws.zone("reports") / "mobility.json"
-    variants = json.loads(report_path.read_text())["sensitivity"]["variants"] if report_path.exists() else []
-    lookup = config.paths.resolve(config.assemble.la_lookup)
-    spill = Path(tempfile.mkdtemp(prefix=".assemble-eval.tmp-", dir=ws.root))
-    con = _connect(config, spill)
-    try:
-        load_inputs(con, ws, key, lookup)
-        crosswalk_table(con, ws.zone("pseudonymised") / CROSSWALK_FILE, key)
-        con.execute(f"""
-            create or replace table rec_truth as
-            select xw.record_token, t.person_id truth_person
-            from xw join read_parquet('{truth}/source_rows.parquet') t
-                 on t.source = xw.source and t.record_id = xw.record_id;
-            create or replace table truth_py as select person_id, year, household_id
-                from read_parquet('{truth}/person_years.parquet');
-            create or replace table truth_pc as select parent_id, child_id from read_parquet('{truth}/parent_child.parquet');
-        """)
-        con.execute("drop table xw")
-        persons = true_persons(con, config.link)
-        person_links = _variant(con, config, "true person links", persons)
-        persons = true_links(con)
-        all_links = _variant(con, config, "true links", persons)
-    finally:
-        con.close()
-        shutil.rmtree(spill, ignore_errors=True)
-    variants = [v for v in variants if not v["variant"].startswith("true")] + [person_links, all_links]
-    return {
-        "ige_planted": planted["ige"], "ige_population": population["ige"],
-        "ige_estimated": national.get("ige"), "ige_true_links": all_links["ige"],
-        "ige_true_person_links": person_links["ige"],
-        "rank_slope_planted": population["rank_slope"], "rank_slope_estimated": national.get("rank_slope"),
-        "rank_slope_true_links": all_links["rank_slope"], "rank_slope_true_person_links": person_links["rank_slope"],
-        "mobility_sensitivity": {"variants": variants, "spread": _spread(variants)},
-    }

@@ -13,7 +13,7 @@ Metrics (records are landing rows; persons the true people):
 * metrics at each of ``link.evaluation_thresholds`` by re-clustering the kept pairs;
 * after ``hhlink assemble``: the planted intergenerational elasticity and the truth's
   rank-rank slope beside the estimates from ``research/`` and on true links
-  (``ige_*``, ``rank_slope_*``, ``mobility_sensitivity``; :func:`linkage.assemble.stage.mobility_evaluation`).
+  (``ige_*``, ``rank_slope_*``, ``mobility_sensitivity``; :func:`linkage.evaluate.mobility.mobility_evaluation`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from pathlib import Path
 
 import duckdb
 
+from linkage.config import Config
+from linkage.keys import MasterKey
 from linkage.workspace import Workspace, atomic_path
 
 
@@ -164,13 +166,13 @@ def _by_threshold(con: duckdb.DuckDBPyConnection, thresholds: list[float]) -> li
     return out
 
 
-def evaluate(config, workspace: Path | str, key_file: Path | str | None = None) -> dict:
+def evaluate(config: Config, workspace: Path | str, key: MasterKey | None = None) -> dict:
     """Compare ``linked/`` with ``truth/`` and write ``reports/evaluation.json``.
 
     Args:
         config: the hhlink configuration.
         workspace: a workspace holding ``truth/``, ``pseudonymised/crosswalk.enc`` and ``linked/``.
-        key_file: the master key file (default: ``HHLINK_KEY``, ``HHLINK_KEY_FILE`` or the default file).
+        key: the master key (default: loaded from ``HHLINK_KEY``, ``HHLINK_KEY_FILE`` or the default file).
 
     Returns:
         The metrics written (``person_pairwise_precision``, ``person_pairwise_recall``,
@@ -188,7 +190,7 @@ def evaluate(config, workspace: Path | str, key_file: Path | str | None = None) 
     for zone in ("truth", "linked"):
         if not ws.zone(zone).is_dir():
             raise WorkspaceError(f"{ws.zone(zone)}: missing; evaluation needs the ground truth and a linkage run")
-    key = load_master_key(key_file, workspace)
+    key = key if key is not None else load_master_key(workspace=ws.root)
     from linkage.link.stage import _connect
 
     con = _connect(config.link.threads or None, config.link.memory_limit)
@@ -212,7 +214,7 @@ def evaluate(config, workspace: Path | str, key_file: Path | str | None = None) 
         shutil.rmtree(spill, ignore_errors=True)
     if (ws.zone("research") / "mobility.parquet").exists():
         # after hhlink assemble: planted vs estimated mobility, and the estimates on true links
-        from linkage.assemble.stage import mobility_evaluation
+        from linkage.evaluate.mobility import mobility_evaluation
 
         metrics.update(mobility_evaluation(config, workspace, key))
     write_evaluation(workspace, metrics)

@@ -143,7 +143,7 @@ def _is_utf8(schema: Schema) -> bool:
     return schema.encoding.lower().replace("_", "-") in ("utf-8", "utf8")
 
 
-def _header(f: LandingFile, schema: Schema) -> tuple[list[str], bool]:
+def read_header(f: LandingFile, schema: Schema) -> tuple[list[str], bool]:
     """The header fields of a UTF-8 CSV and whether its lines end in CRLF; file-level faults raise."""
     where = f"landing/{f.name}"
     if f.size == 0:
@@ -223,7 +223,7 @@ def load_csv(con: duckdb.DuckDBPyConnection, f: LandingFile, schema: Schema, tab
              tmpdir: Path) -> Loaded:
     """Read one CSV landing file into ``table``; see the module docstring for the two readers."""
     utf8 = _as_utf8(f, schema, tmpdir)
-    fields, crlf = _header(utf8, schema)
+    fields, crlf = read_header(utf8, schema)
     loaded = _load_csv_fast(con, utf8, utf8.path, fields, crlf, table, schema)
     if loaded is None:
         log.info("landing/%s: records span lines or blank lines present: exact reader", f.name)

@@ -54,7 +54,7 @@ import duckdb
 
 from linkage.config import Config
 from linkage.errors import HhlinkError, WorkspaceError
-from linkage.ingest.landing import (IngestError, LandingFile, Loaded, _header, drop, find_files, fingerprint, load,
+from linkage.ingest.landing import (IngestError, LandingFile, Loaded, read_header, drop, find_files, fingerprint, load,
                              parquet_rows_json, raw_lines)
 from linkage.normalise import fail_sql, lit, staged_select
 from linkage.quality import QualityGateError, validate
@@ -197,7 +197,7 @@ def stage_files(schema: Schema, paths: list[Path], out_dir: Path, max_encoding_e
 def _precheck(f: LandingFile, schema: Schema) -> None:
     """File-level faults found before any row is read (the Parquet reader checks its own)."""
     if f.fmt == "csv" and schema.encoding.lower().replace("_", "-") in ("utf-8", "utf8"):
-        _header(f, schema)
+        read_header(f, schema)
 
 
 def _read_ledger(ws: Workspace) -> list[dict]:

@@ -90,7 +90,7 @@ def _edges_sql() -> str:
     """
 
 
-def _parent_child_sql(cfg: LinkConfig) -> str:
+def parent_child_sql(cfg: LinkConfig) -> str:
     return _person_birth_sql() + f"""
         create or replace table parent_child as
         with claim as (select claim_tok, year, person_key, bu_role, birth_year from records_linked
@@ -143,7 +143,7 @@ def assemble_households(con: duckdb.DuckDBPyConnection, cfg: LinkConfig) -> dict
                'H' || left(md5(min(n.person_key) over (partition by c.cluster_id)), 16) as household_key
         from py_nodes n join {clusters.physical_name} c using (node_id)
         order by person_key, year""")
-    con.execute(_parent_child_sql(cfg))
+    con.execute(parent_child_sql(cfg))
     hh, size, pc = con.execute("""
         select (select count(distinct (household_key, year)) from households),
                (select avg(n) from (select household_key, year, count(*) n from households group by all)),

@@ -146,7 +146,8 @@ def _address_comparison(dialect: str) -> cl.CustomComparison:
     )
 
 
-def _exact(column: str, name: str) -> cl.CustomComparison:
+def exact_level(column: str, name: str) -> cl.CustomComparison:
+    """A comparison with one exact-match level on ``column`` (else: all other)."""
     return cl.CustomComparison(
         output_column_name=name,
         comparison_levels=[cll.NullLevel(column), cll.ExactMatchLevel(column), cll.ElseLevel()],
@@ -173,10 +174,10 @@ def model_settings(dialect: str = "duckdb", probability_two_random_records_match
             _dob_comparison(),
             _postcode_comparison(dialect),
             _address_comparison(dialect),
-            _exact("nino_tok", "nino"),
-            _exact("upn_tok", "upn"),
-            _exact("sex_tok", "sex"),
-            _exact("mn_initial_tok", "middle_initial"),
+            exact_level("nino_tok", "nino"),
+            exact_level("upn_tok", "upn"),
+            exact_level("sex_tok", "sex"),
+            exact_level("mn_initial_tok", "middle_initial"),
         ],
         blocking_rules_to_generate_predictions=[rule_creator(r) for r in PREDICTION_BLOCKS],
         probability_two_random_records_match=probability_two_random_records_match,

@@ -28,7 +28,7 @@ from linkage.workspace import Workspace, atomic_path
 LA_REFERENCE = PROJECT_ROOT / "synthetic_data" / "reference" / "upper_tier_local_authorities.csv"
 
 
-def _rows(con: duckdb.DuckDBPyConnection, sql: str) -> list[dict]:
+def query_rows(con: duckdb.DuckDBPyConnection, sql: str) -> list[dict]:
     cur = con.execute(sql)
     cols = [d[0] for d in cur.description]
     return [dict(zip(cols, r)) for r in cur.fetchall()]
@@ -37,12 +37,12 @@ def _rows(con: duckdb.DuckDBPyConnection, sql: str) -> list[dict]:
 def _completeness(con, identifiers: Path) -> list[dict]:
     cols = [c for c in (*IDENTITY_COLUMNS, *ADDRESS_COLUMNS) if not c.startswith(("dob_year", "dob_month", "dob_day", "pc_"))]
     exprs = ", ".join(f"round(avg(({c} is not null)::int), 4) as {c}" for c in cols)
-    return _rows(con, f"select source, count(*) as records, {exprs} from read_parquet('{identifiers}/*.parquet') "
+    return query_rows(con, f"select source, count(*) as records, {exprs} from read_parquet('{identifiers}/*.parquet') "
                       "group by source order by source")
 
 
 def _match_rates(con) -> list[dict]:
-    return _rows(con, """
+    return query_rows(con, """
         with person_sources as (select person_key, list(distinct source order by source) sources from rec group by 1)
         select r.source, count(*) records,
                round(avg(list_contains(p.sources, 'education')::int), 4) with_education,
@@ -71,9 +71,9 @@ def _subgroups(con, payload: Path, end_year: int) -> dict:
     out = {}
     for dim, expr in (("ethnicity", "ethnicity"), ("ever_fsm", "ever_fsm::varchar"), ("region", "region"),
                       ("birth_cohort", "birth_cohort")):
-        out[dim] = _rows(con, f"""select {expr} as "group", count(*) pupils, round(avg(linked::int), 4) link_rate
+        out[dim] = query_rows(con, f"""select {expr} as "group", count(*) pupils, round(avg(linked::int), 4) link_rate
                                   from pupils group by 1 order by 1""")
-    out["linked_vs_unlinked"] = _rows(con, """
+    out["linked_vs_unlinked"] = query_rows(con, """
         select case when linked then 'linked' else 'unlinked' end as "group", count(*) pupils,
                round(avg(ever_fsm), 4) fsm_share, round(avg((ethnicity = 'WBRI')::int), 4) white_british_share,
                round(avg(birth_year), 1) mean_birth_year
@@ -81,7 +81,7 @@ def _subgroups(con, payload: Path, end_year: int) -> dict:
     return out
 
 
-def _thresholds(con, thresholds: list[float]) -> list[dict]:
+def threshold_rows(con, thresholds: list[float]) -> list[dict]:
     out = []
     total = con.execute("select sum(match_probability) from pairs").fetchall()[0][0] or 0.0
     for t in thresholds:
@@ -104,7 +104,7 @@ def _implausible(con) -> dict:
                (select count(*) from span where gap > 1)""").fetchall()[0]
 
 
-def _mu_table(model: dict) -> list[dict]:
+def mu_rows(model: dict) -> list[dict]:
     rows = []
     for comp in model["comparisons"]:
         for level in comp["comparison_levels"]:
@@ -135,34 +135,34 @@ def build_report(config: Config, workspace: Path | str) -> dict:
                                                 "probability_two_random_records_match", "seconds")},
         "completeness": _completeness(con, pseud / "identifiers"),
         "blocking": summary.get("blocking", []),
-        "parameters": _mu_table(model),
+        "parameters": mu_rows(model),
         "match_rates": _match_rates(con),
         "subgroups": _subgroups(con, pseud / "payload", config.generate.end_year),
-        "thresholds": _thresholds(con, config.link.evaluation_thresholds),
+        "thresholds": threshold_rows(con, config.link.evaluation_thresholds),
         "implausible_links": {"persons_holding_a_parent_and_their_dependant": parent_child,
                               "persons_holding_two_adults_of_one_benefit_unit": two_adults,
                               "persons_with_birth_years_more_than_one_apart": dob_gap},
         "expected_vs_true": {
             "expected_precision_at_threshold": next(
-                (t["expected_precision"] for t in _thresholds(con, [config.link.threshold])), None),
+                (t["expected_precision"] for t in threshold_rows(con, [config.link.threshold])), None),
             "true_pairwise_precision": evaluation.get("person_pairwise_precision"),
             "true_pairwise_recall": evaluation.get("person_pairwise_recall"),
             "true_metrics_by_threshold": evaluation.get("person_metrics_by_threshold"),
         },
-        "histogram": _rows(con, """select floor(match_weight) as weight, count(*) pairs from pairs
+        "histogram": query_rows(con, """select floor(match_weight) as weight, count(*) pairs from pairs
                                    group by 1 order by 1"""),
     }
     con.close()
     return report
 
 
-def _svg(spec: dict) -> str:
+def chart_svg(spec: dict) -> str:
     import vl_convert as vlc
 
     return vlc.vegalite_to_svg(spec)
 
 
-def _table(rows: list[dict]) -> str:
+def html_table(rows: list[dict]) -> str:
     if not rows:
         return "<p class='note'>No data.</p>"
     head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
@@ -188,23 +188,23 @@ def render_html(report: dict, charts: dict[str, dict]) -> str:
     kpis = "".join(f"<div class='kpi'>{html.escape(k.replace('_', ' '))}<b>{html.escape(str(v))}</b></div>"
                    for k, v in s.items() if v is not None)
     sub = report["subgroups"]
-    sub_html = "".join(f"<h3>{html.escape(k.replace('_', ' '))}</h3>{_table(v)}" for k, v in sub.items()) or \
+    sub_html = "".join(f"<h3>{html.escape(k.replace('_', ' '))}</h3>{html_table(v)}" for k, v in sub.items()) or \
         "<p class='note'>No payload to break match rates down by.</p>"
-    chart_html = "".join(f"<h3>{html.escape(name.replace('_', ' '))}</h3><div class='chart'>{_svg(spec)}</div>"
+    chart_html = "".join(f"<h3>{html.escape(name.replace('_', ' '))}</h3><div class='chart'>{chart_svg(spec)}</div>"
                          for name, spec in charts.items())
     ev = report["expected_vs_true"]
     sections = [
         ("Summary", kpis),
-        ("Coverage and identifier completeness", _table(report["completeness"])),
-        ("Blocking rules and comparison counts", _table(report["blocking"])),
-        ("Model parameters (m, u, match weight per level)", _table(report["parameters"]) + chart_html),
-        ("Match rates per source", _table(report["match_rates"])),
+        ("Coverage and identifier completeness", html_table(report["completeness"])),
+        ("Blocking rules and comparison counts", html_table(report["blocking"])),
+        ("Model parameters (m, u, match weight per level)", html_table(report["parameters"]) + chart_html),
+        ("Match rates per source", html_table(report["match_rates"])),
         ("Match rates by subgroup: pupils old enough to appear as adults", sub_html),
-        ("Expected versus true quality", _table([{k: v for k, v in ev.items() if k != "true_metrics_by_threshold"}])
-         + _table(ev.get("true_metrics_by_threshold") or [])),
-        ("Metrics at several thresholds (model-expected, identity pairs)", _table(report["thresholds"])),
-        ("Implausible links", _table([report["implausible_links"]])),
-        ("Match-weight distribution of scored pairs", _table(report["histogram"])),
+        ("Expected versus true quality", html_table([{k: v for k, v in ev.items() if k != "true_metrics_by_threshold"}])
+         + html_table(ev.get("true_metrics_by_threshold") or [])),
+        ("Metrics at several thresholds (model-expected, identity pairs)", html_table(report["thresholds"])),
+        ("Implausible links", html_table([report["implausible_links"]])),
+        ("Match-weight distribution of scored pairs", html_table(report["histogram"])),
     ]
     return render_page("hhlink linkage-quality report", "Linkage-quality report",
                        "Aggregates only. Model: Splink, link and dedupe over education, benefits and earnings "

@@ -40,7 +40,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from linkage.link.model import PREDICTION_BLOCKS, _exact, model_settings, rule_columns, rule_creator, rule_label
+from linkage.link.model import PREDICTION_BLOCKS, exact_level, model_settings, rule_columns, rule_creator, rule_label
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def base_settings(present: set[str], rules: list, link_type: str, term_frequenci
     settings = model_settings("duckdb").create_settings_dict("duckdb")
     comparisons = [c for c in settings["comparisons"] if COMPARISON_ROLE.get(c["output_column_name"]) in present]
     if "id" in present:
-        comparisons.append(_exact("id_tok", "id").get_comparison("duckdb").as_dict())
+        comparisons.append(exact_level("id_tok", "id").get_comparison("duckdb").as_dict())
     for comp in comparisons:
         priors = PRIORS[comp["output_column_name"]]
         for level in comp["comparison_levels"]:

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from linkage.link_files.model import ROLE_COLUMNS
-from linkage.link.report import _mu_table, _rows, _svg, _table, _thresholds, render_page
+from linkage.link.report import chart_svg, html_table, mu_rows, query_rows, render_page, threshold_rows
 from linkage.workspace import atomic_path
 
 # the encoding that shows whether a role is present in a record
@@ -27,13 +27,13 @@ def _completeness(con, inputs) -> list[dict]:
     for inp in inputs:
         exprs = ", ".join(f"round(avg(({c} IS NOT NULL)::int), 4) AS {r}" if r in inp.spec.roles else f"NULL AS {r}"
                           for r, c in _PRESENCE.items())
-        row = _rows(con, f"SELECT count(*) AS records, {exprs} FROM ids_{inp.name}")[0]
+        row = query_rows(con, f"SELECT count(*) AS records, {exprs} FROM ids_{inp.name}")[0]
         out.append({"file": inp.spec.table, **row})
     return out
 
 
 def _match_rates(con) -> list[dict]:
-    return _rows(con, """
+    return query_rows(con, """
         WITH per_cluster AS (SELECT cluster_id, count(*) AS n, count(DISTINCT file) AS files
                              FROM lf_clusters GROUP BY 1),
         per_file AS (SELECT cluster_id, file, count(*) AS n FROM lf_clusters GROUP BY 1, 2)
@@ -47,7 +47,7 @@ def _match_rates(con) -> list[dict]:
 
 
 def _cluster_sizes(con) -> list[dict]:
-    return _rows(con, """SELECT n AS cluster_size, count(*) AS clusters FROM
+    return query_rows(con, """SELECT n AS cluster_size, count(*) AS clusters FROM
                          (SELECT cluster_id, count(*) AS n FROM lf_clusters GROUP BY 1) GROUP BY 1 ORDER BY 1""")
 
 
@@ -64,11 +64,11 @@ def build_report(con, inputs, summary: dict, model: dict) -> dict:
         "blocking": summary.get("blocking", []),
         "files_not_compared": summary.get("files_not_compared", []),
         "training": summary.get("training", {}),
-        "parameters": _mu_table(model) if model.get("comparisons") else [],
+        "parameters": mu_rows(model) if model.get("comparisons") else [],
         "match_rates": _match_rates(con),
         "cluster_sizes": _cluster_sizes(con),
-        "thresholds": _thresholds(con, sorted({0.5, 0.9, 0.99, 0.999, summary["threshold"]})),
-        "histogram": _rows(con, "SELECT floor(match_weight) AS weight, count(*) AS pairs FROM lf_pairs "
+        "thresholds": threshold_rows(con, sorted({0.5, 0.9, 0.99, 0.999, summary["threshold"]})),
+        "histogram": query_rows(con, "SELECT floor(match_weight) AS weight, count(*) AS pairs FROM lf_pairs "
                                 "GROUP BY 1 ORDER BY 1"),
     }
 
@@ -107,21 +107,21 @@ def render_html(report: dict, charts: dict[str, dict]) -> str:
     """The report as one self-contained HTML page (inline CSS and SVG, no scripts)."""
     kpis = "".join(f"<div class='kpi'>{html.escape(k.replace('_', ' '))}<b>{html.escape(str(v))}</b></div>"
                    for k, v in report["summary"].items() if v is not None)
-    charts_html = "".join(f"<h3>{html.escape(n.replace('_', ' '))}</h3><div class='chart'>{_svg(spec)}</div>"
+    charts_html = "".join(f"<h3>{html.escape(n.replace('_', ' '))}</h3><div class='chart'>{chart_svg(spec)}</div>"
                           for n, spec in charts.items())
     not_compared = report["files_not_compared"]
     blocking_note = (f"<p class='note'>No blocking rule fits these files' common roles, so they were not "
                      f"compared: {html.escape(', '.join(not_compared))}</p>" if not_compared else "")
     sections = [
         ("Summary", kpis),
-        ("Files and identifier completeness (share of records with each role)", _table(report["completeness"])),
-        ("Blocking rules and comparison counts", _table(report["blocking"]) + blocking_note),
-        ("Training", _table(_training_rows(report["training"]))),
-        ("Model parameters (m, u, match weight per level)", _table(report["parameters"]) + charts_html),
-        ("Match rates per file", _table(report["match_rates"])),
-        ("Cluster sizes", _table(report["cluster_sizes"])),
-        ("Metrics at several thresholds (model-expected, scored pairs)", _table(report["thresholds"])),
-        ("Match-weight distribution of scored pairs", _table(report["histogram"])),
+        ("Files and identifier completeness (share of records with each role)", html_table(report["completeness"])),
+        ("Blocking rules and comparison counts", html_table(report["blocking"]) + blocking_note),
+        ("Training", html_table(_training_rows(report["training"]))),
+        ("Model parameters (m, u, match weight per level)", html_table(report["parameters"]) + charts_html),
+        ("Match rates per file", html_table(report["match_rates"])),
+        ("Cluster sizes", html_table(report["cluster_sizes"])),
+        ("Metrics at several thresholds (model-expected, scored pairs)", html_table(report["thresholds"])),
+        ("Match-weight distribution of scored pairs", html_table(report["histogram"])),
     ]
     return render_page("hhlink link-files report", "Linkage-quality report: link-files",
                        "Aggregates only. Model: Splink, dedupe within and link across the files, on keyed "

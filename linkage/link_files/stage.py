@@ -59,7 +59,7 @@ from linkage.errors import HhlinkError, read_toml
 from linkage.keys import load_master_key
 from linkage.normalise import lit, normalised_sql, q
 # pseudonymisation's own encoders, plans and SQL (private there): files are encoded exactly as staged rows are
-from linkage.pseudonymise.stage import _build_dictionaries, _Encoders, _identifiers_sql, _Source
+from linkage.pseudonymise.stage import build_dictionaries, Encoders, identifiers_sql, Source
 from linkage.schemas import Column
 
 __all__ = ["ROLES", "LinkFilesError", "MapError", "InputFileError", "BadValueError", "FileMap",
@@ -369,22 +369,22 @@ def _encode(con, inputs: list[_Input], staged: dict[str, Path], config: Config, 
     plans = []
     for inp in inputs:
         roles = inp.spec.roles
-        plans.append(_Source(inp.name, staged[inp.name], None, inp.rows,
+        plans.append(Source(inp.name, staged[inp.name], None, inp.rows,
                              role_column={r: r for r in roles if r != "id"},
                              references={"id": _ID_REFERENCE["id"]} if "id" in roles else {}))
         con.register(f"rt_{inp.name}", _tokens(inp))
-    coder = _Encoders(key, config.pseudonymise)
+    coder = Encoders(key, config.pseudonymise)
     present = set().union(*(inp.spec.roles for inp in inputs))
     encoders = {r: e for r in sorted(present - {"id"}) if (e := coder.for_role(r)) is not None}
     if "id" in present:
         encoders["ref:id"] = coder.for_reference("id", _ID_REFERENCE["id"])
-    distinct = _build_dictionaries(con, plans, encoders)
+    distinct = build_dictionaries(con, plans, encoders)
     for plan in plans:
         con.execute(f"""CREATE OR REPLACE TABLE ids_{plan.name} AS
                         SELECT record_token AS unique_id, * EXCLUDE (record_token),
                                CASE WHEN postcode_tok IS NULL THEN []::VARCHAR[] ELSE [postcode_tok] END
                                    AS postcode_toks
-                        FROM ({_identifiers_sql(plan, encoders, _ID_REFERENCE)})""")
+                        FROM ({identifiers_sql(plan, encoders, _ID_REFERENCE)})""")
     for name in {e.name for e in encoders.values()}:
         con.unregister(name)
     return distinct

@@ -153,7 +153,7 @@ class _Encoder:
     encode: Callable[[list], dict[str, pa.Array | list]]
 
 
-class _Encoders:
+class Encoders:
     """The encoders of every identifier role and department reference, keyed from one master key."""
 
     def __init__(self, key: MasterKey, cfg: PseudonymiseConfig):
@@ -239,7 +239,7 @@ class _Encoders:
 # -- the plan for one source -------------------------------------------------------------------
 
 @dataclass
-class _Source:
+class Source:
     """One staged source: its schema, file and which column plays each role."""
 
     name: str
@@ -260,7 +260,7 @@ def _lit(text: str | Path) -> str:
     return "'" + str(text).replace("'", "''") + "'"
 
 
-def _plan_source(source: str, path: Path, schema: Schema, cfg: PseudonymiseConfig) -> _Source:
+def _plan_source(source: str, path: Path, schema: Schema, cfg: PseudonymiseConfig) -> Source:
     try:
         present = set(pq.read_schema(path).names)
         rows = pq.ParquetFile(path).metadata.num_rows
@@ -269,7 +269,7 @@ def _plan_source(source: str, path: Path, schema: Schema, cfg: PseudonymiseConfi
     missing = [c for c in [*schema.names, *_META_COLUMNS] if c not in present]
     if missing:
         raise PseudonymiseError(f"{path}: staged file lacks column(s) {', '.join(missing)}; re-run 'hhlink ingest'")
-    plan = _Source(source, path, schema, rows)
+    plan = Source(source, path, schema, rows)
     for col in schema.columns:
         if col.is_identifier:
             if col.role in plan.role_column:
@@ -306,7 +306,7 @@ def _key_sql(column: str, enc: _Encoder, alias: str = "s") -> str:
     return f"CAST({alias}.{_q(column)} AS {enc.value_type})"
 
 
-def _rows_sql(plan: _Source, joins: list[str] | None = None) -> str:
+def _rows_sql(plan: Source, joins: list[str] | None = None) -> str:
     """FROM ... WHERE: each staged row beside its record token, then the dictionary joins.
 
     The tokens are paired with rows by position (a POSITIONAL JOIN: no hash table of
@@ -320,7 +320,7 @@ def _rows_sql(plan: _Source, joins: list[str] | None = None) -> str:
             "ELSE error('record tokens are not aligned with staged rows') END")
 
 
-def _identifiers_sql(plan: _Source, encoders: dict[str, _Encoder], link_refs: dict[str, str]) -> str:
+def identifiers_sql(plan: Source, encoders: dict[str, _Encoder], link_refs: dict[str, str]) -> str:
     """SELECT producing the identifiers file of one source (every contract column, in order)."""
     supplied: dict[str, str] = {}
     joins = []
@@ -348,7 +348,7 @@ def _identifiers_sql(plan: _Source, encoders: dict[str, _Encoder], link_refs: di
     return f"SELECT {', '.join(select)} {_rows_sql(plan, joins)}"
 
 
-def _payload_sql(plan: _Source, encoders: dict[str, _Encoder]) -> tuple[str, list[str]]:
+def _payload_sql(plan: Source, encoders: dict[str, _Encoder]) -> tuple[str, list[str]]:
     """SELECT producing the payload of one source, and the names of its columns."""
     select, joins, names = ["rt.record_token"], [], ["record_token"]
     for col in plan.schema.columns:
@@ -366,7 +366,7 @@ def _payload_sql(plan: _Source, encoders: dict[str, _Encoder]) -> tuple[str, lis
     return f"SELECT {', '.join(select)} {_rows_sql(plan, joins)}", names
 
 
-def _crosswalk_sql(plan: _Source) -> str:
+def _crosswalk_sql(plan: Source) -> str:
     """SELECT producing the crosswalk rows of one source."""
     rid = plan.role_column.get("record_id")
     record_id = f"CAST(s.{_q(rid)} AS VARCHAR)" if rid else "CAST(NULL AS VARCHAR)"
@@ -375,7 +375,7 @@ def _crosswalk_sql(plan: _Source) -> str:
             f"{_rows_sql(plan)}")
 
 
-def _distinct_sql(plans: list[_Source], column_of: Callable[[_Source], str | None], value_type: str) -> str | None:
+def _distinct_sql(plans: list[Source], column_of: Callable[[Source], str | None], value_type: str) -> str | None:
     parts = [f"SELECT CAST({_q(col)} AS {value_type}) AS v FROM read_parquet({_lit(p.path)})"
              for p in plans if (col := column_of(p)) is not None]
     if not parts:
@@ -415,7 +415,7 @@ def _run(con: duckdb.DuckDBPyConnection, sql: str, what: str) -> None:
         raise PseudonymiseError(f"{what} failed in DuckDB ({exc.__class__.__name__})") from exc
 
 
-def _build_dictionaries(con, plans: list[_Source], encoders: dict[str, _Encoder]) -> dict[str, int]:
+def build_dictionaries(con, plans: list[Source], encoders: dict[str, _Encoder]) -> dict[str, int]:
     counts = {}
     for key, enc in encoders.items():
         if key.startswith("ref:"):
@@ -436,7 +436,7 @@ def _build_dictionaries(con, plans: list[_Source], encoders: dict[str, _Encoder]
     return counts
 
 
-def _crosswalk_batches(con, plans: list[_Source]) -> Iterator[pa.RecordBatch]:
+def _crosswalk_batches(con, plans: list[Source]) -> Iterator[pa.RecordBatch]:
     for plan in plans:
         try:
             reader = con.sql(_crosswalk_sql(plan)).to_arrow_reader(1_000_000)
@@ -453,13 +453,13 @@ def _previous_fingerprint(zone: Path) -> str | None:
         return None
 
 
-def pseudonymise(config: Config, workspace: Path | str, key_file: Path | str | None = None) -> dict:
+def pseudonymise(config: Config, workspace: Path | str, key: MasterKey | None = None) -> dict:
     """Pseudonymise the staged zone into ``pseudonymised/``.
 
     Args:
         config: the hhlink config (``config.pseudonymise`` holds the encoding parameters).
         workspace: the workspace folder; reads ``staged/``, writes ``pseudonymised/``.
-        key_file: a key file; default ``HHLINK_KEY``, ``HHLINK_KEY_FILE`` or the default key file.
+        key: the master key; default: loaded from ``HHLINK_KEY``, ``HHLINK_KEY_FILE`` or the default key file.
 
     Returns:
         A summary: rows per source, distinct values encoded per identifier, seconds per step,
@@ -482,7 +482,7 @@ def pseudonymise(config: Config, workspace: Path | str, key_file: Path | str | N
     if not staged.is_dir():
         raise WorkspaceError(f"{staged}: no staged zone; run 'hhlink ingest' first")
     # the key first: a missing or unusable key must stop the run before anything is written
-    key = load_master_key(key_file, workspace=ws.root)
+    key = key if key is not None else load_master_key(workspace=ws.root)
     ws.ensure()
     schemas_dir = config.paths.resolve(config.paths.schemas)
     plans = [_plan_source(s, staged / f"{s}.parquet", load_schema(s, schemas_dir), cfg)
@@ -494,7 +494,7 @@ def pseudonymise(config: Config, workspace: Path | str, key_file: Path | str | N
         log.warning("re-pseudonymising under a different key (was %s, now %s): zones built on the old "
                     "pseudonymised/ no longer match it", previous, key.fingerprint)
 
-    coder = _Encoders(key, cfg)
+    coder = Encoders(key, cfg)
     roles = sorted({r for p in plans for r in p.role_column})
     encoders: dict[str, _Encoder] = {r: e for r in roles if (e := coder.for_role(r)) is not None}
     for column in sorted({c for p in plans for c in p.references}):
@@ -506,7 +506,7 @@ def pseudonymise(config: Config, workspace: Path | str, key_file: Path | str | N
     con = _connect(spill)
     try:
         t = time.perf_counter()
-        distinct = _build_dictionaries(con, plans, encoders)
+        distinct = build_dictionaries(con, plans, encoders)
         seconds["encode_distinct"] = time.perf_counter() - t
         log.info("encoded distinct values: %s", distinct)
         for plan in plans:
@@ -518,7 +518,7 @@ def pseudonymise(config: Config, workspace: Path | str, key_file: Path | str | N
             t = time.perf_counter()
             for plan in plans:
                 target = out / "identifiers" / f"{plan.name}.parquet"
-                _run(con, f"COPY ({_identifiers_sql(plan, encoders, link_refs)}) TO {_lit(target)} "
+                _run(con, f"COPY ({identifiers_sql(plan, encoders, link_refs)}) TO {_lit(target)} "
                           "(FORMAT parquet, COMPRESSION zstd)", f"{plan.name}: identifiers")
                 log.info("%s: identifiers written (%d rows)", plan.name, plan.rows)
             seconds["identifiers"] = time.perf_counter() - t
@@ -542,7 +542,7 @@ def pseudonymise(config: Config, workspace: Path | str, key_file: Path | str | N
     return summary
 
 
-def _metadata(config: Config, key: MasterKey, plans: list[_Source], payload_columns: dict[str, list[str]],
+def _metadata(config: Config, key: MasterKey, plans: list[Source], payload_columns: dict[str, list[str]],
               distinct: dict[str, int], crosswalk: dict, link_refs: dict[str, str], seconds: dict) -> dict:
     cfg = config.pseudonymise
     return {

@@ -32,7 +32,7 @@ from linkage.config import Config
 from linkage.errors import WorkspaceError
 from linkage.keys import MasterKey
 from linkage.serve.audit import AuditLog
-from linkage.serve.catalogue import TableView, _stamp, table_view
+from linkage.serve.catalogue import TableView, stamp, table_view
 from linkage.serve.users import User
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ class Builder:
     def _category_counts(self) -> dict[str, int]:
         # categories of the dimensions the catalogue leaves open (cohort bands, ethnicity codes)
         research = self.workspace / "research"
-        stamp = _stamp(research / "cohort.parquet")
+        stamp = stamp(research / "cohort.parquet")
         if stamp == self._sizes[0]:
             return self._sizes[1]
         from linkage.sdc import standard
@@ -218,7 +218,7 @@ class Builder:
 
     def _research_stamp(self) -> tuple:
         research = self.workspace / "research"
-        return _stamp(research / "cohort.parquet"), _stamp(research / "person.parquet")
+        return stamp(research / "cohort.parquet"), stamp(research / "person.parquet")
 
     def answer(self, user: User, raw: object, via: str) -> BuildResult:
         """Validate, ration and answer one request, and audit it whatever happens.

@@ -31,7 +31,8 @@ class NotFound(KeyError):
     """No such published table (or column, or category)."""
 
 
-def _stamp(path: Path) -> tuple | None:
+def stamp(path: Path) -> tuple | None:
+    """The file's (mtime, size, inode) signature, or None when it is missing: a cache key."""
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -172,7 +173,7 @@ class Catalogue:
     def names(self) -> list[str]:
         """Names of the published tables (from ``published/index.json``)."""
         path = self.folder / "index.json"
-        stamp = _stamp(path)
+        stamp = stamp(path)
         if stamp != self._index[0]:
             names: list[str] = []
             if stamp is not None:
@@ -192,7 +193,7 @@ class Catalogue:
         if name not in self.names():
             raise NotFound(name)
         meta_path, csv_path = self.folder / f"{name}.json", self.folder / f"{name}.csv"
-        stamp = (_stamp(meta_path), _stamp(csv_path), _stamp(self.folder / f"{name}.parquet"))
+        stamp = (stamp(meta_path), stamp(csv_path), stamp(self.folder / f"{name}.parquet"))
         hit = self._cache.get(name)
         if hit is not None and hit[0] == stamp:
             return hit[1]
