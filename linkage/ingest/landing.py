@@ -18,10 +18,22 @@ quotes inside quoted fields, LF or CRLF line ends):
   spans lines, no lone carriage return); line numbers then follow from the rejected
   lines' positions. Any disagreement falls back to the exact reader, so a DuckDB
   quirk can cost speed but never a row.
-- otherwise (blank lines, quoted line breaks, an unterminated quote) the *exact* reader,
-  Python's ``csv`` module in strict mode over the physical lines, streams the file and
-  records each record's first line. It is about 4x slower (about 55k rows per
-  CPU-second for whole staging) and is meant for deliveries that are already malformed.
+- otherwise (blank lines, quoted line breaks, an unterminated quote, control characters,
+  a line too long for DuckDB) the *exact* reader, Python's ``csv`` module in strict mode
+  over the physical lines, streams the file and records each record's first line. It is
+  about 4x slower (about 55k rows per CPU-second for whole staging) and is meant for
+  deliveries that are already malformed.
+
+Both readers account for the file itself, not only for what they parsed: the physical
+lines are counted from the bytes (line feeds, independently of any CSV parser) and every
+run checks that rows read plus continuation lines (the extra lines of records holding a
+quoted line break) equal the data lines. A quote left open is contained to its own
+physical line: a record may continue onto the next lines only if the quoted value closes
+within :data:`MAX_RECORD_LINES` lines and the record then has exactly the header's fields;
+otherwise that one line is quarantined (``quote``) and the next line starts a new record.
+A file whose last line has no line break is flagged in the manifest and that last record
+is quarantined (``no_final_newline``): it may have been cut mid-value. A file whose lines
+end in a lone carriage return (CR only) is read as if they ended in line feeds.
 
 Parquet is read with ``read_parquet(file_row_number=true)``; values are cast to VARCHAR
 so that the same checks apply, and ``_line`` is the row number + 1.
@@ -34,6 +46,7 @@ import csv
 import hashlib
 import logging
 import os
+import re
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,13 +56,21 @@ import duckdb
 import pyarrow as pa
 
 from linkage.errors import HhlinkError
-from linkage.normalise import lit, norm_select, q
+from linkage.db import quote_ident as q
+from linkage.db import quote_literal as lit
+from linkage.db import read_literal
+from linkage.normalise import norm_select
 from linkage.schemas import Schema
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 24
 BATCH = 200_000
+MAX_RECORD_LINES = 100     # a quoted value may hold line breaks, but a record spans at most this many lines
+# C0 control characters but tab, line feed and carriage return (handled as line ends), and DEL
+_CONTROL_BYTES = bytes([*range(0, 9), 11, 12, *range(14, 32), 127])
+_CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f]")      # in a value a carriage return is one too
+csv.field_size_limit(1 << 30)    # lengths are the schema's to limit (reason too_long), not the csv module's
 _BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
          (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
 _DUCKDB_REASONS = {
@@ -77,7 +98,10 @@ class LandingFile:
     newlines: int = 0
     ends_with_newline: bool = True
     lone_cr: bool = False       # a carriage return not followed by a line feed
+    control: bool = False       # a control character (NUL, ...) somewhere in the file
+    blank: bool = False         # an empty line somewhere in the file
     label: str = ""
+    line_ends: str = "LF"       # "CR" when the delivered file ends its lines in lone carriage returns
 
     @property
     def name(self) -> str:
@@ -89,6 +113,11 @@ class LandingFile:
         """Lines in the file (a last line without a line break counts)."""
         return self.newlines + (0 if self.ends_with_newline or self.size == 0 else 1)
 
+    @property
+    def cr_only(self) -> bool:
+        """True when the lines end in lone carriage returns (no line feed at all)."""
+        return self.newlines == 0 and self.lone_cr
+
 
 @dataclass
 class Loaded:
@@ -98,6 +127,9 @@ class Loaded:
     rows_read: int
     reader: str
     rejects: list[tuple] = field(default_factory=list)   # REJECT_COLUMNS, raw filled
+    data_lines: int = 0                                    # physical lines after the header (from the bytes)
+    continuation_lines: int = 0                            # lines read as part of an earlier line's record
+    final_newline: bool = True
     raw_lookup: Path | None = None                         # file to fetch raw lines of later failures
     view: bool = False                                     # ``table`` is a view over ``<table>_parsed``
 
@@ -113,7 +145,8 @@ def find_files(landing: Path, schema: Schema) -> list[LandingFile]:
 
 
 def _fingerprint_one(f: LandingFile) -> LandingFile:
-    h, n, last, cr, crlf = hashlib.sha256(), 0, b"", 0, 0
+    h, n, last, cr, crlf, tail = hashlib.sha256(), 0, b"", 0, 0, b""
+    control = blank = False
     try:
         with open(f.path, "rb") as fh:
             while chunk := fh.read(CHUNK):
@@ -122,11 +155,15 @@ def _fingerprint_one(f: LandingFile) -> LandingFile:
                 cr += chunk.count(b"\r")
                 crlf += chunk.count(b"\r\n") + (last == b"\r" and chunk[:1] == b"\n")
                 last = chunk[-1:]
+                control = control or len(chunk.translate(None, _CONTROL_BYTES)) != len(chunk)
+                edge = tail + chunk[:2]
+                blank = blank or b"\n\n" in chunk or b"\n\r\n" in chunk or b"\n\n" in edge or b"\n\r\n" in edge
+                tail = chunk[-2:]
         f.size = f.path.stat().st_size
     except OSError as exc:
         raise IngestError(f"landing/{f.name}: cannot read the file ({exc.strerror})") from None
     f.sha256, f.newlines, f.ends_with_newline = h.hexdigest(), n, last == b"\n"
-    f.lone_cr = cr != crlf
+    f.lone_cr, f.control, f.blank = cr != crlf, control, blank
     return f
 
 
@@ -156,7 +193,7 @@ def read_header(f: LandingFile, schema: Schema) -> tuple[list[str], bool]:
             if head.startswith(bom) and not encoding.startswith(name.lower()):
                 raise IngestError(f"{where}: the file is {name} (byte-order mark) but {schema.path.name} "
                                   f"declares encoding '{schema.encoding}'")
-    line = head.split(b"\n", 1)[0]
+    line = head.split(b"\r" if f.cr_only else b"\n", 1)[0]
     if line.startswith(codecs.BOM_UTF8):
         line = line[len(codecs.BOM_UTF8):]
     if b"\x00" in line:
@@ -168,10 +205,13 @@ def read_header(f: LandingFile, schema: Schema) -> tuple[list[str], bool]:
         raise IngestError(f"{where}: the header is not valid {schema.encoding}: the file is in another "
                           f"encoding; declare it as 'encoding' in {schema.path.name}") from None
     crlf = text.endswith("\r")
-    fields = next(csv.reader([text.rstrip("\r")]), [])
+    try:
+        fields = next(csv.reader([text.rstrip("\r")], strict=True), [])
+    except csv.Error as exc:
+        raise IngestError(f"{where}: line 1 (the header) cannot be read as CSV ({exc})") from None
     fields = [x.strip() for x in fields]
     _check_columns(where, fields, schema)
-    if f.physical_lines <= 1:
+    if f.physical_lines <= 1 and not f.cr_only:
         raise IngestError(f"{where}: the file has a header but no data rows")
     return fields, crlf
 
@@ -223,12 +263,35 @@ def load_csv(con: duckdb.DuckDBPyConnection, f: LandingFile, schema: Schema, tab
              tmpdir: Path) -> Loaded:
     """Read one CSV landing file into ``table``; see the module docstring for the two readers."""
     utf8 = _as_utf8(f, schema, tmpdir)
+    if utf8.cr_only:
+        utf8 = _cr_to_lf(utf8, tmpdir)
     fields, crlf = read_header(utf8, schema)
-    loaded = _load_csv_fast(con, utf8, utf8.path, fields, crlf, table, schema)
+    loaded = None
+    if not (utf8.control or utf8.blank or utf8.lone_cr):
+        loaded = _load_csv_fast(con, utf8, utf8.path, fields, crlf, table, schema)
     if loaded is None:
-        log.info("landing/%s: records span lines or blank lines present: exact reader", f.name)
+        log.info("landing/%s: records span lines, blank lines or control characters: exact reader", f.name)
         loaded = _load_csv_exact(con, utf8, utf8.path, fields, table, schema)
+    loaded.data_lines = utf8.physical_lines - 1
+    loaded.final_newline = utf8.ends_with_newline
+    f.line_ends = utf8.line_ends
+    if loaded.rows_read + loaded.continuation_lines != loaded.data_lines:
+        # the reader lost or invented lines: never publish a count that does not match the file
+        raise IngestError(f"landing/{f.name}: {loaded.rows_read:,} rows read + {loaded.continuation_lines:,} "
+                          f"continuation lines but the file has {loaded.data_lines:,} data lines; nothing published")
     return loaded
+
+
+def _cr_to_lf(f: LandingFile, tmpdir: Path) -> LandingFile:
+    """A copy of a file whose lines end in lone carriage returns, with line feeds instead (same name)."""
+    fd, out = tempfile.mkstemp(prefix=f".{f.name}.lf-", dir=tmpdir)
+    with open(f.path, "rb") as src, os.fdopen(fd, "wb") as dst:
+        while chunk := src.read(CHUNK):
+            dst.write(chunk.replace(b"\r", b"\n"))
+    log.info("landing/%s: lines end in lone carriage returns (CR): read as line feeds", f.name)
+    copy = _fingerprint_one(LandingFile(Path(out), f.source, f.fmt, label=f.name))
+    copy.line_ends = "CR"
+    return copy
 
 
 def _load_csv_fast(con, f: LandingFile, path: Path, fields: list[str], crlf: bool, table: str,
@@ -258,7 +321,7 @@ def _parse_fast(con, f: LandingFile, path: Path, fields: list[str], columns: str
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE {parsed} AS SELECT {norm_select(schema)}, {lit(f.name)} AS _file,
             (_extra IS NOT NULL OR {q(fields[-1])} IS NULL) AS _bad_shape
-        FROM read_csv({lit(path)}, header=true, auto_detect=false, columns={columns}, delim=',', quote='"',
+        FROM read_csv({read_literal(path)}, header=true, auto_detect=false, columns={columns}, delim=',', quote='"',
             escape='"', strict_mode=true, null_padding=true, nullstr={lit(NO_NULL)},
             store_rejects=true, rejects_table={lit(rej)}, rejects_scan={lit(scan)})""")
 
@@ -272,14 +335,20 @@ def _locate_fast(con, f: LandingFile, path: Path, table: str, parsed: str, rej: 
         FROM {rej} GROUP BY line ORDER BY line""").fetchall()
     con.execute(f"DROP TABLE IF EXISTS {rej}; DROP TABLE IF EXISTS {scan}")
     lines = [b[0] for b in bad]
-    # DuckDB may end a line at a lone CR, where the exact reader does not
+    # DuckDB may end a line at a lone CR, where the exact reader does not; a line over
+    # DuckDB's line size is the exact reader's (the schema's lengths decide, not DuckDB's buffer)
+    if any("LINE SIZE OVER MAXIMUM" in b[1] for b in bad):
+        con.execute(f"DROP TABLE {parsed}")
+        return None
+    last = f.physical_lines
+    cut = not f.ends_with_newline and last not in lines     # the last line may be cut short: never staged
     if f.lone_cr or f.physical_lines != 1 + accepted + len(bad) or any(b[3] for b in bad) \
             or any(not 2 <= ln <= f.physical_lines for ln in lines):
         con.execute(f"DROP TABLE {parsed}")
         return None
     if not bad:
         con.execute(f"""CREATE OR REPLACE TEMP VIEW {table} AS SELECT *, rowid + 2 AS _line, rowid + 1 AS _row,
-            CAST(NULL AS VARCHAR) AS _rawtext FROM {parsed}""")
+            CAST(NULL AS VARCHAR) AS _rawtext FROM {parsed} {f"WHERE rowid + 2 < {last}" if cut else ""}""")
     else:
         # accepted row k comes after the i rejected lines that have fewer than k accepted rows before them
         con.execute(f"CREATE OR REPLACE TEMP TABLE {table}_gaps (a BIGINT, i BIGINT)")
@@ -293,7 +362,9 @@ def _locate_fast(con, f: LandingFile, path: Path, table: str, parsed: str, rej: 
                   FROM {parsed} p ASOF LEFT JOIN {table}_gaps g ON p.rowid + 1 > g.a)
             ORDER BY _line""")
         con.execute(f"DROP TABLE {table}_gaps; DROP TABLE {parsed}")
-    raws = raw_lines(path, set(lines))
+        if cut:
+            con.execute(f"DELETE FROM {table} WHERE _line = {last}")
+    raws = raw_lines(path, set(lines) | ({last} if cut else set()))
     rejects = []
     for ln, types, cols, _ in bad:
         reasons = [_DUCKDB_REASONS.get(t, "parse") for t in types]
@@ -305,6 +376,8 @@ def _locate_fast(con, f: LandingFile, path: Path, table: str, parsed: str, rej: 
         else:
             reason, column = reasons[0], cols[0]
         rejects.append((f.name, ln, ln - 1, raw, column, reason))
+    if cut:
+        rejects.append((f.name, last, last - 1, raws.get(last, ""), None, "no_final_newline"))
     return Loaded(table, accepted + len(bad), "fast", rejects, raw_lookup=path, view=not bad)
 
 
@@ -323,32 +396,60 @@ def raw_lines(path: Path, wanted: set[int]) -> dict[int, str]:
     return out
 
 
-class _Lines:
-    """Physical lines of a binary file as text for ``csv.reader``, counting what was consumed."""
-
-    def __init__(self, fh):
-        self.fh, self.pos, self.consumed = fh, 0, []
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> str:
-        line = self.fh.readline()
-        if not line:
-            raise StopIteration
-        self.pos += 1
+def _physical_lines(fh):
+    """(line number, body without its line end, decoded text) of each physical line of a binary file."""
+    for n, line in enumerate(iter(fh.readline, b""), start=1):
         body = line[:-1] if line.endswith(b"\n") else line
         body = body[:-1] if body.endswith(b"\r") else body
-        self.consumed.append(body)
-        return body.decode("utf-8", errors="surrogateescape") + ("\n" if line.endswith(b"\n") else "")
+        yield n, body, body.decode("utf-8", errors="surrogateescape")
 
 
-def _has_surrogates(s: str) -> bool:
+def _parse(texts: list[str]) -> tuple[list[str] | None, str | None]:
+    """The one record the lines hold, or None and the csv module's complaint."""
     try:
-        s.encode("utf-8")
-        return False
-    except UnicodeEncodeError:
-        return True
+        got = list(csv.reader([t + "\n" for t in texts[:-1]] + texts[-1:], strict=True))
+    except csv.Error as exc:
+        return None, str(exc)
+    return (got[0], None) if len(got) == 1 else (None, "more than one record")
+
+
+def _records(fh, n: int):
+    """(first line, its physical lines, fields or None) per record, an open quote contained to its own line.
+
+    A line that ends inside a quoted value takes the following lines only while the value
+    stays open, up to :data:`MAX_RECORD_LINES`, and only if the record then closes with
+    exactly ``n`` fields; otherwise that line alone is the record (unparseable: ``None``).
+    """
+    lines = _physical_lines(fh)
+    next(lines, None)                                   # the header, checked already
+    pending: list[tuple[int, bytes, str]] = []
+    while True:
+        if not pending:
+            nxt = next(lines, None)
+            if nxt is None:
+                return
+            pending.append(nxt)
+        fields, err = _parse([pending[0][2]])
+        span = 1
+        if err == "unexpected end of data":             # a quoted value still open at the line's end
+            k = 1
+            while k < MAX_RECORD_LINES:
+                if len(pending) == k:
+                    nxt = next(lines, None)
+                    if nxt is None:
+                        break
+                    pending.append(nxt)
+                k += 1
+                if '"' not in pending[k - 1][2]:
+                    continue                            # the value cannot close on this line
+                got, err = _parse([p[2] for p in pending[:k]])
+                if err == "unexpected end of data":
+                    continue
+                if got is not None and len(got) == n:
+                    fields, span = got, k
+                break
+        yield pending[0][0], pending[:span], fields
+        del pending[:span]
 
 
 def _load_csv_exact(con, f: LandingFile, path: Path, fields: list[str], table: str, schema: Schema) -> Loaded:
@@ -369,46 +470,51 @@ def _load_csv_exact(con, f: LandingFile, path: Path, fields: list[str], table: s
         for v in cols.values():
             v.clear()
 
-    row = 0
+    row = continuation = 0
+    last = f.physical_lines
     with open(path, "rb") as fh:
-        lines = _Lines(fh)
-        next(lines)                                   # header, checked already
-        reader = csv.reader(lines, strict=True)
-        while True:
-            lines.consumed.clear()
-            start = lines.pos + 1
-            try:
-                record = next(reader)
-            except StopIteration:
-                break
-            except csv.Error:
-                record = None
-            if not lines.consumed:
-                break
+        for start, lines, record in _records(fh, n):
             row += 1
-            raw = "\n".join(b.decode("utf-8", errors="replace") for b in lines.consumed)
+            continuation += len(lines) - 1
+            raw = "\n".join(b.decode("utf-8", errors="replace") for _, b, _ in lines)
+            reason = column = None
             if record is None:
-                rejects.append((f.name, start, row, raw, None, "quote"))
+                # a carriage return inside an unquoted value is what the csv module trips on
+                reason = "control_char" if any("\r" in t for _, _, t in lines) else "quote"
             elif not record:
-                rejects.append((f.name, start, row, raw, None, "blank_line"))
+                reason = "blank_line"
             elif len(record) != n:
-                rejects.append((f.name, start, row, raw, None, "field_count"))
+                reason = "field_count"
             elif (bad := next((i for i, v in enumerate(record) if _has_surrogates(v)), None)) is not None:
-                rejects.append((f.name, start, row, raw, fields[bad], "encoding"))
-            else:
-                for name, value in zip(fields, record):
-                    cols[name].append(None if value == "" else value)
-                cols["_line"].append(start)
-                cols["_row"].append(row)
-                cols["_rawtext"].append(raw)
-                if len(cols["_line"]) >= BATCH:
-                    flush()
+                reason, column = "encoding", fields[bad]
+            elif (bad := next((i for i, v in enumerate(record) if _CONTROL_RE.search(v)), None)) is not None:
+                reason, column = "control_char", fields[bad]
+            elif not f.ends_with_newline and start + len(lines) - 1 == last:
+                reason = "no_final_newline"
+            if reason:
+                rejects.append((f.name, start, row, raw, column, reason))
+                continue
+            for name, value in zip(fields, record):
+                cols[name].append(None if value == "" else value)
+            cols["_line"].append(start)
+            cols["_row"].append(row)
+            cols["_rawtext"].append(raw)
+            if len(cols["_line"]) >= BATCH:
+                flush()
     flush()
     if not created:
         con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT {norm_select(schema)}, {lit(f.name)} AS _file, "
                     f"false AS _bad_shape, CAST(NULL AS BIGINT) AS _line, CAST(NULL AS BIGINT) AS _row, CAST(NULL AS VARCHAR) AS _rawtext "
                     f"FROM (SELECT {', '.join('CAST(NULL AS VARCHAR) AS ' + q(x) for x in fields)}) WHERE false")
-    return Loaded(table, row, "exact", rejects)
+    return Loaded(table, row, "exact", rejects, continuation_lines=continuation)
+
+
+def _has_surrogates(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
 
 
 # --- Parquet ----------------------------------------------------------------------------
@@ -420,7 +526,7 @@ def load_parquet(con: duckdb.DuckDBPyConnection, f: LandingFile, schema: Schema,
     if f.size == 0:
         raise IngestError(f"{where}: the file is empty")
     try:
-        desc = con.execute(f"DESCRIBE SELECT * FROM read_parquet({lit(f.path)})").fetchall()
+        desc = con.execute(f"DESCRIBE SELECT * FROM read_parquet({read_literal(f.path)})").fetchall()
     except duckdb.Error as exc:
         raise IngestError(f"{where}: not a readable Parquet file ({str(exc).splitlines()[0][:120]})") from None
     _check_columns(where, [d[0] for d in desc], schema)
@@ -428,7 +534,7 @@ def load_parquet(con: duckdb.DuckDBPyConnection, f: LandingFile, schema: Schema,
     try:
         con.execute(f"""CREATE OR REPLACE TEMP TABLE {table} AS SELECT {norm_select(schema)}, {lit(f.name)} AS _file,
             false AS _bad_shape, file_row_number + 2 AS _line, file_row_number + 1 AS _row, CAST(NULL AS VARCHAR) AS _rawtext
-            FROM (SELECT {cast}, file_row_number FROM read_parquet({lit(f.path)}, file_row_number=true)
+            FROM (SELECT {cast}, file_row_number FROM read_parquet({read_literal(f.path)}, file_row_number=true)
                   ORDER BY file_row_number)""")
     except duckdb.Error as exc:
         raise IngestError(f"{where}: not a readable Parquet file ({str(exc).splitlines()[0][:120]})") from None
@@ -444,7 +550,7 @@ def parquet_rows_json(con: duckdb.DuckDBPyConnection, path: Path, schema: Schema
     con.executemany("INSERT INTO _wanted VALUES (?)", [(r - 1,) for r in rows])
     pack = ", ".join(f"{q(n)} := CAST({q(n)} AS VARCHAR)" for n in schema.names)
     got = con.execute(f"""SELECT file_row_number + 1, CAST(to_json(struct_pack({pack})) AS VARCHAR)
-        FROM read_parquet({lit(path)}, file_row_number=true) WHERE file_row_number IN (SELECT r FROM _wanted)""").fetchall()
+        FROM read_parquet({read_literal(path)}, file_row_number=true) WHERE file_row_number IN (SELECT r FROM _wanted)""").fetchall()
     con.execute("DROP TABLE _wanted")
     return dict(got)
 

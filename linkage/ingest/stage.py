@@ -43,7 +43,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -56,10 +55,13 @@ from linkage.config import Config
 from linkage.errors import HhlinkError, WorkspaceError
 from linkage.ingest.landing import (IngestError, LandingFile, Loaded, read_header, drop, find_files, fingerprint, load,
                              parquet_rows_json, raw_lines)
-from linkage.normalise import fail_sql, lit, staged_select
+from linkage.db import connect, path_literal
+from linkage.db import quote_ident as q
+from linkage.db import quote_literal as lit
+from linkage.normalise import fail_sql, staged_select
 from linkage.quality import QualityGateError, validate
 from linkage.schemas import Schema, load_schemas
-from linkage.workspace import Workspace
+from linkage.workspace import Workspace, publish
 
 __all__ = ["IngestError", "QualityGateError", "ingest", "stage_files"]
 
@@ -115,12 +117,8 @@ def ingest(config: Config, workspace: Path | str) -> dict:
     seconds: dict[str, float] = {"fingerprint": round(time.perf_counter() - t0, 2)}
 
     scratch = Path(tempfile.mkdtemp(prefix=".ingest-", dir=ws.root))
-    con = duckdb.connect()
+    con = connect(cfg, spill=scratch / "duckdb")
     try:
-        con.execute(f"SET memory_limit = {lit(cfg.memory_limit)}")
-        con.execute(f"SET temp_directory = {lit(scratch / 'duckdb')}")
-        if cfg.threads:
-            con.execute(f"SET threads = {int(cfg.threads)}")
         with ws.publish_dir("staged") as staged_dir, ws.publish_dir("quarantine") as quarantine_dir:
             sources = {}
             for source, schema in schemas.items():
@@ -181,9 +179,8 @@ def stage_files(schema: Schema, paths: list[Path], out_dir: Path, max_encoding_e
     for f in files:
         _precheck(f, schema)
     scratch = Path(tempfile.mkdtemp(prefix=".stage-", dir=out_dir))
-    con = duckdb.connect()
+    con = connect(spill=scratch / "duckdb")
     try:
-        con.execute(f"SET temp_directory = {lit(scratch / 'duckdb')}")
         return _stage_source(con, schema, files, out_dir / "staged", out_dir / "quarantine", scratch,
                              max_encoding_error_share)
     finally:
@@ -248,21 +245,20 @@ def _ingest_report(summary: dict) -> dict:
     }
 
 
+_OWN_REPORTS = ("data_docs", "quality_summary.json", "ingest_summary.json")   # what ingest writes in reports/quality/
+
+
 def _publish_reports(ws: Workspace, built: Path) -> None:
-    """Swap ``reports/quality/`` for the freshly built folder (other reports are untouched)."""
-    reports = ws.zone("reports")
-    reports.mkdir(exist_ok=True)
-    final = reports / "quality"
-    tmp = Path(tempfile.mkdtemp(prefix=".quality.new-", dir=reports))
-    tmp.rmdir()
-    shutil.move(str(built), tmp)
-    old = None
-    if final.exists():
-        old = reports / f".quality.old-{os.getpid()}"
-        os.rename(final, old)
-    os.rename(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Replace ingest's own entries of ``reports/quality/``, each by a rename; anything else there
+    (``research/``, written by assemble) is left alone."""
+    final = ws.zone("reports") / "quality"
+    for name in _OWN_REPORTS:
+        if (built / name).exists():
+            publish(built / name, final / name)
+        elif (final / name).is_dir():      # not built this time (data_docs off): no stale copy stays
+            shutil.rmtree(final / name)
+        else:
+            (final / name).unlink(missing_ok=True)
 
 
 # --- staging one source ---------------------------------------------------------------
@@ -295,16 +291,17 @@ def _stage_source(con: duckdb.DuckDBPyConnection, schema: Schema, files: list[La
     # the rows again without a sort, so both outputs keep the file's order
     t1 = time.perf_counter()
     con.execute(f"CREATE OR REPLACE TEMP TABLE {flags} AS SELECT {fail_sql(schema)} AS _fail FROM {src}")
+    _flag_duplicates(con, schema, src, flags, [f.name for f in files])
     staged_total = con.execute(
         f"COPY (SELECT {staged_select(schema)} FROM {src} POSITIONAL JOIN {flags} WHERE _fail IS NULL) "
-        f"TO {lit(staged_path)} (FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 1)").fetchall()[0][0]
+        f"TO {path_literal(staged_path)} (FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 1)").fetchall()[0][0]
     con.execute(f"""CREATE OR REPLACE TEMP TABLE {fails} AS SELECT _file, _line, _row, _rawtext AS raw,
         nullif(split_part(_fail, ':', 2), '') AS "column", split_part(_fail, ':', 1) AS reason
         FROM {src} POSITIONAL JOIN {flags} WHERE _fail IS NOT NULL""")
     t2 = time.perf_counter()
     _fill_raw(con, fails, schema, files, loaded)
     con.execute(f"""COPY (SELECT * FROM (SELECT * FROM {fails} UNION ALL SELECT * FROM {rejects_table})
-        ORDER BY _file, _line) TO {lit(quarantine_path)} (FORMAT parquet, COMPRESSION zstd)""")
+        ORDER BY _file, _line) TO {path_literal(quarantine_path)} (FORMAT parquet, COMPRESSION zstd)""")
     entries = _manifest_entries(con, schema, files, loaded, src, fails, rejects_table, staged_total)
     for got in loaded.values():
         drop(con, got)
@@ -321,6 +318,32 @@ def _stage_source(con: duckdb.DuckDBPyConnection, schema: Schema, files: list[La
         "rows_quarantined": sum(e["rows_quarantined"] for e in entries), "reasons": dict(sorted(reasons.items())),
         "seconds": seconds, "files": entries,
     }
+
+
+def _flag_duplicates(con: duckdb.DuckDBPyConnection, schema: Schema, src: str, flags: str, order: list[str]) -> None:
+    """Quarantine later rows repeating an earlier stageable row's record id: ``duplicate`` when every
+    value is the same, ``duplicate_id`` when the values differ; the first (file, then line order) is kept."""
+    rid = schema.columns_with_role("record_id")
+    if not rid:
+        return
+    key, name = q(rid[0].name + "__t"), rid[0].name
+    # the common case costs one aggregate: no repeated id, nothing more to do
+    good = f"(SELECT s.*, f._pos FROM {src} s POSITIONAL JOIN (SELECT rowid AS _pos, _fail FROM {flags}) f " \
+           f"WHERE f._fail IS NULL)"
+    if not con.execute(f"SELECT count(*) FROM (SELECT {key} FROM {good} GROUP BY 1 HAVING count(*) > 1)").fetchall()[0][0]:
+        return
+    values = ", ".join(q(c.name + "__t") for c in schema.columns)
+    files = "[" + ", ".join(lit(n) for n in order) + "]"
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE _dups AS
+        WITH rep AS (SELECT {key} AS k FROM {good} GROUP BY 1 HAVING count(*) > 1),
+        r AS (SELECT g.{key} AS k, g._pos, row({values}) AS v, list_position({files}, g._file) AS fi, g._line
+              FROM {good} g WHERE g.{key} IN (SELECT k FROM rep))
+        SELECT _pos, CASE WHEN v IS NOT DISTINCT FROM first_value(v) OVER w THEN 'duplicate' ELSE 'duplicate_id' END
+                   || ':' || {lit(name)} AS reason,
+               row_number() OVER w AS n
+        FROM r WINDOW w AS (PARTITION BY k ORDER BY fi, _line)""")
+    con.execute(f"UPDATE {flags} SET _fail = d.reason FROM _dups d WHERE {flags}.rowid = d._pos AND d.n > 1")
+    con.execute("DROP TABLE _dups")
 
 
 def _refuse_wrong_encoding(f: LandingFile, schema: Schema, got: Loaded, max_share: float) -> None:
@@ -377,6 +400,10 @@ def _manifest_entries(con, schema: Schema, files: list[LandingFile], loaded: dic
             "rows_read": got.rows_read, "rows_staged": staged, "rows_quarantined": quarantined,
             "reasons": dict(sorted(reasons[f.name].items())),
         })
+        if f.fmt == "csv":
+            # reconciled against the file's own line count in linkage.ingest.landing.load_csv
+            entries[-1].update({"data_lines": got.data_lines, "continuation_lines": got.continuation_lines,
+                                "final_newline": got.final_newline, "line_ends": f.line_ends})
     if sum(e["rows_staged"] for e in entries) != staged_total:
         raise HhlinkError(f"{schema.source}: internal error: {staged_total} rows written to staged/ but "
                           f"{sum(e['rows_staged'] for e in entries)} counted; nothing published")
