@@ -117,17 +117,19 @@ def _roles(rule) -> set[str]:
     return {_ROLE_OF[c] for c in rule_columns(rule)}
 
 
-def prediction_rules(file_roles: dict[str, set[str]]) -> tuple[list, list[str]]:
+def prediction_rules(file_roles: dict[str, set[str]], link_only: bool = False) -> tuple[list, list[str]]:
     """Blocking rules that some pair of files can use, plus fallbacks so every pair of files shares one.
 
     Args:
         file_roles: each file's table name and the roles it provides.
+        link_only: only pairs of different files are compared (a file and itself is not a pair).
 
     Returns:
         The rules (column tuples or SQL strings) and the pairs of tables no rule can compare.
     """
     names = list(file_roles)
-    commons = {(a, b): file_roles[a] & file_roles[b] for i, a in enumerate(names) for b in names[i:]}
+    commons = {(a, b): file_roles[a] & file_roles[b] for i, a in enumerate(names)
+               for b in names[i + 1 if link_only else i:]}
     project = [("id_tok",), *(b for b in PREDICTION_BLOCKS if not {"nino_tok", "upn_tok"} & rule_columns(b)),
                *_BROAD_RULES, _NO_DOB_RULE]
     # a rule is kept when some pair of files (or a file and itself) has every role it uses
@@ -311,7 +313,7 @@ def train(sdfs, settings: dict, records: int, present: set[str], config, link_ty
     return settings, facts
 
 
-def run_model(con, inputs, config, threshold: float, out: Path) -> ModelRun:
+def run_model(con, inputs, config, threshold: float, out: Path, link_only: bool = False) -> ModelRun:
     """Train, score and cluster the ``ids_<name>`` tables; write ``out/model.json``.
 
     Args:
@@ -320,6 +322,7 @@ def run_model(con, inputs, config, threshold: float, out: Path) -> ModelRun:
         config: the hhlink config (``link.keep_pairs_above``, ``link.seed``, sample sizes).
         threshold: match probability at or above which records share a cluster.
         out: the folder being built.
+        link_only: compare records of different files only.
 
     Returns:
         A :class:`ModelRun`.
@@ -330,8 +333,9 @@ def run_model(con, inputs, config, threshold: float, out: Path) -> ModelRun:
     records = sum(inp.rows for inp in used)
     file_roles = {inp.spec.table: inp.present for inp in used}
     present = set().union(*file_roles.values()) if file_roles else set()
-    rules, uncovered = prediction_rules(file_roles)
-    link_type = "link_and_dedupe" if len(used) > 1 else "dedupe_only"
+    link_only = link_only and len(used) > 1
+    rules, uncovered = prediction_rules(file_roles, link_only)
+    link_type = "link_only" if link_only else "link_and_dedupe" if len(used) > 1 else "dedupe_only"
     settings = base_settings(present, rules, link_type, records >= TF_MIN_RECORDS)
     facts: dict = {"comparisons": [c["output_column_name"] for c in settings["comparisons"]],
                    "blocking_rules": [rule_label(r) for r in rules], "files_not_compared": uncovered}
