@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import secrets
 import sys
+from pathlib import Path
 
-import duckdb
 import numpy as np
 
+from linkage.db import connect, quote_ident, read_literal
 from linkage.encodings import BloomEncoder, BloomParams, dice, hashes_for_half_fill
 from linkage.schemas import SOURCES, load_schema
 
@@ -27,9 +28,10 @@ def _pairs(con, ws: str, role: str, rng) -> tuple[list, list]:
     for s in SOURCES:
         col = load_schema(s).columns_with_role(role)[0].name
         rid = load_schema(s).columns_with_role("record_id")[0].name
-        parts.append(f"SELECT {rid} AS record_id, {col} AS v FROM '{ws}/staged/{s}.parquet'")
+        parts.append(f"SELECT {quote_ident(rid)} AS record_id, {quote_ident(col)} AS v "
+                     f"FROM {read_literal(Path(ws, 'staged', f'{s}.parquet'))}")
     con.execute(f"""CREATE OR REPLACE TABLE d AS SELECT DISTINCT t.person_id, s.v
-                    FROM ({' UNION ALL '.join(parts)}) s JOIN '{ws}/truth/source_rows.parquet' t USING (record_id)
+                    FROM ({' UNION ALL '.join(parts)}) s JOIN {read_literal(Path(ws, 'truth', 'source_rows.parquet'))} t USING (record_id)
                     WHERE s.v IS NOT NULL""")
     pos = con.execute("SELECT a.v, b.v FROM d a JOIN d b ON a.person_id = b.person_id AND a.v < b.v").fetchall()
     values = [v for (v,) in con.execute("SELECT DISTINCT v FROM d ORDER BY v").fetchall()]
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ws = (argv or sys.argv[1:])[0]
     rng = np.random.default_rng(1)
     key = secrets.token_bytes(32)
-    con = duckdb.connect()
+    con = connect()
     for role, bits in (("first_name", 512), ("surname", 512)):
         pos, neg = _pairs(con, ws, role, rng)
         print(f"{role}: {len(pos)} true pairs with different spellings, {len(neg)} random pairs")

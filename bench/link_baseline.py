@@ -19,12 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-import duckdb
 import splink.comparison_level_library as cll
 import splink.comparison_library as cl
 from splink import DuckDBAPI, Linker, SettingsCreator, block_on
 
 from linkage.config import load_config
+from linkage.db import connect, quote_ident, quote_literal, read_literal
 from linkage.evaluate.stage import person_metrics
 from linkage.schemas import SOURCES, load_schema
 
@@ -44,11 +44,11 @@ def _cleartext_sql(staged: Path) -> str:
         for role in ROLES:
             found = schema.columns_with_role(role)
             cols[role] = found[0].name if found else None
-        e = {r: (f"{c}::varchar" if c else "null::varchar") for r, c in cols.items()}
-        parts.append(f"""select record_id, '{source}' source, {e['first_name']} first_name, {e['surname']} surname,
+        e = {r: (f"{quote_ident(c)}::varchar" if c else "null::varchar") for r, c in cols.items()}
+        parts.append(f"""select record_id, {quote_literal(source)} source, {e['first_name']} first_name, {e['surname']} surname,
                          {e['dob']} dob, {e['sex']} sex, {e['postcode']} postcode, {e['nino']} nino, {e['upn']} upn,
                          {e['address']} address, left({e['middle_names']}, 1) middle_initial
-                         from '{staged}/{source}.parquet'""")
+                         from {read_literal(staged / f'{source}.parquet')}""")
     union = " union all ".join(parts)
     return f"""
         create or replace table clear_records as
@@ -100,15 +100,13 @@ def cleartext_baseline(workspace: Path | str) -> dict:
     """Link ``staged/`` in clear with Splink and score it against ``truth/``."""
     ws = Path(workspace)
     cfg = load_config()
-    con = duckdb.connect()
-    con.execute("SET lambda_syntax='ENABLE_SINGLE_ARROW'")
-    con.execute(f"SET memory_limit='{cfg.link.memory_limit}'")
+    con = connect(cfg.link)
     t = time.perf_counter()
     con.execute(_cleartext_sql(ws / "staged"))
     db = DuckDBAPI(connection=con)
     sdfs = []
     for source in SOURCES:
-        con.execute(f"create or replace table clear_{source} as select * from clear_ids where source = '{source}'")
+        con.execute(f"create or replace table clear_{source} as select * from clear_ids where source = {quote_literal(source)}")
         sdfs.append(db.register(f"clear_{source}", dataset_display_name=source))
     linker = Linker(sdfs, _settings())
     linker.training.estimate_probability_two_random_records_match(
@@ -120,7 +118,7 @@ def cleartext_baseline(workspace: Path | str) -> dict:
     clusters = linker.clustering.cluster_pairwise_predictions_at_threshold(pairs, cfg.link.threshold)
     m = person_metrics(con, f"""(select c.cluster_id pred, t.person_id truth from clear_records r
                                  join {clusters.physical_name} c using (unique_id)
-                                 join '{ws}/truth/source_rows.parquet' t
+                                 join {read_literal(ws / 'truth' / 'source_rows.parquet')} t
                                    on t.source = r.source and t.record_id = r.record_id)""")
     return {**m, "seconds": round(time.perf_counter() - t, 1)}
 

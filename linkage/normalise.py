@@ -31,21 +31,13 @@ Example:
 
 from __future__ import annotations
 
+from linkage.db import quote_ident as q
+from linkage.db import quote_literal as lit
 from linkage.schemas import Column, Schema
 
 NAME_ROLES = frozenset({"first_name", "middle_names", "surname"})
 SQL_TYPES = {"string": "VARCHAR", "int": "BIGINT", "float": "DOUBLE", "date": "DATE", "bool": "BOOLEAN"}
 WHITESPACE = " \t\r\n\v\f\u00a0"
-
-
-def q(name: str) -> str:
-    """Quote an SQL identifier."""
-    return '"' + name.replace('"', '""') + '"'
-
-
-def lit(value) -> str:
-    """An SQL string literal."""
-    return "'" + str(value).replace("'", "''") + "'"
 
 
 def raw_columns(schema: Schema) -> list[Column]:

@@ -48,11 +48,10 @@ import time
 import warnings
 from pathlib import Path
 
-import duckdb
-
 from linkage.config import PROJECT_ROOT
+from linkage.db import connect, read_literal
+from linkage.db import quote_ident as q
 from linkage.errors import HhlinkError
-from linkage.normalise import lit, q
 
 log = logging.getLogger(__name__)
 
@@ -211,11 +210,11 @@ def validate(staged: dict[str, Path], suites_dir: Path, reports_dir: Path, scrat
     # answers from the Parquet file
     suites = {source: load_suite_file(suites_dir / f"{source}.json") for source in staged}
     db = scratch / "staged_views.duckdb"
-    with duckdb.connect(str(db)) as con:
+    with connect(database=db) as con:
         for source, path in staged.items():
             derived = suites[source].get("meta", {}).get("hhlink", {}).get("derived_columns", {})
             extra = "".join(f", {expr} AS {q(name)}" for name, expr in derived.items())
-            con.execute(f"CREATE VIEW {q(source)} AS SELECT *{extra} FROM read_parquet({lit(path)})")
+            con.execute(f"CREATE VIEW {q(source)} AS SELECT *{extra} FROM read_parquet({read_literal(path)})")
     ds = ctx.data_sources.add_sql(name="staged", connection_string=f"duckdb+hhlink:///{db}")
     summary: dict = {"engine": "great_expectations SQL engine on DuckDB (duckdb_engine)",
                      "gx_version": gx.__version__, "sources": {}, "critical_failed": []}

@@ -24,8 +24,10 @@ depend on the order threads add them in; the one mean of fractions is an ordered
 
 from __future__ import annotations
 
+from linkage.db import quote_literal
+
 INCOME_BENEFITS = ("UC", "JSA", "ESA", "IS")
-_IB = "(" + ", ".join(f"'{b}'" for b in INCOME_BENEFITS) + ")"
+_IB = "(" + ", ".join(map(quote_literal, INCOME_BENEFITS)) + ")"
 
 
 def inputs_sql() -> str:

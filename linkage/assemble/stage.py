@@ -49,12 +49,13 @@ import pyarrow.parquet as pq
 from linkage.assemble import sql
 from linkage.assemble import mobility
 from linkage.config import PROJECT_ROOT, Config
+from linkage.db import connect, path_literal, quote_ident, quote_literal, read_literal
 from linkage.errors import HhlinkError, SchemaError, WorkspaceError, read_toml
 from linkage.keys import MasterKey
-from linkage.workspace import Workspace, atomic_path
+from linkage.workspace import Workspace, atomic_path, publish
 
 __all__ = ["COHORT_NUMERIC", "COHORT_TEXT", "RESEARCH_TABLES", "AssembleError", "TableSchema", "assemble",
-           "build_panel", "connect", "load_inputs", "load_pairs", "load_research_schema", "prepared", "spread",
+           "build_panel", "load_inputs", "load_pairs", "load_research_schema", "prepared", "spread",
            "use_linked_links", "variant"]
 
 log = logging.getLogger(__name__)
@@ -116,22 +117,6 @@ def load_research_schema(table: str, folder: Path | str | None = None) -> TableS
 
 # -- inputs and links ------------------------------------------------------------------------
 
-def connect(config: Config, spill: Path) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection under ``[assemble]``'s memory limit and threads, spilling to ``spill``."""
-    import os
-
-    a = config.assemble
-    con = duckdb.connect()
-    con.execute("SET lambda_syntax='ENABLE_SINGLE_ARROW'")    # Splink's clustering SQL still uses x -> ...
-    con.execute(f"SET threads={a.threads or os.cpu_count() or 2}")
-    con.execute(f"SET memory_limit='{a.memory_limit}'")
-    con.execute(f"SET temp_directory='{spill}'")
-    con.execute("SET enable_progress_bar=false")
-    # rows are ordered where order matters (every written table, the measures' input)
-    con.execute("SET preserve_insertion_order=false")
-    return con
-
-
 def _sex_tokens(key) -> tuple[str, str]:
     """The keyed tokens of sex M and F (the pseudonymiser tokenises sex in domain ``sex``)."""
     from linkage.encodings import Tokeniser
@@ -152,34 +137,34 @@ def load_inputs(con: duckdb.DuckDBPyConnection, ws: Workspace, key, la_lookup: P
     con.execute(f"""
         create or replace table identity_map as
         select unique_id as linkage_id, (row_number() over (order by unique_id))::integer uid
-        from read_parquet('{linked}/identities.parquet');
+        from read_parquet({read_literal(linked / 'identities.parquet')});
         create or replace table person_map as
         select person_key as linkage_key, (row_number() over (order by person_key))::integer pid
-        from (select distinct person_key from read_parquet('{linked}/identities.parquet'));
+        from (select distinct person_key from read_parquet({read_literal(linked / 'identities.parquet')}));
         create or replace table household_map as
         select household_key as linkage_key, (row_number() over (order by household_key))::integer hid
-        from (select distinct household_key from read_parquet('{linked}/households.parquet'));
+        from (select distinct household_key from read_parquet({read_literal(linked / 'households.parquet')}));
         create or replace table recs as
         select r.record_token, i.uid as unique_id, r.source, r.year::int as year, r.birth_year::int as birth_year,
                r.claim_tok, r.bu_role, p.pid as base_key
-        from read_parquet('{linked}/records.parquet') r
+        from read_parquet({read_literal(linked / 'records.parquet')}) r
         join identity_map i on i.linkage_id = r.unique_id join person_map p on p.linkage_key = r.person_key;
-        create or replace view payload_education as select * from read_parquet('{payload}/education.parquet');
-        create or replace view payload_benefits as select * from read_parquet('{payload}/benefits.parquet');
-        create or replace view payload_earnings as select * from read_parquet('{payload}/earnings.parquet');
+        create or replace view payload_education as select * from read_parquet({read_literal(payload / 'education.parquet')});
+        create or replace view payload_benefits as select * from read_parquet({read_literal(payload / 'benefits.parquet')});
+        create or replace view payload_earnings as select * from read_parquet({read_literal(payload / 'earnings.parquet')});
         create or replace table unique_sex as
-        select i.uid as unique_id, case d.sex_tok when '{tok_m}' then 'M' when '{tok_f}' then 'F' end sex
-        from read_parquet('{linked}/identities.parquet') d join identity_map i on i.linkage_id = d.unique_id;
+        select i.uid as unique_id, case d.sex_tok when {quote_literal(tok_m)} then 'M' when {quote_literal(tok_f)} then 'F' end sex
+        from read_parquet({read_literal(linked / 'identities.parquet')}) d join identity_map i on i.linkage_id = d.unique_id;
         create or replace table la_region as
-        select utla_code la_code, region_code from read_csv('{la_lookup}', header = true, all_varchar = true);
+        select utla_code la_code, region_code from read_csv({read_literal(la_lookup)}, header = true, all_varchar = true);
         create or replace table households_base as
         select p.pid as person_key, h.year::int as year, h.birth_year::int as birth_year, m.hid as household_key
-        from read_parquet('{linked}/households.parquet') h join person_map p on p.linkage_key = h.person_key
+        from read_parquet({read_literal(linked / 'households.parquet')}) h join person_map p on p.linkage_key = h.person_key
         join household_map m on m.linkage_key = h.household_key;
         create or replace table parent_child_base as
         select p.pid as parent_key, c.pid as child_key, r.confidence, r.bu_years::int bu_years,
                r.coresident_years::int coresident_years, r.age_gap::int age_gap
-        from read_parquet('{linked}/parent_child.parquet') r join person_map p on p.linkage_key = r.parent_key
+        from read_parquet({read_literal(linked / 'parent_child.parquet')}) r join person_map p on p.linkage_key = r.parent_key
         join person_map c on c.linkage_key = r.child_key;
     """)
     con.execute(sql.inputs_sql())
@@ -192,7 +177,7 @@ def load_pairs(con: duckdb.DuckDBPyConnection, ws: Workspace) -> None:
         create or replace table identity_nodes as select uid as unique_id from identity_map;
         create or replace table pairs as
         select l.uid as unique_id_l, r.uid as unique_id_r, p.match_probability
-        from read_parquet('{linked}/pairs.parquet') p join identity_map l on l.linkage_id = p.unique_id_l
+        from read_parquet({read_literal(linked / 'pairs.parquet')}) p join identity_map l on l.linkage_id = p.unique_id_l
         join identity_map r on r.linkage_id = p.unique_id_r;
     """)
 
@@ -295,16 +280,17 @@ _VIEWS = {
 
 def _write_table(con: duckdb.DuckDBPyConnection, schema: TableSchema, out: Path) -> int:
     """Write ``research/<table>.parquet`` in the declared column order and types; returns rows."""
-    cols = ", ".join(f'CAST("{c["name"]}" AS {_TYPES[c["type"]][0]}) AS "{c["name"]}"' for c in schema.columns)
-    order = ", ".join(schema.unique[0]) if schema.unique else schema.names[0]
+    cols = ", ".join(f'CAST({quote_ident(c["name"])} AS {_TYPES[c["type"]][0]}) AS {quote_ident(c["name"])}'
+                     for c in schema.columns)
+    order = ", ".join(map(quote_ident, schema.unique[0] if schema.unique else schema.names[:1]))
     path = out / f"{schema.table}.parquet"
     try:
         con.execute(f"copy (select {cols} from ({_VIEWS[schema.table]}) order by {order}) "
-                    f"to '{path}' (format parquet, compression zstd)")
+                    f"to {path_literal(path)} (format parquet, compression zstd)")
     except duckdb.BinderException as exc:
         raise AssembleError(f"research/{schema.table}: does not match schemas/research/{schema.table}.toml "
                             f"({str(exc).splitlines()[0]})") from None
-    return con.execute(f"select count(*) from read_parquet('{path}')").fetchall()[0][0]
+    return con.execute(f"select count(*) from read_parquet({read_literal(path)})").fetchall()[0][0]
 
 
 def _write_rows(rows: list[dict], schema: TableSchema, out: Path) -> int:
@@ -336,10 +322,7 @@ def _validate(config: Config, ws: Workspace, out: Path, schemas: dict) -> dict:
         for s in summary["sources"].values():
             s["suite"] = s["suite"].replace("expectations/", "expectations/research/")
         (built / "quality_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        final = reports / "research"
-        if final.exists():
-            shutil.rmtree(final)
-        built.rename(final)
+        publish(built, reports / "research")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(built, ignore_errors=True)
@@ -424,7 +407,7 @@ def assemble(config: Config, workspace: Path | str, key: MasterKey | None = None
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
     spill = Path(tempfile.mkdtemp(prefix=".assemble.tmp-", dir=ws.root))
-    con = connect(config, spill)
+    con = connect(config.assemble, spill=spill, preserve_insertion_order=False)
     try:
         load_inputs(con, ws, key, lookup)
         use_linked_links(con)

@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 
 from linkage.config import Config
+from linkage.db import connect
 from linkage.keys import MasterKey, load_master_key
 from linkage.sdc.cells import ContributionError, compute_cells
 from linkage.sdc.lp import Audit, System, equations, protect
@@ -153,7 +154,7 @@ def protect_table(contributions, spec: TableSpec, config: Config, key: MasterKey
     rounding = "none" if do_perturb else cfg.rounding
     master = key if key is not None else load_master_key()
     own = con is None
-    con = con or duckdb.connect()
+    con = con or connect()
     try:
         cells = compute_cells(con, contributions, spec, record_key_secret(master),
                               top_k=max(cfg.dominance_n, 2), quantile_width=cfg.quantile_window + QUANTILE_FETCH,
@@ -204,7 +205,7 @@ def build_table(request: dict, workspace: Path | str, config: Config, key: Maste
 
     spec, source = standard.request_spec(request, config)
     own = con is None
-    con = con or duckdb.connect()
+    con = con or connect()
     try:
         rel = standard.population(con, Path(workspace), source, config)
         return protect_table(rel, spec, config, key=key, con=con, perturb=True)
@@ -241,7 +242,7 @@ def disclose(config: Config, workspace: Path | str, key: MasterKey | bytes | Non
         raise WorkspaceError(f"{research}: no research tables; run hhlink assemble first")
     master = key if key is not None else load_master_key(workspace=ws.root)
     tables, metas = [], []
-    con = duckdb.connect()
+    con = connect()
     try:
         with ws.publish_dir("published") as out:
             for spec, source in standard.standard_tables(research, config):

@@ -12,14 +12,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 
 from linkage.assemble import mobility
-from linkage.assemble.stage import (COHORT_NUMERIC, COHORT_TEXT, AssembleError, connect, load_inputs, spread,
-                                    variant)
+from linkage.assemble.stage import COHORT_NUMERIC, COHORT_TEXT, AssembleError, load_inputs, spread, variant
 from linkage.config import Config
+from linkage.db import connect, read_literal
 from linkage.workspace import Workspace
 
 __all__ = ["mobility_evaluation"]
@@ -33,14 +32,14 @@ def _truth_measures(truth: Path, config: Config) -> dict:
     PAYE pay over the adult ages' years with pay, from ``truth/person_years.parquet``.
     """
     b0, b1 = config.assemble.adult_pay_ages
-    t = duckdb.sql(f"""
+    t = connect(config.assemble).sql(f"""
         with pay as (select y.person_id, avg(y.paye_pay) adult_pay
-                     from read_parquet('{truth}/person_years.parquet') y
-                     join read_parquet('{truth}/persons.parquet') p using (person_id)
+                     from read_parquet({read_literal(truth / 'person_years.parquet')}) y
+                     join read_parquet({read_literal(truth / 'persons.parquet')}) p using (person_id)
                      where y.year - p.birth_year between {b0} and {b1} and y.paye_pay > 0 group by 1)
         select c.birth_year::double birth_year, c.parental_log_earnings_10_16 log_parents_earnings,
                exp(c.parental_log_earnings_10_16) parents_earnings, pay.adult_pay, ln(pay.adult_pay) log_adult_pay
-        from read_parquet('{truth}/children.parquet') c join pay using (person_id)
+        from read_parquet({read_literal(truth / 'children.parquet')}) c join pay using (person_id)
         where c.parental_log_earnings_10_16 is not null order by c.person_id""").to_arrow_table()
     d = {c: t[c].to_numpy() for c in t.column_names}
     n = t.num_rows
@@ -80,18 +79,18 @@ def mobility_evaluation(config: Config, workspace: Path | str, key) -> dict:
     variants = json.loads(report_path.read_text())["sensitivity"]["variants"] if report_path.exists() else []
     lookup = config.paths.resolve(config.assemble.la_lookup)
     spill = Path(tempfile.mkdtemp(prefix=".assemble-eval.tmp-", dir=ws.root))
-    con = connect(config, spill)
+    con = connect(config.assemble, spill=spill, preserve_insertion_order=False)
     try:
         load_inputs(con, ws, key, lookup)
         crosswalk_table(con, ws.zone("pseudonymised") / CROSSWALK_FILE, key)
         con.execute(f"""
             create or replace table rec_truth as
             select xw.record_token, t.person_id truth_person
-            from xw join read_parquet('{truth}/source_rows.parquet') t
+            from xw join read_parquet({read_literal(truth / 'source_rows.parquet')}) t
                  on t.source = xw.source and t.record_id = xw.record_id;
             create or replace table truth_py as select person_id, year, household_id
-                from read_parquet('{truth}/person_years.parquet');
-            create or replace table truth_pc as select parent_id, child_id from read_parquet('{truth}/parent_child.parquet');
+                from read_parquet({read_literal(truth / 'person_years.parquet')});
+            create or replace table truth_pc as select parent_id, child_id from read_parquet({read_literal(truth / 'parent_child.parquet')});
         """)
         con.execute("drop table xw")
         persons = true_persons(con, config.link)

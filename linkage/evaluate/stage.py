@@ -26,6 +26,7 @@ from pathlib import Path
 import duckdb
 
 from linkage.config import Config
+from linkage.db import connect, read_literal
 from linkage.keys import MasterKey
 from linkage.workspace import Workspace, atomic_path
 
@@ -135,20 +136,20 @@ def _load(con: duckdb.DuckDBPyConnection, ws: Workspace, key) -> None:
     con.execute(f"""
         create or replace table rec_truth as
         select r.record_token, r.unique_id, r.person_key, t.person_id truth_person, r.year
-        from '{linked}/records.parquet' r join xw using (record_token)
-        join '{truth}/source_rows.parquet' t on t.source = xw.source and t.record_id = xw.record_id""")
+        from {read_literal(linked / 'records.parquet')} r join xw using (record_token)
+        join {read_literal(truth / 'source_rows.parquet')} t on t.source = xw.source and t.record_id = xw.record_id""")
     con.execute("create or replace table pk_truth as select person_key, mode(truth_person) truth_person "
                 "from rec_truth group by 1")
     # only the columns evaluation reads: Splink's clustering carries every column of its
     # node table through each step, and the identities' Bloom filters made that 15 GB at 100k
     for name, cols, path in (
-            ("households", "person_key, year, household_key", f"{linked}/households.parquet"),
-            ("parent_child", "parent_key, child_key, confidence", f"{linked}/parent_child.parquet"),
-            ("pairs", "unique_id_l, unique_id_r, match_probability", f"{linked}/pairs.parquet"),
-            ("identities", "unique_id", f"{linked}/identities.parquet"),
-            ("truth_py", "person_id, year, household_id", f"{truth}/person_years.parquet"),
-            ("truth_pc", "parent_id, child_id", f"{truth}/parent_child.parquet")):
-        con.execute(f"create or replace table {name} as select {cols} from '{path}'")
+            ("households", "person_key, year, household_key", linked / "households.parquet"),
+            ("parent_child", "parent_key, child_key, confidence", linked / "parent_child.parquet"),
+            ("pairs", "unique_id_l, unique_id_r, match_probability", linked / "pairs.parquet"),
+            ("identities", "unique_id", linked / "identities.parquet"),
+            ("truth_py", "person_id, year, household_id", truth / "person_years.parquet"),
+            ("truth_pc", "parent_id, child_id", truth / "parent_child.parquet")):
+        con.execute(f"create or replace table {name} as select {cols} from {read_literal(path)}")
 
 
 def _by_threshold(con: duckdb.DuckDBPyConnection, thresholds: list[float]) -> list[dict]:
@@ -191,11 +192,8 @@ def evaluate(config: Config, workspace: Path | str, key: MasterKey | None = None
         if not ws.zone(zone).is_dir():
             raise WorkspaceError(f"{ws.zone(zone)}: missing; evaluation needs the ground truth and a linkage run")
     key = key if key is not None else load_master_key(workspace=ws.root)
-    from linkage.link.stage import _connect
-
-    con = _connect(config.link.threads or None, config.link.memory_limit)
     spill = tempfile.mkdtemp(prefix=".evaluate.tmp-", dir=ws.root)   # spills stay on the workspace disk
-    con.execute(f"SET temp_directory='{spill}'")
+    con = connect(config.link, spill=spill, preserve_insertion_order=False)
     try:
         _load(con, ws, key)
         m = person_metrics(con, "(select person_key pred, truth_person truth from rec_truth)")

@@ -22,6 +22,7 @@ from pathlib import Path
 import duckdb
 
 from linkage.config import PROJECT_ROOT, Config
+from linkage.db import connect, read_literal
 from linkage.link.model import ADDRESS_COLUMNS, IDENTITY_COLUMNS
 from linkage.workspace import Workspace, atomic_path
 
@@ -37,7 +38,7 @@ def query_rows(con: duckdb.DuckDBPyConnection, sql: str) -> list[dict]:
 def _completeness(con, identifiers: Path) -> list[dict]:
     cols = [c for c in (*IDENTITY_COLUMNS, *ADDRESS_COLUMNS) if not c.startswith(("dob_year", "dob_month", "dob_day", "pc_"))]
     exprs = ", ".join(f"round(avg(({c} is not null)::int), 4) as {c}" for c in cols)
-    return query_rows(con, f"select source, count(*) as records, {exprs} from read_parquet('{identifiers}/*.parquet') "
+    return query_rows(con, f"select source, count(*) as records, {exprs} from read_parquet({read_literal(identifiers, '*.parquet')}) "
                       "group by source order by source")
 
 
@@ -61,12 +62,12 @@ def _subgroups(con, payload: Path, end_year: int) -> dict:
         with adult as (select distinct person_key from rec where source in ('benefits', 'earnings')),
         edu as (select r.person_key, any_value(r.birth_year) birth_year, max(p.fsm) ever_fsm,
                        mode(p.ethnicity) ethnicity, mode(p.la_code) la_code
-                from rec r join read_parquet('{payload}/education.parquet') p using (record_token)
+                from rec r join read_parquet({read_literal(payload / 'education.parquet')}) p using (record_token)
                 where r.source = 'education' group by 1)
         select e.*, e.person_key in (select person_key from adult) as linked,
                coalesce(la.region_name, 'unknown') region,
                (e.birth_year // 5 * 5)::varchar || '-' || (e.birth_year // 5 * 5 + 4)::varchar birth_cohort
-        from edu e left join read_csv('{LA_REFERENCE}') la on la.utla_code = e.la_code
+        from edu e left join read_csv({read_literal(LA_REFERENCE)}) la on la.utla_code = e.la_code
         where e.birth_year <= {end_year} - 22""")
     out = {}
     for dim, expr in (("ethnicity", "ethnicity"), ("ever_fsm", "ever_fsm::varchar"), ("region", "region"),
@@ -121,9 +122,9 @@ def build_report(config: Config, workspace: Path | str) -> dict:
     """Compute the report's content (aggregates only) from ``linked/`` and ``pseudonymised/``."""
     ws = Workspace(workspace)
     linked, pseud = ws.zone("linked"), ws.zone("pseudonymised")
-    con = duckdb.connect()
-    con.execute(f"create table rec as select * from '{linked}/records.parquet'")
-    con.execute(f"create table pairs as select * from '{linked}/pairs.parquet'")
+    con = connect(config.link)
+    con.execute(f"create table rec as select * from {read_literal(linked / 'records.parquet')}")
+    con.execute(f"create table pairs as select * from {read_literal(linked / 'pairs.parquet')}")
     summary = json.loads((linked / "summary.json").read_text())
     model = json.loads((linked / "model.json").read_text())
     evaluation_path = ws.zone("reports") / "evaluation.json"

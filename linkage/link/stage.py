@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 import warnings
@@ -36,6 +35,7 @@ from pathlib import Path
 import duckdb
 
 from linkage.config import Config
+from linkage.db import connect, path_literal, quote_ident, quote_literal, read_literal
 from linkage.errors import HhlinkError
 from linkage.link.households import assemble_households
 from linkage.link.model import ADDRESS_COLUMNS, IDENTITY_COLUMNS, TRAINING_BLOCKS, model_settings
@@ -49,7 +49,7 @@ class LinkError(HhlinkError):
     """Linkage cannot run (missing input, or an engine problem)."""
 
 
-def _identities_sql(identifiers: str) -> str:
+def _identities_sql(identifiers: Path) -> str:
     """Collapse a source's records equal on every identity encoding into identities, keyed deterministically.
 
     The identity encodings (16 columns, two of them Bloom filters) are not kept on every
@@ -67,7 +67,7 @@ def _identities_sql(identifiers: str) -> str:
         create or replace table records as
         select record_token, source, year, birth_year, benefit_unit_tok, bu_role, claim_tok,
                source || '-' || left(md5(concat_ws('|', source, {key_parts})), 20) as unique_id, {addr}
-        from read_parquet('{identifiers}/*.parquet');
+        from read_parquet({read_literal(identifiers, '*.parquet')});
         create or replace table identity_address as
         select unique_id, {addr} from (
             select unique_id, {addr}, row_number() over (
@@ -84,24 +84,12 @@ def _identities_sql(identifiers: str) -> str:
         select f.unique_id, f.source, f.birth_year, f.n_records, f.first_year, f.last_year, {encodings},
                f.postcode_toks, a.* exclude (unique_id)
         from identity_facts f
-             join (select record_token, {", ".join(IDENTITY_COLUMNS)} from read_parquet('{identifiers}/*.parquet')) p
+             join (select record_token, {", ".join(IDENTITY_COLUMNS)} from read_parquet({read_literal(identifiers, '*.parquet')})) p
                   on p.record_token = f.representative
              join identity_address a using (unique_id)
         order by unique_id;
         drop table identity_facts;
     """
-
-
-def _connect(threads: int | None = None, memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
-    con = duckdb.connect()
-    if memory_limit:
-        con.execute(f"SET memory_limit='{memory_limit}'")
-    # Splink 5 still emits some single-arrow lambdas that DuckDB 2 rejects by default
-    con.execute("SET lambda_syntax='ENABLE_SINGLE_ARROW'")
-    con.execute(f"SET threads={threads or os.cpu_count() or 2}")
-    con.execute("SET preserve_insertion_order=false")
-    con.execute("SET enable_progress_bar=false")
-    return con
 
 
 def _db_api(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path):
@@ -118,7 +106,7 @@ def _to_spark(con: duckdb.DuckDBPyConnection, db_api, table: str, tmp: Path):
     """A DuckDB table as a Spark DataFrame, through Parquet: BLOB, SMALLINT and VARCHAR keep their types."""
     path = tmp / "spark_in" / f"{table}.parquet"
     path.parent.mkdir(exist_ok=True)
-    con.execute(f"copy {table} to '{path}' (compression zstd)")
+    con.execute(f"copy {quote_ident(table)} to {path_literal(path)} (compression zstd)")
     return db_api.spark.read.parquet(str(path))
 
 
@@ -127,7 +115,7 @@ def _from_spark(con: duckdb.DuckDBPyConnection, sdf, tmp: Path) -> str:
     path = tmp / "spark_out" / sdf.physical_name
     sdf.db_api.spark.table(sdf.physical_name).write.mode("overwrite").parquet(str(path))
     name = f"spark_{sdf.templated_name.strip('_')}"
-    con.execute(f"create or replace view {name} as select * from read_parquet('{path}/*.parquet')")
+    con.execute(f"create or replace view {quote_ident(name)} as select * from read_parquet({read_literal(path, '*.parquet')})")
     return name
 
 
@@ -189,13 +177,13 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
     dialect = "spark" if lc.engine == "spark" else "duckdb"
     sdfs = []
     for source in SOURCES:
-        con.execute(f"create or replace table ids_{source} as select * from identities where source = '{source}'")
+        con.execute(f"create or replace table ids_{source} as select * from identities where source = {quote_literal(source)}")
         if lc.engine == "spark":
             sdfs.append(db_api.register(_to_spark(con, db_api, f"ids_{source}", tmp), dataset_display_name=source))
         else:
             sdfs.append(db_api.register(f"ids_{source}", dataset_display_name=source))
     settings = model_settings(dialect) if model is None else _trained_settings(model, dialect)
-    linker = Linker(sdfs, settings, log_level=logging.WARNING)
+    linker = Linker(sdfs, settings, log_level=None)   # the CLI decides what reaches the console (-v)
     t = time.perf_counter()
     if model is None:
         deterministic = [block_on("nino_tok", "dob_tok"), block_on("upn_tok", "dob_tok"),
@@ -234,7 +222,7 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
         copy (select unique_id_l, unique_id_r, source_dataset_l as source_l, source_dataset_r as source_r,
                      match_weight, match_probability
               from {pairs_name} order by unique_id_l, unique_id_r)
-        to '{out}/pairs.parquet' (compression zstd)""")
+        to {path_literal(out / 'pairs.parquet')} (compression zstd)""")
     con.execute(f"create or replace table clusters as select unique_id, cluster_id from {clusters_name}")
     facts["pairs_scored"] = con.execute(f"select count(*) from {pairs_name}").fetchall()[0][0]
     facts["probability_two_random_records_match"] = linker._settings_obj._probability_two_random_records_match
@@ -289,13 +277,12 @@ def link(config: Config, workspace: Path | str, model: Path | str | None = None)
     if not identifiers.is_dir() or not any(identifiers.glob("*.parquet")):
         raise LinkError(f"{identifiers}: no identifiers to link; run 'hhlink pseudonymise' first")
     t0 = time.perf_counter()
-    con = _connect(config.link.threads or None, config.link.memory_limit)
     summary: dict = {"engine": config.link.engine, "threshold": config.link.threshold}
     with ws.publish_dir("linked") as out:
         tmp = out / ".tmp"
         tmp.mkdir()
-        con.execute(f"SET temp_directory='{tmp}'")
-        con.execute(_identities_sql(str(identifiers)))
+        con = connect(config.link, spill=tmp, preserve_insertion_order=False)
+        con.execute(_identities_sql(identifiers))
         summary["identities_seconds"] = round(time.perf_counter() - t0, 1)
         t = time.perf_counter()
         try:
@@ -310,17 +297,17 @@ def link(config: Config, workspace: Path | str, model: Path | str | None = None)
             select i.unique_id, 'P' || left(md5(c.cluster_id), 16) as person_key
             from identities i join clusters c using (unique_id)""")
         con.execute(f"""copy (select i.*, p.person_key from identities i join persons p using (unique_id)
-                              order by unique_id) to '{out}/identities.parquet' (compression zstd)""")
+                              order by unique_id) to {path_literal(out / 'identities.parquet')} (compression zstd)""")
         con.execute("""create or replace table records_linked as
                        select r.record_token, r.source, r.year, r.birth_year, r.unique_id, p.person_key,
                               r.benefit_unit_tok, r.bu_role, r.claim_tok, r.postcode_tok, r.addr_bf
                        from records r join persons p using (unique_id)""")
         con.execute(f"""copy (select * exclude (postcode_tok, addr_bf) from records_linked order by record_token)
-                        to '{out}/records.parquet' (compression zstd)""")
+                        to {path_literal(out / 'records.parquet')} (compression zstd)""")
         t_hh = time.perf_counter()
         summary.update(assemble_households(con, config.link))
-        con.execute(f"copy households to '{out}/households.parquet' (compression zstd)")
-        con.execute(f"copy parent_child to '{out}/parent_child.parquet' (compression zstd)")
+        con.execute(f"copy households to {path_literal(out / 'households.parquet')} (compression zstd)")
+        con.execute(f"copy parent_child to {path_literal(out / 'parent_child.parquet')} (compression zstd)")
         summary["households_seconds"] = round(time.perf_counter() - t_hh, 1)
         counts = con.execute("""select (select count(*) from records), (select count(*) from identities),
                                        (select count(distinct person_key) from persons)""").fetchall()[0]

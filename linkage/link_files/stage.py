@@ -55,12 +55,17 @@ import numpy as np
 import pyarrow as pa
 
 from linkage.config import Config, load_config
+from linkage.db import connect, path_literal, read_literal
+from linkage.db import quote_ident as q
+from linkage.db import quote_literal as lit
 from linkage.errors import HhlinkError, read_toml
 from linkage.keys import load_master_key
-from linkage.normalise import lit, normalised_sql, q
+from linkage.link_files.csvread import DIALECT_KEYS, CsvReadError, Dialect, parse_dialect, read_csv_table
+from linkage.normalise import normalised_sql
 # pseudonymisation's own encoders, plans and SQL (private there): files are encoded exactly as staged rows are
 from linkage.pseudonymise.stage import build_dictionaries, Encoders, identifiers_sql, Source
 from linkage.schemas import Column
+from linkage.workspace import publish
 
 __all__ = ["ROLES", "LinkFilesError", "MapError", "InputFileError", "BadValueError", "FileMap",
            "load_map", "link_files"]
@@ -100,6 +105,8 @@ class FileMap:
     table: str
     columns: dict[str, tuple[str, ...]]
     dob_format: str | None = None
+    dialect: Dialect = Dialect()
+    invalid: str = "null"       # a dob off its format: "null" (counted in the summary) or "error"
 
     @property
     def roles(self) -> set[str]:
@@ -123,17 +130,26 @@ def _file_map(path: Path, table: str, entry) -> FileMap:
     where = f"{path}: [files.{table}]"
     if not isinstance(entry, dict):
         raise MapError(f"{where} must be a table of roles")
-    unknown = sorted(set(entry) - set(ROLES))
+    unknown = sorted(set(entry) - set(ROLES) - set(DIALECT_KEYS))
     if unknown:
         raise MapError(f"{where}: unknown role(s) {', '.join(repr(u) for u in unknown)}; "
-                       f"roles are {', '.join(ROLES)}")
+                       f"roles are {', '.join(ROLES)}; the CSV dialect keys {', '.join(DIALECT_KEYS)}")
+    try:
+        dialect = parse_dialect(where, entry)
+    except ValueError as exc:
+        raise MapError(str(exc)) from None
+    entry = {k: v for k, v in entry.items() if k not in DIALECT_KEYS}
     columns: dict[str, tuple[str, ...]] = {}
-    fmt = None
+    fmt, invalid = None, "null"
     for role, value in entry.items():
         if role == "dob" and isinstance(value, dict):
-            extra = sorted(set(value) - {"column", "format"})
+            extra = sorted(set(value) - {"column", "format", "invalid"})
             if extra or not isinstance(value.get("column"), str) or not value["column"].strip():
-                raise MapError(f"{where}: dob must be {{ column = \"...\", format = \"...\" }}")
+                raise MapError(f"{where}: dob must be {{ column = \"...\", format = \"...\", invalid = \"null\" }}")
+            invalid = value.get("invalid", "null")
+            if invalid not in ("null", "error"):
+                raise MapError(f"{where}: dob invalid must be \"null\" (an invalid date is left out and counted) "
+                               f"or \"error\" (it stops the run)")
             fmt = value.get("format", "%Y-%m-%d")
             if not isinstance(fmt, str) or "%" not in fmt:
                 raise MapError(f"{where}: dob format must be a strptime format such as \"%d/%m/%Y\"")
@@ -146,7 +162,7 @@ def _file_map(path: Path, table: str, entry) -> FileMap:
     if not set(columns) - {"record_id"}:
         raise MapError(f"{where} maps no identifier role: name at least one of "
                        f"{', '.join(r for r in ROLES if r != 'record_id')}")
-    return FileMap(table, columns, fmt)
+    return FileMap(table, columns, fmt, dialect, invalid)
 
 
 def load_map(path: Path | str) -> dict[str, FileMap]:
@@ -180,7 +196,7 @@ def load_map(path: Path | str) -> dict[str, FileMap]:
 
 
 def _check_formats(path: Path, maps: dict[str, FileMap]) -> None:
-    con = duckdb.connect()
+    con = connect(threads=1)
     try:
         for spec in maps.values():
             if spec.dob_format is not None:
@@ -205,6 +221,7 @@ class _Input:
     spec: FileMap
     rows: int = 0
     present: set[str] = field(default_factory=set)     # mapped roles with at least one value
+    nulled: dict[str, int] = field(default_factory=dict)   # column -> invalid values used as missing
 
     @property
     def name(self) -> str:
@@ -250,13 +267,17 @@ def _db_message(exc: Exception) -> str:
     return f"{exc.__class__.__name__}{f', near line {m.group(1)}' if m else ''}"
 
 
-def _load_raw(con: duckdb.DuckDBPyConnection, inp: _Input) -> dict[str, str]:
+def _load_raw(con: duckdb.DuckDBPyConnection, inp: _Input, scratch: Path) -> dict[str, str]:
     """Load a file into table ``raw_<name>`` (rows in file order); return its column types."""
     table = f"raw_{inp.name}"
     if inp.kind == "csv":
-        source = f"read_csv({lit(inp.path)}, header = true, all_varchar = true)"
-    else:
-        source = f"read_parquet({lit(inp.path)})"
+        # the map's dialect, every column as text: DuckDB's sniffer never guesses (linkage.link_files.csvread)
+        try:
+            names = read_csv_table(con, inp.path, table, inp.spec.dialect, scratch)
+        except CsvReadError as exc:
+            raise InputFileError(str(exc)) from None
+        return {n: "VARCHAR" for n in names}
+    source = f"read_parquet({read_literal(inp.path)})"
     try:
         con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM {source}")
         described = con.execute(f"DESCRIBE {table}").fetchall()
@@ -273,9 +294,9 @@ def _check_columns(inp: _Input, types: dict[str, str], map_path: Path) -> None:
                              f"(mapped as {', '.join(roles)} in [files.{inp.spec.table}] of {map_path})")
 
 
-def _text_sql(columns: tuple[str, ...]) -> str:
-    """The delivered text of a role: one column, or several joined with single spaces."""
-    parts = [f"nullif(trim(CAST({q(c)} AS VARCHAR)), '')" for c in columns]
+def _text_sql(columns: tuple[str, ...], trim: bool = True) -> str:
+    """The delivered text of a role: one column, or several joined with single spaces (trimmed unless the map keeps spaces)."""
+    parts = [f"nullif({'trim' if trim else ''}(CAST({q(c)} AS VARCHAR)), '')" for c in columns]
     return parts[0] if len(parts) == 1 else f"nullif(concat_ws(' ', {', '.join(parts)}), '')"
 
 
@@ -288,7 +309,7 @@ def _stage_select(inp: _Input, types: dict[str, str]) -> str:
     cols = inp.spec.columns
     parts = ["rowid + 1 AS row_n"]
     rid = cols.get("record_id")
-    parts.append(f"{_text_sql(rid)} AS record_id" if rid else "CAST(rowid + 1 AS VARCHAR) AS record_id")
+    parts.append(f"{_text_sql(rid, inp.spec.dialect.trim)} AS record_id" if rid else "CAST(rowid + 1 AS VARCHAR) AS record_id")
     for role in ("first_name", "surname", "sex", "postcode", "address", "id"):
         if role in cols:
             parts.append(f"{normalised_sql(_role_column(role), _text_sql(cols[role]))} AS {role}")
@@ -316,7 +337,12 @@ def _check_values(con, inp: _Input, table: str) -> None:
     cols = inp.spec.columns
     if "dob" in cols:
         bad = _first_bad(con, table, "dob__t IS NOT NULL AND dob IS NULL")
-        if bad:
+        if bad and inp.spec.invalid == "null":
+            # left out of linkage (as a blank would be) and counted per file and column in the summary
+            inp.nulled[cols["dob"][0]] = bad[1]
+            log.info("%s: %d value(s) of column %r are not dates in %r: used as missing", inp.path.name, bad[1],
+                     cols["dob"][0], inp.spec.dob_format)
+        elif bad:
             raise BadValueError(f"{inp.path}: row {bad[0]}, column {cols['dob'][0]!r}: date of birth does not "
                                 f"match the format {inp.spec.dob_format!r}{_more(bad[1])}")
     if "record_id" in cols:
@@ -336,7 +362,7 @@ def _check_values(con, inp: _Input, table: str) -> None:
 
 def _stage(con, inp: _Input, scratch: Path, map_path: Path) -> Path:
     """Read, check and normalise one file; write its staged rows (cleartext) to the scratch folder."""
-    types = _load_raw(con, inp)
+    types = _load_raw(con, inp, scratch)
     _check_columns(inp, types, map_path)
     table = f"st_{inp.name}"
     try:
@@ -349,9 +375,9 @@ def _stage(con, inp: _Input, scratch: Path, map_path: Path) -> Path:
     inp.rows = counts[0]
     inp.present = {r for r, n in zip(roles, counts[1:]) if n}
     target = scratch / f"{inp.name}.parquet"
-    con.execute(f"COPY (SELECT * EXCLUDE (dob__t) FROM {table} ORDER BY row_n) TO {lit(target)} (FORMAT parquet)"
+    con.execute(f"COPY (SELECT * EXCLUDE (dob__t) FROM {table} ORDER BY row_n) TO {path_literal(target)} (FORMAT parquet)"
                 if "dob" in inp.spec.columns else
-                f"COPY (SELECT * FROM {table} ORDER BY row_n) TO {lit(target)} (FORMAT parquet)")
+                f"COPY (SELECT * FROM {table} ORDER BY row_n) TO {path_literal(target)} (FORMAT parquet)")
     con.execute(f"DROP TABLE raw_{inp.name}")
     return target
 
@@ -411,7 +437,7 @@ def _write_outputs(con, pairs: str | None, clusters: str | None, out: Path) -> N
                dense_rank() OVER (ORDER BY f.first_id) AS cluster_id
         FROM c JOIN first f USING (splink_cluster)""")
     con.execute(f"""COPY (SELECT file, record_id, cluster_id FROM lf_clusters ORDER BY file_index, row_n)
-                    TO {lit(out / 'clusters.csv')} (HEADER, DELIMITER ',')""")
+                    TO {path_literal(out / 'clusters.csv')} (HEADER, DELIMITER ',')""")
     if pairs:
         # the earlier record (file order, then row) on the left, so each pair reads one way
         con.execute(f"""CREATE OR REPLACE TABLE lf_pairs AS
@@ -425,31 +451,17 @@ def _write_outputs(con, pairs: str | None, clusters: str | None, out: Path) -> N
                           FROM lf_pairs p JOIN lf_records l ON l.unique_id = p.id_l
                           JOIN lf_records r ON r.unique_id = p.id_r
                           ORDER BY l.file_index, l.row_n, r.file_index, r.row_n)
-                    TO {lit(out / 'pairs.csv')} (HEADER, DELIMITER ',')""")
+                    TO {path_literal(out / 'pairs.csv')} (HEADER, DELIMITER ',')""")
 
 
 def _publish(built: Path, out: Path) -> None:
-    """Move the finished files into ``out`` (each by an atomic rename; other files there are left alone)."""
+    """Move the finished files into ``out`` (each swapped in by :func:`publish`; other files there are left alone)."""
     if not out.exists():
-        os.rename(built, out)
+        publish(built, out)
         return
     for item in built.iterdir():
-        os.replace(item, out / item.name)
+        publish(item, out / item.name)
     shutil.rmtree(built, ignore_errors=True)
-
-
-def _connect(scratch: Path, config: Config) -> duckdb.DuckDBPyConnection:
-    con = duckdb.connect()
-    # the same memory and thread limits as hhlink link; beyond the limit DuckDB spills to the scratch folder
-    con.execute(f"SET memory_limit={lit(config.link.memory_limit)}")
-    if config.link.threads:
-        con.execute(f"SET threads={int(config.link.threads)}")
-    # Splink 5 still emits some single-arrow lambdas that DuckDB 2 rejects by default
-    con.execute("SET lambda_syntax='ENABLE_SINGLE_ARROW'")
-    con.execute("SET enable_progress_bar=false")
-    # spill files can hold cleartext: keep them in the private scratch folder
-    con.execute(f"SET temp_directory={lit(scratch / 'spill')}")
-    return con
 
 
 def link_files(files: Sequence[Path | str], map_path: Path | str, out: Path | str, config: Config | None = None,
@@ -498,7 +510,8 @@ def link_files(files: Sequence[Path | str], map_path: Path | str, out: Path | st
         built = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as exc:
         raise LinkFilesError(f"{out.parent}: cannot write there ({exc.strerror})") from None
-    con = _connect(scratch, config)
+    # the same memory and thread limits as hhlink link; spill files can hold cleartext: keep them in scratch
+    con = connect(config.link, spill=scratch / "spill")
     try:
         staged = {inp.name: _stage(con, inp, scratch, map_path) for inp in inputs}
         distinct = _encode(con, inputs, staged, config, key)
@@ -511,7 +524,8 @@ def link_files(files: Sequence[Path | str], map_path: Path | str, out: Path | st
         _write_outputs(con, run.pairs_table, run.clusters_table, built)
         summary = {
             "files": {inp.spec.table: {"records": inp.rows, "roles": sorted(inp.spec.roles),
-                                       "roles_with_values": sorted(inp.present)} for inp in inputs},
+                                       "roles_with_values": sorted(inp.present),
+                                       "invalid_as_missing": dict(inp.nulled)} for inp in inputs},
             "records": sum(inp.rows for inp in inputs),
             "clusters": con.execute("SELECT count(DISTINCT cluster_id) FROM lf_clusters").fetchall()[0][0],
             "pairs_scored": con.execute("SELECT count(*) FROM lf_pairs").fetchall()[0][0],

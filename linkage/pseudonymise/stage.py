@@ -48,6 +48,7 @@ import pyarrow.parquet as pq
 
 from linkage.config import Config, PseudonymiseConfig
 from linkage.crosswalk import CROSSWALK_FILE, write_crosswalk
+from linkage.db import connect, path_literal, quote_ident, quote_literal, read_literal
 from linkage.encodings import TOKEN_BYTES, BloomEncoder, BloomParams, Tokeniser
 from linkage.errors import HhlinkError, SchemaError, WorkspaceError
 from linkage.keys import MasterKey, load_master_key
@@ -252,14 +253,6 @@ class Source:
     member_role: str | None = None
 
 
-def _q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _lit(text: str | Path) -> str:
-    return "'" + str(text).replace("'", "''") + "'"
-
-
 def _plan_source(source: str, path: Path, schema: Schema, cfg: PseudonymiseConfig) -> Source:
     try:
         present = set(pq.read_schema(path).names)
@@ -279,13 +272,13 @@ def _plan_source(source: str, path: Path, schema: Schema, cfg: PseudonymiseConfi
     periods = schema.columns_with_role("period")
     if periods:
         p = periods[0]
-        plan.year_sql = (f"year(s.{_q(p.name)})" if p.type == "date"
-                         else f"TRY_CAST(left(CAST(s.{_q(p.name)} AS VARCHAR), 4) AS SMALLINT)")
+        plan.year_sql = (f"year(s.{quote_ident(p.name)})" if p.type == "date"
+                         else f"TRY_CAST(left(CAST(s.{quote_ident(p.name)} AS VARCHAR), 4) AS SMALLINT)")
     elif source in cfg.period_dates:
         name = cfg.period_dates[source]
         if name not in schema.names or schema.column(name).type != "date":
             raise SchemaError(f"pseudonymise.period_dates: '{name}' is not a date column of {source}")
-        plan.year_sql = f"year(s.{_q(name)})"
+        plan.year_sql = f"year(s.{quote_ident(name)})"
     else:
         raise SchemaError(f"{schema.path}: {source} has no period column; name a date column for it in "
                           "pseudonymise.period_dates")
@@ -303,7 +296,7 @@ def _plan_source(source: str, path: Path, schema: Schema, cfg: PseudonymiseConfi
 
 def _key_sql(column: str, enc: _Encoder, alias: str = "s") -> str:
     """The staged column as the type its dictionary is keyed on (VARCHAR, or DATE for dates of birth)."""
-    return f"CAST({alias}.{_q(column)} AS {enc.value_type})"
+    return f"CAST({alias}.{quote_ident(column)} AS {enc.value_type})"
 
 
 def _rows_sql(plan: Source, joins: list[str] | None = None) -> str:
@@ -314,7 +307,7 @@ def _rows_sql(plan: Source, joins: list[str] | None = None) -> str:
     the WHERE clause proves the pairing on every row: token i belongs to file row i, in
     identifiers, payload and crosswalk alike, or the query fails.
     """
-    return (f"FROM read_parquet({_lit(plan.path)}, file_row_number = true) AS s "
+    return (f"FROM read_parquet({read_literal(plan.path)}, file_row_number = true) AS s "
             f"POSITIONAL JOIN rt_{plan.name} AS rt {' '.join(joins or [])} "
             "WHERE CASE WHEN rt.i = s.file_row_number THEN true "
             "ELSE error('record tokens are not aligned with staged rows') END")
@@ -338,11 +331,11 @@ def identifiers_sql(plan: Source, encoders: dict[str, _Encoder], link_refs: dict
             supplied[c] = f"{enc.name}.{c}"
     dob = plan.role_column.get("dob")
     supplied["record_token"] = "rt.record_token"
-    supplied["source"] = _lit(plan.name)
+    supplied["source"] = quote_literal(plan.name)
     supplied["year"] = plan.year_sql
-    supplied["birth_year"] = f"year(s.{_q(dob)})" if dob else "NULL"
+    supplied["birth_year"] = f"year(s.{quote_ident(dob)})" if dob else "NULL"
     if plan.member_role:
-        supplied["bu_role"] = f"s.{_q(plan.member_role)}"
+        supplied["bu_role"] = f"s.{quote_ident(plan.member_role)}"
     select = [f"CAST({supplied.get(name, 'NULL')} AS {typ}) AS {name}"
               for name, typ in (*IDENTIFIER_COLUMNS, *((t, "VARCHAR") for t in link_refs.values()))]
     return f"SELECT {', '.join(select)} {_rows_sql(plan, joins)}"
@@ -358,10 +351,10 @@ def _payload_sql(plan: Source, encoders: dict[str, _Encoder]) -> tuple[str, list
             enc = encoders[f"ref:{col.name}"]
             token_column = plan.references[col.name]
             joins.append(f"LEFT JOIN {enc.name} ON {enc.name}.v = {_key_sql(col.name, enc)}")
-            select.append(f"{enc.name}.{token_column} AS {_q(token_column)}")
+            select.append(f"{enc.name}.{token_column} AS {quote_ident(token_column)}")
             names.append(token_column)
         else:
-            select.append(f"s.{_q(col.name)}")
+            select.append(f"s.{quote_ident(col.name)}")
             names.append(col.name)
     return f"SELECT {', '.join(select)} {_rows_sql(plan, joins)}", names
 
@@ -369,14 +362,14 @@ def _payload_sql(plan: Source, encoders: dict[str, _Encoder]) -> tuple[str, list
 def _crosswalk_sql(plan: Source) -> str:
     """SELECT producing the crosswalk rows of one source."""
     rid = plan.role_column.get("record_id")
-    record_id = f"CAST(s.{_q(rid)} AS VARCHAR)" if rid else "CAST(NULL AS VARCHAR)"
-    return (f"SELECT rt.record_token, {_lit(plan.name)} AS source, CAST(s._file AS VARCHAR) AS file, "
+    record_id = f"CAST(s.{quote_ident(rid)} AS VARCHAR)" if rid else "CAST(NULL AS VARCHAR)"
+    return (f"SELECT rt.record_token, {quote_literal(plan.name)} AS source, CAST(s._file AS VARCHAR) AS file, "
             f"CAST(s._line AS BIGINT) AS line, CAST(s._row AS BIGINT) AS row, {record_id} AS record_id "
             f"{_rows_sql(plan)}")
 
 
 def _distinct_sql(plans: list[Source], column_of: Callable[[Source], str | None], value_type: str) -> str | None:
-    parts = [f"SELECT CAST({_q(col)} AS {value_type}) AS v FROM read_parquet({_lit(p.path)})"
+    parts = [f"SELECT CAST({quote_ident(col)} AS {value_type}) AS v FROM read_parquet({read_literal(p.path)})"
              for p in plans if (col := column_of(p)) is not None]
     if not parts:
         return None
@@ -397,7 +390,7 @@ def _record_tokens(n: int) -> pa.Table:
 
 def _connect(spill: Path) -> duckdb.DuckDBPyConnection:
     # spill files can hold cleartext: keep them inside the workspace (never DuckDB's ./.tmp default)
-    con = duckdb.connect(config={"temp_directory": str(spill), "preserve_insertion_order": False})
+    con = connect(spill=spill, preserve_insertion_order=False)
     try:
         # after the positional join DuckDB cannot estimate the staged side's size and would build
         # its hash tables on millions of rows instead of the dictionaries; keep the build side as written
@@ -518,7 +511,7 @@ def pseudonymise(config: Config, workspace: Path | str, key: MasterKey | None = 
             t = time.perf_counter()
             for plan in plans:
                 target = out / "identifiers" / f"{plan.name}.parquet"
-                _run(con, f"COPY ({identifiers_sql(plan, encoders, link_refs)}) TO {_lit(target)} "
+                _run(con, f"COPY ({identifiers_sql(plan, encoders, link_refs)}) TO {path_literal(target)} "
                           "(FORMAT parquet, COMPRESSION zstd)", f"{plan.name}: identifiers")
                 log.info("%s: identifiers written (%d rows)", plan.name, plan.rows)
             seconds["identifiers"] = time.perf_counter() - t
@@ -526,7 +519,7 @@ def pseudonymise(config: Config, workspace: Path | str, key: MasterKey | None = 
             for plan in plans:
                 sql, payload_columns[plan.name] = _payload_sql(plan, encoders)
                 target = out / "payload" / f"{plan.name}.parquet"
-                _run(con, f"COPY ({sql}) TO {_lit(target)} (FORMAT parquet, COMPRESSION zstd)",
+                _run(con, f"COPY ({sql}) TO {path_literal(target)} (FORMAT parquet, COMPRESSION zstd)",
                      f"{plan.name}: payload")
             seconds["payload"] = time.perf_counter() - t
             t = time.perf_counter()

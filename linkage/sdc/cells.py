@@ -21,6 +21,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
+from linkage.db import quote_ident as _q
 from linkage.errors import HhlinkError
 from linkage.sdc.spec import ADDITIVE, TOTAL, TableSpec
 
@@ -65,10 +66,6 @@ def register_contributions(con: duckdb.DuckDBPyConnection, contributions, name: 
     else:
         con.register(name, contributions)
     return name
-
-
-def _q(col: str) -> str:
-    return '"' + col.replace('"', '""') + '"'
 
 
 def _validate(con: duckdb.DuckDBPyConnection, raw: str, spec: TableSpec) -> None:

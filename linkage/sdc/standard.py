@@ -38,6 +38,8 @@ from pathlib import Path
 import duckdb
 
 from linkage.config import PROJECT_ROOT, Config
+from linkage.db import quote_ident as _q
+from linkage.db import read_literal
 from linkage.errors import WorkspaceError
 from linkage.sdc.cells import ContributionError
 from linkage.sdc.spec import Dimension, Measure, TableSpec
@@ -61,8 +63,8 @@ _BASE_SQL = """
            c.ks2_score::double as ks2_score, c.ks4_att8, c.adult_pay, c.log_adult_pay, c.log_parents_earnings,
            c.adult_pay_percentile, c.parents_earnings_percentile,
            case when c.neet_window_years > 0 then (c.neet_years > 0)::int end::double as neet_any
-    from read_parquet('{research}/cohort.parquet') c
-    left join (select person_id, ethnicity from read_parquet('{research}/person.parquet')) p
+    from read_parquet({cohort}) c
+    left join (select person_id, ethnicity from read_parquet({person})) p
            on p.person_id = c.child_id
 """
 
@@ -85,10 +87,6 @@ class Source:
     columns: tuple[str, ...]
 
 
-def _q(c: str) -> str:
-    return '"' + c + '"'
-
-
 def population(con: duckdb.DuckDBPyConnection, workspace: Path, source: Source, config: Config) -> str:
     """The SELECT that yields one row per child of ``source``'s population (reads ``research/``)."""
     research = Path(workspace) / "research"
@@ -98,7 +96,8 @@ def population(con: duckdb.DuckDBPyConnection, workspace: Path, source: Source, 
     base = _BASE_SQL
     for pct in ("parents_earnings_percentile", "adult_pay_percentile", "household_income_percentile"):
         base = base.replace(f"{{quintile(c.{pct})}}", _quintile_sql(f"c.{pct}"))
-    base = base.format(research=str(research).replace("'", "''"), band=config.disclosure.cohort_band,
+    base = base.format(cohort=read_literal(research / "cohort.parquet"),
+                       person=read_literal(research / "person.parquet"), band=config.disclosure.cohort_band,
                        long_spell=float(config.assemble.long_spell_months))
     where = " and ".join(f"{_q(c)} is not null" for c in source.needs) or "true"
     cols = ", ".join(_q(c) for c in ("child", *source.columns))

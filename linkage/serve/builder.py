@@ -29,6 +29,7 @@ import duckdb
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from linkage.config import Config
+from linkage.db import connect
 from linkage.errors import WorkspaceError
 from linkage.keys import MasterKey
 from linkage.serve.audit import AuditLog
@@ -179,14 +180,14 @@ class Builder:
     def _category_counts(self) -> dict[str, int]:
         # categories of the dimensions the catalogue leaves open (cohort bands, ethnicity codes)
         research = self.workspace / "research"
-        stamp = stamp(research / "cohort.parquet")
-        if stamp == self._sizes[0]:
+        signature = stamp(research / "cohort.parquet")
+        if signature == self._sizes[0]:
             return self._sizes[1]
         from linkage.sdc import standard
 
         sizes: dict[str, int] = {}
-        if stamp is not None:
-            con = duckdb.connect()
+        if signature is not None:
+            con = connect()
             try:
                 sql = standard.population(con, self.workspace, standard.Source((), ("cohort", "ethnicity")), self.config)
                 n_cohort, n_eth = con.execute(f"select count(distinct cohort), count(distinct ethnicity) from ({sql})"
@@ -196,7 +197,7 @@ class Builder:
                 sizes = {}
             finally:
                 con.close()
-        self._sizes = (stamp, sizes)
+        self._sizes = (signature, sizes)
         return sizes
 
     def estimate_cells(self, dims: list[str]) -> int:
@@ -220,13 +221,14 @@ class Builder:
         research = self.workspace / "research"
         return stamp(research / "cohort.parquet"), stamp(research / "person.parquet")
 
-    def answer(self, user: User, raw: object, via: str) -> BuildResult:
+    def answer(self, user: User, raw: object, via: str, context: dict | None = None) -> BuildResult:
         """Validate, ration and answer one request, and audit it whatever happens.
 
         Args:
             user: the researcher.
             raw: the request as sent (a dict, from JSON or a form).
             via: ``api`` or ``page`` (recorded in the audit entry).
+            context: further parameters for the audit entry (the client address and token id).
 
         Returns:
             The :class:`BuildResult`.
@@ -235,7 +237,7 @@ class Builder:
             Refusal: 422 (invalid or too large), 429 (quota), 503 (no research tables), 500 (the engine
                 failed; logged and audited by error class only, never its message).
         """
-        params = {"via": via, "request": _safe_params(raw)}
+        params = {"via": via, "request": _safe_params(raw), **(context or {})}
         try:
             request = self.validate(raw)
         except Refusal as r:
