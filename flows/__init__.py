@@ -1,7 +1,8 @@
 """Prefect flows: thin orchestration of the stage functions in ``linkage/``.
 
-``household_linkage_flow`` (``household-linkage``) runs every stage in order; each stage
-is also a flow of its own (:mod:`flows.stages`). :mod:`flows.deployment` serves the
+``household_linkage_flow`` (``household-linkage``) runs every stage of the registry
+(:mod:`linkage.stages`) in order; each stage is also a flow of its own, made by one factory
+(:mod:`flows.stages`). :mod:`flows.deployment` serves the
 parent flow on a monthly schedule (``hhlink schedule``). The flows are imported on first
 use, so the helpers (fingerprints, the workspace lock) load without Prefect.
 
@@ -17,14 +18,12 @@ import os
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
-_FLOWS = {"household_linkage_flow": "flows.household_linkage", **{
-    f"{stage}_flow": "flows.stages"
-    for stage in ("generate", "ingest", "pseudonymise", "link", "assemble", "evaluate", "disclose")}}
-
-__all__ = sorted(_FLOWS)
+__all__ = ["household_linkage_flow", "stage_flow"]
 
 
 def __getattr__(name: str):
-    if name in _FLOWS:
-        return getattr(importlib.import_module(_FLOWS[name]), name)
+    if name == "household_linkage_flow":
+        return importlib.import_module("flows.household_linkage").household_linkage_flow
+    if name == "stage_flow":   # stage_flow("link"): the registry stage's own flow
+        return importlib.import_module("flows.stages").STAGE_FLOWS.__getitem__
     raise AttributeError(f"module 'flows' has no attribute {name!r}")

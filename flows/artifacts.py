@@ -31,7 +31,7 @@ from pathlib import Path
 from prefect import task
 
 __all__ = ["conservation_rows", "disclosure_rows", "evaluation_rows", "gate_markdown", "linkage_rows",
-           "publish", "quality_markdown", "report_links", "research_rows", "run_markdown"]
+           "publish", "quality_markdown", "report_links", "research_rows", "run_markdown", "stage_artifacts"]
 
 HTML_REPORTS = (
     ("Data quality (Great Expectations Data Docs)", "reports/quality/data_docs/index.html"),
@@ -105,6 +105,19 @@ def disclosure_rows(summary: dict) -> list[dict]:
     return [{"table": t["table"], "cells": t["cells"], "suppressed_primary": t["suppressed"]["primary"],
              "suppressed_secondary": t["suppressed"]["secondary"], "protected": t["protected"],
              "seconds": t.get("seconds")} for t in summary.get("tables", [])]
+
+
+def stage_artifacts(stage: str, summary: dict) -> list[dict]:
+    """The artifacts a stage's flow publishes after the stage ran (or was cached)."""
+    if stage == "ingest":
+        return [{"key": "ingest-conservation", "table": conservation_rows(summary)},
+                {"key": "ingest-quality", "markdown": quality_markdown(summary.get("quality", {}))}]
+    builders = {"assemble": ("research-summary", research_rows), "evaluate": ("linkage-evaluation", evaluation_rows),
+                "disclose": ("disclosure-summary", disclosure_rows)}
+    if stage in builders:
+        key, build = builders[stage]
+        return [{"key": key, "table": build(summary)}]
+    return []
 
 
 def report_links(workspace: Path | str) -> list[tuple[str, str]]:

@@ -33,7 +33,8 @@ def monthly_deployment(workspace: Path | str, config: Config, config_path: Path 
     Args:
         workspace: the workspace each run works in (made absolute).
         config: the configuration; ``[flow]`` gives the schedule, time zone and name.
-        config_path: the config file each run reads (made absolute); default ``hhlink.toml``.
+        config_path: the config file each run reads (made absolute); default the file
+            ``config`` was read from (``config.source``), else the packaged ``hhlink.toml``.
         key_file: a key file path for the runs (the path, never the key); default: the
             serving process's ``HHLINK_KEY``, ``HHLINK_KEY_FILE`` or default key file.
 
@@ -43,8 +44,9 @@ def monthly_deployment(workspace: Path | str, config: Config, config_path: Path 
     from prefect.schedules import Cron
 
     f = config.flow
+    read_from = config.source[0] if config.source else DEFAULT_CONFIG_PATH
     parameters = {"workspace": str(Path(workspace).resolve()),
-                  "config_path": str(Path(config_path or DEFAULT_CONFIG_PATH).resolve())}
+                  "config_path": str(Path(config_path or read_from).resolve())}
     if key_file is not None:
         parameters["key_file"] = str(Path(key_file).resolve())
     return household_linkage_flow.to_deployment(

@@ -27,8 +27,9 @@ from linkage.config import Config, load_config
 from linkage.quality import QualityGateError
 from flows import artifacts as art
 from flows import stages
-from flows._fingerprint import code_versions
-from flows._guard import workspace_run
+from linkage.stages import STAGES
+from linkage.workspace import hold as workspace_run
+from flows.fingerprint import code_versions
 from flows.progress import emit
 
 __all__ = ["household_linkage_flow"]
@@ -62,23 +63,15 @@ def household_linkage_flow(workspace: str, config: Config | None = None, config_
             logger.warning("repaired the workspace after an interrupted run: %d item(s)", len(repairs))
         code = code_versions(cfg)
         key_fp = stages.key_fingerprint(key_file, ws)   # fails fast, before any stage, if there is no key
-        keyed = {"key_file": key_file, "key_fp": key_fp, "refresh": refresh}
-        plan = [("generate", lambda: stages.generate_flow(ws, cfg, code["generate"], refresh))] if generate else []
-        plan += [
-            ("ingest", lambda: stages.ingest_flow(ws, cfg, code["ingest"], refresh)),
-            ("pseudonymise", lambda: stages.pseudonymise_flow(ws, cfg, code["pseudonymise"], **keyed)),
-            ("link", lambda: stages.link_flow(ws, cfg, code["link"], refresh)),
-            ("assemble", lambda: stages.assemble_flow(ws, cfg, code["assemble"], **keyed)),
-        ]
-        plan += [
-            # evaluation needs the synthetic truth: real deliveries have none
-            ("evaluate", lambda: stages.evaluate_flow(ws, cfg, code["evaluate"], **keyed) if (Path(ws) / "truth").is_dir() else None),
-            ("disclose", lambda: stages.disclose_flow(ws, cfg, code["disclose"], **keyed)),
-        ]
-        for name, call in plan:
+        names = [n for n in STAGES if n != "generate" or generate]
+        for name in names:
+            stage = STAGES[name]
+            if not stage.applies(Path(ws)):
+                continue   # evaluation needs the synthetic truth: real deliveries have none
+            params = {"key_file": key_file, "key_fp": key_fp} if stage.keyed else {}
             t = time.perf_counter()
             try:
-                result = call()
+                result = stages.STAGE_FLOWS[name](ws, cfg, code[name], refresh=refresh, **params)
             except QualityGateError as exc:
                 reason = f"quality gate at {name}: {exc}; published/ not updated"
                 logger.error("%s", reason)
@@ -86,8 +79,6 @@ def household_linkage_flow(workspace: str, config: Config | None = None, config_
                 art.publish([{"key": "quality-gate", "markdown": art.gate_markdown(name, str(exc), ws)}],
                             f"workspace {ws}")
                 return Failed(message=reason, data=QualityGateError(reason))
-            if result is None:
-                continue
             done[name] = {"status": result["status"], "seconds": round(time.perf_counter() - t, 2),
                           "stage_seconds": result["seconds"]}
         art.publish([{"key": "household-linkage-run", "markdown": art.run_markdown(ws, done)}], f"workspace {ws}")

@@ -1,11 +1,10 @@
-"""One Prefect flow per stage: fingerprint the inputs, run (or skip) the stage, publish its artifacts.
+"""One Prefect flow per registry stage, made by one factory: fingerprint, run (or skip), publish artifacts.
 
-Each flow runs on its own (``generate_flow(workspace, config)``) or as a subflow of
-``household-linkage``. Their parameters: ``workspace``; ``config``, the typed
-configuration (Prefect validates it); ``code``, the stage's code version (computed when
-omitted; the parent computes all once); ``refresh``, run even when unchanged; and, for
-stages that need the key, ``key_file`` (a path, never the key) and ``key_fp`` (the key's
-public fingerprint, computed when omitted).
+Each flow runs on its own (``STAGE_FLOWS["generate"](workspace, config)``) or as a subflow
+of ``household-linkage``; all take the same parameters (:func:`stage_flow`). What differs
+per stage is data, not code: the registry (:mod:`linkage.stages`), the artifact builders
+(:func:`flows.artifacts.stage_artifacts`) and two hooks below (ingest's quality report
+when its gate stops the run; the linkage gates after link).
 
 Sources are not ingested or pseudonymised concurrently: ``ingest`` and ``pseudonymise``
 each take every source in one call and publish their zone in one atomic rename, and their
@@ -26,14 +25,13 @@ from linkage.config import Config
 from linkage.quality import QualityGateError
 from flows import artifacts as art
 from flows import tasks
-from flows._fingerprint import code_versions, flow_dir
-from flows._guard import workspace_run
-from flows._spec import STAGES
+from linkage.stages import STAGES
+from linkage.workspace import hold as workspace_run
+from flows.fingerprint import code_versions, flow_dir
 from flows.gates import linkage_checks
 from flows.progress import emit
 
-__all__ = ["assemble_flow", "disclose_flow", "evaluate_flow", "generate_flow", "ingest_flow", "key_fingerprint",
-           "link_flow", "pseudonymise_flow", "run_stage"]
+__all__ = ["STAGE_FLOWS", "cached_stage", "key_fingerprint", "stage_flow"]
 
 
 def key_fingerprint(key_file: str | None, workspace: str) -> str:
@@ -43,9 +41,9 @@ def key_fingerprint(key_file: str | None, workspace: str) -> str:
     return load_master_key(key_file, workspace=workspace).fingerprint
 
 
-def run_stage(stage: str, stage_task, workspace: str, config: Config, code: str | None = None,
-              key_fp: str | None = None, refresh: bool = False, **params) -> dict:
-    """Fingerprint the inputs, then run ``stage_task`` or take its cached result.
+def cached_stage(stage: str, workspace: str, config: Config, code: str | None = None,
+                 key_fp: str | None = None, refresh: bool = False, **params) -> dict:
+    """Fingerprint the inputs, then run the stage task or take its cached result.
 
     A cached result whose outputs have changed since (a zone deleted or edited) is not
     trusted: the stage runs again.
@@ -61,15 +59,15 @@ def run_stage(stage: str, stage_task, workspace: str, config: Config, code: str 
         if STAGES[stage].keyed and key_fp is None:
             key_fp = key_fingerprint(params.get("key_file"), workspace)
         fp = tasks.fingerprint_task(stage, workspace, config, code, key_fp)
-        runner = stage_task.with_options(result_storage=flow_dir(workspace) / "results",
+        runner = tasks.stage_task.with_options(result_storage=flow_dir(workspace) / "results",
                                          refresh_cache=True if refresh else None)
-        state = runner(workspace=workspace, config=config, fingerprint=fp, return_state=True, **params)
+        state = runner(stage=stage, workspace=workspace, config=config, fingerprint=fp, return_state=True, **params)
         result = state.result()
         cached = state.name == "Cached"
         if cached and not tasks.outputs_unchanged(stage, workspace, result["outputs"]):
             logger.warning("%s: inputs unchanged but its outputs changed since it ran: running it again", stage)
-            state = runner.with_options(refresh_cache=True)(workspace=workspace, config=config, fingerprint=fp,
-                                                             return_state=True, **params)
+            state = runner.with_options(refresh_cache=True)(stage=stage, workspace=workspace, config=config,
+                                                             fingerprint=fp, return_state=True, **params)
             result = state.result()
             cached = False
     except BaseException as exc:
@@ -86,89 +84,60 @@ def _description(workspace: str) -> str:
     return f"workspace {Path(workspace).resolve()}"
 
 
-@flow(name="generate")
-def generate_flow(workspace: str, config: Config, code: str | None = None, refresh: bool = False) -> dict:
-    """Generate the synthetic population (the demo's landing/ and truth/)."""
-    with workspace_run(workspace):
-        return run_stage("generate", tasks.generate_task, workspace, config, code, refresh=refresh)
-
-
-@flow(name="ingest")
-def ingest_flow(workspace: str, config: Config, code: str | None = None, refresh: bool = False) -> dict:
-    """Stage and check landing/; a critical expectation failure stops the run (reports still published)."""
-    with workspace_run(workspace):
-        try:
-            result = run_stage("ingest", tasks.ingest_task, workspace, config, code, refresh=refresh)
-        except QualityGateError:
-            quality = Path(workspace) / "reports" / "quality" / "quality_summary.json"
-            if quality.exists():
-                art.publish([{"key": "ingest-quality", "markdown": art.quality_markdown(json.loads(quality.read_text()))}],
-                            _description(workspace))
-            raise
-        s = result["summary"]
-        art.publish([
-            {"key": "ingest-conservation", "table": art.conservation_rows(s)},
-            {"key": "ingest-quality", "markdown": art.quality_markdown(s.get("quality", {}))},
-        ], _description(workspace))
-        return result
-
-
-@flow(name="pseudonymise")
-def pseudonymise_flow(workspace: str, config: Config, code: str | None = None, key_file: str | None = None,
-                      key_fp: str | None = None, refresh: bool = False) -> dict:
-    """Split staged/ into keyed identifiers, payload and the encrypted crosswalk."""
-    with workspace_run(workspace):
-        return run_stage("pseudonymise", tasks.pseudonymise_task, workspace, config, code, key_fp, refresh,
-                         key_file=key_file)
-
-
-@flow(name="link")
-def link_flow(workspace: str, config: Config, code: str | None = None, refresh: bool = False) -> dict:
-    """Link into persons and households, then apply the linkage gates (``[flow]`` minimums)."""
-    with workspace_run(workspace):
-        result = run_stage("link", tasks.link_task, workspace, config, code, refresh=refresh)
-        report = tasks.linkage_report_task(workspace, config)
-        checks, failures = linkage_checks(report, config.flow)
-        summary = json.loads((Path(workspace) / "linked" / "summary.json").read_text())
-        art.publish([{"key": "linkage-metrics", "table": art.linkage_rows(summary, checks)}], _description(workspace))
-        result["checks"] = checks
-        if failures:
-            raise QualityGateError("linkage quality below the minimums in [flow]: " + "; ".join(failures))
-        return result
-
-
-@flow(name="assemble")
-def assemble_flow(workspace: str, config: Config, code: str | None = None, key_file: str | None = None,
-                  key_fp: str | None = None, refresh: bool = False) -> dict:
-    """Build research/ (the research suites' critical failures stop the run)."""
-    with workspace_run(workspace):
-        result = run_stage("assemble", tasks.assemble_task, workspace, config, code, key_fp, refresh,
-                           key_file=key_file)
-        art.publish([{"key": "research-summary", "table": art.research_rows(result["summary"])}],
+def _ingest_quality(workspace: str) -> None:
+    """After a gate stopped ingest: publish the quality results it wrote before stopping."""
+    quality = Path(workspace) / "reports" / "quality" / "quality_summary.json"
+    if quality.exists():
+        art.publish([{"key": "ingest-quality", "markdown": art.quality_markdown(json.loads(quality.read_text()))}],
                     _description(workspace))
-        return result
 
 
-@flow(name="evaluate")
-def evaluate_flow(workspace: str, config: Config, code: str | None = None, key_file: str | None = None,
-                  key_fp: str | None = None, refresh: bool = False) -> dict:
-    """Measure linkage and mobility estimates against truth/ (synthetic runs)."""
-    with workspace_run(workspace):
-        result = run_stage("evaluate", tasks.evaluate_task, workspace, config, code, key_fp, refresh,
-                           key_file=key_file)
-        art.publish([{"key": "linkage-evaluation", "table": art.evaluation_rows(result["summary"])}],
-                    _description(workspace))
-        return result
+def _linkage_gates(workspace: str, config: Config, result: dict) -> None:
+    """After link: the ``[flow]`` minimums on the linkage report (a failure stops the run)."""
+    report = tasks.linkage_report_task(workspace, config)
+    checks, failures = linkage_checks(report, config.flow)
+    summary = json.loads((Path(workspace) / "linked" / "summary.json").read_text())
+    art.publish([{"key": "linkage-metrics", "table": art.linkage_rows(summary, checks)}], _description(workspace))
+    result["checks"] = checks
+    if failures:
+        raise QualityGateError("linkage quality below the minimums in [flow]: " + "; ".join(failures))
 
 
-@flow(name="disclose")
-def disclose_flow(workspace: str, config: Config, code: str | None = None, key_file: str | None = None,
-                  key_fp: str | None = None, refresh: bool = False) -> dict:
-    """Publish the standard tables under disclosure control."""
-    with workspace_run(workspace):
-        result = run_stage("disclose", tasks.disclose_task, workspace, config, code, key_fp, refresh,
-                           key_file=key_file)
-        art.publish([{"key": "disclosure-summary", "table": art.disclosure_rows(result["summary"])}],
-                    _description(workspace))
-        return result
+# What a stage's flow does besides running the stage: artifacts for auditors, gates.
+_ON_GATE = {"ingest": _ingest_quality}
+_AFTER = {"link": _linkage_gates}
 
+
+def stage_flow(name: str):
+    """The Prefect flow of one registry stage (named as the stage), built from :data:`linkage.stages.STAGES`.
+
+    Every stage flow takes the same parameters: ``workspace``; ``config``, the typed
+    configuration (Prefect validates it); ``code``, the stage's code version (computed when
+    omitted; the parent computes all once); ``key_file`` (a path, never the key) and
+    ``key_fp`` (the key's public fingerprint, computed when omitted) for keyed stages;
+    ``refresh``, run even when unchanged.
+    """
+    stage = STAGES[name]
+
+    def run(workspace: str, config: Config, code: str | None = None, key_file: str | None = None,
+            key_fp: str | None = None, refresh: bool = False) -> dict:
+        with workspace_run(workspace):
+            params = {"key_file": key_file} if stage.keyed else {}
+            try:
+                result = cached_stage(name, workspace, config, code, key_fp, refresh, **params)
+            except QualityGateError:
+                if name in _ON_GATE:
+                    _ON_GATE[name](workspace)
+                raise
+            artifacts = art.stage_artifacts(name, result["summary"])
+            if artifacts:
+                art.publish(artifacts, _description(workspace))
+            if name in _AFTER:
+                _AFTER[name](workspace, config, result)
+            return result
+
+    run.__doc__ = f"The {name} stage: {stage.summary}."
+    return flow(name=name, flow_run_name=f"{name}", validate_parameters=True)(run)
+
+
+STAGE_FLOWS = {name: stage_flow(name) for name in STAGES}

@@ -1,6 +1,6 @@
-"""Prefect tasks: one per stage function in ``linkage/``, plus the I/O around them.
+"""Prefect tasks: one generic task for every registry stage, plus the I/O around it.
 
-Stage tasks are cached on their input fingerprint (:mod:`flows._fingerprint`), passed in
+The stage task is cached on their input fingerprint (:mod:`flows._fingerprint`), passed in
 as the ``fingerprint`` parameter: an unchanged stage is skipped and its stored summary
 returned. Results (the stage's summary, counts only) are kept as JSON in the workspace
 (``.flow/results/``), so the cache travels with the zones it describes. Stage tasks are
@@ -24,11 +24,10 @@ from prefect import task
 
 from linkage.config import Config
 from linkage.errors import HhlinkError
-from flows._fingerprint import input_fingerprint, output_digest
+from flows.fingerprint import input_fingerprint, output_digest
 from flows.progress import stage_logs
 
-__all__ = ["StageError", "disclose_task", "evaluate_task", "assemble_task", "fingerprint_task", "generate_task",
-           "ingest_task", "link_task", "linkage_report_task", "outputs_unchanged", "pseudonymise_task"]
+__all__ = ["StageError", "fingerprint_task", "linkage_report_task", "outputs_unchanged", "stage_task"]
 
 IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 15]}
 
@@ -83,64 +82,15 @@ def outputs_unchanged(stage: str, workspace: str, expected: str) -> bool:
     return output_digest(stage, workspace) == expected
 
 
-@task(name="generate", **STAGE_OPTIONS)
-def generate_task(workspace: str, config: Config, fingerprint: str) -> dict:
-    """Synthetic population into landing/ and truth/."""
-    from synthetic_data import generate_population
+@task(name="stage", task_run_name="{stage}", **STAGE_OPTIONS)
+def stage_task(stage: str, workspace: str, config: Config, fingerprint: str, key_file: str | None = None) -> dict:
+    """Run one registry stage (:func:`linkage.stages.run_stage`); the key is read here, never passed.
 
-    return _run("generate", workspace, fingerprint, lambda: generate_population(config.generate, workspace))
+    Cached on ``fingerprint`` (the stage's inputs, code, config and key fingerprint).
+    """
+    from linkage.stages import run_stage
 
-
-@task(name="ingest", **STAGE_OPTIONS)
-def ingest_task(workspace: str, config: Config, fingerprint: str) -> dict:
-    """landing/ into staged/ and quarantine/, behind the Great Expectations gates."""
-    from linkage.ingest.stage import ingest
-
-    return _run("ingest", workspace, fingerprint, lambda: ingest(config, workspace))
-
-
-@task(name="pseudonymise", **STAGE_OPTIONS)
-def pseudonymise_task(workspace: str, config: Config, fingerprint: str, key_file: str | None = None) -> dict:
-    """staged/ into pseudonymised/ (the key is read here, from the file or environment; never passed)."""
-    from linkage.pseudonymise.stage import pseudonymise
-
-    return _run("pseudonymise", workspace, fingerprint, lambda: pseudonymise(config, workspace, key_file=key_file))
-
-
-@task(name="link", **STAGE_OPTIONS)
-def link_task(workspace: str, config: Config, fingerprint: str) -> dict:
-    """pseudonymised/identifiers/ into linked/ and the linkage-quality report."""
-    from linkage.link.stage import link
-
-    return _run("link", workspace, fingerprint, lambda: link(config, workspace))
-
-
-@task(name="assemble", **STAGE_OPTIONS)
-def assemble_task(workspace: str, config: Config, fingerprint: str, key_file: str | None = None) -> dict:
-    """linked/ and the payload into research/, with the research suites as a gate."""
-    from linkage.assemble.stage import assemble
-
-    return _run("assemble", workspace, fingerprint, lambda: assemble(config, workspace, key_file=key_file))
-
-
-@task(name="evaluate", **STAGE_OPTIONS)
-def evaluate_task(workspace: str, config: Config, fingerprint: str, key_file: str | None = None) -> dict:
-    """Linkage and mobility estimates against truth/ (synthetic runs only)."""
-    from linkage.evaluate.stage import evaluate
-
-    return _run("evaluate", workspace, fingerprint, lambda: evaluate(config, workspace, key_file=key_file))
-
-
-@task(name="disclose", **STAGE_OPTIONS)
-def disclose_task(workspace: str, config: Config, fingerprint: str, key_file: str | None = None) -> dict:
-    """research/ into published/ under disclosure control."""
-    from linkage.disclose.stage import disclose
-    from linkage.keys import load_master_key
-
-    def call():
-        return disclose(config, workspace, key=load_master_key(key_file, workspace=workspace))
-
-    return _run("disclose", workspace, fingerprint, call)
+    return _run(stage, workspace, fingerprint, lambda: run_stage(stage, config, workspace, key_file=key_file))
 
 
 @task(name="read-linkage-report", **IO_RETRIES)

@@ -18,6 +18,10 @@ class WorkspaceError(HhlinkError):
     """The workspace folder cannot be used (missing, unwritable, or a zone is absent)."""
 
 
+class StaleInputError(WorkspaceError):
+    """A stage's input zone was built from other inputs than the ones in the workspace now."""
+
+
 class SchemaError(HhlinkError):
     """A schema file under ``schemas/`` is missing or malformed."""
 

@@ -13,14 +13,22 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import fnmatch
+import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from linkage.errors import WorkspaceError
+
+log = logging.getLogger(__name__)
+
+FLOW_DIR = ".flow"
+"""The workspace's orchestration folder: the run lock, lineage records, cached stage results."""
 
 ZONES = (
     "landing", "truth", "staged", "quarantine", "pseudonymised", "linked",
@@ -167,3 +175,54 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+_held: dict[str, tuple[int, int]] = {}   # workspace -> (fd, depth)
+_mutex = threading.Lock()
+
+
+@contextlib.contextmanager
+def hold(workspace: Path | str) -> Iterator[list[str]]:
+    """Hold the workspace for one command or run; on first entry repair it. Yields the repairs made.
+
+    The lock is an ``flock`` on ``<workspace>/.flow/lock``: the kernel releases it when the
+    process dies, even by SIGKILL, so a killed run never blocks the next one. Only the
+    holder repairs the workspace (:meth:`Workspace.recover`), so it never removes another
+    live command's temporary folders. Re-entrant within a process: ``hhlink run`` holds it
+    while its stages take it again.
+
+    Raises:
+        WorkspaceError: another hhlink command is using this workspace.
+    """
+    ws = Workspace(workspace).ensure()
+    key = str(ws.root.resolve())
+    with _mutex:
+        if key in _held:
+            fd, depth = _held[key]
+            _held[key] = (fd, depth + 1)
+            first = False
+        else:
+            folder = ws.root / FLOW_DIR
+            folder.mkdir(exist_ok=True)
+            fd = os.open(folder / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise WorkspaceError(f"{ws.root}: another hhlink command is using this workspace") from None
+            _held[key] = (fd, 1)
+            first = True
+    try:
+        repairs = ws.recover() if first else []
+        for line in repairs:
+            log.warning("%s", line)
+        yield repairs
+    finally:
+        with _mutex:
+            fd, depth = _held[key]
+            if depth == 1:
+                del _held[key]
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+            else:
+                _held[key] = (fd, depth - 1)

@@ -30,7 +30,7 @@ from synthetic_data.extracts import Extract, Shared, benefits, earnings, educati
 from synthetic_data.population import KIND_NAMES, ROLE_NAMES, simulate_population
 from synthetic_data.reference import ETHNICITIES, load_names, load_places
 
-__all__ = ["generate_population"]
+__all__ = ["generate", "generate_population"]
 
 
 def _return_freed_memory_to_os() -> None:
@@ -74,6 +74,17 @@ def _write_extract(ext: Extract, folder: Path, fmt: str) -> Path:
 def _pq(table: pa.Table, path: Path) -> None:
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
+
+
+def generate(config, workspace: Path | str, key=None) -> dict:
+    """The ``generate`` stage: :func:`generate_population` with the stage signature (no key used).
+
+    Args:
+        config: the whole hhlink configuration (``config.generate`` is read).
+        workspace: the workspace folder.
+        key: unused; present so every stage has one signature.
+    """
+    return generate_population(config.generate, workspace)
 
 
 def generate_population(cfg: GenerateConfig, workspace: Path | str) -> dict:

@@ -226,7 +226,7 @@ def test_incremental_threshold_variants_equal_a_full_rebuild(assembled, tmp_path
     panel.load_pairs(con, panel.Workspace(root))
     panel.use_linked_links(con)
     panel.build_panel(con, cfg)
-    linked = mobility.headline(panel.prepared(con, cfg))
+    linked = mobility.headline(panel.prepared_cohort(con, cfg))
     a = cfg.assemble
     inc = Incremental(con, cfg.link, cfg.link.threshold, lambda only: panel.build_panel(con, cfg, False, only),
                       _panel_sql.mobility_cohorts_sql(a.childhood_ages, a.adult_pay_ages, alias="t_cohort"))
@@ -237,16 +237,16 @@ def test_incremental_threshold_variants_equal_a_full_rebuild(assembled, tmp_path
         persons = inc.variant(t)
         groups = con.execute(partition).fetchall()
         changed += con.execute("select count(*) from v_new").fetchall()[0][0]
-        fast, fast_headline = con.execute(rows).fetchall(), mobility.headline(panel.prepared(con, cfg))
+        fast, fast_headline = con.execute(rows).fetchall(), mobility.headline(panel.prepared_cohort(con, cfg))
         panel.build_panel(con, cfg, full=False)             # everyone, on the same links
         assert fast == con.execute(rows).fetchall(), t
-        assert fast_headline == pytest.approx(mobility.headline(panel.prepared(con, cfg)), rel=1e-12, abs=1e-12)
+        assert fast_headline == pytest.approx(mobility.headline(panel.prepared_cohort(con, cfg)), rel=1e-12, abs=1e-12)
         if t == cfg.link.threshold:
             assert fast_headline == pytest.approx(linked, rel=1e-12, abs=1e-12)
         # every person re-clustered and re-derived: the same persons, nearly the same measures
         assert persons == recluster(con, t, cfg.link)
         assert groups == con.execute(partition).fetchall(), t      # the same persons as clustering everyone
         panel.build_panel(con, cfg, full=False)
-        full = mobility.headline(panel.prepared(con, cfg))
+        full = mobility.headline(panel.prepared_cohort(con, cfg))
         assert abs(full["ige"] - fast_headline["ige"]) < 0.01 and full["n"] == pytest.approx(fast_headline["n"], rel=0.01)
     assert changed > 10          # the thresholds did split and join persons

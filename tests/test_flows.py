@@ -24,8 +24,8 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 from flows import household_linkage_flow
-from flows._fingerprint import input_fingerprint, stage_modules
-from flows._guard import workspace_run
+from flows.fingerprint import input_fingerprint, stage_modules
+from linkage.workspace import hold as workspace_run
 from flows.gates import linkage_checks
 from linkage.config import FlowConfig, load_config
 from linkage.workspace import Workspace
@@ -265,9 +265,9 @@ def test_fingerprint_follows_inputs_settings_and_code(tmp_path):
     assert input_fingerprint("ingest", tmp_path, cfg, "code-1")[0] != first
     with pytest.raises(ValueError, match="key fingerprint"):
         input_fingerprint("pseudonymise", tmp_path, cfg, "code-1")
-    names = {stage: {p.name for p in stage_modules(stage)} for stage in ("link", "assemble")}
-    assert "panel.py" in names["assemble"] and "panel.py" not in names["link"]
-    assert "link.py" in names["link"]
+    names = {stage: {name for name, _ in stage_modules(stage)} for stage in ("link", "assemble")}
+    assert "linkage.assemble.stage" in names["assemble"] and "linkage.assemble.stage" not in names["link"]
+    assert "linkage.link.stage" in names["link"]
 
 
 def test_recover_restores_a_zone_caught_mid_swap_and_clears_scratch(tmp_path):
@@ -289,13 +289,13 @@ def test_recover_restores_a_zone_caught_mid_swap_and_clears_scratch(tmp_path):
 
 
 def test_one_run_per_workspace(tmp_path):
-    code = ("import sys; from flows._guard import workspace_run\n"
+    code = ("import sys; from linkage.workspace import hold as workspace_run\n"
             "try:\n    with workspace_run(sys.argv[1]): pass\nexcept Exception as e:\n    print(e); sys.exit(3)\n")
     with workspace_run(tmp_path):
         with workspace_run(tmp_path):   # re-entrant in this process (the parent flow and its stage flows)
             pass
         other = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
-        assert other.returncode == 3 and "another hhlink run is using this workspace" in other.stdout
+        assert other.returncode == 3 and "another hhlink command is using this workspace" in other.stdout
     assert subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT).returncode == 0
 
 

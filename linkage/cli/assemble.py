@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from linkage.cli.base import cli, common_options
+from linkage.cli.base import cli, common_options, key_option, run_stage_command
 from linkage.config import load_config
 
 
@@ -18,8 +18,7 @@ def _fmt(value) -> str:
 @common_options
 @click.option("--project", default=None,
               help="Research project id; research/ keys are derived for it (default from config: assemble.project).")
-@click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Master key file (default: HHLINK_KEY, HHLINK_KEY_FILE or ~/.config/hhlink/master.key).")
+@key_option
 def assemble(workspace: Path, config_path: Path | None, project: str | None, key_file: Path | None) -> None:
     """Build DIR/research/ from DIR/linked/ and the payload, with mobility measures.
 
@@ -37,10 +36,8 @@ def assemble(workspace: Path, config_path: Path | None, project: str | None, key
       hhlink assemble --workspace ./workspace
       hhlink assemble --project smc-2026-07 --workspace ./workspace
     """
-    from linkage.assemble.stage import assemble as run
-
     cfg = load_config(config_path, assemble={"project": project})
-    s = run(cfg, workspace, key_file=key_file)
+    s = run_stage_command("assemble", cfg, workspace, key_file)
     rows = s["rows"]
     click.echo(f"research tables for project {s['project']}: {rows['person']:,} persons, "
                f"{rows['person_year']:,} person-years, {rows['household_year']:,} household-years, "

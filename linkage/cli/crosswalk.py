@@ -6,9 +6,8 @@ from pathlib import Path
 
 import click
 
-from linkage.cli.base import cli, common_options
+from linkage.cli.base import KEY_FILE_HELP, cli, common_options
 from linkage.cli.keys import group_workspace
-from linkage.cli.pseudonymise import KEY_FILE_HELP
 
 
 @cli.group("crosswalk")

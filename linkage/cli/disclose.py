@@ -6,15 +6,13 @@ from pathlib import Path
 
 import click
 
-from linkage.cli.base import cli, common_options
+from linkage.cli.base import cli, common_options, key_option, run_stage_command
 from linkage.config import load_config
 
 
 @cli.command()
 @common_options
-@click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Master key file for the perturbation's record keys (default: HHLINK_KEY, HHLINK_KEY_FILE "
-                   "or ~/.config/hhlink/master.key).")
+@key_option
 def disclose(workspace: Path, config_path: Path | None, key_file: Path | None) -> None:
     """Publish the standard tables from DIR/research/ into DIR/published/, protected.
 
@@ -29,11 +27,7 @@ def disclose(workspace: Path, config_path: Path | None, key_file: Path | None) -
     Example:
       hhlink disclose --workspace ./workspace
     """
-    from linkage.disclose.stage import disclose as run
-    from linkage.keys import load_master_key
-
-    key = load_master_key(key_file, workspace=workspace)
-    s = run(load_config(config_path), workspace, key=key)
+    s = run_stage_command("disclose", load_config(config_path), workspace, key_file)
     click.echo(f"published {len(s['tables'])} tables in {s['seconds']:.1f}s to {workspace / 'published'}/")
     for t in s["tables"]:
         click.echo(f"  {t['table']:<40} {t['cells']:>7,} cells  {t['suppressed']['primary']:>6,} primary  "

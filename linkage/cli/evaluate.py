@@ -6,14 +6,13 @@ from pathlib import Path
 
 import click
 
-from linkage.cli.base import cli, common_options
+from linkage.cli.base import cli, common_options, key_option, run_stage_command
 from linkage.config import load_config
 
 
 @cli.command()
 @common_options
-@click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Master key file (default: HHLINK_KEY, HHLINK_KEY_FILE or ~/.config/hhlink/master.key).")
+@key_option
 def evaluate(workspace: Path, config_path: Path | None, key_file: Path | None) -> None:
     """Compare DIR/linked/ with DIR/truth/ and write DIR/reports/evaluation.json.
 
@@ -27,9 +26,7 @@ def evaluate(workspace: Path, config_path: Path | None, key_file: Path | None) -
     Example:
       hhlink evaluate --workspace ./workspace
     """
-    from linkage.evaluate.stage import evaluate as run
-
-    m = run(load_config(config_path), workspace)
+    m = run_stage_command("evaluate", load_config(config_path), workspace, key_file)
     click.echo(f"persons: pairwise precision {m['person_pairwise_precision']:.5f}, recall "
                f"{m['person_pairwise_recall']:.5f}, F1 {m['person_pairwise_f1']:.5f}; cluster F1 "
                f"{m['person_cluster_f1']:.5f}")

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import click
 
-from linkage.cli.base import cli, common_options
+from linkage.cli.base import cli, common_options, run_stage_command
 from linkage.config import load_config
 
 
 @cli.command()
 @common_options
-@click.option("--persons", type=int, default=None, help="People in the population (default from config).")
-@click.option("--seed", type=int, default=None, help="Random seed (default from config).")
+@click.option("--persons", type=click.IntRange(min=1), default=None, help="People in the population (default from config).")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Random seed (default from config).")
 @click.option("--format", "fmt", type=click.Choice(["csv", "parquet"]), default=None,
               help="Landing extract format (default from config: csv).")
 def generate(workspace: Path, config_path: Path | None, persons: int | None, seed: int | None,
@@ -28,10 +28,8 @@ def generate(workspace: Path, config_path: Path | None, persons: int | None, see
     Example:
       hhlink generate --persons 20000 --seed 42 --workspace ./workspace
     """
-    from synthetic_data import generate_population
-
     cfg = load_config(config_path, generate={"persons": persons, "seed": seed, "format": fmt})
-    summary = generate_population(cfg.generate, workspace)
+    summary = run_stage_command("generate", cfg, workspace)
     click.echo(f"generated {summary['persons']:,} persons in {summary['households']:,} households "
                f"({summary['seconds']['total']:.1f}s)")
     for source, n in summary["rows"].items():

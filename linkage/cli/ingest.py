@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from linkage.cli.base import cli, common_options
+from linkage.cli.base import cli, common_options, run_stage_command
 from linkage.config import load_config
 
 
@@ -25,9 +25,7 @@ def ingest_command(workspace: Path, config_path: Path | None) -> None:
     Example:
       hhlink ingest --workspace ./workspace
     """
-    from linkage.ingest.stage import ingest
-
-    summary = ingest(load_config(config_path), workspace)
+    summary = run_stage_command("ingest", load_config(config_path), workspace)
     rows = summary["rows"]
     click.echo(f"ingested {rows['read']:,} rows: {rows['staged']:,} staged, {rows['quarantined']:,} quarantined "
                f"({summary['seconds']['total']:.1f}s)")

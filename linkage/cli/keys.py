@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from linkage.cli.base import cli, common_options
-from linkage.cli.pseudonymise import KEY_FILE_HELP
+from linkage.cli.base import KEY_FILE_HELP, cli, common_options
 
 
 def group_workspace(ctx: click.Context, workspace: Path) -> Path:

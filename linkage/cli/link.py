@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from linkage.cli.base import cli, common_options
+from linkage.cli.base import cli, common_options, run_stage_command
 from linkage.config import load_config
 
 
@@ -14,7 +14,8 @@ from linkage.config import load_config
 @common_options
 @click.option("--engine", type=click.Choice(["duckdb", "spark"]), default=None,
               help="Linkage engine (default from config: duckdb).")
-@click.option("--threshold", type=float, default=None, help="Match probability for 'same person' (default from config).")
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Match probability for 'same person', between 0 and 1 (default from config).")
 def link(workspace: Path, config_path: Path | None, engine: str | None, threshold: float | None) -> None:
     """Link DIR/pseudonymised/identifiers/ into persons and households in DIR/linked/.
 
@@ -28,10 +29,8 @@ def link(workspace: Path, config_path: Path | None, engine: str | None, threshol
       hhlink link --workspace ./workspace
       hhlink link --engine spark --workspace ./workspace
     """
-    from linkage.link.stage import link as run_link
-
     cfg = load_config(config_path, link={"engine": engine, "threshold": threshold})
-    s = run_link(cfg, workspace)
+    s = run_stage_command("link", cfg, workspace)
     click.echo(f"linked {s['records']:,} records ({s['identities']:,} distinct identities) into "
                f"{s['persons']:,} persons and {s['household_years']:,} household-years "
                f"({s['parent_child_relations']:,} parent-child relations) in {s['seconds']:.0f}s")

@@ -6,16 +6,14 @@ from pathlib import Path
 
 import click
 
-from linkage.cli.base import cli, common_options
+from linkage.cli.base import cli, common_options, key_option, run_stage_command
 from linkage.config import load_config
 
-KEY_FILE_HELP = ("Master key file (one line of hex, mode 0600). Default: $HHLINK_KEY, then $HHLINK_KEY_FILE, "
-                 "then ~/.config/hhlink/master.key.")
 
 
 @cli.command("pseudonymise")
 @common_options
-@click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None, help=KEY_FILE_HELP)
+@key_option
 def pseudonymise_command(workspace: Path, config_path: Path | None, key_file: Path | None) -> None:
     """Pseudonymise DIR/staged/ into DIR/pseudonymised/ (identifiers, payload, crosswalk).
 
@@ -30,9 +28,7 @@ def pseudonymise_command(workspace: Path, config_path: Path | None, key_file: Pa
       hhlink keys init
       hhlink pseudonymise --workspace ./workspace
     """
-    from linkage.pseudonymise.stage import pseudonymise
-
-    summary = pseudonymise(load_config(config_path), workspace, key_file=key_file)
+    summary = run_stage_command("pseudonymise", load_config(config_path), workspace, key_file)
     total = sum(summary["rows"].values())
     click.echo(f"pseudonymised {total:,} rows under key {summary['key_fingerprint']} "
                f"({summary['seconds']['total']:.1f}s)")

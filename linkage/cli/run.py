@@ -8,8 +8,7 @@ from pathlib import Path
 
 import click
 
-from linkage.cli.base import cli, common_options
-from linkage.cli.pseudonymise import KEY_FILE_HELP
+from linkage.cli.base import KEY_FILE_HELP, cli, common_options, is_verbose
 from linkage.config import load_config
 from linkage.errors import HhlinkError
 
@@ -92,8 +91,7 @@ def run_command(workspace: Path, config_path: Path | None, persons: int | None, 
       hhlink run --workspace ./workspace
       hhlink run --workspace ./workspace --persons 20000 --seed 42
     """
-    verbose = bool(click.get_current_context().find_root().params.get("verbose"))
-    prefect_environment(verbose)
+    prefect_environment(is_verbose())
     cfg = load_config(config_path, generate={"persons": persons, "seed": seed})
     from linkage.keys import load_master_key
 

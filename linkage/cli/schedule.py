@@ -7,8 +7,7 @@ from pathlib import Path
 
 import click
 
-from linkage.cli.base import cli, common_options
-from linkage.cli.pseudonymise import KEY_FILE_HELP
+from linkage.cli.base import KEY_FILE_HELP, cli, common_options
 from linkage.cli.run import prefect_environment
 from linkage.config import load_config
 from linkage.errors import HhlinkError

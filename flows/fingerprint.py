@@ -20,101 +20,32 @@ from __future__ import annotations
 
 import dis
 import hashlib
-import json
+import importlib.resources
+import importlib.util
 import types
 from collections.abc import Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
 
-from linkage.config import PROJECT_ROOT, Config
-from linkage.workspace import atomic_path
-from flows._spec import STAGES
+from linkage.config import Config
+from linkage.lineage import digest, manifest
+from linkage.stages import STAGES
+from linkage.workspace import FLOW_DIR
 
 __all__ = ["code_versions", "stage_modules", "input_fingerprint", "output_digest", "manifest"]
 
-FLOW_DIR = ".flow"
-_HASHES = "hashes.json"
-_CHUNK = 1 << 20
 # Libraries whose version can change a stage's output bytes.
 _PACKAGES = ("linkage", "synthetic_data")
 _LIBRARIES = ("splink", "duckdb", "great_expectations", "pyarrow", "numpy", "pandas", "scipy", "cryptography",
               "jellyfish")
 
 
-class _DigestCache:
-    """File SHA-256s remembered by stat signature in ``<workspace>/.flow/hashes.json``."""
-
-    def __init__(self, workspace: Path):
-        self.path = workspace / FLOW_DIR / _HASHES
-        try:
-            self.known = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            self.known = {}
-        self.changed = False
-
-    def digest(self, path: Path, key: str) -> str:
-        st = path.stat()
-        signature = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
-        hit = self.known.get(key)
-        if hit and hit[:4] == signature:
-            return hit[4]
-        h = hashlib.sha256()
-        with path.open("rb") as fh:
-            while block := fh.read(_CHUNK):
-                h.update(block)
-        self.known[key] = [*signature, h.hexdigest()]
-        self.changed = True
-        return h.hexdigest()
-
-    def save(self) -> None:
-        if self.changed:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(self.path) as tmp:
-                tmp.write_text(json.dumps(self.known, sort_keys=True))
-
-
-def _files(root: Path, entry: str) -> list[Path] | None:
-    """The files an entry names (a file, a folder walked recursively, or a glob); None if absent."""
-    if any(c in entry for c in "*?["):
-        found = sorted(p for p in root.glob(entry) if p.is_file())
-        return found or None
-    path = root / entry
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file()
-                      and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    return None
-
-
-def manifest(root: Path | str, entries: Iterable[str]) -> list[dict]:
-    """Path, size and SHA-256 of every file under ``entries`` (workspace-relative); hidden files skipped.
-
-    An absent entry is listed as ``{"path": entry, "missing": True}``, so its later
-    appearance changes the fingerprint.
-    """
-    root = Path(root)
-    cache = _DigestCache(root)
-    out: list[dict] = []
-    for entry in entries:
-        files = _files(root, entry)
-        if files is None:
-            out.append({"path": entry, "missing": True})
-            continue
-        for f in files:
-            rel = f.relative_to(root).as_posix()
-            out.append({"path": rel, "bytes": f.stat().st_size, "sha256": cache.digest(f, rel)})
-    cache.save()
-    return out
-
-
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def _module_file(name: str) -> Path | None:
-    parts = name.split(".")
-    base = PROJECT_ROOT.joinpath(*parts)
+    """The source file of a project module, wherever the package is installed (checkout or wheel)."""
+    top = importlib.util.find_spec(name.split(".")[0])
+    if top is None or not top.submodule_search_locations:
+        return None
+    base = Path(next(iter(top.submodule_search_locations))).joinpath(*name.split(".")[1:])
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):
         if candidate.is_file():
             return candidate
@@ -153,13 +84,13 @@ def _imports(path: Path, package: str) -> set[str]:
     return {m for m in found if m and m.split(".")[0] in _PACKAGES}
 
 
-def stage_modules(stage: str) -> list[Path]:
+def stage_modules(stage: str) -> list[tuple[str, Path]]:
     """The project source files a stage can execute: its entry module's imports, transitively.
 
     Read from the compiled source, so imports inside functions count; every package
     ``__init__`` on the way counts too. Over-approximates, which is the safe direction.
     """
-    todo = list(STAGES[stage].modules)
+    todo = [STAGES[stage].module]
     seen: dict[str, Path] = {}
     while todo:
         name = todo.pop()
@@ -173,11 +104,12 @@ def stage_modules(stage: str) -> list[Path]:
         todo += [".".join(parts[:i]) for i in range(1, len(parts))]   # the packages' __init__
         package = name if path.name == "__init__.py" else ".".join(parts[:-1])
         todo += sorted(_imports(path, package))
-    return sorted(set(seen.values()))
+    return sorted(seen.items())
 
 
-def _files_digest(paths: Iterable[Path]) -> list[tuple[str, str]]:
-    return [(p.relative_to(PROJECT_ROOT).as_posix() if p.is_relative_to(PROJECT_ROOT) else str(p),
+def _files_digest(paths: Iterable[Path], base: Path) -> list[tuple[str, str]]:
+    """(label, SHA-256) per file; labels relative to ``base`` so a moved checkout keeps its cache."""
+    return [(p.relative_to(base).as_posix() if p.is_relative_to(base) else str(p),
              hashlib.sha256(p.read_bytes()).hexdigest()) for p in paths]
 
 
@@ -199,11 +131,16 @@ def code_versions(config: Config) -> dict[str, str]:
             versions[lib] = metadata.version(lib)
         except metadata.PackageNotFoundError:
             versions[lib] = None
-    contracts = _files_digest([*_tree(config.paths.resolve(config.paths.schemas)),
-                               *_tree(config.paths.resolve(config.paths.expectations))])
-    reference = _files_digest(_tree(PROJECT_ROOT / "synthetic_data" / "reference"))
-    return {stage: _digest({"modules": _files_digest(stage_modules(stage)), "versions": versions,
-                            "data": reference if stage == "generate" else contracts})
+    schemas, expectations = config.paths.resolve(config.paths.schemas), config.paths.resolve(config.paths.expectations)
+    contracts = _files_digest(_tree(schemas), schemas.parent) + _files_digest(_tree(expectations), expectations.parent)
+    reference = Path(str(importlib.resources.files("synthetic_data") / "reference"))
+    reference_digest = _files_digest(_tree(reference), reference)
+
+    def modules(stage: str) -> list[tuple[str, str]]:
+        return [(name, hashlib.sha256(path.read_bytes()).hexdigest()) for name, path in stage_modules(stage)]
+
+    return {stage: digest({"modules": modules(stage), "versions": versions,
+                           "data": reference_digest if stage == "generate" else contracts})
             for stage in STAGES}
 
 
@@ -219,7 +156,7 @@ def input_fingerprint(stage: str, workspace: Path | str, config: Config, code: s
     """The stage's input fingerprint and the manifest of the workspace files it read.
 
     Args:
-        stage: a stage name from :data:`flows._spec.STAGES`.
+        stage: a stage name from :data:`linkage.stages.STAGES`.
         workspace: the workspace folder.
         config: the configuration; only the stage's sections enter the fingerprint.
         code: the stage's code version (:func:`code_versions`).
@@ -231,19 +168,19 @@ def input_fingerprint(stage: str, workspace: Path | str, config: Config, code: s
     """
     spec = STAGES[stage]
     root = Path(workspace)
-    files = manifest(root, spec.inputs)
+    files = manifest(root, spec.reads)
     project_files = [{"path": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None}
                      for p in spec.project_files(config)]
     if spec.keyed and not key_fingerprint:
         raise ValueError(f"{stage}: the key fingerprint is part of this stage's fingerprint")
     parts = {"stage": stage, "code": code, "config": {s: _section(config, s) for s in spec.config},
              "key": key_fingerprint if spec.keyed else None, "inputs": files, "project_files": project_files}
-    return _digest(parts), files
+    return digest(parts), files
 
 
 def output_digest(stage: str, workspace: Path | str) -> str:
     """SHA-256 of the manifest of what ``stage`` published in ``workspace``."""
-    return _digest(manifest(Path(workspace), STAGES[stage].outputs))
+    return digest(manifest(Path(workspace), STAGES[stage].writes))
 
 
 def flow_dir(workspace: Path | str) -> Path:
