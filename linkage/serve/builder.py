@@ -180,13 +180,13 @@ class Builder:
     def _category_counts(self) -> dict[str, int]:
         # categories of the dimensions the catalogue leaves open (cohort bands, ethnicity codes)
         research = self.workspace / "research"
-        signature = stamp(research / "cohort.parquet")
-        if signature == self._sizes[0]:
+        stamp = stamp(research / "cohort.parquet")
+        if stamp == self._sizes[0]:
             return self._sizes[1]
         from linkage.sdc import standard
 
         sizes: dict[str, int] = {}
-        if signature is not None:
+        if stamp is not None:
             con = connect()
             try:
                 sql = standard.population(con, self.workspace, standard.Source((), ("cohort", "ethnicity")), self.config)
@@ -197,7 +197,7 @@ class Builder:
                 sizes = {}
             finally:
                 con.close()
-        self._sizes = (signature, sizes)
+        self._sizes = (stamp, sizes)
         return sizes
 
     def estimate_cells(self, dims: list[str]) -> int:
@@ -221,14 +221,13 @@ class Builder:
         research = self.workspace / "research"
         return stamp(research / "cohort.parquet"), stamp(research / "person.parquet")
 
-    def answer(self, user: User, raw: object, via: str, context: dict | None = None) -> BuildResult:
+    def answer(self, user: User, raw: object, via: str) -> BuildResult:
         """Validate, ration and answer one request, and audit it whatever happens.
 
         Args:
             user: the researcher.
             raw: the request as sent (a dict, from JSON or a form).
             via: ``api`` or ``page`` (recorded in the audit entry).
-            context: further parameters for the audit entry (the client address and token id).
 
         Returns:
             The :class:`BuildResult`.
@@ -237,7 +236,7 @@ class Builder:
             Refusal: 422 (invalid or too large), 429 (quota), 503 (no research tables), 500 (the engine
                 failed; logged and audited by error class only, never its message).
         """
-        params = {"via": via, "request": _safe_params(raw), **(context or {})}
+        params = {"via": via, "request": _safe_params(raw)}
         try:
             request = self.validate(raw)
         except Refusal as r:
