@@ -1,21 +1,40 @@
 # hhlink: two commands on a fresh machine (Python 3.11):
-#   make demo   - install into .venv, then run the main job on the default synthetic population
-#   make test   - install into .venv (with test extras), then run the test suite
+#   make demo   - install hhlink into .venv (no test or Spark extras), then run the main job
+#   make test   - install hhlink with its test and Spark extras into .venv, then run the tests
+# Every install takes the versions in constraints.txt (the tested set; `make constraints`
+# rewrites it from .venv). A stamp names the inputs' checksum, so editing pyproject.toml or
+# constraints.txt reinstalls.
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
-STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+CONSTRAINTS = constraints.txt
+INPUTS  = $(shell cat pyproject.toml $(CONSTRAINTS) | cksum | cut -d' ' -f1)
+STAMP   = $(VENV)/.installed-run-$(INPUTS)
+STAMP_TEST = $(VENV)/.installed-test-$(INPUTS)
+PIP     = $(PY) -m pip install -q -c $(CONSTRAINTS)
 WORKSPACE ?= workspace
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install install-test constraints clean
 
-$(STAMP): pyproject.toml
+$(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,spark]"
-	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS) | $(PY)
+	$(PIP) pip
+	$(PIP) -e .
+	rm -f $(VENV)/.installed-run-* && touch $(STAMP)
+
+$(STAMP_TEST): $(STAMP)
+	$(PIP) -e ".[test,spark]"
+	rm -f $(VENV)/.installed-test-* && touch $(STAMP_TEST)
 
 install: $(STAMP)
+
+install-test: $(STAMP_TEST)
+
+# After changing dependencies and passing the tests: pin what .venv holds.
+constraints: $(STAMP_TEST)
+	$(PY) scripts/lock-constraints $(CONSTRAINTS)
 
 KEY_FILE ?= $(HOME)/.config/hhlink/master.key
 
@@ -29,11 +48,11 @@ demo: $(STAMP)
 	test -f $(KEY_FILE) || $(VENV)/bin/hhlink keys init --key-file $(KEY_FILE)
 	$(VENV)/bin/hhlink run --workspace $(WORKSPACE) --persons $(PERSONS) --seed $(SEED) --key-file $(KEY_FILE)
 
-test: $(STAMP)
+test: $(STAMP_TEST)
 	bash scripts/ensure-chromium
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP_TEST)
 	$(PY) -m bench.ladder
 
 clean:

@@ -52,11 +52,11 @@ def _standin_research(size: int, workspace: Path) -> None:
     import numpy as np
     import pandas as pd
 
-    from linkage.config import PROJECT_ROOT
+    from linkage import resources
 
     rng = np.random.default_rng(42)
     n = int(size * 0.45)
-    with (PROJECT_ROOT / "synthetic_data/reference/upper_tier_local_authorities.csv").open() as fh:
+    with resources.packaged("synthetic_data/reference/upper_tier_local_authorities.csv").open() as fh:
         las = [(r["utla_code"], r["region_code"]) for r in csv.DictReader(fh)]
     la = rng.integers(0, len(las), n)
     birth = rng.integers(1982, 2026, n)

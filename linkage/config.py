@@ -1,29 +1,31 @@
 """The typed hhlink configuration, loaded from ``hhlink.toml``.
 
 One :class:`Config` object holds every setting a stage reads. Every field is
-documented here, and ``hhlink.toml`` at the project root holds the defaults.
+documented here, and ``hhlink.toml`` (shipped with the package) holds the defaults.
 Unknown keys are errors, so a typo in the config file never passes silently.
 Secrets (keys, tokens) are never part of this object: they come from the
 environment or key files.
 
 Example:
     >>> from linkage.config import load_config
-    >>> cfg = load_config()              # the project's hhlink.toml
+    >>> cfg = load_config()              # --config, $HHLINK_CONFIG, ./hhlink.toml or the packaged default
     >>> cfg.generate.persons
     20000
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from linkage import resources
 from linkage.errors import ConfigError, read_toml
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG_PATH = PROJECT_ROOT / "hhlink.toml"
+CONFIG_ENV = "HHLINK_CONFIG"
+DEFAULT_CONFIG_PATH = resources.default_config()
 
 
 class _Section(BaseModel):
@@ -492,17 +494,22 @@ class FlowConfig(_Section):
 class PathsConfig(_Section):
     """Where the contracts live.
 
+    Relative paths here and elsewhere in the config (e.g. ``assemble.la_lookup``) are read
+    from the config file's folder when they exist there, otherwise from hhlink's packaged
+    defaults of the same name (see :func:`linkage.resources.resolve`).
+
     Fields:
-        schemas: folder of source and output schemas (relative to the project root).
-        expectations: folder of Great Expectations suites (relative to the project root).
+        schemas: folder of source and output schemas.
+        expectations: folder of Great Expectations suites.
     """
 
     schemas: Path = Path("schemas")
     expectations: Path = Path("expectations")
+    _base: Path | None = PrivateAttr(None)   # the config file's folder, set by load_config
 
     def resolve(self, path: Path) -> Path:
-        """Return ``path`` made absolute against the project root."""
-        return path if path.is_absolute() else PROJECT_ROOT / path
+        """Return ``path`` as a file-system path: the config file's folder, else the packaged default."""
+        return resources.resolve(path, self._base)
 
 
 class Config(_Section):
@@ -529,6 +536,12 @@ class Config(_Section):
     disclosure: DisclosureConfig = Field(default_factory=DisclosureConfig)
     flow: FlowConfig = Field(default_factory=FlowConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
+    _source: tuple[Path, str] | None = PrivateAttr(None)
+
+    @property
+    def source(self) -> tuple[Path, str] | None:
+        """The file this config was read from and why that one (``None`` when built in code)."""
+        return self._source
 
 
 def _describe(err: ValidationError, source: str) -> str:
@@ -539,11 +552,40 @@ def _describe(err: ValidationError, source: str) -> str:
     return f"{source}: {where}: {first['msg']}"
 
 
+def find_config(path: Path | str | None = None) -> tuple[Path, str]:
+    """Choose the config file: ``path`` (``--config``), ``$HHLINK_CONFIG``, ``./hhlink.toml``, the packaged default.
+
+    Returns:
+        The file and why it was chosen (``--config``, ``HHLINK_CONFIG``,
+        ``./hhlink.toml`` or ``packaged default``).
+
+    Raises:
+        ConfigError: ``HHLINK_CONFIG`` names a file that does not exist.
+
+    Example:
+        >>> find_config("my.toml")
+        (PosixPath('my.toml'), '--config')
+    """
+    if path is not None:
+        return Path(path), "--config"
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        if not Path(env).is_file():
+            raise ConfigError(f"{env}: config file not found (named by {CONFIG_ENV})")
+        return Path(env), CONFIG_ENV
+    local = Path.cwd() / resources.CONFIG_NAME
+    if local.is_file():
+        return local, f"./{resources.CONFIG_NAME}"
+    return DEFAULT_CONFIG_PATH, "packaged default"
+
+
 def load_config(path: Path | str | None = None, **overrides: dict) -> Config:
     """Load and validate the configuration.
 
     Args:
-        path: a TOML file; default the project's ``hhlink.toml``.
+        path: a TOML file; default the first of ``$HHLINK_CONFIG``, ``./hhlink.toml`` and
+            the packaged ``hhlink.toml`` (:func:`find_config`). Relative paths inside it
+            resolve against its folder, then the packaged defaults.
         overrides: section dictionaries merged over the file, e.g.
             ``generate={"persons": 1000}``.
 
@@ -558,11 +600,14 @@ def load_config(path: Path | str | None = None, **overrides: dict) -> Config:
         >>> load_config(generate={"persons": 500}).generate.persons
         500
     """
-    path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    path, reason = find_config(path)
     data = read_toml(path, ConfigError, "config file")
     for section, values in overrides.items():
         data.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, str(path))) from None
+    cfg._source = (path.absolute(), reason)
+    cfg.paths._base = path.absolute().parent
+    return cfg

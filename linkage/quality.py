@@ -48,7 +48,7 @@ import time
 import warnings
 from pathlib import Path
 
-from linkage.config import PROJECT_ROOT
+from linkage import resources
 from linkage.db import connect, read_literal
 from linkage.db import quote_ident as q
 from linkage.errors import HhlinkError
@@ -56,7 +56,7 @@ from linkage.errors import HhlinkError
 log = logging.getLogger(__name__)
 
 SEVERITIES = ("critical", "warning")
-GX_PROJECT = PROJECT_ROOT / "gx"
+GX_PROJECT = resources.packaged("gx")
 VENDOR = GX_PROJECT / "vendor"
 RESULT_FORMAT = {"result_format": "SUMMARY", "partial_unexpected_count": 0, "include_unexpected_rows": False}
 
@@ -104,9 +104,7 @@ def load_suite_file(path: Path | str) -> dict:
     Raises:
         QualityError: missing file, bad JSON, or an expectation without a valid severity.
     """
-    path = Path(path)
-    if not path.is_absolute():
-        path = PROJECT_ROOT / path
+    path = resources.resolve(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

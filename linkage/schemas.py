@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from linkage.config import PROJECT_ROOT
+from linkage import resources
 from linkage.errors import SchemaError, read_toml
 
 SOURCES = ("education", "benefits", "earnings")
@@ -109,7 +109,7 @@ def load_schema(source: str, folder: Path | str | None = None) -> Schema:
 
     Args:
         source: the source name (``education``, ``benefits`` or ``earnings``).
-        folder: the schemas folder; default ``schemas/`` in the project.
+        folder: the schemas folder; default the packaged ``schemas/``.
 
     Returns:
         The :class:`Schema`.
@@ -117,7 +117,7 @@ def load_schema(source: str, folder: Path | str | None = None) -> Schema:
     Raises:
         SchemaError: missing file, bad TOML or a malformed column declaration.
     """
-    folder = Path(folder) if folder is not None else PROJECT_ROOT / "schemas"
+    folder = Path(folder) if folder is not None else resources.packaged("schemas")
     path = folder / f"{source}.toml"
     raw = read_toml(path, SchemaError, "schema file")
     cols = tuple(_column(c, str(path)) for c in raw.get("columns", []))

@@ -9,11 +9,11 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
-
 import numpy as np
 
-REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
+from linkage import resources
+
+REFERENCE_DIR = resources.packaged("synthetic_data/reference")
 
 NAME_GROUPS = ("white", "south_asian", "black_african", "east_asian", "other")
 

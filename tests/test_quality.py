@@ -9,14 +9,14 @@ import duckdb
 import pytest
 import sqlalchemy as sa
 
-from linkage.config import PROJECT_ROOT
+from linkage import resources
 from linkage.quality import CDN_ASSETS, VENDOR, QualityError, load_suite_file, offline_data_docs, validate
 from linkage.schemas import SOURCES, load_schema
 
 
 @pytest.mark.parametrize("source", SOURCES)
 def test_suites_are_files_with_a_severity_on_every_expectation(source):
-    suite = load_suite_file(PROJECT_ROOT / "expectations" / f"{source}.json")
+    suite = load_suite_file(resources.packaged("expectations") / f"{source}.json")
     assert suite["name"] == source
     severities = [e["severity"] for e in suite["expectations"]]
     assert set(severities) == {"critical", "warning"}

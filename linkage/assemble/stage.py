@@ -48,7 +48,8 @@ import pyarrow.parquet as pq
 
 from linkage.assemble import sql
 from linkage.assemble import mobility
-from linkage.config import PROJECT_ROOT, Config
+from linkage import resources
+from linkage.config import Config
 from linkage.db import connect, path_literal, quote_ident, quote_literal, read_literal
 from linkage.errors import HhlinkError, SchemaError, WorkspaceError, read_toml
 from linkage.keys import MasterKey
@@ -101,7 +102,7 @@ def load_research_schema(table: str, folder: Path | str | None = None) -> TableS
         >>> load_research_schema("person").names[:3]
         ['person_id', 'birth_year', 'sex']
     """
-    folder = Path(folder) if folder is not None else PROJECT_ROOT / "schemas" / "research"
+    folder = Path(folder) if folder is not None else resources.packaged("schemas") / "research"
     path = folder / f"{table}.toml"
     raw = read_toml(path, SchemaError, "schema file")
     cols = tuple(raw.get("columns", []))

@@ -21,12 +21,10 @@ from pathlib import Path
 
 import duckdb
 
-from linkage.config import PROJECT_ROOT, Config
+from linkage.config import Config
 from linkage.db import connect, read_literal
 from linkage.link.model import ADDRESS_COLUMNS, IDENTITY_COLUMNS
 from linkage.workspace import Workspace, atomic_path
-
-LA_REFERENCE = PROJECT_ROOT / "synthetic_data" / "reference" / "upper_tier_local_authorities.csv"
 
 
 def query_rows(con: duckdb.DuckDBPyConnection, sql: str) -> list[dict]:
@@ -53,7 +51,7 @@ def _match_rates(con) -> list[dict]:
         from rec r join person_sources p using (person_key) group by 1 order by 1""")
 
 
-def _subgroups(con, payload: Path, end_year: int) -> dict:
+def _subgroups(con, payload: Path, end_year: int, la_lookup: Path) -> dict:
     """Pupils old enough to be adults in the window: who links to adult records, by subgroup."""
     if not (payload / "education.parquet").exists():
         return {}
@@ -67,7 +65,7 @@ def _subgroups(con, payload: Path, end_year: int) -> dict:
         select e.*, e.person_key in (select person_key from adult) as linked,
                coalesce(la.region_name, 'unknown') region,
                (e.birth_year // 5 * 5)::varchar || '-' || (e.birth_year // 5 * 5 + 4)::varchar birth_cohort
-        from edu e left join read_csv({read_literal(LA_REFERENCE)}) la on la.utla_code = e.la_code
+        from edu e left join read_csv({read_literal(la_lookup)}) la on la.utla_code = e.la_code
         where e.birth_year <= {end_year} - 22""")
     out = {}
     for dim, expr in (("ethnicity", "ethnicity"), ("ever_fsm", "ever_fsm::varchar"), ("region", "region"),
@@ -138,7 +136,8 @@ def build_report(config: Config, workspace: Path | str) -> dict:
         "blocking": summary.get("blocking", []),
         "parameters": mu_rows(model),
         "match_rates": _match_rates(con),
-        "subgroups": _subgroups(con, pseud / "payload", config.generate.end_year),
+        "subgroups": _subgroups(con, pseud / "payload", config.generate.end_year,
+                                config.paths.resolve(config.assemble.la_lookup)),
         "thresholds": threshold_rows(con, config.link.evaluation_thresholds),
         "implausible_links": {"persons_holding_a_parent_and_their_dependant": parent_child,
                               "persons_holding_two_adults_of_one_benefit_unit": two_adults,

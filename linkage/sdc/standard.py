@@ -37,7 +37,7 @@ from pathlib import Path
 
 import duckdb
 
-from linkage.config import PROJECT_ROOT, Config
+from linkage.config import Config
 from linkage.db import quote_ident as _q
 from linkage.db import read_literal
 from linkage.errors import WorkspaceError
@@ -105,8 +105,7 @@ def population(con: duckdb.DuckDBPyConnection, workspace: Path, source: Source, 
 
 
 def _la_categories(config: Config) -> tuple[tuple[str, str], ...]:
-    path = config.assemble.la_lookup
-    path = path if path.is_absolute() else PROJECT_ROOT / path
+    path = config.paths.resolve(config.assemble.la_lookup)
     with path.open(newline="", encoding="utf-8") as fh:
         return tuple((r["region_code"], r["utla_code"]) for r in csv.DictReader(fh))
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from linkage.config import PROJECT_ROOT, Config
+from linkage.config import Config
 
 TOTAL = "Total"
 NAME_PATTERN = r"^[a-z0-9_]{1,64}$"
@@ -224,8 +224,7 @@ class Catalogue:
     def labels(self) -> dict[str, str]:
         """Display names of region and local-authority codes (ONS lookup)."""
         if self._labels is None:
-            path = self._config.assemble.la_lookup
-            path = path if path.is_absolute() else PROJECT_ROOT / path
+            path = self._config.paths.resolve(self._config.assemble.la_lookup)
             labels: dict[str, str] = {}
             try:
                 with path.open(newline="", encoding="utf-8") as fh:
