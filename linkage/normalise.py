@@ -17,8 +17,9 @@ Normalisation (the staged contract):
 - sex: trimmed, upper case, ``MALE``/``FEMALE`` read as ``M``/``F``;
 - every other value: trimmed; an empty value is NULL.
 
-Checks, per column in declared order and in this order within a column: the value
-parses as its type (``bad_int``, ``bad_float``, ``bad_date``, ``bad_bool``), a required
+Checks, per column in declared order and in this order within a column: the value is
+no longer than its declared ``max_length`` (``too_long``), it parses as its type strictly
+(``bad_int``, ``bad_float``, ``bad_date``, ``bad_bool``; ``1_000`` is not a number), a required
 value is present (``not_null``), it matches the declared pattern (``pattern``), it is one
 of the allowed values (``not_allowed``), it lies in ``[min, max]`` (``out_of_range``).
 
@@ -38,6 +39,7 @@ from linkage.schemas import Column, Schema
 NAME_ROLES = frozenset({"first_name", "middle_names", "surname"})
 SQL_TYPES = {"string": "VARCHAR", "int": "BIGINT", "float": "DOUBLE", "date": "DATE", "bool": "BOOLEAN"}
 WHITESPACE = " \t\r\n\v\f\u00a0"
+_FLOAT_RE = "[+-]?([0-9]+[.]?[0-9]*|[.][0-9]+)([eE][+-]?[0-9]+)?"
 
 
 def raw_columns(schema: Schema) -> list[Column]:
@@ -96,8 +98,9 @@ def _typed_sql(col: Column, text: str) -> str:
     if col.type == "int":
         return f"(CASE WHEN regexp_full_match({text}, '[+-]?[0-9]+') THEN TRY_CAST({text} AS BIGINT) END)"
     if col.type == "float":
+        # strict: DuckDB's cast alone reads '1_000' as 1000
         d = f"TRY_CAST({text} AS DOUBLE)"
-        return f"(CASE WHEN isfinite({d}) THEN {d} END)"
+        return (f"(CASE WHEN regexp_full_match({text}, {lit(_FLOAT_RE)}) AND isfinite({d}) THEN {d} END)")
     if col.type == "date":
         return f"CAST(TRY_STRPTIME({text}, {lit(col.format)}) AS DATE)"
     if col.type == "bool":
@@ -114,6 +117,10 @@ def _bound_sql(col: Column, value) -> str:
 def _failures(col: Column, t: str, v: str) -> list[tuple[str, str]]:
     """(condition, reason) pairs for one column; ``t`` is the normalised text, ``v`` the typed value."""
     out: list[tuple[str, str]] = []
+    if col.max_length is not None:
+        # strlen (bytes) is O(1) and never below the character count: length() runs only past it
+        m = int(col.max_length)
+        out.append((f"strlen({t}) > {m} AND length({t}) > {m}", "too_long"))
     if col.type != "string":
         out.append((f"{v} IS NULL AND {t} IS NOT NULL", f"bad_{col.type}"))
     if not col.nullable:

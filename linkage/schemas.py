@@ -42,6 +42,7 @@ class Column:
     min: object | None = None
     max: object | None = None
     format: str | None = None
+    max_length: int | None = None       # longest value in characters (reason ``too_long`` beyond it)
 
     @property
     def is_identifier(self) -> bool:
@@ -79,7 +80,7 @@ class Schema:
         return [c for c in self.columns if c.role == role]
 
 
-def _column(raw: dict, where: str) -> Column:
+def _column(raw: dict, where: str, max_length: int | None = None) -> Column:
     try:
         col = Column(
             name=raw["name"], type=raw["type"], role=raw["role"],
@@ -87,6 +88,7 @@ def _column(raw: dict, where: str) -> Column:
             pattern=raw.get("pattern"),
             allowed=tuple(raw["allowed"]) if "allowed" in raw else None,
             min=raw.get("min"), max=raw.get("max"), format=raw.get("format"),
+            max_length=raw.get("max_length", max_length),
         )
     except KeyError as exc:
         raise SchemaError(f"{where}: column is missing '{exc.args[0]}'") from None
@@ -94,6 +96,9 @@ def _column(raw: dict, where: str) -> Column:
         raise SchemaError(f"{where}: column '{col.name}' has unknown type '{col.type}'")
     if col.role not in ROLES:
         raise SchemaError(f"{where}: column '{col.name}' has unknown role '{col.role}'")
+    if col.max_length is not None and (not isinstance(col.max_length, int) or isinstance(col.max_length, bool)
+                                       or col.max_length < 1):
+        raise SchemaError(f"{where}: column '{col.name}' max_length must be a positive whole number")
     if col.type == "date" and not col.format:
         raise SchemaError(f"{where}: date column '{col.name}' needs a 'format'")
     if col.pattern:
@@ -120,7 +125,7 @@ def load_schema(source: str, folder: Path | str | None = None) -> Schema:
     folder = Path(folder) if folder is not None else resources.packaged("schemas")
     path = folder / f"{source}.toml"
     raw = read_toml(path, SchemaError, "schema file")
-    cols = tuple(_column(c, str(path)) for c in raw.get("columns", []))
+    cols = tuple(_column(c, str(path), raw.get("max_field_length")) for c in raw.get("columns", []))
     if not cols:
         raise SchemaError(f"{path}: declares no columns")
     names = [c.name for c in cols]

@@ -76,7 +76,7 @@ _BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
 _DUCKDB_REASONS = {
     "MISSING COLUMNS": "field_count", "TOO MANY COLUMNS": "field_count",
     "INVALID ENCODING": "encoding", "INVALID UNICODE": "encoding",
-    "UNQUOTED VALUE": "quote", "LINE SIZE OVER MAXIMUM": "line_too_long",
+    "UNQUOTED VALUE": "quote",      # "LINE SIZE OVER MAXIMUM" sends the file to the exact reader
 }
 REJECT_COLUMNS = ("_file", "_line", "_row", "raw", "column", "reason")
 NO_NULL = "\x01hhlink-no-null\x01"     # read_csv's NULL string: no field holds it
@@ -346,6 +346,9 @@ def _locate_fast(con, f: LandingFile, path: Path, table: str, parsed: str, rej: 
             or any(not 2 <= ln <= f.physical_lines for ln in lines):
         con.execute(f"DROP TABLE {parsed}")
         return None
+    cut_reason = "no_final_newline"
+    if cut and con.execute(f"SELECT bool_or(_bad_shape) FROM {parsed} WHERE rowid = {accepted - 1}").fetchall()[0][0]:
+        cut_reason = "field_count"      # a fault the line shows itself comes first, as in the exact reader
     if not bad:
         con.execute(f"""CREATE OR REPLACE TEMP VIEW {table} AS SELECT *, rowid + 2 AS _line, rowid + 1 AS _row,
             CAST(NULL AS VARCHAR) AS _rawtext FROM {parsed} {f"WHERE rowid + 2 < {last}" if cut else ""}""")
@@ -377,7 +380,7 @@ def _locate_fast(con, f: LandingFile, path: Path, table: str, parsed: str, rej: 
             reason, column = reasons[0], cols[0]
         rejects.append((f.name, ln, ln - 1, raw, column, reason))
     if cut:
-        rejects.append((f.name, last, last - 1, raws.get(last, ""), None, "no_final_newline"))
+        rejects.append((f.name, last, last - 1, raws.get(last, ""), None, cut_reason))
     return Loaded(table, accepted + len(bad), "fast", rejects, raw_lookup=path, view=not bad)
 
 

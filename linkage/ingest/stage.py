@@ -63,7 +63,29 @@ from linkage.quality import QualityGateError, validate
 from linkage.schemas import Schema, load_schemas
 from linkage.workspace import Workspace, publish
 
-__all__ = ["IngestError", "QualityGateError", "ingest", "stage_files"]
+__all__ = ["IngestError", "QualityGateError", "QUARANTINE_REASONS", "ingest", "stage_files"]
+
+# every reason a quarantined row can carry (the README lists them all; a test checks both ways)
+QUARANTINE_REASONS = {
+    "field_count": "too few or too many fields for the header",
+    "blank_line": "an empty line",
+    "quote": "a quoted value that does not close on its line (or within the next lines as a valid record)",
+    "encoding": "bytes that are not valid in the declared encoding",
+    "control_char": "a NUL or other control character (a lone carriage return included) in a value",
+    "no_final_newline": "the file's last line has no line break, so it may be cut short",
+    "parse": "any other CSV fault DuckDB reports",
+    "too_long": "a value longer than the schema's max_length / max_field_length",
+    "bad_int": "not a whole number (strictly: no '1_000', no '5.0')",
+    "bad_float": "not a finite decimal number (strictly: no '1_000', no 'inf')",
+    "bad_date": "not a date in the declared format",
+    "bad_bool": "not a boolean",
+    "not_null": "a required value is missing",
+    "pattern": "does not match the declared pattern",
+    "not_allowed": "not one of the allowed values",
+    "out_of_range": "outside the declared minimum and maximum",
+    "duplicate": "repeats an earlier row of the source exactly (the first is staged)",
+    "duplicate_id": "repeats an earlier row's record id with other values (the first is staged)",
+}
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +94,13 @@ MANIFEST = "manifest.json"
 QUARANTINE_COLUMNS = "_file VARCHAR, _line BIGINT, _row BIGINT, raw VARCHAR, \"column\" VARCHAR, reason VARCHAR"
 
 
-def ingest(config: Config, workspace: Path | str) -> dict:
+def ingest(config: Config, workspace: Path | str, key=None) -> dict:
     """Stage every landing extract, quarantine what cannot be staged, and run the quality gates.
 
     Args:
         config: the hhlink configuration (``config.ingest``, ``config.paths``).
         workspace: the workspace folder; ``landing/`` must exist.
+        key: unused (ingest needs no key); present so every stage has one signature.
 
     Returns:
         A summary: ``rows`` (read, staged, quarantined), per-source ``sources`` with each
