@@ -372,6 +372,8 @@ class ServiceConfig(_Section):
         builder_cache: protected tables kept in memory for repeated requests (the same
             request gets the same perturbed answer anyway, so a cached answer reveals nothing new).
         session_minutes: a web session ends after this many minutes without a request.
+        session_max_minutes: a web session ends this many minutes after sign-in however active it is
+            (then the user signs in again with their token).
         audit_fsync: flush every audit entry to disk (``fsync``) before answering; safer
             against a crash, slower under load.
     """
@@ -383,6 +385,7 @@ class ServiceConfig(_Section):
     builder_concurrency: int = Field(1, ge=1, le=16)
     builder_cache: int = Field(256, ge=0, le=100_000)
     session_minutes: int = Field(60, ge=1, le=24 * 60)
+    session_max_minutes: int = Field(480, ge=1, le=7 * 24 * 60)
     audit_fsync: bool = False
 
 
