@@ -30,6 +30,7 @@ from linkage.disclose.stage import build_table, record_key_secret
 from linkage.keys import MasterKey
 from linkage.serve import ROLES, AuditLog, UserStore, create_app
 from linkage.serve.audit import AUDIT_KEY_PURPOSE, entry_hash
+from linkage.serve.throttle import Throttle
 from tests.conftest import PORTAL_KEY_HEX, QUARANTINE_MARKER
 
 KEY = MasterKey(bytes.fromhex(PORTAL_KEY_HEX), "test")
@@ -93,7 +94,10 @@ def tokens(ws) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def app(ws, tokens):
-    return create_app(ws, load_config(), key=KEY)
+    app = create_app(ws, load_config(), key=KEY)
+    # these tests send hundreds of bad tokens on purpose: throttling has its own tests (fresh apps)
+    app.state.portal.gate.throttle = Throttle(free=10**6, limit=10**6)
+    return app
 
 
 @pytest.fixture(scope="module")
@@ -164,12 +168,31 @@ def test_api_route_refuses_missing_wrong_and_wrong_role_tokens(api, tokens, meth
             assert "detail" in r.json()
 
 
-def test_wrong_role_is_audited(api, tokens, ws):
-    api.get("/api/runs", headers=_bearer(tokens["researcher"]))
-    entries, _ = AuditLog(ws, KEY).entries(0, 5, newest_first=True)
-    denied = next(e for e in entries if e["action"] == "access.denied")
-    assert denied["actor"] == "svc-researcher" and denied["params"]["path"] == "/api/runs"
-    assert denied["outcome"] == "denied"
+def _since(ws, before: int) -> list[dict]:
+    """Audit entries written after the log had ``before`` lines, oldest first."""
+    entries, total = AuditLog(ws, KEY).entries()
+    return entries[before:]
+
+
+def _count(ws) -> int:
+    return AuditLog(ws, KEY).entries(0, 1)[1]
+
+
+def test_wrong_role_is_audited_once_per_burst_with_a_summary(ws):
+    token = UserStore(ws).add("svc-wrongrole", "researcher")
+    before = _count(ws)
+    with TestClient(create_app(ws, load_config(), key=KEY)) as client:
+        for _ in range(30):
+            assert client.get("/api/runs", headers=_bearer(token)).status_code == 403
+        during = [e for e in _since(ws, before) if e["action"] == "access.denied"]
+        assert len(during) == 1
+        denied = during[0]
+        assert denied["actor"] == "svc-wrongrole" and denied["params"]["path"] == "/api/runs"
+        assert denied["outcome"] == "denied" and denied["params"]["client"] == "testclient"
+        assert denied["params"]["token_id"] == token.split("_")[1]
+    # the burst's summary is written when the window closes or the service stops
+    summary = [e for e in _since(ws, before) if e["action"] == "access.denied"][1:]
+    assert len(summary) == 1 and summary[0]["params"]["repeated"] == 29 and summary[0]["detail"]["aggregated"]
 
 
 @pytest.mark.parametrize("path", sorted(PAGES))
@@ -646,6 +669,347 @@ def test_cli_users_and_audit(run_cli, tmp_path, monkeypatch):
     assert code != 0 and "key" in err and (ws / "service" / "users.json").read_text() == before
     code, out, err = run_cli("audit", "verify", "--workspace", str(ws))
     assert code == 2 and "no key: MACs not checked" in out
+
+
+# -- hostile input: never a 500, always the security headers (issue 18) ---------------------------------
+
+HEADERS = ("content-security-policy", "x-content-type-options", "cache-control", "x-frame-options", "referrer-policy")
+HOSTILE_TARGETS = [
+    "/reports/linkage/re%00port.html", "/reports/linkage/%00", "/reports/quality/a%0ab.html", "/%7f",
+    "/reports/linkage/report.html%00.png", "/catalogue/trans%00ition_region", "/api/tables/transition_region%00/data",
+    "/reports/linkage/%ff%fe.html", "/api/tables/%c0%ae%c0%ae/data", "/catalogue/transition_region?f.region=%00",
+    "/audit?page=%00", "/login?next=%00", "/audit?user=%ff", "/reports/linkage/" + "a/" * 600 + "x.html",
+    "/api/audit?since=2026-13-45", "/api/reports/..%2f..%2fetc", "/reports/linkage/%2e%2e%2f%2e%2e%2fhhlink.toml",
+    "/catalogue/transition_region?x=%E2%80%AE&measure=" + "m" * 5000,
+]
+
+
+def _secure(r) -> bool:
+    return all(h in r.headers for h in HEADERS)
+
+
+def test_hostile_targets_answer_4xx_with_security_headers(app, sessions, tokens):
+    clients = [("anonymous", TestClient(app, follow_redirects=False), {})] + [
+        (role, sessions[role][0], {}) for role in ROLES] + [
+        (f"api-{role}", TestClient(app, follow_redirects=False), _bearer(tokens[role])) for role in ROLES]
+    for who, client, headers in clients:
+        for url in HOSTILE_TARGETS:
+            r = client.get(url, headers=headers)
+            assert r.status_code < 500 and r.status_code != 200 or "%E2%80%AE" in url, (who, url, r.status_code)
+            assert _secure(r), (who, url, r.headers)
+            if "%00" in url or "%0a" in url or "%7f" in url or "%ff" in url:
+                assert r.status_code == 400, (who, url, r.status_code)
+            assert "Traceback" not in r.text and "null byte" not in r.text
+
+
+def _deep(n: int) -> bytes:
+    return b'{"dimensions": ' + b"[" * n + b"]" * n + b', "measure": "count"}'
+
+
+BAD_BODIES = [
+    _deep(1000), b"[" * 3000 + b"]" * 1000, b'{"a":' * 800 + b"1" + b"}" * 800, b"\xff\xfe\x00{", b'{"dimensions": ["\xff"]}',
+    b'{"dimensions": ["region"], "measure": "count"' + b" " * 100, "\ud800".encode("utf-8", "surrogatepass"),
+    b'{"dimensions": ["region"], "measure": 1e999999}', b'{"dimensions": ["region"], "measure": "count"}\x00',
+]
+
+
+def test_builder_answers_deep_odd_and_huge_json_with_4xx_and_audits_it(api, tokens, ws):
+    h = {**_bearer(tokens["researcher"]), "Content-Type": "application/json"}
+    for body in BAD_BODIES:
+        before = _count(ws)
+        r = api.post("/api/builder", content=body, headers=h)
+        assert 400 <= r.status_code < 500 and _secure(r), (body[:40], r.status_code)
+        new = [e for e in _since(ws, before) if e["action"] == "builder.request"]
+        assert new and new[0]["outcome"] == "refused" and new[0]["params"]["client"] == "testclient", body[:40]
+    huge = b'{"dimensions": ["region"], "measure": "' + b"x" * 5_000_000 + b'"}'
+    r = api.post("/api/builder", content=huge, headers=h)
+    assert r.status_code == 413 and _secure(r)
+
+    def chunks():                   # no Content-Length: the body is cut off as it streams in
+        for _ in range(2000):
+            yield b"[" * 1000
+    r = api.post("/api/builder", content=chunks(), headers=h)
+    assert r.status_code == 413 and _secure(r)
+
+
+def test_forms_with_bad_encodings_or_oversized_bodies_answer_4xx(app, sessions):
+    client, csrf = sessions["researcher"]
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    for body in (b"csrf=%ff%fe&dimensions=%c0%ae&measure=\xff", b"csrf=" + csrf.encode() + b"&dimensions=\x00",
+                 b"&" * 5000, b"a=" + b"b" * 20000):
+        r = client.post("/builder", content=body, headers=form)
+        assert 400 <= r.status_code < 500 and _secure(r), (body[:30], r.status_code)
+    r = client.post("/builder", content=b"--x\r\nnonsense", headers={"Content-Type": "multipart/form-data; boundary=x"})
+    assert 400 <= r.status_code < 500 and _secure(r)
+    r = TestClient(app).post("/login", content=b"token=%ff&csrf=\xfe", headers=form)
+    assert 400 <= r.status_code < 500 and _secure(r)
+
+
+def test_a_failing_route_still_answers_with_the_security_headers_and_no_detail(ws):
+    app = create_app(ws, load_config(), key=KEY)
+
+    @app.get("/api/boom")
+    def boom():
+        raise RuntimeError("secret detail /etc/passwd")
+
+    r = TestClient(app, raise_server_exceptions=False).get("/api/boom")
+    assert r.status_code == 500 and _secure(r) and "secret" not in r.text and "RuntimeError" not in r.text
+
+
+# -- files only from inside their zone (issue 18) --------------------------------------------------------
+
+def test_files_are_served_only_from_inside_their_zone_whatever_the_index_says(tmp_path, ws):
+    import shutil
+
+    w = tmp_path / "ws"
+    w.mkdir()
+    for zone in ("published", "reports"):
+        shutil.copytree(ws / zone, w / zone)
+    pub = w / "published"
+    index = json.loads((pub / "index.json").read_text())
+    # a table whose files are links out of the zone, names that are paths, and a real table made a link
+    for ext, target in (("json", pub / "transition_region.json"), ("csv", "/etc/passwd"),
+                        ("parquet", ws / "research" / "cohort.parquet")):
+        (pub / f"leak.{ext}").symlink_to(target)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for ext in ("json", "csv", "parquet"):
+        shutil.move(pub / f"pay_parent_quintile_region.{ext}", elsewhere / f"p.{ext}")
+        (pub / f"pay_parent_quintile_region.{ext}").symlink_to(elsewhere / f"p.{ext}")
+    index["tables"] += ["leak", "../research/cohort", "/etc/passwd", "pay_parent_quintile_region", 7, None]
+    (pub / "index.json").write_text(json.dumps(index))
+    # report files that are links: out of the zone, and inside it
+    (w / "reports" / "linkage" / "passwd.html").symlink_to("/etc/passwd")
+    (w / "reports" / "linkage" / "again.html").symlink_to(w / "reports" / "linkage" / "report.html")
+    (w / "reports" / "disclosure" / "report.json").unlink()
+    (w / "reports" / "disclosure" / "report.json").symlink_to(ws / "research" / "metadata.json")
+    store = UserStore(w)
+    researcher, auditor = store.add("zr", "researcher"), store.add("za", "auditor")
+    with TestClient(create_app(w, load_config(), key=KEY)) as client:
+        listed = [t["name"] for t in client.get("/api/tables", headers=_bearer(researcher)).json()]
+        assert "leak" not in listed and "pay_parent_quintile_region" not in listed and "transition_region" in listed
+        for name in ("leak", "pay_parent_quintile_region"):
+            for url in (f"/api/tables/{name}", f"/api/tables/{name}/data?format=csv"):
+                r = client.get(url, headers=_bearer(researcher))
+                assert r.status_code == 404 and "root:" not in r.text, url
+        page, _ = _login(client.app, researcher)
+        assert page.get("/catalogue/leak").status_code == 404
+        assert "root:" not in page.get("/catalogue").text
+        reader, _ = _login(client.app, auditor)
+        for url in ("/reports/linkage/passwd.html", "/reports/linkage/again.html", "/reports/summary/disclosure.json"):
+            r = reader.get(url)
+            assert r.status_code == 404 and "root:" not in r.text, url
+        assert reader.get("/reports/linkage/report.html").status_code == 200
+        doc = client.get("/api/reports/disclosure", headers=_bearer(auditor)).json()
+        assert doc["summary"] is None            # the link is not read; the report's page still is
+    # a zone folder that is itself a link is not served either
+    shutil.move(w / "reports", tmp_path / "reports-real")
+    (w / "reports").symlink_to(tmp_path / "reports-real")
+    with TestClient(create_app(w, load_config(), key=KEY)) as client:
+        reader, _ = _login(client.app, auditor)
+        assert reader.get("/reports/linkage/report.html").status_code == 404
+
+
+# -- authentication: audited, throttled, never a repeated scrypt (issue 18) -------------------------------
+
+def test_every_api_sign_in_decision_is_audited_with_token_id_and_address(ws):
+    token = UserStore(ws).add("svc-signin", "researcher")
+    tid = token.split("_")[1]
+    before = _count(ws)
+    with TestClient(create_app(ws, load_config(), key=KEY)) as client:
+        assert client.get("/api/me", headers=_bearer("nonsense")).status_code == 401
+        assert client.get("/api/me", headers=_bearer("hhl_0123456789ab_" + "A" * 43)).status_code == 401
+        assert client.get("/api/me", headers=_bearer(token[:-2] + ("AB" if not token.endswith("AB") else "CD"))).status_code == 401
+        assert client.get("/api/me").status_code == 401
+        assert client.get("/api/me", headers=_bearer(token)).status_code == 200
+        assert client.get("/api/me", headers=_bearer(token)).status_code == 200      # cached: no new entry
+    new = _since(ws, before)
+    failed = [e for e in new if e["action"] == "auth.failed"]
+    reasons = {e["params"]["reason"]: e for e in failed}
+    assert set(reasons) == {"malformed", "unknown token id", "wrong secret", "no token"}
+    assert reasons["wrong secret"]["params"]["token_id"] == tid
+    assert reasons["unknown token id"]["params"]["token_id"] == "0123456789ab"
+    assert all(e["params"]["client"] == "testclient" and e["params"]["via"] == "api" for e in failed)
+    ok = [e for e in new if e["action"] == "auth.ok"]
+    assert len(ok) == 1 and ok[0]["actor"] == "svc-signin" and ok[0]["params"]["token_id"] == tid
+    assert ok[0]["params"]["client"] == "testclient"
+    text = json.dumps(new)
+    assert token.split("_")[2] not in text and token[:-2] not in text
+
+
+def test_failed_page_sign_ins_are_audited_with_address_and_token_id(app, tokens, ws):
+    before = _count(ws)
+    client = TestClient(app, follow_redirects=False)
+    bad = tokens["auditor"][:-1] + ("x" if not tokens["auditor"].endswith("x") else "y")
+    r = client.post("/login", data={"token": bad, "csrf": _csrf(client.get("/login").text), "next": ""})
+    assert r.status_code == 401
+    failed = [e for e in _since(ws, before) if e["action"] == "auth.failed"][-1]
+    assert failed["params"]["via"] == "page" and failed["params"]["token_id"] == tokens["auditor"].split("_")[1]
+    assert failed["params"]["client"] == "testclient" and failed["params"]["reason"] == "wrong secret"
+
+
+def test_guessing_is_slowed_then_refused_per_address_and_token_but_signed_in_users_carry_on(ws):
+    import time
+
+    token = UserStore(ws).add("svc-throttled", "researcher")
+    app = create_app(ws, load_config(), key=KEY)
+    app.state.portal.gate.throttle = Throttle(free=2, limit=5, window=60, max_delay=0.4)
+    with TestClient(app) as client:
+        assert client.get("/api/me", headers=_bearer(token)).status_code == 200         # verified before
+        times, codes = [], []
+        for i in range(7):
+            t = time.perf_counter()
+            codes.append(client.get("/api/me", headers=_bearer(f"hhl_{i:012x}_" + "B" * 43)).status_code)
+            times.append(time.perf_counter() - t)
+        assert codes[:5] == [401] * 5 and codes[5:] == [429, 429]
+        assert max(times[:2]) < 0.1 <= min(times[2:5])                 # back-off after the free failures
+        r = client.get("/api/me", headers=_bearer("hhl_ffffffffffff_" + "B" * 43))
+        assert r.status_code == 429 and 0 < int(r.headers["retry-after"]) <= 60 and _secure(r)
+        assert client.get("/api/me", headers=_bearer(token)).status_code == 200          # already verified
+        # a token not verified yet is not checked from the throttled address, on the sign-in page either
+        fresh = UserStore(ws).add("svc-throttled-2", "researcher")
+        form = client.get("/login")
+        r = client.post("/login", data={"token": fresh, "csrf": _csrf(form.text), "next": ""}, follow_redirects=False)
+        assert r.status_code == 429 and "try again in" in r.text and _secure(r)
+    # per token id as well: wrong secrets for one user's id, from ever-changing addresses
+    app = create_app(ws, load_config(), key=KEY)
+    app.state.portal.gate.throttle = Throttle(free=2, limit=4, window=60, max_delay=0.01)
+    victim = UserStore(ws).add("svc-victim", "researcher")
+    codes = []
+    for i in range(6):
+        with TestClient(app, client=(f"10.0.0.{i}", 5000)) as client:
+            codes.append(client.get("/api/me", headers=_bearer(victim[:-3] + f"{i:03d}")).status_code)
+    assert codes == [401] * 4 + [429] * 2
+
+
+def test_a_bad_secret_costs_one_scrypt_and_checks_never_run_in_parallel(ws, monkeypatch):
+    import asyncio
+
+    import httpx
+
+    from linkage.serve import users as users_module
+
+    calls, running, peak = [], [0], [0]
+    real = users_module.check_token
+
+    def counted(secret, stored):
+        calls.append(secret[-4:])
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+        try:
+            return real(secret, stored)
+        finally:
+            running[0] -= 1
+
+    monkeypatch.setattr(users_module, "check_token", counted)
+    token = UserStore(ws).add("svc-scrypt", "researcher")
+    app = create_app(ws, load_config(), key=KEY)
+    app.state.portal.gate.throttle = Throttle(free=10**6, limit=10**6)
+    bad = token[:-4] + ("ZZZZ" if not token.endswith("ZZZZ") else "YYYY")
+
+    async def burst():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://portal") as c:
+            same_bad = await asyncio.gather(*(c.get("/api/me", headers=_bearer(bad)) for _ in range(20)))
+            first = await asyncio.gather(*(c.get("/api/me", headers=_bearer(token)) for _ in range(16)))
+            others = await asyncio.gather(*(c.get("/api/me", headers=_bearer(token[:-4] + f"{i:04d}"))
+                                            for i in range(6)))
+            return same_bad, first, others
+
+    same_bad, first, others = asyncio.run(burst())
+    assert {r.status_code for r in same_bad} == {401} and {r.status_code for r in first} == {200}
+    assert {r.status_code for r in others} <= {401, 429}
+    assert calls.count(bad[-4:]) == 1            # 20 requests with one bad secret: one check
+    assert calls.count(token[-4:]) == 1          # 16 simultaneous first requests with a good token: one check
+    assert peak[0] == 1                          # never two scrypt checks at once
+
+
+# -- every read audited; sessions end (issue 18) -----------------------------------------------------------
+
+def test_every_read_is_audited_with_the_client_address(api, tokens, sessions, ws):
+    r_h, a_h, e_h = (_bearer(tokens[r]) for r in ("researcher", "auditor", "engineer"))
+    built = api.post("/api/builder", json={"dimensions": ["sex"], "measure": "count"}, headers=r_h).json()["table"]
+    reads = [
+        (api, "/api/tables", r_h, "catalogue.list"), (api, "/api/tables/transition_region", r_h, "table.dictionary"),
+        (api, "/api/tables/transition_region/data", r_h, "table.download"),
+        (api, f"/api/builder/results/{built}?format=csv", r_h, "builder.result"),
+        (api, "/api/reports", a_h, "report.list"), (api, "/api/reports/linkage", a_h, "report.view"),
+        (api, "/api/audit", a_h, "audit.view"), (api, "/api/runs", e_h, "runs.view"),
+        (api, "/api/quarantine", e_h, "quarantine.view"),
+        (sessions["researcher"][0], "/catalogue", {}, "catalogue.list"),
+        (sessions["researcher"][0], "/catalogue/transition_region", {}, "table.view"),
+        (sessions["researcher"][0], "/catalogue/transition_region/download?format=json", {}, "table.download"),
+        (sessions["auditor"][0], "/reports", {}, "report.list"),
+        (sessions["auditor"][0], "/reports/linkage/report.html", {}, "report.view"),
+        (sessions["auditor"][0], "/reports/summary/linkage.json", {}, "report.view"),
+        (sessions["engineer"][0], "/runs", {}, "runs.view"), (sessions["engineer"][0], "/quarantine", {}, "quarantine.view"),
+    ]
+    for client, url, headers, action in reads:
+        before = _count(ws)
+        assert client.get(url, headers=headers).status_code == 200, url
+        new = [e for e in _since(ws, before) if e["action"] == action]
+        assert len(new) == 1 and new[0]["params"]["client"] == "testclient" and new[0]["params"]["token_id"], url
+    page_client, _ = sessions["researcher"]
+    page_client.post("/builder", data={"csrf": sessions["researcher"][1], "dimensions": ["sex"], "measure": "count"})
+    before = _count(ws)
+    assert page_client.get(f"/builder/results/{built}?format=csv").status_code == 200
+    assert [e["action"] for e in _since(ws, before)] == ["builder.result"]
+
+
+def test_traversal_not_found_and_csrf_refusals_are_audited(app, sessions, tokens, ws):
+    client, _ = sessions["auditor"]
+    before = _count(ws)
+    assert client.get("/reports/quality/%2e%2e/%2e%2e/staged/manifest.json").status_code == 404
+    assert TestClient(app).get("/api/tables/..%2F..%2Fresearch%2Fcohort/data",
+                               headers=_bearer(tokens["researcher"])).status_code in (404, 422)
+    r_client, _ = sessions["researcher"]
+    assert r_client.post("/builder", data={"dimensions": ["sex"], "measure": "count", "csrf": "forged"}).status_code == 403
+    refused = [e for e in _since(ws, before) if e["action"] == "request.refused"]
+    statuses = {(e["actor"], e["params"]["status"]) for e in refused}
+    assert ("svc-auditor", 404) in statuses and ("svc-researcher", 403) in statuses
+    assert any(e["params"]["status"] in (404, 422) and "research" in e["params"]["path"] for e in refused)
+    assert all(e["params"]["client"] == "testclient" for e in refused)
+
+
+def test_sessions_end_after_their_absolute_lifetime_however_active(ws):
+    cfg = load_config(service={"session_minutes": 60, "session_max_minutes": 1})
+    token = UserStore(ws).add("svc-longday", "engineer")
+    app = create_app(ws, cfg, key=KEY)
+    client, _ = _login(app, token)
+    assert client.get("/runs").status_code == 200
+    sessions = app.state.portal.sessions
+    for s in sessions._sessions.values():
+        s.started -= 61            # signed in a minute ago and busy ever since
+        s.seen = s.seen
+    assert client.get("/runs").status_code == 303
+
+
+# -- report names, researcher-facing words (issue 18) --------------------------------------------------------
+
+def test_every_listed_report_name_is_accepted_by_the_item_route(api, tokens, sessions):
+    h = _bearer(tokens["auditor"])
+    listed = api.get("/api/reports", headers=h).json()
+    assert {r["name"] for r in listed} >= {"quality", "research-quality", "linkage", "disclosure", "evaluation", "ingest"}
+    for r in listed:
+        got = api.get(f"/api/reports/{r['name']}", headers=h)
+        assert got.status_code == (200 if r["present"] else 404), (r["name"], got.status_code)
+        if r["present"]:
+            doc = got.json()
+            assert doc["name"] == r["name"] and doc["page"] == r["page"]
+            assert (doc["summary"] is not None) == (r["summary"] is not None)
+        if r["page"]:
+            assert sessions["auditor"][0].get(r["page"]).status_code == 200
+    assert api.get("/api/reports/nonesuch", headers=h).status_code == 422
+
+
+def test_researchers_read_settings_as_words_and_numbers(api, tokens, sessions):
+    cfg = load_config()
+    months, share = f"{cfg.assemble.long_spell_months:.0f} months", f"{cfg.assemble.persistent_fsm_share:.0%}"
+    texts = [sessions["researcher"][0].get(u).text for u in
+             ("/builder", "/catalogue", "/catalogue/attainment_benefit_spell_la")]
+    texts.append(json.dumps(api.get("/api/tables/attainment_benefit_spell_la", headers=_bearer(tokens["researcher"])).json()))
+    for t in texts:
+        assert not re.search(r"\b(assemble|disclosure|service|link)\.[a-z_]+\b", t)
+    assert months in texts[0] and share in texts[0] and months in texts[2] and months in texts[3]
 
 
 # -- schemathesis against the OpenAPI spec --------------------------------------------------------------

@@ -21,18 +21,20 @@ route                              roles          returns
 
 from __future__ import annotations
 
+import datetime
 import json
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from linkage.serve.auth import api_user
+from linkage.serve.auth import api_user, who
 from linkage.serve.builder import Refusal
 from linkage.serve.catalogue import NAME_PATTERN, NotFound
-from linkage.serve.status import JSON_REPORTS, json_report, quarantine_summary, reports_index, run_status
+from linkage.serve.status import (REPORT_NAME_PATTERN, json_report, quarantine_summary, report_info, reports_index,
+                                  run_status)
 from linkage.serve.users import User
 
 MAX_BODY = 4096
@@ -98,19 +100,32 @@ class BuilderAnswer(BaseModel):
 
 
 class ReportInfo(BaseModel):
-    """A report and when it was written."""
+    """A report, when it was written, and the URLs of its page and JSON summary (``null`` when not written)."""
 
     name: str
     title: str
-    kind: str
     present: bool
     updated: str | None
+    page: str | None
+    summary: str | None
+
+
+class ReportDoc(BaseModel):
+    """A report: when it was written, the URL of its page, and its JSON summary (``null`` if it has none)."""
+
+    name: str
+    title: str
+    present: bool
+    updated: str | None
+    page: str | None
+    summary: dict[str, Any] | None
 
 
 class AuditPage(BaseModel):
-    """Audit entries, newest first."""
+    """Audit entries, newest first: ``total`` lines in the log, ``matching`` the filters."""
 
     total: int
+    matching: int
     offset: int
     entries: list[dict[str, Any]]
 
@@ -180,32 +195,37 @@ def build_router(portal) -> APIRouter:
         return {"name": user.name, "role": user.role}
 
     @router.get("/tables", response_model=list[TableSummary], responses=AUTH, tags=["tables"])
-    def tables(user: User = Depends(researcher)):
+    def tables(request: Request, user: User = Depends(researcher)):
         """The published tables: titles, dimensions, measures and suppression counts."""
-        return portal.catalogue.summaries()
+        out = portal.catalogue.summaries()
+        portal.record(request, user, "catalogue.list", {"via": "api"})
+        return out
 
     @router.get("/tables/{name}", response_model=dict[str, Any], responses={**AUTH, **_errors(404, 422)},
                 tags=["tables"])
-    async def dictionary(name: TableName, user: User = Depends(researcher)):
+    async def dictionary(request: Request, name: TableName, user: User = Depends(researcher)):
         """A table's data dictionary: columns, dimensions, measures, and its SDC metadata (counts only)."""
-        try:
-            return portal.catalogue.get(name).meta
-        except NotFound:
-            return JSONResponse({"detail": f"no published table '{name}'"}, status_code=404)
+        meta = _published(name).meta
+        portal.record(request, user, "table.dictionary", {"table": name, "via": "api"})
+        return meta
 
     @router.get("/tables/{name}/data", response_model=TableData, tags=["tables"],
                 responses={**AUTH, **_errors(404, 422), 200: {"content": {"text/csv": {}}}})
-    async def data(name: TableName, format: Literal["json", "csv"] = "json", user: User = Depends(researcher)):
+    async def data(request: Request, name: TableName, format: Literal["json", "csv"] = "json",
+                   user: User = Depends(researcher)):
         """A table's protected rows as JSON or CSV (suppressed rows have no value)."""
-        try:
-            view = portal.catalogue.get(name)
-        except NotFound:
-            return JSONResponse({"detail": f"no published table '{name}'"}, status_code=404)
-        portal.audit.append(user.name, user.role, "table.download", {"table": name, "format": format, "via": "api"})
+        view = _published(name)
+        portal.record(request, user, "table.download", {"table": name, "format": format, "via": "api"})
         if format == "csv":
             return Response(view.csv, media_type="text/csv; charset=utf-8",
                             headers={"Content-Disposition": f'attachment; filename="{name}.csv"'})
         return Response(view.json, media_type="application/json")
+
+    def _published(name: str):
+        try:
+            return portal.catalogue.get(name)
+        except NotFound:
+            raise HTTPException(404, f"no published table '{name}'") from None
 
     model = portal.builder.model
     body_schema = model.model_json_schema()
@@ -219,15 +239,17 @@ def build_router(portal) -> APIRouter:
 
         Every request is audited with its disclosure decisions and counts against the daily quota.
         """
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            return JSONResponse({"detail": f"request body over {MAX_BODY} bytes"}, status_code=413)
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY:
+                portal.record(request, user, "builder.request", {"via": "api", "request": "<too large>"}, "refused",
+                              {"status": 413, "reason": f"request body over {MAX_BODY} bytes", "quota_counted": False})
+                request.state.audited = True
+                raise HTTPException(413, f"request body over {MAX_BODY} bytes")
+        raw = parse_json(body)
         try:
-            raw = json.loads(body or b"null")
-        except (ValueError, UnicodeDecodeError):
-            raw = "<not JSON>"
-        try:
-            res = await run_in_threadpool(portal.builder.answer, user, raw, "api")
+            res = await run_in_threadpool(portal.builder.answer, user, raw, "api", who(request))
         except Refusal as r:
             return JSONResponse({"detail": r.message}, status_code=r.status, headers=r.headers)
         return answer_json(res)
@@ -239,59 +261,101 @@ def build_router(portal) -> APIRouter:
 
     @router.get("/builder/results/{name}", response_model=TableData, tags=["builder"],
                 responses={**AUTH, **_errors(404, 422), 200: {"content": {"text/csv": {}}}})
-    async def result(name: TableName, format: Literal["json", "csv"] = "json", user: User = Depends(researcher)):
+    async def result(request: Request, name: TableName, format: Literal["json", "csv"] = "json",
+                     user: User = Depends(researcher)):
         """A table the caller requested recently, again (no new request, no quota)."""
         view = portal.builder.result(user, name)
         if view is None:
-            return JSONResponse({"detail": f"no recent result '{name}' of yours"}, status_code=404)
+            raise HTTPException(404, f"no recent result '{name}' of yours")
+        portal.record(request, user, "builder.result", {"table": name, "format": format, "via": "api"})
         if format == "csv":
             return Response(view.csv, media_type="text/csv; charset=utf-8",
                             headers={"Content-Disposition": f'attachment; filename="{name}.csv"'})
         return Response(view.json, media_type="application/json")
 
     @router.get("/reports", response_model=list[ReportInfo], responses=AUTH, tags=["reports"])
-    def reports(user: User = Depends(reader)):
-        """Every report (data quality, linkage quality, disclosure, evaluation) and when it was written."""
-        return reports_index(portal.workspace)
+    def reports(request: Request, user: User = Depends(reader)):
+        """Every report (data quality, linkage quality, disclosure, evaluation), when it was written, and
+        where to read it; each ``name`` is accepted by ``/api/reports/{name}``."""
+        out = reports_index(portal.workspace)
+        portal.record(request, user, "report.list", {"via": "api"})
+        return out
 
-    @router.get("/reports/{name}", response_model=dict[str, Any], responses={**AUTH, **_errors(404, 422)},
+    @router.get("/reports/{name}", response_model=ReportDoc, responses={**AUTH, **_errors(404, 422)},
                 tags=["reports"])
-    def report(name: Literal[tuple(JSON_REPORTS)], user: User = Depends(reader)):
-        """A report's JSON summary (aggregates only)."""
+    def report(request: Request, name: Annotated[str, Path(pattern=REPORT_NAME_PATTERN)],
+               user: User = Depends(reader)):
+        """A report: its name, title, when written, the URL of its page, and its JSON summary (aggregates
+        only; ``null`` when the report has only a page)."""
+        info = report_info(portal.workspace, name)
+        if not info["present"]:
+            raise HTTPException(404, f"report '{name}' has not been written")
         doc = json_report(portal.workspace, name)
-        if doc is None:
-            return JSONResponse({"detail": f"report '{name}' has not been written"}, status_code=404)
-        portal.audit.append(user.name, user.role, "report.view", {"report": name, "via": "api"})
-        return doc
+        portal.record(request, user, "report.view", {"report": name, "via": "api"})
+        return {**info, "summary": doc}
 
     @router.get("/audit", response_model=AuditPage, responses={**AUTH, **_errors(422)}, tags=["audit"])
-    def audit(offset: Annotated[int, Query(ge=0, le=10**9)] = 0, limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    def audit(request: Request, offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+              limit: Annotated[int, Query(ge=1, le=500)] = 100,
+              actor: Annotated[str | None, Query(max_length=64, pattern=r"^[A-Za-z0-9._:@-]+$")] = None,
+              action: Annotated[str | None, Query(max_length=40, pattern=r"^[a-z._-]+$",
+                                                  description="an action, or a prefix ending in '.'")] = None,
+              since: Annotated[str | None, Query(pattern=r"^\d{4}-\d{2}-\d{2}$")] = None,
+              until: Annotated[str | None, Query(pattern=r"^\d{4}-\d{2}-\d{2}$")] = None,
               user: User = Depends(auditor)):
-        """Audit entries, newest first."""
-        entries, total = portal.audit.entries(offset, limit, newest_first=True)
-        portal.audit.append(user.name, user.role, "audit.view", {"offset": offset, "limit": limit, "via": "api"})
-        return {"total": total, "offset": offset, "entries": entries}
+        """Audit entries, newest first, optionally only one actor's, one action's (or action group's, e.g.
+        ``auth.``) and within a range of days (UTC)."""
+        check_days(since, until)
+        portal.denials.flush(everything=True)
+        entries, matching, total = portal.audit.search(actor, action, since, until, offset, limit, newest_first=True)
+        filters = {k: v for k, v in {"actor": actor, "action": action, "since": since, "until": until}.items() if v}
+        portal.record(request, user, "audit.view", {"offset": offset, "limit": limit, "via": "api", **filters})
+        return {"total": total, "matching": matching, "offset": offset, "entries": entries}
 
     @router.get("/audit/verify", response_model=VerificationOut, responses=AUTH, tags=["audit"])
-    def verify(user: User = Depends(auditor)):
+    def verify(request: Request, user: User = Depends(auditor)):
         """Check the audit log: the first entry edited, removed or reordered, if any."""
         result = portal.audit.verify()
-        portal.audit.append(user.name, user.role, "audit.verify", {"via": "api"}, "ok" if result.ok else "tampered",
+        portal.record(request, user, "audit.verify", {"via": "api"}, "ok" if result.ok else "tampered",
                             {"entries": result.entries, "first_bad_seq": result.first_bad_seq,
                              "problem": result.problem})
         return result.to_dict()
 
     @router.get("/runs", response_model=list[StageStatus], responses=AUTH, tags=["engineering"])
-    def runs(user: User = Depends(engineer)):
+    def runs(request: Request, user: User = Depends(engineer)):
         """Each stage's output: present, when written, and a few counts from its summary."""
-        return run_status(portal.workspace)
+        out = run_status(portal.workspace)
+        portal.record(request, user, "runs.view", {"via": "api"})
+        return out
 
     @router.get("/quarantine", response_model=list[QuarantineSource], responses=AUTH, tags=["engineering"])
-    def quarantine(user: User = Depends(engineer)):
+    def quarantine(request: Request, user: User = Depends(engineer)):
         """Rejected rows per source, file, column and reason (counts only, never the rows)."""
-        return quarantine_summary(portal.workspace)
+        out = quarantine_summary(portal.workspace)
+        portal.record(request, user, "quarantine.view", {"via": "api"})
+        return out
 
     return router
+
+
+def check_days(*days: str | None) -> None:
+    # the pattern admits 2026-13-45: a day must also exist
+    for d in days:
+        if d:
+            try:
+                datetime.date.fromisoformat(d)
+            except ValueError:
+                raise HTTPException(422, f"'{d}' is not a day (YYYY-MM-DD)") from None
+
+
+def parse_json(body: bytes) -> object:
+    """A request body as JSON, or a marker the builder refuses (not JSON, not UTF-8, or nested too deeply)."""
+    try:
+        return json.loads(body or b"null")
+    except RecursionError:
+        return "<JSON nested too deeply>"
+    except (ValueError, UnicodeDecodeError):
+        return "<not JSON>"
 
 
 def answer_json(res) -> dict:

@@ -9,13 +9,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
 from fastapi import FastAPI, Request
-from fastapi.exceptions import HTTPException
+from fastapi.exceptions import HTTPException, RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -24,21 +25,16 @@ from linkage.config import Config, load_config
 from linkage.errors import WorkspaceError
 from linkage.keys import MasterKey, load_master_key
 from linkage.serve.audit import AuditLog
-from linkage.serve.auth import PageForbidden, PageLogin, Sessions
+from linkage.serve.auth import Gatekeeper, PageForbidden, PageLogin, Sessions, client_address, who
 from linkage.serve.builder import Builder
 from linkage.serve.catalogue import Catalogue
-from linkage.serve.users import UserStore
+from linkage.serve.denials import Denials
+from linkage.serve.guard import Guard, is_api
+from linkage.serve.users import User, UserStore
 
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
-PAGE_CSP = ("default-src 'self'; script-src 'none'; style-src 'self'; img-src 'self' data:; object-src 'none'; "
-            "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
-# generated reports (GX Data Docs) run their own vendored scripts and inline styles; they may not fetch
-# anything (connect-src 'none'), so a script in a report can read nothing the auditor is not already looking at
-REPORT_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline' 'unsafe-eval'; style-src 'self' 'unsafe-inline'; "
-              "img-src 'self' data:; font-src 'self' data:; connect-src 'none'; object-src 'none'; base-uri 'self'; "
-              "form-action 'none'; frame-ancestors 'self'")
 HOME = {"researcher": "/catalogue", "auditor": "/reports", "engineer": "/runs"}
 
 
@@ -55,40 +51,30 @@ class Portal:
     catalogue: Catalogue
     builder: Builder
     templates: jinja2.Environment
+    denials: Denials
+    gate: Gatekeeper
 
-    def render(self, request: Request, template: str, status: int = 200, **context) -> HTMLResponse:
+    def record(self, request: Request, user: User, action: str, params: dict | None = None, outcome: str = "ok",
+               detail: dict | None = None) -> dict:
+        """Audit what ``user`` did in ``request``: its parameters, the client address and the token id."""
+        return self.audit.append(user.name, user.role, action, {**(params or {}), **who(request)}, outcome, detail)
+
+    def refused(self, request: Request, status: int, reason: str) -> None:
+        """Audit a refused request (aggregated): who, if known, the path and why."""
+        user = getattr(request.state, "user", None)
+        self.denials.record(user.name if user else "-", user.role if user else "-", "request.refused",
+                            {"path": request.url.path[:300], "method": request.method, "status": status,
+                             "reason": reason[:200], **who(request)}, "refused")
+
+    def render(self, request: Request, template: str, status: int = 200, headers: dict | None = None,
+               **context) -> HTMLResponse:
         """Render a page template (autoescaped)."""
         from linkage.serve.auth import optional_page_user
 
         context.setdefault("me", optional_page_user(request))
         context.setdefault("home", HOME)
         html = self.templates.get_template(template).render(request=request, **context)
-        return HTMLResponse(html, status_code=status)
-
-
-class SecurityHeaders:
-    """ASGI middleware: no caching, no sniffing, no framing, and a Content-Security-Policy on every response."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        csp = (REPORT_CSP if scope.get("path", "").startswith("/reports/") else PAGE_CSP).encode()
-
-        async def send_with_headers(message):
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                names = {k.lower() for k, _ in headers}
-                extra = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
-                         (b"x-frame-options", b"SAMEORIGIN"), (b"cache-control", b"no-store"),
-                         (b"content-security-policy", csp)]
-                headers += [(k, v) for k, v in extra if k not in names]
-                message = {**message, "headers": headers}
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
+        return HTMLResponse(html, status_code=status, headers=headers)
 
 
 def _templates() -> jinja2.Environment:
@@ -96,7 +82,19 @@ def _templates() -> jinja2.Environment:
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = lambda v: "" if v is None else (f"{v:,.0f}" if float(v).is_integer() or abs(v) >= 1000
                                                           else f"{v:,.3g}" if abs(v) < 10 else f"{v:,.1f}")
+    env.filters["kv"] = _kv
     return env
+
+
+def _kv(v) -> str:
+    # an audit parameter as text: lists joined, mappings as "key value" pairs, no JSON punctuation
+    if isinstance(v, dict):
+        return "; ".join(f"{k} {_kv(x)}" for k, x in v.items())
+    if isinstance(v, list):
+        return ", ".join(_kv(x) for x in v)
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return "" if v is None else str(v)
 
 
 def create_app(workspace: Path | str, config: Config | None = None, key: MasterKey | None = None) -> FastAPI:
@@ -123,14 +121,31 @@ def create_app(workspace: Path | str, config: Config | None = None, key: MasterK
     config = config or load_config()
     key = key or load_master_key(workspace=ws)
     audit = AuditLog(ws, key, fsync=config.service.audit_fsync)
-    portal = Portal(ws, config, key, UserStore(ws), Sessions(config.service.session_minutes), audit,
-                    Catalogue(ws, config), Builder(ws, config, key, audit), _templates())
-    app = FastAPI(title="hhlink portal", version="1.0",
+    users, denials = UserStore(ws), Denials(audit)
+    portal = Portal(ws, config, key, users,
+                    Sessions(config.service.session_minutes, config.service.session_max_minutes), audit,
+                    Catalogue(ws, config), Builder(ws, config, key, audit), _templates(), denials,
+                    Gatekeeper(users, audit, denials))
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        denials.flush(everything=True)
+
+    app = FastAPI(title="hhlink portal", version="1.0", lifespan=lifespan,
                   description="Published aggregate tables, the table builder (answered through disclosure "
                               "control), reports and the audit log. Bearer tokens come from `hhlink users add`.",
                   docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.portal = portal
-    app.add_middleware(SecurityHeaders)
+
+    def guard_refusal(scope, status: int, reason: str) -> None:
+        client = scope.get("client")
+        denials.record("-", "-", "request.refused", {"path": scope.get("path", "")[:300].encode("unicode_escape")
+                                                     .decode("ascii"), "method": scope.get("method", ""),
+                                                     "status": status, "reason": reason,
+                                                     "client": client[0] if client else "-"}, "refused")
+
+    # summaries of refusal bursts that have ended are written as soon as anything else happens
+    app.add_middleware(Guard, on_refusal=guard_refusal, before=denials.flush)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(api.build_router(portal))
     app.include_router(pages.router)
@@ -149,9 +164,24 @@ def create_app(workspace: Path | str, config: Config | None = None, key: MasterK
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: HTTPException):
         headers = getattr(exc, "headers", None)
-        if request.url.path.startswith("/api/") or request.url.path in ("/openapi.json", "/healthz"):
+        if exc.status_code not in (401, 429) and not getattr(request.state, "audited", False):
+            # 401 and 429 are audited by the gatekeeper, role refusals and the rest where they are decided
+            portal.refused(request, exc.status_code, str(exc.detail))
+        if is_api(request.url.path):
             return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
         return portal.render(request, "error.html", exc.status_code, title=f"Error {exc.status_code}",
-                             message=str(exc.detail))
+                             message=str(exc.detail), headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        where = ".".join(str(p) for p in errors[0].get("loc", ())) if errors else "request"
+        reason = f"{where}: {errors[0].get('msg', 'invalid')}" if errors else "invalid request"
+        portal.refused(request, 422, reason)
+        if is_api(request.url.path):
+            # the offending input is not echoed back (it may be long or odd); the place and the rule are
+            return JSONResponse({"detail": [{"loc": e.get("loc"), "msg": e.get("msg"), "type": e.get("type")}
+                                            for e in errors[:10]]}, status_code=422)
+        return portal.render(request, "error.html", 400, title="Error 400", message=reason)
 
     return app

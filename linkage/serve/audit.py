@@ -38,6 +38,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from linkage.keys import MasterKey
 
 __all__ = ["AUDIT_KEY_PURPOSE", "GENESIS", "AuditLog", "Verification", "entry_hash"]
@@ -104,6 +106,8 @@ class AuditLog:
         self._lock = threading.Lock()
         self._size = -1
         self._last: tuple[int, str] = (0, GENESIS)
+        self._index = _Index()
+        self._index_lock = threading.Lock()
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -192,21 +196,42 @@ class AuditLog:
 
     def entries(self, offset: int = 0, limit: int | None = None, newest_first: bool = False) -> tuple[list[dict], int]:
         """Entries (parsed lines; unparseable lines are skipped) and the total line count."""
-        if not self.path.exists():
-            return [], 0
-        with open(self.path, "rb") as fh:
-            lines = fh.read().splitlines()
-        total = len(lines)
-        if newest_first:
-            lines = lines[::-1]
-        chosen = lines[offset: None if limit is None else offset + limit]
-        out = []
-        for raw in chosen:
-            try:
-                out.append(json.loads(raw))
-            except ValueError:
-                continue
-        return out, total
+        found, _, total = self.search(offset=offset, limit=limit, newest_first=newest_first)
+        return found, total
+
+    def search(self, actor: str | None = None, action: str | None = None, since: str | None = None,
+               until: str | None = None, offset: int = 0, limit: int | None = None,
+               newest_first: bool = False) -> tuple[list[dict], int, int]:
+        """Entries matching every filter given, a page of them, read through an in-memory index that is
+        extended with only the lines appended since the last call (the file is not re-read).
+
+        Args:
+            actor: the user name (exact).
+            action: the action (exact), or a prefix ending in ``.`` (``auth.``).
+            since: first day (``YYYY-MM-DD``, UTC), inclusive.
+            until: last day, inclusive.
+            offset: entries to skip (after filtering, in the chosen order).
+            limit: entries to return (all when ``None``).
+            newest_first: newest entry first.
+
+        Returns:
+            ``(entries, matching, total)``: the page, how many entries match, how many lines the log has.
+        """
+        with self._index_lock:
+            idx = self._index.refresh(self.path)
+            rows = idx.match(actor, action, since, until)
+            matching, total = len(rows), idx.count
+            if newest_first:
+                rows = rows[::-1]
+            chosen = rows[offset: None if limit is None else offset + limit]
+            out = idx.read(self.path, chosen)
+        return out, matching, total
+
+    def actors_and_actions(self) -> tuple[list[str], list[str]]:
+        """Every actor and action in the log (for the audit page's filters), sorted."""
+        with self._index_lock:
+            idx = self._index.refresh(self.path)
+            return sorted(idx.actors.names), sorted(idx.actions.names)
 
     def verify(self) -> Verification:
         """Check every entry's hash, MAC (with the key), sequence and link to the one before.
@@ -294,3 +319,119 @@ class AuditLog:
             return None
         h = json.loads(text)
         return int(h["seq"]), str(h["hash"]), str(h.get("mac", ""))
+
+
+class _Names:
+    """Strings interned as small integers."""
+
+    def __init__(self):
+        self.ids: dict[str, int] = {}
+        self.names: list[str] = []
+
+    def id(self, name: str) -> int:
+        i = self.ids.get(name)
+        if i is None:
+            i = self.ids[name] = len(self.names)
+            self.names.append(name)
+        return i
+
+
+class _Column:
+    """A growable int64 numpy column."""
+
+    def __init__(self):
+        self.data = np.zeros(1024, dtype=np.int64)
+        self.n = 0
+
+    def append(self, v: int) -> None:
+        if self.n == len(self.data):
+            self.data = np.concatenate([self.data, np.zeros(len(self.data), dtype=np.int64)])
+        self.data[self.n] = v
+        self.n += 1
+
+    @property
+    def values(self) -> np.ndarray:
+        return self.data[: self.n]
+
+
+class _Index:
+    """Byte offset, actor, action and day of each line of the log, extended incrementally."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.size, self.head = 0, b""
+        self.offsets, self.actor, self.action, self.day = _Column(), _Column(), _Column(), _Column()
+        self.ends = _Column()
+        self.actors, self.actions = _Names(), _Names()
+
+    @property
+    def count(self) -> int:
+        return self.offsets.n
+
+    def refresh(self, path: Path) -> _Index:
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            self.reset()
+            return self
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+            # a log that shrank or whose start changed was rewritten: index it again from the start
+            if size < self.size or head[: len(self.head)] != self.head:
+                self.reset()
+            if size == self.size:
+                return self
+            fh.seek(self.size)
+            chunk = fh.read(size - self.size)
+        end = chunk.rfind(b"\n") + 1          # complete lines only; a line being written is read next time
+        pos = self.size
+        for line in chunk[:end].split(b"\n")[:-1]:
+            self._add(line, pos)
+            pos += len(line) + 1
+        self.size, self.head = pos, head[:64]
+        return self
+
+    def _add(self, line: bytes, pos: int) -> None:
+        try:
+            e = json.loads(line)
+            actor, action, day = str(e.get("actor", "")), str(e.get("action", "")), str(e.get("time", ""))[:10]
+        except (ValueError, AttributeError):
+            actor, action, day = "", "", ""
+        self.offsets.append(pos)
+        self.ends.append(pos + len(line))
+        self.actor.append(self.actors.id(actor))
+        self.action.append(self.actions.id(action))
+        self.day.append(int(day.replace("-", "")) if len(day) == 10 and day.replace("-", "").isdigit() else 0)
+
+    def match(self, actor: str | None, action: str | None, since: str | None, until: str | None) -> np.ndarray:
+        keep = np.ones(self.count, dtype=bool)
+        if actor:
+            i = self.actors.ids.get(actor)
+            keep &= self.actor.values == (-1 if i is None else i)
+        if action:
+            if action.endswith("."):
+                ids = [i for n, i in self.actions.ids.items() if n.startswith(action)]
+            else:
+                ids = [self.actions.ids[action]] if action in self.actions.ids else []
+            keep &= np.isin(self.action.values, ids)
+        if since:
+            keep &= self.day.values >= int(since.replace("-", ""))
+        if until:
+            keep &= self.day.values <= int(until.replace("-", ""))
+        return np.flatnonzero(keep)
+
+    def read(self, path: Path, rows: np.ndarray) -> list[dict]:
+        out = []
+        if len(rows) == 0:
+            return out
+        with open(path, "rb") as fh:
+            for r in rows:
+                start, end = int(self.offsets.values[r]), int(self.ends.values[r])
+                raw = os.pread(fh.fileno(), end - start, start)
+                try:
+                    out.append(json.loads(raw))
+                except ValueError:
+                    continue
+        return out

@@ -35,6 +35,7 @@ from linkage.keys import MasterKey
 from linkage.serve.audit import AuditLog
 from linkage.serve.catalogue import TableView, stamp, table_view
 from linkage.serve.users import User
+from linkage.serve.words import plain_meta
 
 log = logging.getLogger(__name__)
 
@@ -180,13 +181,13 @@ class Builder:
     def _category_counts(self) -> dict[str, int]:
         # categories of the dimensions the catalogue leaves open (cohort bands, ethnicity codes)
         research = self.workspace / "research"
-        stamp = stamp(research / "cohort.parquet")
-        if stamp == self._sizes[0]:
+        signature = stamp(research / "cohort.parquet")
+        if signature == self._sizes[0]:
             return self._sizes[1]
         from linkage.sdc import standard
 
         sizes: dict[str, int] = {}
-        if stamp is not None:
+        if signature is not None:
             con = connect()
             try:
                 sql = standard.population(con, self.workspace, standard.Source((), ("cohort", "ethnicity")), self.config)
@@ -197,7 +198,7 @@ class Builder:
                 sizes = {}
             finally:
                 con.close()
-        self._sizes = (stamp, sizes)
+        self._sizes = (signature, sizes)
         return sizes
 
     def estimate_cells(self, dims: list[str]) -> int:
@@ -221,13 +222,14 @@ class Builder:
         research = self.workspace / "research"
         return stamp(research / "cohort.parquet"), stamp(research / "person.parquet")
 
-    def answer(self, user: User, raw: object, via: str) -> BuildResult:
+    def answer(self, user: User, raw: object, via: str, context: dict | None = None) -> BuildResult:
         """Validate, ration and answer one request, and audit it whatever happens.
 
         Args:
             user: the researcher.
             raw: the request as sent (a dict, from JSON or a form).
             via: ``api`` or ``page`` (recorded in the audit entry).
+            context: further parameters for the audit entry (the client address and token id).
 
         Returns:
             The :class:`BuildResult`.
@@ -236,7 +238,7 @@ class Builder:
             Refusal: 422 (invalid or too large), 429 (quota), 503 (no research tables), 500 (the engine
                 failed; logged and audited by error class only, never its message).
         """
-        params = {"via": via, "request": _safe_params(raw)}
+        params = {"via": via, "request": _safe_params(raw), **(context or {})}
         try:
             request = self.validate(raw)
         except Refusal as r:
@@ -295,7 +297,7 @@ class Builder:
                 raise Refusal(422, str(exc)) from None
             except WorkspaceError:
                 raise Refusal(503, "no research tables in this workspace yet (run hhlink assemble)") from None
-        view = table_view(pt.spec.name, pt.metadata, pt.frame)
+        view = table_view(pt.spec.name, plain_meta(pt.metadata, self.config), pt.frame)
         if self.config.service.builder_cache:
             with self._lock:
                 self._cache[key] = (view, pt.metadata)

@@ -13,8 +13,11 @@ category (``Total`` by default), for the bar charts and heat maps of the pages.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,20 +25,24 @@ from pathlib import Path
 import pandas as pd
 
 from linkage.config import Config
+from linkage.serve.files import read_confined
+from linkage.serve.words import plain_meta
 
 TOTAL = "Total"
 NAME_PATTERN = r"^[a-z0-9_]{1,64}$"
+_NAME = re.compile(NAME_PATTERN)
 
 
 class NotFound(KeyError):
     """No such published table (or column, or category)."""
 
 
-def stamp(path: Path) -> tuple | None:
-    """The file's (mtime, size, inode) signature, or None when it is missing: a cache key."""
+def stamp(path: Path, follow: bool = True) -> tuple | None:
+    """The file's (inode, size, mtime) signature, or None when it is missing: a cache key (without
+    ``follow``, a link is stamped itself, not its target)."""
     try:
-        st = path.stat()
-    except FileNotFoundError:
+        st = os.stat(path) if follow else os.lstat(path)
+    except (OSError, ValueError):
         return None
     return st.st_ino, st.st_size, st.st_mtime_ns
 
@@ -173,15 +180,18 @@ class Catalogue:
     def names(self) -> list[str]:
         """Names of the published tables (from ``published/index.json``)."""
         path = self.folder / "index.json"
-        stamp = stamp(path)
-        if stamp != self._index[0]:
+        signature = stamp(path, follow=False)
+        if signature != self._index[0]:
             names: list[str] = []
-            if stamp is not None:
+            raw = read_confined(self.folder, "index.json") if signature is not None else None
+            if raw is not None:
                 try:
-                    names = [str(n) for n in json.loads(path.read_text()).get("tables", [])]
-                except (ValueError, AttributeError):
+                    listed = json.loads(raw).get("tables", [])
+                    # an index may list anything: only plain table names are ever used to build a path
+                    names = [n for n in listed if isinstance(n, str) and _NAME.match(n)] if isinstance(listed, list) else []
+                except (ValueError, AttributeError, UnicodeDecodeError):
                     names = []
-            self._index = (stamp, names)
+            self._index = (signature, names)
         return self._index[1]
 
     def get(self, name: str) -> TableView:
@@ -192,18 +202,22 @@ class Catalogue:
         """
         if name not in self.names():
             raise NotFound(name)
-        meta_path, csv_path = self.folder / f"{name}.json", self.folder / f"{name}.csv"
-        stamp = (stamp(meta_path), stamp(csv_path), stamp(self.folder / f"{name}.parquet"))
+        files = [f"{name}.json", f"{name}.csv", f"{name}.parquet"]
+        signature = tuple(stamp(self.folder / f, follow=False) for f in files)
         hit = self._cache.get(name)
-        if hit is not None and hit[0] == stamp:
+        if hit is not None and hit[0] == signature:
             return hit[1]
-        if None in stamp:
+        if None in signature:
             raise NotFound(name)
         with self._lock:
-            meta = json.loads(meta_path.read_text())
-            frame = pd.read_parquet(self.folder / f"{name}.parquet")
-            view = table_view(name, meta, frame, csv_path.read_bytes())
-            self._cache[name] = (stamp, view)
+            # read only regular files inside published/, never through a link, whatever the index says
+            meta_raw, csv_raw, parquet_raw = (read_confined(self.folder, f) for f in files)
+            if meta_raw is None or csv_raw is None or parquet_raw is None:
+                raise NotFound(name)
+            meta = plain_meta(json.loads(meta_raw), self._config)
+            frame = pd.read_parquet(io.BytesIO(parquet_raw))
+            view = table_view(name, meta, frame, csv_raw)
+            self._cache[name] = (signature, view)
         return view
 
     def summaries(self) -> list[dict]:

@@ -17,19 +17,22 @@ from __future__ import annotations
 
 import re
 import secrets
+from html import escape as html_escape
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from fastapi.responses import FileResponse, RedirectResponse, Response
+from fastapi.responses import RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from linkage.serve.api import check_days
 from linkage.serve.app import HOME
 from linkage.serve.auth import (LOGIN_COOKIE, SESSION_COOKIE, PageUser, csrf_ok, optional_page_user,
-                                  page_user)
+                                page_user, who)
 from linkage.serve.builder import Refusal
 from linkage.serve.catalogue import NotFound, TableView
 from linkage.serve.charts import bar_svg, heat_cells
-from linkage.serve.status import (MEDIA_TYPES, REPORTS, json_report, quarantine_summary, report_file,
-                                    reports_index, run_status)
+from linkage.serve.status import REPORTS, json_report, quarantine_summary, read_report, reports_index, run_status
+from linkage.serve.words import plain
 
 router = APIRouter(include_in_schema=False)
 researcher = page_user("researcher")
@@ -98,16 +101,17 @@ async def login(request: Request):
     if not csrf_ok(request.cookies.get(LOGIN_COOKIE), form["csrf"]):
         raise HTTPException(403, "the sign-in form expired or did not come from this site; reload it and try again")
     token = str(form["token"] or "").strip()
-    user = await run_in_threadpool(portal.users.authenticate, token) if token else None
+    user, status, headers = await portal.gate.authenticate(request, token, "page")
     if user is None:
-        portal.audit.append("-", "-", "login", {"via": "page"}, "failed")
         fresh = secrets.token_urlsafe(24)
-        response = portal.render(request, "login.html", 401, title="Sign in", csrf=fresh, next=nxt or "",
-                                 error="That token is not valid.", me=None)
+        error = ("Too many failed sign-ins from this address or for this token: try again in "
+                 f"{headers.get('Retry-After', 'a few')} seconds." if status == 429 else "That token is not valid.")
+        response = portal.render(request, "login.html", status, headers=headers or None, title="Sign in", csrf=fresh,
+                                 next=nxt or "", error=error, me=None)
         _cookie(response, request, LOGIN_COOKIE, fresh, max_age=1800)
         return response
     sid, _ = portal.sessions.create(user)
-    portal.audit.append(user.name, user.role, "login", {"via": "page"})
+    portal.record(request, user, "login", {"via": "page"})
     response = RedirectResponse(nxt or HOME[user.role], status_code=303)
     _cookie(response, request, SESSION_COOKIE, sid)
     response.delete_cookie(LOGIN_COOKIE, path="/", httponly=True, samesite="strict")
@@ -124,7 +128,7 @@ async def logout(request: Request):
     if not csrf_ok(me.csrf, form["csrf"]):
         raise HTTPException(403, "missing or wrong CSRF token")
     portal.sessions.end(request.cookies.get(SESSION_COOKIE))
-    portal.audit.append(me.user.name, me.user.role, "logout", {"via": "page"})
+    portal.record(request, me.user, "logout", {"via": "page"})
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
@@ -134,8 +138,10 @@ async def logout(request: Request):
 
 @router.get("/catalogue")
 async def catalogue(request: Request, me: PageUser = Depends(researcher)):
-    return _portal(request).render(request, "catalogue.html", title="Published tables",
-                                   tables=_portal(request).catalogue.summaries())
+    portal = _portal(request)
+    tables = portal.catalogue.summaries()
+    portal.record(request, me.user, "catalogue.list", {"via": "page"})
+    return portal.render(request, "catalogue.html", title="Published tables", tables=tables)
 
 
 def _chart(view: TableView, params: dict, labels: dict) -> dict:
@@ -195,7 +201,7 @@ async def table_page(request: Request, name: str, me: PageUser = Depends(researc
         rows = view.select(filters, params.get("r.measure") or None)
     except NotFound:
         raise HTTPException(400, "unknown column") from None
-    portal.audit.append(me.user.name, me.user.role, "table.view", {"table": name, "via": "page"})
+    portal.record(request, me.user, "table.view", {"table": name, "via": "page"})
     return portal.render(request, "table.html", title=view.meta.get("title", name), view=view, chart=chart,
                          rows=rows.head(MAX_ROWS).to_dict("records"), total_rows=len(rows), filters=filters,
                          labels=labels, params=params, max_rows=MAX_ROWS)
@@ -209,7 +215,7 @@ async def table_download(request: Request, name: str, format: str = Query("csv",
         view = portal.catalogue.get(name)
     except NotFound:
         raise HTTPException(404, f"no published table '{name}'") from None
-    portal.audit.append(me.user.name, me.user.role, "table.download", {"table": name, "format": format, "via": "page"})
+    portal.record(request, me.user, "table.download", {"table": name, "format": format, "via": "page"})
     return _download(view, format)
 
 
@@ -226,7 +232,7 @@ def _builder_context(portal, me: PageUser) -> dict:
     dims = []
     for d in cfg.allowed_dimensions:
         try:
-            dims.append({"name": d, "description": standard.dimension(d, portal.config).description})
+            dims.append({"name": d, "description": plain(standard.dimension(d, portal.config).description, portal.config)})
         except Exception:  # noqa: BLE001 - a name the catalogue does not know is not offered
             continue
     measures = [{"name": m, "description": standard.MEASURES[m][3]} for m in cfg.allowed_measures if m in standard.MEASURES]
@@ -250,7 +256,7 @@ async def builder(request: Request, me: PageUser = Depends(researcher)):
     raw = {"dimensions": form["dimensions"], "measure": form["measure"] or "count"}
     ctx = dict(chosen=form["dimensions"], chosen_measure=form["measure"])
     try:
-        res = await run_in_threadpool(portal.builder.answer, me.user, raw, "page")
+        res = await run_in_threadpool(portal.builder.answer, me.user, raw, "page", who(request))
     except Refusal as r:
         return portal.render(request, "builder.html", r.status, title="Table builder", result=None, error=r.message,
                              **ctx, **_builder_context(portal, me))
@@ -265,9 +271,11 @@ async def builder(request: Request, me: PageUser = Depends(researcher)):
 @router.get("/builder/results/{name}")
 async def builder_download(request: Request, name: str, format: str = Query("csv", pattern="^(csv|json)$"),
                            me: PageUser = Depends(researcher)):
-    view = _portal(request).builder.result(me.user, name)
+    portal = _portal(request)
+    view = portal.builder.result(me.user, name)
     if view is None:
         raise HTTPException(404, "no recent result of yours by that name")
+    portal.record(request, me.user, "builder.result", {"table": name, "format": format, "via": "page"})
     return _download(view, format)
 
 
@@ -276,7 +284,9 @@ async def builder_download(request: Request, name: str, format: str = Query("csv
 @router.get("/reports")
 async def reports(request: Request, me: PageUser = Depends(reader)):
     portal = _portal(request)
-    return portal.render(request, "reports.html", title="Reports", reports=reports_index(portal.workspace))
+    out = reports_index(portal.workspace)
+    portal.record(request, me.user, "report.list", {"via": "page"})
+    return portal.render(request, "reports.html", title="Reports", reports=out)
 
 
 @router.get("/reports/summary/{name}.json")
@@ -285,13 +295,13 @@ async def report_summary(request: Request, name: str, me: PageUser = Depends(rea
     doc = json_report(portal.workspace, name)
     if doc is None:
         raise HTTPException(404, "no such report")
-    portal.audit.append(me.user.name, me.user.role, "report.view", {"report": name, "via": "page"})
+    portal.record(request, me.user, "report.view", {"report": name, "via": "page"})
     return doc
 
 
 @router.get("/reports/{report}")
 async def report_root(report: str, me: PageUser = Depends(reader)):
-    if report not in REPORTS:
+    if report not in REPORTS or REPORTS[report].folder is None:
         raise HTTPException(404, "no such report")
     return RedirectResponse(f"/reports/{report}/", status_code=307)
 
@@ -299,43 +309,83 @@ async def report_root(report: str, me: PageUser = Depends(reader)):
 @router.get("/reports/{report}/{path:path}")
 async def report_page(request: Request, report: str, path: str, me: PageUser = Depends(reader)):
     portal = _portal(request)
-    target = report_file(portal.workspace, report, path)
-    if target is None:
+    found = read_report(portal.workspace, report, path)
+    if found is None:
         raise HTTPException(404, "no such report file")
-    if target.suffix == ".html":
-        portal.audit.append(me.user.name, me.user.role, "report.view", {"report": report, "file": path or "index",
-                                                                         "via": "page"})
-    return FileResponse(target, media_type=MEDIA_TYPES[target.suffix.lower()])
+    body, media = found
+    if media.startswith("text/html"):
+        portal.record(request, me.user, "report.view", {"report": report, "file": path or "index", "via": "page"})
+        body = with_portal_nav(body, me, REPORTS[report].title)
+    return Response(body, media_type=media)
+
+
+AUDIT_PER_PAGE = 50
+DAY = r"^\d{4}-\d{2}-\d{2}$"
 
 
 @router.get("/audit")
-async def audit_page(request: Request, page: int = Query(1, ge=1, le=10**6), me: PageUser = Depends(auditor)):
+async def audit_page(request: Request, page: int = Query(1, ge=1, le=10**6),
+                     user: str = Query("", max_length=64, pattern=r"^[A-Za-z0-9._:@-]*$"),
+                     action: str = Query("", max_length=40, pattern=r"^[a-z._-]*$"),
+                     since: str = Query("", pattern=DAY + "|^$"), until: str = Query("", pattern=DAY + "|^$"),
+                     me: PageUser = Depends(auditor)):
     portal = _portal(request)
-    per = 100
-    entries, total = portal.audit.entries((page - 1) * per, per, newest_first=True)
-    portal.audit.append(me.user.name, me.user.role, "audit.view", {"page": page, "via": "page"})
-    return portal.render(request, "audit.html", title="Audit log", entries=entries, total=total, page=page,
-                         pages=max(1, -(-total // per)), verification=None)
+    check_days(since, until)
+    portal.denials.flush(everything=True)        # show refusal bursts counted so far
+    filters = {"user": user, "action": action, "since": since, "until": until}
+    entries, matching, total = portal.audit.search(user or None, action or None, since or None, until or None,
+                                                   (page - 1) * AUDIT_PER_PAGE, AUDIT_PER_PAGE, newest_first=True)
+    actors, actions = portal.audit.actors_and_actions()
+    portal.record(request, me.user, "audit.view", {"page": page, "via": "page", **{k: v for k, v in filters.items() if v}})
+    pages = max(1, -(-matching // AUDIT_PER_PAGE))
+    return portal.render(request, "audit.html", title="Audit log", entries=entries, total=total, matching=matching,
+                         page=page, pages=pages, filters=filters, actors=actors, actions=actions,
+                         groups=sorted({a.split(".")[0] + "." for a in actions if "." in a}), verification=None,
+                         query=lambda **kw: urlencode({k: v for k, v in {**filters, **kw}.items() if v}))
 
 
 @router.get("/audit/verify")
 async def audit_verify(request: Request, me: PageUser = Depends(auditor)):
     portal = _portal(request)
     result = await run_in_threadpool(portal.audit.verify)
-    portal.audit.append(me.user.name, me.user.role, "audit.verify", {"via": "page"}, "ok" if result.ok else "tampered",
+    portal.record(request, me.user, "audit.verify", {"via": "page"}, "ok" if result.ok else "tampered",
                         {"entries": result.entries, "first_bad_seq": result.first_bad_seq, "problem": result.problem})
-    return portal.render(request, "audit.html", title="Audit log check", entries=[], total=result.entries, page=1,
-                         pages=1, verification=result)
+    return portal.render(request, "audit.html", title="Audit log check", entries=[], total=result.entries,
+                         matching=0, page=1, pages=1, filters={}, actors=[], actions=[], groups=[],
+                         verification=result, query=lambda **kw: "")
 
 
 @router.get("/runs")
 async def runs(request: Request, me: PageUser = Depends(engineer)):
     portal = _portal(request)
-    return portal.render(request, "runs.html", title="Run status", stages=run_status(portal.workspace))
+    stages = run_status(portal.workspace)
+    portal.record(request, me.user, "runs.view", {"via": "page"})
+    return portal.render(request, "runs.html", title="Run status", stages=stages)
 
 
 @router.get("/quarantine")
 async def quarantine(request: Request, me: PageUser = Depends(engineer)):
     portal = _portal(request)
-    return portal.render(request, "quarantine.html", title="Quarantine", sources=quarantine_summary(portal.workspace))
+    sources = quarantine_summary(portal.workspace)
+    portal.record(request, me.user, "quarantine.view", {"via": "page"})
+    return portal.render(request, "quarantine.html", title="Quarantine", sources=sources)
 
+
+
+_BODY_OPEN = re.compile(rb"<body[^>]*>", re.IGNORECASE)
+
+
+def with_portal_nav(html: bytes, me: PageUser, title: str) -> bytes:
+    """A generated report page with the portal's navigation bar added at the top of its body (links
+    only: the reports' policy allows no forms; styles inline, as the reports' own are)."""
+    links = [("/reports", "All reports")] + ([("/audit", "Audit log")] if me.user.role == "auditor" else []) + (
+        [("/runs", "Run status"), ("/quarantine", "Quarantine")] if me.user.role == "engineer" else [])
+    a = "".join(f'<a href="{href}" style="color:#fff;margin-right:1rem;text-decoration:none">{text}</a>'
+                for href, text in links)
+    nav = (f'<nav class="hhlink-portal-nav" aria-label="portal" style="background:#0b3d62;color:#fff;'
+           f'padding:.5rem 1.5rem;font:14px system-ui,sans-serif;position:relative;z-index:10000">'
+           f'<a href="/" style="color:#fff;font-weight:700;margin-right:1.5rem;text-decoration:none">hhlink portal</a>'
+           f'{a}<span style="opacity:.8">{html_escape(title)} · {html_escape(me.user.name)} '
+           f'({html_escape(me.user.role)})</span></nav>').encode()
+    m = _BODY_OPEN.search(html)
+    return html[:m.end()] + nav + html[m.end():] if m else nav + html

@@ -4,35 +4,46 @@ Run status is read from the summary files each stage writes (counts and timings,
 records). Quarantine summaries count rejected rows per source, file, column and reason
 (DuckDB over ``quarantine/*.parquet``); the rejected lines themselves (``raw``) are never
 read. Reports are served from an allow-list of folders and file types inside
-``reports/``; a path that leaves its folder, names a hidden file or an unlisted type is
-not found.
+``reports/``; a path that leaves its folder, names a hidden file or an unlisted type, or
+passes through a symbolic link is not found. Each report has one name, used alike by the
+list (``/api/reports``), the item route and the pages.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 import duckdb
 
 from linkage.db import connect, read_literal
+from linkage.serve.files import confined, read_confined
 
-#: report name -> (folder under reports/, index file, title, audience)
-REPORTS: dict[str, tuple[str, str, str]] = {
-    "quality": ("quality/data_docs", "index.html", "Data quality: Great Expectations Data Docs (ingest)"),
-    "research-quality": ("quality/research/data_docs", "index.html", "Data quality: research tables (assemble)"),
-    "linkage": ("linkage", "report.html", "Linkage quality"),
-    "disclosure": ("disclosure", "report.html", "Disclosure decisions"),
+@dataclass(frozen=True)
+class Report:
+    """A report auditors and engineers read: a page (HTML, its folder under ``reports/``) and/or a JSON summary."""
+
+    title: str
+    folder: str | None = None          # the HTML report's folder under reports/
+    index: str = "index.html"          # its first page
+    summary: str | None = None         # the JSON summary, under reports/
+
+
+#: every report, by the one name the list, the item route and the pages all use
+REPORTS: dict[str, Report] = {
+    "quality": Report("Data quality of the delivered extracts (Great Expectations, ingest)", "quality/data_docs",
+                      summary="quality/quality_summary.json"),
+    "ingest": Report("Ingest counts: rows read, staged and quarantined", summary="quality/ingest_summary.json"),
+    "research-quality": Report("Data quality of the research tables (Great Expectations, assemble)",
+                               "quality/research/data_docs", summary="quality/research/quality_summary.json"),
+    "linkage": Report("Linkage quality", "linkage", "report.html", summary="linkage/report.json"),
+    "disclosure": Report("Disclosure decisions", "disclosure", "report.html", summary="disclosure/report.json"),
+    "evaluation": Report("Linkage accuracy against the synthetic truth", summary="evaluation.json"),
 }
-#: JSON summaries an auditor may fetch through the API
-JSON_REPORTS: dict[str, str] = {
-    "quality": "quality/quality_summary.json",
-    "ingest": "quality/ingest_summary.json",
-    "linkage": "linkage/report.json",
-    "disclosure": "disclosure/report.json",
-    "evaluation": "evaluation.json",
-}
+REPORT_NAME_PATTERN = "^(" + "|".join(re.escape(n) for n in REPORTS) + ")$"
 SERVED_SUFFIXES = {".html", ".css", ".js", ".json", ".png", ".gif", ".svg", ".ico", ".woff", ".woff2", ".ttf",
                    ".eot", ".otf", ".map"}
 MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css", ".js": "text/javascript",
@@ -57,45 +68,58 @@ def _json(path: Path) -> dict:
 
 
 def report_file(workspace: Path | str, report: str, path: str = "") -> Path | None:
-    """The file of a report (its index when ``path`` is empty), or ``None`` when not allowed or absent."""
-    if report not in REPORTS:
+    """The file of an HTML report (its first page when ``path`` is empty), or ``None`` when not allowed
+    or absent: only regular files of the listed types, inside the report's folder, reached through no
+    symbolic link (see :func:`linkage.serve.files.confined`)."""
+    spec = REPORTS.get(report)
+    if spec is None or spec.folder is None:
         return None
-    folder, index, _ = REPORTS[report]
-    base = (Path(workspace) / "reports" / folder).resolve()
-    rel = path or index
-    parts = Path(rel).parts
-    if not parts or any(p.startswith(".") or p in ("", "..") for p in parts) or Path(rel).is_absolute():
+    rel = path or spec.index
+    if PurePosixPath(rel).suffix.lower() not in SERVED_SUFFIXES:
         return None
-    target = (base / rel).resolve()
-    try:
-        target.relative_to(base)
-    except ValueError:
+    return confined(Path(workspace) / "reports", f"{spec.folder}/{rel}")
+
+
+def read_report(workspace: Path | str, report: str, path: str = "") -> tuple[bytes, str] | None:
+    """The bytes and media type of :func:`report_file`, opened without following links; ``None`` if refused."""
+    target = report_file(workspace, report, path)
+    if target is None:
         return None
-    if target.suffix.lower() not in SERVED_SUFFIXES or not target.is_file():
-        return None
-    return target
+    spec = REPORTS[report]
+    body = read_confined(Path(workspace) / "reports", f"{spec.folder}/{path or spec.index}")
+    return (body, MEDIA_TYPES[target.suffix.lower()]) if body is not None else None
 
 
 def json_report(workspace: Path | str, name: str) -> dict | None:
-    """One of the JSON summaries in :data:`JSON_REPORTS`, or ``None`` if absent."""
-    if name not in JSON_REPORTS:
+    """A report's JSON summary, or ``None`` if it has none or it is absent (read only from inside ``reports/``)."""
+    spec = REPORTS.get(name)
+    if spec is None or spec.summary is None:
         return None
-    path = Path(workspace) / "reports" / JSON_REPORTS[name]
-    return _json(path) if path.is_file() else None
+    raw = read_confined(Path(workspace) / "reports", spec.summary)
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def report_info(workspace: Path | str, name: str) -> dict:
+    """A report's name, title, when written, and where to read it: ``page`` (URL of the HTML report) and
+    ``summary`` (URL of the JSON summary), each ``None`` when not written."""
+    spec = REPORTS[name]
+    zone = Path(workspace) / "reports"
+    page = confined(zone, f"{spec.folder}/{spec.index}") if spec.folder else None
+    summary = confined(zone, spec.summary) if spec.summary else None
+    written = [t for t in (_mtime(page) if page else None, _mtime(summary) if summary else None) if t]
+    return {"name": name, "title": spec.title, "present": bool(page or summary), "updated": max(written, default=None),
+            "page": f"/reports/{name}/" if page else None, "summary": f"/api/reports/{name}" if summary else None}
 
 
 def reports_index(workspace: Path | str) -> list[dict]:
-    """Every report: name, title, whether present, when written."""
-    ws = Path(workspace)
-    out = []
-    for name, (folder, index, title) in REPORTS.items():
-        p = ws / "reports" / folder / index
-        out.append({"name": name, "title": title, "kind": "html", "present": p.is_file(), "updated": _mtime(p)})
-    for name, rel in JSON_REPORTS.items():
-        p = ws / "reports" / rel
-        out.append({"name": name, "title": f"{name} summary (JSON)", "kind": "json", "present": p.is_file(),
-                    "updated": _mtime(p)})
-    return out
+    """Every report (:func:`report_info`), whether written or not."""
+    return [report_info(workspace, name) for name in REPORTS]
 
 
 def run_status(workspace: Path | str) -> list[dict]:

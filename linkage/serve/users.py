@@ -43,6 +43,10 @@ _TOKEN = re.compile(r"^hhl_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 # passwords; tokens here are 256 random bits, so the hash only has to stop a stolen file being used)
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 _CACHE_SECONDS = 300
+# a secret that failed is not checked again for this long (its SHA-256 only, in memory, at most this many)
+_FAILED_SECONDS = 600
+_FAILED_MAX = 100_000
+_TOKEN_ID = re.compile(r"^hhl_([0-9a-f]{12})_")
 
 
 class UserError(HhlinkError):
@@ -103,6 +107,8 @@ class UserStore:
         self._by_token: dict[str, dict] = {}
         # successful checks, kept in memory only: sha256(token) -> (token id, expiry); cleared when the file changes
         self._verified: dict[bytes, tuple[str, float]] = {}
+        # failed checks: sha256(token) -> expiry; a repeated bad secret never costs a second scrypt
+        self._failed: dict[bytes, float] = {}
 
     # -- file ----------------------------------------------------------------------------------
 
@@ -121,6 +127,7 @@ class UserStore:
                 self._users = {u["name"]: u for u in data.get("users", [])}
                 self._by_token = {u["token_id"]: u for u in self._users.values()}
                 self._verified = {}
+                self._failed = {}
                 self._stamp = stamp
         return self._users
 
@@ -205,31 +212,60 @@ class UserStore:
         hit = self._verified.get(key)
         return hit is not None and hit[0] == token_id and hit[1] > time.monotonic()
 
+    def _recently_failed(self, key: bytes) -> bool:
+        until = self._failed.get(key)
+        return until is not None and until > time.monotonic()
+
+    @staticmethod
+    def token_id(token: str | None) -> str | None:
+        """The id part of something shaped like a token (for the audit log), or ``None``."""
+        m = _TOKEN_ID.match(token) if token else None
+        return m.group(1) if m else None
+
+    def has_token_id(self, token_id: str | None) -> bool:
+        """Whether a token id belongs to a user (ids are public: they only find the user)."""
+        self._load()
+        return token_id is not None and token_id in self._by_token
+
     def cached(self, token: str | None) -> User | None | bool:
-        """The user of a token checked in the last minutes, ``None`` if malformed or unknown, ``False``
-        when the slow scrypt check is needed (:meth:`authenticate`)."""
+        """The user of a token checked in the last minutes, ``None`` if malformed, unknown or a secret
+        that failed its check in the last minutes, ``False`` when the slow scrypt check is needed
+        (:meth:`authenticate`)."""
         known = self._known(token)
         if known is None:
             return None
         token_id, _, user, key = known
-        return User(user["name"], user["role"], token_id) if self._recently_verified(key, token_id) else False
+        if self._recently_verified(key, token_id):
+            return User(user["name"], user["role"], token_id)
+        return None if self._recently_failed(key) else False
 
-    def authenticate(self, token: str | None) -> User | None:
-        """The user a token belongs to, or ``None`` (malformed, unknown or wrong token)."""
+    def check(self, token: str | None) -> tuple[User | None, str]:
+        """The user a token belongs to and ``"ok"``, or ``None`` and why not: ``malformed``, ``unknown token
+        id`` or ``wrong secret``. A wrong secret is remembered for a few minutes (only its SHA-256, in
+        memory), so sending it again costs no second scrypt check."""
         known = self._known(token)
         if known is None:
-            return None
+            return None, "unknown token id" if self.token_id(token) else "malformed"
         token_id, secret, user, key = known
-        if not self._recently_verified(key, token_id):
-            if not check_token(secret, user["hash"]):
-                return None
+        if self._recently_verified(key, token_id):
+            return User(user["name"], user["role"], token_id), "ok"
+        if self._recently_failed(key):
+            return None, "wrong secret"
+        if not check_token(secret, user["hash"]):
+            with self._lock:
+                if len(self._failed) >= _FAILED_MAX:
+                    now = time.monotonic()
+                    self._failed = {k: t for k, t in self._failed.items() if t > now}
+                    if len(self._failed) >= _FAILED_MAX:
+                        self._failed.clear()
+                self._failed[key] = time.monotonic() + _FAILED_SECONDS
+            return None, "wrong secret"
+        with self._lock:
             if len(self._verified) > 10_000:
                 self._verified.clear()
             self._verified[key] = (token_id, time.monotonic() + _CACHE_SECONDS)
-        return User(user["name"], user["role"], token_id)
-        if not check_token(secret, user["hash"]):
-            return None
-        if len(self._verified) > 10_000:
-            self._verified.clear()
-        self._verified[key] = (token_id, now + _CACHE_SECONDS)
-        return User(user["name"], user["role"], token_id)
+        return User(user["name"], user["role"], token_id), "ok"
+
+    def authenticate(self, token: str | None) -> User | None:
+        """The user a token belongs to, or ``None`` (malformed, unknown or wrong token)."""
+        return self.check(token)[0]
