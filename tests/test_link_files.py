@@ -71,7 +71,7 @@ id         = "nhs_no"
 record_id  = "id"
 first_name = "first"
 surname    = "last"
-dob        = { column = "dob", format = "%Y-%m-%d" }
+dob        = { column = "dob", format = "%Y-%m-%d", invalid = "error" }
 sex        = "sex"
 postcode   = "postcode"
 address    = "addr"
@@ -80,7 +80,7 @@ address    = "addr"
 record_id  = "ref"
 first_name = "name_first"
 surname    = "name_last"
-dob        = { column = "born", format = "%Y%m%d" }
+dob        = { column = "born", format = "%Y%m%d", invalid = "error" }
 postcode   = "pc"
 """
 # Written out by hand: a typo (P04, C05), a transposition (C03), a changed surname with the

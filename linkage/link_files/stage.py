@@ -60,6 +60,7 @@ from linkage.db import quote_ident as q
 from linkage.db import quote_literal as lit
 from linkage.errors import HhlinkError, read_toml
 from linkage.keys import load_master_key
+from linkage.link_files.csvread import DIALECT_KEYS, CsvReadError, Dialect, parse_dialect, read_csv_table
 from linkage.normalise import normalised_sql
 # pseudonymisation's own encoders, plans and SQL (private there): files are encoded exactly as staged rows are
 from linkage.pseudonymise.stage import build_dictionaries, Encoders, identifiers_sql, Source
@@ -104,6 +105,8 @@ class FileMap:
     table: str
     columns: dict[str, tuple[str, ...]]
     dob_format: str | None = None
+    dialect: Dialect = Dialect()
+    invalid: str = "null"       # a dob off its format: "null" (counted in the summary) or "error"
 
     @property
     def roles(self) -> set[str]:
@@ -127,17 +130,26 @@ def _file_map(path: Path, table: str, entry) -> FileMap:
     where = f"{path}: [files.{table}]"
     if not isinstance(entry, dict):
         raise MapError(f"{where} must be a table of roles")
-    unknown = sorted(set(entry) - set(ROLES))
+    unknown = sorted(set(entry) - set(ROLES) - set(DIALECT_KEYS))
     if unknown:
         raise MapError(f"{where}: unknown role(s) {', '.join(repr(u) for u in unknown)}; "
-                       f"roles are {', '.join(ROLES)}")
+                       f"roles are {', '.join(ROLES)}; the CSV dialect keys {', '.join(DIALECT_KEYS)}")
+    try:
+        dialect = parse_dialect(where, entry)
+    except ValueError as exc:
+        raise MapError(str(exc)) from None
+    entry = {k: v for k, v in entry.items() if k not in DIALECT_KEYS}
     columns: dict[str, tuple[str, ...]] = {}
-    fmt = None
+    fmt, invalid = None, "null"
     for role, value in entry.items():
         if role == "dob" and isinstance(value, dict):
-            extra = sorted(set(value) - {"column", "format"})
+            extra = sorted(set(value) - {"column", "format", "invalid"})
             if extra or not isinstance(value.get("column"), str) or not value["column"].strip():
-                raise MapError(f"{where}: dob must be {{ column = \"...\", format = \"...\" }}")
+                raise MapError(f"{where}: dob must be {{ column = \"...\", format = \"...\", invalid = \"null\" }}")
+            invalid = value.get("invalid", "null")
+            if invalid not in ("null", "error"):
+                raise MapError(f"{where}: dob invalid must be \"null\" (an invalid date is left out and counted) "
+                               f"or \"error\" (it stops the run)")
             fmt = value.get("format", "%Y-%m-%d")
             if not isinstance(fmt, str) or "%" not in fmt:
                 raise MapError(f"{where}: dob format must be a strptime format such as \"%d/%m/%Y\"")
@@ -150,7 +162,7 @@ def _file_map(path: Path, table: str, entry) -> FileMap:
     if not set(columns) - {"record_id"}:
         raise MapError(f"{where} maps no identifier role: name at least one of "
                        f"{', '.join(r for r in ROLES if r != 'record_id')}")
-    return FileMap(table, columns, fmt)
+    return FileMap(table, columns, fmt, dialect, invalid)
 
 
 def load_map(path: Path | str) -> dict[str, FileMap]:
@@ -209,6 +221,7 @@ class _Input:
     spec: FileMap
     rows: int = 0
     present: set[str] = field(default_factory=set)     # mapped roles with at least one value
+    nulled: dict[str, int] = field(default_factory=dict)   # column -> invalid values used as missing
 
     @property
     def name(self) -> str:
@@ -254,13 +267,17 @@ def _db_message(exc: Exception) -> str:
     return f"{exc.__class__.__name__}{f', near line {m.group(1)}' if m else ''}"
 
 
-def _load_raw(con: duckdb.DuckDBPyConnection, inp: _Input) -> dict[str, str]:
+def _load_raw(con: duckdb.DuckDBPyConnection, inp: _Input, scratch: Path) -> dict[str, str]:
     """Load a file into table ``raw_<name>`` (rows in file order); return its column types."""
     table = f"raw_{inp.name}"
     if inp.kind == "csv":
-        source = f"read_csv({read_literal(inp.path)}, header = true, all_varchar = true)"
-    else:
-        source = f"read_parquet({read_literal(inp.path)})"
+        # the map's dialect, every column as text: DuckDB's sniffer never guesses (linkage.link_files.csvread)
+        try:
+            names = read_csv_table(con, inp.path, table, inp.spec.dialect, scratch)
+        except CsvReadError as exc:
+            raise InputFileError(str(exc)) from None
+        return {n: "VARCHAR" for n in names}
+    source = f"read_parquet({read_literal(inp.path)})"
     try:
         con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM {source}")
         described = con.execute(f"DESCRIBE {table}").fetchall()
@@ -277,9 +294,9 @@ def _check_columns(inp: _Input, types: dict[str, str], map_path: Path) -> None:
                              f"(mapped as {', '.join(roles)} in [files.{inp.spec.table}] of {map_path})")
 
 
-def _text_sql(columns: tuple[str, ...]) -> str:
-    """The delivered text of a role: one column, or several joined with single spaces."""
-    parts = [f"nullif(trim(CAST({q(c)} AS VARCHAR)), '')" for c in columns]
+def _text_sql(columns: tuple[str, ...], trim: bool = True) -> str:
+    """The delivered text of a role: one column, or several joined with single spaces (trimmed unless the map keeps spaces)."""
+    parts = [f"nullif({'trim' if trim else ''}(CAST({q(c)} AS VARCHAR)), '')" for c in columns]
     return parts[0] if len(parts) == 1 else f"nullif(concat_ws(' ', {', '.join(parts)}), '')"
 
 
@@ -292,7 +309,7 @@ def _stage_select(inp: _Input, types: dict[str, str]) -> str:
     cols = inp.spec.columns
     parts = ["rowid + 1 AS row_n"]
     rid = cols.get("record_id")
-    parts.append(f"{_text_sql(rid)} AS record_id" if rid else "CAST(rowid + 1 AS VARCHAR) AS record_id")
+    parts.append(f"{_text_sql(rid, inp.spec.dialect.trim)} AS record_id" if rid else "CAST(rowid + 1 AS VARCHAR) AS record_id")
     for role in ("first_name", "surname", "sex", "postcode", "address", "id"):
         if role in cols:
             parts.append(f"{normalised_sql(_role_column(role), _text_sql(cols[role]))} AS {role}")
@@ -320,7 +337,12 @@ def _check_values(con, inp: _Input, table: str) -> None:
     cols = inp.spec.columns
     if "dob" in cols:
         bad = _first_bad(con, table, "dob__t IS NOT NULL AND dob IS NULL")
-        if bad:
+        if bad and inp.spec.invalid == "null":
+            # left out of linkage (as a blank would be) and counted per file and column in the summary
+            inp.nulled[cols["dob"][0]] = bad[1]
+            log.info("%s: %d value(s) of column %r are not dates in %r: used as missing", inp.path.name, bad[1],
+                     cols["dob"][0], inp.spec.dob_format)
+        elif bad:
             raise BadValueError(f"{inp.path}: row {bad[0]}, column {cols['dob'][0]!r}: date of birth does not "
                                 f"match the format {inp.spec.dob_format!r}{_more(bad[1])}")
     if "record_id" in cols:
@@ -340,7 +362,7 @@ def _check_values(con, inp: _Input, table: str) -> None:
 
 def _stage(con, inp: _Input, scratch: Path, map_path: Path) -> Path:
     """Read, check and normalise one file; write its staged rows (cleartext) to the scratch folder."""
-    types = _load_raw(con, inp)
+    types = _load_raw(con, inp, scratch)
     _check_columns(inp, types, map_path)
     table = f"st_{inp.name}"
     try:
@@ -502,7 +524,8 @@ def link_files(files: Sequence[Path | str], map_path: Path | str, out: Path | st
         _write_outputs(con, run.pairs_table, run.clusters_table, built)
         summary = {
             "files": {inp.spec.table: {"records": inp.rows, "roles": sorted(inp.spec.roles),
-                                       "roles_with_values": sorted(inp.present)} for inp in inputs},
+                                       "roles_with_values": sorted(inp.present),
+                                       "invalid_as_missing": dict(inp.nulled)} for inp in inputs},
             "records": sum(inp.rows for inp in inputs),
             "clusters": con.execute("SELECT count(DISTINCT cluster_id) FROM lf_clusters").fetchall()[0][0],
             "pairs_scored": con.execute("SELECT count(*) FROM lf_pairs").fetchall()[0][0],
