@@ -33,6 +33,16 @@ class _Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _strict_booleans(cls, data):
+        # pydantic reads "yes", "on" and 1 as true: a switch in the config is true or false, nothing else
+        if isinstance(data, dict):
+            for name, f in cls.model_fields.items():
+                if f.annotation is bool and name in data and not isinstance(data[name], bool):
+                    raise ValueError(f"{name} must be true or false (a TOML boolean), not {data[name]!r}")
+        return data
+
 
 class ErrorRates(_Section):
     """Identifier error model: the probability that each corruption is applied to a source row.
@@ -168,6 +178,12 @@ class LinkConfig(_Section):
     memory_limit: str = Field("8GB", pattern=r"^\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
     threads: int = Field(0, ge=0, le=256)
     predict_chunk_identities: int = Field(3_000_000, ge=1000)
+
+    @model_validator(mode="after")
+    def _pairs_below_threshold(self) -> LinkConfig:
+        if not self.keep_pairs_above < self.threshold:
+            raise ValueError(f"keep_pairs_above ({self.keep_pairs_above}) must be below threshold ({self.threshold})")
+        return self
 
 
 _TYPICAL_LENGTH = {"name": 6, "address": 15}   # characters; measured on the synthetic population
@@ -491,6 +507,12 @@ class FlowConfig(_Section):
             raise ValueError("min_match_rate values must lie between 0 and 1")
         if len(self.schedule.split()) != 5:
             raise ValueError("schedule must be a five-field cron expression, e.g. '0 6 1 * *'")
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"timezone {self.timezone!r} is not an IANA time zone (e.g. 'Europe/London')") from None
         return self
 
 
@@ -540,6 +562,12 @@ class Config(_Section):
     flow: FlowConfig = Field(default_factory=FlowConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
     _source: tuple[Path, str] | None = PrivateAttr(None)
+    _defaulted: tuple[str, ...] = PrivateAttr(())
+
+    @property
+    def defaulted_sections(self) -> tuple[str, ...]:
+        """Sections absent from the config file, so every value in them is the default."""
+        return self._defaulted
 
     @property
     def source(self) -> tuple[Path, str] | None:
@@ -552,7 +580,7 @@ def _describe(err: ValidationError, source: str) -> str:
     where = ".".join(str(p) for p in first["loc"]) or "(top level)"
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key '{where}'"
-    return f"{source}: {where}: {first['msg']}"
+    return f"{source}: {where}: {first['msg'].removeprefix('Value error, ')}"
 
 
 def find_config(path: Path | str | None = None) -> tuple[Path, str]:
@@ -613,4 +641,11 @@ def load_config(path: Path | str | None = None, **overrides: dict) -> Config:
         raise ConfigError(_describe(exc, str(path))) from None
     cfg._source = (path.absolute(), reason)
     cfg.paths._base = path.absolute().parent
+    cfg._defaulted = tuple(name for name in Config.model_fields if name not in data)
+    if len(cfg._defaulted) == len(Config.model_fields):
+        raise ConfigError(f"{path}: the config file sets nothing (no section); "
+                          f"copy the packaged hhlink.toml and change what you need")
+    lookup = cfg.paths.resolve(cfg.assemble.la_lookup)
+    if not lookup.is_file():
+        raise ConfigError(f"{path}: assemble.la_lookup: file not found ({lookup})")
     return cfg

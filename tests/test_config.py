@@ -59,3 +59,43 @@ def test_malformed_schema_is_refused(tmp_path):
         load_schema("education", tmp_path)
     with pytest.raises(SchemaError, match="not found"):
         load_schema("benefits", tmp_path)
+
+
+# --- issue 14 item 6: nothing accepted silently ------------------------------------------------
+
+@pytest.mark.parametrize("text, key, message", [
+    ('[flow]\ntimezone = "Mars/Olympus"\n', "flow", "timezone 'Mars/Olympus' is not an IANA time zone"),
+    ('[disclosure]\nperturb = "yes"\n', "disclosure", "perturb must be true or false (a TOML boolean), not 'yes'"),
+    ('[ingest]\ndata_docs = 1\n', "ingest", "data_docs must be true or false"),
+    ('[link]\nkeep_pairs_above = 0.9999\n', "link", "keep_pairs_above (0.9999) must be below threshold (0.999)"),
+    ('[link]\nthreshold = 0.5\nkeep_pairs_above = 0.5\n', "link", "keep_pairs_above (0.5) must be below threshold (0.5)"),
+    ('[assemble]\nla_lookup = "no/such/lookup.csv"\n', "assemble.la_lookup", "file not found"),
+    ("", "", "the config file sets nothing (no section)"),
+    ("# only a comment\n", "", "the config file sets nothing"),
+])
+def test_a_bad_or_empty_config_is_one_line_naming_the_key(tmp_path, text, key, message):
+    cfg = tmp_path / "hhlink.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    got = str(err.value)
+    assert got.startswith(f"{cfg}: {key}") and message in got and "\n" not in got, got
+
+
+def test_valid_timezones_and_booleans_pass(tmp_path):
+    cfg = tmp_path / "hhlink.toml"
+    cfg.write_text('[flow]\ntimezone = "America/New_York"\n[disclosure]\nperturb = false\n')
+    c = load_config(cfg)
+    assert (c.flow.timezone, c.disclosure.perturb) == ("America/New_York", False)
+
+
+def test_defaulted_sections_are_named_by_hhlink_config(tmp_path, run_cli):
+    cfg = tmp_path / "hhlink.toml"
+    cfg.write_text('[generate]\npersons = 100\n')
+    assert load_config(cfg).defaulted_sections == ("link", "pseudonymise", "ingest", "paths", "assemble",
+                                                   "disclosure", "flow", "service")
+    assert load_config().defaulted_sections == ()          # the shipped file states every section
+    code, out, err = run_cli("config", "--config", str(cfg))
+    assert code == 0, err
+    assert "# not in the file, every value the default: [link], [pseudonymise], [ingest], [paths], [assemble], " \
+           "[disclosure], [flow], [service]" in out

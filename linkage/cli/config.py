@@ -26,4 +26,6 @@ def show_config(workspace: Path, config_path: Path | None) -> None:
     cfg = load_config(config_path)
     path, reason = cfg.source
     click.echo(f"# config: {path} ({reason})")
+    if cfg.defaulted_sections:
+        click.echo("# not in the file, every value the default: " + ", ".join(f"[{s}]" for s in cfg.defaulted_sections))
     click.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
