@@ -390,9 +390,13 @@ def test_a_critical_failure_stops_the_run_and_keeps_the_previous_staged_zone(ing
     ws = tmp_path / "ws"
     shutil.copytree(ingested[0], ws)
     before = {p.name: p.read_bytes() for p in (ws / "staged").iterdir()}
+    research = ws / "reports" / "quality" / "research" / "quality_summary.json"      # assemble's report
+    research.parent.mkdir(parents=True, exist_ok=True)
+    research.write_text('{"live": "release"}')
     _rewrite(ws, "earnings", "* REPLACE (CASE WHEN record_id < 'ERN0000030000' THEN NULL ELSE nino END AS nino)")
     with pytest.raises(QualityGateError) as err:
         ingest(load_config(), ws)
+    assert research.read_text() == '{"live": "release"}', "a rejected ingest deleted the research quality report"
     msg = str(err.value)
     assert "earnings:" in msg and "expect_column_proportion_of_non_null_values_to_be_between(nino)" in msg
     assert "staged/ not updated" in msg
@@ -403,6 +407,20 @@ def test_a_critical_failure_stops_the_run_and_keeps_the_previous_staged_zone(ing
     code, out, errtext = run_cli("ingest", "--workspace", str(ws))
     lines = [x for x in errtext.splitlines() if x.strip()]
     assert code != 0 and len(lines) == 1 and lines[0].startswith("error: critical expectation failed")
+
+
+def test_ingest_replaces_only_its_own_reports(ingested, tmp_path):
+    ws = tmp_path / "ws"
+    shutil.copytree(ingested[0], ws)
+    quality = ws / "reports" / "quality"
+    (quality / "research").mkdir(exist_ok=True)
+    (quality / "research" / "quality_summary.json").write_text('{"live": "release"}')
+    (quality / "ingest_summary.json").write_text("stale")
+    ingest(load_config(), ws)
+    assert (quality / "research" / "quality_summary.json").read_text() == '{"live": "release"}'
+    assert json.loads((quality / "ingest_summary.json").read_text())["passed"] is True
+    assert {p.name for p in quality.iterdir()} >= {"research", "data_docs", "quality_summary.json", "ingest_summary.json"}
+    assert not [p.name for p in quality.iterdir() if p.name.startswith(".")]
 
 
 def test_a_warning_is_reported_and_does_not_stop_the_run(ingested, tmp_path):
