@@ -1012,6 +1012,81 @@ def test_researchers_read_settings_as_words_and_numbers(api, tokens, sessions):
     assert months in texts[0] and share in texts[0] and months in texts[2] and months in texts[3]
 
 
+# -- pages a researcher can use (issue 18) --------------------------------------------------------------------
+
+def test_table_pages_are_paged_and_show_the_comparison_on_a_sensible_axis(sessions):
+    client, _ = sessions["researcher"]
+    html = client.get("/catalogue/attainment_fsm_ever_la").text
+    assert html.count("<tr") < 120 and "Rows 1–50 of" in html and "page=2#rows" in html
+    # the default chart compares FSM and non-FSM children by region, not fsm_ever = Total
+    svg = html[html.index("<svg"):html.index("</svg>")]
+    legend = re.findall(r'class="legend-item">.*?<text[^>]*>([^<]+)</text>', svg)
+    assert legend == ["no", "yes"] and "North East" in svg and "Hartlepool" not in svg
+    assert "one bar per fsm_ever" in html
+    # mean attainment (about 40-55) is not drawn from 0: the axis spans the data, and says so
+    ticks = [float(t.replace(",", "")) for t in re.findall(r'class="tick"[^>]*>([^<]+)<', svg)]
+    assert ticks[0] > 10 and "not 0" in svg
+    assert re.search(r"n \d+", svg)                       # each bar says how many children it counts
+    page3 = client.get("/catalogue/attainment_fsm_ever_la?page=3").text
+    assert "Rows 101–150 of" in page3
+    counts = client.get("/catalogue/attainment_fsm_ever_la?measure=children").text
+    ticks = [float(t.replace(",", "")) for t in re.findall(r'class="tick"[^>]*>([^<]+)<', counts)]
+    assert ticks[0] == 0                                   # counts start at 0
+    heat = client.get("/catalogue/transition_region").text
+    assert "Colour scale:" in heat and re.search(r"\d+%–\d+%", heat)
+
+
+def test_charts_draw_published_intervals_and_n():
+    from linkage.serve.catalogue import table_view
+    from linkage.serve.charts import bar_svg
+
+    meta = {"columns": [{"name": "region", "role": "dimension", "dimension": "region", "level": 1}],
+            "measures": [{"name": "children", "kind": "count"}, {"name": "ige", "kind": "slope"}]}
+    rows = [("Total", "children", 300, "perturbed"), ("A", "children", 120, "perturbed"),
+            ("B", "children", 180, "perturbed"), ("Total", "ige", 0.31, "perturbed"), ("A", "ige", 0.25, "perturbed"),
+            ("B", "ige", None, "suppressed"), ("A", "ige_ci_low", 0.12, "perturbed"), ("A", "ige_ci_high", 0.38, "perturbed")]
+    view = table_view("t", meta, pd.DataFrame(rows, columns=["region", "measure", "value", "status"]))
+    points = {p["region"]: p for p in view.points("ige", ["region"], {})}
+    assert points["A"] == {"region": "A", "value": 0.25, "status": "perturbed", "low": 0.12, "high": 0.38, "n": 120.0}
+    assert points["B"]["value"] is None and points["B"]["low"] is None
+    svg = bar_svg([{**p, "category": p["region"]} for p in points.values()], "ige", zero=False)
+    assert svg.count('class="interval"') == 1 and "0.25 (0.12 to 0.38), n 120" in svg and "suppressed" in svg
+    # interval columns (rather than measures) are read the same way
+    frame = pd.DataFrame([("A", "ige", 0.25, "perturbed", 0.1, 0.4, 95.0)],
+                         columns=["region", "measure", "value", "status", "ci_low", "ci_high", "n"])
+    p = table_view("u", meta, frame).points("ige", ["region"], {})[0]
+    assert (p["low"], p["high"], p["n"]) == (0.1, 0.4, 95.0)
+
+
+def test_builder_results_show_their_dictionary_and_report_pages_the_portal_navigation(sessions):
+    client, csrf = sessions["researcher"]
+    r = client.post("/builder", data={"csrf": csrf, "dimensions": ["region", "benefit_spell"], "measure": "mean_ks4"})
+    aside = r.text[r.text.index('class="result-dictionary"'):]
+    assert "Data dictionary" in aside and "mean key stage 4" in aside and "24 months" in aside
+    auditor, _ = sessions["auditor"]
+    page = auditor.get("/reports/linkage/").text
+    nav = page[page.index('class="hhlink-portal-nav"'):]
+    assert 'href="/reports"' in nav[:2000] and 'href="/audit"' in nav[:2000]
+
+
+def test_audit_page_is_paged_and_filtered_by_user_action_and_day(sessions, ws):
+    import datetime
+
+    client, _ = sessions["auditor"]
+    html = client.get("/audit").text
+    assert html.count('<tr class="outcome-') <= 50 and "page 1 of" in html
+    only = client.get("/audit?user=svc-researcher&action=builder.request").text
+    rows = re.findall(r'<tr class="outcome-[a-z]+">(.*?)</tr>', only, re.S)
+    assert rows and all("svc-researcher" in row and "builder.request" in row for row in rows)
+    group = client.get("/audit?action=auth.").text
+    actions = set(re.findall(r"<td>(auth\.[a-z]+)</td>", group))
+    assert actions and actions <= {"auth.ok", "auth.failed"}
+    today = datetime.datetime.now(datetime.timezone.utc).date()
+    assert "No entries match." in client.get(f"/audit?until={today - datetime.timedelta(days=400)}").text
+    assert '<tr class="outcome-' in client.get(f"/audit?since={today}&until={today}").text
+    assert client.get("/audit?since=2026-02-30").status_code == 422
+
+
 # -- schemathesis against the OpenAPI spec --------------------------------------------------------------
 
 @pytest.fixture(scope="module")

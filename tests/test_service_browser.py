@@ -104,10 +104,22 @@ def test_researcher_browses_the_catalogue_and_builds_a_table(portal, browser, po
     rows = page.locator("table.catalogue tbody tr")
     published = (portal_workspace / "published" / "index.json").read_text()
     assert rows.count() == published.count('"', 0) // 2 - 1       # one row per table in index.json
+    # a table page a researcher can read: the FSM gap by region on an axis that spans the data, paged rows
+    page.click("text=KS4 attainment by ever on free school meals")
+    assert page.url.endswith("/catalogue/attainment_fsm_ever_la")
+    assert page.evaluate("document.body.scrollHeight") < 5000
+    assert page.locator("svg.chart g.legend-item").all_text_contents() == ["no", "yes"]
+    assert page.locator("svg.chart text.tick").first.text_content() != "0"
+    assert page.locator("table.rows tbody tr").count() == 50
+    page.click("nav.pager >> text=next")
+    assert "Rows 51–100" in page.inner_text("nav.pager")
+    page.screenshot(path=str(tmp_path / "attainment.png"), full_page=True)
+    page.click("nav.crumbs >> text=Published tables")
     page.click("text=Quintile transition matrices by region")
     assert page.url.endswith("/catalogue/transition_region")
     heat = page.locator("table.heat")
     assert heat.is_visible()
+    assert page.locator(".heat-legend .swatch").count() >= 10
     assert page.locator("table.heat td.suppressed").count() > 0        # suppressed cells are marked in the matrix
     assert page.locator("table.heat td.suppressed").first.inner_text().strip() == "✕"
     with page.expect_download() as dl:
@@ -131,6 +143,9 @@ def test_researcher_browses_the_catalogue_and_builds_a_table(portal, browser, po
     row = page.locator("section.result table.rows tr.suppressed-row").first
     assert row.locator("td.status").inner_text().startswith("suppressed_")
     assert page.locator("section.result table.heat").is_visible()
+    # the data dictionary sits beside the result, not below it
+    main, aside = (page.locator(sel).bounding_box() for sel in (".result-main", "aside.result-dictionary"))
+    assert aside["x"] > main["x"] + main["width"] - 1 and abs(aside["y"] - main["y"]) < 50
     assert "Requests today: 1 of" in page.inner_text("p.quota")
     page.screenshot(path=str(tmp_path / "builder.png"), full_page=True)
     assert not problems, problems            # no script errors, no Content-Security-Policy violations
@@ -149,15 +164,24 @@ def test_auditor_opens_the_linkage_quality_report_and_the_audit_log(portal, brow
     assert page.url == f"{base}/reports/linkage/"
     assert "linkage-quality report" in page.title()
     assert page.locator("h2").count() >= 3 and "Blocking" in page.content()
+    # the report carries the portal's navigation back to the other reports and the audit log
+    assert page.locator("nav.hhlink-portal-nav").is_visible()
+    page.click("nav.hhlink-portal-nav >> text=All reports")
+    assert page.url == f"{base}/reports"
+    page.goto(f"{base}/reports/linkage/")
     # the data-quality Data Docs run their vendored scripts under the reports' policy, offline
     page.goto(f"{base}/reports/quality/")
     page.wait_for_selector(".bootstrap-table", timeout=15_000)
     assert "education" in page.content()
     page.goto(f"{base}/audit")
     # the auditor's own report views are in the log (this visit to the log shows up next time)
+    page.select_option("select[name=user]", "web-auditor")
+    page.select_option("select[name=action]", "report.view")
+    page.click("form.audit-filter button[type=submit]")
     newest = [page.locator("table.audit tbody tr").nth(i).inner_text() for i in range(2)]
     assert all("web-auditor" in row and "report.view" in row for row in newest), newest
-    assert '"report": "quality"' in newest[0] and '"report": "linkage"' in newest[1]
+    assert "report quality" in newest[0] and "report linkage" in newest[1]
+    assert "127.0.0.1" in newest[0]
     page.click("text=Check the log's integrity")
     assert "entries intact" in page.inner_text("p[role=status]")
     assert not problems, problems

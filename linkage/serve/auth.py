@@ -155,7 +155,7 @@ class Gatekeeper:
 
     * A token verified in the last minutes is accepted at once (no scrypt), and is never throttled.
     * Otherwise the client address and the token id are checked against :class:`Throttle`: over the
-      limit, the answer is 429 and the token is not looked at.
+      limit, the answer is 429 (after the longest back-off delay) and the token is not looked at.
     * Only one scrypt check runs at a time (``SCRYPT_CONCURRENCY``); concurrent first requests with the
       same token share one check; a secret that failed is remembered (as a digest) and fails again
       without a check; when more than ``MAX_WAITING`` checks wait, the answer is 429 at once.
@@ -231,6 +231,8 @@ class Gatekeeper:
         wait = self.throttle.retry_after(keys)
         if wait is not None:
             self._failure(request, via, token_id, "too many failed sign-ins", 429)
+            # held back like a failure: a client that keeps guessing waits for each answer (no thread is held)
+            await asyncio.sleep(self.throttle.max_delay)
             return None, 429, {"Retry-After": str(wait)}
         if hit is None:
             user, reason = None, ("malformed" if token_id is None else
@@ -248,6 +250,7 @@ class Gatekeeper:
                     self._waiting += 1
             if busy:
                 self._failure(request, via, token_id, "too many sign-in checks waiting", 429)
+                await asyncio.sleep(self.throttle.max_delay)
                 return None, 429, {"Retry-After": "1"}
             user, reason = await run_in_threadpool(self._verify, token, flight, leader, key)
         if user is None:

@@ -128,6 +128,55 @@ class TableView:
         return [{"category": str(r[axis]), "value": None if pd.isna(r["value"]) else float(r["value"]),
                  "status": r["status"]} for r in sub.to_dict("records")]
 
+    def count_measure(self) -> str | None:
+        """The measure that counts the table's units (``children``), if any."""
+        kinds = {m.get("name"): m.get("kind") for m in self.meta.get("measures", [])}
+        return next((m for m in self.measures if kinds.get(m) == "count"), None)
+
+    def measure_kind(self, measure: str) -> str:
+        """A measure's kind (``count``, ``mean``, ``quantile``, ``proportion``, ``slope`` ...), or ``""``."""
+        return next((m.get("kind", "") for m in self.meta.get("measures", []) if m.get("name") == measure), "")
+
+    def points(self, measure: str, axes: list[str], fixed: dict[str, str]) -> list[dict]:
+        """The measure at each combination of the ``axes`` columns (others at ``fixed`` or Total), with
+        what the table publishes beside it: its ``n`` (the count measure of the same cell), and a
+        confidence interval (``low``, ``high``) and ``reliability`` when the table carries them, as
+        columns (``ci_low``/``ci_high``, ``lower``/``upper``, ``n``, ``reliability``) or as measures
+        named after this one (``<measure>_ci_low``, ``<measure>_ci_high``, ``<measure>_n``)."""
+        for a in axes:
+            if a not in self.dimension_columns:
+                raise NotFound(a)
+        mask, _ = self._axis_filters(axes, fixed)
+        sub = self.frame[mask]
+        dims = self.dimension_columns
+        extra = {"low": ("ci_low", "ci_lower", "lower"), "high": ("ci_high", "ci_upper", "upper"),
+                 "n": ("n", "n_perturbed"), "reliability": ("reliability",)}
+        by_measure: dict[str, dict[tuple, float | None]] = {}
+        count = self.count_measure()
+        related = {"low": [f"{measure}_ci_low", f"{measure}_lower"], "high": [f"{measure}_ci_high", f"{measure}_upper"],
+                   "n": [f"{measure}_n"] + ([count] if count and count != measure else [])}
+        wanted = {measure, *(m for ms in related.values() for m in ms)}
+        for r in sub[sub["measure"].isin(wanted)].to_dict("records"):
+            v = r["value"]
+            ok = not (isinstance(v, float) and math.isnan(v)) and v is not None and not str(r.get("status", "")).startswith("suppressed")
+            by_measure.setdefault(r["measure"], {})[tuple(str(r[d]) for d in dims)] = float(v) if ok else None
+        out = []
+        for r in sub[sub["measure"] == measure].to_dict("records"):
+            key = tuple(str(r[d]) for d in dims)
+            value = None if pd.isna(r["value"]) or str(r["status"]).startswith("suppressed") else float(r["value"])
+            p = {**{a: str(r[a]) for a in axes}, "value": value, "status": str(r["status"])}
+            for field, names in extra.items():
+                col = next((c for c in names if c in r), None)
+                if col is not None and not pd.isna(r[col]):
+                    p[field] = r[col] if field == "reliability" else float(r[col])
+            for field, names in related.items():
+                if field not in p:
+                    p[field] = next((by_measure[m][key] for m in names if key in by_measure.get(m, {})), None)
+            if value is None:
+                p.update(low=None, high=None)
+            out.append(p)
+        return out
+
     def matrix(self, measure: str, rows: str, cols: str, fixed: dict[str, str]) -> dict:
         """The measure across two dimension columns, margins included (``Total`` row and column).
 

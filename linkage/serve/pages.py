@@ -39,7 +39,6 @@ researcher = page_user("researcher")
 auditor = page_user("auditor")
 engineer = page_user("engineer")
 reader = page_user("auditor", "engineer")
-MAX_ROWS = 500
 
 
 def _portal(request: Request):
@@ -147,16 +146,22 @@ async def catalogue(request: Request, me: PageUser = Depends(researcher)):
 def _chart(view: TableView, params: dict, labels: dict) -> dict:
     """The chart (bar or heat map) a table page shows, from its query parameters (validated here)."""
     dims = view.dimension_columns
-    measures = view.measures
-    measure = params.get("measure") or next((m for m in measures if m != view.meta.get("unit")), measures[0])
+    measures = [m for m in view.measures if not _companion(m, view.measures)]
+    count = view.count_measure()
+    measure = params.get("measure") or next((m for m in measures if m != count), measures[0])
     if measure not in measures:
         raise HTTPException(400, "unknown measure")
-    distinct = list(dict.fromkeys(view.column_dimension(c)[0] for c in dims))
-    by_dim = {view.column_dimension(c)[0]: c for c in dims}          # finest column of each dimension
-    only_counts = all(m == view.meta.get("unit") or m == "children" for m in measures)
-    # two small dimensions read best as a matrix; local authorities (150 categories) as bars
-    small = [d for d in distinct if by_dim[d] != "la"]
-    kind = params.get("chart") or ("heat" if len(small) >= 2 else "bar")
+    levels = {c: view.column_dimension(c) for c in dims}
+    distinct = list(dict.fromkeys(d for d, _ in levels.values()))
+    finest = {d: c for c, (d, _) in levels.items()}          # finest column of each dimension
+    coarsest = {d: c for c, (d, _) in reversed(levels.items())}
+    # local authorities (150 categories) are a geography: the comparison a table is for is the other
+    # dimension, drawn as grouped bars by region; two small dimensions read best as a matrix
+    geo = next((d for d in distinct if finest[d] == "la"), None)
+    small = [d for d in distinct if d != geo]
+    comparison = next((finest[d] for d in small if 2 <= len(view.categories(finest[d])) - 1 <= 8), None)
+    default = "bar" if geo and comparison else "heat" if len(small) >= 2 else "bar"
+    kind = params.get("chart") or default
     if kind not in ("bar", "heat") or (kind == "heat" and len(distinct) < 2):
         raise HTTPException(400, "unknown chart")
     fixed = {}
@@ -166,24 +171,43 @@ def _chart(view: TableView, params: dict, labels: dict) -> dict:
             if v not in view.categories(col):
                 raise HTTPException(400, f"unknown category for {col}")
             fixed[col] = v
+    zero = view.measure_kind(measure) in ("count", "proportion", "sum", "")
     if kind == "bar":
-        x = params.get("x") or by_dim[distinct[0]]
-        if x not in dims:
+        default_x = coarsest[geo] if geo else finest[distinct[0]]
+        x = params.get("x") or default_x
+        group = params["g"] if "g" in params else (comparison if geo and x == default_x else "")
+        if x not in dims or (group and (group not in dims or levels[group][0] == levels[x][0])):
             raise HTTPException(400, "unknown column")
         fixed.pop(x, None)
-        items = view.series(measure, x, fixed)
-        return {"kind": "bar", "measure": measure, "x": x, "fixed": fixed, "suppressed": sum(i["value"] is None for i in items),
-                "svg": bar_svg(items, f"{measure} by {x}", labels), "items": len(items)}
-    cols_default = [by_dim[d] for d in (small if len(small) >= 2 else distinct)[-2:]]
+        if group:
+            fixed.pop(group, None)
+        items = view.points(measure, [x, group] if group else [x], fixed)
+        for i in items:
+            i["category"], i["group"] = i[x], i.get(group) if group else None
+        groups = [c for c in view.categories(group) if c != "Total"] if group else []
+        title = f"{measure} by {x}" + (f" and {group}" if group else "")
+        return {"kind": "bar", "measure": measure, "x": x, "g": group or "", "fixed": fixed, "zero": zero,
+                "suppressed": sum(i["value"] is None for i in items), "items": len(items),
+                "intervals": sum(i.get("low") is not None for i in items),
+                "svg": bar_svg(items, title, labels, zero=zero, groups=groups, group_title=group or "")}
+    cols_default = [finest[d] for d in (small if len(small) >= 2 else distinct)[-2:]]
     rows, cols = params.get("x") or cols_default[0], params.get("y") or cols_default[1]
-    if rows not in dims or cols not in dims or view.column_dimension(rows)[0] == view.column_dimension(cols)[0]:
+    if rows not in dims or cols not in dims or levels[rows][0] == levels[cols][0]:
         raise HTTPException(400, "choose two columns of different dimensions")
     fixed.pop(rows, None)
     fixed.pop(cols, None)
+    only_counts = all(m == count for m in measures)
     share = params.get("share", "row" if only_counts else "") == "row"
-    heat = heat_cells(view.matrix(measure, rows, cols, fixed), share=share)
-    return {"kind": "heat", "measure": measure, "x": rows, "y": cols, "fixed": fixed, "share": share, "heat": heat,
+    heat = heat_cells(view.matrix(measure, rows, cols, fixed), share=share, zero=zero)
+    return {"kind": "heat", "measure": measure, "x": rows, "y": cols, "g": "", "fixed": fixed, "share": share,
+            "heat": heat, "zero": zero, "intervals": 0,
             "suppressed": sum(c["cls"] == "suppressed" for line in heat["grid"] for c in line)}
+
+
+def _companion(measure: str, measures: list[str]) -> bool:
+    # an interval's bounds or an n published as measures of their own are drawn with their measure
+    return any(measure == f"{m}{suffix}" for m in measures
+               for suffix in ("_ci_low", "_ci_high", "_lower", "_upper", "_n"))
 
 
 @router.get("/catalogue/{name}")
@@ -201,10 +225,32 @@ async def table_page(request: Request, name: str, me: PageUser = Depends(researc
         rows = view.select(filters, params.get("r.measure") or None)
     except NotFound:
         raise HTTPException(400, "unknown column") from None
+    page = _page_number(params.get("page"))
     portal.record(request, me.user, "table.view", {"table": name, "via": "page"})
     return portal.render(request, "table.html", title=view.meta.get("title", name), view=view, chart=chart,
-                         rows=rows.head(MAX_ROWS).to_dict("records"), total_rows=len(rows), filters=filters,
-                         labels=labels, params=params, max_rows=MAX_ROWS)
+                         labels=labels, params=params, filters=filters,
+                         **_rows_page(rows, page, {k: v for k, v in params.items() if k != "page"}))
+
+
+ROWS_PER_PAGE = 50
+
+
+def _page_number(raw: str | None) -> int:
+    try:
+        return max(1, min(10**6, int(raw or 1)))
+    except ValueError:
+        raise HTTPException(400, "page must be a number") from None
+
+
+def _rows_page(rows, page: int, keep: dict) -> dict:
+    """One page of a table's rows and the links to the others (``keep``: the query to carry along)."""
+    total = len(rows)
+    pages = max(1, -(-total // ROWS_PER_PAGE))
+    page = min(page, pages)
+    start = (page - 1) * ROWS_PER_PAGE
+    return {"rows": rows.iloc[start:start + ROWS_PER_PAGE].to_dict("records"), "total_rows": total,
+            "first_row": start + 1 if total else 0, "last_row": min(total, start + ROWS_PER_PAGE), "page": page,
+            "pages": pages, "page_query": lambda n: urlencode({**keep, "page": n}) + "#rows"}
 
 
 @router.get("/catalogue/{name}/download")
@@ -262,10 +308,9 @@ async def builder(request: Request, me: PageUser = Depends(researcher)):
                              **ctx, **_builder_context(portal, me))
     labels = portal.catalogue.labels()
     chart = _chart(res.view, {}, labels)
-    rows = res.view.frame
     return portal.render(request, "builder.html", title="Table builder", result=res, chart=chart, error=None,
-                         rows=rows.head(MAX_ROWS).to_dict("records"), total_rows=len(rows), labels=labels,
-                         max_rows=MAX_ROWS, **ctx, **_builder_context(portal, me))
+                         labels=labels, view=res.view, **_rows_page(res.view.frame, 1, {}), **ctx,
+                         **_builder_context(portal, me))
 
 
 @router.get("/builder/results/{name}")

@@ -5,7 +5,8 @@ Within ``window`` seconds of a key's first failure, its first ``free`` failures 
 the next ones are answered after a delay that doubles each time (up to ``max_delay``
 seconds, awaited without holding a thread); from ``limit`` failures on, every attempt is
 refused with HTTP 429 and ``Retry-After`` until the window ends, without checking the token
-at all. A valid token already verified is never throttled: throttling stops guessing, not
+at all, each answer also held back ``max_delay`` seconds so a client that keeps guessing
+sends few requests. A valid token already verified is never throttled: throttling stops guessing, not
 work (see :mod:`linkage.serve.auth`).
 
 Example:
