@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import dis
 import hashlib
-import importlib.resources
 import importlib.util
 import types
 from collections.abc import Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
 
+from linkage import resources
 from linkage.config import Config
 from linkage.lineage import digest, manifest
 from linkage.stages import STAGES
@@ -133,7 +133,7 @@ def code_versions(config: Config) -> dict[str, str]:
             versions[lib] = None
     schemas, expectations = config.paths.resolve(config.paths.schemas), config.paths.resolve(config.paths.expectations)
     contracts = _files_digest(_tree(schemas), schemas.parent) + _files_digest(_tree(expectations), expectations.parent)
-    reference = Path(str(importlib.resources.files("synthetic_data") / "reference"))
+    reference = resources.packaged("synthetic_data/reference")
     reference_digest = _files_digest(_tree(reference), reference)
 
     def modules(stage: str) -> list[tuple[str, str]]:
