@@ -226,18 +226,19 @@ def run_worker(system: str, files: list[Path], with_id: bool, work: Path, python
 # -- workers (each runs in its own process; the peers in the peer environment) ---------------
 
 def _splink_worker(files: list[Path], with_id: bool) -> dict:
-    import duckdb
     import splink.comparison_library as cl
     from splink import DuckDBAPI, Linker, SettingsCreator, block_on
 
-    con = duckdb.connect()
-    con.execute("SET lambda_syntax='ENABLE_SINGLE_ARROW'")
+    from linkage.db import connect, quote_ident
+
+    con = connect()
     names = []
     for f in files:
         rows = read_rows(f)
         cols = list(rows[0])
-        con.execute(f"CREATE TABLE {f.stem} ({', '.join(c + ' VARCHAR' for c in cols)}, source_file VARCHAR)")
-        con.executemany(f"INSERT INTO {f.stem} VALUES ({', '.join('?' * (len(cols) + 1))})",
+        con.execute(f"CREATE TABLE {quote_ident(f.stem)} ({', '.join(quote_ident(c) + ' VARCHAR' for c in cols)}, "
+                    "source_file VARCHAR)")
+        con.executemany(f"INSERT INTO {quote_ident(f.stem)} VALUES ({', '.join('?' * (len(cols) + 1))})",
                         [[r[c] for c in cols] + [f.stem] for r in rows])
         names.append(f.stem)
     link = len(files) > 1

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from linkage.errors import HhlinkError
+from linkage.workspace import publish
 
 __all__ = ["ROLES", "User", "UserError", "UserStore"]
 
@@ -138,7 +139,7 @@ class UserStore:
         with os.fdopen(fd, "w") as fh:
             json.dump({"version": 1, "users": sorted(users.values(), key=lambda u: u["name"])}, fh, indent=2)
             fh.write("\n")
-        os.replace(tmp, self.path)
+        publish(tmp, self.path)
         self._stamp = None
 
     # -- management ----------------------------------------------------------------------------
