@@ -7,6 +7,12 @@ audit log go to the scratch folder), then measures:
 * published-table requests (``GET /api/tables/{name}/data``, every published table in
   turn, CSV) from keep-alive connections: throughput and latency percentiles
   (targets: >= 500 requests/s, p99 < 50 ms);
+* a bad-token flood: 50 connections send wrong secrets for a real token id (each one
+  new, the worst case: a scrypt check unless throttled) and malformed tokens as fast as the
+  server answers, while a signed-in researcher downloads published tables over two
+  connections: the researcher's p95 during the flood (target < 50 ms), the flood's answers
+  by status (401, then 429 once throttled), the server's peak memory and the audit lines
+  the flood added (refusals are aggregated);
 * table-builder requests (``POST /api/builder``): distinct requests drawn at random
   (seeded) from the allowed dimensions and measures, one at a time, each computed through
   the disclosure engine (cold), then the same requests again (answered from memory)
@@ -41,7 +47,7 @@ from pathlib import Path
 from linkage.config import DEFAULT_CONFIG_PATH, load_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TARGETS = {"table_rps": 500.0, "table_p99_ms": 50.0, "builder_p95_s": 1.0}
+TARGETS = {"table_rps": 500.0, "table_p99_ms": 50.0, "builder_p95_s": 1.0, "flood_valid_p95_ms": 50.0}
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -70,10 +76,14 @@ def build_workspace(root: Path, persons: int, seed: int) -> Path:
 
 
 def _scratch(source: Path) -> Path:
+    # the portal serves published/ and reports/ only as real folders (never through a link): copy them;
+    # research/ is read by the disclosure engine, a link to it will do
     scratch = Path(tempfile.mkdtemp(prefix="hhlink-serve-bench-"))
-    for zone in ("research", "published", "reports"):
+    for zone in ("published", "reports"):
         if (source / zone).exists():
-            os.symlink((source / zone).resolve(), scratch / zone)
+            shutil.copytree(source / zone, scratch / zone, symlinks=False)
+    if (source / "research").exists():
+        os.symlink((source / "research").resolve(), scratch / "research")
     return scratch
 
 
@@ -88,6 +98,7 @@ class Client:
 
     def __init__(self, port: int, token: str):
         self.port, self.token = port, token
+        self.last_headers: list[bytes] = []
 
     async def open(self):
         self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
@@ -100,6 +111,7 @@ class Client:
         await self.writer.drain()
         raw = await self.reader.readuntil(b"\r\n\r\n")
         lines = raw.split(b"\r\n")
+        self.last_headers = lines[1:]
         status = int(lines[0].split()[1])
         length = next(int(h.split(b":")[1]) for h in lines[1:] if h.lower().startswith(b"content-length"))
         return status, await self.reader.readexactly(length)
@@ -136,6 +148,83 @@ async def table_load(port: int, token: str, tables: list[str], total: int, concu
             "rps": round(len(latencies) / elapsed, 1), "p50_ms": round(_pct(latencies, 0.5) * 1e3, 2),
             "p95_ms": round(_pct(latencies, 0.95) * 1e3, 2), "p99_ms": round(_pct(latencies, 0.99) * 1e3, 2),
             "max_ms": round(max(latencies) * 1e3, 2)}
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+async def flood_load(port: int, pid: int, token: str, tables: list[str], seconds: float, attackers: int,
+                     seed: int) -> dict:
+    """``attackers`` connections send bad tokens while a researcher downloads tables over two connections."""
+    rng = random.Random(seed)
+    token_id = token.split("_")[1]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    statuses: dict[int, int] = {}
+    valid: list[float] = []
+    valid_errors = 0
+    peak = [_rss_mb(pid)]
+    deadline = time.perf_counter() + seconds
+
+    def bad() -> str:
+        if rng.random() < 0.2:
+            return "not-a-token-" + "".join(rng.choices(alphabet, k=20))
+        return f"hhl_{token_id}_" + "".join(rng.choices(alphabet, k=43))
+
+    async def attacker():
+        c = None
+        while time.perf_counter() < deadline:
+            try:
+                if c is None:
+                    c = await Client(port, bad()).open()
+                c.token = bad()
+                status, _ = await c.request("GET", "/api/me")
+                statuses[status] = statuses.get(status, 0) + 1
+            except (OSError, asyncio.IncompleteReadError, ValueError, StopIteration):
+                statuses[-1] = statuses.get(-1, 0) + 1
+                c = None
+        if c is not None:
+            c.close()
+
+    async def researcher():
+        nonlocal valid_errors
+        c = await Client(port, token).open()
+        i = 0
+        try:
+            while time.perf_counter() < deadline:
+                t = time.perf_counter()
+                status, _ = await c.request("GET", f"/api/tables/{tables[i % len(tables)]}/data?format=csv")
+                valid.append(time.perf_counter() - t)
+                valid_errors += status != 200
+                i += 1
+        finally:
+            c.close()
+
+    async def sampler():
+        while time.perf_counter() < deadline:
+            peak[0] = max(peak[0], _rss_mb(pid))
+            await asyncio.sleep(0.2)
+
+    rss_before = _rss_mb(pid)
+    await asyncio.gather(*(attacker() for _ in range(attackers)), researcher(), researcher(), sampler())
+    return {"attackers": attackers, "seconds": seconds, "flood_answers": dict(sorted(statuses.items())),
+            "valid_requests": len(valid), "valid_errors": valid_errors,
+            "valid_p50_ms": round(_pct(valid, 0.5) * 1e3, 2), "valid_p95_ms": round(_pct(valid, 0.95) * 1e3, 2),
+            "valid_p99_ms": round(_pct(valid, 0.99) * 1e3, 2), "rss_before_mb": round(rss_before, 1),
+            "rss_peak_mb": round(peak[0], 1)}
+
+
+async def quiet_valid(port: int, token: str, tables: list[str], seconds: float) -> dict:
+    """The same researcher's downloads (two connections) without a flood, for comparison."""
+    res = await table_load(port, token, tables, 10**6, 2, seconds)
+    return {"valid_p50_ms": res["p50_ms"], "valid_p95_ms": res["p95_ms"], "valid_p99_ms": res["p99_ms"],
+            "requests": res["requests"]}
 
 
 def builder_requests(config, n: int, seed: int) -> list[dict]:
@@ -230,6 +319,15 @@ def run(workspace: Path, args) -> dict:
         load = os.getloadavg()[0]
         asyncio.run(table_load(port, token, tables, 200, args.concurrency, 10))          # warm-up
         tab = asyncio.run(table_load(port, token, tables, args.requests, args.concurrency, args.seconds))
+        quiet = asyncio.run(quiet_valid(port, token, tables, min(10.0, args.flood_seconds)))
+        lines_before = _lines(scratch / "audit" / "log.jsonl")
+        flood = asyncio.run(flood_load(port, proc.pid, token, tables, args.flood_seconds, args.attackers, args.seed))
+        time.sleep(1.0)
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).close()   # let pending summaries out
+        flood["audit_lines_added"] = _lines(scratch / "audit" / "log.jsonl") - lines_before
+        flood["audit_refusal_lines"] = _actions(scratch / "audit" / "log.jsonl", lines_before,
+                                                ("auth.failed", "request.refused"))
+        flood["quiet"] = quiet
         reqs = builder_requests(load_config(cfg_path), args.builder_requests, args.seed)
         bld = asyncio.run(builder_load(port, token, reqs, args.builder_seconds))
     finally:
@@ -240,19 +338,35 @@ def run(workspace: Path, args) -> dict:
             proc.kill()
         shutil.rmtree(scratch, ignore_errors=True)
     return {"workspace": str(workspace), "persons": persons, "cohort_children": children, "tables": len(tables),
-            "cores": os.cpu_count(), "load_average_at_start": round(load, 2), "published": tab, "builder": bld}
+            "cores": os.cpu_count(), "load_average_at_start": round(load, 2), "published": tab, "flood": flood,
+            "builder": bld}
+
+
+def _actions(path: Path, skip: int, actions: tuple[str, ...]) -> int:
+    with open(path, "rb") as fh:
+        return sum(1 for i, line in enumerate(fh) if i >= skip and json.loads(line).get("action") in actions)
+
+
+def _lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as fh:
+            return sum(1 for _ in fh)
+    except FileNotFoundError:
+        return 0
 
 
 def report(res: dict) -> str:
     """The results as Markdown, each figure beside its target."""
-    tab, bld = res["published"], res["builder"]
+    tab, bld, fl = res["published"], res["builder"], res["flood"]
     rows = [("published-table requests/s", tab["rps"], f">= {TARGETS['table_rps']:.0f}", tab["rps"] >= TARGETS["table_rps"]),
             ("published-table p99 (ms)", tab["p99_ms"], f"< {TARGETS['table_p99_ms']:.0f}",
              tab["p99_ms"] < TARGETS["table_p99_ms"]),
             (f"table builder p95, cold (s; {res['persons']:,} persons)", bld["cold_p95_s"],
              f"< {TARGETS['builder_p95_s']:.0f}", bld["cold_p95_s"] < TARGETS["builder_p95_s"]),
             ("table builder p95, repeated request (s)", bld["warm_p95_s"], f"< {TARGETS['builder_p95_s']:.0f}",
-             bld["warm_p95_s"] < TARGETS["builder_p95_s"])]
+             bld["warm_p95_s"] < TARGETS["builder_p95_s"]),
+            (f"researcher's table p95 during a {fl['attackers']}-connection bad-token flood (ms)", fl["valid_p95_ms"],
+             f"< {TARGETS['flood_valid_p95_ms']:.0f}", fl["valid_p95_ms"] < TARGETS["flood_valid_p95_ms"])]
     lines = ["# Portal load (loopback)", "",
              f"Workspace: {res['persons']:,} persons ({res['cohort_children']:,} cohort children), {res['tables']} "
              f"published tables; {res['cores']} cores, load average {res['load_average_at_start']} at the start "
@@ -261,6 +375,13 @@ def report(res: dict) -> str:
     lines += [f"| {m} | {v} | {t} | {'yes' if ok else 'NO'} |" for m, v, t, ok in rows]
     lines += ["", f"Published tables: {tab['requests']:,} requests ({tab['errors']} errors) over {tab['seconds']} s; "
                   f"p50 {tab['p50_ms']} ms, p95 {tab['p95_ms']} ms, max {tab['max_ms']} ms.",
+              f"Bad-token flood: {fl['attackers']} connections for {fl['seconds']} s sending wrong secrets for a real "
+              f"token id (and malformed tokens) got answers by status {fl['flood_answers']}; meanwhile the researcher's "
+              f"{fl['valid_requests']:,} downloads ({fl['valid_errors']} errors) took p50 {fl['valid_p50_ms']} ms, p95 "
+              f"{fl['valid_p95_ms']} ms, p99 {fl['valid_p99_ms']} ms (without the flood: p50 {fl['quiet']['valid_p50_ms']}"
+              f" ms, p95 {fl['quiet']['valid_p95_ms']} ms); server memory {fl['rss_before_mb']} MB before, "
+              f"{fl['rss_peak_mb']} MB at the peak; the flood's refusals took {fl['audit_refusal_lines']} audit lines "
+              f"(repeats aggregated), the researcher's downloads the other {fl['audit_lines_added'] - fl['audit_refusal_lines']}.",
               f"Table builder: {bld['answered']} distinct requests answered (median {bld['median_cells']} cells and "
               f"{bld['median_linear_programs']} linear programs in the secondary-suppression audit), "
               f"{bld['refused_too_large']} refused as larger than service.max_cells, {bld['failed']} failed; cold p50 "
@@ -279,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=6000, help="published-table requests (bounded)")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=30, help="time bound of the published-table load")
+    ap.add_argument("--attackers", type=int, default=50, help="connections of the bad-token flood")
+    ap.add_argument("--flood-seconds", type=float, default=20, help="how long the flood lasts")
     ap.add_argument("--builder-requests", type=int, default=40)
     ap.add_argument("--builder-seconds", type=float, default=300, help="time bound of the table-builder load")
     ap.add_argument("--out", type=Path, default=RESULTS / "serve_load")

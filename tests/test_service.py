@@ -829,6 +829,7 @@ def test_every_api_sign_in_decision_is_audited_with_token_id_and_address(ws):
     reasons = {e["params"]["reason"]: e for e in failed}
     assert set(reasons) == {"malformed", "unknown token id", "wrong secret", "no token"}
     assert reasons["wrong secret"]["params"]["token_id"] == tid
+    assert reasons["wrong secret"]["params"]["account"] == "svc-signin"
     assert reasons["unknown token id"]["params"]["token_id"] == "0123456789ab"
     assert all(e["params"]["client"] == "testclient" and e["params"]["via"] == "api" for e in failed)
     ok = [e for e in new if e["action"] == "auth.ok"]

@@ -211,6 +211,9 @@ class Gatekeeper:
                   "path": request.url.path}
         if token_id:
             params["token_id"] = token_id
+            owner = self.users.owner(token_id)
+            if owner:
+                params["account"] = owner          # whose token is being tried, for the auditor
         self.denials.record("-", "-", "auth.failed", params, "refused" if status == 429 else "failed")
 
     async def authenticate(self, request: Request, token: str | None, via: str) -> tuple[User | None, int, dict]:

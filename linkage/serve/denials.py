@@ -29,7 +29,7 @@ import time
 
 __all__ = ["Denials"]
 
-_KEY_FIELDS = ("client", "reason", "token_id", "status", "via")
+_KEY_FIELDS = ("client", "reason", "token_id", "account", "status", "via")
 _SAMPLE_PATHS = 5
 _MAX_OPEN = 10_000
 

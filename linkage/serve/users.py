@@ -228,6 +228,12 @@ class UserStore:
         self._load()
         return token_id is not None and token_id in self._by_token
 
+    def owner(self, token_id: str | None) -> str | None:
+        """The name of the user a token id belongs to, or ``None``."""
+        self._load()
+        u = self._by_token.get(token_id) if token_id else None
+        return u["name"] if u else None
+
     def cached(self, token: str | None) -> User | None | bool:
         """The user of a token checked in the last minutes, ``None`` if malformed, unknown or a secret
         that failed its check in the last minutes, ``False`` when the slow scrypt check is needed
