@@ -1,11 +1,11 @@
-"""The size ladder: time and peak memory of every stage at 10k, 100k and 1M persons.
+"""The size ladder: time and peak memory of every stage at 100k and 1M persons.
 
 Each stage runs in its own subprocess so its peak resident memory is its own. The
 results table (`bench/results/ladder.md`, and `.json` beside it) puts each target beside
-its figure. Stages register themselves in STAGES as they are built.
+its figure. The stages are the registry's (:mod:`linkage.stages`), in pipeline order.
 
 Usage:
-    python -m bench.ladder                       # 10k, 100k, 1M
+    python -m bench.ladder                       # 100k, 1M
     python -m bench.ladder --sizes 10000 100000  # some rungs
 """
 
@@ -27,30 +27,32 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 @dataclass(frozen=True)
 class Stage:
-    """A benchmarked stage: what it runs and its targets at 1M persons."""
+    """A benchmarked registry stage (:data:`linkage.stages.STAGES`) and its targets at 1M persons."""
 
     name: str
-    run: str                    # "module:function(size, workspace) -> dict with 'rows'"
     target_seconds_1m: float
     target_peak_gb_1m: float
 
 
-STAGES: list[Stage] = [
-    Stage("generate", "bench.stages:generate", 180.0, 6.0),
-    Stage("ingest", "bench.stages:ingest", 180.0, 12.0),
-    Stage("pseudonymise", "bench.stages:pseudonymise", 180.0, 12.0),
-    Stage("link", "bench.stages:link", 600.0, 12.0),
-    Stage("assemble", "bench.stages:assemble", 180.0, 10.0),
-    Stage("disclose", "bench.stages:disclose", 120.0, 8.0),
-]
+# Targets at 1M persons per registry stage; evaluate reads the truth and has no target.
+_TARGETS = {"generate": (180.0, 6.0), "ingest": (180.0, 12.0), "pseudonymise": (180.0, 12.0),
+            "link": (600.0, 12.0), "assemble": (180.0, 10.0), "disclose": (120.0, 8.0)}
+
+
+def _stages() -> list[Stage]:
+    from linkage.stages import STAGES as REGISTRY
+
+    return [Stage(name, *_TARGETS[name]) for name in REGISTRY if name in _TARGETS]
+
+
+STAGES: list[Stage] = _stages()
 
 
 def _run_stage(stage: Stage, size: int, workspace: Path) -> dict:
-    import importlib
+    from bench.stages import run
 
-    module, fn = stage.run.split(":")
     t = time.perf_counter()
-    out = getattr(importlib.import_module(module), fn)(size, workspace)
+    out = run(stage.name, size, workspace)
     out["seconds"] = time.perf_counter() - t
     out["peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     return out
@@ -63,7 +65,7 @@ def _scaled_target(value: float, size: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--stages", nargs="+", default=[s.name for s in STAGES])
     ap.add_argument("--workdir", type=Path, default=None, help="where workspaces go (default: a temp folder)")
     ap.add_argument("--one", nargs=3, metavar=("STAGE", "SIZE", "WORKSPACE"), help=argparse.SUPPRESS)

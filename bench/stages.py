@@ -1,4 +1,8 @@
-"""Stage runners for the size ladder: each takes (persons, workspace) and returns a summary."""
+"""The size ladder's stage runner: a registry stage at a size, and the figures it reports.
+
+Every stage runs through :func:`linkage.stages.run_stage`, as the CLI and the flows do; only
+the figures picked from each stage's summary are benchmark-specific.
+"""
 
 from __future__ import annotations
 
@@ -7,37 +11,8 @@ from pathlib import Path
 from linkage.config import load_config
 
 
-def generate(size: int, workspace: Path) -> dict:
-    """Generate the population of ``size`` persons (CSV extracts, seed 42)."""
-    from synthetic_data import generate_population
-
-    summary = generate_population(load_config(generate={"persons": size}).generate, workspace)
-    return {"rows": sum(summary["rows"].values())}
-
-
-def ingest(size: int, workspace: Path) -> dict:
-    """Ingest and validate the landing zone ``generate`` wrote (staged/, quarantine/, GX gates, reports)."""
-    from linkage.ingest.stage import ingest as run
-
-    summary = run(load_config(), workspace)
-    return {"rows": summary["rows"]["read"], "staged": summary["rows"]["staged"],
-            "quarantined": summary["rows"]["quarantined"], "stage_seconds": summary["seconds"]}
-
-
 # A fixed, public benchmark key for synthetic data only: the runner sets it when no key is configured.
 BENCH_KEY = "b5" * 32
-
-
-def pseudonymise(size: int, workspace: Path) -> dict:
-    """Pseudonymise the staged zone ``ingest`` wrote (identifiers, payload, encrypted crosswalk)."""
-    import os
-
-    from linkage.pseudonymise.stage import pseudonymise as run
-
-    if not (os.environ.get("HHLINK_KEY") or os.environ.get("HHLINK_KEY_FILE")):
-        os.environ["HHLINK_KEY"] = BENCH_KEY
-    summary = run(load_config(), workspace)
-    return {"rows": sum(summary["rows"].values()), "stage_seconds": summary["seconds"]}
 
 
 def _standin_research(size: int, workspace: Path) -> None:
@@ -87,39 +62,38 @@ def _standin_research(size: int, workspace: Path) -> None:
         research / "person.parquet", index=False)
 
 
-def disclose(size: int, workspace: Path) -> dict:
-    """Publish every standard table under disclosure control from research/ (assemble's, or a stand-in)."""
+def _figures(name: str, s: dict) -> dict:
+    """The figures the ladder records from a stage's summary (``rows`` always)."""
+    if name == "generate":
+        return {"rows": sum(s["rows"].values())}
+    if name == "ingest":
+        return {"rows": s["rows"]["read"], "staged": s["rows"]["staged"], "quarantined": s["rows"]["quarantined"],
+                "stage_seconds": s["seconds"]}
+    if name == "pseudonymise":
+        return {"rows": sum(s["rows"].values()), "stage_seconds": s["seconds"]}
+    if name == "link":
+        return {"rows": s["records"], "identities": s["identities"], "pairs": s["pairs_scored"],
+                **{k: s[k] for k in ("training_seconds", "predict_seconds", "households_seconds")}}
+    if name == "assemble":
+        return {"rows": sum(s["rows"].values()), "persons": s["rows"]["person"], "stage_seconds": s["seconds"]}
+    if name == "disclose":
+        return {"rows": sum(t["cells"] for t in s["tables"]), "tables": len(s["tables"]), "stage_seconds": s["seconds"],
+                "per_table": {t["table"]: t["seconds"] for t in s["tables"]}}
+    return {"rows": 0}
+
+
+def run(name: str, size: int, workspace: Path) -> dict:
+    """Run registry stage ``name`` on the workspace of the ``size``-person rung; return its figures.
+
+    Keyed stages use ``HHLINK_KEY`` (a fixed public benchmark key when none is set: synthetic
+    data only); disclose runs on a stand-in research/ when assemble has not run.
+    """
     import os
 
-    from linkage.disclose.stage import disclose as run
+    from linkage.stages import run_stage
 
-    if not (workspace / "research" / "cohort.parquet").exists():
+    if not (os.environ.get("HHLINK_KEY") or os.environ.get("HHLINK_KEY_FILE")):
+        os.environ["HHLINK_KEY"] = BENCH_KEY
+    if name == "disclose" and not (workspace / "research" / "cohort.parquet").exists():
         _standin_research(size, workspace)
-    if not (os.environ.get("HHLINK_KEY") or os.environ.get("HHLINK_KEY_FILE")):
-        os.environ["HHLINK_KEY"] = BENCH_KEY
-    summary = run(load_config(), workspace)
-    cells = sum(t["cells"] for t in summary["tables"])
-    return {"rows": cells, "tables": len(summary["tables"]), "stage_seconds": summary["seconds"],
-            "per_table": {t["table"]: t["seconds"] for t in summary["tables"]}}
-
-
-def link(size: int, workspace: Path) -> dict:
-    """Link the identifiers zone ``pseudonymise`` wrote: train, predict, cluster, households, report."""
-    from linkage.link.stage import link as run
-
-    summary = run(load_config(), workspace)
-    return {"rows": summary["records"], "identities": summary["identities"], "pairs": summary["pairs_scored"],
-            **{k: summary[k] for k in ("training_seconds", "predict_seconds", "households_seconds")}}
-
-
-def assemble(size: int, workspace: Path) -> dict:
-    """Assemble research/ from the linked zone: tables, measures with bootstrap intervals, GX suite, sensitivity."""
-    import os
-
-    from linkage.assemble.stage import assemble as run
-
-    if not (os.environ.get("HHLINK_KEY") or os.environ.get("HHLINK_KEY_FILE")):
-        os.environ["HHLINK_KEY"] = BENCH_KEY
-    summary = run(load_config(), workspace)
-    return {"rows": sum(summary["rows"].values()), "persons": summary["rows"]["person"],
-            "stage_seconds": summary["seconds"]}
+    return _figures(name, run_stage(name, load_config(generate={"persons": size}), workspace))

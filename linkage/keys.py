@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import os
 import re
 import secrets
@@ -53,8 +54,10 @@ from linkage.errors import HhlinkError
 __all__ = [
     "ENV_KEY", "ENV_KEY_FILE", "MIN_KEY_BYTES", "MasterKey", "SecretKeyError", "KeyNotFoundError",
     "KeyFormatError", "KeyPermissionError", "KeyMismatchError", "default_key_path", "derive_key",
-    "check_outside_workspace", "fingerprint", "init_key_file", "load_master_key", "project_key",
+    "check_outside_workspace", "fingerprint", "init_key_file", "load_master_key", "project_key", "rotate",
 ]
+
+log = logging.getLogger(__name__)
 
 ENV_KEY = "HHLINK_KEY"
 ENV_KEY_FILE = "HHLINK_KEY_FILE"
@@ -303,3 +306,48 @@ def init_key_file(path: Path | str | None = None) -> MasterKey:
     finally:
         os.close(fd)
     return MasterKey(secret, origin=f"key file {path}", path=path)
+
+
+def rotate(config, workspace: Path | str, key_file: Path | str | None, new_key_file: Path | str) -> dict:
+    """Re-pseudonymise a workspace under a new key, on purpose, and record the change.
+
+    Args:
+        config: the configuration.
+        workspace: the workspace folder.
+        key_file: the current key's file (or None: environment, default file).
+        new_key_file: the new key's file.
+
+    Returns:
+        ``{"from", "to", "at"}``: the two fingerprints and the time, as appended to
+        ``<workspace>/.flow/key-history.json``.
+
+    Raises:
+        KeyMismatchError: the current key is not the one ``pseudonymised/`` was written under,
+            or the new key is the same key.
+    """
+    import json
+    import time
+
+    from linkage import lineage
+    from linkage.stages import run_stage
+    from linkage.workspace import FLOW_DIR, atomic_path, hold
+
+    root = Path(workspace)
+    old = load_master_key(key_file, workspace=root)
+    new = load_master_key(new_key_file, workspace=root)
+    with hold(root):
+        recorded = (lineage.read_record(root, "pseudonymise") or {}).get("key")
+        if recorded and recorded != old.fingerprint:
+            raise KeyMismatchError(f"the current key (fingerprint {old.fingerprint}) is not the one pseudonymised/ "
+                                   f"was written under ({recorded}): rotation needs the current key")
+        if new.fingerprint == old.fingerprint:
+            raise KeyMismatchError("the new key is the current key: nothing to rotate")
+        run_stage("pseudonymise", config, root, key=new, rekey=True)
+        change = {"from": old.fingerprint, "to": new.fingerprint, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        path = root / FLOW_DIR / "key-history.json"
+        history = json.loads(path.read_text()) if path.exists() else []
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps([*history, change], indent=2) + "\n")
+            tmp.chmod(0o600)
+    log.info("re-keyed %s: %s -> %s", root, old.fingerprint, new.fingerprint)
+    return change

@@ -158,7 +158,7 @@ def run_stage(name: str, config: Config, workspace: Path | str, key=None, key_fi
         fp = key.fingerprint if stage.keyed else None
         lineage.check(root, stage, fp, rekey=rekey)
         fn = stage.function()
-        summary = fn(config, root, key=key) if stage.keyed else fn(config, root)
+        summary = fn(config, root, key=key)
         lineage.record(root, stage, fp)
     return summary
 

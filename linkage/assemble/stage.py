@@ -56,7 +56,7 @@ from linkage.keys import MasterKey
 from linkage.workspace import Workspace, atomic_path, publish
 
 __all__ = ["COHORT_NUMERIC", "COHORT_TEXT", "RESEARCH_TABLES", "AssembleError", "TableSchema", "assemble",
-           "build_panel", "load_inputs", "load_pairs", "load_research_schema", "prepared", "spread",
+           "build_panel", "load_inputs", "load_pairs", "load_research_schema", "prepared_cohort", "spread",
            "use_linked_links", "variant"]
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,27 @@ def load_inputs(con: duckdb.DuckDBPyConnection, ws: Workspace, key, la_lookup: P
         from read_parquet({read_literal(linked / 'parent_child.parquet')}) r join person_map p on p.linkage_key = r.parent_key
         join person_map c on c.linkage_key = r.child_key;
     """)
+    _check_inputs_join(con, linked / "identities.parquet")
     con.execute(sql.inputs_sql())
+
+
+def _check_inputs_join(con: duckdb.DuckDBPyConnection, identities: Path) -> None:
+    """Stop when linked/ and the payload, or the key, come from different runs: never an empty panel."""
+    from linkage.keys import KeyMismatchError
+
+    recs, joined, sexed, with_sex = con.execute(f"""
+        select (select count(*) from recs),
+               (select count(*) from recs r where r.record_token in (
+                    select record_token from payload_education union all select record_token from payload_benefits
+                    union all select record_token from payload_earnings)),
+               (select count(*) from unique_sex where sex is not null),
+               (select count(sex_tok) from read_parquet({read_literal(identities)}))""").fetchall()[0]
+    if recs and not joined:
+        raise AssembleError(f"none of the {recs:,} linked records is in pseudonymised/payload/: they come from "
+                            "different pseudonymisation runs; rebuild linked/ with 'hhlink link'")
+    if with_sex and not sexed:
+        raise KeyMismatchError("the key does not decode any token in linked/ (it is not the key the data was "
+                               "pseudonymised under): pass the right --key-file")
 
 
 def load_pairs(con: duckdb.DuckDBPyConnection, ws: Workspace) -> None:
@@ -235,7 +255,7 @@ def cohort_arrays(con: duckdb.DuckDBPyConnection) -> dict[str, np.ndarray]:
     return out
 
 
-def prepared(con: duckdb.DuckDBPyConnection, config: Config) -> dict:
+def prepared_cohort(con: duckdb.DuckDBPyConnection, config: Config) -> dict:
     """The cohort table's columns as arrays, ready for :mod:`linkage.assemble.mobility`."""
     return mobility.prepare(cohort_arrays(con), long_spell_months=config.assemble.long_spell_months)
 
@@ -337,7 +357,7 @@ def variant(con: duckdb.DuckDBPyConnection, config: Config, name: str, persons: 
     """The headline measures for one sensitivity variant (``persons`` re-clustered; rebuilt unless ``build`` is False)."""
     if build:
         build_panel(con, config, full=False)
-    h = mobility.headline(prepared(con, config))
+    h = mobility.headline(prepared_cohort(con, config))
     return {"variant": name, "threshold": threshold, "persons": persons, **h}
 
 
@@ -415,7 +435,7 @@ def assemble(config: Config, workspace: Path | str, key: MasterKey | None = None
         build_panel(con, config)
         seconds["tables"] = time.perf_counter() - t0
         t = time.perf_counter()
-        prepared = prepared(con, config)
+        prepared = prepared_cohort(con, config)
         measures, transitions = mobility.bootstrap_measures(
             prepared, a.bootstrap_replicates, a.bootstrap_seed, a.confidence_level, a.min_group_size)
         baseline = mobility.headline(prepared)

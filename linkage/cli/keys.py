@@ -85,3 +85,37 @@ def keys_fingerprint(ctx: click.Context, workspace: Path, config_path: Path | No
             recorded = None
         status = "matches" if recorded == key.fingerprint else f"does NOT match (zone written under {recorded})"
         click.echo(f"{meta.parent}: {status}")
+
+
+@keys.command("rotate")
+@common_options
+@click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The key DIR/pseudonymised/ is written under now (default: $HHLINK_KEY, $HHLINK_KEY_FILE, "
+                   "~/.config/hhlink/master.key).")
+@click.option("--new-key-file", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The key to re-pseudonymise under (create it first with 'hhlink keys init').")
+@click.pass_context
+def keys_rotate(ctx: click.Context, workspace: Path, config_path: Path | None, key_file: Path | None,
+                new_key_file: Path) -> None:
+    """Re-key DIR on purpose: re-pseudonymise DIR/staged/ under a new key and record the change.
+
+    Proves the current key first (it must be the one DIR/pseudonymised/ was written
+    under), then rewrites DIR/pseudonymised/ under the new key and appends the change
+    (both fingerprints, the time) to DIR/.flow/key-history.json. Linked, research and
+    published zones then refuse either key until rebuilt: run 'hhlink run --key-file NEW'.
+    Publishing the same tables under two keys gives two independent noise draws, so
+    a re-keyed release should replace the old one, not sit beside it.
+
+    \b
+    Example:
+      hhlink keys init --key-file ~/.config/hhlink/new.key
+      hhlink keys rotate --workspace ./workspace --new-key-file ~/.config/hhlink/new.key
+    """
+    from linkage.config import load_config
+    from linkage.keys import rotate
+
+    workspace = group_workspace(ctx, workspace)
+    change = rotate(load_config(config_path), workspace, key_file, new_key_file)
+    click.echo(f"re-pseudonymised {workspace / 'pseudonymised'}/ under key {change['to']} (was {change['from']}); "
+               f"recorded in {workspace / '.flow' / 'key-history.json'}")
+    click.echo(f"  next: hhlink run --workspace {workspace} --key-file {new_key_file}")

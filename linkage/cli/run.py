@@ -37,6 +37,25 @@ def prefect_environment(verbose: bool) -> None:
             handler.addFilter(lambda record: not record.name.startswith("prefect"))
 
 
+def check_prefect_server() -> None:
+    """With ``PREFECT_API_URL`` set, stop with one line if that server does not answer (else a temporary one runs)."""
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        from prefect.settings import PREFECT_API_URL
+
+        url = PREFECT_API_URL.value()
+    if not url:
+        return
+    import httpx
+
+    try:
+        httpx.get(url.rstrip("/") + "/health", timeout=5).raise_for_status()
+    except (httpx.HTTPError, ValueError) as exc:
+        raise HhlinkError(f"the Prefect server at PREFECT_API_URL={url} does not answer ({exc.__class__.__name__}): "
+                          "start it ('prefect server start --host 127.0.0.1'), or unset PREFECT_API_URL to run on a "
+                          "temporary local server") from None
+
+
 class _Display:
     """A rich progress line per stage: spinner, status, elapsed time, latest library message."""
 
@@ -92,6 +111,7 @@ def run_command(workspace: Path, config_path: Path | None, persons: int | None, 
       hhlink run --workspace ./workspace --persons 20000 --seed 42
     """
     prefect_environment(is_verbose())
+    check_prefect_server()
     cfg = load_config(config_path, generate={"persons": persons, "seed": seed})
     from linkage.keys import load_master_key
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from linkage.cli.base import KEY_FILE_HELP, cli, common_options
-from linkage.cli.run import prefect_environment
+from linkage.cli.run import check_prefect_server, prefect_environment
 from linkage.config import load_config
 from linkage.errors import HhlinkError
 
@@ -39,6 +39,7 @@ def schedule_command(workspace: Path, config_path: Path | None, key_file: Path |
         if not PREFECT_API_URL.value():
             raise HhlinkError("hhlink schedule needs a Prefect server: run 'prefect server start --host 127.0.0.1' "
                               "and set PREFECT_API_URL=http://127.0.0.1:4200/api (see the README)")
+    check_prefect_server()
     cfg = load_config(config_path)
     from linkage.keys import load_master_key
 

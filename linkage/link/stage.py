@@ -38,7 +38,7 @@ from linkage.config import Config
 from linkage.db import connect, path_literal, quote_ident, quote_literal, read_literal
 from linkage.errors import HhlinkError
 from linkage.link.households import assemble_households
-from linkage.link.model import ADDRESS_COLUMNS, IDENTITY_COLUMNS, TRAINING_BLOCKS, model_settings
+from linkage.link.model import ADDRESS_COLUMNS, IDENTITY_COLUMNS, TRAINING_BLOCKS, floor_levels, model_settings
 from linkage.schemas import SOURCES
 from linkage.workspace import Workspace
 
@@ -195,7 +195,12 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
         for cols in TRAINING_BLOCKS:
             linker.training.estimate_parameters_using_expectation_maximisation(
                 block_on(*cols), max_pairs=lc.em_max_pairs)
+        trained = linker.misc.save_model_to_json()
+        floored = floor_levels(trained)
+        linker = Linker(sdfs, trained, log_level=None)
     facts = {"training_seconds": round(time.perf_counter() - t, 1)}
+    if model is None:
+        facts["levels_floored"] = floored
     if model is not None:
         facts["model_loaded_from"] = str(model)
     linker.misc.save_model_to_json(str(out / "model.json"), overwrite=True)
@@ -256,13 +261,14 @@ def _blocking_counts(sdfs, con: duckdb.DuckDBPyConnection) -> list[dict]:
             for rule, r in zip(PREDICTION_BLOCKS, records)]
 
 
-def link(config: Config, workspace: Path | str, model: Path | str | None = None) -> dict:
+def link(config: Config, workspace: Path | str, key=None, *, model: Path | str | None = None) -> dict:
     """Link the pseudonymised identifiers into persons and write ``linked/``.
 
     Args:
         config: the hhlink configuration (``config.link`` holds the settings; ``engine``
             picks DuckDB or Spark).
         workspace: the workspace folder; reads ``pseudonymised/identifiers/``.
+        key: unused (linkage sees only keyed encodings, never the key); one signature for every stage.
         model: a trained ``model.json`` (from either engine) to score with instead of
             training; default: train a new model.
 

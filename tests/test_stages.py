@@ -1,0 +1,185 @@
+"""The stage registry, lineage and key checks, the workspace lock for every stage command, CLI errors."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from linkage.config import load_config
+from linkage.stages import STAGES, producer, run_stage
+
+KEY_A = "a1" * 32
+KEY_B = "b2" * 32
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, key: str | None = KEY_A, env: dict | None = None, cwd: Path | None = None):
+    e = {k: v for k, v in os.environ.items() if not k.startswith("HHLINK_")}
+    if key:
+        e["HHLINK_KEY"] = key
+    e.update(env or {})
+    proc = subprocess.run([sys.executable, "-m", "linkage.cli", *args], capture_output=True, text=True, env=e,
+                          cwd=cwd, timeout=600)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def _key_file(folder: Path, hexkey: str) -> Path:
+    folder.mkdir(mode=0o700, exist_ok=True)
+    path = folder / "k.key"
+    path.write_text(hexkey + "\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture(scope="module")
+def linked_ws(tmp_path_factory) -> Path:
+    """A 300-person workspace through link, built with the CLI (so lineage is recorded)."""
+    ws = tmp_path_factory.mktemp("lineage") / "ws"
+    for args in (("generate", "--persons", "300", "--seed", "3"), ("ingest",), ("pseudonymise",), ("link",)):
+        code, out, err = _cli(*args, "--workspace", str(ws))
+        assert code == 0, err
+    return ws
+
+
+def test_every_stage_is_declared_once_with_one_signature():
+    assert list(STAGES) == ["generate", "ingest", "pseudonymise", "link", "assemble", "evaluate", "disclose"]
+    for stage in STAGES.values():
+        params = list(inspect.signature(stage.function()).parameters.values())
+        assert [p.name for p in params[:2]] == ["config", "workspace"], stage.name
+        assert params[2].name == "key" and params[2].default is None, stage.name
+        assert stage.writes and all(producer(w) is stage for w in stage.writes)
+    # every input of a later stage is written by an earlier one (or is an external delivery)
+    order = list(STAGES)
+    for stage in STAGES.values():
+        for entry in stage.reads:
+            up = producer(entry)
+            assert up is not None and order.index(up.name) < order.index(stage.name), (stage.name, entry)
+
+
+def test_flows_and_help_follow_the_registry():
+    from flows.stages import STAGE_FLOWS
+
+    assert list(STAGE_FLOWS) == list(STAGES)
+    assert all(f.name == name for name, f in STAGE_FLOWS.items())
+    code, out, _ = _cli("--help", key=None)
+    assert code == 0
+    listed = [line.split()[0] for line in out.split("Commands:")[1].splitlines() if line.startswith("  ")]
+    assert listed[:len(STAGES)] == list(STAGES)
+
+
+def test_out_of_order_stages_stop_at_assemble_naming_the_stale_zone(linked_ws, tmp_path):
+    ws = tmp_path / "ws"
+    shutil.copytree(linked_ws, ws)
+    code, _, err = _cli("pseudonymise", "--workspace", str(ws))   # again: new random record tokens
+    assert code == 0, err
+    code, out, err = _cli("assemble", "--workspace", str(ws))
+    assert code == 2 and not (ws / "research").exists()
+    assert err.strip().splitlines() == ["error: linked/ is stale: it was built from an older pseudonymised/identifiers/; "
+                                        "rebuild it with 'hhlink link' (then the stages after it)"]
+    # the library function called directly (no registry) still refuses an empty join
+    from linkage.assemble.stage import AssembleError, assemble
+    from linkage.keys import MasterKey
+
+    with pytest.raises(AssembleError, match="none of the .* linked records is in pseudonymised/payload/"):
+        assemble(load_config(assemble={"data_docs": False}), ws, key=MasterKey(bytes.fromhex(KEY_A), origin="test"))
+    code, _, err = _cli("link", "--workspace", str(ws))
+    assert code == 0, err
+    code, out, err = _cli("assemble", "--workspace", str(ws))
+    assert code == 0 and (ws / "research" / "cohort.parquet").exists(), err
+
+
+def test_an_edited_zone_is_refused_until_rebuilt(linked_ws, tmp_path):
+    ws = tmp_path / "ws"
+    shutil.copytree(linked_ws, ws)
+    (ws / "linked" / "summary.json").write_text("{}")
+    code, _, err = _cli("assemble", "--workspace", str(ws))
+    assert code == 2 and "linked/ has changed since 'hhlink link' wrote it" in err
+
+
+def test_keyed_stages_refuse_another_key_and_rotation_is_explicit(linked_ws, tmp_path):
+    ws = tmp_path / "ws"
+    shutil.copytree(linked_ws, ws)
+    other = _key_file(tmp_path / "keys", KEY_B)
+    for stage in ("pseudonymise", "assemble"):
+        code, _, err = _cli(stage, "--workspace", str(ws), "--key-file", str(other))
+        assert code == 2, (stage, err)
+        assert "is not the one" in err and "hhlink keys rotate" in err and len(err.strip().splitlines()) == 1
+    assert not (ws / "research").exists()
+    code, out, err = _cli("keys", "rotate", "--workspace", str(ws), "--new-key-file", str(other))
+    assert code == 0, err
+    history = json.loads((ws / ".flow" / "key-history.json").read_text())
+    assert [h["to"] for h in history] == [out.split("under key ")[1].split()[0]]
+    # linked/ came from the old pseudonymised/: refused under either key until link runs again
+    code, _, err = _cli("assemble", "--workspace", str(ws), "--key-file", str(other))
+    assert code == 2 and "linked/ is stale" in err
+    assert _cli("link", "--workspace", str(ws))[0] == 0
+    code, _, err = _cli("assemble", "--workspace", str(ws))   # the old key (HHLINK_KEY)
+    assert code == 2 and "is not the one linked/ was written under" in err
+    code, _, err = _cli("assemble", "--workspace", str(ws), "--key-file", str(other))
+    assert code == 0, err
+    code, _, err = _cli("disclose", "--workspace", str(ws))   # old key: would perturb with other noise
+    assert code == 2 and "is not the one research/ was written under" in err
+
+
+def test_every_stage_command_takes_the_workspace_lock(linked_ws, tmp_path):
+    ws = tmp_path / "ws"
+    shutil.copytree(linked_ws, ws)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom linkage.workspace import hold\n"
+                               "with hold(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)\n", str(ws)],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for args in (("ingest",), ("link",), ("assemble",), ("disclose",)):
+            code, _, err = _cli(*args, "--workspace", str(ws))
+            assert code == 2 and "another hhlink command is using this workspace" in err, args
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_cli_errors_name_what_is_wrong(tmp_path):
+    code, _, err = _cli("link", "--threshold", "1.5", "--workspace", str(tmp_path / "ws"))
+    assert code == 2 and "'--threshold'" in err and "hhlink.toml" not in err
+    code, _, err = _cli("generate", "--persons", "0", "--workspace", str(tmp_path / "ws"))
+    assert code == 2 and "'--persons'" in err
+    code, out, err = _cli("audit", "verify", "--workspace", str(tmp_path / "typo"))
+    assert code == 2 and "no audit log" in err and "ok" not in out
+    code, _, err = _cli("run", "--workspace", str(tmp_path / "ws"), "--persons", "100",
+                        env={"PREFECT_API_URL": "http://127.0.0.1:9/api"})
+    assert code == 2 and err.count("\n") == 1 and "PREFECT_API_URL=http://127.0.0.1:9/api" in err
+
+
+def _foreign(err: str) -> list[str]:
+    """stderr lines that are not hhlink's own log lines (library warnings, banners)."""
+    return [line for line in err.splitlines() if line.strip() and " linkage." not in line]
+
+
+def test_verbose_works_after_the_subcommand_and_the_console_stays_quiet(linked_ws, tmp_path):
+    ws = tmp_path / "ws"
+    shutil.copytree(linked_ws, ws)
+    code, out, err = _cli("link", "--workspace", str(ws))
+    assert code == 0 and _foreign(err) == [] and "WARNING" not in out
+    code, out, err = _cli("link", "--workspace", str(ws), "-v")
+    assert code == 0 and " INFO " in err and " splink." in err   # -v after the subcommand shows library logs
+    code, out, err = _cli("assemble", "--workspace", str(ws))
+    assert code == 0 and _foreign(err) == []
+    code, out, err = _cli("disclose", "--workspace", str(ws))
+    assert code == 0 and "HiGHS" not in out + err and _foreign(err) == []
+
+
+def test_run_stage_records_lineage_with_the_key_fingerprint(linked_ws):
+    from linkage.lineage import read_record
+
+    pseudo, link = read_record(linked_ws, "pseudonymise"), read_record(linked_ws, "link")
+    assert pseudo["key"] and link["key"] == pseudo["key"]   # link is not keyed: it inherits its inputs' key
+    assert set(link["inputs"]) == {"pseudonymised/identifiers"} and set(link["outputs"]) == {"linked"}
+    assert read_record(linked_ws, "generate")["key"] is None
+    with pytest.raises(KeyError):
+        run_stage("nonsense", load_config(), linked_ws)
