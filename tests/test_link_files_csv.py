@@ -229,3 +229,13 @@ dob        = { column = "born", format = "%d/%m/%Y" }
     (tmp_path / "map.toml").write_text((tmp_path / "map.toml").read_text().replace('encoding   = "latin-1"\n', ""))
     with pytest.raises(InputFileError, match=r"people.csv: line 2: not valid utf-8"):
         link_files([tmp_path / "people.csv"], tmp_path / "map.toml", tmp_path / "out2")
+
+
+def test_a_byte_order_mark_and_gzip(tmp_path):
+    import gzip
+
+    assert _read(tmp_path, "\ufeffid,name\n1,Ann\n".encode("utf-8")) == (["id", "name"], [("1", "Ann")])
+    (tmp_path / "g.csv.gz").write_bytes(gzip.compress("id;name\n1;Zoë\n".encode("latin-1")))
+    con = duckdb.connect()
+    names = read_csv_table(con, tmp_path / "g.csv.gz", "t", Dialect(delimiter=";", encoding="latin-1"), tmp_path)
+    assert (names, con.execute("SELECT * FROM t").fetchall()) == (["id", "name"], [("1", "Zoë")])

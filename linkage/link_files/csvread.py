@@ -133,6 +133,8 @@ def _header(path: Path, text: Path, dialect: Dialect) -> list[str]:
             raise CsvReadError(f"{path}: line {reader.line_num}: {exc}") from None
     if dialect.header == 0:
         return [f"column{i}" for i in range(1, len(first) + 1)]
+    if dialect.header == 1 and first:
+        first[0] = first[0].removeprefix("\ufeff")      # a UTF-8 byte-order mark, as spreadsheets write
     names = [n.strip(" \t") if dialect.trim else n for n in first]
     for i, name in enumerate(names):
         if not name:
