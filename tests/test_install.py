@@ -230,3 +230,63 @@ def test_no_module_finds_files_through_the_checkout():
     offenders = [str(p.relative_to(ROOT)) for d in ("linkage", "flows", "synthetic_data", "bench", "tests")
                  for p in (ROOT / d).rglob("*.py") if "PROJECT_ROOT" in p.read_text() and p.name != "test_install.py"]
     assert not offenders, offenders
+
+
+# -- reproducible install: declared dependencies and the Makefile's use of constraints.txt ----------------
+
+def _requirement_name(spec: str) -> str:
+    from packaging.requirements import Requirement
+
+    return Requirement(spec).name.lower().replace("_", "-")
+
+
+def test_every_imported_package_is_declared():
+    import ast
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = {_requirement_name(r) for r in project["dependencies"]}
+    extras = {name: {_requirement_name(r) for r in reqs} for name, reqs in project["optional-dependencies"].items()}
+    dists = packages_distributions()
+    undeclared = {}
+    for package, allowed in (("linkage", core | extras["spark"]), ("flows", core), ("synthetic_data", core),
+                             ("tests", core | extras["spark"] | extras["test"])):
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module] if isinstance(node, ast.ImportFrom) and not node.level else [])
+                for top in {n.split(".")[0] for n in names}:
+                    if top in sys.stdlib_module_names or top in ("linkage", "flows", "synthetic_data", "tests", "bench"):
+                        continue
+                    found = {d.lower().replace("_", "-") for d in dists.get(top, [top])}
+                    if not found & allowed:
+                        undeclared.setdefault(top, set()).add(str(path.relative_to(ROOT)))
+    assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
+
+
+def test_constraints_pin_every_declared_dependency():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pinned = {line.split("==")[0].lower().replace("_", "-") for line in (ROOT / "constraints.txt").read_text().splitlines()
+              if "==" in line and not line.startswith("#")}
+    declared = {_requirement_name(r) for r in project["dependencies"]}
+    declared |= {_requirement_name(r) for reqs in project["optional-dependencies"].values() for r in reqs}
+    assert not declared - pinned, f"declared but not pinned in constraints.txt: {sorted(declared - pinned)}"
+
+
+def _make_dry_run(target: str, venv_dir: Path) -> str:
+    return _run(["make", "-n", target, f"VENV={venv_dir}"], cwd=ROOT, env=_clean_env()).stdout
+
+
+def test_make_installs_the_pinned_versions_and_demo_leaves_out_the_extras(tmp_path):
+    checksum = _run(["sh", "-c", "cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1"], cwd=ROOT,
+                    env=_clean_env()).stdout.strip()
+    demo = _make_dry_run("demo", tmp_path / "v")
+    assert "pip install -q -c constraints.txt -e .\n" in demo
+    assert "[test" not in demo and "spark" not in demo
+    assert f".installed-run-{checksum}" in demo   # the stamp names the checksum of pyproject.toml + constraints.txt
+    test = _make_dry_run("test", tmp_path / "v")
+    assert 'pip install -q -c constraints.txt -e ".[test,spark]"' in test and "pytest" in test
+    assert f".installed-test-{checksum}" in test
