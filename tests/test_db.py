@@ -112,3 +112,16 @@ def test_a_backslash_folder_reads_one_file_and_refuses_a_glob(con, tmp_path):
     assert con.execute(f"select v from {read_literal(d / 'a.parquet')}").fetchall() == [(3,)]
     with pytest.raises(WorkspaceError, match="backslash"):
         read_literal(d, "*.parquet")
+
+
+def test_no_module_builds_its_own_connection_or_quotes_a_path_by_hand():
+    """Every connection comes from linkage.db.connect; no path is pasted into SQL between bare quotes."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    by_hand = re.compile(r"duckdb\.connect\(|duckdb\.sql\(|(read_parquet|read_csv|from|to|join)\s*\(?'\{"
+                         r"|\bset\s+\w+\s*=\s*'\{", re.I)
+    offenders = [f"{p.relative_to(root)}:{i}" for folder in ("linkage", "flows", "bench")
+                 for p in sorted((root / folder).rglob("*.py")) if p.name != "db.py"
+                 for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if by_hand.search(line)]
+    assert offenders == []
