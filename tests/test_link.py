@@ -156,3 +156,24 @@ def test_chunked_prediction_scores_the_same_pairs(linked, tmp_path):
     assert con.execute(q.format(ws)).fetchall() == con.execute(q.format(root)).fetchall()
     persons = "select unique_id, person_key from '{}/linked/identities.parquet' order by all"
     assert con.execute(persons.format(ws)).fetchall() == con.execute(persons.format(root)).fetchall()
+
+
+def test_floor_levels_leaves_no_veto_from_a_level_training_never_saw():
+    import math
+
+    from linkage.link.model import MIN_WEIGHT, floor_levels
+
+    unseen = "level not observed in training dataset"
+    settings = {"comparisons": [{"output_column_name": "sex", "comparison_levels": [
+        {"sql_condition": "sex_tok_l IS NULL", "is_null_level": True},
+        {"sql_condition": "sex_tok_l = sex_tok_r", "label_for_charts": "exact", "m_probability": 1.0,
+         "u_probability": 0.5},
+        {"sql_condition": "a_l = b_r", "label_for_charts": "swapped", "m_probability": unseen, "u_probability": unseen},
+        {"sql_condition": "ELSE", "label_for_charts": "All other comparisons", "m_probability": 1e-9,
+         "u_probability": 0.5}]}]}
+    raised = floor_levels(settings)
+    assert raised == ["sex: swapped (u)", "sex: swapped (m)", "sex: All other comparisons (m)"]
+    exact, swapped, other = settings["comparisons"][0]["comparison_levels"][1:]
+    assert math.log2(other["m_probability"] / other["u_probability"]) >= MIN_WEIGHT - 0.01   # not a veto
+    assert swapped["m_probability"] == pytest.approx(swapped["u_probability"], rel=0.01)     # no evidence
+    assert sum(lv["m_probability"] for lv in (exact, swapped, other)) == pytest.approx(1)

@@ -24,7 +24,7 @@ from linkage.config import load_config
 from linkage.errors import HhlinkError
 from linkage.link_files.stage import BadValueError, InputFileError, LinkFilesError, MapError, link_files, load_map
 from linkage.link_files.model import PRIORS, prediction_rules
-from linkage.link.model import model_settings
+from linkage.link.model import SWAP_RULE, model_settings
 
 KEY = "5e" * 32
 PAIRS_COLUMNS = ["record_id_l", "file_l", "record_id_r", "file_r", "match_probability", "match_weight"]
@@ -397,8 +397,10 @@ def test_the_example_map_in_docs_is_valid():
 def test_blocking_rules_use_only_roles_every_compared_file_has():
     rules, uncovered = prediction_rules({"a": {"first_name", "surname", "postcode"}, "b": {"surname", "dob"}})
     assert rules[0] == ("dob_tok", "sn_phon_tok")                         # b with b: the project's rule
-    assert rules[1].startswith("l.fn_tok = r.fn_tok AND l.sn_tok = r.sn_tok AND l.pc_district_tok")   # a with a
-    assert rules[2:] == [("sn_tok",)]                                      # a with b: only the surname is shared
+    # a with a (no date of birth): swapped names, names alone, each name with the postcode
+    assert SWAP_RULE in rules
+    assert ("fn_tok", "sn_tok") in rules and ("sn_tok", "postcode_tok") in rules and ("fn_tok", "postcode_tok") in rules
+    assert rules[-1] == ("sn_tok",)                                        # a with b: only the surname is shared
     assert uncovered == []
     assert prediction_rules({"a": {"first_name"}, "b": {"dob"}})[1] == ["a ~ b"]
 
@@ -430,8 +432,8 @@ postcode = "pc"
     assert clusters[("registry", "X1")] == clusters[("survey", "1")] == clusters[("survey", "2")]
     assert clusters[("registry", "X2")] != clusters[("registry", "X1")]
     assert s["comparisons"] == ["forename", "surname", "dob", "postcode"]
-    # survey has no date of birth: the rule for rows without one compares it with the registry
-    assert any("dob_tok IS NULL" in r for r in s["blocking_rules"]) and s["files_not_compared"] == []
+    # survey has no date of birth: the rules on names (any date, or none) compare it with the registry
+    assert "fn_tok and sn_tok" in s["blocking_rules"] and s["files_not_compared"] == []
 
 
 def test_a_single_file_is_deduplicated(tmp_path, key):
@@ -457,8 +459,11 @@ def test_rows_without_a_date_of_birth_still_link_but_namesakes_with_dates_stay_a
     s = link_files([tmp_path / "register.csv", tmp_path / "visits.csv"], tmp_path / "map.toml", tmp_path / "out")
     c = _clusters(tmp_path / "out")
     assert c[("register", "R1")] == c[("visits", "V1")]                  # same names, same district
+    # compared (names and postcode), but born a generation apart: a father and a son, kept apart
     assert c[("register", "R2")] != c[("register", "R3")]
-    assert any("dob_tok IS NULL" in r for r in s["blocking_rules"])
+    assert "fn_tok and sn_tok" in s["blocking_rules"]
+    assert any(lv.get("label_for_charts") == "born 15 or more years apart" for c in json.loads(
+        (tmp_path / "out" / "model.json").read_text())["comparisons"] for lv in c["comparison_levels"])
 
 
 def test_files_sharing_no_blocking_role_are_not_compared(tmp_path, key):
@@ -561,3 +566,96 @@ def test_cli_links_files_and_reports_errors_in_one_line(tmp_path, key):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "row 3" in lines[0] and "'dob'" in lines[0]
     assert not (tmp_path / "out2").exists()
+
+
+def test_link_only_links_across_files_and_never_within_one(tmp_path, key):
+    # a duplicate inside each file, and one person in both: link_only joins only across
+    (tmp_path / "a.csv").write_text("id,fn,sn,dob\nA1,Ann,Lee,01/02/1990\nA2,Ann,Lee,01/02/1990\n"
+                                    "A3,Tom,Hart,05/05/1960\n")
+    (tmp_path / "b.csv").write_text("id,fn,sn,dob\nB1,Tom,Hart,05/05/1960\nB2,Raj,Shah,09/09/1999\n"
+                                    "B3,Raj,Shah,09/09/1999\n")
+    body = "".join(f'[files.{t}]\nrecord_id = "id"\nfirst_name = "fn"\nsurname = "sn"\n'
+                   f'dob = {{ column = "dob", format = "%d/%m/%Y" }}\n' for t in ("a", "b"))
+    (tmp_path / "map.toml").write_text("link_only = true\n" + body)
+    s = link_files([tmp_path / "a.csv", tmp_path / "b.csv"], tmp_path / "map.toml", tmp_path / "out")
+    c = _clusters(tmp_path / "out")
+    assert s["link_only"] is True
+    assert c[("a", "A3")] == c[("b", "B1")]
+    assert c[("a", "A1")] != c[("a", "A2")] and c[("b", "B2")] != c[("b", "B3")]
+    assert all(r["file_l"] != r["file_r"] for r in _read_csv(tmp_path / "out" / "pairs.csv"))
+    # the argument overrides the map; without link_only the duplicates within a file join
+    link_files([tmp_path / "a.csv", tmp_path / "b.csv"], tmp_path / "map.toml", tmp_path / "out2", link_only=False)
+    c2 = _clusters(tmp_path / "out2")
+    assert c2[("a", "A1")] == c2[("a", "A2")] and c2[("b", "B2")] == c2[("b", "B3")]
+    with pytest.raises(LinkFilesError, match="at least two files"):
+        link_files([tmp_path / "a.csv"], tmp_path / "map.toml", tmp_path / "out3")
+    (tmp_path / "bad.toml").write_text('link_only = "yes"\n' + body)
+    with pytest.raises(MapError, match="link_only must be true or false"):
+        load_map(tmp_path / "bad.toml")
+
+
+def _pair_weights(out: Path) -> dict[frozenset, float]:
+    return {frozenset(((r["file_l"], r["record_id_l"]), (r["file_r"], r["record_id_r"]))): float(r["match_weight"])
+            for r in _read_csv(out / "pairs.csv")}
+
+
+def test_swapped_forename_and_surname_are_compared_and_scored_as_a_swap(tmp_path, key):
+    # B1 is A1 with forename and surname swapped: no other rule compares them (initials differ,
+    # no postcode), and the swap level lifts them over a pair whose names simply differ (B2)
+    (tmp_path / "a.csv").write_text("id,fn,sn,dob\nA1,Harriet,Okonjo,03/04/1971\nA2,Paul,Deane,12/12/1950\n")
+    (tmp_path / "b.csv").write_text("id,fn,sn,dob\nB1,Okonjo,Harriet,03/04/1971\nB2,Moira,Kells,03/04/1971\n")
+    (tmp_path / "map.toml").write_text("link_only = true\n" + "".join(
+        f'[files.{t}]\nrecord_id = "id"\nfirst_name = "fn"\nsurname = "sn"\n'
+        f'dob = {{ column = "dob", format = "%d/%m/%Y" }}\n' for t in ("a", "b")))
+    s = link_files([tmp_path / "a.csv", tmp_path / "b.csv"], tmp_path / "map.toml", tmp_path / "out")
+    assert SWAP_RULE in s["blocking_rules"]
+    w = _pair_weights(tmp_path / "out")
+    swapped = w[frozenset({("a", "A1"), ("b", "B1")})]
+    assert swapped > w.get(frozenset({("a", "A1"), ("b", "B2")}), -99) + 20
+    assert _clusters(tmp_path / "out")[("a", "A1")] == _clusters(tmp_path / "out")[("b", "B1")]
+    model = json.loads((tmp_path / "out" / "model.json").read_text())
+    labels = {c["output_column_name"]: [lv.get("label_for_charts") for lv in c["comparison_levels"]]
+              for c in model["comparisons"]}
+    assert "forename and surname swapped" in labels["forename"] and "forename and surname swapped" in labels["surname"]
+
+
+def test_a_mistyped_id_gets_partial_credit(tmp_path, key):
+    # the same three people; the identifier of A2 has one digit changed in B2, A3's is unrelated to B3's
+    (tmp_path / "a.csv").write_text("id,fn,sn,nhs\nA1,Carl,Ives,9434765919\nA2,Dana,Roe,4010232137\n"
+                                    "A3,Eve,Pratt,6543210987\n")
+    (tmp_path / "b.csv").write_text("id,fn,sn,nhs\nB1,Carl,Ives,9434765919\nB2,Dana,Roe,4010232138\n"
+                                    "B3,Eve,Pratt,1029384756\n")
+    (tmp_path / "map.toml").write_text("link_only = true\n" + "".join(
+        f'[files.{t}]\nrecord_id = "id"\nfirst_name = "fn"\nsurname = "sn"\nid = "nhs"\n' for t in ("a", "b")))
+    link_files([tmp_path / "a.csv", tmp_path / "b.csv"], tmp_path / "map.toml", tmp_path / "out")
+    w = _pair_weights(tmp_path / "out")
+    exact, typo, other = (w[frozenset({("a", f"A{i}"), ("b", f"B{i}")})] for i in (1, 2, 3))
+    assert exact > typo > other + 5
+    model = json.loads((tmp_path / "out" / "model.json").read_text())
+    [ident] = [c for c in model["comparisons"] if c["output_column_name"] == "id"]
+    assert [lv.get("label_for_charts") for lv in ident["comparison_levels"]][2].startswith("Dice >= 0.75")
+
+
+def test_postcodes_that_are_not_uk_postcodes_keep_partial_levels():
+    from linkage.pseudonymise.stage import _postcode_parts
+
+    assert _postcode_parts("4223") == ("4223", "422", "42")       # an Australian postcode: prefixes
+    assert _postcode_parts("sw1a 2aa") == ("SW1A 2AA", "SW1A 2", "SW1A")
+    assert _postcode_parts("75") == ("75", None, None)
+
+
+def test_em_trains_the_date_of_birth_without_an_id(tmp_path, generated):
+    # the generated extracts without their id: the date-of-birth block cannot train the date of
+    # birth, so a names block is added and no comparison keeps its prior m
+    root, files, _, _ = generated
+    (tmp_path / "map.toml").write_text(re.sub(r'(?m)^id = .*$', "", GENERATED_MAP))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HHLINK_KEY", KEY)
+    try:
+        s = link_files(files, tmp_path / "map.toml", tmp_path / "out")
+    finally:
+        mp.undo()
+    m = s["training"]["m"]
+    assert m["comparisons_at_prior_m"] == []
+    trained_dob = [e for e in m["em"] if e["ran"] and "dob" in e.get("trained", [])]
+    assert trained_dob and trained_dob[0]["block"] != "dob_tok"

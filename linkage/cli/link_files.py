@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from linkage.cli.base import CONFIG_HELP, cli
-from linkage.cli.pseudonymise import KEY_FILE_HELP
+from linkage.cli.base import CONFIG_HELP, KEY_FILE_HELP, cli
 
 
 @cli.command("link-files")
@@ -18,11 +17,13 @@ from linkage.cli.pseudonymise import KEY_FILE_HELP
               help="Output folder for clusters.csv, pairs.csv, model.json and report.html/.json.")
 @click.option("--threshold", type=float, default=None,
               help="Match probability at or above which records share a cluster (default: link.threshold).")
+@click.option("--link-only/--no-link-only", default=None,
+              help="Link across files only, never within one (default: the map's link_only, else false).")
 @click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None, help=KEY_FILE_HELP)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help=CONFIG_HELP)
 def link_files_command(files: tuple[Path, ...], map_path: Path, out: Path, threshold: float | None,
-                       key_file: Path | None, config_path: Path | None) -> None:
+                       link_only: bool | None, key_file: Path | None, config_path: Path | None) -> None:
     """Link FILE ... (CSV or Parquet): dedupe within each file and link across them.
 
     The map names each file's table by its stem and, in it, the column(s) playing each
@@ -42,7 +43,8 @@ def link_files_command(files: tuple[Path, ...], map_path: Path, out: Path, thres
     from linkage.config import load_config
     from linkage.link_files.stage import link_files
 
-    s = link_files(files, map_path, out, config=load_config(config_path), key_file=key_file, threshold=threshold)
+    s = link_files(files, map_path, out, config=load_config(config_path), key_file=key_file, threshold=threshold,
+                   link_only=link_only)
     click.echo(f"linked {s['records']:,} records from {len(s['files'])} file(s) into {s['clusters']:,} clusters "
                f"({s['pairs_at_threshold']:,} pairs at or above {s['threshold']}) in {s['seconds']:.1f}s")
     training = s.get("training", {})

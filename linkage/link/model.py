@@ -22,9 +22,19 @@ from linkage.encodings import dice_sql
 IDENTITY_COLUMNS = (
     "nino_tok", "upn_tok", "dob_tok", "dob_year_tok", "dob_month_tok", "dob_day_tok", "dob_swap_tok",
     "sex_tok", "fn_tok", "sn_tok", "fn_initial_tok", "fn_phon_tok", "sn_phon_tok", "mn_initial_tok",
-    "fn_bf", "sn_bf",
+    "fn_bf", "sn_bf", "sn_swap_bf",
 )
 ADDRESS_COLUMNS = ("postcode_tok", "pc_sector_tok", "pc_district_tok", "addr_bf")
+
+# forename and surname swapped: each record's forename filter is the other's surname filter
+# under the forename key (``sn_swap_bf``), so a swapped pair is equal on both
+SWAP_RULE = "l.fn_bf = r.sn_swap_bf AND l.sn_swap_bf = r.fn_bf"
+SWAP_DICE = 0.7
+# floors for trained m and u (see floor_levels): a level no match showed weighs no less than
+# MIN_WEIGHT (strong evidence against, one in 4,096, but not the -20 to -26 of a veto), and
+# a level no random pair showed keeps u >= MIN_U
+MIN_WEIGHT = -12
+MIN_U = 1e-6
 
 # Blocking rules for prediction: any one of them brings a pair into comparison. A rule is
 # the columns that must be equal, or SQL over l. and r. where it equates different columns.
@@ -43,6 +53,11 @@ PREDICTION_BLOCKS: tuple[tuple[str, ...] | str, ...] = (
     # day and month of birth swapped (the token of the swapped date, when the day is <= 12)
     "l.dob_swap_tok = r.dob_tok AND l.fn_phon_tok = r.fn_phon_tok",
     "l.dob_tok = r.dob_swap_tok AND l.fn_phon_tok = r.fn_phon_tok",
+    # forename and surname swapped (one record's forename filter equals the other's surname
+    # filter under the same key, both ways), born the same year
+    SWAP_RULE + " AND l.dob_year_tok = r.dob_year_tok",
+    # both names mistyped or swapped: born the same day at the same postcode (few pairs: twins)
+    ("dob_tok", "postcode_tok"),
     # (Not names with postcode: that compares parents and children who share a name and a
     # home, where the postcode and surname agree because they are a family.)
 )
@@ -74,14 +89,27 @@ def rule_creator(rule: tuple[str, ...] | str):
     return rule if isinstance(rule, str) else block_on(*rule)
 
 
+def swapped_names_sql(dialect: str, half: bool = False) -> str:
+    """SQL true when the records' forename and surname are swapped (Dice >= SWAP_DICE both ways).
+
+    With ``half``: one record's forename is the other's surname, or the reverse (Dice >= 0.9),
+    whatever the other name is (swapped, then one name replaced or dropped).
+    """
+    a, b = dice_sql("fn_bf_l", "sn_swap_bf_r", dialect), dice_sql("sn_swap_bf_l", "fn_bf_r", dialect)
+    return f"({a} >= 0.9 OR {b} >= 0.9)" if half else f"{a} >= {SWAP_DICE} AND {b} >= {SWAP_DICE}"
+
+
 def _name_comparison(name: str, prefix: str, dialect: str, initial: bool) -> cl.CustomComparison:
     dice = dice_sql(f"{prefix}_bf_l", f"{prefix}_bf_r", dialect)
     levels = [
         cll.NullLevel(f"{prefix}_tok"),
         cll.ExactMatchLevel(f"{prefix}_tok", term_frequency_adjustments=True),
+        # before the partial levels: a swapped pair's names can also be partially alike
+        cll.CustomLevel(swapped_names_sql(dialect), label_for_charts="forename and surname swapped"),
         cll.CustomLevel(f"{dice} >= 0.85", label_for_charts="Dice >= 0.85"),
         cll.CustomLevel(f"{prefix}_phon_tok_l = {prefix}_phon_tok_r", label_for_charts="phonetic match"),
         cll.CustomLevel(f"{dice} >= 0.6", label_for_charts="Dice >= 0.6"),
+        cll.CustomLevel(swapped_names_sql(dialect, half=True), label_for_charts="one name in the other's place"),
     ]
     if initial:
         levels.append(cll.CustomLevel(f"{prefix}_initial_tok_l = {prefix}_initial_tok_r", label_for_charts="same initial"))
@@ -109,6 +137,8 @@ def _dob_comparison() -> cl.CustomComparison:
                                                                                fix_m_probability=True),
             cll.CustomLevel("dob_year_tok_l = dob_year_tok_r", label_for_charts="same year").configure(
                 m_probability=0.002, fix_m_probability=True),
+            # a generation apart: namesakes in one family (a father and a son) rather than a mistyped date
+            cll.CustomLevel("abs(birth_year_l - birth_year_r) >= 15", label_for_charts="born 15 or more years apart"),
             cll.ElseLevel(),
         ],
         comparison_description="date of birth: exact, swapped day/month, partial",
@@ -153,6 +183,43 @@ def exact_level(column: str, name: str) -> cl.CustomComparison:
         comparison_levels=[cll.NullLevel(column), cll.ExactMatchLevel(column), cll.ElseLevel()],
         comparison_description=f"{name}: exact token",
     )
+
+
+def floor_levels(settings: dict, min_weight: float = MIN_WEIGHT, min_u: float = MIN_U) -> list[str]:
+    """Raise untrained or tiny m and u to a floor, in place; return the levels raised, as "comparison: level".
+
+    u is raised to ``min_u``; then m to ``u * 2 ** min_weight``, so no level weighs less than
+    ``min_weight``, except an agreement level that training never observed: it gets m = u (weight 0).
+
+    Splink scores a level that training never observed with m (or u) = 1e-6: a level that no
+    true match showed in training (sex recorded differently, say) would veto every pair at
+    it, and one the random sample never met would link on it alone. A floored comparison's
+    free m are rescaled to sum to one with its fixed m.
+    """
+    raised = []
+    for comp in settings["comparisons"]:
+        levels = [lv for lv in comp["comparison_levels"] if not lv.get("is_null_level")]
+        for which in ("u", "m"):
+            free = [lv for lv in levels if not lv.get(f"fix_{which}_probability")]
+
+            def floor(lv, which=which):
+                if which == "u":
+                    return min_u
+                # an agreement level no match showed in training is no evidence either way (m = u);
+                # a disagreement level ("All other") that none showed is strong evidence against
+                unseen = not isinstance(lv.get("m_probability"), float | int) and lv.get("sql_condition") != "ELSE"
+                return lv["u_probability"] * (1 if unseen else 2 ** min_weight)
+            low = [lv for lv in free if not isinstance(lv.get(f"{which}_probability"), float | int)
+                   or lv[f"{which}_probability"] < floor(lv)]
+            for lv in low:
+                lv[f"{which}_probability"] = floor(lv)
+                raised.append(f"{comp['output_column_name']}: {lv['label_for_charts']} ({which})")
+            if low:
+                fixed = sum(lv[f"{which}_probability"] for lv in levels if lv.get(f"fix_{which}_probability"))
+                total = sum(lv[f"{which}_probability"] for lv in free)
+                for lv in free:
+                    lv[f"{which}_probability"] *= (1 - fixed) / total
+    return raised
 
 
 def model_settings(dialect: str = "duckdb", probability_two_random_records_match: float = 1e-6) -> SettingsCreator:

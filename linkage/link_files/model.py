@@ -40,66 +40,86 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from linkage.link.model import PREDICTION_BLOCKS, exact_level, model_settings, rule_columns, rule_creator, rule_label
+from linkage.encodings import dice_sql
+from linkage.link.model import PREDICTION_BLOCKS, SWAP_RULE, model_settings, rule_columns, rule_creator, rule_label
 
 log = logging.getLogger(__name__)
 
 U_MIN_PAIRS = 20_000          # about 200 records
+# u sampling dominates the run time (each sampled pair computes up to ten Dice coefficients);
+# 300k pairs keep the u of own extracts accurate (rare levels are corrected or kept at their prior)
+U_MAX_PAIRS = 300_000
 EM_MIN_PAIRS = 200
 TF_MIN_RECORDS = 1_000
 LEVEL_NOT_OBSERVED = "level not observed in training dataset"   # Splink's marker in saved models
 
 ROLE_COLUMNS = {
     "first_name": ("fn_tok", "fn_initial_tok", "fn_phon_tok", "fn_bf"),
-    "surname": ("sn_tok", "sn_phon_tok", "sn_bf"),
+    "surname": ("sn_tok", "sn_phon_tok", "sn_bf", "sn_swap_bf"),
     "dob": ("dob_tok", "dob_year_tok", "dob_month_tok", "dob_day_tok", "dob_swap_tok"),
     "sex": ("sex_tok",),
     "postcode": ("postcode_tok", "pc_sector_tok", "pc_district_tok"),
     "address": ("addr_bf",),
-    "id": ("id_tok",),
+    "id": ("id_tok", "id_bf"),
 }
 _ROLE_OF = {c: r for r, cols in ROLE_COLUMNS.items() for c in cols}
 COMPARISON_ROLE = {"forename": "first_name", "surname": "surname", "dob": "dob", "postcode": "postcode",
                    "address": "address", "sex": "sex", "id": "id"}
 
+ID_TYPO_LABEL = "Dice >= 0.75 (a mistyped identifier)"
+ID_TYPO_DICE = 0.75
+
 # (m, u) per non-null level; m None where the project's model fixes m itself
 PRIORS: dict[str, dict[str, tuple[float | None, float]]] = {
-    "forename": {"Exact match on fn_tok": (0.88, 0.006), "Dice >= 0.85": (0.04, 0.001),
-                 "phonetic match": (0.02, 0.004), "Dice >= 0.6": (0.03, 0.01), "same initial": (0.02, 0.06),
+    "forename": {"Exact match on fn_tok": (0.865, 0.006), "forename and surname swapped": (0.01, 0.00002),
+                 "Dice >= 0.85": (0.04, 0.001),
+                 "phonetic match": (0.02, 0.004), "Dice >= 0.6": (0.03, 0.01),
+                 "one name in the other's place": (0.005, 0.0002), "same initial": (0.02, 0.06),
                  "All other comparisons": (0.01, 0.919)},
-    "surname": {"Exact match on sn_tok": (0.85, 0.003), "Dice >= 0.85": (0.04, 0.001),
+    "surname": {"Exact match on sn_tok": (0.835, 0.003), "forename and surname swapped": (0.01, 0.00002),
+                "Dice >= 0.85": (0.04, 0.001),
                 "phonetic match": (0.02, 0.003), "Dice >= 0.6": (0.03, 0.01),
-                "All other comparisons": (0.06, 0.983)},     # surnames change on partnership
+                "one name in the other's place": (0.005, 0.0002), "All other comparisons": (0.06, 0.983)},     # surnames change on partnership
     "dob": {"Exact match on dob_tok": (0.975, 0.00005), "day and month swapped": (0.01, 0.00005),
             "same day and month, year one apart": (0.01, 0.0001), "same year and month": (None, 0.001),
-            "same year": (None, 0.017), "All other comparisons": (0.001, 0.9818)},
+            "same year": (None, 0.017), "born 15 or more years apart": (0.00001, 0.6),
+            "All other comparisons": (0.00099, 0.3818)},
     "postcode": {"Exact match on postcode_tok": (0.8, 0.0005), "a postcode in common": (0.01, 0.0001),
                  "same sector": (0.03, 0.003), "same district": (0.03, 0.01),
                  "All other comparisons": (0.13, 0.9864)},    # people move
     "address": {"Dice >= 0.9": (0.75, 0.001), "Dice >= 0.7": (0.08, 0.005), "All other comparisons": (0.17, 0.994)},
     "sex": {"Exact match on sex_tok": (0.98, 0.5), "All other comparisons": (0.02, 0.5)},
-    "id": {"Exact match on id_tok": (0.97, 0.00001), "All other comparisons": (0.03, 0.99999)},
+    "id": {"Exact match on id_tok": (0.97, 0.00001), ID_TYPO_LABEL: (0.02, 0.0001),
+           "All other comparisons": (0.01, 0.9999)},
 }
 
 # Own extracts are small (thousands of rows), so broader rules than the project's are
 # affordable: same birthday and first initial, also with day and month swapped (at 1M
 # persons the first alone made 48.6M comparisons, so the project link blocks on the
 # phonetic forename instead).
+#
+# No single field is needed by every rule, so one missing or mistyped field cannot hide a
+# pair: the project's rules all need a date of birth (or NINO/UPN), and own extracts often
+# lack a date or carry a different one, so the names alone (any date), each name with the
+# postcode (a name mistyped as well), and the swapped names (any date) reach those pairs.
 _BROAD_RULES = (("dob_tok", "fn_initial_tok"),
                 "l.dob_swap_tok = r.dob_tok AND l.fn_initial_tok = r.fn_initial_tok",
-                "l.dob_tok = r.dob_swap_tok AND l.fn_initial_tok = r.fn_initial_tok")
-# The project's rules all need a date of birth or a NINO/UPN, and own extracts often lack a date
-# on some rows; names within a postcode district find those, and only those (with both dates
-# present the pair would mostly be a parent and a child named alike, living together).
-_NO_DOB_RULE = ("l.fn_tok = r.fn_tok AND l.sn_tok = r.sn_tok AND l.pc_district_tok = r.pc_district_tok "
-                "AND (l.dob_tok IS NULL OR r.dob_tok IS NULL)")
+                "l.dob_tok = r.dob_swap_tok AND l.fn_initial_tok = r.fn_initial_tok",
+                SWAP_RULE,
+                # one name swapped exactly, the other mistyped, at the same postcode
+                "l.fn_bf = r.sn_swap_bf AND l.postcode_tok = r.postcode_tok",
+                "l.sn_swap_bf = r.fn_bf AND l.postcode_tok = r.postcode_tok",
+                ("fn_tok", "sn_tok"),
+                ("sn_tok", "postcode_tok"),
+                ("fn_tok", "postcode_tok"))
 FALLBACK_BLOCKS = (("fn_tok", "sn_tok"), ("sn_tok", "postcode_tok"), ("fn_tok", "postcode_tok"), ("dob_tok",),
                    ("id_tok",), ("sn_tok",), ("postcode_tok",), ("fn_tok",), ("addr_bf",))
 # deterministic rules for the prior probability of a match: the first group with a usable rule
 DETERMINISTIC = ((("id_tok", "dob_tok"), ("fn_tok", "sn_tok", "dob_tok")),
                  (("id_tok", "sn_tok"), ("fn_tok", "sn_tok", "postcode_tok")))
-TRAINING_BLOCKS = (("id_tok",), ("dob_tok",))
-TRAINING_FALLBACK = (("fn_tok", "sn_tok"),)
+# EM blocks in order of preference: each session trains the comparisons its block does not
+# use, and blocks are added until every comparison has been free in a session that ran
+TRAINING_BLOCKS = (("id_tok",), ("dob_tok",), ("fn_tok", "sn_tok"), ("postcode_tok",), ("sn_tok",))
 
 
 @dataclass
@@ -131,7 +151,7 @@ def prediction_rules(file_roles: dict[str, set[str]], link_only: bool = False) -
     commons = {(a, b): file_roles[a] & file_roles[b] for i, a in enumerate(names)
                for b in names[i + 1 if link_only else i:]}
     project = [("id_tok",), *(b for b in PREDICTION_BLOCKS if not {"nino_tok", "upn_tok"} & rule_columns(b)),
-               *_BROAD_RULES, _NO_DOB_RULE]
+               *_BROAD_RULES]
     # a rule is kept when some pair of files (or a file and itself) has every role it uses
     rules = [r for r in project if any(_roles(r) <= common for common in commons.values())]
     uncovered = []
@@ -144,6 +164,20 @@ def prediction_rules(file_roles: dict[str, set[str]], link_only: bool = False) -
         else:
             rules.append(extra)
     return rules, uncovered
+
+
+def _id_comparison():
+    """The identifier: exact token, then Dice on its bigram filter (one digit mistyped or two transposed)."""
+    import splink.comparison_level_library as cll
+    import splink.comparison_library as cl
+
+    return cl.CustomComparison(
+        output_column_name="id",
+        comparison_levels=[cll.NullLevel("id_tok"), cll.ExactMatchLevel("id_tok"),
+                           cll.CustomLevel(f"{dice_sql('id_bf_l', 'id_bf_r')} >= {ID_TYPO_DICE}",
+                                           label_for_charts=ID_TYPO_LABEL),
+                           cll.ElseLevel()],
+        comparison_description="id: exact token, Bloom-filter Dice")
 
 
 def _rule_dict(rule) -> dict:
@@ -159,7 +193,7 @@ def base_settings(present: set[str], rules: list, link_type: str, term_frequenci
     settings = model_settings("duckdb").create_settings_dict("duckdb")
     comparisons = [c for c in settings["comparisons"] if COMPARISON_ROLE.get(c["output_column_name"]) in present]
     if "id" in present:
-        comparisons.append(exact_level("id_tok", "id").get_comparison("duckdb").as_dict())
+        comparisons.append(_id_comparison().get_comparison("duckdb").as_dict())
     for comp in comparisons:
         priors = PRIORS[comp["output_column_name"]]
         for level in comp["comparison_levels"]:
@@ -177,26 +211,26 @@ def base_settings(present: set[str], rules: list, link_type: str, term_frequenci
     return settings
 
 
-def _fill_unobserved(settings: dict, which: str) -> int:
-    """Put the prior back on levels a training step never saw; return how many."""
-    n = 0
+def _fill_unobserved(settings: dict, which: str) -> list[str]:
+    """Put the prior back on levels a training step never saw; return them as "comparison: level"."""
+    names = []
     for comp in settings["comparisons"]:
         for level in comp["comparison_levels"]:
             if level.get(f"{which}_probability") == LEVEL_NOT_OBSERVED:
                 level[f"{which}_probability"] = PRIORS[comp["output_column_name"]][level["label_for_charts"]][
                     0 if which == "m" else 1]
-                n += 1
-    return n
+                names.append(f"{comp['output_column_name']}: {level['label_for_charts']}")
+    return names
 
 
-def _floor_m(settings: dict) -> int:
+def _floor_m(settings: dict) -> list[str]:
     """Raise each trained m to at least a tenth of its prior, then rescale the comparison's trained m to sum to 1.
 
     EM on a few hundred pairs cannot tell "never" from "rare": a level no match in the
     block showed (sex recorded differently, say) gets an m near zero and would veto every
-    pair at that level. Returns how many levels were raised.
+    pair at that level. Returns the levels raised, as "comparison: level".
     """
-    raised = 0
+    raised = []
     for comp in settings["comparisons"]:
         priors = PRIORS[comp["output_column_name"]]
         levels = [lv for lv in comp["comparison_levels"]
@@ -206,7 +240,7 @@ def _floor_m(settings: dict) -> int:
             floor = priors[lv["label_for_charts"]][0] / 10
             if lv["m_probability"] < floor:
                 lv["m_probability"] = floor
-                raised += 1
+                raised.append(f"{comp['output_column_name']}: {lv['label_for_charts']}")
         fixed = sum(lv["m_probability"] for lv in levels if lv.get("fix_m_probability"))
         total = sum(lv["m_probability"] for lv in free)
         for lv in free:
@@ -259,6 +293,7 @@ def train(sdfs, settings: dict, records: int, present: set[str], config, link_ty
     lc = config.link
     facts: dict = {"records": records, "term_frequency_adjustments": records >= TF_MIN_RECORDS}
     total_pairs = records * (records - 1) // 2
+    # settings are validated once, here; the Linkers rebuilt with trained parameters skip it (seconds each)
     linker = Linker(sdfs, settings, log_level=logging.ERROR)
     group = next((g for g in DETERMINISTIC if any(_roles(r) <= present for r in g)), ())
     rules = [r for r in group if _roles(r) <= present]
@@ -277,17 +312,21 @@ def train(sdfs, settings: dict, records: int, present: set[str], config, link_ty
     facts["probability_two_random_records_match"] = {"value": lam, "how": how}
     u_sampled = total_pairs >= U_MIN_PAIRS
     if u_sampled:
-        linker = Linker(sdfs, settings, log_level=logging.ERROR)
-        linker.training.estimate_u_using_random_sampling(max_pairs=lc.u_max_pairs, seed=lc.seed)
+        linker = Linker(sdfs, settings, log_level=logging.ERROR, validate_settings=False)
+        u_pairs = min(lc.u_max_pairs, U_MAX_PAIRS)
+        # one chunk: each chunk is a query of its own, and rare levels never reach a count that stops early
+        linker.training.estimate_u_using_random_sampling(max_pairs=u_pairs, seed=lc.seed, num_chunks=1)
         settings = linker.misc.save_model_to_json()
-        facts["u"] = {"how": "random sampling", "max_pairs": lc.u_max_pairs,
+        facts["u"] = {"how": "random sampling", "max_pairs": u_pairs,
                       "levels_left_at_prior": _fill_unobserved(settings, "u")}
     else:
         facts["u"] = {"how": f"fixed priors (fewer than {U_MIN_PAIRS:,} possible pairs)"}
     em = []
-    blocks = [b for b in TRAINING_BLOCKS if _roles(b) <= present] or \
-             [b for b in TRAINING_FALLBACK if _roles(b) <= present]
-    for block in blocks:
+    to_train = {c["output_column_name"] for c in settings["comparisons"]}
+    for block in (b for b in TRAINING_BLOCKS if _roles(b) <= present):
+        frees = {c for c in to_train if COMPARISON_ROLE[c] not in _roles(block)}
+        if not frees:
+            continue
         entry = {"block": rule_label(block)}
         entry["pairs"] = pairs = _count(sdfs, block, link_type, records)
         if not u_sampled:
@@ -295,17 +334,20 @@ def train(sdfs, settings: dict, records: int, present: set[str], config, link_ty
         elif pairs < EM_MIN_PAIRS:
             entry["ran"], entry["why_not"] = False, f"fewer than {EM_MIN_PAIRS} pairs in the block"
         else:
-            linker = Linker(sdfs, settings, log_level=logging.ERROR)
+            linker = Linker(sdfs, settings, log_level=logging.ERROR, validate_settings=False)
             try:
                 linker.training.estimate_parameters_using_expectation_maximisation(
                     rule_creator(block), max_pairs=lc.em_max_pairs)
                 settings = linker.misc.save_model_to_json()
                 entry["ran"] = True
                 entry["levels_left_at_prior"] = _fill_unobserved(settings, "m")
+                entry["trained"] = sorted(frees)
+                to_train -= frees
             except Exception as exc:  # noqa: BLE001 - EM that cannot run leaves the prior m
                 entry["ran"], entry["why_not"] = False, f"EM failed ({exc.__class__.__name__}); prior m kept"
         em.append(entry)
-    facts["m"] = {"how": "EM" if any(e["ran"] for e in em) else "fixed priors", "em": em}
+    facts["m"] = {"how": "EM" if any(e["ran"] for e in em) else "fixed priors", "em": em,
+                  "comparisons_at_prior_m": sorted(to_train)}
     if any(e["ran"] for e in em):
         facts["m"]["levels_raised_to_floor"] = _floor_m(settings)
     if u_sampled:
@@ -348,7 +390,7 @@ def run_model(con, inputs, config, threshold: float, out: Path, link_only: bool 
     db_api = DuckDBAPI(connection=con)
     sdfs = [db_api.register(f"ids_{inp.name}", dataset_display_name=inp.name) for inp in used]
     settings, facts["training"] = train(sdfs, settings, records, present, config, link_type)
-    linker = Linker(sdfs, settings, log_level=logging.ERROR)
+    linker = Linker(sdfs, settings, log_level=logging.ERROR, validate_settings=False)
     model = linker.misc.save_model_to_json()
     model.pop("linker_uid", None)      # a random name per Linker object: drop it so runs reproduce byte for byte
     (out / "model.json").write_text(json.dumps(model, indent=2))

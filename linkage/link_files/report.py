@@ -73,6 +73,11 @@ def build_report(con, inputs, summary: dict, model: dict) -> dict:
     }
 
 
+def _named(levels: list[str]) -> str:
+    """How many levels, and which."""
+    return f"{len(levels)}" + (f" ({'; '.join(levels)})" if levels else "")
+
+
 def _training_rows(training: dict) -> list[dict]:
     """What training did, one readable line per parameter."""
     rows = [{"what": "records", "how": training.get("records")}]
@@ -83,16 +88,18 @@ def _training_rows(training: dict) -> list[dict]:
     if u:
         how = u["how"]
         if "max_pairs" in u:
-            how += (f" (up to {u['max_pairs']:,.0f} pairs); {u.get('levels_left_at_prior', 0)} unobserved level(s) "
-                    f"kept the prior; {u.get('levels_corrected_for_matches_in_the_sample', 0)} level(s) corrected "
+            how += (f" (up to {u['max_pairs']:,.0f} pairs); {_named(u.get('levels_left_at_prior', []))} unobserved "
+                    f"level(s) kept the prior; {u.get('levels_corrected_for_matches_in_the_sample', 0)} level(s) corrected "
                     "for the matches in the sample")
         rows.append({"what": "u", "how": how})
     m = training.get("m")
     if m:
-        rows.append({"what": "m", "how": m["how"] + (f"; {m['levels_raised_to_floor']} level(s) raised to a tenth "
-                                                    "of the prior" if "levels_raised_to_floor" in m else "")})
+        rows.append({"what": "m", "how": m["how"] + (f"; {_named(m['levels_raised_to_floor'])} level(s) raised to a "
+                                                    "tenth of the prior" if "levels_raised_to_floor" in m else "")
+                     + (f"; comparisons EM could not train (prior m kept): {', '.join(m['comparisons_at_prior_m'])}"
+                        if m.get("comparisons_at_prior_m") else "")})
         for e in m.get("em", []):
-            done = ("ran" + (f", {e['levels_left_at_prior']} unobserved level(s) kept the prior"
+            done = ("ran" + (f", {_named(e['levels_left_at_prior'])} unobserved level(s) kept the prior"
                              if e.get("levels_left_at_prior") else "")) if e["ran"] else f"not run: {e['why_not']}"
             rows.append({"what": f"EM block {e['block']}", "how": f"{e['pairs']:,} pairs; {done}"})
     if "term_frequency_adjustments" in training:

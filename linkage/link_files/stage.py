@@ -183,16 +183,23 @@ def load_map(path: Path | str) -> dict[str, FileMap]:
     """
     path = Path(path)
     data = read_toml(path, MapError, "map file")
-    unknown = sorted(set(data) - {"files"})
+    unknown = sorted(set(data) - {"files", "link_only"})
     if unknown:
         raise MapError(f"{path}: unknown key(s) {', '.join(repr(u) for u in unknown)}; "
-                       "the map holds one [files.<file stem>] table per file")
+                       "the map holds link_only and one [files.<file stem>] table per file")
+    if not isinstance(data.get("link_only", False), bool):
+        raise MapError(f"{path}: link_only must be true or false")
     files = data.get("files")
     if not isinstance(files, dict) or not files:
         raise MapError(f"{path}: no [files.<file stem>] tables")
     maps = {table: _file_map(path, table, entry) for table, entry in files.items()}
     _check_formats(path, maps)
     return maps
+
+
+def map_link_only(path: Path | str) -> bool:
+    """The map's ``link_only`` option: link across files only, never within one (default false)."""
+    return bool(read_toml(Path(path), MapError, "map file").get("link_only", False))
 
 
 def _check_formats(path: Path, maps: dict[str, FileMap]) -> None:
@@ -403,7 +410,7 @@ def _encode(con, inputs: list[_Input], staged: dict[str, Path], config: Config, 
     present = set().union(*(inp.spec.roles for inp in inputs))
     encoders = {r: e for r in sorted(present - {"id"}) if (e := coder.for_role(r)) is not None}
     if "id" in present:
-        encoders["ref:id"] = coder.for_reference("id", _ID_REFERENCE["id"])
+        encoders["ref:id"] = coder.for_reference("id", _ID_REFERENCE["id"], "id_bf")
     distinct = build_dictionaries(con, plans, encoders)
     for plan in plans:
         con.execute(f"""CREATE OR REPLACE TABLE ids_{plan.name} AS
@@ -465,7 +472,8 @@ def _publish(built: Path, out: Path) -> None:
 
 
 def link_files(files: Sequence[Path | str], map_path: Path | str, out: Path | str, config: Config | None = None,
-               key_file: Path | str | None = None, threshold: float | None = None) -> dict:
+               key_file: Path | str | None = None, threshold: float | None = None,
+               link_only: bool | None = None) -> dict:
     """Pseudonymise and link a data engineer's own extracts; write clusters, pairs and a report to ``out``.
 
     Args:
@@ -476,6 +484,8 @@ def link_files(files: Sequence[Path | str], map_path: Path | str, out: Path | st
             sampling sizes, ``memory_limit`` and ``threads``); default the project's ``hhlink.toml``.
         key_file: a master key file; default ``HHLINK_KEY``, ``HHLINK_KEY_FILE`` or the default key file.
         threshold: match probability at or above which records share a cluster; default ``link.threshold``.
+        link_only: compare records of different files only (no dedupe within a file); default the
+            map's ``link_only`` (false). Needs at least two files.
 
     Returns:
         A summary: records per file, clusters, pairs, training facts, seconds. Never a record value.
@@ -501,6 +511,9 @@ def link_files(files: Sequence[Path | str], map_path: Path | str, out: Path | st
     map_path, out = Path(map_path), Path(out)
     mapping = load_map(map_path)
     inputs = _inputs(files, mapping, map_path)
+    link_only = map_link_only(map_path) if link_only is None else link_only
+    if link_only and len(inputs) < 2:
+        raise LinkFilesError("link_only links across files: give at least two files")
     if out.exists() and not out.is_dir():
         raise LinkFilesError(f"{out}: exists and is not a folder")
     key = load_master_key(key_file)       # before anything is written
@@ -520,7 +533,7 @@ def link_files(files: Sequence[Path | str], map_path: Path | str, out: Path | st
         for inp in inputs:
             con.execute(f"DROP TABLE st_{inp.name}")
             staged[inp.name].unlink()
-        run = run_model(con, inputs, config, threshold, built)
+        run = run_model(con, inputs, config, threshold, built, link_only=link_only)
         _write_outputs(con, run.pairs_table, run.clusters_table, built)
         summary = {
             "files": {inp.spec.table: {"records": inp.rows, "roles": sorted(inp.spec.roles),
@@ -531,7 +544,7 @@ def link_files(files: Sequence[Path | str], map_path: Path | str, out: Path | st
             "pairs_scored": con.execute("SELECT count(*) FROM lf_pairs").fetchall()[0][0],
             "pairs_at_threshold": con.execute(
                 f"SELECT count(*) FROM lf_pairs WHERE match_probability >= {threshold!r}").fetchall()[0][0],
-            "threshold": threshold, "keep_pairs_above": min(config.link.keep_pairs_above, threshold),
+            "link_only": link_only, "threshold": threshold, "keep_pairs_above": min(config.link.keep_pairs_above, threshold),
             "key_fingerprint": key.fingerprint, "distinct_values_encoded": distinct, **run.facts,
         }
         summary["seconds"] = round(time.perf_counter() - t0, 1)

@@ -69,7 +69,7 @@ IDENTIFIER_COLUMNS: tuple[tuple[str, str], ...] = (
     ("postcode_tok", "VARCHAR"), ("pc_sector_tok", "VARCHAR"), ("pc_district_tok", "VARCHAR"),
     ("fn_tok", "VARCHAR"), ("sn_tok", "VARCHAR"), ("fn_initial_tok", "VARCHAR"), ("fn_phon_tok", "VARCHAR"),
     ("sn_phon_tok", "VARCHAR"), ("mn_initial_tok", "VARCHAR"),
-    ("fn_bf", "BLOB"), ("sn_bf", "BLOB"), ("addr_bf", "BLOB"),
+    ("fn_bf", "BLOB"), ("sn_bf", "BLOB"), ("addr_bf", "BLOB"), ("sn_swap_bf", "BLOB"),
     ("benefit_unit_tok", "VARCHAR"), ("bu_role", "VARCHAR"),
 )
 _META_COLUMNS = ("_file", "_line", "_row")
@@ -101,7 +101,9 @@ def _postcode_parts(v: str) -> tuple[str | None, str | None, str | None]:
     if not p:
         return None, None, None
     if len(p) < 5:
-        return p, None, None
+        # not a UK postcode (a 3-4 character postal code, e.g. Australian): its prefixes
+        # play sector and district, so a one-character error at the end keeps partial credit
+        return p, (p[:-1] if len(p) >= 3 else None), (p[:-2] if len(p) >= 4 else None)
     return f"{p[:-3]} {p[-3:]}", f"{p[:-3]} {p[-3]}", p[:-3]
 
 
@@ -159,6 +161,7 @@ class Encoders:
 
     def __init__(self, key: MasterKey, cfg: PseudonymiseConfig):
         self.cfg = cfg
+        self._key = key
         self._tokens_key = key.subkey("tokens")
         params = bloom_params(cfg)
         self.bloom = {
@@ -183,14 +186,22 @@ class Encoders:
         cols = {"dob": ("dob_tok", "dob_year_tok", "dob_month_tok", "dob_day_tok", "dob_swap_tok"),
                 "postcode": ("postcode_tok", "pc_sector_tok", "pc_district_tok"),
                 "first_name": ("fn_tok", "fn_initial_tok", "fn_phon_tok", "fn_bf"),
-                "surname": ("sn_tok", "sn_phon_tok", "sn_bf"),
+                "surname": ("sn_tok", "sn_phon_tok", "sn_bf", "sn_swap_bf"),
                 "middle_names": ("mn_initial_tok",), "address": ("addr_bf",)}[role]
         return _Encoder(f"d_{role}", cols, "DATE" if role == "dob" else "VARCHAR", builders[role])
 
-    def for_reference(self, column: str, token_column: str) -> _Encoder:
+    def for_reference(self, column: str, token_column: str, bloom_column: str | None = None) -> _Encoder:
         # the column name is the token domain: the same reference gets the same token everywhere
-        return _Encoder(f"d_ref_{column}", (token_column,), "VARCHAR",
-                        lambda vs: {token_column: self.tok(column).many([str(v).strip() or None for v in vs])})
+        if bloom_column is None:
+            return _Encoder(f"d_ref_{column}", (token_column,), "VARCHAR",
+                            lambda vs: {token_column: self.tok(column).many([str(v).strip() or None for v in vs])})
+        # with a Bloom filter of its bigrams too (key 'bloom:<column>'): a mistyped reference keeps a high Dice
+        bloom = BloomEncoder(self._key.subkey(f"bloom:{column}"), bloom_params(self.cfg)["fn_bf"])
+
+        def encode(vs):
+            clean = [str(v).strip() or None for v in vs]
+            return {token_column: self.tok(column).many(clean), bloom_column: _bloom_column(bloom, clean)}
+        return _Encoder(f"d_ref_{column}", (token_column, bloom_column), "VARCHAR", encode)
 
     def _dob(self, values: list[dt.date]) -> dict[str, list]:
         dob = self.tok("dob")
@@ -227,7 +238,11 @@ class Encoders:
         return self._name(values, "fn", initial=True)
 
     def _surname(self, values: list[str]) -> dict[str, object]:
-        return self._name(values, "sn", initial=False)
+        out = self._name(values, "sn", initial=False)
+        # the surname's filter under the forename key: comparable with a forename filter, so a
+        # forename/surname swap shows as high Dice across the two fields, with no extra token
+        out["sn_swap_bf"] = _bloom_column(self.bloom["fn_bf"], [_norm_name(v) or None for v in values])
+        return out
 
     def _middle_names(self, values: list[str]) -> dict[str, list]:
         norm = [_norm_name(v) for v in values]
@@ -338,6 +353,11 @@ def identifiers_sql(plan: Source, encoders: dict[str, _Encoder], link_refs: dict
         supplied["bu_role"] = f"s.{quote_ident(plan.member_role)}"
     select = [f"CAST({supplied.get(name, 'NULL')} AS {typ}) AS {name}"
               for name, typ in (*IDENTIFIER_COLUMNS, *((t, "VARCHAR") for t in link_refs.values()))]
+    # a reference's Bloom filter (link-files' id), after the contract's columns
+    contract = {name for name, _ in IDENTIFIER_COLUMNS} | set(link_refs.values())
+    extra = sorted({c for role, enc in encoders.items() if role.startswith("ref:") and role[4:] in link_refs
+                    for c in enc.columns if c not in contract})
+    select += [f"CAST({supplied.get(name, 'NULL')} AS BLOB) AS {name}" for name in extra]
     return f"SELECT {', '.join(select)} {_rows_sql(plan, joins)}"
 
 
@@ -550,7 +570,10 @@ def _metadata(config: Config, key: MasterKey, plans: list[Source], payload_colum
                    "phonetic": cfg.phonetic},
         "bloom_filters": {name: {**p.as_dict(), "key": f"HKDF-SHA256 subkey 'bloom:{field}'"}
                           for (name, p), field in zip(bloom_params(cfg).items(),
-                                                      ("first_name", "surname", "address"))},
+                                                      ("first_name", "surname", "address"))}
+                         | {"sn_swap_bf": {**bloom_params(cfg)["fn_bf"].as_dict(),
+                                           "key": "HKDF-SHA256 subkey 'bloom:first_name' (surnames under the "
+                                                  "forename key, to detect swapped names)"}},
         "record_token": {"bits": TOKEN_BYTES * 8, "source": "os.urandom (secrets), not derived from any value"},
         "identifiers_columns": [c for c, _ in IDENTIFIER_COLUMNS] + list(link_refs.values()),
         "payload": {p.name: {"columns": payload_columns.get(p.name, []),
