@@ -128,6 +128,21 @@ def test_artifacts_are_keyed_per_stage_and_hold_no_record_values(reference):
     assert KEY not in text
 
 
+def test_a_run_under_another_key_is_refused_before_anything_is_rewritten(reference, tmp_path):
+    ws = _copy(reference[0], tmp_path / "ws")
+    before = {zone: _tree(ws / zone) for zone in ("pseudonymised", "research", "published")}
+    keys = tmp_path / "keys"
+    keys.mkdir(mode=0o700)
+    other = keys / "other.key"
+    other.write_text("6f" * 32 + "\n")
+    other.chmod(0o600)
+    state = household_linkage_flow(str(ws), _config(), key_file=str(other), return_state=True)
+    assert not state.is_completed()
+    with pytest.raises(Exception, match="hhlink keys rotate"):
+        state.result()
+    assert {zone: _tree(ws / zone) for zone in before} == before
+
+
 def test_rerun_skips_every_cached_stage(reference):
     ws, _ = reference
     before = _tree(ws / "published")
