@@ -659,3 +659,17 @@ def test_em_trains_the_date_of_birth_without_an_id(tmp_path, generated):
     assert m["comparisons_at_prior_m"] == []
     trained_dob = [e for e in m["em"] if e["ran"] and "dob" in e.get("trained", [])]
     assert trained_dob and trained_dob[0]["block"] != "dob_tok"
+
+
+def test_report_counts_the_records_no_rule_compares(tmp_path, key):
+    # R3 shares nothing any rule uses with anyone: it is the one record never compared
+    (tmp_path / "people.csv").write_text("id,fn,sn,dob\nR1,Ann,Lee,01/02/1990\nR2,Anne,Lee,01/02/1990\n"
+                                         "R3,Zed,Quill,05/05/1960\n")
+    (tmp_path / "map.toml").write_text('[files.people]\nrecord_id = "id"\nfirst_name = "fn"\nsurname = "sn"\n'
+                                       'dob = { column = "dob", format = "%d/%m/%Y" }\n')
+    s = link_files([tmp_path / "people.csv"], tmp_path / "map.toml", tmp_path / "out")
+    assert s["records_not_compared"] == {"records": 1, "share": round(1 / 3, 6)}
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["records_not_compared"]["records"] == 1
+    assert all({"rule", "marginal_comparisons"} <= set(r) for r in report["blocking"])
+    assert "Records no rule compares" in (tmp_path / "out" / "report.html").read_text()

@@ -397,11 +397,42 @@ def run_model(con, inputs, config, threshold: float, out: Path, link_only: bool 
     charts = {"match_weights": linker.visualisations.match_weights_chart().chart_dict,
               "m_u_parameters": linker.visualisations.m_u_parameters_chart().chart_dict}
     facts["blocking"] = _blocking_counts(sdfs, rules, link_type, records)
+    facts["records_not_compared"] = records_not_compared(con, [f"ids_{inp.name}" for inp in used], rules,
+                                                         link_type)
     # pairs below the cluster threshold are kept down to keep_pairs_above, for review and the report
     pairs = linker.inference.predict(threshold_match_probability=min(config.link.keep_pairs_above, threshold))
     clusters = linker.clustering.cluster_pairwise_predictions_at_threshold(
         pairs, threshold_match_probability=threshold)
     return ModelRun(pairs.physical_name, clusters.physical_name, facts, charts)
+
+
+def _rule_sql(rule) -> str:
+    return rule if isinstance(rule, str) else " AND ".join(f"l.{c} = r.{c}" for c in rule)
+
+
+def records_not_compared(con, tables: list[str], rules: list, link_type: str) -> dict:
+    """How many records no blocking rule pairs with any other record (they can only stay alone).
+
+    Args:
+        con: the DuckDB connection holding ``tables`` (``unique_id`` and the encodings).
+        tables: one table per file.
+        rules: the prediction blocking rules.
+        link_type: ``dedupe_only``, ``link_only`` or ``link_and_dedupe`` (which table pairs count).
+
+    Returns:
+        ``{"records": n, "share": n / all records}``.
+    """
+    pairs = [(a, b) for i, a in enumerate(tables) for b in tables[i:]
+             if (a != b or link_type != "link_only") and (a == b or link_type != "dedupe_only")]
+    reached = " UNION ".join(
+        f"SELECT l.unique_id AS a, r.unique_id AS b FROM {a} l JOIN {b} r ON ({_rule_sql(rule)})"
+        + (" AND l.unique_id < r.unique_id" if a == b else "") for a, b in pairs for rule in rules)
+    total = sum(con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in tables)
+    if not reached:
+        return {"records": total, "share": 1.0 if total else 0.0}
+    alone = total - con.execute(f"SELECT count(*) FROM (SELECT a FROM ({reached}) UNION SELECT b FROM ({reached}))"
+                                ).fetchall()[0][0]
+    return {"records": alone, "share": round(alone / total, 6) if total else 0.0}
 
 
 def _blocking_counts(sdfs, rules: list, link_type: str, records: int) -> list[dict]:

@@ -62,6 +62,7 @@ def build_report(con, inputs, summary: dict, model: dict) -> dict:
         "completeness": _completeness(con, inputs),
         "comparisons": summary.get("comparisons", []),
         "blocking": summary.get("blocking", []),
+        "records_not_compared": summary.get("records_not_compared"),
         "files_not_compared": summary.get("files_not_compared", []),
         "training": summary.get("training", {}),
         "parameters": mu_rows(model) if model.get("comparisons") else [],
@@ -119,6 +120,10 @@ def render_html(report: dict, charts: dict[str, dict]) -> str:
     not_compared = report["files_not_compared"]
     blocking_note = (f"<p class='note'>No blocking rule fits these files' common roles, so they were not "
                      f"compared: {html.escape(', '.join(not_compared))}</p>" if not_compared else "")
+    alone = report.get("records_not_compared")
+    if alone:
+        blocking_note += (f"<p class='note'>Records no rule compares with any other: {alone['records']:,} "
+                          f"({100 * alone['share']:.2f}%); they can only stay on their own.</p>")
     sections = [
         ("Summary", kpis),
         ("Files and identifier completeness (share of records with each role)", html_table(report["completeness"])),
