@@ -220,6 +220,12 @@ def _read_key_file(path: Path) -> MasterKey:
         raise KeyPermissionError(
             f"key file {path} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
             f"refusing to use it: run chmod 600 {path}")
+    folder = path.resolve().parent
+    mode = stat.S_IMODE(os.stat(folder).st_mode)
+    if mode & 0o022:
+        # whoever can write the folder can swap the key file for their own between runs
+        raise KeyPermissionError(f"key file {path} is in a folder others can write ({folder}, mode {mode:04o}); "
+                                 f"move it to a private folder or run chmod go-w {folder}")
     try:
         text = path.read_text(encoding="ascii")
     except (OSError, UnicodeDecodeError) as exc:

@@ -140,6 +140,18 @@ def test_private_key_files_are_accepted(no_key_env, mode):
     assert load_master_key(path).secret == SECRET
 
 
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o757, 0o1777])
+def test_key_files_in_folders_others_can_write_are_refused(no_key_env, mode):
+    folder = no_key_env / "shared"
+    folder.mkdir()
+    os.chmod(folder, mode)
+    path = _write_key(folder / "m.key", SECRET.hex())
+    with pytest.raises(KeyPermissionError, match="folder others can write"):
+        load_master_key(path)
+    os.chmod(folder, 0o755)   # not writable by group or others: accepted
+    assert load_master_key(path).secret == SECRET
+
+
 def test_missing_or_odd_key_files_are_refused(no_key_env):
     with pytest.raises(KeyNotFoundError, match="hhlink keys init"):
         load_master_key(no_key_env / "missing.key")
