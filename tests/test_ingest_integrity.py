@@ -119,6 +119,20 @@ def test_control_characters_in_a_value_are_quarantined(tmp_path, char):
     assert entry["rows_read"] == 3
 
 
+def test_control_characters_in_a_parquet_value_are_quarantined(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [_row(1), _row(2, surname="AN\x00WAR"), _row(3, forename="A\x07B"), _row(4)]
+    pq.write_table(pa.table({n: [r[i] for r in rows] for i, n in enumerate(EDU.names)}), tmp_path / "education.parquet")
+    out = stage_files(EDU, [tmp_path / "education.parquet"], tmp_path / "out")
+    assert (out["rows_read"], out["rows_staged"], out["reasons"]) == (4, 2, {"control_char": 2})
+    con = duckdb.connect()
+    got = con.execute("SELECT _row, \"column\", reason FROM read_parquet(?) ORDER BY _row",
+                      [str(tmp_path / "out" / "quarantine" / "education.parquet")]).fetchall()
+    assert got == [(2, "surname", "control_char"), (3, "forename", "control_char")]
+
+
 def test_an_unquoted_lone_carriage_return_is_a_control_character_not_a_line_end(tmp_path):
     rows = _many(3)
     rows[1] = rows[1].replace("ONeil", "AN\rWAR")

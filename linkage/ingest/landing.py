@@ -582,7 +582,22 @@ def load_parquet(con: duckdb.DuckDBPyConnection, f: LandingFile, schema: Schema,
     n = con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
     if n == 0:
         raise IngestError(f"{where}: the file has no rows")
-    return Loaded(table, n, "parquet", raw_lookup=f.path)
+    return Loaded(table, n, "parquet", _parquet_control(con, f, schema, table, cast), raw_lookup=f.path)
+
+
+def _parquet_control(con, f: LandingFile, schema: Schema, table: str, cast: str) -> list[tuple]:
+    """Rows of a Parquet file with a control character in a value: taken out of ``table``, returned as rejects."""
+    pattern = lit("[\\x00-\\x08\\x0b-\\x1f\\x7f]")
+    which = " ".join(f"WHEN regexp_matches({q(n)}, {pattern}) THEN {lit(n)}" for n in schema.names)
+    hits = con.execute(f"""SELECT file_row_number + 1, CASE {which} END FROM (SELECT {cast}, file_row_number
+        FROM read_parquet({read_literal(f.path)}, file_row_number=true))
+        WHERE regexp_matches(concat_ws(' ', {', '.join(q(n) for n in schema.names)}), {pattern})
+        ORDER BY 1""").fetchall()
+    if not hits:
+        return []
+    con.execute(f"DELETE FROM {table} WHERE _row IN ({', '.join(str(r) for r, _ in hits)})")
+    raw = parquet_rows_json(con, f.path, schema, [r for r, _ in hits])
+    return [(f.name, r + 1, r, raw.get(r, ""), col, "control_char") for r, col in hits]
 
 
 def parquet_rows_json(con: duckdb.DuckDBPyConnection, path: Path, schema: Schema, rows: list[int]) -> dict[int, str]:
