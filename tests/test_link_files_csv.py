@@ -239,3 +239,15 @@ def test_a_byte_order_mark_and_gzip(tmp_path):
     con = duckdb.connect()
     names = read_csv_table(con, tmp_path / "g.csv.gz", "t", Dialect(delimiter=";", encoding="latin-1"), tmp_path)
     assert (names, con.execute("SELECT * FROM t").fetchall()) == (["id", "name"], [("1", "Zoë")])
+
+
+def test_the_cli_says_how_many_invalid_values_were_used_as_missing(tmp_path, key, run_cli):
+    (tmp_path / "people.csv").write_text("pid\tforename\tsurname\tborn\n1\tAnn\tSmith\t19450493\n"
+                                         "2\tAnn\tSmyth\t19450403\n3\tBob\tJones\t19600101\n4\tBob\tJones\t19600101\n")
+    (tmp_path / "map.toml").write_text('[files.people]\ndelimiter = "\\t"\nrecord_id = "pid"\nfirst_name = "forename"\n'
+                                       'surname = "surname"\ndob = { column = "born", format = "%Y%m%d" }\n')
+    code, out, err = run_cli("link-files", str(tmp_path / "people.csv"), "--map", str(tmp_path / "map.toml"),
+                             "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    assert "people: 1 value(s) of born off the map's format, used as missing" in out
+    assert "19450493" not in out + err

@@ -27,14 +27,15 @@ def link_files_command(files: tuple[Path, ...], map_path: Path, out: Path, thres
     """Link FILE ... (CSV or Parquet): dedupe within each file and link across them.
 
     The map names each file's table by its stem and, in it, the column(s) playing each
-    role: record_id, first_name, surname, dob = { column, format }, sex, postcode, address
+    role: record_id, first_name, surname, dob = { column, format, invalid }, sex, postcode, address
     (a column or a list joined with spaces) and id (one identifier, e.g. an NHS number,
     meaning the same in every file). Any role may be absent. The values are encoded with
     hhlink's keyed tokens and Bloom filters and linked with its Splink model. OUT gets
     clusters.csv (file, record_id, cluster_id: every input row once), pairs.csv (both
     record ids and files, match_probability, match_weight) and the linkage-quality report;
     no cleartext identifier except the record ids. Rows in error messages count from 1
-    after the header.
+    after the header. A CSV is read with the dialect the map states (delimiter, quote,
+    encoding, header, trim; default comma, '"', utf-8, line 1, trimmed), never sniffed.
 
     \b
     Example:
@@ -50,6 +51,10 @@ def link_files_command(files: tuple[Path, ...], map_path: Path, out: Path, thres
     training = s.get("training", {})
     if training.get("m"):
         click.echo(f"  training: u by {training['u']['how']}; m by {training['m']['how']}")
+    for table, info in s["files"].items():
+        for column, n in info.get("invalid_as_missing", {}).items():
+            click.echo(f"  {table}: {n:,} value(s) of {column} off the map's format, used as missing "
+                       f"(invalid = \"error\" stops instead)")
     if s.get("files_not_compared"):
         click.echo(f"  not compared (no blocking rule fits their common roles): {', '.join(s['files_not_compared'])}")
     for name in ("clusters.csv", "pairs.csv", "report.html"):
