@@ -324,6 +324,20 @@ class DisclosureConfig(_Section):
             and magnitude totals; a cell failing the p% rule needs its p% shortfall too.
         lp_max_rounds: rounds of secondary suppression (audit, add complements) before
             giving up and suppressing every cell of the table.
+        request_max_lps: the most linear programs the disclosure audit of one on-demand
+            request may solve (jointly with what was released before); a request needing
+            more is refused, so no request can tie up the portal.
+        missing_categories: ``exclude``: a table's population is the units with a known
+            category on each of its dimensions (its title says so), so no ``Unknown`` column
+            of empty cells forces suppression; ``unknown``: missing categories become an
+            ``Unknown`` category.
+        ci_replicates: bootstrap replicates behind the confidence interval of each published
+            mobility measure (elasticity, rank-rank slope, absolute upward mobility).
+        ci_level: the intervals' confidence level.
+        ci_max_width: per measure name, the widest interval a reliable estimate may have;
+            a wider one is marked ``low`` reliability (or withheld, see ``ci_action``).
+        ci_action: ``mark``: publish low-reliability estimates with ``reliability = low``
+            (as ONS marks estimates); ``suppress``: withhold them.
         cohort_band: standard tables group birth cohorts into bands of this many years.
         allowed_dimensions: the dimensions a table request may use (``build_table``); the
             catalogue in ``linkage/sdc/standard.py`` defines each.
@@ -346,6 +360,13 @@ class DisclosureConfig(_Section):
     protection_count: float = Field(5, ge=0)
     protection_ratio: float = Field(0.10, ge=0, le=1)
     lp_max_rounds: int = Field(200, ge=1)
+    request_max_lps: int = Field(3000, ge=1)
+    missing_categories: Literal["exclude", "unknown"] = "exclude"
+    ci_replicates: int = Field(200, ge=20, le=5000)
+    ci_level: float = Field(0.95, gt=0.5, lt=1)
+    ci_max_width: dict[str, float] = Field(default_factory=lambda: {
+        "ige": 0.4, "rank_slope": 0.4, "absolute_upward_mobility": 20.0})
+    ci_action: Literal["mark", "suppress"] = "mark"
     cohort_band: int = Field(5, ge=1, le=20)
     allowed_dimensions: list[str] = Field(default_factory=lambda: [
         "region", "la", "cohort", "sex", "ethnicity", "parent_income_quintile", "child_income_quintile",

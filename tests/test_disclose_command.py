@@ -11,6 +11,8 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from linkage.config import load_config
 from linkage.disclose.stage import STATUSES, RequestError, build_table, disclose
@@ -91,9 +93,14 @@ def test_disclose_writes_every_standard_table(published, workspace):
         assert pq.loc[hidden, "value"].isna().all() and (csv.loc[hidden, "value"] == "").all()
         assert pq.loc[~hidden & (pq["measure"] == meta["unit"]), "value"].ge(10).all()
         assert meta["sdc"]["lp_audit"]["all_protected"]
+        # no per-rule counts (the zero rule's is the number of empty cells) in what researchers read
+        assert "rules_fired" not in meta["sdc"] and isinstance(meta["sdc"]["suppressed_cells"], int)
+        assert "Unknown" not in set(pq[dims].to_numpy().ravel())
         assert meta["sdc"]["perturbation"]["key_fingerprint"] == fingerprint(bytes.fromhex(KEY_HEX))
     report = json.loads((folder.parent / "reports" / "disclosure" / "report.json").read_text())
     assert [t["table"] for t in report["tables"]] == names
+    assert all("rules_fired" in t["sdc"] and "primary" in t["sdc"]["suppressed_cells"] for t in report["tables"])
+    assert all(t["sdc"]["lp_audit"]["joint_with"] == names for t in report["tables"])
     html = (folder.parent / "reports" / "disclosure" / "report.html").read_text()
     assert all(n in html for n in names) and "<b>NO</b>" not in html
 
@@ -103,8 +110,9 @@ def test_transition_counts_match_the_research_table(published, workspace):
     # computed here from research/cohort.parquet: every published count is within the p-table's
     # reach (2) of a true count of at least 10; suppressed cells hold no value
     folder, _ = published
-    c = _cohort(workspace).dropna(subset=["parents_earnings_percentile", "adult_pay_percentile"])
-    c = c.assign(region=c["region_at_16"].fillna("Unknown"),
+    # children without a region are not in the table (disclosure.missing_categories = "exclude")
+    c = _cohort(workspace).dropna(subset=["parents_earnings_percentile", "adult_pay_percentile", "region_at_16"])
+    c = c.assign(region=c["region_at_16"],
                  parent_income_quintile=np.minimum(5, c["parents_earnings_percentile"] // 20 + 1).astype(int).astype(str),
                  child_income_quintile=np.minimum(5, c["adult_pay_percentile"] // 20 + 1).astype(int).astype(str))
     pub = pd.read_parquet(folder / "transition_region.parquet")
@@ -149,7 +157,7 @@ def test_build_table_perturbs_and_is_consistent(published, workspace, key):
     a = build_table(req, workspace, cfg, key=key)
     b = build_table(dict(reversed(list(req.items()))), workspace, cfg, key=key)
     pd.testing.assert_frame_equal(a.frame, b.frame)
-    assert set(a.frame["status"]) <= {"perturbed", "suppressed_primary", "suppressed_secondary"}
+    assert set(a.frame["status"]) <= {"perturbed", "suppressed"}
     assert "perturbed" in set(a.frame["status"])
     # the same children in the same cell get the same perturbed count in every table: the
     # national cells of a region x quintile x quintile request hold exactly the children of
@@ -188,3 +196,72 @@ def test_build_table_refuses_what_is_not_allowed(published, workspace, key):
 def test_disclose_needs_research_tables(run_cli_module, tmp_path):
     code, out, err = run_cli_module("disclose", "--workspace", str(tmp_path))
     assert code != 0 and err.startswith("error:") and "assemble" in err and "Traceback" not in err
+
+
+def _statuses(frame: pd.DataFrame, measure: str, fixed: dict) -> pd.DataFrame:
+    sub = frame[frame["measure"] == measure]
+    for col, value in fixed.items():
+        sub = sub[sub[col] == value]
+    return sub
+
+
+def test_standard_tables_share_one_suppression_pattern(published, workspace):
+    # fsm_ever = "no" holds exactly the children of fsm_years_band = "0", and every attainment
+    # table's LA totals (other dimension at Total) are the same children when the populations
+    # agree: such a cell is withheld in every table or in none
+    folder, _ = published
+    ever = pd.read_parquet(folder / "attainment_fsm_ever_la.parquet")
+    years = pd.read_parquet(folder / "attainment_fsm_years_band_la.parquet")
+    a = _statuses(ever, "children", {"fsm_ever": "no"}).drop(columns="fsm_ever")
+    b = _statuses(years, "children", {"fsm_years_band": "0"}).drop(columns="fsm_years_band")
+    both = a.merge(b, on=["region", "la", "measure"], suffixes=("_a", "_b"))
+    assert len(both) > 10
+    assert (both["status_a"] == both["status_b"]).all()
+    assert (both.loc[both["status_a"] == "perturbed", "value_a"] == both.loc[both["status_a"] == "perturbed",
+                                                                              "value_b"]).all()
+
+
+def test_ledger_records_each_release(published, workspace, key):
+    from linkage.sdc import ledger
+
+    names = [spec.name for spec, _ in standard_tables(workspace / "research", load_config())]
+    with ledger.locked(workspace) as d:
+        assert [b.name for b in ledger.releases(d)][:len(names)] == names
+        assert all(oct(p.stat().st_mode)[-3:] == "600" for p in d.glob("*.npz"))
+    req = {"dimensions": ["fsm_ever", "la"], "measure": "mean_ks4"}
+    pt = build_table(req, workspace, load_config(), key=key)
+    with ledger.locked(workspace) as d:
+        assert pt.spec.name in [b.name for b in ledger.releases(d)]
+
+
+def test_on_demand_answers_keep_what_earlier_releases_withheld(published, workspace, key):
+    # the request is the standard attainment-by-FSM table's geography x fsm_ever grid: every
+    # cell withheld in the published table is withheld in the answer, whatever the measure
+    folder, _ = published
+    std = pd.read_parquet(folder / "attainment_fsm_ever_la.parquet")
+    std = std[std["measure"] == "children"]
+    for measure in ("count", "mean_ks4"):
+        got = build_table({"dimensions": ["la", "fsm_ever"], "measure": measure}, workspace, load_config(),
+                          key=key).frame
+        got = got[got["measure"] == "children"]
+        both = std.merge(got, on=["region", "la", "fsm_ever"], suffixes=("_s", "_r"))
+        assert len(both) == len(std)
+        withheld = both["status_s"] == "suppressed"
+        assert withheld.any() and (both.loc[withheld, "status_r"] == "suppressed").all()
+
+
+def test_a_request_over_its_lp_budget_is_refused(published, workspace, key):
+    cfg = load_config(disclosure={"request_max_lps": 1})
+    with pytest.raises(RequestError, match="request_max_lps"):
+        build_table({"dimensions": ["la", "sex", "cohort"], "measure": "count"}, workspace, cfg, key=key,
+                    record=False)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.permutations(["sex", "region", "cohort"]), st.sampled_from(["count", "mean_ks4"]))
+def test_answers_do_not_depend_on_dimension_order(published, workspace, key, dims, measure):
+    cfg = load_config()
+    a = build_table({"dimensions": dims, "measure": measure}, workspace, cfg, key=key, record=False)
+    b = build_table({"dimensions": sorted(dims), "measure": measure}, workspace, cfg, key=key, record=False)
+    pd.testing.assert_frame_equal(a.frame, b.frame)
+    assert a.spec.name == b.spec.name

@@ -41,7 +41,10 @@ def people(counts: dict[tuple, int], cols: tuple[str, ...], values: dict[tuple, 
     return pd.DataFrame(rows)
 
 
-def status_of(frame: pd.DataFrame, measure: str) -> dict[tuple, str]:
+def status_of(table, measure: str) -> dict[tuple, str]:
+    """Each cell's status, with the withheld cells' reason (kept in memory for the auditors only)."""
+    frame = table.frame.assign(status=np.where(table.reasons != "", "suppressed_" + table.reasons,
+                                               table.frame["status"]))
     dims = [c for c in frame.columns if c not in ("measure", "value", "status")]
     sub = frame[frame["measure"] == measure]
     return {tuple(r[:-1]): r[-1] for r in sub[dims + ["status"]].itertuples(index=False, name=None)}
@@ -60,17 +63,21 @@ def test_one_dimension_threshold_and_complement(key):
     # A=3 B=17 C=25 D=40, Total=85. A < 10: primary. The equation Total = A+B+C+D has one
     # suppressed cell, so one more is needed: the smallest cell that can cover A's protection
     # range (5) is B (17). Then A + B = 85 - 25 - 40 = 20: A lies in [0, 20] (reaches 3+5 and 0)
-    # and B in [0, 20] (20 wide >= 5). C, D and the total stay.
+    # but B in [0, 20] does not reach 17+5: every withheld cell needs its upper and lower
+    # protection (the adversary cannot tell a primary from a secondary cell, so both must be
+    # safe). The next complement is C (25): A+B+C = 45, each in [0, 45]. D and the total stay.
     df = people({("A",): 3, ("B",): 17, ("C",): 25, ("D",): 40}, ("region",))
     t = protect_table(df, TableSpec("t1", (REGION,), unit="person"), exact(), key=key)
-    st = status_of(t.frame, "persons")
+    st = status_of(t, "persons")
     assert st == {("Total",): "published", ("A",): "suppressed_primary", ("B",): "suppressed_secondary",
-                  ("C",): "published", ("D",): "published"}
+                  ("C",): "suppressed_secondary", ("D",): "published"}
+    assert set(t.frame["status"]) == {"published", "suppressed"}   # the reason is not published
     vals = value_of(t.frame, "persons")
-    assert vals[("C",)] == 25 and vals[("D",)] == 40 and vals[("Total",)] == 85
+    assert vals[("D",)] == 40 and vals[("Total",)] == 85
     assert np.isnan(vals[("A",)]) and np.isnan(vals[("B",)])
-    assert t.metadata["sdc"]["rules_fired"]["threshold"] == 1
-    assert t.metadata["sdc"]["suppressed_cells"] == {"primary": 1, "secondary": 1}
+    assert t.report["rules_fired"]["threshold"] == 1
+    assert t.report["suppressed_cells"] == {"primary": 1, "secondary": 2}
+    assert "rules_fired" not in t.metadata["sdc"] and t.metadata["sdc"]["suppressed_cells"] == 3
     assert t.audit.protected
 
 
@@ -84,16 +91,21 @@ def test_two_way_table_rectangle(key):
     # cell able to cover 5 there is (r3,c1)=15. Row r2 likewise: (r2,c3)=16. Column c3 now holds
     # one: (r3,c3)=18. Row r3 holds two, so the closure stops: a 2x2 rectangle. With
     # t = (r2,c1): (r2,c3) = 20-t, (r3,c1) = 19-t, (r3,c3) = 14+t, and t in [0, 19]: the primary
-    # reaches 9 and 0, each secondary's interval is 19 wide. Margins all published.
+    # reaches 9 and 0, but (r3,c1)=15 cannot reach 20 and (r2,c3)=16 cannot reach 21 while
+    # (r2,c2) is published (row r2 leaves 20 for c1 + c3). Every withheld cell needs both its
+    # protections, so more cells join: the cheapest release (an LP over the table's equations)
+    # withholds every interior cell but (r1,c2): row r1 leaves 45 for (r1,c1) + (r1,c3), and
+    # every withheld cell can move 5 either way. Margins all published.
     counts = {("r1", "c1"): 20, ("r1", "c2"): 30, ("r1", "c3"): 25, ("r2", "c1"): 4, ("r2", "c2"): 40,
               ("r2", "c3"): 16, ("r3", "c1"): 15, ("r3", "c2"): 22, ("r3", "c3"): 18}
     df = people(counts, ("row", "col"))
     spec = TableSpec("t2", (Dimension("row", ("row",)), Dimension("col", ("col",))), unit="person")
     t = protect_table(df, spec, exact(), key=key)
-    st = status_of(t.frame, "persons")
+    st = status_of(t, "persons")
     supp = {k: v for k, v in st.items() if v.startswith("suppressed")}
-    assert supp == {("r2", "c1"): "suppressed_primary", ("r2", "c3"): "suppressed_secondary",
-                    ("r3", "c1"): "suppressed_secondary", ("r3", "c3"): "suppressed_secondary"}
+    assert supp == {k: "suppressed_primary" if k == ("r2", "c1") else "suppressed_secondary" for k in counts
+                    if k != ("r1", "c2")}
+    assert t.audit.protected
     vals = value_of(t.frame, "persons")
     assert vals[("Total", "Total")] == 190 and vals[("r2", "Total")] == 60 and vals[("Total", "c1")] == 39
     assert len(st) == 16   # 3x3 interior, 3+3 margins and the grand total
@@ -102,16 +114,18 @@ def test_two_way_table_rectangle(key):
 def test_hierarchy_la_within_region(key):
     # North: N1=12 N2=3 N3=20 (North 35); South: S1=30 S2=25 (South 55); Total 90.
     # N2 is primary; North = N1+N2+N3 needs a second suppression: N1 (12, the smallest >= 5).
-    # N1 + N2 = 15, so N2 lies in [0, 15] and N1 in [0, 15]. The region rows and the total stay:
-    # the hierarchy's equation Total = North + South has nothing suppressed.
+    # N1 + N2 = 15, so N2 lies in [0, 15] and N1 in [0, 15], short of 12+5: N3 joins them,
+    # N1+N2+N3 = 35, each in [0, 35]. The region rows and the total stay: the hierarchy's
+    # equation Total = North + South has nothing suppressed.
     counts = {("North", "N1"): 12, ("North", "N2"): 3, ("North", "N3"): 20, ("South", "S1"): 30,
               ("South", "S2"): 25}
     df = people(counts, ("region", "la"))
     spec = TableSpec("t3", (Dimension("geography", ("region", "la")),), unit="person")
     t = protect_table(df, spec, exact(), key=key)
-    st = status_of(t.frame, "persons")
+    st = status_of(t, "persons")
     assert {k: v for k, v in st.items() if v != "published"} == {
-        ("North", "N2"): "suppressed_primary", ("North", "N1"): "suppressed_secondary"}
+        ("North", "N2"): "suppressed_primary", ("North", "N1"): "suppressed_secondary",
+        ("North", "N3"): "suppressed_secondary"}
     assert st[("North", "Total")] == "published" and st[("Total", "Total")] == "published"
     assert value_of(t.frame, "persons")[("North", "Total")] == 35
 
@@ -127,7 +141,7 @@ def test_small_region_protected_through_the_regions_equation(key):
     df = people(counts, ("region", "la"))
     spec = TableSpec("t4", (Dimension("geography", ("region", "la")),), unit="person")
     t = protect_table(df, spec, exact(), key=key)
-    st = status_of(t.frame, "persons")
+    st = status_of(t, "persons")
     assert {k: v for k, v in st.items() if v != "published"} == {
         ("East", "E1"): "suppressed_primary", ("East", "E2"): "suppressed_primary",
         ("East", "Total"): "suppressed_primary", ("North", "Total"): "suppressed_secondary",
@@ -149,16 +163,16 @@ def test_dominance_and_p_percent(key):
     spec = TableSpec("t5", (REGION,), (Measure("mean_pay", "mean", "v"), Measure("total_pay", "sum", "v")),
                      unit="person")
     t = protect_table(df, spec, exact(), key=key)
-    st = status_of(t.frame, "mean_pay")
+    st = status_of(t, "mean_pay")
     assert st == {("Total",): "published", ("A",): "suppressed_primary", ("B",): "published",
                   ("C",): "published", ("D",): "suppressed_primary"}
-    fired = t.metadata["sdc"]["rules_fired"]
+    fired = t.report["rules_fired"]
     assert fired["dominance"] == 2 and fired["p_percent"] == 1
     v = value_of(t.frame, "mean_pay")
     assert v[("C",)] == pytest.approx(750_000 / 15)
     assert v[("Total",)] == pytest.approx(sum(sum(x) for x in vals.values()) / 51, rel=1e-9)
     assert value_of(t.frame, "total_pay")[("B",)] == 360_000
-    assert status_of(t.frame, "persons")[("A",)] == "suppressed_primary"   # one pattern per table
+    assert status_of(t, "persons")[("A",)] == "suppressed_primary"   # one pattern per table
 
 
 def test_median_is_never_one_persons_value(key):
@@ -189,10 +203,10 @@ def test_coefficients_need_residual_degrees_of_freedom(key):
     spec = TableSpec("t7", (REGION,), (Measure("slope", "slope", "y", x="x"),
                                        Measure("at_5", "predict", "y", x="x", at=5.0)), unit="person")
     t = protect_table(df, spec, exact(), key=key)
-    st = status_of(t.frame, "slope")
+    st = status_of(t, "slope")
     assert st[("A",)] == "suppressed_primary" and st[("B",)] == "suppressed_secondary"
     assert value_of(t.frame, "slope")[("C",)] == 2.0 and value_of(t.frame, "at_5")[("C",)] == 11.0
-    assert t.metadata["sdc"]["rules_fired"]["dof"] == 1
+    assert t.report["rules_fired"]["dof"] == 1
 
 
 def test_proportion_numerator_and_complement(key):
@@ -208,22 +222,23 @@ def test_proportion_numerator_and_complement(key):
     df = people({k: len(v) for k, v in flags.items()}, ("region",), flags)
     spec = TableSpec("t8", (REGION,), (Measure("share", "proportion", "v"),), unit="person")
     t = protect_table(df, spec, exact(), key=key)
-    st, v = status_of(t.frame, "share"), value_of(t.frame, "share")
+    st, v = status_of(t, "share"), value_of(t.frame, "share")
     assert st[("A",)] == st[("C",)] == "suppressed_primary" and st[("B",)] == "suppressed_secondary"
     assert v[("D",)] == 0.4 and v[("Total",)] == round(56 / 95, 4)
-    assert t.metadata["sdc"]["rules_fired"]["proportion"] == 2
+    assert t.report["rules_fired"]["proportion"] == 2
 
 
 def test_ten_five_rounding(key):
     # A=12 -> 10, B=13 -> 15, C=17 -> 15, D=18 -> 20, E=4 suppressed; Total 64 -> 65.
-    # E needs a partner: the smallest region able to cover 5 is A (12).
+    # E needs a partner: the smallest region able to cover 5 is A (12); E+A = 16 leaves A short
+    # of its upper protection (17), so B (13) joins: E+A+B = 29, each in [0, 29].
     df = people({("A",): 12, ("B",): 13, ("C",): 17, ("D",): 18, ("E",): 4}, ("region",))
     cfg = load_config(disclosure={"perturb": False, "rounding": "10-5"})
     t = protect_table(df, TableSpec("t9", (REGION,), unit="person"), cfg, key=key)
-    v, st = value_of(t.frame, "persons"), status_of(t.frame, "persons")
-    assert (v[("B",)], v[("C",)], v[("D",)], v[("Total",)]) == (15, 15, 20, 65)
-    assert st[("E",)] == "suppressed_primary" and st[("A",)] == "suppressed_secondary"
-    assert st[("B",)] == "rounded"
+    v, st = value_of(t.frame, "persons"), status_of(t, "persons")
+    assert (v[("C",)], v[("D",)], v[("Total",)]) == (15, 20, 65)
+    assert st[("E",)] == "suppressed_primary" and st[("A",)] == st[("B",)] == "suppressed_secondary"
+    assert st[("C",)] == "rounded"
     assert t.metadata["sdc"]["rounding"] == {"rule": "10-5", "base": 5}
 
 
@@ -284,16 +299,17 @@ def test_declared_categories_give_zero_cells(key):
     df = people({("X", "X1"): 20, ("Y", "Y1"): 30}, ("region", "la"))
     geo = Dimension("geography", ("region", "la"), categories=(("X", "X1"), ("X", "Z"), ("Y", "Y1")))
     t = protect_table(df, TableSpec("t11", (geo,), unit="person"), exact(), key=key)
-    st = status_of(t.frame, "persons")
+    st = status_of(t, "persons")
     assert st[("X", "Z")] == "suppressed_primary" and st[("X", "X1")] == "suppressed_secondary"
-    assert t.metadata["sdc"]["rules_fired"]["zero"] == 1
+    assert t.report["rules_fired"]["zero"] == 1
     safe = protect_table(df, TableSpec("t11", (geo,), unit="person"),
                          load_config(disclosure={"perturb": False, "zeros_disclosive": False}), key=key)
-    assert status_of(safe.frame, "persons")[("X", "Z")] == "published"
+    assert status_of(safe, "persons")[("X", "Z")] == "published"
 
 
 def test_suppressed_values_are_never_written(key, tmp_path):
-    # A (4 people) is primary; its partner is C (25 < 30): both cells' count and mean are withheld.
+    # A (4 people) is primary; its partner is C (25 < 30), but A+C = 29 leaves C short of 25+5,
+    # so B joins: every cell's count and mean are withheld, only the total is published.
     vals = {("A",): [1000.0 + i for i in range(4)], ("B",): [2000.0 + 7 * i for i in range(30)],
             ("C",): [3000.0 + 3 * i for i in range(25)]}
     df = people({k: len(v) for k, v in vals.items()}, ("region",), vals)
@@ -303,8 +319,8 @@ def test_suppressed_values_are_never_written(key, tmp_path):
     csv = pd.read_csv(tmp_path / "t12.csv", keep_default_na=False)
     pq = pd.read_parquet(tmp_path / "t12.parquet")
     hidden = csv["status"].str.startswith("suppressed")
-    assert set(csv.loc[hidden, "region"]) == {"A", "C"}
-    assert hidden.sum() == 4 and (csv.loc[hidden, "value"] == "").all()
+    assert set(csv.loc[hidden, "region"]) == {"A", "B", "C"}
+    assert hidden.sum() == 6 and (csv.loc[hidden, "value"] == "").all()
     assert pq.loc[pq["status"].str.startswith("suppressed"), "value"].isna().all()
     # the true suppressed values appear in no output file
     secrets = {"1001.5", "4006", "3036", "25,", ",4,"}   # A's and C's means, A's total, the counts
@@ -355,3 +371,32 @@ def test_whole_table_is_suppressed_when_secondary_suppression_gives_up(key):
     t = protect_table(df, spec, load_config(disclosure={"perturb": False, "lp_max_rounds": 1}), key=key)
     assert t.frame["status"].str.startswith("suppressed").all() and t.frame["value"].isna().all()
     assert t.metadata["sdc"]["lp_audit"]["whole_table_suppressed"]
+
+
+def test_coefficients_carry_bootstrap_intervals_and_reliability(key):
+    # Region A: y = 2x + small noise (60 people): a narrow interval around 2, reliable.
+    # Region B: y unrelated to x (60 people): the slope's interval is wide, so the estimate
+    # and its bounds are marked low_reliability (with ci_max_width 0.4 for this measure).
+    rng = np.random.default_rng(3)
+    rows = []
+    for region, slope, noise in (("A", 2.0, 0.05), ("B", 0.0, 20.0)):
+        x = rng.uniform(0, 1, 60)
+        y = slope * x + rng.normal(0, noise, 60)
+        rows += [{"person": f"{region}{i}", "region": region, "x": x[i], "y": y[i]} for i in range(60)]
+    df = pd.DataFrame(rows)
+    spec = TableSpec("ci", (REGION,), (Measure("b", "slope", "y", x="x"),), unit="person")
+    cfg = load_config(disclosure={"perturb": False, "ci_max_width": {"b": 0.4}, "ci_replicates": 200})
+    t = protect_table(df, spec, cfg, key=key)
+    v, st = value_of(t.frame, "b"), status_of(t, "b")
+    lo, hi = value_of(t.frame, "b_ci_lower"), value_of(t.frame, "b_ci_upper")
+    assert lo[("A",)] < v[("A",)] < hi[("A",)] and hi[("A",)] - lo[("A",)] < 0.4 and abs(v[("A",)] - 2) < 0.1
+    assert st[("A",)] == "published" and status_of(t, "b_ci_lower")[("A",)] == "published"
+    assert hi[("B",)] - lo[("B",)] > 0.4 and st[("B",)] == "low_reliability"
+    assert t.metadata["sdc"]["uncertainty"]["replicates"] == 200
+    # the same units give the same replicates: a shuffled input gives the same bounds
+    again = protect_table(df.sample(frac=1.0, random_state=1), spec, cfg, key=key)
+    assert value_of(again.frame, "b_ci_lower") == lo
+    # withheld instead of marked when configured
+    strict = protect_table(df, spec, load_config(disclosure={"perturb": False, "ci_max_width": {"b": 0.4},
+                                                              "ci_action": "suppress"}), key=key)
+    assert status_of(strict, "b")[("B",)] == "suppressed" and np.isnan(value_of(strict.frame, "b")[("B",)])

@@ -51,16 +51,16 @@ from linkage.config import Config
 from linkage.db import connect
 from linkage.keys import MasterKey, load_master_key
 from linkage.sdc.cells import ContributionError, compute_cells
-from linkage.sdc.lp import Audit, System, equations, protect
+from linkage.sdc.lp import Audit, Block, LPBudgetExceeded, System, cell_labels, equations, protect_jointly
 from linkage.sdc.perturb import key_margin
-from linkage.sdc.publish import (STATUSES, dictionary, protected_values, rule_parameters, summary_counts,
-                                 write_report, write_table)
-from linkage.sdc.rules import QUANTILE_FETCH, measure_values, p_percent_shortfall, primary
+from linkage.sdc.publish import (STATUSES, audit_counts, dictionary, protected_values, public_counts,
+                                 rule_parameters, write_report, write_table)
+from linkage.sdc.rules import QUANTILE_FETCH, measure_values, ols_ci, p_percent_shortfall, primary
 from linkage.sdc.spec import ADDITIVE, TOTAL, Dimension, Measure, TableSpec
 
 __all__ = [
     "TOTAL", "STATUSES", "ContributionError", "Dimension", "Measure", "ProtectedTable", "RequestError",
-    "TableSpec", "build_table", "disclose", "protect_table", "record_key_secret",
+    "TableSpec", "build_table", "disclose", "protect_table", "protect_tables", "record_key_secret",
 ]
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,10 @@ class ProtectedTable:
         metadata: the JSON data dictionary with its SDC metadata (parameters and counts only).
         audit: what secondary suppression did.
         seconds: time taken.
+        report: the auditors' counts (why cells were withheld, rules fired, LP work); never
+            written beside the table.
+        reasons: per row of ``frame``, ``primary``, ``secondary`` or empty (in memory only,
+            for tests and the auditors).
     """
 
     spec: TableSpec
@@ -90,6 +94,8 @@ class ProtectedTable:
     metadata: dict
     audit: Audit = field(repr=False)
     seconds: float = 0.0
+    report: dict = field(default_factory=dict, repr=False)
+    reasons: np.ndarray | None = field(default=None, repr=False)
 
     def write(self, folder: Path | str) -> list[Path]:
         """Write ``<name>.csv``, ``.parquet`` and ``.json`` into ``folder`` (atomically)."""
@@ -129,6 +135,72 @@ def _systems(cells, spec: TableSpec, cfg, values) -> list[System]:
     return systems
 
 
+@dataclass
+class _Prepared:
+    """A table between its cell statistics and its suppression pattern (true values inside)."""
+
+    spec: TableSpec
+    cells: object
+    values: dict
+    fired: dict
+    primary: np.ndarray
+    A: object
+    systems: list[System]
+    perturb: bool
+    rounding: str
+    fingerprint: str | None
+
+    def block(self) -> Block:
+        from linkage.sdc.standard import ALIASES
+
+        f = self.cells.frame
+        ident = np.stack([f["_n"].to_numpy(np.int64), f["_ck1"].to_numpy(np.int64), f["_ck2"].to_numpy(np.int64)], 1)
+        return Block(self.spec.name, self.A, ident, f["_depth"].to_numpy(np.int64), self.primary,
+                     {s.name: (s.values, s.lower, s.need) for s in self.systems},
+                     labels=cell_labels(f, list(self.spec.columns), ALIASES))
+
+
+def _prepare(contributions, spec: TableSpec, config: Config, master, con, perturb: bool | None,
+             with_ci: bool = True) -> _Prepared:
+    cfg = config.disclosure
+    do_perturb = perturb if perturb is not None else (spec.perturb if spec.perturb is not None else cfg.perturb)
+    rounding = "none" if do_perturb else cfg.rounding
+    own = con is None
+    con = con or connect()
+    try:
+        cells = compute_cells(con, contributions, spec, record_key_secret(master),
+                              top_k=max(cfg.dominance_n, 2), quantile_width=cfg.quantile_window + QUANTILE_FETCH,
+                              key_margin=key_margin(cfg.magnitude_levels),
+                              replicates=cfg.ci_replicates if with_ci else 0)
+    finally:
+        if own:
+            con.close()
+    values = measure_values(cells, spec, cfg)
+    for m in spec.all_measures:
+        if with_ci and m.kind in ("slope", "predict"):
+            values[m.name + "__ci"] = ols_ci(cells, m, cfg.ci_level)
+    fired = primary(cells, spec, cfg, values)
+    prim = np.logical_or.reduce(list(fired.values()))
+    fp = master.fingerprint if isinstance(master, MasterKey) else None
+    return _Prepared(spec, cells, values, fired, prim, equations(cells.nodes), _systems(cells, spec, cfg, values),
+                     do_perturb, rounding, fp)
+
+
+def _finish(prep: _Prepared, config: Config, suppressed: np.ndarray, audit: Audit, t0: float) -> ProtectedTable:
+    cfg, spec, prim = config.disclosure, prep.spec, prep.primary
+    long = protected_values(prep.cells, spec, cfg, prep.values, prim, suppressed, prep.perturb, prep.rounding)
+    sdc = rule_parameters(cfg, prep.perturb, prep.rounding, prep.fingerprint)
+    meta = dictionary(spec, prep.cells, sdc, public_counts(long, suppressed, audit))
+    report = audit_counts(prep.fired, prim, suppressed, audit)
+    reason = np.where(prim, "primary", np.where(suppressed, "secondary", ""))
+    reasons = np.tile(reason, len(long) // max(1, len(reason)))
+    seconds = time.perf_counter() - t0
+    log.info("table %s: %d cells, %d primary, %d secondary, %d LPs, %.1fs", spec.name, len(prim), int(prim.sum()),
+             int((suppressed & ~prim).sum()), audit.lps, seconds)
+    return ProtectedTable(spec=spec, frame=long, metadata=meta, audit=audit, seconds=seconds, report=report,
+                          reasons=reasons)
+
+
 def protect_table(contributions, spec: TableSpec, config: Config, key: MasterKey | bytes | None = None,
                   con: duckdb.DuckDBPyConnection | None = None, perturb: bool | None = None) -> ProtectedTable:
     """Apply every disclosure rule to one table and return only what may be released.
@@ -148,40 +220,47 @@ def protect_table(contributions, spec: TableSpec, config: Config, key: MasterKey
     Raises:
         ContributionError: missing columns, more than one row per unit, missing values.
     """
+    return protect_tables([(contributions, spec)], config, key=key, con=con, perturb=perturb)[0]
+
+
+def protect_tables(tables: list[tuple[object, TableSpec]], config: Config, key: MasterKey | bytes | None = None,
+                   con: duckdb.DuckDBPyConnection | None = None, perturb: bool | None = None,
+                   earlier: list[Block] = (), max_lps: int | None = None) -> list[ProtectedTable]:
+    """Protect several tables released together with one suppression pattern and one LP audit.
+
+    Cells holding the same units in two tables (an LA's total in two tables of the same
+    population, ``fsm_ever = no`` and ``fsm_years_band = 0``) are one cell: withheld in both
+    or in neither, and every table's margins constrain every other's cells in the audit.
+
+    Args:
+        tables: (contributions, spec) per table (see :func:`protect_table`).
+        config: the configuration.
+        key: the master key; default: the configured key.
+        con: a DuckDB connection (default: a new one).
+        perturb: override each spec's ``perturb`` and the config.
+        earlier: releases already made (:mod:`linkage.sdc.ledger`): their withheld cells stay
+            withheld and their published cells are never chosen as complements.
+        max_lps: the most linear programs the audit may solve (:class:`LPBudgetExceeded` beyond).
+
+    Returns:
+        One :class:`ProtectedTable` per table, in order.
+    """
     t0 = time.perf_counter()
-    cfg = config.disclosure
-    do_perturb = perturb if perturb is not None else (spec.perturb if spec.perturb is not None else cfg.perturb)
-    rounding = "none" if do_perturb else cfg.rounding
     master = key if key is not None else load_master_key()
-    own = con is None
-    con = con or connect()
-    try:
-        cells = compute_cells(con, contributions, spec, record_key_secret(master),
-                              top_k=max(cfg.dominance_n, 2), quantile_width=cfg.quantile_window + QUANTILE_FETCH,
-                              key_margin=key_margin(cfg.magnitude_levels))
-    finally:
-        if own:
-            con.close()
-    values = measure_values(cells, spec, cfg)
-    fired = primary(cells, spec, cfg, values)
-    prim = np.logical_or.reduce(list(fired.values()))
-    A = equations(cells.nodes)
-    suppressed, audit = protect(A, prim, _systems(cells, spec, cfg, values), cells.frame["_depth"].to_numpy(),
-                                max_rounds=cfg.lp_max_rounds)
-    long = protected_values(cells, spec, cfg, values, prim, suppressed, do_perturb, rounding)
-    fp = master.fingerprint if isinstance(master, MasterKey) else None
-    sdc = rule_parameters(cfg, do_perturb, rounding, fp)
-    meta = dictionary(spec, cells, sdc, summary_counts(long, fired, prim, suppressed, audit))
-    del values, cells
-    seconds = time.perf_counter() - t0
-    log.info("table %s: %d cells, %d primary, %d secondary, %d LPs, %.1fs", spec.name, len(prim), int(prim.sum()),
-             int((suppressed & ~prim).sum()), audit.lps, seconds)
-    return ProtectedTable(spec=spec, frame=long, metadata=meta, audit=audit, seconds=seconds)
+    preps = [_prepare(c, spec, config, master, con, perturb) for c, spec in tables]
+    masks, audit = protect_jointly([p.block() for p in preps] + list(earlier),
+                                   max_rounds=config.disclosure.lp_max_rounds, max_lps=max_lps)
+    return [_finish(p, config, m, audit, t0) for p, m in zip(preps, masks)]
 
 
 def build_table(request: dict, workspace: Path | str, config: Config, key: MasterKey | bytes | None = None,
-                con: duckdb.DuckDBPyConnection | None = None) -> ProtectedTable:
+                con: duckdb.DuckDBPyConnection | None = None, record: bool = True) -> ProtectedTable:
     """Build a table on request, from the allowed dimensions and measures, always perturbed.
+
+    The request's dimensions are put in a canonical order first, so the answer does not
+    depend on the order they were named in. The answer is audited jointly with everything
+    released before it that shares a cell with it (the standard tables and earlier answers,
+    from the workspace's release ledger, :mod:`linkage.sdc.ledger`), and then recorded there.
 
     Args:
         request: ``{"dimensions": ["region", "cohort"], "measure": "mean_pay_25_30"}``;
@@ -191,27 +270,44 @@ def build_table(request: dict, workspace: Path | str, config: Config, key: Maste
         config: the configuration.
         key: the master key; default: the configured key.
         con: a DuckDB connection (default: a new one).
+        record: add the answer to the release ledger (``False``: a dry run that releases nothing).
 
     Returns:
         The :class:`ProtectedTable` (only protected values; cell-key perturbation applied).
 
     Raises:
-        RequestError: a dimension or measure outside the allowed list.
+        RequestError: a dimension or measure outside the allowed list, or an answer whose
+            disclosure audit would need more than ``disclosure.request_max_lps`` linear programs.
 
     Example:
         >>> build_table({"dimensions": ["region"], "measure": "count"}, "ws", load_config())  # doctest: +SKIP
     """
-    from linkage.sdc import standard
+    from linkage.sdc import ledger, standard
 
+    t0 = time.perf_counter()
     spec, source = standard.request_spec(request, config)
+    master = key if key is not None else load_master_key()
     own = con is None
     con = con or connect()
     try:
         rel = standard.population(con, Path(workspace), source, config)
-        return protect_table(rel, spec, config, key=key, con=con, perturb=True)
+        prep = _prepare(rel, spec, config, master, con, True)
     finally:
         if own:
             con.close()
+    new = prep.block()
+    with ledger.locked(workspace) as d:
+        earlier = ledger.related(new, ledger.releases(d))
+        try:
+            masks, audit = protect_jointly([new, *earlier], max_rounds=config.disclosure.lp_max_rounds,
+                                           max_lps=config.disclosure.request_max_lps)
+        except LPBudgetExceeded:
+            raise RequestError(f"this table needs more disclosure checking than one request may use "
+                               f"(over {config.disclosure.request_max_lps} linear programs, "
+                               "disclosure.request_max_lps): choose fewer or coarser dimensions") from None
+        if record:
+            ledger.record(d, [new], masks[:1])
+    return _finish(prep, config, masks[0], audit, t0)
 
 
 def disclose(config: Config, workspace: Path | str, key: MasterKey | bytes | None = None) -> dict:
@@ -241,19 +337,27 @@ def disclose(config: Config, workspace: Path | str, key: MasterKey | bytes | Non
 
         raise WorkspaceError(f"{research}: no research tables; run hhlink assemble first")
     master = key if key is not None else load_master_key(workspace=ws.root)
+    from linkage.sdc import ledger
+
     tables, metas = [], []
     con = connect()
     try:
-        with ws.publish_dir("published") as out:
-            for spec, source in standard.standard_tables(research, config):
-                rel = standard.population(con, ws.root, source, config)
-                pt = protect_table(rel, spec, config, key=master, con=con)
+        with ws.publish_dir("published") as out, ledger.locked(ws.root) as book:
+            # the standard tables share cells and margins: one pattern, one LP audit over their union
+            preps = [_prepare(standard.population(con, ws.root, source, config), spec, config, master, con, None)
+                     for spec, source in standard.standard_tables(research, config)]
+            blocks = [p.block() for p in preps]
+            masks, audit = protect_jointly(blocks, max_rounds=config.disclosure.lp_max_rounds)
+            for prep, mask in zip(preps, masks):
+                pt = _finish(prep, config, mask, audit, t0)
                 pt.write(out)
-                metas.append(pt.metadata)
-                tables.append({"table": spec.name, "cells": pt.metadata["sdc"]["cells"],
-                               "suppressed": pt.metadata["sdc"]["suppressed_cells"],
+                metas.append({**pt.metadata, "sdc": {**pt.metadata["sdc"], **pt.report}})
+                tables.append({"table": prep.spec.name, "cells": pt.metadata["sdc"]["cells"],
+                               "suppressed": pt.report["suppressed_cells"],
                                "protected": pt.audit.protected, "seconds": round(pt.seconds, 2)})
             (out / "index.json").write_text(json.dumps({"tables": [m["table"] for m in metas]}, indent=2) + "\n")
+            # later on-demand answers are audited against these (a new release starts a new ledger)
+            ledger.record(book, blocks, masks, reset=True)
     finally:
         con.close()
     seconds = time.perf_counter() - t0

@@ -48,6 +48,8 @@ class Cells:
         node_index: per cell, the index of its node in each dimension (an N x D array).
         nonnegative: per magnitude column, whether every contribution is >= 0.
         windows: per quantile measure name, per cell index, the sorted values around the rank.
+        replicates: per (y, x) column pair of a slope or predict measure, an N x B x 5 array
+            of Poisson-bootstrap weighted sums (w, wx, wy, wxx, wxy) per cell and replicate.
     """
 
     frame: pd.DataFrame
@@ -55,6 +57,7 @@ class Cells:
     node_index: np.ndarray
     nonnegative: dict[str, bool]
     windows: dict[str, dict[int, np.ndarray]]
+    replicates: dict[tuple[str, str], np.ndarray] | None = None
 
 
 def register_contributions(con: duckdb.DuckDBPyConnection, contributions, name: str = "sdc_raw") -> str:
@@ -196,7 +199,7 @@ def _dimension_nodes(con: duckdb.DuckDBPyConnection, spec: TableSpec) -> list[li
 
 
 def compute_cells(con: duckdb.DuckDBPyConnection, contributions, spec: TableSpec, secret: bytes,
-                  top_k: int, quantile_width: int, key_margin: int = 0) -> Cells:
+                  top_k: int, quantile_width: int, key_margin: int = 0, replicates: int = 0) -> Cells:
     """Validate the contributions and compute every cell's statistics.
 
     Args:
@@ -207,6 +210,7 @@ def compute_cells(con: duckdb.DuckDBPyConnection, contributions, spec: TableSpec
         top_k: how many of the largest contributions to keep per cell (dominance n, at least 2).
         quantile_width: how many values around each percentile's rank to keep.
         key_margin: the second record keys' distance from 0 mod 2**32 (see :func:`record_keys`).
+        replicates: bootstrap replicates for slope and predict measures (0: none).
 
     Returns:
         The table's :class:`Cells`, covering the full grid (empty cells have ``_n = 0``).
@@ -253,8 +257,45 @@ def compute_cells(con: duckdb.DuckDBPyConnection, contributions, spec: TableSpec
             for r in con.execute(quantile_windows_sql(spec, m.column, m.q, quantile_width)).fetchall():
                 win.setdefault(key_of[tuple(r[:-1])], []).append(r[-1])
             windows[m.name] = {i: np.asarray(v, dtype=float) for i, v in win.items()}
+    reps = {}
+    if replicates:
+        for m in spec.all_measures:
+            if m.kind in ("slope", "predict") and (m.column, m.x) not in reps:
+                reps[(m.column, m.x)] = _bootstrap(con, spec, m.column, m.x, replicates, key_of)
     log.info("table %s: %d cells over %d dimension(s)", spec.name, len(frame), len(nodes))
-    return Cells(frame=frame, nodes=nodes, node_index=node_index, nonnegative=nonneg, windows=windows)
+    return Cells(frame=frame, nodes=nodes, node_index=node_index, nonnegative=nonneg, windows=windows,
+                 replicates=reps)
+
+
+# Poisson(1) cumulative probabilities for weights 0..5 (6 and more: 0.06% of draws, taken as 6)
+_POISSON_CUM = (0.36788, 0.73576, 0.91970, 0.98101, 0.99634, 0.99941)
+
+
+def bootstrap_sql(spec: TableSpec, y: str, x: str, replicates: int) -> str:
+    """Poisson-bootstrap weighted sums of an OLS line per cell (margins too) and replicate.
+
+    Each unit's weight in replicate ``i`` is a Poisson(1) draw read from a hash of its
+    keyed record key and ``i``: the same units give the same replicates in every run, and
+    nothing outside the engine can reproduce them without the key.
+    """
+    cols = spec.columns
+    dim_sel = ", ".join(f"case when grouping({_q(c)}) = 1 then '{TOTAL}' else {_q(c)} end as {_q(c)}" for c in cols)
+    u = "(hash(rk1, rk2, r.i) % 1000000) / 1000000.0"
+    w = "case " + " ".join(f"when {u} < {p} then {k}" for k, p in enumerate(_POISSON_CUM)) + " else 6 end"
+    sets = ", ".join("(" + ", ".join([*(_q(c) for c in s), "i"]) + ")" for s in grouping_sets(spec))
+    return f"""
+        with e as (select {', '.join(_q(c) for c in cols)}, {_q(x)} as x, {_q(y)} as y, r.i, {w} as w
+                   from sdc_x, range({replicates}) r(i))
+        select {dim_sel}, i, sum(w), sum(w * x), sum(w * y), sum(w * x * x), sum(w * x * y)
+        from e group by grouping sets ({sets})"""
+
+
+def _bootstrap(con, spec: TableSpec, y: str, x: str, replicates: int, key_of: dict) -> np.ndarray:
+    out = np.zeros((len(key_of), replicates, 5))
+    k = len(spec.columns)
+    for r in con.execute(bootstrap_sql(spec, y, x, replicates)).fetchall():
+        out[key_of[tuple(r[:k])], r[k]] = r[k + 1:]
+    return out
 
 
 def _depth(frame: pd.DataFrame, spec: TableSpec) -> np.ndarray:

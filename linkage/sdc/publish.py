@@ -3,8 +3,12 @@
 A published table is long: one row per cell and measure, with one column per dimension
 level (``Total`` at margins), ``measure``, ``value`` and ``status``. A suppressed row has
 no value (empty in CSV, null in Parquet): the true value is never written anywhere, and
-neither are per-cell rule outcomes or feasible intervals. The data dictionary and the
-report carry only parameters and counts.
+neither are per-cell rule outcomes or feasible intervals. Every withheld cell has the one
+status ``suppressed``: whether a rule fired on it (primary) or it protects another cell
+(secondary) would tell an adversary that its count is below the threshold, or not; that
+reason is kept, as counts per table, only in the auditors' report. The data dictionary
+carries parameters and public counts (cells by status), never the number of cells any rule
+fired on (the zero rule's count is the number of empty cells).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from linkage.sdc.rules import RULES
 from linkage.sdc.spec import TableSpec
 from linkage.workspace import atomic_path
 
-STATUSES = ("published", "suppressed_primary", "suppressed_secondary", "rounded", "perturbed")
+STATUSES = ("published", "suppressed", "rounded", "perturbed", "low_reliability")
 _DECIMALS = {"count": 0, "sum": 2, "mean": 4, "quantile": 4, "proportion": 4, "slope": 4, "predict": 4}
 
 
@@ -34,7 +38,7 @@ def protected_values(cells: Cells, spec: TableSpec, cfg: DisclosureConfig, value
     """The long-form table: published values after perturbation or rounding; suppressed rows empty."""
     f = cells.frame
     n = f["_n"].to_numpy()
-    status_supp = np.where(primary, "suppressed_primary", "suppressed_secondary")
+    status_supp = "suppressed"
     if perturb:
         n_pub = n + count_noise(n, f["_ck"].to_numpy(), cfg)
     elif rounding == "10-5":
@@ -79,14 +83,24 @@ def protected_values(cells: Cells, spec: TableSpec, cfg: DisclosureConfig, value
                 val = np.clip(np.where(n_pub > 0, ones_pub / np.where(n_pub > 0, n_pub, 1), np.nan), 0.0, 1.0)
         else:   # coefficients: released exactly once they pass the threshold and dof rules
             val = values[m.name].copy()
-        val = np.round(val.astype(float), _DECIMALS[kind])
-        status = np.where(suppressed, status_supp, status)
-        val = np.where(suppressed, np.nan, val)
-        part = f[list(spec.columns)].copy()
-        part["measure"] = m.name
-        part["value"] = val
-        part["status"] = status.astype(str)
-        parts.append(part)
+        rows = [(m.name, val)]
+        ci = values.get(m.name + "__ci")
+        if ci is not None:
+            # the bootstrap interval, and ONS-style reliability: wider than ci_max_width is "low"
+            lo, hi = ci
+            wide = ~(hi - lo <= cfg.ci_max_width.get(m.name, np.inf))
+            status = np.where(wide, "low_reliability", status)
+            rows += [(f"{m.name}_ci_lower", lo), (f"{m.name}_ci_upper", hi)]
+            if cfg.ci_action == "suppress":
+                rows = [(name, np.where(wide, np.nan, v)) for name, v in rows]
+                status = np.where(wide, "suppressed", status)
+        for name, v in rows:
+            v = np.round(np.asarray(v, dtype=float), _DECIMALS[kind])
+            part = f[list(spec.columns)].copy()
+            part["measure"] = name
+            part["value"] = np.where(suppressed, np.nan, v)
+            part["status"] = np.where(suppressed, status_supp, status).astype(str)
+            parts.append(part)
     return pd.concat(parts, ignore_index=True)
 
 
@@ -109,6 +123,12 @@ def rule_parameters(cfg: DisclosureConfig, perturb: bool, rounding: str, key_fin
             "requirement": "every suppressed cell's interval at least the protection range wide; a primary "
                            "cell's interval reaches the range above and below its value"},
         "rounding": {"rule": "10-5", "base": cfg.rounding_base} if rounding == "10-5" else None,
+        "uncertainty": {
+            "method": "percentile bootstrap (Poisson weights keyed by the record keys) of each coefficient, "
+                      "computed with the table; released only for cells that pass every rule",
+            "replicates": cfg.ci_replicates, "level": cfg.ci_level, "max_width": dict(cfg.ci_max_width),
+            "wider": "status low_reliability" if cfg.ci_action == "mark" else "suppressed",
+            "n": "the cell's count row, perturbed like every count"},
         "perturbation": {
             "method": "cell key (sum of keyed record keys mod 1), consistent across tables and requests",
             "count_ptable": count_ptable(cfg),
@@ -121,17 +141,25 @@ def rule_parameters(cfg: DisclosureConfig, perturb: bool, rounding: str, key_fin
     return meta
 
 
-def summary_counts(long: pd.DataFrame, fired: dict[str, np.ndarray], primary: np.ndarray,
-                   suppressed: np.ndarray, audit: Audit) -> dict:
-    """Per-table counts for the dictionary and the report: cells, statuses, rules fired, LP audit."""
+def public_counts(long: pd.DataFrame, suppressed: np.ndarray, audit: Audit) -> dict:
+    """Per-table counts for the data dictionary: cells, rows by status, whether the audit passed."""
     return {
-        "cells": int(len(primary)),
+        "cells": int(len(suppressed)),
         "rows": int(len(long)),
         "status_rows": {s: int((long["status"] == s).sum()) for s in STATUSES},
+        "suppressed_cells": int(suppressed.sum()),
+        "lp_audit": {"all_protected": audit.protected, "whole_table_suppressed": audit.fallback},
+    }
+
+
+def audit_counts(fired: dict[str, np.ndarray], primary: np.ndarray, suppressed: np.ndarray, audit: Audit) -> dict:
+    """Per-table counts for the auditors' report only: why cells were withheld, and the LP audit's work."""
+    return {
         "suppressed_cells": {"primary": int(primary.sum()), "secondary": int((suppressed & ~primary).sum())},
         "rules_fired": {r: int(fired[r].sum()) for r in RULES},
         "lp_audit": {"rounds": audit.rounds, "linear_programs": audit.lps, "suppressed_cells_audited": audit.audited,
-                     "all_protected": audit.protected, "whole_table_suppressed": audit.fallback},
+                     "all_protected": audit.protected, "whole_table_suppressed": audit.fallback,
+                     "joint_with": list(audit.joint_with)},
     }
 
 
@@ -142,7 +170,9 @@ def dictionary(spec: TableSpec, cells: Cells, sdc: dict, counts: dict) -> dict:
         for i, c in enumerate(d.levels):
             cols.append({"name": c, "role": "dimension", "dimension": d.name, "level": i + 1,
                          "description": d.description, "margin_value": "Total"})
-    cols += [{"name": "measure", "role": "measure name", "values": [m.name for m in spec.all_measures]},
+    ci = [(m, side) for m in spec.all_measures if m.kind in ("slope", "predict") for side in ("lower", "upper")]
+    cols += [{"name": "measure", "role": "measure name",
+              "values": [m.name for m in spec.all_measures] + [f"{m.name}_ci_{side}" for m, side in ci]},
              {"name": "value", "role": "value", "description": "empty when suppressed"},
              {"name": "status", "role": "status", "values": list(STATUSES)}]
     return {
@@ -154,7 +184,11 @@ def dictionary(spec: TableSpec, cells: Cells, sdc: dict, counts: dict) -> dict:
                        for i, d in enumerate(spec.dimensions)],
         "measures": [{"name": m.name, "kind": m.kind, "description": m.description,
                       **({"q": m.q} if m.q is not None else {}), **({"at": m.at} if m.at is not None else {})}
-                     for m in spec.all_measures],
+                     for m in spec.all_measures]
+                    + [{"name": f"{m.name}_ci_{side}", "kind": f"ci_{side}",
+                        "description": f"{side} bound of the bootstrap confidence interval of {m.name} (see "
+                                       "sdc.uncertainty); its status is low_reliability when the interval is "
+                                       "wider than the configured precision"} for m, side in ci],
         "sdc": {**sdc, **counts},
     }
 
@@ -179,7 +213,10 @@ def write_table(long: pd.DataFrame, meta: dict, folder: Path) -> list[Path]:
 
 
 def write_report(tables: list[dict], run: dict, folder: Path) -> tuple[Path, Path]:
-    """The auditors' disclosure report: ``report.json`` and a self-contained ``report.html``."""
+    """The auditors' disclosure report: ``report.json`` and a self-contained ``report.html``.
+
+    ``tables`` are data dictionaries whose ``sdc`` holds :func:`audit_counts` too.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     doc = {"run": run, "tables": tables}
     with atomic_path(folder / "report.json") as tmp:

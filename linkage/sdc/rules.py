@@ -117,6 +117,29 @@ def measure_values(cells: Cells, spec: TableSpec, cfg: DisclosureConfig) -> dict
     return out
 
 
+def ols_ci(cells: Cells, m, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile-bootstrap confidence bounds of a slope or predict measure in every cell (NaN if none)."""
+    n_cells = len(cells.frame)
+    reps = (cells.replicates or {}).get((m.column, m.x))
+    if reps is None:
+        return np.full(n_cells, np.nan), np.full(n_cells, np.nan)
+    w, sx, sy, sxx, sxy = (reps[..., i] for i in range(5))
+    den = w * sxx - sx * sx
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ok = (w > 2) & (np.abs(den) > 1e-12 * np.maximum(1.0, w * sxx))
+        slope = np.where(ok, (w * sxy - sx * sy) / den, np.nan)
+        est = slope if m.kind == "slope" else np.where(ok, (sy - slope * sx) / w, np.nan) + slope * m.at
+    a = (1 - level) / 2
+    enough = np.isfinite(est).sum(axis=1) >= 0.9 * est.shape[1]
+    with np.errstate(invalid="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            lo, hi = np.nanquantile(est, a, axis=1), np.nanquantile(est, 1 - a, axis=1)
+    return np.where(enough, lo, np.nan), np.where(enough, hi, np.nan)
+
+
 def p_percent_shortfall(cells: Cells, column: str, cfg: DisclosureConfig) -> np.ndarray:
     """How far each cell's total falls short of the p% rule: ``p*x1 - (total - x1 - x2)`` (>0: sensitive)."""
     top = _top(cells, column, 2)

@@ -22,9 +22,18 @@ table                              content
 ================================== ==================================================================
 
 Categories: quintiles are fifths of the within-cohort percentile rank (1 = bottom);
-birth cohorts are bands of ``disclosure.cohort_band`` years; a missing category is
-``Unknown``; every local authority of the ONS lookup (``assemble.la_lookup``) appears,
-so an LA without children shows as an empty (suppressed) cell rather than vanishing.
+birth cohorts are bands of ``disclosure.cohort_band`` years; every local authority of
+the ONS lookup (``assemble.la_lookup``) appears, so an LA without children shows as an
+empty (suppressed) cell rather than vanishing.
+
+Missing categories (``disclosure.missing_categories``): by default a table's population is
+the children with a known category on each of its dimensions (a child without a parental
+earnings quintile is not in the quintile tables), so no ``Unknown`` column of mostly empty
+cells forces suppression and national and regional totals survive; the table's
+description says whom it covers. ``unknown`` keeps them as an ``Unknown`` category.
+
+On-demand requests are declared in a canonical order (dimensions sorted by name, ``la``
+bringing its region), so the same request named in any order is the same table.
 """
 
 from __future__ import annotations
@@ -115,6 +124,10 @@ def _regions(config: Config) -> tuple[tuple[str], ...]:
 
 
 _QUINTILES = tuple((str(i),) for i in range(1, 6))
+
+#: categories that are another dimension's category by definition: the disclosure audit
+#: treats such cells of two tables as one cell (no years on FSM is never on FSM)
+ALIASES: dict[tuple[str, str], tuple[str, str]] = {("fsm_years_band", "0"): ("fsm_ever", "no")}
 _YESNO = (("no",), ("yes",))
 
 
@@ -169,9 +182,20 @@ def _measure(name: str) -> Measure:
 
 
 def _dims(names: list[str], config: Config) -> tuple[Dimension, ...]:
-    # "la" brings its region with it (the hierarchy); asking for both is the same dimension
-    names = [n for n in names if not (n == "region" and "la" in names)]
+    # "la" brings its region with it (the hierarchy); asking for both is the same dimension.
+    # Sorted: the table, its cell order and so every tie-break are the same for any order asked.
+    names = sorted(n for n in names if not (n == "region" and "la" in names))
     return tuple(dimension(n, config) for n in names)
+
+
+def _source(needs: tuple[str, ...], columns: tuple[str, ...], dims: tuple[str, ...], config: Config) -> Source:
+    # with missing_categories = "exclude", a child without a category on a dimension is not in the table
+    if config.disclosure.missing_categories == "exclude":
+        needs = tuple(dict.fromkeys((*needs, *dims)))
+    return Source(needs, columns)
+
+
+_KNOWN = " Only children with a known {} are counted."
 
 
 def standard_tables(research: Path, config: Config) -> list[tuple[TableSpec, Source]]:
@@ -192,25 +216,29 @@ def standard_tables(research: Path, config: Config) -> list[tuple[TableSpec, Sou
         unit="child", unit_label="children", title="Intergenerational mobility by local authority and birth cohort",
         description="Children with parental earnings in childhood and PAYE pay at 25-30, by the local authority "
                     "(and region) of their school at 16 and their birth cohort.")
-    out.append((mob, Source(("log_adult_pay", "log_parents_earnings", "adult_pay_percentile",
-                             "parents_earnings_percentile", "adult_pay"),
-                            ("region", "la", "cohort", "log_adult_pay", "log_parents_earnings",
-                             "adult_pay_percentile", "parents_earnings_percentile", "adult_pay"))))
+    out.append((mob, _source(("log_adult_pay", "log_parents_earnings", "adult_pay_percentile",
+                              "parents_earnings_percentile", "adult_pay"),
+                             ("region", "la", "cohort", "log_adult_pay", "log_parents_earnings",
+                              "adult_pay_percentile", "parents_earnings_percentile", "adult_pay"),
+                             ("region", "la", "cohort"), config)))
     for dim in ("fsm_ever", "fsm_years_band", "household_income_quintile", "benefit_spell", "parent_income_quintile"):
         d = dimension(dim, config)
         spec = TableSpec(
             f"attainment_{dim}_la", (geo, d), (_measure("mean_ks4"), _measure("median_ks4")),
             unit="child", unit_label="children", title=f"KS4 attainment by {d.description.lower()} and local authority",
             description=f"Children with a key stage 4 Attainment 8 score, by {d.description.lower()} and the "
-                        "local authority (and region) of their school at 16.")
-        out.append((spec, Source(("ks4_att8",), ("region", "la", dim, "ks4_att8"))))
+                        "local authority (and region) of their school at 16."
+                        + (_KNOWN.format(d.name.replace("_", " ")) if config.disclosure.missing_categories == "exclude"
+                           else ""))
+        out.append((spec, _source(("ks4_att8",), ("region", "la", dim, "ks4_att8"), ("region", "la", dim), config)))
     pay = TableSpec(
         "pay_parent_quintile_region", (dimension("parent_income_quintile", config), dimension("region", config)),
         (_measure("mean_pay_25_30"), _measure("median_pay_25_30")), unit="child", unit_label="children",
         title="Pay at 25-30 by parents' earnings quintile and region",
         description="Children with PAYE pay at 25-30, by the quintile of their parents' earnings in childhood "
                     "(within birth cohort) and the region of their school at 16.")
-    out.append((pay, Source(("adult_pay",), ("parent_income_quintile", "region", "adult_pay"))))
+    out.append((pay, _source(("adult_pay",), ("parent_income_quintile", "region", "adult_pay"),
+                             ("parent_income_quintile", "region"), config)))
     trans = TableSpec(
         "transition_region", (dimension("region", config), dimension("parent_income_quintile", config),
                               dimension("child_income_quintile", config)),
@@ -218,8 +246,9 @@ def standard_tables(research: Path, config: Config) -> list[tuple[TableSpec, Sou
         description="Children by parents' earnings quintile and own pay quintile at 25-30 (both within birth "
                     "cohort), by region of school at 16. A row of the matrix is a parent quintile; its shares "
                     "are its cells over its Total.")
-    out.append((trans, Source(("parent_income_quintile", "child_income_quintile"),
-                              ("region", "parent_income_quintile", "child_income_quintile"))))
+    out.append((trans, _source(("parent_income_quintile", "child_income_quintile"),
+                               ("region", "parent_income_quintile", "child_income_quintile"),
+                               ("region",), config)))
     return out
 
 
@@ -254,4 +283,4 @@ def request_spec(request: dict, config: Config) -> tuple[TableSpec, Source]:
                      perturb=True)
     cols = tuple(c for d in table_dims for c in d.levels)
     needs = (m.column,) if m.column else ()
-    return spec, Source(needs, cols + needs)
+    return spec, _source(needs, cols + needs, cols, config)
