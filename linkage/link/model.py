@@ -7,6 +7,7 @@ encodings compared by Dice similarity in SQL. No cleartext is needed or seen.
 
 from __future__ import annotations
 
+import math
 import re
 
 import splink.comparison_level_library as cll
@@ -188,8 +189,9 @@ def exact_level(column: str, name: str) -> cl.CustomComparison:
 def floor_levels(settings: dict, min_weight: float = MIN_WEIGHT, min_u: float = MIN_U) -> list[str]:
     """Raise untrained or tiny m and u to a floor, in place; return the levels raised, as "comparison: level".
 
-    u is raised to ``min_u``; then m to ``u * 2 ** min_weight``, so no level weighs less than
-    ``min_weight``, except an agreement level that training never observed: it gets m = u (weight 0).
+    u is raised to ``min_u``; then m so that "All other comparisons" weighs at least ``min_weight``
+    and every other level at least as much as "All other" (partial agreement is never worse
+    evidence than none: EM on few such pairs can make it so).
 
     Splink scores a level that training never observed with m (or u) = 1e-6: a level that no
     true match showed in training (sex recorded differently, say) would veto every pair at
@@ -199,16 +201,17 @@ def floor_levels(settings: dict, min_weight: float = MIN_WEIGHT, min_u: float = 
     raised = []
     for comp in settings["comparisons"]:
         levels = [lv for lv in comp["comparison_levels"] if not lv.get("is_null_level")]
+        other = next((lv for lv in levels if lv.get("sql_condition") == "ELSE"), None)
+        other_weight = min_weight
         for which in ("u", "m"):
             free = [lv for lv in levels if not lv.get(f"fix_{which}_probability")]
 
             def floor(lv, which=which):
                 if which == "u":
                     return min_u
-                # an agreement level no match showed in training is no evidence either way (m = u);
-                # a disagreement level ("All other") that none showed is strong evidence against
-                unseen = not isinstance(lv.get("m_probability"), float | int) and lv.get("sql_condition") != "ELSE"
-                return lv["u_probability"] * (1 if unseen else 2 ** min_weight)
+                # "All other" weighs at least min_weight; any other level at least as much as "All
+                # other" (a partial agreement is never worse evidence than none)
+                return lv["u_probability"] * 2 ** (min_weight if lv is other else max(min_weight, other_weight))
             low = [lv for lv in free if not isinstance(lv.get(f"{which}_probability"), float | int)
                    or lv[f"{which}_probability"] < floor(lv)]
             for lv in low:
@@ -219,6 +222,8 @@ def floor_levels(settings: dict, min_weight: float = MIN_WEIGHT, min_u: float = 
                 total = sum(lv[f"{which}_probability"] for lv in free)
                 for lv in free:
                     lv[f"{which}_probability"] *= (1 - fixed) / total
+            if which == "u" and other is not None and isinstance(other.get("m_probability"), float | int):
+                other_weight = math.log2(max(other["m_probability"], 1e-300) / other["u_probability"])
     return raised
 
 
