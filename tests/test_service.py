@@ -661,6 +661,9 @@ def test_cli_users_and_audit(run_cli, tmp_path, monkeypatch):
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1
     code, out, err = run_cli("audit", "show", "--workspace", str(ws), "--last", "2")
     assert code == 0 and len(out.splitlines()) == 2 and token not in out
+    assert [json.loads(x)["seq"] for x in out.splitlines()] == [2, 4]          # the last two lines, newest last
+    code, out, err = run_cli("audit", "show", "--workspace", str(ws), "--actor", "x", "--action", "table.")
+    assert code == 0 and len(out.splitlines()) == 3 and all(json.loads(x)["actor"] == "x" for x in out.splitlines())
     # without the key nothing is changed (every change must be audited)
     monkeypatch.delenv("HHLINK_KEY")
     monkeypatch.delenv("HHLINK_KEY_FILE", raising=False)
@@ -1046,13 +1049,19 @@ def test_charts_draw_published_intervals_and_n():
             "measures": [{"name": "children", "kind": "count"}, {"name": "ige", "kind": "slope"}]}
     rows = [("Total", "children", 300, "perturbed"), ("A", "children", 120, "perturbed"),
             ("B", "children", 180, "perturbed"), ("Total", "ige", 0.31, "perturbed"), ("A", "ige", 0.25, "perturbed"),
-            ("B", "ige", None, "suppressed"), ("A", "ige_ci_low", 0.12, "perturbed"), ("A", "ige_ci_high", 0.38, "perturbed")]
+            ("B", "ige", None, "suppressed"), ("A", "ige_ci_lower", 0.12, "perturbed"),
+            ("A", "ige_ci_upper", 0.38, "perturbed"), ("C", "children", 40, "perturbed"),
+            ("C", "ige", 0.3, "low_reliability"), ("C", "ige_ci_lower", -0.1, "low_reliability"),
+            ("C", "ige_ci_upper", 0.7, "low_reliability")]
     view = table_view("t", meta, pd.DataFrame(rows, columns=["region", "measure", "value", "status"]))
     points = {p["region"]: p for p in view.points("ige", ["region"], {})}
     assert points["A"] == {"region": "A", "value": 0.25, "status": "perturbed", "low": 0.12, "high": 0.38, "n": 120.0}
     assert points["B"]["value"] is None and points["B"]["low"] is None
+    # the engine's low_reliability status (an interval wider than allowed) is drawn faint and said in words
+    assert points["C"]["reliability"] == "low" and (points["C"]["low"], points["C"]["high"]) == (-0.1, 0.7)
     svg = bar_svg([{**p, "category": p["region"]} for p in points.values()], "ige", zero=False)
-    assert svg.count('class="interval"') == 1 and "0.25 (0.12 to 0.38), n 120" in svg and "suppressed" in svg
+    assert svg.count('class="interval"') == 2 and "0.25 (0.12 to 0.38), n 120" in svg and "suppressed" in svg
+    assert "0.3 (-0.1 to 0.7), n 40, low reliability" in svg and 'fill-opacity="0.45"' in svg
     # interval columns (rather than measures) are read the same way
     frame = pd.DataFrame([("A", "ige", 0.25, "perturbed", 0.1, 0.4, 95.0)],
                          columns=["region", "measure", "value", "status", "ci_low", "ci_high", "n"])

@@ -63,6 +63,11 @@ def audit_verify(ctx: click.Context, workspace: Path, config_path: Path | None, 
       hhlink audit verify --workspace ./workspace
     """
     workspace = group_workspace(ctx, workspace)
+    from linkage.errors import WorkspaceError
+
+    if not (workspace / "audit" / "log.jsonl").is_file():
+        raise WorkspaceError(f"{workspace / 'audit' / 'log.jsonl'}: no audit log (is --workspace right? the portal "
+                             "writes it from its first request)")
     log = _log(workspace, key_file, need_key=False)
     result = log.verify()
     if result.ok and expect_head:
@@ -85,15 +90,24 @@ def audit_verify(ctx: click.Context, workspace: Path, config_path: Path | None, 
 @audit.command("show")
 @common_options
 @click.option("--last", type=click.IntRange(1, 100_000), default=20, show_default=True, help="How many entries.")
+@click.option("--actor", default=None, help="Only this user's entries.")
+@click.option("--action", default=None, help="Only this action, or an action group ending in '.' (e.g. 'auth.').")
+@click.option("--since", type=click.DateTime(["%Y-%m-%d"]), default=None, help="From this day (UTC), inclusive.")
+@click.option("--until", type=click.DateTime(["%Y-%m-%d"]), default=None, help="To this day (UTC), inclusive.")
 @click.pass_context
-def audit_show(ctx: click.Context, workspace: Path, config_path: Path | None, last: int) -> None:
-    """Print the last entries, one JSON object a line, newest last.
+def audit_show(ctx: click.Context, workspace: Path, config_path: Path | None, last: int, actor: str | None,
+               action: str | None, since, until) -> None:
+    """Print the last entries, one JSON object a line, newest last (optionally one user's, one action's,
+    or within days).
 
     \b
     Example:
       hhlink audit show --workspace ./workspace --last 20
+      hhlink audit show --workspace ./workspace --action auth. --since 2026-12-01
     """
     workspace = group_workspace(ctx, workspace)
-    entries, _ = _log(workspace, None, need_key=False).entries(0, None)
-    for e in entries[-last:]:
+    day = (lambda d: d.strftime("%Y-%m-%d") if d else None)
+    entries, _, _ = _log(workspace, None, need_key=False).search(actor, action, day(since), day(until), 0, last,
+                                                                 newest_first=True)
+    for e in reversed(entries):
         click.echo(json.dumps(e, sort_keys=True))

@@ -64,7 +64,7 @@ class TableSummary(BaseModel):
     measures: list[str]
     rows: int
     cells: int | None
-    suppressed_cells: dict[str, int]
+    suppressed_cells: int
 
 
 class TableData(BaseModel):

@@ -27,7 +27,7 @@ from linkage.keys import MasterKey, load_master_key
 from linkage.serve.audit import AuditLog
 from linkage.serve.auth import Gatekeeper, PageForbidden, PageLogin, Sessions, client_address, who
 from linkage.serve.builder import Builder
-from linkage.serve.catalogue import Catalogue
+from linkage.serve.catalogue import Catalogue, suppressed_total
 from linkage.serve.denials import Denials
 from linkage.serve.guard import Guard, is_api
 from linkage.serve.users import User, UserStore
@@ -83,6 +83,7 @@ def _templates() -> jinja2.Environment:
     env.filters["num"] = lambda v: "" if v is None else (f"{v:,.0f}" if float(v).is_integer() or abs(v) >= 1000
                                                           else f"{v:,.3g}" if abs(v) < 10 else f"{v:,.1f}")
     env.filters["kv"] = _kv
+    env.filters["suppressed_total"] = suppressed_total
     return env
 
 

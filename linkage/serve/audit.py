@@ -361,7 +361,7 @@ class _Index:
         self.reset()
 
     def reset(self) -> None:
-        self.size, self.head = 0, b""
+        self.size, self.head, self.mtime = 0, b"", 0
         self.offsets, self.actor, self.action, self.day = _Column(), _Column(), _Column(), _Column()
         self.ends = _Column()
         self.actors, self.actions = _Names(), _Names()
@@ -372,15 +372,19 @@ class _Index:
 
     def refresh(self, path: Path) -> _Index:
         try:
-            size = path.stat().st_size
+            st = path.stat()
         except FileNotFoundError:
             self.reset()
             return self
+        size = st.st_size
         with open(path, "rb") as fh:
             head = fh.read(64)
-            # a log that shrank or whose start changed was rewritten: index it again from the start
-            if size < self.size or head[: len(self.head)] != self.head:
+            # a log that shrank, whose start changed, or that changed without growing was rewritten (an
+            # append always grows it): index it again from the start
+            if (size < self.size or head[: len(self.head)] != self.head
+                    or (size == self.size and st.st_mtime_ns != self.mtime)):
                 self.reset()
+            self.mtime = st.st_mtime_ns
             if size == self.size:
                 return self
             fh.seek(self.size)

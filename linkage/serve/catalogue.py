@@ -142,7 +142,8 @@ class TableView:
         what the table publishes beside it: its ``n`` (the count measure of the same cell), and a
         confidence interval (``low``, ``high``) and ``reliability`` when the table carries them, as
         columns (``ci_low``/``ci_high``, ``lower``/``upper``, ``n``, ``reliability``) or as measures
-        named after this one (``<measure>_ci_low``, ``<measure>_ci_high``, ``<measure>_n``)."""
+        named after this one (``<measure>_ci_lower``, ``<measure>_ci_upper``, ``<measure>_n``); a
+        ``low_reliability`` status marks a wide interval."""
         for a in axes:
             if a not in self.dimension_columns:
                 raise NotFound(a)
@@ -153,7 +154,8 @@ class TableView:
                  "n": ("n", "n_perturbed"), "reliability": ("reliability",)}
         by_measure: dict[str, dict[tuple, float | None]] = {}
         count = self.count_measure()
-        related = {"low": [f"{measure}_ci_low", f"{measure}_lower"], "high": [f"{measure}_ci_high", f"{measure}_upper"],
+        related = {"low": [f"{measure}_ci_lower", f"{measure}_ci_low", f"{measure}_lower"],
+                   "high": [f"{measure}_ci_upper", f"{measure}_ci_high", f"{measure}_upper"],
                    "n": [f"{measure}_n"] + ([count] if count and count != measure else [])}
         wanted = {measure, *(m for ms in related.values() for m in ms)}
         for r in sub[sub["measure"].isin(wanted)].to_dict("records"):
@@ -172,6 +174,8 @@ class TableView:
             for field, names in related.items():
                 if field not in p:
                     p[field] = next((by_measure[m][key] for m in names if key in by_measure.get(m, {})), None)
+            if "reliability" not in p and p["status"] == "low_reliability":
+                p["reliability"] = "low"
             if value is None:
                 p.update(low=None, high=None)
             out.append(p)
@@ -201,6 +205,13 @@ class TableView:
         row_cats = sorted({k[0] for k in cells} - {TOTAL}) + [TOTAL]
         col_cats = sorted({k[1] for k in cells} - {TOTAL}) + [TOTAL]
         return {"rows": row_cats, "cols": col_cats, "cells": cells}
+
+
+def suppressed_total(counts: object) -> int:
+    """Suppressed cells from a dictionary's count: a number, or counts by reason (summed)."""
+    if isinstance(counts, dict):
+        return int(sum(v for v in counts.values() if isinstance(v, (int, float))))
+    return int(counts) if isinstance(counts, (int, float)) else 0
 
 
 def table_view(name: str, meta: dict, frame: pd.DataFrame, csv_bytes: bytes | None = None) -> TableView:
@@ -281,7 +292,7 @@ class Catalogue:
             out.append({"name": name, "title": v.meta.get("title", name), "description": v.meta.get("description", ""),
                         "unit": v.meta.get("unit", ""), "dimensions": [d["name"] for d in v.meta.get("dimensions", [])],
                         "measures": [m["name"] for m in v.meta.get("measures", [])], "rows": len(v.frame),
-                        "cells": sdc.get("cells"), "suppressed_cells": sdc.get("suppressed_cells", {})})
+                        "cells": sdc.get("cells"), "suppressed_cells": suppressed_total(sdc.get("suppressed_cells"))})
         return out
 
     def labels(self) -> dict[str, str]:

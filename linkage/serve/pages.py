@@ -204,10 +204,13 @@ def _chart(view: TableView, params: dict, labels: dict) -> dict:
             "suppressed": sum(c["cls"] == "suppressed" for line in heat["grid"] for c in line)}
 
 
+COMPANION_SUFFIXES = ("_ci_lower", "_ci_upper", "_ci_low", "_ci_high", "_lower", "_upper", "_n")
+
+
 def _companion(measure: str, measures: list[str]) -> bool:
     # an interval's bounds or an n published as measures of their own are drawn with their measure
     return any(measure == f"{m}{suffix}" for m in measures
-               for suffix in ("_ci_low", "_ci_high", "_lower", "_upper", "_n"))
+               for suffix in COMPANION_SUFFIXES)
 
 
 @router.get("/catalogue/{name}")
