@@ -152,9 +152,9 @@ def run_stage(name: str, config: Config, workspace: Path | str, key=None, key_fi
 
     stage = STAGES[name]
     root = Path(workspace)
+    if stage.keyed and key is None:
+        key = load_master_key(key_file, workspace=root)   # no usable key: stop before writing anything
     with hold(root):
-        if stage.keyed and key is None:
-            key = load_master_key(key_file, workspace=root)
         fp = key.fingerprint if stage.keyed else None
         lineage.check(root, stage, fp, rekey=rekey)
         fn = stage.function()

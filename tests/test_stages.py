@@ -174,6 +174,15 @@ def test_verbose_works_after_the_subcommand_and_the_console_stays_quiet(linked_w
     assert code == 0 and "HiGHS" not in out + err and _foreign(err) == []
 
 
+def test_files_hhlink_writes_are_private_to_the_engineer_and_group(linked_ws):
+    files = [p for zone in ("landing", "truth", "staged", "pseudonymised", "linked", "reports", ".flow")
+             for p in (linked_ws / zone).rglob("*")]
+    assert len(files) > 20
+    loose = sorted(f"{p.relative_to(linked_ws)} {p.stat().st_mode & 0o777:04o}" for p in files
+                   if p.stat().st_mode & 0o027)
+    assert loose == []
+
+
 def test_run_stage_records_lineage_with_the_key_fingerprint(linked_ws):
     from linkage.lineage import read_record
 

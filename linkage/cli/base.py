@@ -107,6 +107,9 @@ def cli() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and turn every error into one line and an exit status."""
     debug = os.environ.get("HHLINK_DEBUG") == "1"
+    # Everything hhlink writes (zones, truth/, reports, .flow/, the portal's files, Prefect's
+    # local database) is the data engineer's alone or their group's to read: 0640 and 0750.
+    os.umask(0o027)
     try:
         cli.main(args=argv, prog_name="hhlink", standalone_mode=False)
     except click.exceptions.Exit as exc:
