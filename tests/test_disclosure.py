@@ -400,3 +400,59 @@ def test_coefficients_carry_bootstrap_intervals_and_reliability(key):
     strict = protect_table(df, spec, load_config(disclosure={"perturb": False, "ci_max_width": {"b": 0.4},
                                                               "ci_action": "suppress"}), key=key)
     assert status_of(strict, "b")[("B",)] == "suppressed" and np.isnan(value_of(strict.frame, "b")[("B",)])
+
+
+def test_tables_sharing_cells_get_one_pattern_and_one_audit(key):
+    # Table X: persons by region (A=3 B=17 C=25 D=40). Table Y: by region x sex over the same
+    # people, so Y's region totals (sex = Total) are X's cells: one cell each in the joint audit.
+    # Alone, X would withhold A, B and C (see the first test) and publish D = 40; Y must then
+    # withhold the same region totals, and a region total withheld in one is withheld in both.
+    from linkage.disclose.stage import protect_tables
+
+    counts = {("A", "F"): 1, ("A", "M"): 2, ("B", "F"): 8, ("B", "M"): 9, ("C", "F"): 12, ("C", "M"): 13,
+              ("D", "F"): 20, ("D", "M"): 20}
+    df = people(counts, ("region", "sex"))
+    x = TableSpec("x", (REGION,), unit="person")
+    y = TableSpec("y", (REGION, Dimension("sex", ("sex",))), unit="person")
+    tx, ty = protect_tables([(df, x), (df, y)], exact(), key=key)
+    sx, sy = status_of(tx, "persons"), status_of(ty, "persons")
+    for region in ("Total", "A", "B", "C", "D"):
+        assert (sx[(region,)] == "published") == (sy[(region, "Total")] == "published"), region
+    assert tx.audit.protected and tx.audit.joint_with == ("x", "y")
+    assert sx[("A",)] == "suppressed_primary" and sy[("A", "F")] == "suppressed_primary"
+
+
+def test_merge_cells_needs_the_same_label_and_units():
+    from linkage.sdc.lp import merge_cells
+
+    a = np.array([[5, 1, 2], [5, 1, 2], [0, 0, 0]])
+    b = np.array([[5, 1, 2], [0, 0, 0]])
+    maps, n = merge_cells([a, b], [np.array(["la=1", "la=1|x=y", ""]), np.array(["la=1", ""])])
+    # a's two cells hold the same units under different labels: distinct; b's first is a's first
+    assert maps[0].tolist() == [0, 1, 2] and maps[1].tolist() == [0, 3] and n == 4
+
+
+def test_ledger_keeps_releases_and_finds_related_ones(tmp_path):
+    from scipy import sparse
+
+    from linkage.sdc import ledger
+    from linkage.sdc.lp import Block
+
+    def block(name, ident, labels):
+        ident = np.array(ident)
+        A = sparse.csr_matrix(np.array([[1.0] + [-1.0] * (len(ident) - 1)]))
+        sys_ = {"count": (ident[:, 0].astype(float), 0.0, np.full(len(ident), 5.0))}
+        return Block(name, A, ident, np.zeros(len(ident), np.int64), np.zeros(len(ident), bool), sys_,
+                     labels=np.array(labels, dtype=object))
+
+    one = block("one", [[30, 1, 1], [10, 2, 2], [20, 3, 3]], ["", "r=a", "r=b"])
+    two = block("two", [[99, 9, 9], [10, 2, 2]], ["", "r=a"])     # shares r=a with one
+    three = block("three", [[7, 7, 7], [7, 7, 7]], ["", "s=x"])    # shares nothing
+    with ledger.locked(tmp_path) as d:
+        ledger.record(d, [one, two, three], [np.zeros(3, bool), np.array([False, True]), np.zeros(2, bool)],
+                      reset=True)
+        got = ledger.releases(d)
+    assert [b.name for b in got] == ["one", "two", "three"]
+    assert got[1].primary.tolist() == [False, True] and got[1].released
+    new = block("new", [[10, 2, 2]], ["r=a"])
+    assert [b.name for b in ledger.related(new, got)] == ["one", "two"]

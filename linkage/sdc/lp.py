@@ -442,10 +442,15 @@ def _complements(A: sparse.csr_matrix, cell: int, direction: str, system: System
     from scipy.optimize import linprog
 
     v, need = system.values, system.need
-    s_idx = np.flatnonzero(suppressed)
-    p_idx = np.flatnonzero(~suppressed & ~locked)
+    free = suppressed | ~locked
+    # only the cells linked to `cell` through withheld or movable cells take part
+    part = next(c for c in _components(A, np.flatnonzero(free)) if cell in c)
+    s_idx = part[suppressed[part]]
+    p_idx = part[~suppressed[part]]
     if not len(p_idx):
         return []
+    rows = np.flatnonzero(np.asarray((A[:, part] != 0).sum(axis=1)).ravel() > 0)
+    A = A[rows]
     As, Ap = A[:, s_idx], A[:, p_idx]
     w = 1.0 + depth[p_idx].astype(float) + 1e-6 * np.abs(v[p_idx])
     cost = np.concatenate([np.zeros(len(s_idx)), w, w])
