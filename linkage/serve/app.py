@@ -25,7 +25,7 @@ from linkage.config import Config, load_config
 from linkage.errors import WorkspaceError
 from linkage.keys import MasterKey, load_master_key
 from linkage.serve.audit import AuditLog
-from linkage.serve.auth import Gatekeeper, PageForbidden, PageLogin, Sessions, client_address, who
+from linkage.serve.auth import Gatekeeper, PageForbidden, PageLogin, Sessions, who
 from linkage.serve.builder import Builder
 from linkage.serve.catalogue import Catalogue, suppressed_total
 from linkage.serve.denials import Denials

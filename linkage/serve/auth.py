@@ -8,6 +8,8 @@ form, before any session exists, a double-submit token (cookie and field must ma
 
 Each route names the roles it admits: no credentials or a wrong one gives 401 (API) or a
 redirect to ``/login`` (pages); a valid user with another role gives 403 and an audit entry.
+Every sign-in decision is audited, and guessing is slowed and then refused per client address
+and per token id (:class:`Gatekeeper`, :class:`~linkage.serve.throttle.Throttle`).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ page                             roles          shows
 ``/catalogue/{name}``            researcher     data dictionary, chart or heat map, rows, downloads
 ``/builder``                     researcher     the table builder (POST, CSRF, quota, audited)
 ``/reports``, ``/reports/...``   auditor, eng.  data-quality, linkage-quality and disclosure reports
-``/audit``, ``/audit/verify``    auditor        the audit log and its integrity check
+``/audit``, ``/audit/verify``    auditor        the audit log (paged; by user, action, day), its check
 ``/runs``, ``/quarantine``       engineer       run status; quarantine counts and reasons
 ================================ ============== =================================================
 """
