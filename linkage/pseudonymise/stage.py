@@ -314,21 +314,24 @@ def _key_sql(column: str, enc: _Encoder, alias: str = "s") -> str:
     return f"CAST({alias}.{quote_ident(column)} AS {enc.value_type})"
 
 
-def _rows_sql(plan: Source, joins: list[str] | None = None) -> str:
+def _rows_sql(plan: Source, joins: list[str] | None = None, order: str | None = None) -> str:
     """FROM ... WHERE: each staged row beside its record token, then the dictionary joins.
 
     The tokens are paired with rows by position (a POSITIONAL JOIN: no hash table of
-    millions of tokens, and rows keep their file order, which compresses far better);
-    the WHERE clause proves the pairing on every row: token i belongs to file row i, in
-    identifiers, payload and crosswalk alike, or the query fails.
+    millions of tokens); the WHERE clause proves the pairing on every row: token i belongs
+    to file row i, in identifiers, payload and crosswalk alike, or the query fails.
+    ``order`` names a column of the record-token table to write the rows in (a keyed
+    permutation, :func:`_record_tokens`), so a file's row order says nothing of the landing order.
     """
     return (f"FROM read_parquet({read_literal(plan.path)}, file_row_number = true) AS s "
             f"POSITIONAL JOIN rt_{plan.name} AS rt {' '.join(joins or [])} "
             "WHERE CASE WHEN rt.i = s.file_row_number THEN true "
-            "ELSE error('record tokens are not aligned with staged rows') END")
+            "ELSE error('record tokens are not aligned with staged rows') END"
+            + (f" ORDER BY rt.{quote_ident(order)}" if order else ""))
 
 
-def identifiers_sql(plan: Source, encoders: dict[str, _Encoder], link_refs: dict[str, str]) -> str:
+def identifiers_sql(plan: Source, encoders: dict[str, _Encoder], link_refs: dict[str, str],
+                    order: str | None = None) -> str:
     """SELECT producing the identifiers file of one source (every contract column, in order)."""
     supplied: dict[str, str] = {}
     joins = []
@@ -358,10 +361,10 @@ def identifiers_sql(plan: Source, encoders: dict[str, _Encoder], link_refs: dict
     extra = sorted({c for role, enc in encoders.items() if role.startswith("ref:") and role[4:] in link_refs
                     for c in enc.columns if c not in contract})
     select += [f"CAST({supplied.get(name, 'NULL')} AS BLOB) AS {name}" for name in extra]
-    return f"SELECT {', '.join(select)} {_rows_sql(plan, joins)}"
+    return f"SELECT {', '.join(select)} {_rows_sql(plan, joins, order)}"
 
 
-def _payload_sql(plan: Source, encoders: dict[str, _Encoder]) -> tuple[str, list[str]]:
+def _payload_sql(plan: Source, encoders: dict[str, _Encoder], order: str | None = None) -> tuple[str, list[str]]:
     """SELECT producing the payload of one source, and the names of its columns."""
     select, joins, names = ["rt.record_token"], [], ["record_token"]
     for col in plan.schema.columns:
@@ -376,7 +379,7 @@ def _payload_sql(plan: Source, encoders: dict[str, _Encoder]) -> tuple[str, list
         else:
             select.append(f"s.{quote_ident(col.name)}")
             names.append(col.name)
-    return f"SELECT {', '.join(select)} {_rows_sql(plan, joins)}", names
+    return f"SELECT {', '.join(select)} {_rows_sql(plan, joins, order)}", names
 
 
 def _crosswalk_sql(plan: Source) -> str:
@@ -399,13 +402,29 @@ def _distinct_sql(plans: list[Source], column_of: Callable[[Source], str | None]
 
 # -- running ---------------------------------------------------------------------------------
 
-def _record_tokens(n: int) -> pa.Table:
-    """n random 128-bit record tokens (os.urandom via secrets), as 32-character hex, with row numbers."""
+# the zones written in a keyed order of their own: (column of the record-token table, HMAC domain)
+ROW_ORDERS = {"identifiers": ("order_identifiers", "identifiers"), "payload": ("order_payload", "payload")}
+
+
+def _record_tokens(n: int, order_key: bytes | None = None) -> pa.Table:
+    """n random 128-bit record tokens (os.urandom via secrets), as 32-character hex, with row numbers.
+
+    With ``order_key`` (the ``row_order`` subkey), one sort key per zone of :data:`ROW_ORDERS`:
+    the first 8 bytes of HMAC-SHA256(order_key, zone NUL token). Sorting by it is a keyed
+    permutation: without the key a file's row i says nothing of the staged row it came from,
+    and identifiers and payload are in orders unrelated to each other.
+    """
     hexed = binascii.hexlify(secrets.token_bytes(TOKEN_BYTES * n))
     width = 2 * TOKEN_BYTES
     offsets = np.arange(0, width * (n + 1), width, dtype=np.int64)
     tokens = pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(hexed))
-    return pa.table({"i": pa.array(np.arange(n, dtype=np.int64)), "record_token": tokens})
+    columns = {"i": pa.array(np.arange(n, dtype=np.int64)), "record_token": tokens}
+    if order_key is not None:
+        values = [hexed[j:j + width].decode("ascii") for j in range(0, width * n, width)]
+        for column, domain in ROW_ORDERS.values():
+            digests = Tokeniser(order_key, domain).many(values)
+            columns[column] = pa.array([int(d[:16], 16) >> 1 for d in digests], pa.int64())
+    return pa.table(columns)
 
 
 def _connect(spill: Path) -> duckdb.DuckDBPyConnection:
@@ -523,7 +542,7 @@ def pseudonymise(config: Config, workspace: Path | str, key: MasterKey | None = 
         seconds["encode_distinct"] = time.perf_counter() - t
         log.info("encoded distinct values: %s", distinct)
         for plan in plans:
-            con.register(f"rt_{plan.name}", _record_tokens(plan.rows))
+            con.register(f"rt_{plan.name}", _record_tokens(plan.rows, key.subkey("row_order")))
         payload_columns: dict[str, list[str]] = {}
         with ws.publish_dir("pseudonymised") as out:
             (out / "identifiers").mkdir()
@@ -531,13 +550,14 @@ def pseudonymise(config: Config, workspace: Path | str, key: MasterKey | None = 
             t = time.perf_counter()
             for plan in plans:
                 target = out / "identifiers" / f"{plan.name}.parquet"
-                _run(con, f"COPY ({identifiers_sql(plan, encoders, link_refs)}) TO {path_literal(target)} "
+                sql = identifiers_sql(plan, encoders, link_refs, ROW_ORDERS["identifiers"][0])
+                _run(con, f"COPY ({sql}) TO {path_literal(target)} "
                           "(FORMAT parquet, COMPRESSION zstd)", f"{plan.name}: identifiers")
                 log.info("%s: identifiers written (%d rows)", plan.name, plan.rows)
             seconds["identifiers"] = time.perf_counter() - t
             t = time.perf_counter()
             for plan in plans:
-                sql, payload_columns[plan.name] = _payload_sql(plan, encoders)
+                sql, payload_columns[plan.name] = _payload_sql(plan, encoders, ROW_ORDERS["payload"][0])
                 target = out / "payload" / f"{plan.name}.parquet"
                 _run(con, f"COPY ({sql}) TO {path_literal(target)} (FORMAT parquet, COMPRESSION zstd)",
                      f"{plan.name}: payload")
@@ -575,6 +595,8 @@ def _metadata(config: Config, key: MasterKey, plans: list[Source], payload_colum
                                            "key": "HKDF-SHA256 subkey 'bloom:first_name' (surnames under the "
                                                   "forename key, to detect swapped names)"}},
         "record_token": {"bits": TOKEN_BYTES * 8, "source": "os.urandom (secrets), not derived from any value"},
+        "row_order": {zone: f"sorted by HMAC-SHA256(HKDF-SHA256 subkey 'row_order', '{domain}' NUL record_token)"
+                      for zone, (_, domain) in ROW_ORDERS.items()},
         "identifiers_columns": [c for c, _ in IDENTIFIER_COLUMNS] + list(link_refs.values()),
         "payload": {p.name: {"columns": payload_columns.get(p.name, []),
                              "tokenised_references": p.references} for p in plans},

@@ -1,0 +1,394 @@
+"""Keyless re-identification attacks on a workspace: what someone holding the zones after
+pseudonymisation, but not the key, recovers (issue 16).
+
+The attacker holds ``pseudonymised/identifiers/``, ``pseudonymised/payload/``, ``linked/``,
+``research/`` and ``published/``, knows the population size and holds public
+name-frequency tables: here the generator's own reference lists
+(``synthetic_data/reference/*.csv``), the attacker's best case. Every attack below reads
+only those. Scoring needs to know which person each row really is: that comes from
+``truth/`` joined through the crosswalk, which is decrypted with the key (``--key-file``)
+in :func:`_score_table` only, after the attacks have produced their guesses.
+
+Attacks (each scored as the share of records re-identified, goal < 1%):
+
+* row order: row i of ``identifiers/<source>`` is landing row i, and row i of ``payload/``
+  is row i of ``identifiers/``;
+* sex token: the ``sex_tok`` whose records have the higher median pay is M;
+* forename-initial token: frequency alignment (per sex) with the reference lists;
+* forename token: frequency alignment within (sex, initial) cells, with the token's
+  ethnic-group profile (education payload) beside the reference's name groups
+  (minimum-cost assignment);
+* surname token: the same over all surnames, by name group;
+* whole Bloom-filter patterns: the forename attack with ``fn_bf`` in place of ``fn_tok``;
+* full name + birth year (clear) + sex: rows with all of them right, and persons whose
+  combination is unique in the population (singled out);
+* date of birth: from ``dob_day_tok``, ``dob_month_tok``, ``dob_swap_tok`` and birth year;
+* pay join: research person-years joined to payload earnings on exact (year, pay).
+
+Usage:
+    python -m bench.privacy WORKSPACE --key-file KEY [--label before]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import linear_sum_assignment
+
+from linkage.crosswalk import CROSSWALK_FILE, crosswalk_table
+from linkage.db import connect, read_literal
+from linkage.keys import load_master_key
+from synthetic_data.reference import ETHNICITIES
+
+REFERENCE = Path(__file__).resolve().parents[1] / "synthetic_data" / "reference"
+RESULTS = Path(__file__).resolve().parent / "results"
+GOAL = 0.01
+SOURCES = ("education", "benefits", "earnings")
+GROUP_OF = {code: group for code, _, group in ETHNICITIES}
+GROUPS = sorted({g for _, _, g in ETHNICITIES})
+GROUP_SHARE = pd.Series({g: sum(w for _, w, gg in ETHNICITIES if gg == g) for g in GROUPS})
+
+
+# -- the attacker's view -------------------------------------------------------------------------
+
+def _load(con, ws: Path) -> None:
+    ids = ws / "pseudonymised" / "identifiers"
+    pay = ws / "pseudonymised" / "payload"
+    con.execute(f"""CREATE TABLE ids AS
+        {' UNION ALL '.join(f"SELECT row_number() OVER () - 1 AS pos, record_token, source, year, birth_year, "
+                            f"sex_tok, fn_tok, sn_tok, fn_initial_tok, dob_tok, dob_day_tok, dob_month_tok, "
+                            f"dob_swap_tok, hex(fn_bf) AS fn_bf FROM {read_literal(ids / f'{s}.parquet')}"
+                            for s in SOURCES)}""")
+    for s in SOURCES:
+        con.execute(f"CREATE TABLE pay_{s} AS SELECT row_number() OVER () - 1 AS pos, * "
+                    f"FROM {read_literal(pay / f'{s}.parquet')}")
+    # pseudo-persons: records agreeing on name, date of birth and sex tokens (no key needed)
+    con.execute("""CREATE TABLE pp AS SELECT *, row_number() OVER (ORDER BY fn_tok, sn_tok, dob_tok, sex_tok) AS ppid
+                   FROM (SELECT fn_tok, sn_tok, dob_tok, sex_tok, any_value(fn_initial_tok) AS ini,
+                         any_value(fn_bf) AS fn_bf, any_value(birth_year) AS birth_year
+                         FROM ids WHERE fn_tok IS NOT NULL GROUP BY ALL)""")
+    # each pseudo-person's ethnic group from the education payload (the modal one)
+    con.execute("""CREATE TABLE pp_eth AS SELECT ppid, mode(e.ethnicity) AS ethnicity
+                   FROM ids i JOIN pay_education e USING (record_token)
+                   JOIN pp USING (fn_tok, sn_tok, dob_tok, sex_tok) GROUP BY ppid""")
+
+
+def _reference() -> tuple[pd.DataFrame, pd.DataFrame]:
+    fore = pd.read_csv(REFERENCE / "forenames.csv")
+    sur = pd.read_csv(REFERENCE / "surnames.csv")
+    for t, by in ((fore, ["sex", "group"]), (sur, ["group"])):
+        t["name"] = t["name"].str.upper()
+        t["p"] = t["weight"] / t.groupby(by)["weight"].transform("sum")
+    return fore, sur
+
+
+# -- attacks: each returns guesses keyed by something the attacker holds -------------------------
+
+def attack_sex(con) -> dict[str, str]:
+    """sex_tok -> 'M' / 'F': the token whose earnings records have the higher median pay is M."""
+    med = con.execute("""SELECT i.sex_tok, median(p.pay) FROM ids i JOIN pay_earnings p USING (record_token)
+                         WHERE i.sex_tok IS NOT NULL GROUP BY 1 ORDER BY 2 DESC""").fetchall()
+    return {tok: ("M" if i == 0 else "F") for i, (tok, _) in enumerate(med)}
+
+
+def _assign(obs: pd.DataFrame, exp: pd.DataFrame, weight: float) -> dict:
+    """Minimum-cost matching of observed tokens to candidate values: log-count distance plus
+    ``weight`` times the L1 distance of the ethnic-group profiles."""
+    if obs.empty or exp.empty:
+        return {}
+    cost = np.abs(np.log(obs["n"].to_numpy()[:, None] + 0.5) - np.log(exp["n"].to_numpy()[None, :] + 0.5))
+    if weight:
+        po, pe = obs[GROUPS].to_numpy(), exp[GROUPS].to_numpy()
+        known = obs["known"].to_numpy()[:, None] >= 3
+        cost = cost + weight * known * np.abs(po[:, None, :] - pe[None, :, :]).sum(axis=2)
+    rows, cols = linear_sum_assignment(cost)
+    return dict(zip(obs.index[rows], exp.index[cols]))
+
+
+def _observed(con, token: str, by: str = "") -> pd.DataFrame:
+    """Per token: pseudo-persons carrying it, and the ethnic-group profile of those with education rows."""
+    df = con.execute(f"""SELECT pp.{token} AS tok, {by or "NULL"} AS cell, e.ethnicity
+                         FROM pp LEFT JOIN pp_eth e USING (ppid) WHERE pp.{token} IS NOT NULL""").df()
+    df["group"] = df["ethnicity"].map(GROUP_OF)
+    n = df.groupby("tok").size().rename("n")
+    prof = pd.crosstab(df["tok"], df["group"]).reindex(columns=GROUPS, fill_value=0)
+    known = prof.sum(axis=1).rename("known")
+    prof = prof.div(known.where(known > 0, 1), axis=0)
+    cell = df.groupby("tok")["cell"].agg(lambda s: s.mode().iloc[0] if s.notna().any() else None)
+    return pd.concat([n, known, prof, cell.rename("cell")], axis=1).reindex(n.index).fillna({"known": 0, **{g: 0.0 for g in GROUPS}})
+
+
+def _expected_names(ref: pd.DataFrame, by: list[str], total: float) -> pd.DataFrame:
+    """Expected persons per reference name (group mix of the population) and its group profile."""
+    r = ref.copy()
+    r["m"] = r["p"] * r["group"].map(GROUP_SHARE) * (0.5 if "sex" in by else 1.0)
+    exp = r.pivot_table(index=["name", *by], columns="group", values="m", aggfunc="sum", fill_value=0)
+    exp = exp.reindex(columns=GROUPS, fill_value=0)
+    n = exp.sum(axis=1)
+    exp = exp.div(n, axis=0)
+    exp["n"] = n * total
+    return exp.reset_index()
+
+
+def attack_initial(con, sex: dict[str, str], fore: pd.DataFrame) -> dict[str, str]:
+    """fn_initial_tok -> letter: per-sex counts matched with the reference's per-sex initial shares."""
+    df = con.execute("SELECT ini, sex_tok, count(*) AS n FROM pp WHERE ini IS NOT NULL GROUP BY ALL").df()
+    df["sex"] = df["sex_tok"].map(sex)
+    obs = df.pivot_table(index="ini", columns="sex", values="n", aggfunc="sum", fill_value=0)
+    obs = obs.reindex(columns=["F", "M"], fill_value=0)
+    r = fore.assign(letter=fore["name"].str[0], m=fore["p"] * fore["group"].map(GROUP_SHARE))
+    exp = r.pivot_table(index="letter", columns="sex", values="m", aggfunc="sum", fill_value=0)
+    exp = exp.reindex(columns=["F", "M"], fill_value=0) / exp.sum().to_numpy() * obs.sum().to_numpy()
+    cost = np.abs(np.log(obs.to_numpy()[:, None, :] + 0.5) - np.log(exp.to_numpy()[None, :, :] + 0.5)).sum(axis=2)
+    rows, cols = linear_sum_assignment(cost)
+    return dict(zip(obs.index[rows], exp.index[cols]))
+
+
+def attack_forename(con, sex: dict[str, str], initial: dict[str, str], fore: pd.DataFrame,
+                    column: str = "fn_tok") -> dict[str, str]:
+    """fn_tok (or fn_bf) -> forename, matched within (sex, initial) cells by count and group profile."""
+    by = ("CASE " + " ".join(f"WHEN pp.sex_tok = '{t}' THEN '{s}'" for t, s in sex.items()) + " END"
+          " || ':' || CASE " + " ".join(f"WHEN pp.ini = '{t}' THEN '{c}'" for t, c in initial.items()) + " END")
+    obs = _observed(con, column, by)
+    total = con.execute("SELECT count(*) FROM pp").fetchall()[0][0]
+    exp = _expected_names(fore, ["sex"], total)
+    exp["cell"] = exp["sex"] + ":" + exp["name"].str[0]
+    exp = exp.set_index("name", drop=False)
+    guess = {}
+    for cell, o in obs.groupby("cell"):
+        e = exp[exp["cell"] == cell].set_index("name")
+        guess.update(_assign(o, e, weight=2.0))
+    return guess
+
+
+def attack_surname(con, sur: pd.DataFrame) -> dict[str, str]:
+    """sn_tok -> surname: counts and group profiles matched with the reference surnames."""
+    obs = _observed(con, "sn_tok")
+    total = con.execute("SELECT count(*) FROM pp").fetchall()[0][0]
+    exp = _expected_names(sur, [], total).set_index("name")
+    # only tokens carried by at least two pseudo-persons: rarer ones are typos or hyphenated names
+    return _assign(obs[obs["n"] >= 2], exp, weight=2.0)
+
+
+def attack_dob(con, rng) -> dict[tuple[str, str], tuple[int, int]]:
+    """(dob_month_tok, dob_day_tok) -> (month, day) from the swap structure and the calendar.
+
+    dob_swap_tok is NULL exactly when the day is over 12, so day tokens split into 1-12 and
+    13-31; a row whose dob_swap_tok equals its dob_tok has day = month, which pairs each day
+    token of 1-12 with the month token of the same number; the three rarest day tokens of
+    13-31 are 31, 30, 29; the month tokens never seen with day 31 are the 30-day months and
+    February (never with 30); the education payload's year group splits September-December
+    births from January-August ones. Within what stays indistinguishable, a seeded random pick.
+    """
+    days = con.execute("""SELECT dob_day_tok, count(*) FILTER (WHERE dob_swap_tok IS NULL) AS hi,
+                          count(DISTINCT dob_tok) AS n FROM ids WHERE dob_tok IS NOT NULL GROUP BY 1""").df()
+    pair = dict(con.execute("""SELECT dob_day_tok, mode(dob_month_tok) FROM ids
+                               WHERE dob_tok = dob_swap_tok GROUP BY 1""").fetchall())
+    low = days[days["hi"] == 0]["dob_day_tok"].tolist()
+    high = days[days["hi"] > 0].sort_values("n")["dob_day_tok"].tolist()
+    day_of = dict(zip(high[:3], (31, 30, 29)))
+    rest = list(range(13, 29))
+    rng.shuffle(rest)
+    day_of.update(zip(high[3:], rest))
+    d31 = [t for t, d in day_of.items() if d == 31]
+    d30 = [t for t, d in day_of.items() if d == 30]
+    months = con.execute(f"""SELECT i.dob_month_tok,
+            count(*) FILTER (WHERE i.dob_day_tok IN ({','.join(f"'{t}'" for t in d31) or "''"})) AS n31,
+            count(*) FILTER (WHERE i.dob_day_tok IN ({','.join(f"'{t}'" for t in d30) or "''"})) AS n30,
+            avg(CASE WHEN e.record_token IS NULL THEN NULL
+                     ELSE (CAST(left(e.academic_year, 4) AS INT) - i.birth_year - e.year_group) END) AS off
+            FROM ids i LEFT JOIN pay_education e USING (record_token)
+            WHERE i.dob_tok IS NOT NULL GROUP BY 1""").df()
+    off_split = months["off"].median()
+    month_of = {}
+    for _, m in months.iterrows():
+        late = m["off"] < off_split      # born September-December: a year older for the year group
+        if m["n30"] == 0:
+            cands = [2]
+        elif m["n31"] == 0:
+            cands = [9, 11] if late else [4, 6]
+        else:
+            cands = [10, 12] if late else [1, 3, 5, 7, 8]
+        month_of[m["dob_month_tok"]] = cands
+    used: set[int] = set()
+    for tok, cands in sorted(month_of.items(), key=lambda kv: len(kv[1])):
+        free = [c for c in cands if c not in used] or cands
+        month_of[tok] = int(rng.choice(free))
+        used.add(month_of[tok])
+    inverse = {tok: m for tok, m in month_of.items()}
+    for dtok in low:
+        mtok = pair.get(dtok)
+        day_of[dtok] = inverse.get(mtok, int(rng.integers(1, 13)))
+    return {"month": month_of, "day": day_of}
+
+
+def attack_pay_join(con, ws: Path) -> tuple[pd.DataFrame, int, int]:
+    """Research person-years joined to payload earnings on exact (year, pay).
+
+    Returns the (research person, record token) pairs where a person-year's pay matches
+    exactly one earnings row of that tax year; the research persons in the extract; and how
+    many of them have at least two (year, pay) values found in no other person-year: a
+    second project's extract holds the same values under other person ids, so those persons
+    join across the two projects' extracts whatever their keys.
+    """
+    f = ws / "research" / "person_year.parquet"
+    if not f.exists():
+        return pd.DataFrame(columns=["person", "record_token"]), 0, 0
+    con.execute(f"""CREATE TABLE r_py AS SELECT person_id AS person, year, paye_pay AS pay
+                    FROM {read_literal(f)} WHERE paye_pay > 0""")
+    pairs = con.execute("""
+        WITH e AS (SELECT CAST(left(CAST(tax_year AS VARCHAR), 4) AS INT) AS year, pay, record_token
+                   FROM pay_earnings),
+             m AS (SELECT r.person, r.year, e.record_token, count(*) OVER (PARTITION BY r.person, r.year) AS k
+                   FROM r_py r JOIN e USING (year, pay))
+        SELECT DISTINCT person, record_token FROM m WHERE k = 1""").df()
+    persons = con.execute(f"SELECT count(DISTINCT person_id) FROM {read_literal(f)}").fetchall()[0][0]
+    cross = con.execute("""WITH u AS (SELECT year, pay FROM r_py GROUP BY ALL HAVING count(*) = 1)
+                           SELECT count(*) FROM (SELECT person FROM r_py JOIN u USING (year, pay)
+                                                 GROUP BY person HAVING count(*) >= 2)""").fetchall()[0][0]
+    return pairs, persons, cross
+
+
+# -- scoring (the key is used here only, to decrypt the crosswalk) -------------------------------
+
+def _score_table(con, ws: Path, key_file: str) -> None:
+    key = load_master_key(key_file, workspace=ws)
+    crosswalk_table(con, ws / "pseudonymised" / CROSSWALK_FILE, key, "xw",
+                    ("record_token", "source", "row", "record_id"))
+    truth = ws / "truth"
+    con.execute(f"""CREATE TABLE scored AS SELECT i.*, x.row AS landing_row, t.person_id, upper(p.forename) AS fn,
+                    upper(p.surname) AS sn, upper(p.surname_after_change) AS sn2, p.sex, p.dob
+                    FROM ids i JOIN xw x USING (record_token)
+                    JOIN {read_literal(truth / 'source_rows.parquet')} t ON t.source = x.source AND t.record_id = x.record_id
+                    JOIN {read_literal(truth / 'persons.parquet')} p USING (person_id)""")
+
+
+def _map_sql(con, name: str, mapping: dict) -> None:
+    con.execute(f"CREATE OR REPLACE TABLE {name} (k VARCHAR, v VARCHAR)")
+    if mapping:
+        con.executemany(f"INSERT INTO {name} VALUES (?, ?)", [(str(k), str(v)) for k, v in mapping.items()])
+
+
+def run(ws: Path, key_file: str, seed: int = 16) -> dict:
+    rng = np.random.default_rng(seed)
+    con = connect()
+    t0 = time.perf_counter()
+    _load(con, ws)
+    fore, sur = _reference()
+    sex = attack_sex(con)
+    initial = attack_initial(con, sex, fore)
+    forename = attack_forename(con, sex, initial, fore)
+    forename_bf = attack_forename(con, sex, initial, fore, column="fn_bf")
+    surname = attack_surname(con, sur)
+    dob = attack_dob(con, rng)
+    joined = attack_pay_join(con, ws)
+    seconds_attack = time.perf_counter() - t0
+
+    _score_table(con, ws, key_file)
+    for name, mapping in (("g_sex", sex), ("g_ini", initial), ("g_fn", forename), ("g_fnbf", forename_bf),
+                          ("g_sn", surname), ("g_month", dob["month"]), ("g_day", dob["day"])):
+        _map_sql(con, name, mapping)
+    one = lambda sql: con.execute(sql).fetchall()[0]   # noqa: E731
+    n_rows = one("SELECT count(*) FROM scored")[0]
+    results = []
+
+    def add(attack, field, hit, of, note=""):
+        results.append({"attack": attack, "field": field, "re_identified": hit, "of": of,
+                        "share": hit / of if of else 0.0, "note": note})
+
+    # row order: identifiers row i = landing row i; payload row i = identifiers row i
+    # landing_row is 1-based; quarantined rows leave gaps, so compare ranks within the source
+    hit = one("""SELECT count(*) FROM (SELECT pos, row_number() OVER (PARTITION BY source ORDER BY landing_row) - 1
+                                      AS landing_rank FROM scored) WHERE pos = landing_rank""")[0]
+    add("row order: identifiers row i is landing row i", "source row", hit, n_rows)
+    pay_hit = sum(one(f"""SELECT count(*) FROM pay_{s} p JOIN ids i ON i.source = '{s}' AND i.pos = p.pos
+                          AND i.record_token = p.record_token""")[0] for s in SOURCES)
+    add("row order: payload row i is identifiers row i", "record token", pay_hit, n_rows)
+    hit, of = one("""SELECT count(*) FILTER (WHERE g.v = s.sex), count(*) FROM scored s
+                     JOIN g_sex g ON g.k = s.sex_tok""")
+    add("sex token: higher median pay is M", "sex", hit, of)
+    hit, of = one("""SELECT count(*) FILTER (WHERE g.v = left(s.fn, 1)), count(*) FROM scored s
+                     JOIN g_ini g ON g.k = s.fn_initial_tok""")
+    add("forename initial token: frequency alignment by sex", "forename initial", hit, of)
+    of = one("SELECT count(*) FROM scored WHERE fn_tok IS NOT NULL")[0]
+    hit = one("SELECT count(*) FROM scored s JOIN g_fn g ON g.k = s.fn_tok WHERE g.v = s.fn")[0]
+    add("forename token: frequency alignment by sex, initial, ethnicity", "forename", hit, of)
+    hit = one("SELECT count(*) FROM scored s JOIN g_fnbf g ON g.k = s.fn_bf WHERE g.v = s.fn")[0]
+    add("whole Bloom-filter pattern frequency (fn_bf)", "forename", hit, of)
+    of = one("SELECT count(*) FROM scored WHERE sn_tok IS NOT NULL")[0]
+    hit = one("""SELECT count(*) FROM scored s JOIN g_sn g ON g.k = s.sn_tok
+                 WHERE g.v = s.sn OR g.v = s.sn2""")[0]
+    add("surname token: frequency alignment by name group", "surname", hit, of)
+    # full name + clear birth year + sex, and persons whose combination is unique (singled out)
+    con.execute(f"""CREATE TABLE fullname AS SELECT s.person_id FROM scored s
+                    JOIN g_fn f ON f.k = s.fn_tok JOIN g_sn n ON n.k = s.sn_tok JOIN g_sex x ON x.k = s.sex_tok
+                    WHERE f.v = s.fn AND (n.v = s.sn OR n.v = s.sn2) AND x.v = s.sex""")
+    hit = one("SELECT count(*) FROM fullname")[0]
+    uniq = one(f"""WITH p AS (SELECT person_id, count(*) OVER (PARTITION BY upper(forename), upper(surname),
+                                   birth_year, sex) AS k FROM {read_literal(ws / 'truth' / 'persons.parquet')})
+                   SELECT count(DISTINCT f.person_id) FROM fullname f JOIN p USING (person_id) WHERE p.k = 1""")[0]
+    persons = one(f"SELECT count(*) FROM {read_literal(ws / 'truth' / 'persons.parquet')}")[0]
+    add("full name + birth year (clear) + sex", "name, birth year, sex", hit, n_rows)
+    add("full name + birth year + sex: persons singled out", "person", uniq, persons,
+        "unique (forename, surname, birth year, sex) in the population")
+    hit, of = one("""SELECT count(*) FILTER (WHERE m.v::INT = month(s.dob) AND d.v::INT = day(s.dob)
+                                            AND s.birth_year = year(s.dob)), count(*)
+                     FROM scored s JOIN g_month m ON m.k = s.dob_month_tok JOIN g_day d ON d.k = s.dob_day_tok""")
+    add("date of birth from day/month/swap tokens + birth year", "full date of birth", hit, of)
+    # pay join: a research person re-identified when the record tokens found for them all
+    # belong to one true person (truth, through the crosswalk)
+    pairs, research_persons, cross = joined
+    con.register("joined", pairs)
+    hit = one("""SELECT count(*) FROM (SELECT j.person FROM joined j JOIN scored s USING (record_token)
+                                       GROUP BY j.person HAVING count(DISTINCT s.person_id) = 1)""")[0]
+    add("research person-years joined to payload earnings on exact (year, pay)", "record token of a research person",
+        hit, max(research_persons, 1), "research/person_year.parquet; a person counted when every token found is theirs")
+    add("two projects' research extracts joined on >= 2 exact (year, pay) values", "person across projects",
+        cross, max(research_persons, 1), "a (year, pay) value held by one person-year only, twice or more")
+    return {"workspace_rows": n_rows, "persons": persons, "seed": seed,
+            "attack_seconds": round(seconds_attack, 1), "results": results}
+
+
+def _markdown(report: dict, label: str) -> str:
+    lines = [f"## {label}", "",
+             f"{report['workspace_rows']:,} identifier rows, {report['persons']:,} persons; attacks took "
+             f"{report['attack_seconds']} s (seed {report['seed']}).", "",
+             "| attack (no key) | field | re-identified | of | share | goal | met |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for r in report["results"]:
+        lines.append(f"| {r['attack']} | {r['field']} | {r['re_identified']:,} | {r['of']:,} | "
+                     f"{100 * r['share']:.2f}% | < {100 * GOAL:.0f}% | {'yes' if r['share'] < GOAL else 'no'} |"
+                     + (f" {r['note']}" if r["note"] else ""))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("workspace", type=Path)
+    ap.add_argument("--key-file", required=True, help="used only to score (crosswalk -> truth), never by an attack")
+    ap.add_argument("--label", default="current code")
+    ap.add_argument("--seed", type=int, default=16)
+    args = ap.parse_args(argv)
+    report = run(args.workspace, args.key_file, args.seed)
+    text = _markdown(report, args.label)
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    out_json = RESULTS / "privacy.json"
+    runs = json.loads(out_json.read_text()) if out_json.exists() else {}
+    runs[args.label] = report
+    out_json.write_text(json.dumps(runs, indent=2) + "\n")
+    md = ["# Keyless re-identification attacks (`python -m bench.privacy`)", "",
+          "Goal: every attack below 1% of records (issue 16). Scoring decrypts the crosswalk with the key "
+          "to find each row's true person in truth/; no attack uses the key.", ""]
+    md += [_markdown(r, lbl) for lbl, r in runs.items()]
+    (RESULTS / "privacy.md").write_text("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

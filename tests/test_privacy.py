@@ -1,0 +1,95 @@
+"""Side channels closed for an attacker without the key (issue 16): row order and retention at rest."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac as std_hmac
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from linkage.config import load_config
+from linkage.crosswalk import read_crosswalk
+from linkage.keys import ENV_KEY, MasterKey
+from linkage.pseudonymise.stage import pseudonymise
+from linkage.schemas import SOURCES
+
+SECRET = hashlib.sha256(b"hhlink privacy test key").digest()     # a fixed test key, generated here
+KEY = MasterKey(SECRET, "test")
+CFG = load_config()
+
+
+@pytest.fixture(scope="module")
+def ws(small_population, tmp_path_factory):
+    """The 5k-person population's landing zone, ingested and pseudonymised by the real stages."""
+    from linkage.ingest.stage import ingest
+
+    root = tmp_path_factory.mktemp("privacy")
+    shutil.copytree(small_population[0] / "landing", root / "landing")
+    mp = pytest.MonkeyPatch()
+    mp.setenv(ENV_KEY, SECRET.hex())
+    ingest(CFG, root)
+    pseudonymise(CFG, root)
+    yield root
+    mp.undo()
+
+
+def _tokens(path: Path) -> list[str]:
+    return pq.read_table(path, columns=["record_token"]).column("record_token").to_pylist()
+
+
+def _staged_position(root: Path) -> dict[str, int]:
+    """record token -> its row's position in staged/ (through the crosswalk, with the key)."""
+    cw = pa.concat_tables(read_crosswalk(root / "pseudonymised" / "crosswalk.enc", KEY)).to_pylist()
+    pos = {}
+    for source in SOURCES:
+        rows = sorted((r["row"], r["record_token"]) for r in cw if r["source"] == source)
+        pos.update({tok: i for i, (_, tok) in enumerate(rows)})
+    return pos
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_identifiers_and_payload_rows_are_not_in_landing_order(ws, source):
+    staged = _staged_position(ws)
+    for zone in ("identifiers", "payload"):
+        tokens = _tokens(ws / "pseudonymised" / zone / f"{source}.parquet")
+        where = np.array([staged[t] for t in tokens])
+        n = len(where)
+        assert n > 1000
+        # a random permutation has about one fixed point and no rank correlation
+        assert (where == np.arange(n)).sum() <= 10, zone
+        assert abs(np.corrcoef(where, np.arange(n))[0, 1]) < 0.05, zone
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_identifiers_and_payload_are_in_orders_unrelated_to_each_other(ws, source):
+    ids = _tokens(ws / "pseudonymised" / "identifiers" / f"{source}.parquet")
+    pay = _tokens(ws / "pseudonymised" / "payload" / f"{source}.parquet")
+    assert sorted(ids) == sorted(pay)
+    at = {t: i for i, t in enumerate(pay)}
+    where = np.array([at[t] for t in ids])
+    assert (where == np.arange(len(ids))).sum() <= 10
+    assert abs(np.corrcoef(where, np.arange(len(ids)))[0, 1]) < 0.05
+
+
+def _oracle_order(tokens: list[str], domain: str) -> list[str]:
+    """An independent keyed order: the standard library's HMAC over the HKDF 'row_order' subkey."""
+    key = KEY.subkey("row_order")
+    sort_key = {t: std_hmac.new(key, domain.encode() + b"\x00" + t.encode(), hashlib.sha256).digest()[:8]
+                for t in tokens}
+    return sorted(tokens, key=sort_key.__getitem__)
+
+
+@pytest.mark.parametrize("zone", ["identifiers", "payload"])
+def test_row_order_is_the_keyed_permutation(ws, zone):
+    # the order is a function of the key and the (random) record token only
+    tokens = _tokens(ws / "pseudonymised" / zone / "education.parquet")
+    assert tokens == _oracle_order(tokens, zone)
+    other = MasterKey(hashlib.sha256(b"another key").digest(), "t").subkey("row_order")
+    by_other = sorted(tokens, key=lambda t: std_hmac.new(other, zone.encode() + b"\x00" + t.encode(),
+                                                         hashlib.sha256).digest()[:8])
+    assert tokens != by_other
