@@ -221,6 +221,15 @@ class PseudonymiseConfig(_Section):
             (claimant, partner, dependant), copied to the identifiers as ``bu_role``.
         period_dates: for a source without a ``period``-role column, the date column whose
             year is the row's ``year``.
+        purge_cleartext_after: retention of the cleartext zones. ``"never"`` (the default)
+            keeps ``staged/`` and ``quarantine/`` until the next ingest replaces them;
+            ``"pseudonymise"`` deletes their Parquet files (every staged and quarantined row,
+            in clear) as soon as ``pseudonymised/`` has been published, keeping only
+            ``staged/manifest.json`` and ``staged/ledger.json`` (counts and file hashes, no
+            record values). Nothing after pseudonymisation reads them; the price is that
+            quarantined rows can no longer be inspected, and ``hhlink keys rotate`` or a
+            re-run of pseudonymise needs ``hhlink ingest`` again (from ``landing/``, which
+            this setting does not touch). See ``docs/privacy.md``.
     """
 
     q: int = Field(2, ge=2, le=3)
@@ -235,6 +244,7 @@ class PseudonymiseConfig(_Section):
     link_references: list[str] = Field(default_factory=lambda: ["claim_id"])
     member_role_column: str = "role"
     period_dates: dict[str, str] = Field(default_factory=lambda: {"benefits": "start_date"})
+    purge_cleartext_after: Literal["never", "pseudonymise"] = "never"
 
     @model_validator(mode="after")
     def _half_fill(self) -> PseudonymiseConfig:

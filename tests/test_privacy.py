@@ -93,3 +93,49 @@ def test_row_order_is_the_keyed_permutation(ws, zone):
     by_other = sorted(tokens, key=lambda t: std_hmac.new(other, zone.encode() + b"\x00" + t.encode(),
                                                          hashlib.sha256).digest()[:8])
     assert tokens != by_other
+
+
+# -- retention at rest: pseudonymise.purge_cleartext_after ------------------------------------
+
+def _purging():
+    return CFG.model_copy(update={"pseudonymise": CFG.pseudonymise.model_copy(
+        update={"purge_cleartext_after": "pseudonymise"})})
+
+
+def _copy_cleartext(root: Path, to: Path) -> Path:
+    for zone in ("staged", "quarantine"):
+        shutil.copytree(root / zone, to / zone)
+    return to
+
+
+def test_default_keeps_the_cleartext_zones(ws):
+    assert CFG.pseudonymise.purge_cleartext_after == "never"
+    assert sorted(p.name for p in (ws / "staged").glob("*.parquet")) == sorted(f"{s}.parquet" for s in SOURCES)
+    assert list((ws / "quarantine").glob("*.parquet"))
+
+
+def test_purge_deletes_staged_and_quarantined_rows_once_pseudonymised_is_published(ws, tmp_path, monkeypatch):
+    root = _copy_cleartext(ws, tmp_path)
+    rows = {s: pq.ParquetFile(root / "staged" / f"{s}.parquet").metadata.num_rows for s in SOURCES}
+    quarantined = len(list((root / "quarantine").glob("*.parquet")))
+    monkeypatch.setenv(ENV_KEY, SECRET.hex())
+    summary = pseudonymise(_purging(), root)
+    assert summary["purged"] == {"staged": len(SOURCES), "quarantine": quarantined}
+    assert not list(root.glob("staged/*.parquet")) and not list(root.glob("quarantine/*.parquet"))
+    # counts and file hashes stay (no record values); the published zone is whole
+    assert (root / "staged" / "manifest.json").exists() and (root / "staged" / "ledger.json").exists()
+    for s in SOURCES:
+        for zone in ("identifiers", "payload"):
+            assert pq.ParquetFile(root / "pseudonymised" / zone / f"{s}.parquet").metadata.num_rows == rows[s]
+
+
+def test_no_purge_when_pseudonymisation_fails(ws, tmp_path, monkeypatch):
+    from linkage.keys import ENV_KEY_FILE, SecretKeyError
+
+    root = _copy_cleartext(ws, tmp_path)
+    monkeypatch.delenv(ENV_KEY, raising=False)
+    monkeypatch.setenv(ENV_KEY_FILE, str(tmp_path / "absent.key"))
+    with pytest.raises(SecretKeyError):
+        pseudonymise(_purging(), root)
+    assert len(list(root.glob("staged/*.parquet"))) == len(SOURCES)
+    assert not (root / "pseudonymised").exists()

@@ -572,7 +572,30 @@ def pseudonymise(config: Config, workspace: Path | str, key: MasterKey | None = 
         con.close()
         shutil.rmtree(spill, ignore_errors=True)
     log.info("pseudonymised %d rows in %.1fs (key %s)", sum(p.rows for p in plans), seconds["total"], key.fingerprint)
+    if cfg.purge_cleartext_after == "pseudonymise":
+        summary = {**summary, "purged": purge_cleartext(ws)}
     return summary
+
+
+def purge_cleartext(ws: Workspace) -> dict[str, int]:
+    """Delete the row files of ``staged/`` and ``quarantine/`` (every identifier in clear).
+
+    Kept: ``staged/manifest.json`` and ``staged/ledger.json`` (counts and file hashes, no
+    record value). Deleting unlinks the files; on SSDs and copy-on-write filesystems the
+    blocks may persist until reused, so the workspace's volume should be encrypted too.
+
+    Returns:
+        The number of files deleted per zone.
+    """
+    purged = {}
+    for zone in ("staged", "quarantine"):
+        files = sorted(ws.zone(zone).glob("*.parquet")) if ws.zone(zone).is_dir() else []
+        for f in files:
+            f.unlink()
+        purged[zone] = len(files)
+    log.info("purged the cleartext rows of staged/ and quarantine/ (%s files), as pseudonymise.purge_cleartext_after "
+             "says", purged)
+    return purged
 
 
 def _metadata(config: Config, key: MasterKey, plans: list[Source], payload_columns: dict[str, list[str]],
@@ -602,5 +625,6 @@ def _metadata(config: Config, key: MasterKey, plans: list[Source], payload_colum
                              "tokenised_references": p.references} for p in plans},
         "crosswalk": {"file": CROSSWALK_FILE, "cipher": "AES-256-GCM", "key": "HKDF-SHA256 subkey 'crosswalk'",
                       **crosswalk},
+        "purge_cleartext_after": cfg.purge_cleartext_after,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
