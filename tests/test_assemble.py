@@ -221,7 +221,9 @@ def test_incremental_threshold_variants_equal_a_full_rebuild(assembled, tmp_path
     from linkage.keys import load_master_key
 
     root, cfg, _, _ = assembled
-    con = panel.connect(cfg, tmp_path)
+    from linkage.db import connect
+
+    con = connect(cfg.assemble, spill=tmp_path, preserve_insertion_order=False)
     panel.load_inputs(con, panel.Workspace(root), load_master_key(), cfg.paths.resolve(cfg.assemble.la_lookup))
     panel.load_pairs(con, panel.Workspace(root))
     panel.use_linked_links(con)
