@@ -637,11 +637,11 @@ def test_a_mistyped_id_gets_partial_credit(tmp_path, key):
 
 
 def test_postcodes_that_are_not_uk_postcodes_keep_partial_levels():
-    from linkage.pseudonymise.stage import _postcode_parts
+    from linkage.pseudonymise.stage import postcode_parts
 
-    assert _postcode_parts("4223") == ("4223", "422", "42")       # an Australian postcode: prefixes
-    assert _postcode_parts("sw1a 2aa") == ("SW1A 2AA", "SW1A 2", "SW1A")
-    assert _postcode_parts("75") == ("75", None, None)
+    assert postcode_parts("4223") == ("4223", "422", "42")       # an Australian postcode: prefixes
+    assert postcode_parts("sw1a 2aa") == ("SW1A 2AA", "SW1A 2", "SW1A")
+    assert postcode_parts("75") == ("75", None, None)
 
 
 def test_em_trains_the_date_of_birth_without_an_id(tmp_path, generated):

@@ -96,7 +96,8 @@ def _norm_address(v: str) -> str:
     return " ".join(re.sub(r"[\W_]+", " ", unicodedata.normalize("NFC", v).upper()).split())
 
 
-def _postcode_parts(v: str) -> tuple[str | None, str | None, str | None]:
+def postcode_parts(v: str) -> tuple[str | None, str | None, str | None]:
+    """A postcode's (whole, sector, district) prefixes for partial levels; UK or not (``None`` where too short)."""
     p = "".join(v.upper().split())
     if not p:
         return None, None, None
@@ -216,7 +217,7 @@ class Encoders:
         }
 
     def _postcode(self, values: list[str]) -> dict[str, list]:
-        parts = [_postcode_parts(v) for v in values]
+        parts = [postcode_parts(v) for v in values]
         # units are nearly all distinct already: tokenise directly; sectors and districts repeat
         return {"postcode_tok": self.tok("postcode").many([p[0] for p in parts]),
                 "pc_sector_tok": _mapped(self.tok("pc_sector").many, [p[1] for p in parts]),
