@@ -186,11 +186,11 @@ def attack_dob(con, rng) -> dict[tuple[str, str], tuple[int, int]]:
     births from January-August ones. Within what stays indistinguishable, a seeded random pick.
     """
     days = con.execute("""SELECT dob_day_tok, count(*) FILTER (WHERE dob_swap_tok IS NULL) AS hi,
-                          count(DISTINCT dob_tok) AS n FROM ids WHERE dob_tok IS NOT NULL GROUP BY 1""").df()
+                          count(DISTINCT dob_tok) AS n FROM ids WHERE dob_tok IS NOT NULL GROUP BY 1 ORDER BY 1""").df()
     pair = dict(con.execute("""SELECT dob_day_tok, mode(dob_month_tok) FROM ids
                                WHERE dob_tok = dob_swap_tok GROUP BY 1""").fetchall())
     low = days[days["hi"] == 0]["dob_day_tok"].tolist()
-    high = days[days["hi"] > 0].sort_values("n")["dob_day_tok"].tolist()
+    high = days[days["hi"] > 0].sort_values(["n", "dob_day_tok"])["dob_day_tok"].tolist()
     day_of = dict(zip(high[:3], (31, 30, 29)))
     rest = list(range(13, 29))
     rng.shuffle(rest)
@@ -203,7 +203,7 @@ def attack_dob(con, rng) -> dict[tuple[str, str], tuple[int, int]]:
             avg(CASE WHEN e.record_token IS NULL THEN NULL
                      ELSE (CAST(left(e.academic_year, 4) AS INT) - i.birth_year - e.year_group) END) AS off
             FROM ids i LEFT JOIN pay_education e USING (record_token)
-            WHERE i.dob_tok IS NOT NULL GROUP BY 1""").df()
+            WHERE i.dob_tok IS NOT NULL GROUP BY 1 ORDER BY 1""").df()
     off_split = months["off"].median()
     month_of = {}
     for _, m in months.iterrows():
@@ -216,7 +216,7 @@ def attack_dob(con, rng) -> dict[tuple[str, str], tuple[int, int]]:
             cands = [10, 12] if late else [1, 3, 5, 7, 8]
         month_of[m["dob_month_tok"]] = cands
     used: set[int] = set()
-    for tok, cands in sorted(month_of.items(), key=lambda kv: len(kv[1])):
+    for tok, cands in sorted(month_of.items(), key=lambda kv: (len(kv[1]), kv[0])):
         free = [c for c in cands if c not in used] or cands
         month_of[tok] = int(rng.choice(free))
         used.add(month_of[tok])
@@ -266,6 +266,42 @@ def _score_table(con, ws: Path, key_file: str) -> None:
                     FROM ids i JOIN xw x USING (record_token)
                     JOIN {read_literal(truth / 'source_rows.parquet')} t ON t.source = x.source AND t.record_id = x.record_id
                     JOIN {read_literal(truth / 'persons.parquet')} p USING (person_id)""")
+
+
+def _research_truth(con, ws: Path, key_file: str) -> None:
+    """research person_id -> true person: the project's keyed id of each linked person (as assemble makes it)."""
+    from linkage.encodings import Tokeniser
+    from linkage.keys import project_key
+
+    project = json.loads((ws / "research" / "metadata.json").read_text())["project"]
+    secret = project_key(load_master_key(key_file, workspace=ws), project)
+    rec = con.execute(f"""SELECT r.person_key, mode(s.person_id) AS person_id
+                          FROM {read_literal(ws / 'linked' / 'records.parquet')} r JOIN scored s USING (record_token)
+                          GROUP BY 1""").df()
+    rec["person"] = Tokeniser(secret, "person").many(rec["person_key"].tolist())
+    con.register("research_truth_df", rec[["person", "person_id"]])
+    con.execute("CREATE OR REPLACE TABLE research_truth AS SELECT * FROM research_truth_df")
+
+
+def _sequence_join_sql(band: str) -> str:
+    """Research persons whose (year, banded pay) sequence matches exactly one payload pseudo-person's
+    (earnings rows grouped by name, date-of-birth and sex tokens), and that pseudo-person is theirs."""
+    return f"""
+        WITH e AS (SELECT CAST(left(CAST(p.tax_year AS VARCHAR), 4) AS INT) AS year, p.pay, i.fn_tok, i.sn_tok,
+                          i.dob_tok, i.sex_tok, s.person_id
+                   FROM pay_earnings p JOIN ids i USING (record_token) JOIN scored s USING (record_token)),
+             pe AS (SELECT fn_tok, sn_tok, dob_tok, sex_tok, year, sum(pay) AS pay, mode(person_id) AS person_id
+                    FROM e GROUP BY ALL),
+             pb AS (SELECT *, {band} AS b FROM pe),
+             psig AS (SELECT string_agg(year || ':' || b, ',' ORDER BY year) AS sig, mode(person_id) AS person_id
+                      FROM pb GROUP BY fn_tok, sn_tok, dob_tok, sex_tok HAVING count(*) >= 2),
+             pu AS (SELECT sig, any_value(person_id) AS person_id FROM psig GROUP BY sig HAVING count(*) = 1),
+             rb AS (SELECT person, year, {band} AS b FROM r_py),
+             rsig AS (SELECT person, string_agg(year || ':' || b, ',' ORDER BY year) AS sig FROM rb GROUP BY person
+                      HAVING count(*) >= 2),
+             ru AS (SELECT sig, any_value(person) AS person FROM rsig GROUP BY sig HAVING count(*) = 1)
+        SELECT count(*) FROM ru JOIN pu USING (sig) JOIN research_truth t ON t.person = ru.person
+        WHERE t.person_id = pu.person_id"""
 
 
 def _map_sql(con, name: str, mapping: dict) -> None:
@@ -344,10 +380,18 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
     # belong to one true person (truth, through the crosswalk)
     pairs, research_persons, cross = joined
     con.register("joined", pairs)
+    _research_truth(con, ws, key_file)
     hit = one("""SELECT count(*) FROM (SELECT j.person FROM joined j JOIN scored s USING (record_token)
-                                       GROUP BY j.person HAVING count(DISTINCT s.person_id) = 1)""")[0]
+                                       JOIN research_truth t ON t.person = j.person
+                                       GROUP BY j.person HAVING bool_and(s.person_id = t.person_id))""")[0]
     add("research person-years joined to payload earnings on exact (year, pay)", "record token of a research person",
         hit, max(research_persons, 1), "research/person_year.parquet; a person counted when every token found is theirs")
+    for label, band in (("pay rounded to the nearest 1,000", "round(pay, -3)"),
+                        ("pay as its decile within the year", "ntile(10) OVER (PARTITION BY year ORDER BY pay)")):
+        hit = one(_sequence_join_sql(band))[0]
+        add(f"what if research pay were {label}: pay sequences joined to payload earnings",
+            "research person", hit, max(research_persons, 1),
+            "each person's (year, band) sequence equal to one pseudo-person's in the payload and to no other")
     add("two projects' research extracts joined on >= 2 exact (year, pay) values", "person across projects",
         cross, max(research_persons, 1), "a (year, pay) value held by one person-year only, twice or more")
     return {"workspace_rows": n_rows, "persons": persons, "seed": seed,
