@@ -345,6 +345,20 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
     pay_hit = sum(one(f"""SELECT count(*) FROM pay_{s} p JOIN ids i ON i.source = '{s}' AND i.pos = p.pos
                           AND i.record_token = p.record_token""")[0] for s in SOURCES)
     add("row order: payload row i is identifiers row i", "record token", pay_hit, n_rows)
+    # the same for every later file holding record tokens (linked/), within each source
+    con.execute("""CREATE TABLE landing_rank AS SELECT record_token, source,
+                   row_number() OVER (PARTITION BY source ORDER BY landing_row) - 1 AS r FROM scored""")
+    for f in sorted((ws / "linked").glob("*.parquet")):
+        cols = [c for (c,) in con.execute(f"SELECT name FROM parquet_schema({read_literal(f)})").fetchall()]
+        if "record_token" not in cols:
+            continue
+        # the file's next row is the next landing row of the same source: order carried over
+        hit = one(f"""WITH x AS (SELECT record_token, row_number() OVER () AS pos FROM {read_literal(f)}),
+                           y AS (SELECT l.source, l.r, lead(l.source) OVER (ORDER BY x.pos) AS ns,
+                                        lead(l.r) OVER (ORDER BY x.pos) AS nr
+                                 FROM x JOIN landing_rank l USING (record_token))
+                      SELECT count(*) FROM y WHERE ns = source AND nr = r + 1""")[0]
+        add(f"row order: {f.relative_to(ws)}: the next row is the next landing row", "source row", hit, n_rows)
     hit, of = one("""SELECT count(*) FILTER (WHERE g.v = s.sex), count(*) FROM scored s
                      JOIN g_sex g ON g.k = s.sex_tok""")
     add("sex token: higher median pay is M", "sex", hit, of)
