@@ -107,18 +107,22 @@ def attack(releases: list[dict], cfg, exact: bool) -> dict:
         hi[known] = pub[known] + NOISE
     model = _Model(sparse.csr_matrix(A), np.zeros(A.shape[0]))
     need = np.maximum(cfg.protection_count, cfg.protection_ratio * truth)
+    up, down = truth + need - 1e-6, np.maximum(0.0, truth - need) + 1e-6
+    # every LP solution is a point the attacker cannot rule out: a cell some solution already
+    # took past both its targets is not recoverable, and needs no LP of its own
+    reach_hi, reach_lo = truth.copy(), truth.copy()
     recoverable, lps = 0, 0
     for c in np.flatnonzero(hidden):
-        cost = np.zeros(G)
-        cost[c] = 1.0
-        xmin = model.solve(cost, lo, hi)
-        xmax = model.solve(-cost, lo, hi)
-        lps += 2
-        if xmin is None or xmax is None:
-            continue
-        up_ok = xmax[c] >= truth[c] + need[c] - 1e-6
-        down_ok = xmin[c] <= max(0.0, truth[c] - need[c]) + 1e-6
-        recoverable += int(not (up_ok and down_ok))
+        for sign in (-1.0, 1.0):
+            if (sign < 0 and reach_hi[c] >= up[c]) or (sign > 0 and reach_lo[c] <= down[c]):
+                continue
+            cost = np.zeros(G)
+            cost[c] = sign
+            x = model.solve(cost, lo, hi)
+            lps += 1
+            if x is not None:
+                reach_hi, reach_lo = np.maximum(reach_hi, x), np.minimum(reach_lo, x)
+        recoverable += int(not (reach_hi[c] >= up[c] and reach_lo[c] <= down[c]))
     return {"cells": int(G), "withheld": int(hidden.sum()), "recoverable": recoverable, "linear_programs": lps}
 
 
