@@ -76,12 +76,17 @@ def test_identifiers_and_payload_are_in_orders_unrelated_to_each_other(ws, sourc
     assert abs(np.corrcoef(where, np.arange(len(ids)))[0, 1]) < 0.05
 
 
-def _oracle_order(tokens: list[str], domain: str) -> list[str]:
-    """An independent keyed order: the standard library's HMAC over the HKDF 'row_order' subkey."""
-    key = KEY.subkey("row_order")
-    sort_key = {t: std_hmac.new(key, domain.encode() + b"\x00" + t.encode(), hashlib.sha256).digest()[:8]
-                for t in tokens}
-    return sorted(tokens, key=sort_key.__getitem__)
+def _oracle_order(tokens: list[str], zone: str, key: MasterKey = KEY) -> list[str]:
+    """An independent keyed order: each token encrypted on its own (AES-256 under the standard
+    library's HMAC of the zone name with the HKDF 'row_order' subkey), first 8 bytes."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    zone_key = std_hmac.new(key.subkey("row_order"), zone.encode(), hashlib.sha256).digest()
+
+    def sort_key(t: str) -> bytes:
+        enc = Cipher(algorithms.AES(zone_key), modes.ECB()).encryptor()
+        return (enc.update(bytes.fromhex(t)) + enc.finalize())[:8]
+    return sorted(tokens, key=sort_key)
 
 
 @pytest.mark.parametrize("zone", ["identifiers", "payload"])
@@ -89,10 +94,7 @@ def test_row_order_is_the_keyed_permutation(ws, zone):
     # the order is a function of the key and the (random) record token only
     tokens = _tokens(ws / "pseudonymised" / zone / "education.parquet")
     assert tokens == _oracle_order(tokens, zone)
-    other = MasterKey(hashlib.sha256(b"another key").digest(), "t").subkey("row_order")
-    by_other = sorted(tokens, key=lambda t: std_hmac.new(other, zone.encode() + b"\x00" + t.encode(),
-                                                         hashlib.sha256).digest()[:8])
-    assert tokens != by_other
+    assert tokens != _oracle_order(tokens, zone, MasterKey(hashlib.sha256(b"another key").digest(), "t"))
 
 
 # -- retention at rest: pseudonymise.purge_cleartext_after ------------------------------------

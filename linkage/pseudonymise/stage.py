@@ -42,6 +42,8 @@ from pathlib import Path
 
 import duckdb
 import jellyfish
+from cryptography.hazmat.primitives import hashes, hmac
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -411,20 +413,26 @@ def _record_tokens(n: int, order_key: bytes | None = None) -> pa.Table:
     """n random 128-bit record tokens (os.urandom via secrets), as 32-character hex, with row numbers.
 
     With ``order_key`` (the ``row_order`` subkey), one sort key per zone of :data:`ROW_ORDERS`:
-    the first 8 bytes of HMAC-SHA256(order_key, zone NUL token). Sorting by it is a keyed
+    the token's 16 bytes encrypted with AES-256 under HMAC-SHA256(order_key, zone), first
+    8 bytes, shifted right by one to fit a signed 64-bit integer. Sorting by it is a keyed
     permutation: without the key a file's row i says nothing of the staged row it came from,
-    and identifiers and payload are in orders unrelated to each other.
+    and identifiers and payload are in orders unrelated to each other. A token is one AES
+    block, so all tokens are encrypted in one call (an HMAC per token was 7x slower).
     """
-    hexed = binascii.hexlify(secrets.token_bytes(TOKEN_BYTES * n))
+    raw = secrets.token_bytes(TOKEN_BYTES * n)
+    hexed = binascii.hexlify(raw)
     width = 2 * TOKEN_BYTES
     offsets = np.arange(0, width * (n + 1), width, dtype=np.int64)
     tokens = pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(hexed))
     columns = {"i": pa.array(np.arange(n, dtype=np.int64)), "record_token": tokens}
     if order_key is not None:
-        values = [hexed[j:j + width].decode("ascii") for j in range(0, width * n, width)]
         for column, domain in ROW_ORDERS.values():
-            digests = Tokeniser(order_key, domain).many(values)
-            columns[column] = pa.array([int(d[:16], 16) >> 1 for d in digests], pa.int64())
+            mac = hmac.HMAC(order_key, hashes.SHA256())
+            mac.update(domain.encode("ascii"))
+            # ECB is right here: each block is a distinct random token, and only the order is kept
+            enc = Cipher(algorithms.AES(mac.finalize()), modes.ECB()).encryptor()
+            blocks = np.frombuffer(enc.update(raw) + enc.finalize(), dtype=">u8").reshape(-1, 2)[:, 0]
+            columns[column] = pa.array((blocks >> np.uint64(1)).astype(np.int64))
     return pa.table(columns)
 
 
@@ -619,8 +627,8 @@ def _metadata(config: Config, key: MasterKey, plans: list[Source], payload_colum
                                            "key": "HKDF-SHA256 subkey 'bloom:first_name' (surnames under the "
                                                   "forename key, to detect swapped names)"}},
         "record_token": {"bits": TOKEN_BYTES * 8, "source": "os.urandom (secrets), not derived from any value"},
-        "row_order": {zone: f"sorted by HMAC-SHA256(HKDF-SHA256 subkey 'row_order', '{domain}' NUL record_token)"
-                      for zone, (_, domain) in ROW_ORDERS.items()},
+        "row_order": {zone: f"sorted by AES-256 of the record token's bytes under HMAC-SHA256(HKDF-SHA256 "
+                            f"subkey 'row_order', '{domain}')" for zone, (_, domain) in ROW_ORDERS.items()},
         "identifiers_columns": [c for c, _ in IDENTIFIER_COLUMNS] + list(link_refs.values()),
         "payload": {p.name: {"columns": payload_columns.get(p.name, []),
                              "tokenised_references": p.references} for p in plans},
