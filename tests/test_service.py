@@ -506,7 +506,7 @@ def test_users_file_holds_scrypt_hashes_only(ws, tokens):
     users = {u["name"]: u for u in json.loads(path.read_text())["users"]}
     for role, token in tokens.items():
         u = users[f"svc-{role}"]
-        assert u["hash"].startswith("scrypt$16384$8$1$") and token.split("_")[2] not in path.read_text()
+        assert u["hash"].startswith("scrypt$16384$8$1$") and token.split("_", 2)[2] not in path.read_text()
         assert u["token_id"] == token.split("_")[1]
     salts = [u["hash"].split("$")[4] for u in users.values()]
     assert len(set(salts)) == len(salts)
@@ -839,7 +839,7 @@ def test_every_api_sign_in_decision_is_audited_with_token_id_and_address(ws):
     assert len(ok) == 1 and ok[0]["actor"] == "svc-signin" and ok[0]["params"]["token_id"] == tid
     assert ok[0]["params"]["client"] == "testclient"
     text = json.dumps(new)
-    assert token.split("_")[2] not in text and token[:-2] not in text
+    assert token.split("_", 2)[2] not in text and token[:-2] not in text
 
 
 def test_failed_page_sign_ins_are_audited_with_address_and_token_id(app, tokens, ws):
@@ -1067,6 +1067,15 @@ def test_charts_draw_published_intervals_and_n():
                          columns=["region", "measure", "value", "status", "ci_low", "ci_high", "n"])
     p = table_view("u", meta, frame).points("ige", ["region"], {})[0]
     assert (p["low"], p["high"], p["n"]) == (0.1, 0.4, 95.0)
+
+
+def test_published_mobility_intervals_are_drawn(sessions, ws):
+    client, _ = sessions["researcher"]
+    frame = pd.read_parquet(ws / "published" / "mobility_la_cohort.parquet")
+    region = frame[(frame["la"] == "Total") & (frame["cohort"] == "Total") & (frame["region"] != "Total")]
+    published = region[(region["measure"] == "rank_slope_ci_lower") & region["value"].notna()]
+    html = client.get("/catalogue/mobility_la_cohort?chart=bar&x=region&g=&measure=rank_slope").text
+    assert html.count('class="interval"') == len(published)       # one whisker per published interval
 
 
 def test_builder_results_show_their_dictionary_and_report_pages_the_portal_navigation(sessions):
