@@ -91,12 +91,13 @@ def attack(releases: list[dict], cfg, exact: bool) -> dict:
 
     maps, G = merge_cells([r["ident"] for r in releases], [r["labels"] for r in releases])
     A = stack([r["A"] for r in releases], maps, G)
-    truth, hidden, pub = np.zeros(G), np.zeros(G, bool), np.full(G, np.nan)
+    truth, shown_any, pub = np.zeros(G), np.zeros(G, bool), np.full(G, np.nan)
     for r, m in zip(releases, maps):
         truth[m] = r["n"]
-        hidden[m] |= r["hidden"]
         shown = ~r["hidden"]
+        shown_any[m[shown]] = True
         pub[m[shown]] = r["value"][shown]
+    hidden = ~shown_any   # a count published in any release is known, whatever another withheld
     lo = np.zeros(G)
     hi = np.full(G, np.inf)
     known = ~hidden
@@ -238,11 +239,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--key-file", type=Path, default=Path("/tmp/dkey/d.key"))
     ap.add_argument("--acro-venv", type=Path, default=Path(tempfile.gettempdir()) / "bench_acro" / "venv")
     ap.add_argument("--requests", type=int, default=len(REQUESTS))
+    ap.add_argument("--acro-only", action="store_true", help="redo only the ACRO comparison (after a full run)")
     args = ap.parse_args(argv)
     from linkage.disclose.stage import RequestError, build_table, disclose
 
     ws, key = args.workspace, load_master_key(key_file=args.key_file)
     cfg = load_config()
+    if args.acro_only:
+        result = json.loads((RESULTS / "disclosure.json").read_text())
+        result["acro"] = acro_compare(ws, cfg, args.acro_venv, Path(tempfile.gettempdir()))
+        (RESULTS / "disclosure.json").write_text(json.dumps(result, indent=2) + "\n")
+        (RESULTS / "disclosure.md").write_text(_markdown(result))
+        print(_markdown(result))
+        return result
     persons = len(pd.read_parquet(ws / "research" / "cohort.parquet", columns=["child_id"]))
     result: dict = {"workspace_children": persons}
 
