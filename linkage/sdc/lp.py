@@ -197,6 +197,7 @@ class _Auditor:
         self.s = system
         self.budget = budget   # [linear programs left], shared by every system's auditor
         self.scope: np.ndarray | None = None   # cells of the new release (None: every cell)
+        self.known: np.ndarray | None = None   # cells published by an earlier release
         # every LP solution is a feasible point: it widens what the adversary cannot rule out
         self.hi = system.values.astype(float).copy()
         self.lo = system.values.astype(float).copy()
@@ -232,7 +233,8 @@ class _Auditor:
     def audit(self, suppressed: np.ndarray) -> list[tuple[int, str, float]]:
         """Check every suppressed cell; return the failures as (cell, side to widen, shortfall)."""
         failures = []
-        cols_all = np.flatnonzero(suppressed)
+        # a cell published by an earlier release is known, whatever this release withholds
+        cols_all = np.flatnonzero(suppressed if self.known is None else suppressed & ~self.known)
         if not len(cols_all):
             return failures
         for cols in _components(self.A, cols_all):
@@ -294,6 +296,8 @@ class _Auditor:
 
     def all_satisfied(self, suppressed: np.ndarray) -> bool:
         """Whether every suppressed cell meets its requirement on both sides."""
+        if self.known is not None:
+            suppressed = suppressed & ~self.known
         cols = np.flatnonzero(suppressed if self.scope is None else suppressed & self._reach(suppressed))
         return bool(self.satisfied(cols, "up").all() and self.satisfied(cols, "down").all())
 
@@ -355,7 +359,7 @@ def protect(A: sparse.csr_matrix, primary: np.ndarray, systems: list[System], de
     budget = [float("inf") if max_lps is None else float(max_lps)]
     auditors = [_Auditor(A, s, budget) for s in systems]
     for aud in auditors:
-        aud.scope = scope
+        aud.scope, aud.known = scope, (None if locked is None else locked.copy())
     csc = A.tocsc()
     order = np.arange(len(primary)) if order is None else order
     locked = np.zeros(len(primary), dtype=bool) if locked is None else locked & ~primary
