@@ -257,6 +257,17 @@ def _label(item: dict) -> str:
     return what
 
 
+def _copy_tree(src: Path, dest: Path, skip: tuple[str, ...] = ()) -> None:
+    """Copy a folder's files without their modes: copies get the process's umask, like every file hhlink writes."""
+    for path in sorted(Path(src).rglob("*")):
+        target = dest / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        elif path.name not in skip:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+
+
 def offline_data_docs(site: Path, dest: Path) -> None:
     """Copy a built Data Docs site to ``dest`` with every CDN asset replaced by a local copy.
 
@@ -266,9 +277,9 @@ def offline_data_docs(site: Path, dest: Path) -> None:
     """
     if dest.exists():
         shutil.rmtree(dest)
-    shutil.copytree(site, dest)
+    _copy_tree(site, dest)
     vendor = dest / "static" / "vendor"
-    shutil.copytree(VENDOR, vendor, ignore=shutil.ignore_patterns("README.md"))
+    _copy_tree(VENDOR, vendor, skip=("README.md",))
     leftovers = []
     for page in dest.rglob("*.html"):
         rel = os.path.relpath(dest / "static", page.parent)

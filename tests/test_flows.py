@@ -181,16 +181,21 @@ def _gate_artifact(reason_part: str) -> str:
 def test_a_critical_expectation_stops_the_run_before_disclose(reference, tmp_path):
     ws = _copy(reference[0], tmp_path / "ws")
     published, research, staged = _tree(ws / "published"), _tree(ws / "research"), _tree(ws / "staged")
-    edu = ws / "landing" / "education.csv"
-    lines = edu.read_text().splitlines(keepends=True)
-    edu.write_text("".join(lines) + lines[1])   # a pupil row delivered twice: record_id is no longer unique
+    earnings = ws / "landing" / "earnings.csv"
+    with earnings.open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    nino = rows[0].index("nino")
+    for row in rows[1:len(rows) // 3]:   # a delivery with a third of its NINOs missing
+        row[nino] = ""
+    with earnings.open("w", newline="") as fh:
+        csv.writer(fh, lineterminator="\n").writerows(rows)
     state = household_linkage_flow(str(ws), _config(), return_state=True)
     assert state.is_failed()
     assert state.message.startswith("quality gate at ingest: critical expectation failed")
-    assert "record_id" in state.message and "published/ not updated" in state.message
+    assert "nino" in state.message and "published/ not updated" in state.message
     assert _tree(ws / "published") == published and _tree(ws / "research") == research
     assert _tree(ws / "staged") == staged
-    assert "record_id" in _gate_artifact("record_id")
+    assert "nino" in _gate_artifact("nino")
 
 
 def test_linkage_below_the_minimums_stops_the_run_before_assemble(reference, tmp_path):
