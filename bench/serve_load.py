@@ -245,6 +245,10 @@ def builder_requests(config, n: int, seed: int) -> list[dict]:
     return out
 
 
+def _median(values: list) -> float | None:
+    return sorted(values)[len(values) // 2] if values else None
+
+
 async def builder_load(port: int, token: str, requests: list[dict], seconds: float) -> dict:
     """Each request once (cold, one at a time), then the answered ones again (from memory)."""
     c = await Client(port, token).open()
@@ -262,7 +266,7 @@ async def builder_load(port: int, token: str, requests: list[dict], seconds: flo
                 answered.append(req)
                 doc = json.loads(body)
                 cells.append(doc["disclosure"]["cells"])
-                lps.append(doc["disclosure"]["lp_audit"]["linear_programs"])
+                lps.append(doc["disclosure"].get("lp_audit", {}).get("linear_programs"))   # None: not reported
             elif status == 422:
                 refused += 1
             else:
@@ -279,7 +283,7 @@ async def builder_load(port: int, token: str, requests: list[dict], seconds: flo
             "cold_p50_s": round(_pct(cold, 0.5), 3), "cold_p95_s": round(_pct(cold, 0.95), 3),
             "cold_max_s": round(max(cold), 3) if cold else None, "warm_p95_s": round(_pct(warm, 0.95), 4),
             "median_cells": sorted(cells)[len(cells) // 2] if cells else None,
-            "median_linear_programs": sorted(lps)[len(lps) // 2] if lps else None,
+            "median_linear_programs": _median([n for n in lps if n is not None]),
             "slowest": [{"seconds": round(s, 2), **r, "cells": c, "linear_programs": n} for s, r, c, n in slowest]}
 
 

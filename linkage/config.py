@@ -337,6 +337,11 @@ class DisclosureConfig(_Section):
         request_max_lps: the most linear programs the disclosure audit of one on-demand
             request may solve (jointly with what was released before); a request needing
             more is refused, so no request can tie up the portal.
+        on_demand_audit: what an on-demand answer is audited against besides itself:
+            ``published``, the standard tables of the current release (bounded cost: an answer
+            can never narrow a cell the release withheld); ``all``, every earlier on-demand
+            answer too (the joint audit grows with the ledger: 20-30 s per request after a few
+            dozen requests at 20,000 persons, so it is opt-in until it is made incremental).
         missing_categories: ``exclude``: a table's population is the units with a known
             category on each of its dimensions (its title says so), so no ``Unknown`` column
             of empty cells forces suppression; ``unknown``: missing categories become an
@@ -371,6 +376,7 @@ class DisclosureConfig(_Section):
     protection_ratio: float = Field(0.10, ge=0, le=1)
     lp_max_rounds: int = Field(200, ge=1)
     request_max_lps: int = Field(3000, ge=1)
+    on_demand_audit: Literal["published", "all"] = "published"
     missing_categories: Literal["exclude", "unknown"] = "exclude"
     ci_replicates: int = Field(200, ge=20, le=5000)
     ci_level: float = Field(0.95, gt=0.5, lt=1)

@@ -234,6 +234,16 @@ def test_ledger_records_each_release(published, workspace, key):
         assert pt.spec.name in [b.name for b in ledger.releases(d)]
 
 
+def test_on_demand_answers_are_audited_against_the_published_release_by_default(published, workspace, key):
+    from linkage.sdc import ledger
+
+    names = [spec.name for spec, _ in standard_tables(workspace / "research", load_config())]
+    build_table({"dimensions": ["sex", "region"], "measure": "count"}, workspace, load_config(), key=key)
+    with ledger.locked(workspace) as d:
+        assert [b.name for b in ledger.releases(d, published_only=True)] == names
+        assert len(ledger.releases(d)) > len(names)   # the answer is recorded for an "all" audit later
+
+
 def test_on_demand_answers_keep_what_earlier_releases_withheld(published, workspace, key):
     # the request is the standard attainment-by-FSM table's geography x fsm_ever grid over the
     # same population (children with a KS4 score): every cell withheld in the published table

@@ -297,7 +297,7 @@ def build_table(request: dict, workspace: Path | str, config: Config, key: Maste
             con.close()
     new = prep.block()
     with ledger.locked(workspace) as d:
-        earlier = ledger.related(new, ledger.releases(d))
+        earlier = ledger.related(new, ledger.releases(d, published_only=config.disclosure.on_demand_audit == "published"))
         try:
             masks, audit = protect_jointly([new, *earlier], max_rounds=config.disclosure.lp_max_rounds,
                                            max_lps=config.disclosure.request_max_lps)

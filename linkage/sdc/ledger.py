@@ -92,14 +92,23 @@ def record(d: Path, blocks: list[Block], masks: list[np.ndarray], reset: bool = 
             continue   # the same request again: its cells, and so its pattern, are already recorded
         _save_block(d, b, m)
         names.append(b.name)
+    published = len(names) if reset else _published_count(d)
     with atomic_path(d / "index.json") as tmp:
-        tmp.write_text(json.dumps({"releases": names}) + "\n")
+        tmp.write_text(json.dumps({"releases": names, "published": published}) + "\n")
         os.chmod(tmp, 0o600)
 
 
-def releases(d: Path) -> list[Block]:
-    """Every recorded release, oldest first (call inside :func:`locked`)."""
-    return [_load_block(d / f"{n}.npz") for n in _index(d) if (d / f"{n}.npz").exists()]
+def _published_count(d: Path) -> int:
+    p = d / "index.json"
+    return json.loads(p.read_text()).get("published", 0) if p.exists() else 0
+
+
+def releases(d: Path, published_only: bool = False) -> list[Block]:
+    """Every recorded release, oldest first; or only the release's standard tables (call inside :func:`locked`)."""
+    names = _index(d)
+    if published_only:
+        names = names[:_published_count(d)]
+    return [_load_block(d / f"{n}.npz") for n in names if (d / f"{n}.npz").exists()]
 
 
 def related(new: Block, earlier: list[Block]) -> list[Block]:
