@@ -87,7 +87,7 @@ def attack(releases: list[dict], cfg, exact: bool) -> dict:
     """Bound every withheld count by LP over all releases together; count recoverable cells."""
     from scipy import sparse
 
-    from linkage.sdc.lp import _Model, merge_cells, stack
+    from linkage.sdc.lp import IntervalModel, merge_cells, stack
 
     maps, G = merge_cells([r["ident"] for r in releases], [r["labels"] for r in releases])
     A = stack([r["A"] for r in releases], maps, G)
@@ -106,7 +106,7 @@ def attack(releases: list[dict], cfg, exact: bool) -> dict:
     else:   # published within the p-table's reach, and (the rules) at least the threshold
         lo[known] = np.maximum(cfg.threshold, pub[known] - NOISE)
         hi[known] = pub[known] + NOISE
-    model = _Model(sparse.csr_matrix(A), np.zeros(A.shape[0]))
+    model = IntervalModel(sparse.csr_matrix(A), np.zeros(A.shape[0]))
     need = np.maximum(cfg.protection_count, cfg.protection_ratio * truth)
     up, down = truth + need - 1e-6, np.maximum(0.0, truth - need) + 1e-6
     # every LP solution is a point the attacker cannot rule out: a cell some solution already

@@ -161,7 +161,7 @@ def _components(A: sparse.csr_matrix, cols: np.ndarray) -> list[np.ndarray]:
     return [cols[labels == i] for i in range(k)]
 
 
-class _Model:
+class IntervalModel:
     """One component's equations ``Ac @ x = b`` as a HiGHS model; each solve sets only costs and bounds."""
 
     def __init__(self, Ac: sparse.csr_matrix, b: np.ndarray):
@@ -217,7 +217,7 @@ class _Auditor:
         tol = self._tol(cols)
         return self.hi[cols] >= up - tol if direction == "up" else self.lo[cols] <= down + tol
 
-    def _solve(self, model: _Model, cols, obj, bounds):
+    def _solve(self, model: IntervalModel, cols, obj, bounds):
         self.lps += 1
         self.budget[0] -= 1
         if self.budget[0] < 0:
@@ -244,7 +244,7 @@ class _Auditor:
                 continue
             rows = np.flatnonzero(np.asarray((self.A[:, cols] != 0).sum(axis=1)).ravel() > 0)
             Ac = self.A[rows][:, cols]
-            model = _Model(Ac, Ac @ self.s.values[cols])
+            model = IntervalModel(Ac, Ac @ self.s.values[cols])
             for direction in ("up", "down"):
                 # group LPs: push every unsatisfied cell toward its target at once
                 while True:
