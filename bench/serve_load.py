@@ -56,21 +56,14 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def build_workspace(root: Path, persons: int, seed: int) -> Path:
-    """A workspace through generate, ingest, pseudonymise, link, assemble and disclose."""
-    from linkage.disclose.stage import disclose
-    from linkage.ingest.stage import ingest
-    from linkage.link.stage import link
-    from linkage.assemble.stage import assemble
-    from linkage.pseudonymise.stage import pseudonymise
-    from synthetic_data import generate_population
+    """A workspace through every registry stage but evaluate (the portal reads published/ and reports/)."""
+    from linkage.stages import STAGES, run_stage
 
     cfg = load_config(generate={"persons": persons, "seed": seed}, ingest={"data_docs": False},
                       assemble={"data_docs": False})
-    for name, step in (("generate", lambda: generate_population(cfg.generate, root)), ("ingest", lambda: ingest(cfg, root)),
-                       ("pseudonymise", lambda: pseudonymise(cfg, root)), ("link", lambda: link(cfg, root)),
-                       ("assemble", lambda: assemble(cfg, root)), ("disclose", lambda: disclose(cfg, root))):
+    for name in (n for n in STAGES if n != "evaluate"):
         t = time.perf_counter()
-        step()
+        run_stage(name, cfg, root)
         print(f"  {name}: {time.perf_counter() - t:.0f}s", flush=True)
     return root
 
