@@ -673,3 +673,14 @@ def test_report_counts_the_records_no_rule_compares(tmp_path, key):
     assert report["records_not_compared"]["records"] == 1
     assert all({"rule", "marginal_comparisons"} <= set(r) for r in report["blocking"])
     assert "Records no rule compares" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_two_records_with_only_surname_and_dob_link(tmp_path, key):
+    # the prior 1/(records - 1) was 1 here: an infinite prior weight, which Splink wrote into SQL as `inf`
+    (tmp_path / "a.csv").write_text("pid,sn,dob\n1,Smith,1980-01-02\n2,Smith,1980-01-02\n")
+    (tmp_path / "map.toml").write_text('[files.a]\nrecord_id = "pid"\nsurname = "sn"\n'
+                                       'dob = { column = "dob", format = "%Y-%m-%d" }\n')
+    s = link_files([tmp_path / "a.csv"], tmp_path / "map.toml", tmp_path / "out")
+    assert s["training"]["probability_two_random_records_match"]["value"] <= 0.5
+    clusters = _clusters(tmp_path / "out")
+    assert set(clusters) == {("a", "1"), ("a", "2")}

@@ -50,6 +50,7 @@ U_MIN_PAIRS = 20_000          # about 200 records
 # 300k pairs keep the u of own extracts accurate (rare levels are corrected or kept at their prior)
 U_MAX_PAIRS = 300_000
 EM_MIN_PAIRS = 200
+MAX_PRIOR = 0.5               # probability_two_random_records_match: a finite prior weight (0) at most
 TF_MIN_RECORDS = 1_000
 LEVEL_NOT_OBSERVED = "level not observed in training dataset"   # Splink's marker in saved models
 
@@ -297,14 +298,16 @@ def train(sdfs, settings: dict, records: int, present: set[str], config, link_ty
     linker = Linker(sdfs, settings, log_level=logging.ERROR)
     group = next((g for g in DETERMINISTIC if any(_roles(r) <= present for r in g)), ())
     rules = [r for r in group if _roles(r) <= present]
-    prior = 1 / max(records - 1, 1)
-    lam, how = prior, "prior 1/(records - 1)"
+    # at most MAX_PRIOR: with two records 1/(records - 1) is 1, an infinite prior weight Splink
+    # writes into its SQL as "inf"
+    prior = min(1 / max(records - 1, 1), MAX_PRIOR)
+    lam, how = prior, f"prior 1/(records - 1), at most {MAX_PRIOR}"
     if rules:
         try:
             linker.training.estimate_probability_two_random_records_match(
                 [rule_creator(r) for r in rules], recall=0.9)
             estimated = linker.misc.save_model_to_json()["probability_two_random_records_match"]
-            if 0 < estimated < 1:
+            if 0 < estimated <= MAX_PRIOR:
                 lam, how = estimated, f"deterministic rules ({'; '.join(map(rule_label, rules))}), recall 0.9"
         except Exception as exc:  # noqa: BLE001 - no pair meets the rules: keep the prior
             log.info("probability_two_random_records_match not estimated (%s)", exc.__class__.__name__)
