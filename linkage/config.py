@@ -111,6 +111,9 @@ class GenerateConfig(_Section):
             when they partner during the window.
         hyphenated_surname_share: share of people with a hyphenated or multi-part surname.
         errors: the identifier error model.
+        deliveries: how many of the last monthly deliveries to hold back from ``landing/``
+            in ``deliveries/`` (0: everything lands at once); ``hhlink deliver`` drops
+            the next one into ``landing/``. See ``synthetic_data.deliveries``.
     """
 
     persons: int = Field(20000, gt=0, le=20_000_000)
@@ -130,6 +133,7 @@ class GenerateConfig(_Section):
     surname_change_on_partnership: float = Field(0.7, ge=0, le=1)
     hyphenated_surname_share: float = Field(0.04, ge=0, le=1)
     errors: ErrorRates = Field(default_factory=ErrorRates)
+    deliveries: int = Field(0, ge=0, le=600)
 
     @model_validator(mode="after")
     def _years_ordered(self) -> GenerateConfig:
@@ -338,10 +342,10 @@ class DisclosureConfig(_Section):
             request may solve (jointly with what was released before); a request needing
             more is refused, so no request can tie up the portal.
         on_demand_audit: what an on-demand answer is audited against besides itself:
-            ``published``, the standard tables of the current release (bounded cost: an answer
-            can never narrow a cell the release withheld); ``all``, every earlier on-demand
-            answer too (the joint audit grows with the ledger: 20-30 s per request after a few
-            dozen requests at 20,000 persons, so it is opt-in until it is made incremental).
+            ``all`` (default), everything released before it, the standard tables and every
+            earlier answer (only the groups of withheld cells it can reach are re-audited, see
+            :func:`linkage.sdc.ledger.coupled`); ``published``, the standard tables of the
+            current release only (weaker: two answers together can narrow a cell).
         missing_categories: ``exclude``: a table's population is the units with a known
             category on each of its dimensions (its title says so), so no ``Unknown`` column
             of empty cells forces suppression; ``unknown``: missing categories become an
@@ -376,7 +380,7 @@ class DisclosureConfig(_Section):
     protection_ratio: float = Field(0.10, ge=0, le=1)
     lp_max_rounds: int = Field(200, ge=1)
     request_max_lps: int = Field(3000, ge=1)
-    on_demand_audit: Literal["published", "all"] = "published"
+    on_demand_audit: Literal["published", "all"] = "all"
     missing_categories: Literal["exclude", "unknown"] = "exclude"
     ci_replicates: int = Field(200, ge=20, le=5000)
     ci_level: float = Field(0.95, gt=0.5, lt=1)
@@ -473,6 +477,11 @@ class AssembleConfig(_Section):
         memory_limit: DuckDB's memory limit while assembling (spills to the workspace beyond it).
         threads: DuckDB worker threads; 0 uses every core.
         data_docs: build Great Expectations Data Docs for the research tables' suite.
+        research_pay_rounding: pay in the research extracts (``person_year.paye_pay``,
+            ``household_year.paye_income`` and ``equivalised_income``) is rounded to this
+            many pounds (a positive pay never below one unit), so two projects' extracts
+            cannot be joined on exact (year, pay) values; 0 keeps exact pay, for a project
+            approved to need it. The measures are computed on exact pay either way.
     """
 
     project: str = Field("hhlink-demo", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$")
@@ -487,6 +496,7 @@ class AssembleConfig(_Section):
     confidence_level: float = Field(0.95, gt=0, lt=1)
     min_group_size: int = Field(20, ge=3)
     sensitivity_thresholds: list[float] = Field(default_factory=lambda: [0.9, 0.99, 0.9999])
+    research_pay_rounding: int = Field(1000, ge=0, le=100_000)
     la_lookup: Path = Path("synthetic_data/reference/upper_tier_local_authorities.csv")
     memory_limit: str = Field("8GB", pattern=r"^\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
     threads: int = Field(0, ge=0, le=256)

@@ -31,7 +31,7 @@ FLOW_DIR = ".flow"
 """The workspace's orchestration folder: the run lock, lineage records, cached stage results."""
 
 ZONES = (
-    "landing", "truth", "staged", "quarantine", "pseudonymised", "linked",
+    "landing", "truth", "deliveries", "staged", "quarantine", "pseudonymised", "linked",
     "research", "published", "reports", "audit",
 )
 

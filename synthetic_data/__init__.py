@@ -10,10 +10,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
 import resource
+import shutil
 import time
 from pathlib import Path
 
@@ -25,6 +27,7 @@ import pyarrow.parquet as pq
 from linkage.config import GenerateConfig
 from linkage.workspace import Workspace, atomic_path
 from synthetic_data.corruptions import BIT, CORRUPTIONS
+from synthetic_data.deliveries import arrival_months, split
 from synthetic_data.economy import INCOME_BENEFITS, simulate_economy
 from synthetic_data.extracts import Extract, Shared, benefits, earnings, education
 from synthetic_data.population import KIND_NAMES, ROLE_NAMES, simulate_population
@@ -54,13 +57,18 @@ def _peak_gb() -> float:
 log = logging.getLogger(__name__)
 
 
-def _write_extract(ext: Extract, folder: Path, fmt: str) -> Path:
-    """Write an extract a batch at a time, so its strings never all sit in memory at once."""
+def _write_extract(ext: Extract, folder: Path, fmt: str, arrivals: list | None = None) -> Path:
+    """Write an extract a batch at a time, so its strings never all sit in memory at once.
+
+    With ``arrivals`` (a list), the arrival month of every row is appended to it.
+    """
     final = folder / f"{ext.source}.{fmt}"
     with atomic_path(final) as tmp:
         writer = None
         try:
             for batch in ext.batches():
+                if arrivals is not None:
+                    arrivals.append(arrival_months(ext.source, batch))
                 if writer is None:
                     writer = (pacsv.CSVWriter(tmp, batch.schema, write_options=pacsv.WriteOptions(quoting_style="needed"))
                               if fmt == "csv" else pq.ParquetWriter(tmp, batch.schema, compression="zstd"))
@@ -113,15 +121,19 @@ def generate_population(cfg: GenerateConfig, workspace: Path | str) -> dict:
     summary: dict = {"persons": pop.n, "households": int(len(np.unique(pop.hy_hh))) if len(pop.hy_hh) else 0,
                      "rows": {}, "files": {}, "format": cfg.format, "seed": cfg.seed}
     upn_of_person = None
+    arrivals: dict[str, tuple[Path, list]] = {}
     with ws.publish_dir("landing") as landing, ws.publish_dir("truth") as truth, \
-            _TruthRows(truth) as truth_rows:
+            _TruthRows(truth) as truth_rows, \
+            (ws.publish_dir("deliveries") if cfg.deliveries else contextlib.nullcontext()) as deliveries:
         for source in ("education", "benefits", "earnings"):
             t = time.perf_counter()
             if source == "education":
                 ext, upn_of_person = education(sh, eco, places, cfg)
             else:
                 ext = benefits(sh, eco, cfg) if source == "benefits" else earnings(sh, eco, cfg)
-            path = _write_extract(ext, landing, cfg.format)
+            arrivals[source] = (None, [] if cfg.deliveries else None)
+            path = _write_extract(ext, landing, cfg.format, arrivals[source][1])
+            arrivals[source] = (path, arrivals[source][1])
             summary["rows"][source] = ext.n
             summary["files"][source] = path.name
             truth_rows.write(source, ext.truth)
@@ -131,6 +143,15 @@ def generate_population(cfg: GenerateConfig, workspace: Path | str) -> dict:
         t = time.perf_counter()
         _write_truth(truth, cfg, pop, eco, places, upn_of_person, summary)
         timings["truth"] = time.perf_counter() - t
+        if cfg.deliveries:
+            t = time.perf_counter()
+            index = split(landing, deliveries, {s: (p, np.concatenate(m)) for s, (p, m) in arrivals.items()},
+                          cfg.deliveries)
+            summary["deliveries"] = [d["month"] for d in index["deliveries"]]
+            summary["history_rows"] = index["history_rows"]
+            timings["deliveries"] = time.perf_counter() - t
+    if not cfg.deliveries:
+        shutil.rmtree(ws.zone("deliveries"), ignore_errors=True)    # none from an earlier generate
     timings["total"] = time.perf_counter() - t0
     summary["seconds"] = {k: round(v, 2) for k, v in timings.items()}
     log.info("generated %d persons: %s", pop.n, summary["rows"])

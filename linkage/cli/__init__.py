@@ -4,7 +4,7 @@
 module registers its command on the group. Library packages never import this one.
 """
 
-from linkage.cli import assemble, audit, config, crosswalk, disclose, evaluate, generate, ingest, keys, link, link_files, pseudonymise, run, schedule, serve, users  # noqa: F401
+from linkage.cli import assemble, audit, config, crosswalk, deliver, disclose, evaluate, generate, ingest, keys, link, link_files, pseudonymise, run, schedule, serve, users  # noqa: F401
 from linkage.cli.base import cli, main
 
 __all__ = ["cli", "main"]

@@ -28,7 +28,7 @@ KEY_FILE_HELP = ("Master key file (one line of hex, mode 0600). Default: $HHLINK
 # (untrained model levels are reported in the linkage report instead).
 _CHATTY = ("splink", "py4j", "pyspark", "great_expectations", "prefect", "httpx", "urllib3")
 # Commands after the pipeline stages, in the order a data engineer meets them.
-_AFTER_STAGES = ("serve", "run", "schedule", "link-files", "keys", "users", "crosswalk", "audit", "config")
+_AFTER_STAGES = ("deliver", "serve", "run", "schedule", "link-files", "keys", "users", "crosswalk", "audit", "config")
 
 
 def _logging(verbose: bool) -> None:

@@ -16,8 +16,10 @@ from linkage.config import load_config
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Random seed (default from config).")
 @click.option("--format", "fmt", type=click.Choice(["csv", "parquet"]), default=None,
               help="Landing extract format (default from config: csv).")
+@click.option("--deliveries", type=click.IntRange(min=0), default=None,
+              help="Hold the last N monthly deliveries back in DIR/deliveries/ ('hhlink deliver' lands the next).")
 def generate(workspace: Path, config_path: Path | None, persons: int | None, seed: int | None,
-             fmt: str | None) -> None:
+             fmt: str | None, deliveries: int | None) -> None:
     """Generate a synthetic population: extracts in DIR/landing/, ground truth in DIR/truth/.
 
     Writes education.csv (one row per pupil per academic year), benefits.csv (one row per
@@ -28,10 +30,16 @@ def generate(workspace: Path, config_path: Path | None, persons: int | None, see
     Example:
       hhlink generate --persons 20000 --seed 42 --workspace ./workspace
     """
-    cfg = load_config(config_path, generate={"persons": persons, "seed": seed, "format": fmt})
+    cfg = load_config(config_path, generate={"persons": persons, "seed": seed, "format": fmt,
+                                             "deliveries": deliveries})
     summary = run_stage_command("generate", cfg, workspace)
     click.echo(f"generated {summary['persons']:,} persons in {summary['households']:,} households "
                f"({summary['seconds']['total']:.1f}s)")
-    for source, n in summary["rows"].items():
+    for source, n in summary.get("history_rows", summary["rows"]).items():
         click.echo(f"  landing/{summary['files'][source]:<18} {n:>12,} rows")
+    if summary.get("deliveries"):
+        held = {s: n - summary["history_rows"][s] for s, n in summary["rows"].items()}
+        click.echo(f"  deliveries/ {len(summary['deliveries'])} monthly deliveries held back "
+                   f"({summary['deliveries'][0]} to {summary['deliveries'][-1]}; "
+                   + ", ".join(f"{s} {n:,} rows" for s, n in held.items()) + "): 'hhlink deliver' lands the next")
     click.echo(f"  truth/ ground truth (evaluation only) in {workspace / 'truth'}")
