@@ -1,0 +1,131 @@
+"""Stable keys across releases: carry the previous release's keys onto a new clustering.
+
+A release's persons (or households) are clusters of records. When the next release is
+linked, a researcher needs each person to keep its key unless the evidence really
+changed: :func:`carry_keys` gives each new cluster the previous key whose records it
+shares most (a one-to-one assignment, largest overlaps first, ties broken by the key
+and then by the cluster's smallest record, never by position), and a fresh key to
+clusters that took no previous key. :func:`key_changes` lists every key that did not
+simply carry over, as a researcher would follow it:
+
+=========  ===============================================================
+change     meaning
+=========  ===============================================================
+merged     ``old_key``'s records now belong to ``new_key`` (another key's cluster)
+split      some of ``old_key``'s records left it for ``new_key`` (a new key)
+new        ``new_key`` has no record of the previous release
+retired    ``old_key``'s records are all gone from this release
+=========  ===============================================================
+
+``records`` counts the records behind each row (the overlap for merges and splits).
+Records are matched by an identifier that is the same in both releases (e.g. a
+record token that is stable across deliveries).
+
+Example:
+    >>> import duckdb
+    >>> con = duckdb.connect()
+    >>> _ = con.execute("create table prev as select * from (values ('a','K1'),('b','K1'),('c','K2')) t(record, key)")
+    >>> _ = con.execute("create table cur as select * from (values ('a',1),('b',1),('c',1),('d',2)) t(record, cluster)")
+    >>> keys = carry_keys(con, "prev", "cur", new_key=lambda rec: "N-" + rec)
+    >>> sorted(con.execute(f"select cluster, key from {keys}").fetchall())
+    [(1, 'K1'), (2, 'N-d')]
+    >>> sorted(con.execute(f"select change, old_key, new_key, records from {key_changes(con, 'prev', 'cur', keys)}").fetchall())
+    [('merged', 'K2', 'K1', 1), ('new', None, 'N-d', 1)]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import duckdb
+
+__all__ = ["carry_keys", "key_changes"]
+
+
+def carry_keys(con: duckdb.DuckDBPyConnection, previous: str, current: str,
+               new_key: Callable[[str], str], out: str = "carried_keys") -> str:
+    """Assign each cluster of ``current`` a key, keeping ``previous`` keys by greatest overlap.
+
+    Args:
+        con: a DuckDB connection holding both tables.
+        previous: table or view ``(record, key)``: the previous release's key of each record.
+        current: table or view ``(record, cluster)``: this release's cluster of each record.
+        new_key: the key of a cluster that takes no previous key, from its smallest record
+            (so a re-run gives the same key).
+        out: the name of the table to create.
+
+    Returns:
+        ``out``: a table ``(cluster, key, carried)`` with one row per cluster of ``current``.
+    """
+    con.execute(f"""
+        create or replace temp table _overlap as
+        select c.cluster, p.key, count(*) n
+        from {current} c join {previous} p using (record) group by all;
+        create or replace temp table _first as select cluster, min(record) first_record from {current} group by 1;
+        create or replace temp table _assigned as select cluster, key from _overlap where false;
+    """)
+    # one-to-one, largest overlap first: each round assigns the pairs that are each other's best
+    # among the still unassigned (ties broken by key, then by the cluster's smallest record);
+    # every round assigns at least the globally best remaining pair, so this ends
+    while True:
+        added = con.execute("""
+            insert into _assigned
+            with free as (
+                select o.cluster, o.key, o.n, f.first_record from _overlap o join _first f using (cluster)
+                where o.cluster not in (select cluster from _assigned) and o.key not in (select key from _assigned)),
+            best_for_cluster as (select cluster, key from free
+                qualify row_number() over (partition by cluster order by n desc, key) = 1),
+            best_for_key as (select key, cluster from free
+                qualify row_number() over (partition by key order by n desc, first_record) = 1)
+            select c.cluster, c.key from best_for_cluster c join best_for_key k on k.key = c.key and k.cluster = c.cluster
+        """).fetchone()
+        if not added or not added[0]:
+            break
+    fresh = con.execute("select f.cluster, f.first_record from _first f anti join _assigned a using (cluster)").fetchall()
+    con.execute("create or replace temp table _fresh as select cluster, key from _assigned where false")
+    if fresh:
+        con.executemany("insert into _fresh values (?, ?)", [(c, new_key(str(r))) for c, r in fresh])
+    con.execute(f"""
+        create or replace table {out} as
+        select cluster, key, true carried from _assigned
+        union all select cluster, key, false from _fresh;
+        drop table _overlap; drop table _assigned; drop table _fresh; drop table _first;
+    """)
+    clash = con.execute(f"select count(*) - count(distinct key) from {out}").fetchone()[0]
+    if clash:
+        raise ValueError(f"new_key gave {clash} keys that are already in use")
+    return out
+
+
+def key_changes(con: duckdb.DuckDBPyConnection, previous: str, current: str, keys: str,
+                out: str = "key_changes") -> str:
+    """Every key that did not simply carry over from ``previous`` to ``current`` (see the module).
+
+    Args:
+        con: a DuckDB connection.
+        previous: ``(record, key)`` of the previous release.
+        current: ``(record, cluster)`` of this release.
+        keys: the table :func:`carry_keys` made (``cluster, key, carried``).
+        out: the name of the table to create.
+
+    Returns:
+        ``out``: a table ``(change, old_key, new_key, records)``.
+    """
+    con.execute(f"""
+        create or replace table {out} as
+        with flow as (
+            select p.key old_key, k.key new_key, k.carried, count(*) records
+            from {previous} p join {current} c using (record) join {keys} k using (cluster) group by all)
+        select case when f.new_key in (select key from {previous}) then 'merged' else 'split' end as change,
+               f.old_key, f.new_key, f.records
+        from flow f where f.old_key <> f.new_key
+        union all
+        select 'new', null, k.key, count(*) from {keys} k join {current} c using (cluster)
+        where not k.carried and k.cluster not in (
+            select c2.cluster from {current} c2 join {previous} p2 using (record))
+        group by k.key
+        union all
+        select 'retired', p.key, null, count(*) from {previous} p
+        where p.key not in (select old_key from flow) group by p.key
+    """)
+    return out
