@@ -376,8 +376,13 @@ def test_generated_outputs_hold_no_cleartext(generated, hand):
 # -- roles, formats and the model's shape ------------------------------------------------------
 
 def test_priors_cover_every_level_of_the_project_model():
+    from linkage.link.model import address_comparison
+    from linkage.link_files.model import ADDRESS_DICE
+
     settings = model_settings().create_settings_dict("duckdb")
-    for comp in settings["comparisons"]:
+    # link-files compares the address line at finer steps than the project link
+    finer = address_comparison("duckdb", ADDRESS_DICE).get_comparison("duckdb").as_dict()
+    for comp in [finer if c["output_column_name"] == "address" else c for c in settings["comparisons"]]:
         name = comp["output_column_name"]
         if name not in PRIORS:
             continue
@@ -684,3 +689,34 @@ def test_two_records_with_only_surname_and_dob_link(tmp_path, key):
     assert s["training"]["probability_two_random_records_match"]["value"] <= 0.5
     clusters = _clusters(tmp_path / "out")
     assert set(clusters) == {("a", "1"), ("a", "2")}
+
+
+def test_both_names_different_are_still_compared_on_date_and_address_bands(tmp_path, key):
+    # the names share nothing (not even an initial), so only the date-of-birth + address-filter
+    # band rules can bring the pair together; a third record, same date elsewhere, stays alone
+    (tmp_path / "a.csv").write_text("id,fn,sn,dob,addr\nA1,Koula,Eisele,1990-03-04,12 Howie Court Kingston\n")
+    (tmp_path / "b.csv").write_text("id,fn,sn,dob,addr\nB1,Leah,Marsh,1990-03-04,12 Howie Court Kingston\n"
+                                    "B2,Tom,Rudd,1990-03-04,7 Quay Street Ballarat East\n")
+    (tmp_path / "map.toml").write_text("link_only = true\n" + "".join(
+        f'[files.{t}]\nrecord_id = "id"\nfirst_name = "fn"\nsurname = "sn"\n'
+        f'dob = {{ column = "dob", format = "%Y-%m-%d" }}\naddress = "addr"\n' for t in ("a", "b")))
+    s = link_files([tmp_path / "a.csv", tmp_path / "b.csv"], tmp_path / "map.toml", tmp_path / "out")
+    band = [b for b in s["blocking"] if "addr_bf" in b["rule"] and "dob_tok" in b["rule"]]
+    assert band and sum(b["marginal_comparisons"] for b in band) == 1     # A1 ~ B1 only
+    assert s["records_not_compared"]["records"] == 1                       # B2
+
+
+def test_band_rules_need_the_address_role(tmp_path):
+    rules, _ = prediction_rules({"a": {"first_name", "surname", "dob"}, "b": {"first_name", "surname", "dob"}})
+    assert not any("addr_bf" in str(r) for r in rules)
+    rules, _ = prediction_rules({"a": {"dob", "address"}, "b": {"dob", "address"}}, link_only=True)
+    assert any("addr_bf" in str(r) and "dob_tok" in str(r) for r in rules)
+
+
+def test_address_is_compared_at_fine_dice_steps():
+    from linkage.link_files.model import ADDRESS_DICE, base_settings
+
+    settings = base_settings({"address", "surname"}, [("sn_tok",)], "dedupe_only", False)
+    address = next(c for c in settings["comparisons"] if c["output_column_name"] == "address")
+    labels = [lv["label_for_charts"] for lv in address["comparison_levels"] if not lv.get("is_null_level")]
+    assert labels == [f"Dice >= {t}" for t in ADDRESS_DICE] + ["All other comparisons"]

@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from linkage.encodings import dice_sql
-from linkage.link.model import PREDICTION_BLOCKS, SWAP_RULE, model_settings, rule_columns, rule_creator, rule_label
+from linkage.link.model import (PREDICTION_BLOCKS, SWAP_RULE, address_comparison, band_rule, model_settings,
+                                rule_columns, rule_creator, rule_label)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,10 @@ COMPARISON_ROLE = {"forename": "first_name", "surname": "surname", "dob": "dob",
                    "address": "address", "sex": "sex", "id": "id"}
 
 ID_TYPO_LABEL = "Dice >= 0.75 (a mistyped identifier)"
+# one address line joins number, street, locality and region: a typo in one part costs its
+# Dice a few points, so the line is compared at finer steps than in the project link (where
+# addresses come from one register and are equal or different)
+ADDRESS_DICE = (0.95, 0.85, 0.75, 0.65, 0.55)
 ID_TYPO_DICE = 0.75
 
 # (m, u) per non-null level; m None where the project's model fixes m itself
@@ -88,7 +93,9 @@ PRIORS: dict[str, dict[str, tuple[float | None, float]]] = {
     "postcode": {"Exact match on postcode_tok": (0.8, 0.0005), "a postcode in common": (0.01, 0.0001),
                  "same sector": (0.03, 0.003), "same district": (0.03, 0.01),
                  "All other comparisons": (0.13, 0.9864)},    # people move
-    "address": {"Dice >= 0.9": (0.75, 0.001), "Dice >= 0.7": (0.08, 0.005), "All other comparisons": (0.17, 0.994)},
+    "address": {"Dice >= 0.95": (0.6, 0.0005), "Dice >= 0.85": (0.1, 0.001), "Dice >= 0.75": (0.06, 0.002),
+                "Dice >= 0.65": (0.04, 0.0025), "Dice >= 0.55": (0.03, 0.004),
+                "All other comparisons": (0.17, 0.99)},     # people move
     "sex": {"Exact match on sex_tok": (0.98, 0.5), "All other comparisons": (0.02, 0.5)},
     "id": {"Exact match on id_tok": (0.97, 0.00001), ID_TYPO_LABEL: (0.02, 0.0001),
            "All other comparisons": (0.01, 0.9999)},
@@ -112,7 +119,12 @@ _BROAD_RULES = (("dob_tok", "fn_initial_tok"),
                 "l.sn_swap_bf = r.fn_bf AND l.postcode_tok = r.postcode_tok",
                 ("fn_tok", "sn_tok"),
                 ("sn_tok", "postcode_tok"),
-                ("fn_tok", "postcode_tok"))
+                ("fn_tok", "postcode_tok"),
+                # both names different or missing (replaced, swapped and mistyped): the same date of
+                # birth or postcode and a similar address line, by two bands of its filter each (a
+                # sub-block of the date or postcode block, so it grows as they do)
+                band_rule(("dob_tok",), "addr_bf", 1), band_rule(("dob_tok",), "addr_bf", 9),
+                band_rule(("postcode_tok",), "addr_bf", 17), band_rule(("postcode_tok",), "addr_bf", 25))
 FALLBACK_BLOCKS = (("fn_tok", "sn_tok"), ("sn_tok", "postcode_tok"), ("fn_tok", "postcode_tok"), ("dob_tok",),
                    ("id_tok",), ("sn_tok",), ("postcode_tok",), ("fn_tok",), ("addr_bf",))
 # deterministic rules for the prior probability of a match: the first group with a usable rule
@@ -192,7 +204,9 @@ def _rule_dict(rule) -> dict:
 def base_settings(present: set[str], rules: list, link_type: str, term_frequencies: bool) -> dict:
     """The Splink settings dict: the project's comparisons for present roles, with the priors set."""
     settings = model_settings("duckdb").create_settings_dict("duckdb")
-    comparisons = [c for c in settings["comparisons"] if COMPARISON_ROLE.get(c["output_column_name"]) in present]
+    comparisons = [address_comparison("duckdb", ADDRESS_DICE).get_comparison("duckdb").as_dict()
+                   if c["output_column_name"] == "address" else c
+                   for c in settings["comparisons"] if COMPARISON_ROLE.get(c["output_column_name"]) in present]
     if "id" in present:
         comparisons.append(_id_comparison().get_comparison("duckdb").as_dict())
     for comp in comparisons:
