@@ -376,13 +376,13 @@ def test_generated_outputs_hold_no_cleartext(generated, hand):
 # -- roles, formats and the model's shape ------------------------------------------------------
 
 def test_priors_cover_every_level_of_the_project_model():
-    from linkage.link.model import address_comparison
-    from linkage.link_files.model import ADDRESS_DICE
+    from linkage.link_files.model import COMPARISON_ROLE, base_settings
 
-    settings = model_settings().create_settings_dict("duckdb")
-    # link-files compares the address line at finer steps than the project link
-    finer = address_comparison("duckdb", ADDRESS_DICE).get_comparison("duckdb").as_dict()
-    for comp in [finer if c["output_column_name"] == "address" else c for c in settings["comparisons"]]:
+    # the project's comparisons as link-files uses them (address and date of birth one level finer)
+    settings = base_settings(set(COMPARISON_ROLE.values()), [("sn_tok",)], "dedupe_only", False)
+    assert {c["output_column_name"] for c in model_settings().create_settings_dict("duckdb")["comparisons"]} >= (
+        {c["output_column_name"] for c in settings["comparisons"]} - {"id"})
+    for comp in settings["comparisons"]:
         name = comp["output_column_name"]
         if name not in PRIORS:
             continue
@@ -720,3 +720,34 @@ def test_address_is_compared_at_fine_dice_steps():
     address = next(c for c in settings["comparisons"] if c["output_column_name"] == "address")
     labels = [lv["label_for_charts"] for lv in address["comparison_levels"] if not lv.get("is_null_level")]
     assert labels == [f"Dice >= {t}" for t in ADDRESS_DICE] + ["All other comparisons"]
+
+
+def test_an_equal_address_alone_brings_a_pair_into_comparison(tmp_path, key):
+    # names different, no date of birth on one side, postcodes transposed: only the address bands reach it
+    (tmp_path / "a.csv").write_text("id,fn,sn,dob,pc,addr\nA1,Koula,Eisele,1990-03-04,2183,12 Howie Court Kingston\n")
+    (tmp_path / "b.csv").write_text("id,fn,sn,dob,pc,addr\nB1,Leah,Marsh,,2138,12 Howie Court Kingston\n")
+    (tmp_path / "map.toml").write_text("link_only = true\n" + "".join(
+        f'[files.{t}]\nrecord_id = "id"\nfirst_name = "fn"\nsurname = "sn"\npostcode = "pc"\n'
+        f'dob = {{ column = "dob", format = "%Y-%m-%d" }}\naddress = "addr"\n' for t in ("a", "b")))
+    s = link_files([tmp_path / "a.csv", tmp_path / "b.csv"], tmp_path / "map.toml", tmp_path / "out")
+    assert s["records_not_compared"]["records"] == 0
+    assert sum(b["marginal_comparisons"] for b in s["blocking"] if b["rule"].count("addr_bf") == 2
+               and "_tok" not in b["rule"]) == 1
+
+
+def test_a_date_with_the_month_or_year_mistyped_has_its_own_level():
+    from linkage.link_files.model import DOB_ONE_PART_LABEL, DOB_ONE_PART_SQL, base_settings
+
+    settings = base_settings({"dob", "surname"}, [("sn_tok",)], "dedupe_only", False)
+    dob = next(c for c in settings["comparisons"] if c["output_column_name"] == "dob")
+    labels = [lv["label_for_charts"] for lv in dob["comparison_levels"]]
+    assert labels.index(DOB_ONE_PART_LABEL) < labels.index("same year and month")
+    con = duckdb.connect()
+
+    def level(year_r: str, month_r: str, day_r: str) -> bool:
+        return con.execute(f"""SELECT {DOB_ONE_PART_SQL} FROM (SELECT 'y' AS dob_year_tok_l, '{year_r}' AS dob_year_tok_r,
+                               'm' AS dob_month_tok_l, '{month_r}' AS dob_month_tok_r,
+                               'd' AS dob_day_tok_l, '{day_r}' AS dob_day_tok_r)""").fetchall()[0][0]
+
+    assert level("y", "x", "d") and level("x", "m", "d")        # month mistyped; year mistyped
+    assert not level("y", "m", "x") and not level("x", "x", "d")  # day mistyped; only the day equal
