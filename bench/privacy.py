@@ -61,17 +61,42 @@ GROUP_SHARE = pd.Series({g: sum(w for _, w, gg in ETHNICITIES if gg == g) for g 
 
 # -- the attacker's view -------------------------------------------------------------------------
 
-def _load(con, ws: Path) -> None:
-    ids = ws / "pseudonymised" / "identifiers"
-    pay = ws / "pseudonymised" / "payload"
-    con.execute(f"""CREATE TABLE ids AS
-        {' UNION ALL '.join(f"SELECT row_number() OVER () - 1 AS pos, record_token, source, year, birth_year, "
-                            f"sex_tok, fn_tok, sn_tok, fn_initial_tok, dob_tok, dob_day_tok, dob_month_tok, "
-                            f"dob_swap_tok, hex(fn_bf) AS fn_bf FROM {read_literal(ids / f'{s}.parquet')}"
-                            for s in SOURCES)}""")
+def keyless_reads(ws: Path) -> dict[str, tuple[int, int]]:
+    """Per zone: (rows read without any key by DuckDB or Arrow, rows the zone holds per metadata.json)."""
+    import duckdb
+    import pyarrow.parquet as pq
+
+    held = sum(json.loads((ws / "pseudonymised" / "metadata.json").read_text())["rows"].values())
+    out = {}
+    for zone in ("identifiers", "payload"):
+        got = 0
+        for f in sorted((ws / "pseudonymised" / zone).glob("*.parquet")):
+            for read in (lambda: duckdb.sql(f"SELECT count(*) FROM {read_literal(f)}").fetchall()[0][0],
+                         lambda: pq.read_table(f).num_rows):
+                try:
+                    got += read()
+                    break
+                except (duckdb.Error, OSError):
+                    continue
+        out[zone] = (got, held)
+    return out
+
+
+def _load(con, ws: Path, ids_key, pay_key) -> None:
+    """The zones as a holder of the two zone subkeys (not the master key) reads them, in file order."""
+    from linkage.pseudonymise.store import read_encrypted
+
+    cols = ["record_token", "source", "year", "birth_year", "sex_tok", "fn_tok", "sn_tok", "fn_initial_tok",
+            "dob_tok", "dob_day_tok", "dob_month_tok", "dob_swap_tok", "fn_bf"]
+    parts = []
     for s in SOURCES:
-        con.execute(f"CREATE TABLE pay_{s} AS SELECT row_number() OVER () - 1 AS pos, * "
-                    f"FROM {read_literal(pay / f'{s}.parquet')}")
+        con.register(f"ids_{s}_arrow", read_encrypted(ws / "pseudonymised" / "identifiers" / f"{s}.parquet",
+                                                      ids_key, "identifiers", cols))
+        parts.append(f"SELECT row_number() OVER () - 1 AS pos, * REPLACE (hex(fn_bf) AS fn_bf) FROM ids_{s}_arrow")
+        con.register(f"pay_{s}_arrow", read_encrypted(ws / "pseudonymised" / "payload" / f"{s}.parquet",
+                                                      pay_key, "payload"))
+        con.execute(f"CREATE TABLE pay_{s} AS SELECT row_number() OVER () - 1 AS pos, * FROM pay_{s}_arrow")
+    con.execute(f"CREATE TABLE ids AS {' UNION ALL '.join(parts)}")
     # pseudo-persons: records agreeing on name, date of birth and sex tokens (no key needed)
     con.execute("""CREATE TABLE pp AS SELECT *, row_number() OVER (ORDER BY fn_tok, sn_tok, dob_tok, sex_tok) AS ppid
                    FROM (SELECT fn_tok, sn_tok, dob_tok, sex_tok, any_value(fn_initial_tok) AS ini,
@@ -295,19 +320,42 @@ def attack_pay_join(con, ws: Path) -> tuple[pd.DataFrame, int, int]:
     f = ws / "research" / "person_year.parquet"
     if not f.exists():
         return pd.DataFrame(columns=["person", "record_token"]), 0, 0
-    con.execute(f"""CREATE TABLE r_py AS SELECT person_id AS person, year, paye_pay AS pay
-                    FROM {read_literal(f)} WHERE paye_pay > 0""")
+    _research_pay(con, f)
     pairs = con.execute("""
         WITH e AS (SELECT CAST(left(CAST(tax_year AS VARCHAR), 4) AS INT) AS year, pay, record_token
                    FROM pay_earnings),
              m AS (SELECT r.person, r.year, e.record_token, count(*) OVER (PARTITION BY r.person, r.year) AS k
                    FROM r_py r JOIN e USING (year, pay))
         SELECT DISTINCT person, record_token FROM m WHERE k = 1""").df()
-    persons = con.execute(f"SELECT count(DISTINCT person_id) FROM {read_literal(f)}").fetchall()[0][0]
-    cross = con.execute("""WITH u AS (SELECT year, pay FROM r_py GROUP BY ALL HAVING count(*) = 1)
-                           SELECT count(*) FROM (SELECT person FROM r_py JOIN u USING (year, pay)
-                                                 GROUP BY person HAVING count(*) >= 2)""").fetchall()[0][0]
+    persons, cross, _ = attack_cross_project(con, ws)
     return pairs, persons, cross
+
+
+def _research_pay(con, f: Path) -> None:
+    con.execute(f"""CREATE OR REPLACE TABLE r_py AS SELECT person_id AS person, year, paye_pay AS pay
+                    FROM {read_literal(f)} WHERE paye_pay > 0""")
+
+
+def attack_cross_project(con, ws: Path) -> tuple[int, int, int]:
+    """Two projects' research extracts joined on pay (research/ only: no key, no payload).
+
+    A second project's extract holds the same persons' same (year, pay) values under other
+    person ids. Returns the research persons; those with >= 2 (year, pay) values held by no
+    other person-year (each such value names the same person in both extracts); and those
+    whose whole (year, pay) sequence (>= 2 years) is unique (the whole sequence joins).
+    """
+    f = ws / "research" / "person_year.parquet"
+    if not f.exists():
+        return 0, 0, 0
+    _research_pay(con, f)
+    persons = con.execute(f"SELECT count(DISTINCT person_id) FROM {read_literal(f)}").fetchall()[0][0]
+    values = con.execute("""WITH u AS (SELECT year, pay FROM r_py GROUP BY ALL HAVING count(*) = 1)
+                            SELECT count(*) FROM (SELECT person FROM r_py JOIN u USING (year, pay)
+                                                  GROUP BY person HAVING count(*) >= 2)""").fetchall()[0][0]
+    sequences = con.execute("""WITH s AS (SELECT person, string_agg(year || ':' || pay, ',' ORDER BY year) AS sig
+                                          FROM r_py GROUP BY person HAVING count(*) >= 2)
+                               SELECT count(*) FROM (SELECT sig FROM s GROUP BY sig HAVING count(*) = 1)""").fetchall()[0][0]
+    return persons, values, sequences
 
 
 # -- scoring (the key is used here only, to decrypt the crosswalk) -------------------------------
@@ -366,11 +414,98 @@ def _map_sql(con, name: str, mapping: dict) -> None:
         con.executemany(f"INSERT INTO {name} VALUES (?, ?)", [(str(k), str(v)) for k, v in mapping.items()])
 
 
+TOKEN_ATTACKS = (
+    ("row order: identifiers row i is landing row i", "source row"),
+    ("row order: payload row i is identifiers row i", "record token"),
+    ("sex token: higher median pay is M", "sex"),
+    ("forename initial token: frequency alignment by sex", "forename initial"),
+    ("forename token: frequency alignment by sex, initial, ethnicity", "forename"),
+    ("whole Bloom-filter pattern frequency (fn_bf)", "forename"),
+    ("graph matching: fn_bf Dice to 300 frequency anchors vs cleartext bigram Dice", "forename"),
+    ("surname token: frequency alignment by name group", "surname"),
+    ("full name + birth year (clear) + sex", "name, birth year, sex"),
+    ("date of birth from day/month/swap tokens + birth year", "full date of birth"),
+    ("research person-years joined to payload earnings on exact (year, pay)", "record token of a research person"),
+)
+
+
+def _linked_order(con, ws: Path, add, n_rows: int) -> None:
+    """Row order of every linked/ file holding record tokens against the landing order (``landing_rank``)."""
+    one = lambda sql: con.execute(sql).fetchall()[0]   # noqa: E731
+    for f in sorted((ws / "linked").glob("*.parquet")):
+        cols = [c for (c,) in con.execute(f"SELECT name FROM parquet_schema({read_literal(f)})").fetchall()]
+        if "record_token" not in cols:
+            continue
+        # the file's next row is the next landing row of the same source: order carried over
+        hit = one(f"""WITH x AS (SELECT record_token, row_number() OVER () AS pos FROM {read_literal(f)}),
+                           y AS (SELECT l.source, l.r, lead(l.source) OVER (ORDER BY x.pos) AS ns,
+                                        lead(l.r) OVER (ORDER BY x.pos) AS nr
+                                 FROM x JOIN landing_rank l USING (record_token))
+                      SELECT count(*) FROM y WHERE ns = source AND nr = r + 1""")[0]
+        add(f"row order: {f.relative_to(ws)}: the next row is the next landing row", "source row", hit, n_rows)
+
+
+def _add_cross_project(con, ws: Path, add) -> None:
+    persons, values, sequences = attack_cross_project(con, ws)
+    rounding = json.loads((ws / "research" / "metadata.json").read_text())["settings"].get("research_pay_rounding", 0)
+    pay = f"pay rounded to GBP {rounding:,}" if rounding else "exact pay"
+    add(f"two projects' research extracts joined on >= 2 (year, pay) values ({pay})", "person across projects",
+        values, max(persons, 1), "a (year, pay) value held by one person-year only, twice or more")
+    add(f"two projects' research extracts joined on the whole (year, pay) sequence ({pay})", "person across projects",
+        sequences, max(persons, 1), "a person's sequence of >= 2 (year, pay) values held by no other person")
+
+
+def run_keyless(ws: Path, key_file: str) -> dict:
+    """What an attacker without any key gets: the zone files read by DuckDB and Arrow, and the attacks on
+    the zones that stay in clear (linked/ row order, research/ cross-project joins)."""
+    t0 = time.perf_counter()
+    con = connect()
+    reads = keyless_reads(ws)
+    n_rows = reads["identifiers"][1]
+    results = []
+
+    def add(attack, field, hit, of, note=""):
+        results.append({"attack": attack, "field": field, "re_identified": hit, "of": of,
+                        "share": hit / of if of else 0.0, "note": note})
+
+    for zone, (got, held) in reads.items():
+        add(f"read pseudonymised/{zone}/ without the key (DuckDB, Arrow)", "readable row", got, held,
+            "encrypted Parquet: footer, schema and pages")
+    readable = sum(got for got, _ in reads.values())
+    for attack, field in TOKEN_ATTACKS:
+        add(attack, field, 0 if not readable else n_rows, n_rows,
+            "no input: 0 rows of identifiers/ and payload/ readable" if not readable else "zone readable")
+    key = load_master_key(key_file, workspace=ws)   # scoring only: the landing order of each token
+    crosswalk_table(con, ws / "pseudonymised" / CROSSWALK_FILE, key, "xw", ("record_token", "source", "row"))
+    con.execute("""CREATE TABLE landing_rank AS SELECT record_token, source,
+                   row_number() OVER (PARTITION BY source ORDER BY row) - 1 AS r FROM xw""")
+    _linked_order(con, ws, add, n_rows)
+    _add_cross_project(con, ws, add)
+    persons = con.execute(f"SELECT count(*) FROM {read_literal(ws / 'truth' / 'persons.parquet')}").fetchall()[0][0]
+    return {"workspace_rows": n_rows, "persons": persons, "seed": None,
+            "attack_seconds": round(time.perf_counter() - t0, 1), "results": results, "linkage": _linkage(ws)}
+
+
+def _linkage(ws: Path) -> dict:
+    evaluation = ws / "reports" / "evaluation.json"
+    if not evaluation.exists():
+        return {}
+    ev = json.loads(evaluation.read_text())
+    return {k: ev[k] for k in LINKAGE_FIGURES if isinstance(ev.get(k), (int, float))}
+
+
 def run(ws: Path, key_file: str, seed: int = 16) -> dict:
+    """The attacks as a party holding the two zone subkeys (``zone:identifiers``, ``zone:payload``) but not
+    the master key: the residual risk of a leaked zone key (or of zones written before encryption)."""
+    from linkage.pseudonymise.store import zone_key
+
     rng = np.random.default_rng(seed)
     con = connect()
+    master = load_master_key(key_file, workspace=ws)
+    ids_key, pay_key = zone_key(master, "identifiers"), zone_key(master, "payload")
+    del master                      # the attacks below hold the zone subkeys only
     t0 = time.perf_counter()
-    _load(con, ws)
+    _load(con, ws, ids_key, pay_key)
     fore, sur = _reference()
     sex = attack_sex(con)
     initial = attack_initial(con, sex, fore)
@@ -405,17 +540,7 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
     # the same for every later file holding record tokens (linked/), within each source
     con.execute("""CREATE TABLE landing_rank AS SELECT record_token, source,
                    row_number() OVER (PARTITION BY source ORDER BY landing_row) - 1 AS r FROM scored""")
-    for f in sorted((ws / "linked").glob("*.parquet")):
-        cols = [c for (c,) in con.execute(f"SELECT name FROM parquet_schema({read_literal(f)})").fetchall()]
-        if "record_token" not in cols:
-            continue
-        # the file's next row is the next landing row of the same source: order carried over
-        hit = one(f"""WITH x AS (SELECT record_token, row_number() OVER () AS pos FROM {read_literal(f)}),
-                           y AS (SELECT l.source, l.r, lead(l.source) OVER (ORDER BY x.pos) AS ns,
-                                        lead(l.r) OVER (ORDER BY x.pos) AS nr
-                                 FROM x JOIN landing_rank l USING (record_token))
-                      SELECT count(*) FROM y WHERE ns = source AND nr = r + 1""")[0]
-        add(f"row order: {f.relative_to(ws)}: the next row is the next landing row", "source row", hit, n_rows)
+    _linked_order(con, ws, add, n_rows)
     hit, of = one("""SELECT count(*) FILTER (WHERE g.v = s.sex), count(*) FROM scored s
                      JOIN g_sex g ON g.k = s.sex_tok""")
     add("sex token: higher median pay is M", "sex", hit, of)
@@ -466,13 +591,8 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
         add(f"what if research pay were {label}: pay sequences joined to payload earnings",
             "research person", hit, max(research_persons, 1),
             "each person's (year, band) sequence equal to one pseudo-person's in the payload and to no other")
-    add("two projects' research extracts joined on >= 2 exact (year, pay) values", "person across projects",
-        cross, max(research_persons, 1), "a (year, pay) value held by one person-year only, twice or more")
-    evaluation = ws / "reports" / "evaluation.json"
-    linkage = {}
-    if evaluation.exists():
-        ev = json.loads(evaluation.read_text())
-        linkage = {k: ev[k] for k in LINKAGE_FIGURES if isinstance(ev.get(k), (int, float))}
+    _add_cross_project(con, ws, add)
+    linkage = _linkage(ws)
     return {"workspace_rows": n_rows, "persons": persons, "seed": seed,
             "attack_seconds": round(seconds_attack, 1), "results": results, "linkage": linkage}
 
@@ -481,7 +601,7 @@ def _markdown(report: dict, label: str) -> str:
     lines = [f"## {label}", "",
              f"{report['workspace_rows']:,} identifier rows, {report['persons']:,} persons; attacks took "
              f"{report['attack_seconds']} s (seed {report['seed']}).", "",
-             "| attack (no key) | field | re-identified | of | share | goal | met |",
+             "| attack | field | re-identified | of | share | goal | met |",
              "|---|---|---:|---:|---:|---:|---|"]
     for r in report["results"]:
         lines.append(f"| {r['attack']} | {r['field']} | {r['re_identified']:,} | {r['of']:,} | "
@@ -500,8 +620,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--key-file", required=True, help="used only to score (crosswalk -> truth), never by an attack")
     ap.add_argument("--label", default="current code")
     ap.add_argument("--seed", type=int, default=16)
+    ap.add_argument("--view", choices=("keyless", "zone-keys"), default="keyless",
+                    help="keyless: an attacker with no key; zone-keys: one holding the zones' subkeys "
+                         "(not the master key), the documented residual risk")
     args = ap.parse_args(argv)
-    report = run(args.workspace, args.key_file, args.seed)
+    report = (run_keyless(args.workspace, args.key_file) if args.view == "keyless"
+              else run(args.workspace, args.key_file, args.seed))
     text = _markdown(report, args.label)
     print(text)
     RESULTS.mkdir(exist_ok=True)

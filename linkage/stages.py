@@ -97,7 +97,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           ("staged/*.parquet",), ("pseudonymised",), ("pseudonymise", "paths"), keyed=True),
     # reports/linkage/ is left out of link's outputs: evaluate rewrites it with the true figures
     Stage("link", "linkage.link:link", "persons, households and parent-child relations into linked/",
-          ("pseudonymised/identifiers",), ("linked",), ("link", "generate.end_year")),
+          ("pseudonymised/identifiers",), ("linked",), ("link", "generate.end_year"), keyed=True),
     Stage("assemble", "linkage.assemble:assemble", "research tables and mobility measures into research/",
           ("linked", "pseudonymised/payload"),
           ("research", "reports/mobility.json", "reports/quality/research/quality_summary.json"),

@@ -45,6 +45,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import duckdb
@@ -57,6 +58,7 @@ from linkage.cli import cli
 from linkage.config import load_config
 from linkage.crosswalk import read_crosswalk
 from linkage.keys import MasterKey
+from linkage.pseudonymise.store import is_encrypted, read_encrypted
 from linkage.schemas import SOURCES, load_schema
 
 # Stage commands in pipeline order; those registered on the CLI run. Add later stages here.
@@ -215,7 +217,17 @@ def _attribute_dates(root: Path) -> dict:
     return out
 
 
-def _scan_parquet(path: Path, values: set[str], dobs: dict, owners: dict, attribute_dates: dict) -> set[str]:
+def _scan_parquet(path: Path, values: set[str], dobs: dict, owners: dict, attribute_dates: dict,
+                  key: MasterKey | None = None) -> set[str]:
+    if is_encrypted(path):
+        # an encrypted zone file: no value of 8+ bytes in its bytes, and none in what it decrypts to
+        hits = {v for v in values if len(v) >= 8 and v.encode() in path.read_bytes().upper()}
+        plain = Path(tempfile.mkdtemp(prefix="scan-")) / path.name
+        pq.write_table(read_encrypted(path, key, path.parent.name), plain)
+        try:
+            return hits | _scan_parquet(plain, values, dobs, owners, attribute_dates)
+        finally:
+            shutil.rmtree(plain.parent, ignore_errors=True)
     con = duckdb.connect()
     hits = set()
     meta = pq.read_schema(path).metadata or {}
@@ -269,7 +281,7 @@ def test_no_cleartext_identifier_in_any_output_zone(pipeline):
         if not folder.is_dir():
             continue
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            hits = (_scan_parquet(path, values, dobs, owners, attribute_dates) if path.suffix == ".parquet"
+            hits = (_scan_parquet(path, values, dobs, owners, attribute_dates, key) if path.suffix == ".parquet"
                     else _scan_other(path, values))
             scanned[zone] = scanned.get(zone, 0) + 1
             if _evidence(hits):
@@ -329,3 +341,37 @@ def test_log_lines_of_the_stage_hold_no_identifier(pipeline, tmp_path, caplog, m
         pseudonymise(load_config(), tmp_path)
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert caplog.records and not _evidence(_words_and_windows(text) & values)
+
+
+def test_the_scan_reads_encrypted_zone_files(pipeline, tmp_path):
+    """A value planted in an encrypted zone file is found through decryption, not missed as ciphertext."""
+    from linkage.pseudonymise.store import write_encrypted
+
+    root, key, _ = pipeline
+    values, dobs = _landing_values(root)
+    surname = sorted(v for v in values if v.isalpha() and len(v) >= 6)[0]
+    (tmp_path / "identifiers").mkdir()
+    table = pa.table({"record_token": ["t" * 32], "note": [surname]})
+    path = tmp_path / "identifiers" / "planted.parquet"
+    write_encrypted(path, table.to_batches(), table.schema, key, "identifiers")
+    assert is_encrypted(path) and surname.encode() not in path.read_bytes()
+    assert surname in _scan_parquet(path, values, dobs, {}, {}, key)
+
+
+def test_no_key_material_in_any_file_or_console(pipeline):
+    """Neither the master key nor any subkey (zones, tokens, crosswalk, Bloom filters, row order) is written
+    to any file of the workspace or printed by any stage, in raw, hex or base64 form."""
+    import base64
+
+    root, key, console = pipeline
+    purposes = ("zone:identifiers", "zone:payload", "tokens", "crosswalk", "row_order", "bloom:first_name",
+                "bloom:surname", "bloom:address")
+    raw = [key.secret, *(key.subkey(p) for p in purposes)]
+    forms = [f for r in raw for f in (r, r.hex().encode(), r.hex().upper().encode(), base64.b64encode(r))]
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert len(files) > 30
+    for path in files:
+        data = path.read_bytes()
+        assert not [f for f in forms if f in data], path
+    text = "\n".join(out for _, out in console).encode()
+    assert not [f for f in forms if f in text]

@@ -16,6 +16,8 @@ from linkage.config import load_config
 from linkage.crosswalk import read_crosswalk
 from linkage.keys import ENV_KEY, MasterKey
 from linkage.pseudonymise.stage import pseudonymise
+from linkage.pseudonymise.store import (EncryptedZoneError, ZoneKey, is_encrypted, read_encrypted, read_identifiers,
+                                        read_payload, zone_key)
 from linkage.schemas import SOURCES
 
 SECRET = hashlib.sha256(b"hhlink privacy test key").digest()     # a fixed test key, generated here
@@ -39,7 +41,8 @@ def ws(small_population, tmp_path_factory):
 
 
 def _tokens(path: Path) -> list[str]:
-    return pq.read_table(path, columns=["record_token"]).column("record_token").to_pylist()
+    """The record tokens of one encrypted zone file, in file order (decrypted with the key)."""
+    return read_encrypted(path, KEY, path.parent.name, ["record_token"]).column("record_token").to_pylist()
 
 
 def _staged_position(root: Path) -> dict[str, int]:
@@ -128,7 +131,7 @@ def test_purge_deletes_staged_and_quarantined_rows_once_pseudonymised_is_publish
     assert (root / "staged" / "manifest.json").exists() and (root / "staged" / "ledger.json").exists()
     for s in SOURCES:
         for zone in ("identifiers", "payload"):
-            assert pq.ParquetFile(root / "pseudonymised" / zone / f"{s}.parquet").metadata.num_rows == rows[s]
+            assert read_encrypted(root / "pseudonymised" / zone / f"{s}.parquet", KEY, zone).num_rows == rows[s]
 
 
 def test_no_purge_when_pseudonymisation_fails(ws, tmp_path, monkeypatch):
@@ -141,3 +144,103 @@ def test_no_purge_when_pseudonymisation_fails(ws, tmp_path, monkeypatch):
         pseudonymise(_purging(), root)
     assert len(list(root.glob("staged/*.parquet"))) == len(SOURCES)
     assert not (root / "pseudonymised").exists()
+
+
+# -- encryption at rest: identifiers/ and payload/ (linkage.pseudonymise.store) --------------
+
+@pytest.mark.parametrize("zone", ["identifiers", "payload"])
+def test_zone_files_give_nothing_without_the_key(ws, zone):
+    import duckdb
+
+    for source in SOURCES:
+        path = ws / "pseudonymised" / zone / f"{source}.parquet"
+        assert is_encrypted(path)
+        with pytest.raises(duckdb.Error, match="encrypted"):          # DuckDB: not even the schema
+            duckdb.sql(f"SELECT count(*) FROM '{path}'").fetchall()
+        with pytest.raises(OSError, match="encrypted|decryption"):    # Arrow: nor the row count
+            pq.ParquetFile(path)
+        data = path.read_bytes()
+        # the footer is encrypted: no column name stands in clear (a plain Parquet file names them all)
+        assert b"record_token" not in data and b"sex_tok" not in data and b"fn_bf" not in data
+
+
+def test_zone_files_are_readable_with_the_key_and_mode_0600(ws):
+    ids = read_identifiers(ws, KEY, ["record_token", "source", "fn_bf"])
+    pay = {s: read_payload(ws, KEY, s) for s in SOURCES}
+    assert ids.num_rows == sum(t.num_rows for t in pay.values()) > 10_000
+    assert set(ids.column("source").to_pylist()) == set(SOURCES)
+    assert sorted(ids.column("record_token").to_pylist()) == sorted(
+        t for p in pay.values() for t in p.column("record_token").to_pylist())
+    for path in (ws / "pseudonymised").glob("*/*.parquet"):
+        assert path.stat().st_mode & 0o777 == 0o600, path
+
+
+def test_a_wrong_key_is_refused_with_one_clear_line(ws):
+    from linkage.keys import KeyMismatchError
+
+    other = MasterKey(hashlib.sha256(b"not the key").digest(), "test")
+    with pytest.raises(KeyMismatchError) as err:
+        read_identifiers(ws, other)
+    message = str(err.value)
+    assert "identifiers/" in message and "another key" in message and "\n" not in message
+    assert other.fingerprint in message
+    # no key material in the message: neither the master key nor the zone subkey
+    for secret in (other.secret, other.subkey("zone:identifiers")):
+        assert secret.hex() not in message and secret.hex().upper() not in message
+    with pytest.raises(EncryptedZoneError, match="needs the master key"):
+        read_payload(ws, None, "education")
+
+
+def test_one_zone_subkey_reads_its_zone_only(ws):
+    from linkage.keys import KeyMismatchError
+
+    ids_key = zone_key(KEY, "identifiers")
+    assert "zone" in repr(ids_key) and KEY.subkey("zone:identifiers").hex() not in repr(ids_key)
+    assert read_identifiers(ws, ids_key, ["record_token"]).num_rows > 10_000
+    with pytest.raises(KeyMismatchError, match="cannot read pseudonymised/payload/"):
+        read_payload(ws, ids_key, "education")
+    # the payload subkey does not open identifiers either (a different HKDF purpose)
+    forged = ZoneKey("identifiers", KEY.subkey("zone:payload"), KEY.fingerprint)
+    with pytest.raises(KeyMismatchError):
+        read_identifiers(ws, forged)
+
+
+# -- research extracts: pay coarsened by default (assemble.research_pay_rounding) -------------
+
+def test_pay_rounding_hand_worked():
+    import duckdb
+
+    from linkage.assemble.stage import pay_rounding_sql
+
+    con = duckdb.connect()
+    con.execute("CREATE TABLE t AS SELECT * FROM (VALUES (1, 0.0), (2, 120.5), (3, 499.99), (4, 500.0), (5, 1499.0), "
+                "(6, 1500.0), (7, 25340.17), (8, NULL)) v(i, paye_pay)")
+    got = con.execute(f"SELECT {pay_rounding_sql('paye_pay', 1000)} FROM t ORDER BY i").fetchall()
+    # a positive pay never rounds to 0 (it would turn an employed year into a year without pay)
+    assert [r[0] for r in got] == [0, 1000, 1000, 1000, 1000, 2000, 25000, None]
+    exact = con.execute(f"SELECT {pay_rounding_sql('paye_pay', 0)} FROM t ORDER BY i").fetchall()
+    assert [r[0] for r in exact] == [0.0, 120.5, 499.99, 500.0, 1499.0, 1500.0, 25340.17, None]
+
+
+def test_default_config_coarsens_research_pay_and_exact_pay_is_an_opt_in():
+    assert CFG.assemble.research_pay_rounding == 1000
+    assert load_config(assemble={"research_pay_rounding": 0}).assemble.research_pay_rounding == 0
+    with pytest.raises(ValueError):
+        load_config(assemble={"research_pay_rounding": -5})
+
+
+def test_research_extracts_hold_rounded_pay(portal_workspace):
+    import duckdb
+
+    ws = portal_workspace
+    con = duckdb.connect()
+    n, off, positive = con.execute(f"""SELECT count(*), count(*) FILTER (WHERE paye_pay % 1000 <> 0),
+                                              count(*) FILTER (WHERE paye_pay > 0)
+                                       FROM '{ws}/research/person_year.parquet'""").fetchall()[0]
+    assert n > 10_000 and positive > 1_000 and off == 0
+    off = con.execute(f"""SELECT count(*) FILTER (WHERE paye_income % 1000 <> 0 OR equivalised_income % 1000 <> 0)
+                          FROM '{ws}/research/household_year.parquet'""").fetchall()[0][0]
+    assert off == 0
+    import json
+
+    assert json.loads((ws / "research" / "metadata.json").read_text())["settings"]["research_pay_rounding"] == 1000

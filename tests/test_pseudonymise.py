@@ -22,6 +22,7 @@ from linkage.crosswalk import CrosswalkError, crosswalk_lookup, read_crosswalk, 
 from linkage.encodings import BloomEncoder, dice
 from linkage.errors import WorkspaceError
 from linkage.keys import ENV_KEY, ENV_KEY_FILE, KeyMismatchError, KeyNotFoundError, KeyPermissionError, MasterKey
+from linkage.pseudonymise.store import is_encrypted, read_encrypted, zone_files
 from linkage.pseudonymise.stage import IDENTIFIER_COLUMNS, PseudonymiseError, bloom_params, pseudonymise
 from linkage.schemas import SOURCES, load_schema
 from linkage.stages import run_stage
@@ -62,6 +63,17 @@ def keyed(monkeypatch):
     monkeypatch.delenv(ENV_KEY_FILE, raising=False)
 
 
+def _plain(root: Path, key: MasterKey = KEY) -> Path:
+    """A decrypted copy of ``root``'s identifiers/ and payload/ (through the store, the one reader), for SQL."""
+    out = root.parent / f"{root.name}-plain-{key.fingerprint}"
+    if not out.exists():
+        for zone in ("identifiers", "payload"):
+            (out / zone).mkdir(parents=True)
+            for f in zone_files(root, zone):
+                pq.write_table(read_encrypted(f, key, zone), out / zone / f.name)
+    return out
+
+
 def _con(root: Path, key: MasterKey = KEY) -> duckdb.DuckDBPyConnection:
     """A connection with ``cw`` (decrypted crosswalk) and ``j_<source>``: identifiers joined to staged rows."""
     con = duckdb.connect()
@@ -69,7 +81,7 @@ def _con(root: Path, key: MasterKey = KEY) -> duckdb.DuckDBPyConnection:
     con.execute("CREATE TABLE cw AS SELECT * FROM cw_arrow")
     for s in SOURCES:
         con.execute(f"""CREATE VIEW j_{s} AS SELECT i.*, st.*
-            FROM '{root}/pseudonymised/identifiers/{s}.parquet' i JOIN cw USING (record_token)
+            FROM '{_plain(root, key)}/identifiers/{s}.parquet' i JOIN cw USING (record_token)
             JOIN '{root}/staged/{s}.parquet' st ON st._file = cw.file AND st._row = cw.row AND cw.source = '{s}'""")
     return con
 
@@ -88,7 +100,8 @@ def test_zone_layout_counts_and_identifiers_contract(ws):
     expected = [*IDENTIFIER_COLUMNS, ("claim_tok", "VARCHAR")]
     tokens = 0
     for s in SOURCES:
-        path = zone / "identifiers" / f"{s}.parquet"
+        assert is_encrypted(zone / "identifiers" / f"{s}.parquet")
+        path = _plain(root) / "identifiers" / f"{s}.parquet"
         assert con.execute(f"DESCRIBE SELECT * FROM '{path}'").fetchall() == [
             (n, t, "YES", None, None, None) for n, t in expected]
         n = _staged_rows(root, s)
@@ -97,7 +110,7 @@ def test_zone_layout_counts_and_identifiers_contract(ws):
                                    f" list(DISTINCT source) FROM '{path}'").fetchall()[0]
         assert bad == 0 and sources == [s]
         tokens += n
-    assert con.execute(f"SELECT count(DISTINCT record_token) FROM '{zone}/identifiers/*.parquet'").fetchall()[0][0] == tokens
+    assert con.execute(f"SELECT count(DISTINCT record_token) FROM '{_plain(root)}/identifiers/*.parquet'").fetchall()[0][0] == tokens
     meta = json.loads((zone / "metadata.json").read_text())
     assert meta["key_fingerprint"] == KEY.fingerprint == summary["key_fingerprint"]
     assert meta["bloom_filters"]["fn_bf"]["bits"] == 512 and meta["bloom_filters"]["addr_bf"]["bits"] == 1024
@@ -111,14 +124,15 @@ def test_payload_holds_attributes_and_tokenised_references_only(ws):
     refs = CFG.pseudonymise.references
     for s in SOURCES:
         schema = load_schema(s)
-        path = root / "pseudonymised" / "payload" / f"{s}.parquet"
+        assert is_encrypted(root / "pseudonymised" / "payload" / f"{s}.parquet")
+        path = _plain(root) / "payload" / f"{s}.parquet"
         cols = pq.read_schema(path).names
         assert cols == ["record_token"] + [refs.get(c.name, c.name) for c in schema.columns
                                            if c.role in ("attribute", "period")]
         identifiers = {c.name for c in schema.columns if c.is_identifier} | set(refs)
         assert not identifiers & set(cols) and not [c for c in cols if c.endswith("_raw") or c.startswith("_")]
         # the same record tokens as the identifiers, and each row's attributes unchanged
-        same = con.execute(f"""SELECT count(*) FROM '{path}' p JOIN '{root}/pseudonymised/identifiers/{s}.parquet' i
+        same = con.execute(f"""SELECT count(*) FROM '{path}' p JOIN '{_plain(root)}/identifiers/{s}.parquet' i
                                USING (record_token)""").fetchall()[0][0]
         assert same == _staged_rows(root, s)
         kept = [c for c in cols[1:] if c not in refs.values()]
@@ -126,10 +140,10 @@ def test_payload_holds_attributes_and_tokenised_references_only(ws):
         assert con.execute(f"SELECT count(*) FILTER (WHERE NOT ({checks})), count(*) FROM '{path}' p "
                            f"JOIN j_{s} j USING (record_token)").fetchall()[0] == (0, _staged_rows(root, s))
     # references: the claim token is the keyed token of claim_id, the same in payload and identifiers
-    rows = con.execute(f"""SELECT j.claim_id, p.claim_tok, j.claim_tok FROM '{root}/pseudonymised/payload/benefits.parquet' p
+    rows = con.execute(f"""SELECT j.claim_id, p.claim_tok, j.claim_tok FROM '{_plain(root)}/payload/benefits.parquet' p
                            JOIN j_benefits j USING (record_token) USING SAMPLE 500 ROWS""").fetchall()
     assert rows and all(_oracle("claim_id", cid) == a == b for cid, a, b in rows)
-    rows = con.execute(f"""SELECT j.employer_ref, p.employer_tok FROM '{root}/pseudonymised/payload/earnings.parquet' p
+    rows = con.execute(f"""SELECT j.employer_ref, p.employer_tok FROM '{_plain(root)}/payload/earnings.parquet' p
                            JOIN j_earnings j USING (record_token) USING SAMPLE 500 ROWS""").fetchall()
     assert rows and all(_oracle("employer_ref", ref) == tok for ref, tok in rows)
 
@@ -236,8 +250,8 @@ def test_encodings_are_stable_under_one_key_and_differ_under_another(ws, tmp_pat
     first = _con(root).execute(f"SELECT _row, {cols} FROM j_earnings ORDER BY _row").fetchall()
     second = _con(again).execute(f"SELECT _row, {cols} FROM j_earnings ORDER BY _row").fetchall()
     assert first == second                                           # same key: same encodings per row
-    tokens = duckdb.sql(f"SELECT record_token FROM '{root}/pseudonymised/identifiers/*.parquet' INTERSECT "
-                        f"SELECT record_token FROM '{again}/pseudonymised/identifiers/*.parquet'").fetchall()
+    tokens = duckdb.sql(f"SELECT record_token FROM '{_plain(root)}/identifiers/*.parquet' INTERSECT "
+                        f"SELECT record_token FROM '{_plain(again)}/identifiers/*.parquet'").fetchall()
     assert tokens == []                                              # record tokens are random each run
     third = _con(other, MasterKey(OTHER, "t")).execute(f"SELECT _row, {cols} FROM j_earnings ORDER BY _row").fetchall()
     assert [r[0] for r in third] == [r[0] for r in first]
@@ -301,7 +315,8 @@ def test_no_key_material_in_any_output(ws):
     import base64
 
     secrets_.append(base64.b64encode(SECRET))
-    for purpose in ("tokens", "crosswalk", "bloom:first_name", "bloom:surname", "bloom:address"):
+    for purpose in ("tokens", "crosswalk", "bloom:first_name", "bloom:surname", "bloom:address", "zone:identifiers",
+                    "zone:payload", "row_order"):
         sub = KEY.subkey(purpose)
         secrets_ += [sub, sub.hex().encode()]
     files = [p for p in (root / "pseudonymised").rglob("*") if p.is_file()]
@@ -416,7 +431,7 @@ def test_hand_worked_rows(tmp_path, keyed):
          "role": "dependant", "forename": "JON", "surname": "SMYTH", "dob": d(2005, 3, 4), "sex": "M",
          "address_line": "1 High Street", "postcode": "AB12CD", "benefit_type": "CB", "start_date": d(2014, 5, 1)}])
     pseudonymise(CFG, tmp_path)
-    ids = {s: duckdb.sql(f"SELECT * FROM '{tmp_path}/pseudonymised/identifiers/{s}.parquet'").to_arrow_table()
+    ids = {s: duckdb.sql(f"SELECT * FROM '{_plain(tmp_path)}/identifiers/{s}.parquet'").to_arrow_table()
            .to_pylist() for s in SOURCES}
     cw = {r["record_token"]: r for r in pa.concat_tables(
         read_crosswalk(tmp_path / "pseudonymised" / "crosswalk.enc", KEY)).to_pylist()}
@@ -446,6 +461,6 @@ def test_hand_worked_rows(tmp_path, keyed):
     assert edu["mn_initial_tok"] == _oracle("mn_initial", "P") and e1["mn_initial_tok"] is None
     assert (ben["bu_role"], ben["benefit_unit_tok"]) == ("dependant", _oracle("benefit_unit", "BU00000001"))
     assert ben["claim_tok"] == _oracle("claim_id", "C000000001") and edu["claim_tok"] is None
-    payload = duckdb.sql(f"SELECT * FROM '{tmp_path}/pseudonymised/payload/earnings.parquet'").to_arrow_table()
+    payload = duckdb.sql(f"SELECT * FROM '{_plain(tmp_path)}/payload/earnings.parquet'").to_arrow_table()
     assert set(payload["employer_tok"].to_pylist()) == {_oracle("employer_ref", "123/AB12345")}
     assert "employer_ref" not in payload.column_names

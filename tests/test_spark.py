@@ -31,8 +31,11 @@ from linkage.link import spark as spark_engine
 from linkage.config import load_config
 from linkage.encodings import dice, dice_sql
 from linkage.link.stage import link
+from linkage.keys import MasterKey
+from linkage.pseudonymise.store import read_identifiers
 
 KEY = "5e" * 32                       # a fixed test key (hex of 32 bytes)
+MASTER = MasterKey(bytes.fromhex(KEY), "test")   # identifiers/ are encrypted at rest: link decrypts them
 PERSONS = 1500
 SPARK_U_MAX_PAIRS = 3e4               # u sample for Spark training: about 250 identities, all pairs
 MARKER = "hhlink: reached the end"
@@ -118,7 +121,7 @@ def identifiers(tmp_path_factory):
 def duckdb_linked(identifiers, tmp_path_factory):
     """The identifiers linked on DuckDB with the project's settings: (workspace, summary)."""
     ws = _copy_identifiers(identifiers, tmp_path_factory.mktemp("duck"))
-    return ws, link(load_config(), ws)
+    return ws, link(load_config(), ws, key=MASTER)
 
 
 # -- errors a user can act on ----------------------------------------------------------------------
@@ -127,7 +130,7 @@ def test_missing_pyspark_is_a_one_line_error_naming_the_extra(identifiers, tmp_p
     monkeypatch.setitem(sys.modules, "pyspark", None)          # import pyspark now raises ImportError
     ws = _copy_identifiers(identifiers, tmp_path)
     with pytest.raises(spark_engine.SparkUnavailableError, match=r"pip install 'hhlink\[spark\]'"):
-        link(_spark_cfg(), ws)
+        link(_spark_cfg(), ws, key=MASTER)
     assert not (ws / "linked").exists()
 
 
@@ -143,9 +146,10 @@ def test_missing_java_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_spark_dice_sql_equals_duckdb_and_python_on_real_filters(identifiers, spark):
     con = duckdb.connect()
-    con.execute(f"""
+    con.register("ids_in", read_identifiers(identifiers, MASTER))
+    con.execute("""
         create table ids as select distinct fn_bf, fn_phon_tok, sn_bf, sn_phon_tok, addr_bf, postcode_tok
-        from '{identifiers}/pseudonymised/identifiers/*.parquet';
+        from ids_in;
         create table ranked as select *, row_number() over (order by hash(fn_bf), hash(addr_bf)) as rn from ids;
         create table pairs as
         -- similar values (same phonetic code or postcode, different filter): high and middling Dice
@@ -186,7 +190,7 @@ def test_spark_with_the_duckdb_model_gives_the_same_persons(identifiers, duckdb_
     model = tmp_path / "duckdb_model.json"
     shutil.copy(duck_ws / "linked" / "model.json", model)
 
-    summary = link(_spark_cfg(), ws, model=model)
+    summary = link(_spark_cfg(), ws, key=MASTER, model=model)
 
     assert summary["engine"] == "spark" and summary["model_loaded_from"] == str(model)
     assert summary["records"] == duck["records"] and summary["identities"] == duck["identities"]
@@ -214,7 +218,7 @@ def test_spark_training_matches_duckdb_within_sampling_error(identifiers, duckdb
     ws = _copy_identifiers(identifiers, tmp_path / "spark")
     spark_engine.stop_spark()                                   # so that the link run starts its own
 
-    summary = link(_spark_cfg(u_max_pairs=SPARK_U_MAX_PAIRS), ws)
+    summary = link(_spark_cfg(u_max_pairs=SPARK_U_MAX_PAIRS), ws, key=MASTER)
 
     # the run stopped the session it started, and its JVM
     from pyspark.sql import SparkSession

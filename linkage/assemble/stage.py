@@ -133,8 +133,14 @@ def load_inputs(con: duckdb.DuckDBPyConnection, ws: Workspace, key, la_lookup: P
     ``person_map``, ``household_map`` keep the originals): every join of the panel runs on
     integers, and the project keys are derived from the original keys.
     """
-    linked, payload = ws.zone("linked"), ws.zone("pseudonymised") / "payload"
+    from linkage.pseudonymise.store import read_identifiers, read_payload, register
+
+    linked = ws.zone("linked")
     tok_m, tok_f = _sex_tokens(key)
+    # the payload and the sex tokens are encrypted at rest: decrypted here, into memory only
+    for source in ("education", "benefits", "earnings"):
+        register(con, f"payload_{source}", read_payload(ws.root, key, source))
+    register(con, "record_sex", read_identifiers(ws.root, key, ["record_token", "sex_tok"]))
     con.execute(f"""
         create or replace table identity_map as
         select unique_id as linkage_id, (row_number() over (order by unique_id))::integer uid
@@ -150,12 +156,10 @@ def load_inputs(con: duckdb.DuckDBPyConnection, ws: Workspace, key, la_lookup: P
                r.claim_tok, r.bu_role, p.pid as base_key
         from read_parquet({read_literal(linked / 'records.parquet')}) r
         join identity_map i on i.linkage_id = r.unique_id join person_map p on p.linkage_key = r.person_key;
-        create or replace view payload_education as select * from read_parquet({read_literal(payload / 'education.parquet')});
-        create or replace view payload_benefits as select * from read_parquet({read_literal(payload / 'benefits.parquet')});
-        create or replace view payload_earnings as select * from read_parquet({read_literal(payload / 'earnings.parquet')});
         create or replace table unique_sex as
-        select i.uid as unique_id, case d.sex_tok when {quote_literal(tok_m)} then 'M' when {quote_literal(tok_f)} then 'F' end sex
-        from read_parquet({read_literal(linked / 'identities.parquet')}) d join identity_map i on i.linkage_id = d.unique_id;
+        select r.unique_id, case any_value(d.sex_tok) when {quote_literal(tok_m)} then 'M'
+                                 when {quote_literal(tok_f)} then 'F' end sex
+        from recs r join record_sex d using (record_token) group by 1;
         create or replace table la_region as
         select utla_code la_code, region_code from read_csv({read_literal(la_lookup)}, header = true, all_varchar = true);
         create or replace table households_base as
@@ -168,21 +172,22 @@ def load_inputs(con: duckdb.DuckDBPyConnection, ws: Workspace, key, la_lookup: P
         from read_parquet({read_literal(linked / 'parent_child.parquet')}) r join person_map p on p.linkage_key = r.parent_key
         join person_map c on c.linkage_key = r.child_key;
     """)
-    _check_inputs_join(con, linked / "identities.parquet")
+    _check_inputs_join(con)
+    con.execute("drop table record_sex")
     con.execute(sql.inputs_sql())
 
 
-def _check_inputs_join(con: duckdb.DuckDBPyConnection, identities: Path) -> None:
+def _check_inputs_join(con: duckdb.DuckDBPyConnection) -> None:
     """Stop when linked/ and the payload, or the key, come from different runs: never an empty panel."""
     from linkage.keys import KeyMismatchError
 
-    recs, joined, sexed, with_sex = con.execute(f"""
+    recs, joined, sexed, with_sex = con.execute("""
         select (select count(*) from recs),
                (select count(*) from recs r where r.record_token in (
                     select record_token from payload_education union all select record_token from payload_benefits
                     union all select record_token from payload_earnings)),
                (select count(*) from unique_sex where sex is not null),
-               (select count(sex_tok) from read_parquet({read_literal(identities)}))""").fetchall()[0]
+               (select count(sex_tok) from record_sex)""").fetchall()[0]
     if recs and not joined:
         raise AssembleError(f"none of the {recs:,} linked records is in pseudonymised/payload/: they come from "
                             "different pseudonymisation runs; rebuild linked/ with 'hhlink link'")
@@ -299,9 +304,24 @@ _VIEWS = {
 }
 
 
-def _write_table(con: duckdb.DuckDBPyConnection, schema: TableSchema, out: Path) -> int:
+# pay columns coarsened in the extracts (assemble.research_pay_rounding): exact (year, pay)
+# values join two projects' extracts whatever their keys (bench/privacy.py measures it)
+PAY_COLUMNS = {"person_year": ("paye_pay",), "household_year": ("paye_income", "equivalised_income")}
+
+
+def pay_rounding_sql(column: str, base: int) -> str:
+    """``column`` rounded to ``base`` pounds, a positive pay never below ``base`` (0: unchanged)."""
+    c = quote_ident(column)
+    if not base:
+        return c
+    return f"(CASE WHEN {c} > 0 THEN greatest(round({c} / {base}), 1) * {base} ELSE {c} END)"
+
+
+def _write_table(con: duckdb.DuckDBPyConnection, schema: TableSchema, out: Path, pay_rounding: int = 0) -> int:
     """Write ``research/<table>.parquet`` in the declared column order and types; returns rows."""
-    cols = ", ".join(f'CAST({quote_ident(c["name"])} AS {_TYPES[c["type"]][0]}) AS {quote_ident(c["name"])}'
+    pay = PAY_COLUMNS.get(schema.table, ())
+    cols = ", ".join(f'CAST({pay_rounding_sql(c["name"], pay_rounding) if c["name"] in pay else quote_ident(c["name"])}'
+                     f' AS {_TYPES[c["type"]][0]}) AS {quote_ident(c["name"])}'
                      for c in schema.columns)
     order = ", ".join(map(quote_ident, schema.unique[0] if schema.unique else schema.names[:1]))
     path = out / f"{schema.table}.parquet"
@@ -443,7 +463,7 @@ def assemble(config: Config, workspace: Path | str, key: MasterKey | None = None
         with ws.publish_dir("research") as out:
             t = time.perf_counter()
             _key_maps(con, secret)
-            rows = {name: _write_table(con, schemas[name], out) for name in _VIEWS}
+            rows = {name: _write_table(con, schemas[name], out, a.research_pay_rounding) for name in _VIEWS}
             rows["mobility"] = _write_rows(measures, schemas["mobility"], out)
             rows["transition_matrix"] = _write_rows(transitions, schemas["transition_matrix"], out)
             _check_written(out, schemas)

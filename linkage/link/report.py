@@ -33,10 +33,10 @@ def query_rows(con: duckdb.DuckDBPyConnection, sql: str) -> list[dict]:
     return [dict(zip(cols, r)) for r in cur.fetchall()]
 
 
-def _completeness(con, identifiers: Path) -> list[dict]:
+def _completeness(con, identifiers: str) -> list[dict]:
     cols = [c for c in (*IDENTITY_COLUMNS, *ADDRESS_COLUMNS) if not c.startswith(("dob_year", "dob_month", "dob_day", "pc_"))]
     exprs = ", ".join(f"round(avg(({c} is not null)::int), 4) as {c}" for c in cols)
-    return query_rows(con, f"select source, count(*) as records, {exprs} from read_parquet({read_literal(identifiers, '*.parquet')}) "
+    return query_rows(con, f"select source, count(*) as records, {exprs} from {identifiers} "
                       "group by source order by source")
 
 
@@ -51,16 +51,16 @@ def _match_rates(con) -> list[dict]:
         from rec r join person_sources p using (person_key) group by 1 order by 1""")
 
 
-def _subgroups(con, payload: Path, end_year: int, la_lookup: Path) -> dict:
+def _subgroups(con, payload: str | None, end_year: int, la_lookup: Path) -> dict:
     """Pupils old enough to be adults in the window: who links to adult records, by subgroup."""
-    if not (payload / "education.parquet").exists():
+    if payload is None:
         return {}
     con.execute(f"""
         create or replace table pupils as
         with adult as (select distinct person_key from rec where source in ('benefits', 'earnings')),
         edu as (select r.person_key, any_value(r.birth_year) birth_year, max(p.fsm) ever_fsm,
                        mode(p.ethnicity) ethnicity, mode(p.la_code) la_code
-                from rec r join read_parquet({read_literal(payload / 'education.parquet')}) p using (record_token)
+                from rec r join {payload} p using (record_token)
                 where r.source = 'education' group by 1)
         select e.*, e.person_key in (select person_key from adult) as linked,
                coalesce(la.region_name, 'unknown') region,
@@ -116,11 +116,27 @@ def mu_rows(model: dict) -> list[dict]:
     return rows
 
 
-def build_report(config: Config, workspace: Path | str) -> dict:
-    """Compute the report's content (aggregates only) from ``linked/`` and ``pseudonymised/``."""
+def build_report(config: Config, workspace: Path | str, key=None) -> dict:
+    """Compute the report's content (aggregates only) from ``linked/`` and ``pseudonymised/``.
+
+    The identifiers and the education payload are encrypted at rest: with ``key`` (the
+    master key; the link stage passes it) the completeness and subgroup sections are computed
+    from them; without it (``hhlink evaluate`` rewriting the report) they are carried over
+    from the report the link stage wrote.
+    """
+    from linkage.pseudonymise.store import read_identifiers, read_payload, register, zone_files
+
     ws = Workspace(workspace)
-    linked, pseud = ws.zone("linked"), ws.zone("pseudonymised")
+    linked = ws.zone("linked")
     con = connect(config.link)
+    previous_path = ws.zone("reports") / "linkage" / "report.json"
+    previous = json.loads(previous_path.read_text()) if key is None and previous_path.exists() else {}
+    if key is not None:
+        register(con, "ids_in", read_identifiers(ws.root, key, ["source", *IDENTITY_COLUMNS, *ADDRESS_COLUMNS]))
+    payload = None
+    if key is not None and any(f.stem == "education" for f in zone_files(ws.root, "payload")):
+        register(con, "payload_education", read_payload(ws.root, key, "education"))
+        payload = "payload_education"
     con.execute(f"create table rec as select * from {read_literal(linked / 'records.parquet')}")
     con.execute(f"create table pairs as select * from {read_literal(linked / 'pairs.parquet')}")
     summary = json.loads((linked / "summary.json").read_text())
@@ -132,12 +148,12 @@ def build_report(config: Config, workspace: Path | str) -> dict:
         "summary": {k: summary.get(k) for k in ("engine", "threshold", "records", "identities", "persons",
                                                 "household_years", "parent_child_relations", "pairs_scored",
                                                 "probability_two_random_records_match", "seconds")},
-        "completeness": _completeness(con, pseud / "identifiers"),
+        "completeness": _completeness(con, "ids_in") if key is not None else previous.get("completeness", []),
         "blocking": summary.get("blocking", []),
         "parameters": mu_rows(model),
         "match_rates": _match_rates(con),
-        "subgroups": _subgroups(con, pseud / "payload", config.generate.end_year,
-                                config.paths.resolve(config.assemble.la_lookup)),
+        "subgroups": (_subgroups(con, payload, config.generate.end_year, config.paths.resolve(config.assemble.la_lookup))
+                      if key is not None else previous.get("subgroups", {})),
         "thresholds": threshold_rows(con, config.link.evaluation_thresholds),
         "implausible_links": {"persons_holding_a_parent_and_their_dependant": parent_child,
                               "persons_holding_two_adults_of_one_benefit_unit": two_adults,
@@ -219,14 +235,14 @@ def render_page(title: str, heading: str, note: str, sections: list[tuple[str, s
             f"<p class='note'>{html.escape(note)}</p>{body}</body></html>")
 
 
-def write_report(config: Config, workspace: Path | str) -> dict:
+def write_report(config: Config, workspace: Path | str, key=None) -> dict:
     """Write ``reports/linkage/report.json`` and ``report.html``; return the report dict.
 
     Example:
         >>> write_report(load_config(), "workspace")["summary"]["persons"]   # doctest: +SKIP
     """
     ws = Workspace(workspace)
-    report = build_report(config, workspace)
+    report = build_report(config, workspace, key)
     charts_dir = ws.zone("linked") / "charts"
     charts = {p.name.removesuffix(".vl.json"): json.loads(p.read_text()) for p in sorted(charts_dir.glob("*.vl.json"))}
     out = ws.zone("reports") / "linkage"

@@ -49,7 +49,7 @@ class LinkError(HhlinkError):
     """Linkage cannot run (missing input, or an engine problem)."""
 
 
-def _identities_sql(identifiers: Path) -> str:
+def _identities_sql(identifiers: str = "identifiers_in") -> str:
     """Collapse a source's records equal on every identity encoding into identities, keyed deterministically.
 
     The identity encodings (16 columns, two of them Bloom filters) are not kept on every
@@ -67,7 +67,7 @@ def _identities_sql(identifiers: Path) -> str:
         create or replace table records as
         select record_token, source, year, birth_year, benefit_unit_tok, bu_role, claim_tok,
                source || '-' || left(md5(concat_ws('|', source, {key_parts})), 20) as unique_id, {addr}
-        from read_parquet({read_literal(identifiers, '*.parquet')});
+        from {identifiers};
         create or replace table identity_address as
         select unique_id, {addr} from (
             select unique_id, {addr}, row_number() over (
@@ -84,7 +84,7 @@ def _identities_sql(identifiers: Path) -> str:
         select f.unique_id, f.source, f.birth_year, f.n_records, f.first_year, f.last_year, {encodings},
                f.postcode_toks, a.* exclude (unique_id)
         from identity_facts f
-             join (select record_token, {", ".join(IDENTITY_COLUMNS)} from read_parquet({read_literal(identifiers, '*.parquet')})) p
+             join (select record_token, {", ".join(IDENTITY_COLUMNS)} from {identifiers}) p
                   on p.record_token = f.representative
              join identity_address a using (unique_id)
         order by unique_id;
@@ -268,7 +268,9 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
         config: the hhlink configuration (``config.link`` holds the settings; ``engine``
             picks DuckDB or Spark).
         workspace: the workspace folder; reads ``pseudonymised/identifiers/``.
-        key: unused (linkage sees only keyed encodings, never the key); one signature for every stage.
+        key: the master key (default: ``HHLINK_KEY``, ``HHLINK_KEY_FILE`` or the default file):
+            the identifiers are encrypted at rest and decrypted into memory here only
+            (:mod:`linkage.pseudonymise.store`); linkage itself sees only keyed encodings.
         model: a trained ``model.json`` (from either engine) to score with instead of
             training; default: train a new model.
 
@@ -278,17 +280,24 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
     Raises:
         LinkError: the identifiers zone is missing or empty.
     """
+    from linkage.keys import load_master_key
+    from linkage.link.stable_keys import person_keys
+    from linkage.pseudonymise.store import read_identifiers, register
+
     ws = Workspace(workspace)
     identifiers = ws.zone("pseudonymised") / "identifiers"
     if not identifiers.is_dir() or not any(identifiers.glob("*.parquet")):
         raise LinkError(f"{identifiers}: no identifiers to link; run 'hhlink pseudonymise' first")
+    key = key if key is not None else load_master_key(workspace=ws.root)
     t0 = time.perf_counter()
     summary: dict = {"engine": config.link.engine, "threshold": config.link.threshold}
     with ws.publish_dir("linked") as out:
         tmp = out / ".tmp"
         tmp.mkdir()
         con = connect(config.link, spill=tmp, preserve_insertion_order=False)
-        con.execute(_identities_sql(identifiers))
+        register(con, "identifiers_in", read_identifiers(ws.root, key))
+        con.execute(_identities_sql("identifiers_in"))
+        con.execute("drop table identifiers_in")
         summary["identities_seconds"] = round(time.perf_counter() - t0, 1)
         t = time.perf_counter()
         try:
@@ -298,11 +307,11 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
                 from linkage.link.spark import release_spark
 
                 release_spark()
-        con.execute("""
-            create or replace table persons as
-            select i.unique_id, 'P' || left(md5(c.cluster_id), 16) as person_key
-            from identities i join clusters c using (unique_id)""")
-        con.execute(f"""copy (select i.*, p.person_key from identities i join persons p using (unique_id)
+        # person keys carried over from the previous release by greatest overlap (linked/ is still the old one)
+        summary.update(person_keys(con, ws.zone("linked") / "identities.parquet", out))
+        # without the encodings: the tokens and Bloom filters stay in the encrypted identifiers zone
+        con.execute(f"""copy (select i.unique_id, i.source, i.birth_year, i.n_records, i.first_year, i.last_year,
+                                     p.person_key from identities i join persons p using (unique_id)
                               order by unique_id) to {path_literal(out / 'identities.parquet')} (compression zstd)""")
         con.execute("""create or replace table records_linked as
                        select r.record_token, r.source, r.year, r.birth_year, r.unique_id, p.person_key,
@@ -325,6 +334,6 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
     con.close()
     from linkage.link.report import write_report
 
-    write_report(config, workspace)
+    write_report(config, workspace, key)
     log.info("linked %d records into %d persons", summary["records"], summary["persons"])
     return summary

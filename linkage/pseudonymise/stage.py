@@ -50,10 +50,11 @@ import pyarrow.parquet as pq
 
 from linkage.config import Config, PseudonymiseConfig
 from linkage.crosswalk import CROSSWALK_FILE, write_crosswalk
-from linkage.db import connect, path_literal, quote_ident, quote_literal, read_literal
+from linkage.db import connect, quote_ident, quote_literal, read_literal
 from linkage.encodings import TOKEN_BYTES, BloomEncoder, BloomParams, Tokeniser
 from linkage.errors import HhlinkError, SchemaError, WorkspaceError
 from linkage.keys import MasterKey, load_master_key
+from linkage.pseudonymise.store import write_encrypted
 from linkage.schemas import SOURCES, Schema, load_schema
 from linkage.workspace import Workspace
 
@@ -448,9 +449,11 @@ def _connect(spill: Path) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def _run(con: duckdb.DuckDBPyConnection, sql: str, what: str) -> None:
+def _write_zone(con: duckdb.DuckDBPyConnection, sql: str, target: Path, key: MasterKey, zone: str, what: str) -> None:
+    """Stream a SELECT into an encrypted zone file (:mod:`linkage.pseudonymise.store`)."""
     try:
-        con.execute(sql)
+        reader = con.sql(sql).to_arrow_reader(1_000_000)
+        write_encrypted(target, reader, reader.schema, key, zone)
     except duckdb.Error as exc:
         # DuckDB messages can quote record values: report the step and error class only
         raise PseudonymiseError(f"{what} failed in DuckDB ({exc.__class__.__name__})") from exc
@@ -560,16 +563,14 @@ def pseudonymise(config: Config, workspace: Path | str, key: MasterKey | None = 
             for plan in plans:
                 target = out / "identifiers" / f"{plan.name}.parquet"
                 sql = identifiers_sql(plan, encoders, link_refs, ROW_ORDERS["identifiers"][0])
-                _run(con, f"COPY ({sql}) TO {path_literal(target)} "
-                          "(FORMAT parquet, COMPRESSION zstd)", f"{plan.name}: identifiers")
+                _write_zone(con, sql, target, key, "identifiers", f"{plan.name}: identifiers")
                 log.info("%s: identifiers written (%d rows)", plan.name, plan.rows)
             seconds["identifiers"] = time.perf_counter() - t
             t = time.perf_counter()
             for plan in plans:
                 sql, payload_columns[plan.name] = _payload_sql(plan, encoders, ROW_ORDERS["payload"][0])
                 target = out / "payload" / f"{plan.name}.parquet"
-                _run(con, f"COPY ({sql}) TO {path_literal(target)} (FORMAT parquet, COMPRESSION zstd)",
-                     f"{plan.name}: payload")
+                _write_zone(con, sql, target, key, "payload", f"{plan.name}: payload")
             seconds["payload"] = time.perf_counter() - t
             t = time.perf_counter()
             crosswalk = write_crosswalk(out / CROSSWALK_FILE, key, _crosswalk_batches(con, plans), _CROSSWALK_SCHEMA)
