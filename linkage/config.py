@@ -379,7 +379,7 @@ class DisclosureConfig(_Section):
     protection_count: float = Field(5, ge=0)
     protection_ratio: float = Field(0.10, ge=0, le=1)
     lp_max_rounds: int = Field(200, ge=1)
-    request_max_lps: int = Field(3000, ge=1)
+    request_max_lps: int = Field(500, ge=1)
     on_demand_audit: Literal["published", "all"] = "all"
     missing_categories: Literal["exclude", "unknown"] = "exclude"
     ci_replicates: int = Field(200, ge=20, le=5000)

@@ -301,7 +301,8 @@ def test_declared_categories_give_zero_cells(key):
     t = protect_table(df, TableSpec("t11", (geo,), unit="person"), exact(), key=key)
     st = status_of(t, "persons")
     assert st[("X", "Z")] == "suppressed_primary" and st[("X", "X1")] == "suppressed_secondary"
-    assert t.report["rules_fired"]["zero"] == 1
+    # the empty cell is withheld, but no count of empty cells is reported anywhere
+    assert "zero" not in t.report["rules_fired"] and t.report["rules_fired"]["threshold"] == 0
     safe = protect_table(df, TableSpec("t11", (geo,), unit="person"),
                          load_config(disclosure={"perturb": False, "zeros_disclosive": False}), key=key)
     assert status_of(safe, "persons")[("X", "Z")] == "published"
@@ -432,27 +433,55 @@ def test_merge_cells_needs_the_same_label_and_units():
     assert maps[0].tolist() == [0, 1, 2] and maps[1].tolist() == [0, 3] and n == 4
 
 
-def test_ledger_keeps_releases_and_finds_related_ones(tmp_path):
+def test_ledger_keeps_releases_and_couples_through_withheld_cells(tmp_path):
+    # one: T = a + b (a, b withheld); two: U = a + c (a, c withheld); three: V = c + d, all
+    # published (so c is known); four: W = c + e (c, e withheld); five shares nothing.
+    # A new table holding b and T reaches one's group {a, b} through b, and two's {a, c}
+    # through a, but not four through c (known: three published it), nor three (T and V are
+    # published cells: fixed values, no coupling) or five.
     from scipy import sparse
 
     from linkage.sdc import ledger
     from linkage.sdc.lp import Block
 
-    def block(name, ident, labels):
-        ident = np.array(ident)
-        A = sparse.csr_matrix(np.array([[1.0] + [-1.0] * (len(ident) - 1)]))
-        sys_ = {"count": (ident[:, 0].astype(float), 0.0, np.full(len(ident), 5.0))}
-        return Block(name, A, ident, np.zeros(len(ident), np.int64), np.zeros(len(ident), bool), sys_,
-                     labels=np.array(labels, dtype=object))
+    cells = {"T": [30, 1, 1], "a": [10, 2, 2], "b": [20, 3, 3], "U": [25, 4, 4], "c": [15, 5, 5], "V": [40, 6, 6],
+             "d": [25, 7, 7], "W": [50, 8, 8], "e": [35, 9, 9], "X": [12, 10, 10], "f": [12, 11, 11]}
 
-    one = block("one", [[30, 1, 1], [10, 2, 2], [20, 3, 3]], ["", "r=a", "r=b"])
-    two = block("two", [[99, 9, 9], [10, 2, 2]], ["", "r=a"])     # shares r=a with one
-    three = block("three", [[7, 7, 7], [7, 7, 7]], ["", "s=x"])    # shares nothing
+    def block(name, names, hidden=()):
+        ident = np.array([cells[n] for n in names])
+        A = sparse.csr_matrix(np.array([[1.0] + [-1.0] * (len(names) - 1)]))
+        sys_ = {"count": (ident[:, 0].astype(float), 0.0, np.full(len(names), 5.0))}
+        return Block(name, A, ident, np.zeros(len(names), np.int64), np.isin(names, hidden), sys_,
+                     labels=np.array(names, dtype=object))
+
+    rel = [block("one", ["T", "a", "b"], ["a", "b"]), block("two", ["U", "a", "c"], ["a", "c"]),
+           block("three", ["V", "c", "d"]), block("four", ["W", "c", "e"], ["c", "e"]), block("five", ["X", "f"])]
     with ledger.locked(tmp_path) as d:
-        ledger.record(d, [one, two, three], [np.zeros(3, bool), np.array([False, True]), np.zeros(2, bool)],
-                      reset=True)
+        ledger.record(d, rel, [b.primary for b in rel], reset=True)
         got = ledger.releases(d)
-    assert [b.name for b in got] == ["one", "two", "three"]
-    assert got[1].primary.tolist() == [False, True] and got[1].released
-    new = block("new", [[10, 2, 2]], ["r=a"])
-    assert [b.name for b in ledger.related(new, got)] == ["one", "two"]
+        assert [b.name for b in got] == ["one", "two", "three", "four", "five"]
+        assert got[1].primary.tolist() == [False, True, True] and got[1].released
+        cells["g"] = [10, 12, 12]
+        new = block("new", ["T", "b", "g"])
+        earlier, known = ledger.coupled(new, d)
+    assert [b.name for b in earlier] == ["one", "two"]
+    assert known.tolist() == [True, False, False]               # T was published by one
+    assert earlier[1].known.tolist() == [True, False, True]     # U by two itself, c by three
+    assert all(b.released for b in earlier)
+
+
+
+
+def test_record_keys_remembered_between_requests_are_the_same_keys():
+    # the builder keeps the last secret's record keys in memory: any order, any subset, new
+    # units added, and another secret never served from the memory of the first
+    from linkage.sdc.cells import _known_record_keys, record_keys
+
+    units = [f"u{i}" for i in range(50)]
+    full = record_keys(units, b"s" * 32, 7)
+    assert (_known_record_keys(units, b"s" * 32, 7) == full).all()
+    assert (_known_record_keys(units[::-3], b"s" * 32, 7) == full[::-3]).all()
+    more = _known_record_keys(["new", *units[:2]], b"s" * 32, 7)
+    assert (more[0] == record_keys(["new"], b"s" * 32, 7)[0]).all() and (more[1:] == full[:2]).all()
+    assert (_known_record_keys(units, b"t" * 32, 7) == record_keys(units, b"t" * 32, 7)).all()
+    assert not (_known_record_keys(units, b"t" * 32, 7) == full).all()

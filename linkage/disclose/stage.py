@@ -191,7 +191,7 @@ def _finish(prep: _Prepared, config: Config, suppressed: np.ndarray, audit: Audi
     long = protected_values(prep.cells, spec, cfg, prep.values, prim, suppressed, prep.perturb, prep.rounding)
     sdc = rule_parameters(cfg, prep.perturb, prep.rounding, prep.fingerprint)
     meta = dictionary(spec, prep.cells, sdc, public_counts(long, suppressed, audit))
-    report = audit_counts(prep.fired, prim, suppressed, audit)
+    report = audit_counts(prep.fired, prim, suppressed, audit, prep.cells.frame["_n"].to_numpy() > 0)
     reason = np.where(prim, "primary", np.where(suppressed, "secondary", ""))
     reasons = np.tile(reason, len(long) // max(1, len(reason)))
     seconds = time.perf_counter() - t0
@@ -297,7 +297,7 @@ def build_table(request: dict, workspace: Path | str, config: Config, key: Maste
             con.close()
     new = prep.block()
     with ledger.locked(workspace) as d:
-        earlier = ledger.related(new, ledger.releases(d, published_only=config.disclosure.on_demand_audit == "published"))
+        earlier, new.known = ledger.coupled(new, d, published_only=config.disclosure.on_demand_audit == "published")
         try:
             masks, audit = protect_jointly([new, *earlier], max_rounds=config.disclosure.lp_max_rounds,
                                            max_lps=config.disclosure.request_max_lps)

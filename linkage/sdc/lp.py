@@ -153,7 +153,8 @@ def equations(nodes: list[list[tuple[str, ...]]]) -> sparse.csr_matrix:
     return sparse.csr_matrix((vals, (rows, cols)), shape=(r, n))
 
 
-def _components(A: sparse.csr_matrix, cols: np.ndarray) -> list[np.ndarray]:
+def linked_groups(A: sparse.csr_matrix, cols: np.ndarray) -> list[np.ndarray]:
+    """The cells ``cols`` in groups linked by sharing an equation (directly or through each other)."""
     B = A[:, cols]
     B = B[np.asarray((B != 0).sum(axis=1)).ravel() > 0]
     adj = (abs(B).T @ abs(B)).tocsr()
@@ -237,7 +238,7 @@ class _Auditor:
         cols_all = np.flatnonzero(suppressed if self.known is None else suppressed & ~self.known)
         if not len(cols_all):
             return failures
-        for cols in _components(self.A, cols_all):
+        for cols in linked_groups(self.A, cols_all):
             if self.scope is not None and not self.scope[cols].any():
                 continue   # no cell of the new release: its equations are those already audited
             if self.satisfied(cols, "up").all() and self.satisfied(cols, "down").all():
@@ -289,7 +290,7 @@ class _Auditor:
     def _reach(self, suppressed: np.ndarray) -> np.ndarray:
         # suppressed cells in a component holding a cell of the new release
         out = np.zeros(len(suppressed), dtype=bool)
-        for cols in _components(self.A, np.flatnonzero(suppressed)):
+        for cols in linked_groups(self.A, np.flatnonzero(suppressed)):
             if self.scope[cols].any():
                 out[cols] = True
         return out
@@ -361,6 +362,7 @@ def protect(A: sparse.csr_matrix, primary: np.ndarray, systems: list[System], de
     for aud in auditors:
         aud.scope, aud.known = scope, (None if locked is None else locked.copy())
     csc = A.tocsc()
+    searches = 0
     order = np.arange(len(primary)) if order is None else order
     locked = np.zeros(len(primary), dtype=bool) if locked is None else locked & ~primary
     for rnd in range(1, max_rounds + 1):
@@ -385,6 +387,10 @@ def protect(A: sparse.csr_matrix, primary: np.ndarray, systems: list[System], de
             amount = short if direction == "up" else 0.0
             # the cheapest published cells whose release lets `c` reach its target (an LP over
             # every equation, so margins implied through other tables count too)
+            budget[0] -= 1   # the complement search is a linear program too: it counts against the budget
+            if budget[0] < 0:
+                raise LPBudgetExceeded("secondary suppression exceeded its budget of linear programs")
+            searches += 1
             picks = _complements(system.A if system.A is not None else A, c, direction, system, suppressed,
                                  locked, depth)
             if not picks:
@@ -394,7 +400,6 @@ def protect(A: sparse.csr_matrix, primary: np.ndarray, systems: list[System], de
                 if j is None:   # its equations are all suppressed: widen through any neighbour of its component
                     j = _any_neighbour(A, csc, suppressed, locked, system.values, depth, order)
                 picks = [] if j is None else [j]
-            audit.lps += 1 if picks else 0
             for j in picks:
                 added.add(j)
                 busy |= rows_c | set(csc.indices[csc.indptr[j]:csc.indptr[j + 1]].tolist())
@@ -408,7 +413,7 @@ def protect(A: sparse.csr_matrix, primary: np.ndarray, systems: list[System], de
         log.warning("secondary suppression did not converge in %d rounds: suppressing the whole table", max_rounds)
         suppressed[:] = True
         audit.fallback = True
-    audit.lps = sum(a.lps for a in auditors)
+    audit.lps = sum(a.lps for a in auditors) + searches
     audit.secondary = int((suppressed & ~primary).sum())
     audit.audited = {a.s.name: int(suppressed.sum()) for a in auditors}
     audit.protected = audit.fallback or all(a.all_satisfied(suppressed) for a in auditors)
@@ -448,7 +453,7 @@ def _complements(A: sparse.csr_matrix, cell: int, direction: str, system: System
     v, need = system.values, system.need
     free = suppressed | ~locked
     # only the cells linked to `cell` through withheld or movable cells take part
-    part = next(c for c in _components(A, np.flatnonzero(free)) if cell in c)
+    part = next(c for c in linked_groups(A, np.flatnonzero(free)) if cell in c)
     s_idx = part[suppressed[part]]
     p_idx = part[~suppressed[part]]
     if not len(p_idx):
@@ -465,8 +470,7 @@ def _complements(A: sparse.csr_matrix, cell: int, direction: str, system: System
         lo[k] = max(lo[k], need[cell])
     else:
         hi[k] = min(hi[k], max(system.lower, v[cell] - need[cell]) - v[cell])
-    bounds = [(a if np.isfinite(a) else None, b if np.isfinite(b) else None) for a, b in zip(lo, hi)]
-    bounds += [(0, None)] * (2 * len(p_idx))
+    bounds = np.vstack([np.column_stack([lo, hi]), np.tile([0.0, np.inf], (2 * len(p_idx), 1))])
     res = linprog(cost, A_eq=sparse.hstack([As, Ap, -Ap]).tocsr(), b_eq=np.zeros(A.shape[0]), bounds=bounds,
                   method="highs")
     if res.status != 0:
@@ -584,6 +588,8 @@ class Block:
         released: an earlier release: its published cells are known and may not be withheld now.
         labels: per cell, its categories as one string (:func:`cell_labels`); cells of two
             blocks merge only under the same label.
+        known: per cell, whether some earlier release published it (the adversary knows it,
+            whatever this block withholds); ``None``: only what the blocks themselves publish.
     """
 
     name: str
@@ -594,6 +600,7 @@ class Block:
     systems: dict[str, tuple[np.ndarray, float, np.ndarray]]
     released: bool = False
     labels: np.ndarray | None = None
+    known: np.ndarray | None = None
 
 
 def protect_jointly(blocks: list[Block], max_rounds: int = 200,
@@ -620,6 +627,8 @@ def protect_jointly(blocks: list[Block], max_rounds: int = 200,
         np.logical_or.at(primary, m, b.primary)
         if b.released:
             locked[m[~b.primary]] = True
+        if b.known is not None:
+            locked[m[b.known]] = True
         np.minimum.at(depth, m, b.depth)
         order[m] = b.ident[:, 1]
     names = list(dict.fromkeys(n for b in blocks for n in b.systems))

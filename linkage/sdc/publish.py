@@ -8,7 +8,8 @@ status ``suppressed``: whether a rule fired on it (primary) or it protects anoth
 (secondary) would tell an adversary that its count is below the threshold, or not; that
 reason is kept, as counts per table, only in the auditors' report. The data dictionary
 carries parameters and public counts (cells by status), never the number of cells any rule
-fired on (the zero rule's count is the number of empty cells).
+fired on; the auditors' report counts rules on cells with contributors only (a count of
+empty cells would say how many category combinations nobody has).
 """
 
 from __future__ import annotations
@@ -152,11 +153,17 @@ def public_counts(long: pd.DataFrame, suppressed: np.ndarray, audit: Audit) -> d
     }
 
 
-def audit_counts(fired: dict[str, np.ndarray], primary: np.ndarray, suppressed: np.ndarray, audit: Audit) -> dict:
-    """Per-table counts for the auditors' report only: why cells were withheld, and the LP audit's work."""
+def audit_counts(fired: dict[str, np.ndarray], primary: np.ndarray, suppressed: np.ndarray, audit: Audit,
+                 nonempty: np.ndarray | None = None) -> dict:
+    """Per-table counts for the auditors' report only: why cells were withheld, and the LP audit's work.
+
+    ``rules_fired`` counts only cells with contributors (``nonempty``): how many category
+    combinations are empty is itself disclosive (zeros are), so the zero rule is not counted.
+    """
+    nonempty = np.ones(len(primary), dtype=bool) if nonempty is None else nonempty
     return {
         "suppressed_cells": {"primary": int(primary.sum()), "secondary": int((suppressed & ~primary).sum())},
-        "rules_fired": {r: int(fired[r].sum()) for r in RULES},
+        "rules_fired": {r: int((fired[r] & nonempty).sum()) for r in RULES if r != "zero"},
         "lp_audit": {"rounds": audit.rounds, "linear_programs": audit.lps, "suppressed_cells_audited": audit.audited,
                      "all_protected": audit.protected, "whole_table_suppressed": audit.fallback,
                      "joint_with": list(audit.joint_with)},
