@@ -30,6 +30,8 @@ from linkage.db import connect, read_literal
 from linkage.keys import MasterKey
 from linkage.workspace import Workspace, atomic_path
 
+PARENT_CHILD_PRECISION_TARGET = 0.999   # issue 15: parent-child recall is reported at this precision
+
 
 def metrics_from_counts(tp: float, pred: float, true: float, exact: float, n_pred: float, n_true: float) -> dict:
     """Precision, recall and F1 (pairwise and cluster) from pair and cluster counts."""
@@ -128,6 +130,64 @@ def parent_child_metrics_sql(min_confidence: float = 0.0) -> str:
     """
 
 
+def parent_child_curve_sql() -> str:
+    """SQL: (confidence threshold, precision, recall) of parent-child relations at each distinct confidence.
+
+    Needs the tables :func:`parent_child_metrics_sql` needs. The best recall at a precision
+    target is the largest recall among rows whose precision meets it.
+    """
+    return """
+        with seen as (select distinct truth_person from rec_truth),
+        tru as (select distinct parent_id parent, child_id child from truth_pc
+                where parent_id in (select truth_person from seen) and child_id in (select truth_person from seen)),
+        pred as (select p.truth_person parent, c.truth_person child, max(r.confidence) confidence
+                 from parent_child r join pk_truth p on p.person_key = r.parent_key
+                 join pk_truth c on c.person_key = r.child_key group by all),
+        scored as (select pred.confidence, (t.parent is not null)::int ok from pred left join tru t using (parent, child)),
+        by_conf as (select confidence, count(*) n, sum(ok) tp from scored group by 1),
+        cum as (select confidence, sum(n) over w n, sum(tp) over w tp from by_conf
+                window w as (order by confidence desc rows between unbounded preceding and current row))
+        select confidence, tp / n as "precision", tp / (select count(*) from tru) as recall from cum order by confidence desc
+    """
+
+
+def relation_evidence_sql() -> str:
+    """SQL: the ceiling, (co-residence evidence same year, same or adjacent year, parent-child evidence).
+
+    Each is the share of true relations with any evidence in the extracts, whatever the
+    linkage did: records of the two true persons sharing a claim, a postcode token or an
+    address filter. Co-residence: pairs of observed persons in one true household-year
+    (as household accuracy counts them), with evidence in that year, or in that year or
+    the one before or after. Parent-child: true relations (both observed) with evidence in
+    any year. Needs ``rec_ev`` (truth_person, year, claim_tok, postcode_tok, addr_bf),
+    ``rec_truth``, ``truth_py`` and ``truth_pc``.
+    """
+    return """
+        with observed as (select distinct truth_person, year from rec_truth),
+        true_obs as (select t.person_id p, t.year, t.household_id from truth_py t
+                     join observed o on o.truth_person = t.person_id and o.year = t.year),
+        co as (select a.p a, b.p b, a.year from true_obs a join true_obs b
+               on a.household_id = b.household_id and a.year = b.year and a.p < b.p),
+        tok as (select distinct truth_person, year, 'c' || claim_tok t from rec_ev where claim_tok is not null
+                union select distinct truth_person, year, 'p' || postcode_tok from rec_ev where postcode_tok is not null
+                union select distinct truth_person, year, 'a' || hex(addr_bf) from rec_ev where addr_bf is not null),
+        ev as (select distinct ra.truth_person a, rb.truth_person b, ra.year from tok ra join tok rb
+               on ra.t = rb.t and ra.year = rb.year and ra.truth_person < rb.truth_person),
+        ev_co as (select co.a, co.b, co.year, max(case when ev.year = co.year then 1 else 0 end) same_year,
+                         max(case when ev.year is not null then 1 else 0 end) near
+                  from co left join ev on ev.a = co.a and ev.b = co.b and abs(ev.year - co.year) <= 1
+                  group by all),
+        seen as (select distinct truth_person from rec_truth),
+        pc as (select distinct parent_id, child_id from truth_pc
+               where parent_id in (select * from seen) and child_id in (select * from seen)),
+        ev_pair as (select distinct a, b from ev),
+        ev_pc as (select pc.*, e.a is not null found from pc
+                  left join ev_pair e on e.a = least(parent_id, child_id) and e.b = greatest(parent_id, child_id))
+        select (select avg(same_year) from ev_co), (select avg(near) from ev_co),
+               (select avg(found::int) from ev_pc)
+    """
+
+
 def _load(con: duckdb.DuckDBPyConnection, ws: Workspace, key) -> None:
     from linkage.crosswalk import CROSSWALK_FILE, crosswalk_table
 
@@ -178,7 +238,8 @@ def evaluate(config: Config, workspace: Path | str, key: MasterKey | None = None
     Returns:
         The metrics written (``person_pairwise_precision``, ``person_pairwise_recall``,
         ``person_pairwise_f1``, ``person_cluster_f1``, ``household_accuracy``,
-        ``parent_child_precision``, ``parent_child_recall`` and per-threshold metrics).
+        ``parent_child_precision``, ``parent_child_recall``, the ceiling (``coresidence_evidence_*``,
+        ``parent_child_evidence_ceiling``: :func:`relation_evidence_sql`) and per-threshold metrics).
 
     Example:
         >>> evaluate(load_config(), "workspace")["person_pairwise_f1"]   # doctest: +SKIP
@@ -199,11 +260,26 @@ def evaluate(config: Config, workspace: Path | str, key: MasterKey | None = None
         m = person_metrics(con, "(select person_key pred, truth_person truth from rec_truth)")
         hh, _ = con.execute(household_accuracy_sql()).fetchall()[0]
         pc_p, pc_r, _, _ = con.execute(parent_child_metrics_sql()).fetchall()[0]
+        from linkage.pseudonymise.store import read_identifiers, register
+
+        register(con, "ids_ev", read_identifiers(ws.root, key, ["record_token", "claim_tok", "postcode_tok", "addr_bf"]))
+        con.execute("""create or replace table rec_ev as select r.truth_person, r.year, i.claim_tok,
+                       i.postcode_tok, i.addr_bf from rec_truth r join ids_ev i using (record_token)""")
+        co_same, co_near, pc_ev = con.execute(relation_evidence_sql()).fetchall()[0]
+        curve = con.execute(parent_child_curve_sql()).fetchall()
+        at_target = max((r for _, p, r in curve if p >= PARENT_CHILD_PRECISION_TARGET), default=0.0)
         metrics = {
             "person_pairwise_precision": m["pairwise_precision"], "person_pairwise_recall": m["pairwise_recall"],
             "person_pairwise_f1": m["pairwise_f1"], "person_cluster_f1": m["cluster_f1"],
             "person_cluster_precision": m["cluster_precision"], "person_cluster_recall": m["cluster_recall"],
             "household_accuracy": hh, "parent_child_precision": pc_p, "parent_child_recall": pc_r,
+            # the ceiling: true relations with any evidence in the extracts (whatever the linkage did)
+            "coresidence_evidence_same_year": co_same, "coresidence_evidence_ceiling": co_near,
+            "parent_child_evidence_ceiling": pc_ev,
+            "parent_child_recall_at_precision_target": {
+                "precision_target": PARENT_CHILD_PRECISION_TARGET, "recall": at_target,
+                "min_confidence": next((c for c, p, r in curve if p >= PARENT_CHILD_PRECISION_TARGET
+                                        and r == at_target), None)},
             "person_metrics_by_threshold": _by_threshold(con, config.link.evaluation_thresholds),
             "linkage_threshold": config.link.threshold,
         }

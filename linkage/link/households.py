@@ -3,22 +3,47 @@
 Household membership is decided per year from two kinds of evidence:
 
 * **benefit units**: the claimant, partner and dependants of one claim live together;
-* **co-residence**: linked people recorded at the same address in the same year (the
-  address is the postcode token and, where a source has one, the address-line Bloom
-  filter; a pupil's record carries only a postcode, so it joins the household at that
-  postcode when just one address there is known that year).
+* **co-residence**: linked people recorded at the same address in the same year.
 
-A household-year is a connected component of person-years joined by that evidence
-(Splink's own connected-components clustering), keyed ``H`` + a hash of its smallest
-member's person key: the key carries over from year to year while that member stays,
-and is stable for a seed and config.
+An *address* is the postcode token and, where a source has one, the address-line Bloom
+filter. Address lines recorded differently at one postcode are one address when their
+filters' Dice coefficient is at least ``household_address_dice`` (probabilistic evidence
+rather than exact equality). A pupil's record carries only a postcode: it joins the one
+full address known at that postcode that year, or, when none is known, the other
+postcode-only records there (siblings on the school roll).
+
+Each person-year gets one address, with evidence across years:
+
+* among several addresses in one year, the one the person still holds in a later year is
+  preferred (the other is a previous address left on file after a move);
+* a *stale* address is replaced (the household moved; one source had not caught up): a
+  person recorded at address A whose next address is B, while someone else moved into B
+  that year, lives at B; so does a person left alone at A who leaves it later, when someone
+  who lived at A is at B that year;
+* an address seen for one person in one year only (a mistyped postcode) and a missing
+  address are filled from the person's addresses before and after when those agree; a
+  missing address, or a postcode seen once without an address line, also from an adjacent
+  year at the edge of the person's records (a full address seen once may be a new home).
+
+Every observed person-year is a node, so people with no address evidence are households of
+their own rather than missing. A household-year is a connected component of person-years
+joined by that evidence (Splink's own connected-components clustering), keyed ``H`` + a
+hash of its smallest member's person key: the key carries over from year to year while
+that member stays, and is stable for a seed and config.
+
+Each person-year carries ``confidence``, a score of its membership evidence:
+``1 - exp(-w)`` with ``w`` = 1.5 for a shared claim, 1.5 for a full address recorded that
+year (1.0 for a postcode only), 0.5 per further record at that address that year (at most
+two), and 0.7 for an address inferred from other years (stale, mistyped or missing).
 
 Parent-child relations come from benefit units (an adult claimant or partner and a
-dependant child of the same claim) and from co-residence of an adult and a child under 18
-with a plausible age gap. Confidence grows with the years of evidence:
-``1 - exp(-(1.0 * benefit_unit_years + 0.35 * coresident_years))``, so one year on a claim
-gives 0.63, three years living together 0.65, and both together over several years
-approach 1.
+dependant child of the same claim) and from co-residence of an adult and a child or young
+adult (under ``CHILD_MAX_AGE``, 25) with a plausible age gap, unless the adult is a young adult living with someone old enough
+to be the parent of both (an older sibling). Confidence grows with the years of evidence:
+``1 - exp(-(1.0 * benefit_unit_years + 0.35 * coresident_strength))``, where a year living
+together counts 1, times 0.6 when the younger is 18 or over and times 0.5 when either's
+membership that year is weak (confidence under 0.7); so one year on a claim gives 0.63, three years living
+together 0.65, and both together over several years approach 1.
 """
 
 from __future__ import annotations
@@ -26,6 +51,12 @@ from __future__ import annotations
 import duckdb
 
 from linkage.config import LinkConfig
+from linkage.encodings import dice_sql
+
+ADDRESS_DICE = 0.9   # address-line filters at one postcode at least this similar are one address
+# co-residence counts as parent-child evidence while the younger is under this age: children
+# leave home at 18-24, and an adult living with someone 15-55 years older is most often their child
+CHILD_MAX_AGE = 25
 
 
 def _person_birth_sql() -> str:
@@ -39,27 +70,127 @@ def _person_birth_sql() -> str:
     """
 
 
-def _person_years_sql() -> str:
-    # one address per person and year: the most frequent among that year's records
-    return _person_birth_sql() + """
-        create or replace table addr_obs as
-        select person_key, year, postcode_tok,
-               postcode_tok || coalesce('|' || md5(hex(addr_bf)), '') as address_key,
-               addr_bf is not null as full_address, count(*) n
-        from records_linked where postcode_tok is not null group by all;
-        create or replace table person_years as
-        select person_key, year, birth_year, address_key, postcode_tok, full_address
-        from (select a.*, row_number() over (partition by person_key, year
-                                              order by full_address desc, n desc, address_key) rn
-              from addr_obs a)
-        join person_birth using (person_key)
+def _addresses_sql(dice: float = ADDRESS_DICE) -> str:
+    """``addr_canon``: each distinct (postcode, address filter) -> one address key.
+
+    Filters at one postcode within ``dice`` of each other share the key of the smallest
+    (by hex) among them; a postcode-only observation keys on the postcode alone.
+    """
+    d = dice_sql("a.addr_bf", "b.addr_bf")
+    return f"""
+        create or replace table addr_full as
+        select distinct postcode_tok, addr_bf, hex(addr_bf) addr_hex from records_linked
+        where postcode_tok is not null and addr_bf is not null;
+        create or replace table addr_canon as
+        select a.postcode_tok, a.addr_hex,
+               a.postcode_tok || '|' || left(md5(min(b.addr_hex)), 16) as address_key, min(b.addr_hex) canon_hex
+        from addr_full a join addr_full b
+             on a.postcode_tok = b.postcode_tok and (a.addr_hex = b.addr_hex or {d} >= {dice})
+        group by a.postcode_tok, a.addr_hex;
+    """
+
+
+def _observations_sql() -> str:
+    """``pya``: person-year-address observations, postcode-only ones resolved where they can be."""
+    return """
+        create or replace table pya_raw as
+        select r.person_key, r.year, r.postcode_tok,
+               coalesce(c.address_key, r.postcode_tok || '|') as address_key,
+               c.address_key is not null as full_address, count(*) n
+        from records_linked r left join addr_canon c
+             on c.postcode_tok = r.postcode_tok and c.addr_hex = hex(r.addr_bf)
+        where r.postcode_tok is not null group by all;
+        -- a postcode-only record joins the one full address known at its postcode that year,
+        -- else the one known there in any year (so a pupil's address is the same key every year)
+        create or replace table pc_single as
+        select postcode_tok, year, min(address_key) address_key from pya_raw where full_address
+        group by all having count(distinct address_key) = 1;
+        create or replace table pc_single_ever as
+        select postcode_tok, min(address_key) address_key from pya_raw where full_address
+        group by all having count(distinct address_key) = 1;
+        create or replace table pya as
+        select p.person_key, p.year, coalesce(s.address_key, e.address_key, p.address_key) address_key,
+               bool_or(p.full_address) full_address, bool_or(not p.full_address) pc_only, sum(p.n) n
+        from pya_raw p
+        left join pc_single s on not p.full_address and s.postcode_tok = p.postcode_tok and s.year = p.year
+        left join pc_single_ever e on not p.full_address and e.postcode_tok = p.postcode_tok
+             and not exists (select 1 from pya_raw x where x.full_address and x.postcode_tok = p.postcode_tok
+                                                        and x.year = p.year)
+        group by all;
+    """
+
+
+def _person_years_sql(dice: float = ADDRESS_DICE) -> str:
+    """``person_years``: one address (or none) per observed person-year, with evidence across years."""
+    dice_prev, dice_next = dice_sql("lc.addr_bf", "lp.addr_bf"), dice_sql("lc.addr_bf", "ln.addr_bf")
+    return _person_birth_sql() + _addresses_sql(dice) + _observations_sql() + f"""
+        create or replace table obs_py as select distinct person_key, year from records_linked;
+        -- an address seen for one person in one year only is weak: a mistyped postcode, usually
+        create or replace table addr_support as
+        select address_key, count(*) person_years from pya group by 1;
+        create or replace table pya_s as
+        select p.*, s.person_years = 1 as lone,
+               max(p.year) over (partition by p.person_key, p.address_key) as last_year_here
+        from pya p join addr_support s using (address_key);
+        -- first choice per person-year: not lone, still held later, full, most records
+        create or replace table py_first as
+        select person_key, year, address_key, full_address, n, lone from (
+            select *, row_number() over (partition by person_key, year
+                order by lone, (last_year_here > year) desc, full_address desc, n desc, address_key) rn
+            from pya_s)
         where rn = 1;
-        insert into person_years
-        select distinct r.person_key, r.year, b.birth_year, null, null, false
-        from records_linked r join person_birth b
-             using (person_key)
-        where r.bu_role is not null
-          and not exists (select 1 from person_years p where p.person_key = r.person_key and p.year = r.year);
+        -- the person's previous and next known (not lone) addresses, by year
+        create or replace table py_ctx as
+        select o.person_key, o.year, f.address_key, f.full_address, f.n, coalesce(f.lone, false) lone,
+               last_value(case when not f.lone then f.address_key end ignore nulls) over (
+                   partition by o.person_key order by o.year rows between unbounded preceding and 1 preceding) prev_addr,
+               last_value(case when not f.lone then o.year end ignore nulls) over (
+                   partition by o.person_key order by o.year rows between unbounded preceding and 1 preceding) prev_year,
+               first_value(case when not f.lone then f.address_key end ignore nulls) over (
+                   partition by o.person_key order by o.year rows between 1 following and unbounded following) next_addr,
+               first_value(case when not f.lone then o.year end ignore nulls) over (
+                   partition by o.person_key order by o.year rows between 1 following and unbounded following) next_year
+        from obs_py o left join py_first f using (person_key, year);
+        -- stale: recorded at A, next at B, and someone else moved into B this year; or recorded
+        -- at A and leaving it, while the others from A are at B and nobody else is left at A
+        create or replace table here as select address_key, year, count(*) n from py_ctx
+        where address_key is not null group by all;
+        create or replace table stale as
+        select distinct c.person_key, c.year, c.next_addr new_addr
+        from py_ctx c
+        join py_ctx q on q.year = c.year and q.address_key = c.next_addr and q.person_key != c.person_key
+                     and q.prev_addr != q.address_key
+        where c.next_addr != c.address_key
+        union
+        select c.person_key, c.year, min(q.address_key)
+        from py_ctx c
+        join py_ctx q on q.year = c.year and q.prev_addr = c.address_key and q.address_key != c.address_key
+                     and not q.lone
+        join here h on h.address_key = c.address_key and h.year = c.year and h.n = 1
+        where c.next_addr is distinct from c.address_key and c.prev_addr = c.address_key
+        group by all having count(distinct q.address_key) = 1;
+        -- a missing or once-seen address, filled from the years around it
+        create or replace table lines as select distinct address_key, unhex(canon_hex) addr_bf from addr_canon;
+        create or replace table py_fill as
+        select c.*, case when c.address_key is null or c.lone then case
+                   when c.prev_addr = c.next_addr then c.prev_addr
+                   -- the same address line under a postcode seen once: a mistyped postcode
+                   when {dice_prev} >= {dice} then c.prev_addr
+                   when {dice_next} >= {dice} then c.next_addr
+                   when not coalesce(c.full_address, false) and c.next_addr is null and c.year - c.prev_year = 1
+                        then c.prev_addr
+                   when not coalesce(c.full_address, false) and c.prev_addr is null and c.next_year - c.year = 1
+                        then c.next_addr end end as filled
+        from py_ctx c left join lines lc on lc.address_key = c.address_key
+        left join lines lp on lp.address_key = c.prev_addr left join lines ln on ln.address_key = c.next_addr;
+        create or replace table person_years as
+        select c.person_key, c.year, b.birth_year, coalesce(s.new_addr, c.filled, c.address_key) as address_key,
+               case when s.new_addr is not null then 'stale' when c.filled is not null then 'inferred'
+                    when c.address_key is null then 'none'
+                    when c.full_address then 'address' else 'postcode' end as address_evidence,
+               coalesce(c.n, 0) n
+        from py_fill c join person_birth b using (person_key)
+        left join (select person_key, year, min(new_addr) new_addr from stale group by all) s using (person_key, year);
         -- integer node ids: the connected-components iterations join on them many times
         create or replace table py_nodes as
         select row_number() over (order by person_key, year) as node_id, * from person_years;
@@ -68,29 +199,36 @@ def _person_years_sql() -> str:
 
 def _edges_sql() -> str:
     return """
+        create or replace table claim_py as
+        select distinct r.claim_tok, r.year, n.node_id
+        from records_linked r join py_nodes n using (person_key, year) where r.claim_tok is not null;
         create or replace table hh_edges as
         -- members of one claim, in the claim's year
-        with claim as (select distinct r.claim_tok, r.year, n.node_id
-                       from records_linked r join py_nodes n using (person_key, year) where r.claim_tok is not null),
-        c as (select a.node_id as l, b.node_id as r, 'benefit_unit' as evidence
-              from claim a join claim b on a.claim_tok = b.claim_tok and a.year = b.year and a.node_id < b.node_id),
-        -- same full address in the same year
-        f as (select a.node_id l, b.node_id r, 'address' evidence from py_nodes a join py_nodes b
-              on a.address_key = b.address_key and a.year = b.year and a.node_id < b.node_id
-              where a.full_address and b.full_address),
-        -- a postcode-only record joins the one full address known at that postcode that year
-        single as (select postcode_tok, year, any_value(address_key) address_key from py_nodes where full_address
-                   group by all having count(distinct address_key) = 1),
-        p as (select a.node_id l, b.node_id r, 'postcode' evidence
-              from py_nodes a join single s on a.postcode_tok = s.postcode_tok and a.year = s.year
-              join py_nodes b on b.address_key = s.address_key and b.year = s.year
-              where not a.full_address)
-        select distinct l as node_id_l, r as node_id_r, evidence from (select * from c union all select * from f
-                                                                         union all select * from p);
+        with c as (select a.node_id as l, b.node_id as r
+                   from claim_py a join claim_py b on a.claim_tok = b.claim_tok and a.year = b.year and a.node_id < b.node_id),
+        -- one address in one year: a chain through the address's members is enough for the components
+        f as (select node_id l, lead(node_id) over (partition by address_key, year order by node_id) r
+              from py_nodes where address_key is not null)
+        select distinct l as node_id_l, r as node_id_r from (select * from c union all select * from f where r is not null);
+    """
+
+
+def _membership_sql() -> str:
+    # the membership score of each person-year (see the module docstring)
+    return """
+        create or replace table households as
+        select n.person_key, n.year, n.birth_year, h.household_key,
+               round(1 - exp(-(case when n.node_id in (select node_id from claim_py) then 1.5 else 0 end
+                               + case n.address_evidence when 'address' then 1.5 when 'postcode' then 1.0
+                                      when 'stale' then 0.7 when 'inferred' then 0.7 else 0 end
+                               + 0.5 * least(greatest(n.n - 1, 0), 2))), 4) as confidence
+        from py_nodes n join hh_keys h using (node_id)
+        order by person_key, year;
     """
 
 
 def parent_child_sql(cfg: LinkConfig) -> str:
+    gap = f"{cfg.parent_min_age_gap} and {cfg.parent_max_age_gap}"
     return _person_birth_sql() + f"""
         create or replace table parent_child as
         with claim as (select claim_tok, year, person_key, bu_role, birth_year from records_linked
@@ -101,16 +239,27 @@ def parent_child_sql(cfg: LinkConfig) -> str:
                  and d.birth_year - a.birth_year between {cfg.parent_min_age_gap} and {cfg.parent_max_age_gap}
                  and a.person_key != d.person_key
                group by all),
-        co as (select a.person_key parent_key, c.person_key child_key, count(distinct a.year) coresident_years
-               from households a join households c on a.household_key = c.household_key and a.year = c.year
-               where c.birth_year - a.birth_year between {cfg.parent_min_age_gap} and {cfg.parent_max_age_gap}
-                 and a.year - a.birth_year >= 18 and c.year - c.birth_year < 18
-               group by all),
-        j as (select parent_key, child_key, coalesce(bu_years, 0) bu_years, coalesce(coresident_years, 0) coresident_years
+        co_year as (select a.person_key parent_key, c.person_key child_key, a.year,
+                           -- a young adult or a weakly placed member is weaker evidence of a parent
+                           (case when c.year - c.birth_year >= 18 then 0.6 else 1.0 end)
+                           * (case when least(a.confidence, c.confidence) < 0.7 then 0.5 else 1.0 end) as strength
+                    from households a join households c on a.household_key = c.household_key and a.year = c.year
+                    where c.birth_year - a.birth_year between {gap}
+                      and a.year - a.birth_year >= 18 and c.year - c.birth_year < {CHILD_MAX_AGE}
+                      -- a young adult living with someone old enough to be the parent of both is an
+                      -- older sibling, not a parent
+                      and not (a.year - a.birth_year < {CHILD_MAX_AGE} and exists (
+                          select 1 from households g where g.household_key = a.household_key and g.year = a.year
+                             and a.birth_year - g.birth_year between {gap}
+                             and c.birth_year - g.birth_year between {gap}))),
+        co as (select parent_key, child_key, count(*) coresident_years, sum(strength) coresident_strength
+               from co_year group by all),
+        j as (select parent_key, child_key, coalesce(bu_years, 0) bu_years, coalesce(coresident_years, 0) coresident_years,
+                     coalesce(coresident_strength, 0) coresident_strength
               from bu full join co using (parent_key, child_key))
-        select j.*, p.birth_year parent_birth_year, c.birth_year child_birth_year,
+        select j.* exclude (coresident_strength), p.birth_year parent_birth_year, c.birth_year child_birth_year,
                c.birth_year - p.birth_year age_gap,
-               round(1 - exp(-(1.0 * bu_years + 0.35 * coresident_years)), 4) confidence
+               round(1 - exp(-(1.0 * bu_years + 0.35 * coresident_strength)), 4) confidence
         from j join person_birth p
                     on p.person_key = j.parent_key
                join person_birth c
@@ -120,7 +269,7 @@ def parent_child_sql(cfg: LinkConfig) -> str:
 
 
 def assemble_households(con: duckdb.DuckDBPyConnection, cfg: LinkConfig) -> dict:
-    """Build ``households`` (person_key, year, household_key) and ``parent_child`` on ``con``.
+    """Build ``households`` (person_key, year, household_key, confidence) and ``parent_child`` on ``con``.
 
     Args:
         con: a DuckDB connection holding ``records_linked`` (record token, person_key, year,
@@ -128,7 +277,11 @@ def assemble_households(con: duckdb.DuckDBPyConnection, cfg: LinkConfig) -> dict
         cfg: linkage settings (age-gap bounds for parents).
 
     Returns:
-        Counts of household-years, households' mean size and parent-child relations.
+        Counts of household-years, households' mean size, parent-child relations, and the
+        person-years by address evidence (``address_evidence``).
+
+    Example:
+        >>> assemble_households(con, load_config().link)["household_years"]   # doctest: +SKIP
     """
     from splink import DuckDBAPI
     from splink.clustering import cluster_pairwise_predictions_at_threshold
@@ -138,14 +291,49 @@ def assemble_households(con: duckdb.DuckDBPyConnection, cfg: LinkConfig) -> dict
     clusters = cluster_pairwise_predictions_at_threshold(
         "py_nodes", "hh_edges", DuckDBAPI(connection=con), node_id_column_name="node_id")
     con.execute(f"""
-        create or replace table households as
-        select n.person_key, n.year, n.birth_year,
-               'H' || left(md5(min(n.person_key) over (partition by c.cluster_id)), 16) as household_key
-        from py_nodes n join {clusters.physical_name} c using (node_id)
-        order by person_key, year""")
+        create or replace table hh_keys as
+        select n.node_id, 'H' || left(md5(min(n.person_key) over (partition by c.cluster_id)), 16) as household_key
+        from py_nodes n join {clusters.physical_name} c using (node_id)""")
+    con.execute(_membership_sql())
     con.execute(parent_child_sql(cfg))
     hh, size, pc = con.execute("""
         select (select count(distinct (household_key, year)) from households),
                (select avg(n) from (select household_key, year, count(*) n from households group by all)),
                (select count(*) from parent_child)""").fetchall()[0]
-    return {"household_years": hh, "mean_household_size": round(size or 0, 3), "parent_child_relations": pc}
+    evidence = dict(con.execute("select address_evidence, count(*) from py_nodes group by 1 order by 1").fetchall())
+    return {"household_years": hh, "mean_household_size": round(size or 0, 3), "parent_child_relations": pc,
+            "address_evidence": evidence}
+
+
+CONFIDENCE_BANDS = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
+
+
+def confidence_distribution_sql(table: str, unit: str) -> str:
+    """SQL: rows of (band, ``unit`` count, share) of ``table``'s ``confidence`` in :data:`CONFIDENCE_BANDS`.
+
+    Example:
+        >>> con.execute(confidence_distribution_sql("households", "person_years")).fetchall()   # doctest: +SKIP
+    """
+    edges = list(CONFIDENCE_BANDS)
+    cases = " ".join(f"when confidence >= {lo} then '{lo:.2f}-{hi:.2f}'"
+                     for lo, hi in reversed(list(zip(edges, [*edges[1:], 1.0]))))
+    return f"""
+        select band, count(*) as {unit}, round(count(*) / sum(count(*)) over (), 4) as share
+        from (select case {cases} end as band from {table}) group by band order by band
+    """
+
+
+def confidence_distributions(con: duckdb.DuckDBPyConnection, linked) -> dict:
+    """Household-membership and parent-child confidence distributions from ``linked/`` (aggregates only)."""
+    from linkage.db import read_literal
+
+    out = {}
+    for key, name, unit in (("household_membership", "households.parquet", "person_years"),
+                            ("parent_child", "parent_child.parquet", "relations")):
+        path = linked / name
+        cols = con.execute(f"describe select * from {read_literal(path)}").fetchall() if path.exists() else []
+        if any(c[0] == "confidence" for c in cols):
+            cur = con.execute(confidence_distribution_sql(read_literal(path), unit))
+            names = [d[0] for d in cur.description]
+            out[key] = [dict(zip(names, r)) for r in cur.fetchall()]
+    return out

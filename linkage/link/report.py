@@ -23,6 +23,7 @@ import duckdb
 
 from linkage.config import Config
 from linkage.db import connect, read_literal
+from linkage.link.households import confidence_distributions
 from linkage.link.model import ADDRESS_COLUMNS, IDENTITY_COLUMNS
 from linkage.workspace import Workspace, atomic_path
 
@@ -167,6 +168,7 @@ def build_report(config: Config, workspace: Path | str, key=None) -> dict:
         },
         "histogram": query_rows(con, """select floor(match_weight) as weight, count(*) pairs from pairs
                                    group by 1 order by 1"""),
+        "confidence": confidence_distributions(con, linked),
     }
     con.close()
     return report
@@ -221,6 +223,8 @@ def render_html(report: dict, charts: dict[str, dict]) -> str:
         ("Metrics at several thresholds (model-expected, identity pairs)", html_table(report["thresholds"])),
         ("Implausible links", html_table([report["implausible_links"]])),
         ("Match-weight distribution of scored pairs", html_table(report["histogram"])),
+        *((f"Confidence distribution: {k.replace('_', ' ')}", html_table(v))
+          for k, v in report.get("confidence", {}).items()),
     ]
     return render_page("hhlink linkage-quality report", "Linkage-quality report",
                        "Aggregates only. Model: Splink, link and dedupe over education, benefits and earnings "
