@@ -16,6 +16,21 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
+def pytest_collection_finish(session):
+    """Start test_install's wheel build, fresh install and pipeline run in the background as soon as the
+    tests are collected: that module's tests then wait for results made on the otherwise idle core."""
+    install = sys.modules.get("tests.test_install")
+    if install is not None and not session.config.option.collectonly and any(
+            getattr(item, "module", None) is install and "wheel" in item.fixturenames for item in session.items):
+        install.background(session)
+
+
+def pytest_sessionfinish(session):
+    install = sys.modules.get("tests.test_install")
+    if install is not None and install.BACKGROUND:
+        install.BACKGROUND[0].stop()
+
+
 def _generate(root: Path, persons: int, seed: int, fmt: str = "csv") -> tuple[Path, dict]:
     cfg = load_config(generate={"persons": persons, "seed": seed, "format": fmt})
     summary = generate_population(cfg.generate, root)

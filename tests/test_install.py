@@ -4,16 +4,21 @@ the config lookup order; relative paths in a config.
 The wheel is built from a copy of the source tree (a build inside the checkout would leave a
 ``build/`` folder whose stale files could end up in a later wheel) and installed with
 ``constraints.txt`` into a fresh virtual environment in a temporary folder, as a data engineer
-would install it: no test or Spark extras.
+would install it: no test or Spark extras. Those steps and the pipeline run with the installed
+``hhlink`` take minutes, so they run in a background thread from the start of the session
+(:class:`InstallRun`) while the other tests run.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
+import threading
 import venv
 import zipfile
 from pathlib import Path
@@ -46,20 +51,145 @@ def _run(args: list[str | Path], cwd: Path, env: dict[str, str], timeout: int = 
     return proc
 
 
+class InstallRun:
+    """The slow half of this module, run in a background thread: build the wheel, install it into a fresh
+    virtual environment, then run the main job with it outside the checkout.
+
+    ``tests/conftest.py`` starts it as soon as the session's tests are collected, so these
+    subprocesses use the core that the rest of the suite (one pytest process) leaves idle. Each
+    step records its result; the tests wait for the step they check and assert on what it
+    recorded, exactly as if they had run it themselves. A failed step fails its tests and the
+    tests of every later step, with the same message.
+    """
+
+    STEPS = ("wheel", "installed", "pipeline")
+
+    def __init__(self, steps: tuple[str, ...] = STEPS) -> None:
+        self.steps = steps
+        self.base = Path(tempfile.mkdtemp(prefix="hhlink-install-"))
+        self._results: dict[str, object] = {}
+        self._done = {step: threading.Event() for step in self.STEPS}
+        for step in self.STEPS[len(steps):]:
+            self._results[step] = RuntimeError(f"step {step!r} was not started: no test of this session needs it")
+            self._done[step].set()
+        self._proc: subprocess.Popen | None = None
+        self._stop = False
+        self._thread = threading.Thread(target=self._work, name="hhlink-install", daemon=True)
+
+    def start(self) -> "InstallRun":
+        self._thread.start()
+        return self
+
+    def wait(self, step: str):
+        """The result of ``step`` once it has run; re-raises its failure (or an earlier step's)."""
+        self._done[step].wait()
+        result = self._results[step]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def stop(self) -> None:
+        """Kill a step still running (the session ended early) and remove the temporary folder."""
+        self._stop = True
+        if self._proc is not None and self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        self._thread.join(timeout=60)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def run(self, args: list[str | Path], cwd: Path, env: dict[str, str], timeout: int = 900):
+        """:func:`_run` in its own process group, so :meth:`stop` can kill it with its children."""
+        if self._stop:
+            raise RuntimeError("the session ended before this step ran")
+        self._proc = subprocess.Popen([str(a) for a in args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            out, err = self._proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+            raise
+        proc = subprocess.CompletedProcess(args, self._proc.returncode, out, err)
+        assert proc.returncode == 0, f"{args[:3]} exited {proc.returncode}:\n{out[-3000:]}\n{err[-3000:]}"
+        return proc
+
+    def _work(self) -> None:
+        failed: BaseException | None = None
+        for step in self.steps:
+            try:
+                if failed is not None:
+                    raise RuntimeError(f"not run: an earlier step failed: {failed!r}")
+                self._results[step] = getattr(self, f"_{step}")()
+            except BaseException as exc:  # noqa: BLE001 - handed to the tests that wait for this step
+                self._results[step] = failed = exc
+            self._done[step].set()
+
+    def _wheel(self) -> Path:
+        """A wheel built with ``pip wheel`` from a copy of the source tree."""
+        src = self.base / "src"
+        src.mkdir()
+        for name in SOURCES:
+            if (ROOT / name).is_dir():
+                shutil.copytree(ROOT / name, src / name, symlinks=True,
+                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+            else:
+                shutil.copy2(ROOT / name, src / name)
+        dist = self.base / "dist"
+        dist.mkdir()
+        self.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", dist, src], cwd=dist,
+                 env=_clean_env())
+        (found,) = dist.glob("hhlink-*.whl")
+        return found
+
+    def _installed(self) -> Path:
+        """A fresh virtual environment outside the checkout with the wheel and the pinned dependencies.
+
+        ``--no-compile``: byte-compiling every module of every dependency took half of pip's time;
+        Python compiles the modules the run imports.
+        """
+        env_dir = self.base / "venv"
+        venv.create(env_dir, with_pip=True)
+        self.run([env_dir / "bin" / "python", "-m", "pip", "install", "-q", "--no-compile", "-c",
+                  ROOT / "constraints.txt", self._results["wheel"]], cwd=env_dir, env=_clean_env())
+        return env_dir
+
+    def _pipeline(self) -> dict:
+        """The installed ``hhlink`` outside the checkout: what it imports, ``pip check``, ``hhlink config``,
+        ``hhlink keys init`` and ``hhlink run`` (the main job) on a 1,000-person population."""
+        installed = self._results["installed"]
+        here = self.base / "elsewhere"
+        here.mkdir()
+        bin_dir = installed / "bin"
+        env = _clean_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PREFECT_HOME=str(self.base / "prefect"))
+        done = {"here": here, "ws": self.base / "ws"}
+        done["where"] = self.run([bin_dir / "python", "-c", "import linkage, importlib.util as u; "
+                                  "print(linkage.__file__); print(u.find_spec('pyspark'), u.find_spec('pytest'))"],
+                                 cwd=here, env=env).stdout.splitlines()
+        self.run([bin_dir / "python", "-m", "pip", "check"], cwd=here, env=env)
+        done["config"] = self.run([bin_dir / "hhlink", "config"], cwd=here, env=env).stdout.splitlines()
+        key = self.base / "keys" / "master.key"
+        self.run([bin_dir / "hhlink", "keys", "init", "--key-file", key], cwd=here, env=env)
+        self.run([bin_dir / "hhlink", "run", "--persons", "1000", "--workspace", done["ws"], "--key-file", key],
+                 cwd=here, env=env, timeout=1200)
+        return done
+
+
+#: started by tests/conftest.py once the session's tests are collected (else by the first fixture that needs it)
+BACKGROUND: list[InstallRun] = []
+
+
+def background(session: pytest.Session) -> InstallRun:
+    """The session's :class:`InstallRun`, started now if it is not running: every step when the session
+    runs the installed-wheel test, else the wheel alone."""
+    if not BACKGROUND:
+        full = any(item.name == "test_installed_wheel_runs_the_pipeline_outside_the_checkout"
+                   and getattr(item, "module", None) is sys.modules[__name__] for item in session.items)
+        BACKGROUND.append(InstallRun(InstallRun.STEPS if full else ("wheel",)).start())
+    return BACKGROUND[0]
+
+
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
+def wheel(request) -> Path:
     """A wheel built with ``pip wheel`` from a copy of the source tree."""
-    src = tmp_path_factory.mktemp("src")
-    for name in SOURCES:
-        if (ROOT / name).is_dir():
-            shutil.copytree(ROOT / name, src / name, symlinks=True,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
-        else:
-            shutil.copy2(ROOT / name, src / name)
-    dist = tmp_path_factory.mktemp("dist")
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", dist, src], cwd=dist, env=_clean_env())
-    (found,) = dist.glob("hhlink-*.whl")
-    return found
+    return background(request.session).wait("wheel")
 
 
 def test_wheel_carries_every_packaged_default(wheel):
@@ -101,38 +231,22 @@ def test_wheel_imported_as_a_zip_reads_its_defaults(wheel, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def installed(wheel, tmp_path_factory) -> Path:
+def installed(request) -> Path:
     """A fresh virtual environment outside the checkout with the wheel and the pinned dependencies."""
-    env_dir = tmp_path_factory.mktemp("venv")
-    venv.create(env_dir, with_pip=True)
-    _run([env_dir / "bin" / "python", "-m", "pip", "install", "-q", "-c", ROOT / "constraints.txt", wheel],
-         cwd=env_dir, env=_clean_env())
-    return env_dir
+    return background(request.session).wait("installed")
 
 
 @pytest.mark.slow
-def test_installed_wheel_runs_the_pipeline_outside_the_checkout(installed, tmp_path):
-    here = tmp_path / "elsewhere"
-    here.mkdir()
-    bin_dir = installed / "bin"
-    env = _clean_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PREFECT_HOME=str(tmp_path / "prefect"))
-
-    where = _run([bin_dir / "python", "-c", "import linkage, importlib.util as u; print(linkage.__file__); "
-                  "print(u.find_spec('pyspark'), u.find_spec('pytest'))"], cwd=here, env=env).stdout.splitlines()
+def test_installed_wheel_runs_the_pipeline_outside_the_checkout(installed, request):
+    done = background(request.session).wait("pipeline")
+    here, ws, where = done["here"], done["ws"], done["where"]
     assert where[0].startswith(str(installed)), where
     assert where[1] == "None None"   # the demo install has no Spark or test extras
-    _run([bin_dir / "python", "-m", "pip", "check"], cwd=here, env=env)
 
-    first = _run([bin_dir / "hhlink", "config"], cwd=here, env=env).stdout.splitlines()[0]
     packaged = installed / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages" \
         / "linkage" / "_defaults" / "hhlink.toml"
-    assert first == f"# config: {packaged} (packaged default)"
+    assert done["config"][0] == f"# config: {packaged} (packaged default)"
 
-    key = tmp_path / "keys" / "master.key"
-    _run([bin_dir / "hhlink", "keys", "init", "--key-file", key], cwd=here, env=env)
-    ws = tmp_path / "ws"
-    _run([bin_dir / "hhlink", "run", "--persons", "2000", "--workspace", ws, "--key-file", key], cwd=here, env=env,
-         timeout=1200)
     published = [p for p in (ws / "published").rglob("*") if p.is_file()]
     assert any(p.suffix == ".csv" for p in published), published
     assert (ws / "research").is_dir() and (ws / "linked" / "model.json").is_file()
