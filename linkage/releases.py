@@ -51,7 +51,9 @@ def carry_keys(con: duckdb.DuckDBPyConnection, previous: str, current: str,
         previous: table or view ``(record, key)``: the previous release's key of each record.
         current: table or view ``(record, cluster)``: this release's cluster of each record.
         new_key: the key of a cluster that takes no previous key, from its smallest record
-            (so a re-run gives the same key).
+            (so a re-run gives the same key); a key already in use (carried, or any key of
+            the previous release) is never reissued: ``new_key`` is asked again with
+            ``"#2"``, ``"#3"``... appended to the record.
         out: the name of the table to create.
 
     Returns:
@@ -81,19 +83,28 @@ def carry_keys(con: duckdb.DuckDBPyConnection, previous: str, current: str,
         """).fetchone()
         if not added or not added[0]:
             break
-    fresh = con.execute("select f.cluster, f.first_record from _first f anti join _assigned a using (cluster)").fetchall()
+    fresh = con.execute("select f.cluster, f.first_record from _first f anti join _assigned a using (cluster) "
+                        "order by f.first_record").fetchall()
+    # a key is never given to another person: not one of the previous release's (retired ones
+    # included), not one carried now
+    used = {k for (k,) in con.execute(f"select distinct key from {previous} union select key from _assigned").fetchall()}
+    made = []
+    for c, r in fresh:
+        k, attempt = new_key(str(r)), 1
+        while k in used:
+            attempt += 1
+            k = new_key(f"{r}#{attempt}")
+        used.add(k)
+        made.append((c, k))
     con.execute("create or replace temp table _fresh as select cluster, key from _assigned where false")
-    if fresh:
-        con.executemany("insert into _fresh values (?, ?)", [(c, new_key(str(r))) for c, r in fresh])
+    if made:
+        con.executemany("insert into _fresh values (?, ?)", made)
     con.execute(f"""
         create or replace table {out} as
         select cluster, key, true carried from _assigned
         union all select cluster, key, false from _fresh;
         drop table _overlap; drop table _assigned; drop table _fresh; drop table _first;
     """)
-    clash = con.execute(f"select count(*) - count(distinct key) from {out}").fetchone()[0]
-    if clash:
-        raise ValueError(f"new_key gave {clash} keys that are already in use")
     return out
 
 

@@ -104,7 +104,8 @@ def test_merge_split_new_and_retired_are_named():
                                                ("new", None, "new:h", 1), ("retired", "K4", None, 1)], key=str)
 
 
-def test_a_new_key_that_collides_with_a_kept_one_is_refused():
-    con = _con({"a": "K1"}, {"a": 1, "b": 2})
-    with pytest.raises(ValueError, match="already in use"):
-        carry_keys(con, "prev", "cur", new_key=lambda r: "K1")
+def test_a_key_in_use_or_retired_is_never_reissued():
+    # K1 is carried by a; b's new key would be K1 and c's would be K9 (retired): both are asked again
+    con = _con({"a": "K1", "z": "K9"}, {"a": 1, "b": 2, "c": 3})
+    keys = carry_keys(con, "prev", "cur", new_key=lambda r: {"b": "K1", "c": "K9"}.get(r, f"new:{r}"))
+    assert dict(con.execute(f"select cluster, key from {keys}").fetchall()) == {1: "K1", 2: "new:b#2", 3: "new:c#2"}

@@ -1,0 +1,88 @@
+"""Person keys stay stable across releases: re-linking keeps every key, a delivery keeps untouched persons' keys."""
+
+from __future__ import annotations
+
+import shutil
+
+import duckdb
+import pytest
+
+from linkage.config import load_config
+from linkage.stages import run_stage
+from synthetic_data import generate_population
+from synthetic_data.deliveries import deliver_next
+
+KEY = "6a" * 32
+
+
+def _identities(ws) -> dict[str, str]:
+    return dict(duckdb.execute(f"select unique_id, person_key from '{ws}/linked/identities.parquet'").fetchall())
+
+
+def _changes(ws) -> list[tuple]:
+    return duckdb.execute(f"select change, old_key, new_key, identities from '{ws}/linked/key_changes.parquet'").fetchall()
+
+
+@pytest.fixture(scope="module")
+def first_release(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HHLINK_KEY", KEY)
+    root = tmp_path_factory.mktemp("stable") / "ws"
+    cfg = load_config(generate={"persons": 800, "seed": 9, "deliveries": 3})
+    generate_population(cfg.generate, root)
+    for stage in ("ingest", "pseudonymise", "link"):
+        summary = run_stage(stage, cfg, root)
+    yield cfg, root, summary
+    mp.undo()
+
+
+def test_the_first_release_lists_every_person_as_new(first_release):
+    _, root, summary = first_release
+    changes = _changes(root)
+    assert summary["key_changes"]["first_release"] and summary["key_changes"]["carried"] == 0
+    assert {c for c, *_ in changes} == {"new"} and len(changes) == summary["persons"]
+
+
+def test_re_linking_the_same_data_keeps_every_key(first_release, tmp_path):
+    cfg, root, _ = first_release
+    ws = tmp_path / "ws"
+    shutil.copytree(root, ws)
+    before = _identities(ws)
+    # the stage registry would skip an unchanged link: call the stage function itself
+    from linkage.link.stage import link
+    summary = link(cfg, ws)
+    assert _identities(ws) == before
+    assert _changes(ws) == []
+    assert summary["key_changes"]["carried"] == summary["persons"] and not summary["key_changes"]["first_release"]
+
+
+def test_a_delivery_keeps_the_keys_of_persons_it_does_not_touch(first_release, tmp_path):
+    cfg, root, _ = first_release
+    ws = tmp_path / "ws"
+    shutil.copytree(root, ws)
+    before = _identities(ws)
+    assert deliver_next(ws) is not None
+    for stage in ("ingest", "pseudonymise", "link"):
+        summary = run_stage(stage, cfg, ws)
+    after = _identities(ws)
+    # the same records give the same identities under the same key
+    assert set(before) <= set(after)
+    old_members: dict[str, set] = {}
+    for uid, k in before.items():
+        old_members.setdefault(k, set()).add(uid)
+    new_members: dict[str, set] = {}
+    for uid, k in after.items():
+        new_members.setdefault(k, set()).add(uid)
+    # a person whose cluster only gained identities that were not in the previous release keeps its key
+    untouched = [k for k, m in old_members.items()
+                 if (new := new_members.get(after[next(iter(m))])) is not None
+                 and m <= new and not (new - m) & set(before)]
+    assert len(untouched) >= 0.99 * len(old_members)
+    assert all(after[next(iter(old_members[k]))] == k for k in untouched)
+    # every other change is in the key-change table
+    changes = _changes(ws)
+    listed_old = {o for c, o, _, _ in changes if o is not None}
+    assert set(old_members) - set(new_members) <= listed_old
+    listed_new = {n for c, _, n, _ in changes if c in ("new", "split")}
+    assert set(new_members) - set(old_members) == listed_new
+    assert summary["key_changes"]["carried"] + len(listed_new) == summary["persons"]
