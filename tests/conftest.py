@@ -20,8 +20,9 @@ def pytest_collection_finish(session):
     """Start test_install's wheel build, fresh install and pipeline run in the background as soon as the
     tests are collected: that module's tests then wait for results made on the otherwise idle core."""
     install = sys.modules.get("tests.test_install")
-    if install is not None and not session.config.option.collectonly and any(
-            getattr(item, "module", None) is install and "wheel" in item.fixturenames for item in session.items):
+    if install is None or session.config.option.collectonly or "PYTEST_XDIST_WORKER" in os.environ:
+        return   # an xdist worker collects every test but runs only some: there the first fixture starts it
+    if any(getattr(item, "module", None) is install and "wheel" in item.fixturenames for item in session.items):
         install.background(session)
 
 

@@ -93,7 +93,8 @@ class InstallRun:
         self._stop = True
         if self._proc is not None and self._proc.poll() is None:
             os.killpg(self._proc.pid, signal.SIGKILL)
-        self._thread.join(timeout=60)
+        if self._thread.is_alive():
+            self._thread.join(timeout=60)
         shutil.rmtree(self.base, ignore_errors=True)
 
     def run(self, args: list[str | Path], cwd: Path, env: dict[str, str], timeout: int = 900):
@@ -119,7 +120,8 @@ class InstallRun:
                     raise RuntimeError(f"not run: an earlier step failed: {failed!r}")
                 self._results[step] = getattr(self, f"_{step}")()
             except BaseException as exc:  # noqa: BLE001 - handed to the tests that wait for this step
-                self._results[step] = failed = exc
+                self._results[step] = exc
+                failed = failed or exc
             self._done[step].set()
 
     def _wheel(self) -> Path:
