@@ -95,6 +95,12 @@ def _sign_in(page, token: str) -> None:
     page.wait_for_load_state()
 
 
+LABELS_FIT = """[...document.querySelectorAll('svg.chart')].every(svg => {
+    const box = svg.getBoundingClientRect();
+    return [...svg.querySelectorAll('text.value')].every(t => t.getBoundingClientRect().right <= box.right + 1);
+})"""
+
+
 def test_researcher_browses_the_catalogue_and_builds_a_table(portal, browser, portal_workspace, tmp_path):
     base, tokens = portal
     page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -112,9 +118,16 @@ def test_researcher_browses_the_catalogue_and_builds_a_table(portal, browser, po
     assert page.locator("svg.chart g.legend-item").all_text_contents() == ["no", "yes"]
     assert page.locator("svg.chart text.tick").first.text_content() != "0"
     assert page.locator("table.rows tbody tr").count() == 50
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+    # every value label fits inside its chart (none is cut off at the right edge)
+    assert page.evaluate(LABELS_FIT)
     page.click("nav.pager >> text=next")
     assert "Rows 51–100" in page.inner_text("nav.pager")
     page.screenshot(path=str(tmp_path / "attainment.png"), full_page=True)
+    # the mobility table's bars carry intervals, n and reliability: the longest labels still fit
+    page.goto(f"{base}/catalogue/mobility_la_cohort")
+    assert page.locator("svg.chart g.interval").count() > 0 and page.evaluate(LABELS_FIT)
+    page.goto(f"{base}/catalogue/attainment_fsm_ever_la")
     page.click("nav.crumbs >> text=Published tables")
     page.click("text=Quintile transition matrices by region")
     assert page.url.endswith("/catalogue/transition_region")
@@ -148,7 +161,13 @@ def test_researcher_browses_the_catalogue_and_builds_a_table(portal, browser, po
     main, aside = (page.locator(sel).bounding_box() for sel in (".result-main", "aside.result-dictionary"))
     assert aside["x"] > main["x"] + main["width"] - 1 and abs(aside["y"] - main["y"]) < 50
     assert "Requests today: 1 of" in page.inner_text("p.quota")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280      # nothing runs off the page
     page.screenshot(path=str(tmp_path / "builder.png"), full_page=True)
+    # the result's rows are paged like a table's, without a new request
+    page.click("section.result nav.pager >> text=next")
+    assert "Rows 51–100" in page.inner_text("section.result nav.pager")
+    assert "Requests today: 1 of" in page.inner_text("p.quota")
+    assert page.locator("aside.result-dictionary").is_visible()
     assert not problems, problems            # no script errors, no Content-Security-Policy violations
 
 
@@ -183,9 +202,32 @@ def test_auditor_opens_the_linkage_quality_report_and_the_audit_log(portal, brow
     assert all("web-auditor" in row and "report.view" in row for row in newest), newest
     assert "report quality" in newest[0] and "report linkage" in newest[1]
     assert "127.0.0.1" in newest[0]
+    assert page.evaluate("document.documentElement.scrollWidth") <= page.viewport_size["width"]
     page.click("text=Check the log's integrity")
     assert "entries intact" in page.inner_text("p[role=status]")
     assert not problems, problems
     # the auditor's role does not open the researchers' pages
     assert page.goto(f"{base}/builder").status == 403
     context.close()
+
+
+def test_a_forged_forwarded_for_header_changes_neither_the_audited_nor_the_throttled_address(portal, portal_workspace):
+    """Behind no proxy, the client address audited and throttled is the connection's: uvicorn's proxy headers
+    are off, so a guesser cannot pose as another address (nor spread its guesses over many)."""
+    import json
+
+    base, _ = portal
+    for i in range(3):
+        req = urllib.request.Request(f"{base}/api/me", headers={"Authorization": f"Bearer hhl_{i:012x}_" + "Q" * 43,
+                                                                 "X-Forwarded-For": f"203.0.113.{i}",
+                                                                 "Forwarded": f"for=198.51.100.{i}"})
+        try:
+            urllib.request.urlopen(req, timeout=10)
+        except urllib.error.HTTPError as e:
+            assert e.code == 401
+            assert e.headers["content-security-policy"] and e.headers["x-content-type-options"] == "nosniff"
+    lines = (portal_workspace / "audit" / "log.jsonl").read_text().splitlines()
+    failed = [json.loads(x) for x in lines[-200:] if '"auth.failed"' in x and "QQQQ" not in x]
+    mine = [e for e in failed if e["params"].get("token_id", "").startswith("000000000")]
+    assert mine and all(e["params"]["client"] == "127.0.0.1" for e in mine)
+    assert "203.0.113" not in "\n".join(lines[-200:]) and "198.51.100" not in "\n".join(lines[-200:])

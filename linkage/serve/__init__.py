@@ -46,7 +46,9 @@ def serve(workspace: Path | str, config: Config, key: MasterKey | None = None, h
     host, port = host or config.service.host, port or config.service.port
     portal.audit.append("system", "system", "service.start", {"host": host, "port": port})
     try:
-        # no access log: request lines go to the audit log instead, with who asked
-        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, server_header=False)
+        # no access log: request lines go to the audit log instead, with who asked. No proxy headers: the
+        # client address audited and throttled is the connection's, never an X-Forwarded-For a client wrote
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, server_header=False,
+                    proxy_headers=False)
     finally:
         portal.audit.append("system", "system", "service.stop", {"host": host, "port": port})

@@ -173,7 +173,8 @@ class QuarantineSource(BaseModel):
 
 def _errors(*codes: int) -> dict:
     text = {400: "Bad request", 401: "Missing or invalid token", 403: "The token's role may not use this route",
-            404: "Not found", 413: "Request body too large", 422: "Invalid or refused request",
+            404: "Not found", 413: "Request body too large", 414: "Request target (path and query) too long",
+            422: "Invalid or refused request",
             429: "Daily quota reached", 503: "No research tables yet"}
     return {c: {"model": Problem, "description": text[c]} for c in codes}
 
@@ -184,7 +185,9 @@ TableName = Annotated[str, Path(pattern=NAME_PATTERN, description="A published t
 
 def build_router(portal) -> APIRouter:
     """The API routes of one portal (the table request's schema lists the config's allowed names)."""
-    router = APIRouter(prefix="/api")
+    # any route may answer 400 (a control character or bad encoding in the target) or 414 (too long): the
+    # portal's outer layer refuses those before routing (linkage.serve.guard)
+    router = APIRouter(prefix="/api", responses=_errors(400, 414))
     researcher, auditor = api_user("researcher"), api_user("auditor")
     engineer, reader = api_user("engineer"), api_user("auditor", "engineer")
     anyone = api_user("researcher", "auditor", "engineer")

@@ -10,15 +10,17 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.resources
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import HTTPException, RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
-from fastapi.staticfiles import StaticFiles
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from linkage.config import Config, load_config
@@ -34,7 +36,10 @@ from linkage.serve.users import User, UserStore
 
 log = logging.getLogger(__name__)
 
-HERE = Path(__file__).resolve().parent
+#: the portal's templates and style sheet are package data, read through importlib.resources so the
+#: portal runs from an installed wheel and from a wheel imported as a zip alike (no file-system path)
+RESOURCES = importlib.resources.files("linkage.serve")
+_STATIC_NAME = re.compile(r"[a-z0-9_-]{1,40}\.css")
 HOME = {"researcher": "/catalogue", "auditor": "/reports", "engineer": "/runs"}
 
 
@@ -77,8 +82,34 @@ class Portal:
         return HTMLResponse(html, status_code=status, headers=headers)
 
 
+@functools.lru_cache(maxsize=64)
+def _template_source(name: str) -> str | None:
+    # template names come from the code, never from a request; a name that is not a plain file name is not one
+    if not re.fullmatch(r"_?[a-z_]{1,40}\.html", name):
+        return None
+    try:
+        return (RESOURCES / "templates" / name).read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError, KeyError):
+        return None
+
+
+@functools.lru_cache(maxsize=16)
+def static_file(name: str) -> bytes | None:
+    """A style sheet shipped with the portal (``static/<name>.css``), or ``None``."""
+    if not _STATIC_NAME.fullmatch(name):
+        return None
+    try:
+        return (RESOURCES / "static" / name).read_bytes()
+    except (FileNotFoundError, NotADirectoryError, KeyError):
+        return None
+
+
 def _templates() -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
+    def load(name: str):
+        source = _template_source(name)
+        return None if source is None else (source, None, lambda: True)
+
+    env = jinja2.Environment(loader=jinja2.FunctionLoader(load), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = lambda v: "" if v is None else (f"{v:,.0f}" if float(v).is_integer() or abs(v) >= 1000
                                                           else f"{v:,.3g}" if abs(v) < 10 else f"{v:,.1f}")
@@ -137,17 +168,27 @@ def create_app(workspace: Path | str, config: Config | None = None, key: MasterK
                               "control), reports and the audit log. Bearer tokens come from `hhlink users add`.",
                   docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.portal = portal
+    # no redirect from "/x/" to "/x": Starlette builds it as an absolute URL from the request's Host header,
+    # which a client chooses (an open redirect); every link the portal draws is exact
+    app.router.redirect_slashes = False
 
     def guard_refusal(scope, status: int, reason: str) -> None:
         client = scope.get("client")
         denials.record("-", "-", "request.refused", {"path": scope.get("path", "")[:300].encode("unicode_escape")
-                                                     .decode("ascii"), "method": scope.get("method", ""),
+                                                     .decode("ascii"), "method": str(scope.get("method", ""))[:20],
                                                      "status": status, "reason": reason,
                                                      "client": client[0] if client else "-"}, "refused")
 
     # summaries of refusal bursts that have ended are written as soon as anything else happens
     app.add_middleware(Guard, on_refusal=guard_refusal, before=denials.flush)
-    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(name: str):
+        body = static_file(name)
+        if body is None:
+            raise HTTPException(404, "no such file")
+        return Response(body, media_type="text/css; charset=utf-8")
+
     app.include_router(api.build_router(portal))
     app.include_router(pages.router)
 

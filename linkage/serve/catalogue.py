@@ -30,7 +30,7 @@ from linkage.serve.words import plain_meta
 
 TOTAL = "Total"
 NAME_PATTERN = r"^[a-z0-9_]{1,64}$"
-_NAME = re.compile(NAME_PATTERN)
+_NAME = re.compile(NAME_PATTERN.strip("^$"))     # used with fullmatch: "$" would admit a trailing newline
 
 
 class NotFound(KeyError):
@@ -248,7 +248,7 @@ class Catalogue:
                 try:
                     listed = json.loads(raw).get("tables", [])
                     # an index may list anything: only plain table names are ever used to build a path
-                    names = [n for n in listed if isinstance(n, str) and _NAME.match(n)] if isinstance(listed, list) else []
+                    names = [n for n in listed if isinstance(n, str) and _NAME.fullmatch(n)] if isinstance(listed, list) else []
                 except (ValueError, AttributeError, UnicodeDecodeError):
                     names = []
             self._index = (signature, names)

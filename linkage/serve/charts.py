@@ -83,7 +83,7 @@ def _label(item: dict) -> str:
     return text
 
 
-def bar_svg(items: list[dict], title: str, labels: dict[str, str] | None = None, width: int = 880,
+def bar_svg(items: list[dict], title: str, labels: dict[str, str] | None = None, width: int = 960,
             zero: bool = True, groups: list[str] | None = None, group_title: str = "") -> str:
     """A horizontal bar chart; suppressed bars are marked, intervals drawn as whiskers.
 
@@ -114,7 +114,10 @@ def bar_svg(items: list[dict], title: str, labels: dict[str, str] | None = None,
         rows = shown + [i for i in items if i["value"] is None]
     ends = [v for i in rows for v in (i["value"], i.get("low"), i.get("high")) if v is not None]
     lo, hi, ticks = axis_range(ends, zero)
-    bar_h, gap, block_gap, left, right = 16, 3, 10, 200, 170
+    bar_h, gap, block_gap, left = 16, 3, 10, 200
+    # room on the right for the longest value label (about 6.4 px a character at 11 px), so none is cut off
+    longest = max((len(_label(i)) for i in rows if i["value"] is not None), default=0)
+    right = max(170, min(width // 2 - 120, int(longest * 6.4) + 16))
     legend_h = 26 if groups else 0
     top = 8 + legend_h
     y, placed, last_cat = top, [], None
@@ -166,10 +169,12 @@ def bar_svg(items: list[dict], title: str, labels: dict[str, str] | None = None,
         fill = colour.get(item.get("group"), PALETTE[0])
         who = name + (f", {labels.get(item['group'], item['group'])}" if groups else "")
         if item["value"] is None:
+            # a marker at the baseline, not a bar: its length must not read as a value
             out.append(f'<g class="suppressed" data-status="{html.escape(item["status"])}">'
-                       f'<rect x="{left}" y="{y}" width="{plot * 0.3:.1f}" height="{bar_h}" fill="url(#hatch)" '
-                       f'stroke="{fill}"/><text x="{left + 6}" y="{y + bar_h - 4}" font-size="11" fill="#444">'
-                       f'suppressed</text><title>{html.escape(who)}: suppressed</title></g>')
+                       f'<rect x="{base + 1:.1f}" y="{y + 1}" width="{bar_h - 2}" height="{bar_h - 2}" '
+                       f'fill="url(#hatch)" stroke="{fill}"/><text x="{base + bar_h + 3:.1f}" y="{y + bar_h - 4}" '
+                       f'font-size="11" font-style="italic" fill="#6b3b00">suppressed</text>'
+                       f'<title>{html.escape(who)}: suppressed</title></g>')
             continue
         v = item["value"]
         x0, x1 = sorted((base, x(v)))

@@ -5,8 +5,10 @@ before any route sees them.
 
 * adds the security headers (no caching, no sniffing, no framing by others, a
   Content-Security-Policy) to every response, errors included;
+* answers HEAD as GET without the body;
 * refuses with 400 a request target holding a control character (``%00``, ``%0a`` ...) or
   percent-encoding that is not UTF-8, before routing (file names are built from paths);
+* refuses with 414 a request target (path and query) longer than :data:`MAX_TARGET` bytes;
 * refuses with 413 a body larger than :data:`MAX_BODY` bytes, whether it declares its
   length or streams it, so no form or JSON parser ever holds more;
 * answers 500 itself (with the headers, and without the exception's text) if a route
@@ -30,7 +32,7 @@ from urllib.parse import unquote_to_bytes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_BODY", "PAGE_CSP", "REPORT_CSP", "Guard", "bad_target", "is_api"]
+__all__ = ["MAX_BODY", "MAX_TARGET", "PAGE_CSP", "REPORT_CSP", "Guard", "bad_target", "is_api"]
 
 PAGE_CSP = ("default-src 'self'; script-src 'none'; style-src 'self'; img-src 'self' data:; object-src 'none'; "
             "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
@@ -41,6 +43,8 @@ REPORT_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline' 'unsafe-eva
               "form-action 'none'; frame-ancestors 'self'")
 #: the largest request body the portal reads (forms and JSON are a few hundred bytes)
 MAX_BODY = 16 * 1024
+#: the longest request target (path and query string) the portal reads; its own links are a few hundred bytes
+MAX_TARGET = 8 * 1024
 _CONTROL = bytes(range(0x20)) + b"\x7f"
 
 
@@ -101,6 +105,10 @@ class Guard:
         path = scope.get("path", "")
         extra = _security_headers(path)
         started = False
+        # HEAD is answered as GET without the body (same status and headers, audited alike)
+        head = scope.get("method") == "HEAD"
+        if head:
+            scope = {**scope, "method": "GET"}
 
         async def send_with_headers(message):
             nonlocal started
@@ -109,10 +117,14 @@ class Guard:
                 headers = list(message.get("headers", []))
                 names = {k.lower() for k, _ in headers}
                 message = {**message, "headers": headers + [(k, v) for k, v in extra if k not in names]}
+            elif head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
             await send(message)
 
-        reason = bad_target(scope.get("raw_path") or path.encode("utf-8", "surrogateescape"),
-                            scope.get("query_string", b""))
+        raw_path = scope.get("raw_path") or path.encode("utf-8", "surrogateescape")
+        if len(raw_path) + len(scope.get("query_string", b"")) > MAX_TARGET:
+            return await self._refuse(scope, send_with_headers, 414, f"request target over {MAX_TARGET} bytes")
+        reason = bad_target(raw_path, scope.get("query_string", b""))
         if reason is not None:
             return await self._refuse(scope, send_with_headers, 400, reason)
         declared = _content_length(scope)

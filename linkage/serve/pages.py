@@ -28,8 +28,8 @@ from linkage.serve.api import check_days
 from linkage.serve.app import HOME
 from linkage.serve.auth import (LOGIN_COOKIE, SESSION_COOKIE, PageUser, csrf_ok, optional_page_user,
                                 page_user, who)
-from linkage.serve.builder import Refusal
-from linkage.serve.catalogue import NotFound, TableView
+from linkage.serve.builder import BuildResult, Refusal, decisions
+from linkage.serve.catalogue import NAME_PATTERN, NotFound, TableView
 from linkage.serve.charts import bar_svg, heat_cells
 from linkage.serve.status import REPORTS, json_report, quarantine_summary, read_report, reports_index, run_status
 from linkage.serve.words import plain
@@ -50,12 +50,12 @@ def _cookie(response: Response, request: Request, name: str, value: str, max_age
                         secure=request.url.scheme == "https")
 
 
-_LOCAL_PATH = re.compile(r"^/(?![/\\])[A-Za-z0-9/_.~%=&?+-]{0,299}$")
+_LOCAL_PATH = re.compile(r"/(?![/\\])[A-Za-z0-9/_.~%=&?+-]{0,299}")
 
 
 def _safe_next(path: str | None) -> str | None:
     # only a local path: never another host ("//evil", "/\\evil", "/\t/evil", "https://...")
-    return path if path and _LOCAL_PATH.match(path) and "//" not in path else None
+    return path if path and _LOCAL_PATH.fullmatch(path) and "//" not in path else None
 
 
 async def _form(request: Request) -> dict:
@@ -191,6 +191,8 @@ def _chart(view: TableView, params: dict, labels: dict) -> dict:
                 "intervals": sum(i.get("low") is not None for i in items),
                 "svg": bar_svg(items, title, labels, zero=zero, groups=groups, group_title=group or "")}
     cols_default = [finest[d] for d in (small if len(small) >= 2 else distinct)[-2:]]
+    if len(view.categories(cols_default[1])) > len(view.categories(cols_default[0])):
+        cols_default.reverse()             # the longer list down the side: the matrix fits the page's width
     rows, cols = params.get("x") or cols_default[0], params.get("y") or cols_default[1]
     if rows not in dims or cols not in dims or levels[rows][0] == levels[cols][0]:
         raise HTTPException(400, "choose two columns of different dimensions")
@@ -290,10 +292,32 @@ def _builder_context(portal, me: PageUser) -> dict:
 
 
 @router.get("/builder")
-async def builder_form(request: Request, me: PageUser = Depends(researcher)):
+async def builder_form(request: Request, result: str | None = Query(None, pattern=NAME_PATTERN),
+                       page: int = Query(1, ge=1, le=10**6), me: PageUser = Depends(researcher)):
+    """The table builder's form; with ``result``, one of the caller's recent answers again, at a page of its
+    rows (no new request, no quota; audited as a read of the result)."""
     portal = _portal(request)
-    return portal.render(request, "builder.html", title="Table builder", result=None, error=None, chosen=[],
-                         chosen_measure=None, **_builder_context(portal, me))
+    if result is None:
+        return portal.render(request, "builder.html", title="Table builder", result=None, error=None, chosen=[],
+                             chosen_measure=None, **_builder_context(portal, me))
+    view = portal.builder.result(me.user, result)
+    if view is None:
+        raise HTTPException(404, "no recent result of yours by that name")
+    portal.record(request, me.user, "builder.result", {"table": result, "format": "page", "page": page, "via": "page"})
+    dims = [d.get("name") for d in view.meta.get("dimensions", []) if isinstance(d, dict)]
+    answer = BuildResult({}, view, decisions(view.meta), False, portal.builder.quota(me.user.name), 0.0)
+    return _builder_result(request, portal, me, answer, page, chosen=dims, chosen_measure=None)
+
+
+def _builder_result(request: Request, portal, me: PageUser, res: BuildResult, page: int, **ctx):
+    """The builder page showing an answer: chart, a page of its rows, its dictionary and downloads."""
+    labels = portal.catalogue.labels()
+    chart = _chart(res.view, {}, labels)
+    # the measure asked for first, its counts after (the engine lists counts first)
+    frame = res.view.frame.sort_values("measure", key=lambda m: m != chart["measure"], kind="stable")
+    rows = _rows_page(frame, page, {"result": res.view.name})
+    return portal.render(request, "builder.html", title="Table builder", result=res, chart=chart, error=None,
+                         labels=labels, view=res.view, pager=True, **rows, **ctx, **_builder_context(portal, me))
 
 
 @router.post("/builder")
@@ -309,11 +333,7 @@ async def builder(request: Request, me: PageUser = Depends(researcher)):
     except Refusal as r:
         return portal.render(request, "builder.html", r.status, title="Table builder", result=None, error=r.message,
                              **ctx, **_builder_context(portal, me))
-    labels = portal.catalogue.labels()
-    chart = _chart(res.view, {}, labels)
-    return portal.render(request, "builder.html", title="Table builder", result=res, chart=chart, error=None,
-                         labels=labels, view=res.view, **_rows_page(res.view.frame, 1, {}), **ctx,
-                         **_builder_context(portal, me))
+    return _builder_result(request, portal, me, res, 1, **ctx)
 
 
 @router.get("/builder/results/{name}")
@@ -389,6 +409,7 @@ async def audit_page(request: Request, page: int = Query(1, ge=1, le=10**6),
     return portal.render(request, "audit.html", title="Audit log", entries=entries, total=total, matching=matching,
                          page=page, pages=pages, filters=filters, actors=actors, actions=actions,
                          groups=sorted({a.split(".")[0] + "." for a in actions if "." in a}), verification=None,
+                         per_page=AUDIT_PER_PAGE,
                          query=lambda **kw: urlencode({k: v for k, v in {**filters, **kw}.items() if v}))
 
 
@@ -400,7 +421,7 @@ async def audit_verify(request: Request, me: PageUser = Depends(auditor)):
                         {"entries": result.entries, "first_bad_seq": result.first_bad_seq, "problem": result.problem})
     return portal.render(request, "audit.html", title="Audit log check", entries=[], total=result.entries,
                          matching=0, page=1, pages=1, filters={}, actors=[], actions=[], groups=[],
-                         verification=result, query=lambda **kw: "")
+                         verification=result, query=lambda **kw: "", per_page=AUDIT_PER_PAGE)
 
 
 @router.get("/runs")

@@ -38,8 +38,8 @@ from linkage.workspace import publish
 __all__ = ["ROLES", "User", "UserError", "UserStore"]
 
 ROLES = ("researcher", "auditor", "engineer")
-NAME_PATTERN = re.compile(r"^[a-z][a-z0-9._-]{0,62}$")
-_TOKEN = re.compile(r"^hhl_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9._-]{0,62}\Z")  # \Z: "$" would admit a trailing newline
+_TOKEN = re.compile(r"^hhl_([0-9a-f]{12})_([A-Za-z0-9_-]{43})\Z")
 # scrypt cost: about 50 ms and 16 MiB per check on this machine (OWASP's minimum is N=2^17, r=8 for
 # passwords; tokens here are 256 random bits, so the hash only has to stop a stolen file being used)
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}

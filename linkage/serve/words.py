@@ -13,6 +13,8 @@ Example:
     'Benefit spells: none, short, or long (at least 24 months)'
     >>> plain("On FSM in most school years (assemble.persistent_fsm_share)", cfg)
     'On FSM in most school years (80%)'
+    >>> plain("lower bound of the interval of ige (see sdc.uncertainty)", cfg)
+    'lower bound of the interval of ige (see the note on confidence intervals)'
 """
 
 from __future__ import annotations
@@ -38,15 +40,24 @@ def worded(field: str, value: object) -> str:
     return number
 
 
+#: references to a dictionary's own metadata keys (``see sdc.uncertainty``), in words
+_META = re.compile(r"\bsdc\.([a-z][a-z0-9_]*)\b")
+_META_WORDS = {"uncertainty": "the note on confidence intervals"}
+
+
 def plain(text: str, config) -> str:
-    """``text`` with each reference to a setting (``section.field``) replaced by its worded value."""
+    """``text`` with each reference to a setting (``section.field``) replaced by its worded value, and each
+    reference to the dictionary's metadata (``sdc.uncertainty``) by the note a researcher reads instead."""
 
     def value(m: re.Match) -> str:
         section, field = m.groups()
         v = getattr(getattr(config, section, None), field, None)
         return m.group(0) if v is None else worded(field, v)
 
-    return _REFERENCE.sub(value, text) if isinstance(text, str) and "." in text else text
+    if not isinstance(text, str) or "." not in text:
+        return text
+    text = _REFERENCE.sub(value, text)
+    return _META.sub(lambda m: _META_WORDS.get(m.group(1), "the note on disclosure control"), text)
 
 
 def plain_meta(meta: object, config) -> object:
