@@ -48,9 +48,11 @@ demo: $(STAMP)
 	test -f $(KEY_FILE) || $(VENV)/bin/hhlink keys init --key-file $(KEY_FILE)
 	$(VENV)/bin/hhlink run --workspace $(WORKSPACE) --persons $(PERSONS) --seed $(SEED) --key-file $(KEY_FILE)
 
+# PYTEST_ARGS: extra pytest arguments (.ci/run passes --durations so each CI log shows the slowest tests)
+PYTEST_ARGS ?=
 test: $(STAMP_TEST)
 	bash scripts/ensure-chromium
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP_TEST)
 	$(PY) -m bench.ladder
