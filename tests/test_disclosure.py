@@ -485,3 +485,22 @@ def test_record_keys_remembered_between_requests_are_the_same_keys():
     assert (more[0] == record_keys(["new"], b"s" * 32, 7)[0]).all() and (more[1:] == full[:2]).all()
     assert (_known_record_keys(units, b"t" * 32, 7) == record_keys(units, b"t" * 32, 7)).all()
     assert not (_known_record_keys(units, b"t" * 32, 7) == full).all()
+
+
+def test_a_reports_sample_size_is_the_count_the_engine_publishes_for_the_same_people(key):
+    # reports/mobility.json's n (linkage.assemble.mobility.public_n): the oracle is the engine's
+    # own perturbed total over the same people; under the threshold there is no n at all
+    from linkage.assemble.mobility import public_n
+    from linkage.disclose.stage import record_key_secret
+
+    cfg = load_config()
+    secret = record_key_secret(key)
+    for size in (57, 123, 1000):
+        df = people({("X",): size // 2, ("Y",): size - size // 2}, ("region",))
+        ids = ["nobody", *df["person"], None]
+        t = protect_table(df, TableSpec("n", (Dimension("region", ("region",)),), unit="person"), cfg, key=key)
+        total = t.frame.loc[t.frame["region"] == "Total", "value"].iloc[0]
+        got = public_n({"m": np.arange(1, size + 1), "few": np.array([1, 2]), "unkeyed": np.array([1, size + 1])},
+                       ids, secret, cfg.disclosure)
+        assert got == {"m": int(total), "few": None, "unkeyed": None}
+        assert abs(got["m"] - size) <= 2

@@ -386,3 +386,60 @@ def headline(d: dict) -> dict:
     return {"ige": ige(d["x"][idx], d["y"][idx], d["cohort_code"][idx]), "rank_slope": slope,
             "absolute_upward_mobility": intercept + 25.0 * slope, "bottom_to_top": bottom_to_top(p, c),
             "n": int(len(idx))}
+
+
+# -- what reports may say about sample sizes ---------------------------------------------------
+
+def national_samples(d: dict) -> dict[str, np.ndarray]:
+    """Per national measure, the cohort rows in its sample (whose count is the measure's ``n``).
+
+    Example:
+        >>> d = prepare({"birth_year": np.array([2000.0, 2000.0, 2001.0]), "log_parents_earnings":
+        ...             np.array([1.0, np.nan, 2.0]), "log_adult_pay": np.array([1.0, 1.0, 2.0]),
+        ...             "parents_earnings": np.array([1.0, np.nan, 2.0]), "adult_pay": np.array([1.0, 1.0, 2.0]),
+        ...             "ks2_score": np.full(3, np.nan), "ks4_att8": np.full(3, np.nan)})  # doctest: +SKIP
+        >>> national_samples(d)["ige"].tolist()  # doctest: +SKIP
+        [0, 2]
+    """
+    out = {m: np.flatnonzero(d["mobile"]) for m in MOBILITY_MEASURES}
+    for outcome in OUTCOMES:
+        has = ~np.isnan(np.asarray(d[outcome], float))
+        for name in DISADVANTAGE:
+            out[f"attainment_gap_{outcome}_{name}"] = np.flatnonzero(has & ~np.isnan(np.asarray(d[name], float)))
+    return out
+
+
+def public_n(samples: dict[str, np.ndarray], child_ids: list[str], secret: bytes, cfg) -> dict[str, int | None]:
+    """Each sample's size as the disclosure engine would publish a count of the same children.
+
+    The count gets the cell-key noise of :mod:`linkage.sdc.perturb` with the cell key of the
+    same children (their record keys under ``secret``, the ``sdc:record-key`` subkey), so a
+    report's ``n`` equals the published count of the same population in any table, and
+    comparing the two reveals nothing about the noise; a sample below the threshold has no
+    ``n`` (``None``).
+
+    Args:
+        samples: per measure, row indices into ``child_ids`` (:func:`national_samples`).
+        child_ids: the research key of each cohort row (the unit of the published tables).
+        secret: :func:`linkage.disclose.stage.record_key_secret` of the master key.
+        cfg: the ``disclosure`` config section.
+
+    Returns:
+        Per measure, the perturbed count or ``None``.
+    """
+    from linkage.sdc.cells import KEY_MODULUS, record_keys
+    from linkage.sdc.perturb import count_noise
+
+    keyed = np.array([c is not None for c in child_ids], dtype=bool)
+    rk1 = np.zeros(len(child_ids), dtype=np.int64)
+    if keyed.any():
+        rk1[keyed] = record_keys([c for c in child_ids if c is not None], secret)[:, 0].astype(np.int64)
+    out: dict[str, int | None] = {}
+    for name, rows in samples.items():
+        n = len(rows)
+        if n < cfg.threshold or not keyed[rows].all():   # a child without a research key is in no table
+            out[name] = None
+            continue
+        ck = float(int(rk1[rows].sum()) % KEY_MODULUS) / KEY_MODULUS
+        out[name] = int(n + count_noise(np.array([n]), np.array([ck]), cfg)[0])
+    return out

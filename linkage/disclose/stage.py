@@ -277,7 +277,8 @@ def build_table(request: dict, workspace: Path | str, config: Config, key: Maste
 
     Raises:
         RequestError: a dimension or measure outside the allowed list, or an answer whose
-            disclosure audit would need more than ``disclosure.request_max_lps`` linear programs.
+            disclosure audit would need more than ``disclosure.request_max_lps`` linear programs,
+            or that no suppression pattern protects (nothing is released or recorded).
 
     Example:
         >>> build_table({"dimensions": ["region"], "measure": "count"}, "ws", load_config())  # doctest: +SKIP
@@ -305,6 +306,11 @@ def build_table(request: dict, workspace: Path | str, config: Config, key: Maste
             raise RequestError(f"this table needs more disclosure checking than one request may use "
                                f"(over {config.disclosure.request_max_lps} linear programs, "
                                "disclosure.request_max_lps): choose fewer or coarser dimensions") from None
+        if audit.fallback:
+            # no pattern protects it: withholding every cell would still release its equations, and
+            # with cells published elsewhere they can narrow what earlier releases withheld
+            raise RequestError("this table cannot be released without narrowing cells withheld in earlier "
+                               "tables: choose other or coarser dimensions")
         if record:
             ledger.record(d, [new], masks[:1])
     return _finish(prep, config, masks[0], audit, t0)
