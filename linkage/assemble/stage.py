@@ -8,6 +8,8 @@ pairs) and ``pseudonymised/payload/`` (attributes by record token) and writes ``
   by the SQL in :mod:`linkage.assemble.sql`;
 * ``mobility`` and ``transition_matrix``: the measures of :mod:`linkage.assemble.mobility` with
   bootstrap confidence intervals, nationally and per birth cohort, region and LA;
+* ``key_changes``: the persons merged, split or retired since the last release, in the
+  project's keys (person keys are otherwise stable across releases);
 * ``metadata.json``: project id and key fingerprint, row counts, schema versions, settings.
 
 Every table is declared in ``schemas/research/<table>.toml`` (columns, types, roles) and
@@ -283,6 +285,33 @@ def _key_maps(con: duckdb.DuckDBPyConnection, project_secret: bytes) -> None:
         con.unregister(f"_map_{kind}")
 
 
+def _research_key_changes(con: duckdb.DuckDBPyConnection, project_secret: bytes, linked: Path, out: Path) -> int:
+    """``key_changes.parquet``: the release's merged, split and retired persons, in the project's keys.
+
+    A researcher carries an analysis to the next release with it: a ``merged`` row says
+    ``old_person_id``'s records now belong to ``new_person_id``; ``split``, that some of them
+    left for a new ``new_person_id``; ``retired``, that the person's records are gone. Keys
+    not listed are the same person as in the last release (:mod:`linkage.link.stable_keys`).
+    """
+    from linkage.encodings import Tokeniser
+
+    src = linked / "key_changes.parquet"
+    rows = con.execute(f"select change, old_key, new_key, identities from read_parquet({read_literal(src)}) "
+                       "where change <> 'new' order by all").fetchall() if src.is_file() else []
+    tok = Tokeniser(project_secret, "person")
+
+    def keyed(values):
+        present = [v for v in values if v is not None]
+        mapped = iter(tok.many(present))
+        return pa.array([next(mapped) if v is not None else None for v in values], pa.string())
+
+    table = pa.table({"change": pa.array([r[0] for r in rows], pa.string()),
+                      "old_person_id": keyed([r[1] for r in rows]), "new_person_id": keyed([r[2] for r in rows]),
+                      "identities": pa.array([r[3] for r in rows], pa.int64())})
+    pq.write_table(table, out / "key_changes.parquet", compression="zstd")
+    return table.num_rows
+
+
 _VIEWS = {
     "person": """
         select k.person_id, p.*, c.la_at_16, r.region_code region_at_16
@@ -474,6 +503,7 @@ def assemble(config: Config, workspace: Path | str, key: MasterKey | None = None
             t = time.perf_counter()
             _key_maps(con, secret)
             rows = {name: _write_table(con, schemas[name], out, a.research_pay_rounding) for name in _VIEWS}
+            rows["key_changes"] = _research_key_changes(con, secret, ws.zone("linked"), out)
             rows["mobility"] = _write_rows(measures, schemas["mobility"], out)
             rows["transition_matrix"] = _write_rows(transitions, schemas["transition_matrix"], out)
             _check_written(out, schemas)
