@@ -504,6 +504,9 @@ def assemble(config: Config, workspace: Path | str, key: MasterKey | None = None
             _key_maps(con, secret)
             rows = {name: _write_table(con, schemas[name], out, a.research_pay_rounding) for name in _VIEWS}
             rows["key_changes"] = _research_key_changes(con, secret, ws.zone("linked"), out)
+            # the report is readable beyond the engineers: sample sizes as the published tables give
+            # them (computed here, before the sensitivity variants rebuild the cohort table)
+            public = _public_n(con, prepared, key, config)
             rows["mobility"] = _write_rows(measures, schemas["mobility"], out)
             rows["transition_matrix"] = _write_rows(transitions, schemas["transition_matrix"], out)
             _check_written(out, schemas)
@@ -527,8 +530,6 @@ def assemble(config: Config, workspace: Path | str, key: MasterKey | None = None
         seconds["total"] = time.perf_counter() - t0
         national = {m["measure"]: {k: m[k] for k in ("estimate", "ci_low", "ci_high", "n")}
                     for m in measures if m["group_type"] == "national"}
-        # the report is readable beyond the engineers: sample sizes as the published tables give them
-        public = _public_n(con, prepared, key, config)
         report = {"project": a.project, "national": {m: {**v, "n": public.get(m)} for m, v in national.items()},
                   "headline": {**baseline, "n": public.get("ige")},
                   "sensitivity": {"variants": [{k: v for k, v in r.items() if k != "n"} for r in variants],
