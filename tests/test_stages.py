@@ -21,13 +21,29 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli(*args: str, key: str | None = KEY_A, env: dict | None = None, cwd: Path | None = None):
+    return _cli_together([args], key=key, env=env, cwd=cwd)[0]
+
+
+def _cli_together(calls: list[tuple[str, ...]], key: str | None = KEY_A, env: dict | None = None,
+                  cwd: Path | None = None) -> list[tuple[int, str, str]]:
+    """Run independent ``hhlink`` commands at the same time (one per core); (code, stdout, stderr) of each."""
     e = {k: v for k, v in os.environ.items() if not k.startswith("HHLINK_")}
     if key:
         e["HHLINK_KEY"] = key
     e.update(env or {})
-    proc = subprocess.run([sys.executable, "-m", "linkage.cli", *args], capture_output=True, text=True, env=e,
-                          cwd=cwd, timeout=600)
-    return proc.returncode, proc.stdout, proc.stderr
+    procs = [subprocess.Popen([sys.executable, "-m", "linkage.cli", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=e, cwd=cwd) for args in calls]
+    done = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=600)
+            done.append((proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return done
 
 
 def _key_file(folder: Path, hexkey: str) -> Path:
@@ -136,9 +152,9 @@ def test_every_stage_command_takes_the_workspace_lock(linked_ws, tmp_path):
                               stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         assert holder.stdout.readline().strip() == "held"
-        for args in (("ingest",), ("link",), ("assemble",), ("disclose",)):
-            code, _, err = _cli(*args, "--workspace", str(ws))
-            assert code == 2 and "another hhlink command is using this workspace" in err, args
+        stages = ("ingest", "link", "assemble", "disclose")
+        for stage, (code, _, err) in zip(stages, _cli_together([(s, "--workspace", str(ws)) for s in stages])):
+            assert code == 2 and "another hhlink command is using this workspace" in err, stage
     finally:
         holder.kill()
         holder.wait()
@@ -162,12 +178,13 @@ def _foreign(err: str) -> list[str]:
 
 
 def test_verbose_works_after_the_subcommand_and_the_console_stays_quiet(linked_ws, tmp_path):
-    ws = tmp_path / "ws"
+    ws, ws_v = tmp_path / "ws", tmp_path / "ws-v"
     shutil.copytree(linked_ws, ws)
-    code, out, err = _cli("link", "--workspace", str(ws))
+    shutil.copytree(linked_ws, ws_v)
+    (code, out, err), (code_v, out_v, err_v) = _cli_together([("link", "--workspace", str(ws)),
+                                                              ("link", "--workspace", str(ws_v), "-v")])
     assert code == 0 and _foreign(err) == [] and "WARNING" not in out
-    code, out, err = _cli("link", "--workspace", str(ws), "-v")
-    assert code == 0 and " INFO " in err and " splink." in err   # -v after the subcommand shows library logs
+    assert code_v == 0 and " INFO " in err_v and " splink." in err_v   # -v after the subcommand shows library logs
     code, out, err = _cli("assemble", "--workspace", str(ws))
     assert code == 0 and _foreign(err) == []
     code, out, err = _cli("disclose", "--workspace", str(ws))
