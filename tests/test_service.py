@@ -1161,6 +1161,7 @@ def test_table_pages_are_paged_and_show_the_comparison_on_a_sensible_axis(sessio
     legend = re.findall(r'class="legend-item">.*?<text[^>]*>([^<]+)</text>', svg)
     assert legend == ["no", "yes"] and "North East" in svg and "Hartlepool" not in svg
     assert "one bar per fsm_ever" in html
+    assert "publishes no confidence interval for mean_ks4" in html          # said, not left to be assumed
     # mean attainment (about 40-55) is not drawn from 0: the axis spans the data, and says so
     ticks = [float(t.replace(",", "")) for t in re.findall(r'class="tick"[^>]*>([^<]+)<', svg)]
     assert ticks[0] > 10 and "not 0" in svg
@@ -1266,6 +1267,7 @@ def test_published_mobility_intervals_are_drawn(sessions, ws):
     published = region[(region["measure"] == "rank_slope_ci_lower") & region["value"].notna()]
     html = client.get("/catalogue/mobility_la_cohort?chart=bar&x=region&g=&measure=rank_slope").text
     assert html.count('class="interval"') == len(published)       # one whisker per published interval
+    assert "publishes no confidence interval" not in html
 
 
 def test_builder_results_show_their_dictionary_and_report_pages_the_portal_navigation(sessions):
