@@ -213,8 +213,9 @@ def test_pay_rounding_hand_worked():
     from linkage.assemble.stage import pay_rounding_sql
 
     con = duckdb.connect()
-    con.execute("CREATE TABLE t AS SELECT * FROM (VALUES (1, 0.0), (2, 120.5), (3, 499.99), (4, 500.0), (5, 1499.0), "
-                "(6, 1500.0), (7, 25340.17), (8, NULL)) v(i, paye_pay)")
+    con.execute("CREATE TABLE t (i INTEGER, paye_pay DOUBLE)")     # DOUBLE, as person_year.paye_pay
+    con.execute("INSERT INTO t VALUES (1, 0.0), (2, 120.5), (3, 499.99), (4, 500.0), (5, 1499.0), (6, 1500.0), "
+                "(7, 25340.17), (8, NULL)")
     got = con.execute(f"SELECT {pay_rounding_sql('paye_pay', 1000)} FROM t ORDER BY i").fetchall()
     # a positive pay never rounds to 0 (it would turn an employed year into a year without pay)
     assert [r[0] for r in got] == [0, 1000, 1000, 1000, 1000, 2000, 25000, None]
@@ -225,7 +226,9 @@ def test_pay_rounding_hand_worked():
 def test_default_config_coarsens_research_pay_and_exact_pay_is_an_opt_in():
     assert CFG.assemble.research_pay_rounding == 1000
     assert load_config(assemble={"research_pay_rounding": 0}).assemble.research_pay_rounding == 0
-    with pytest.raises(ValueError):
+    from linkage.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="research_pay_rounding"):
         load_config(assemble={"research_pay_rounding": -5})
 
 
@@ -244,3 +247,34 @@ def test_research_extracts_hold_rounded_pay(portal_workspace):
     import json
 
     assert json.loads((ws / "research" / "metadata.json").read_text())["settings"]["research_pay_rounding"] == 1000
+
+
+# -- file modes of the engineer's folders: truth/, service/, .flow/ ---------------------------
+
+def test_truth_service_and_flow_files_are_0600_or_0640(run_cli, tmp_path, monkeypatch):
+    """What the CLI writes under truth/, service/ and .flow/ is the engineer's (0600) or their group's
+    to read (0640): never writable by the group, never readable by others; folders 0700 or 0750."""
+    import os
+    import stat
+
+    monkeypatch.setenv(ENV_KEY, SECRET.hex())
+    monkeypatch.delenv("HHLINK_KEY_FILE", raising=False)
+    ws = tmp_path / "ws"
+    old = os.umask(0o022)          # a permissive caller: the modes must not depend on it
+    try:
+        for args in (["generate", "--persons", "300", "--seed", "3"], ["ingest"],
+                     ["users", "add", "alice", "--role", "researcher"]):
+            code, _, err = run_cli(*args, "--workspace", str(ws))
+            assert code == 0, err[-500:]
+    finally:
+        os.umask(old)
+    seen = {}
+    for folder in ("truth", "service", ".flow"):
+        paths = [p for p in (ws / folder).rglob("*")]
+        assert paths, folder
+        for p in [ws / folder, *paths]:
+            mode = stat.S_IMODE(p.stat().st_mode)
+            allowed = (0o700, 0o750) if p.is_dir() else (0o600, 0o640)
+            assert mode in allowed, f"{p.relative_to(ws)}: {mode:04o}"
+            seen[folder] = seen.get(folder, 0) + 1
+    assert seen["truth"] >= 5 and seen[".flow"] >= 2
