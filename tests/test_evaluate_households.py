@@ -245,3 +245,18 @@ def test_parent_child_curve_hand_worked():
                    ('k1', 'k3', 0.3)) t(parent_key, child_key, confidence)""")
     curve = [(float(c), pytest.approx(p), pytest.approx(r)) for c, p, r in con.execute(parent_child_curve_sql()).fetchall()]
     assert curve == [(0.9, 1.0, 1 / 3), (0.5, 0.5, 1 / 3), (0.3, 2 / 3, 2 / 3)]
+
+
+def test_household_accuracy_by_confidence_hand_worked():
+    from linkage.evaluate.stage import household_accuracy_by_confidence_sql, household_accuracy_sql
+
+    con = duckdb.connect()
+    # truth: {1, 2} and {3} in 2010; predicted: {1, 2, 3} with 3 weakly placed
+    con.execute("create table rec_truth as select * from (values (1, 2010), (2, 2010), (3, 2010)) t(truth_person, year)")
+    con.execute("create table pk_truth as select 'k' || truth_person person_key, truth_person from rec_truth")
+    con.execute("create table truth_py as select * from (values (1, 2010, 1), (2, 2010, 1), (3, 2010, 2)) t(person_id, year, household_id)")
+    con.execute("""create table households as select * from (values ('k1', 2010, 'H', 0.97), ('k2', 2010, 'H', 0.97),
+                   ('k3', 2010, 'H', 0.2)) t(person_key, year, household_key, confidence)""")
+    assert con.execute(household_accuracy_sql()).fetchall()[0][0] == 0.0
+    rows = con.execute(household_accuracy_by_confidence_sql()).fetchall()
+    assert [(b, n, float(a)) for b, n, a in rows] == [("0.00-0.30", 1, 0.0), ("0.95-1.00", 2, 0.0)]

@@ -109,6 +109,27 @@ def household_accuracy_sql() -> str:
     """
 
 
+def household_accuracy_by_confidence_sql() -> str:
+    """SQL: (confidence band, person-years, household accuracy) by the membership ``confidence`` of ``households``.
+
+    The same accuracy as :func:`household_accuracy_sql`, per band of
+    :data:`linkage.link.households.CONFIDENCE_BANDS`, to show whether the score means something.
+    """
+    from linkage.link.households import band_sql
+
+    sql = household_accuracy_sql()
+    body, _, _ = sql.rpartition("select avg(")
+    return body + f"""
+        , conf as (select p.truth_person, h.year, min(h.confidence) confidence
+                   from households h join pk_truth p using (person_key) group by all)
+        select {band_sql("c.confidence")} band, count(*) person_years,
+               avg(case when p.members = t.members then 1.0 else 0.0 end) accuracy
+        from true_sets t left join pred_sets p using (truth_person, year)
+        join conf c using (truth_person, year)
+        group by 1 order by 1
+    """
+
+
 def parent_child_metrics_sql(min_confidence: float = 0.0) -> str:
     """SQL: (precision, recall, predicted, true) of parent-child relations against the truth.
 
@@ -203,7 +224,7 @@ def _load(con: duckdb.DuckDBPyConnection, ws: Workspace, key) -> None:
     # only the columns evaluation reads: Splink's clustering carries every column of its
     # node table through each step, and the identities' Bloom filters made that 15 GB at 100k
     for name, cols, path in (
-            ("households", "person_key, year, household_key", linked / "households.parquet"),
+            ("households", "person_key, year, household_key, confidence", linked / "households.parquet"),
             ("parent_child", "parent_key, child_key, confidence", linked / "parent_child.parquet"),
             ("pairs", "unique_id_l, unique_id_r, match_probability", linked / "pairs.parquet"),
             ("identities", "unique_id", linked / "identities.parquet"),
@@ -266,6 +287,8 @@ def evaluate(config: Config, workspace: Path | str, key: MasterKey | None = None
         con.execute("""create or replace table rec_ev as select r.truth_person, r.year, i.claim_tok,
                        i.postcode_tok, i.addr_bf from rec_truth r join ids_ev i using (record_token)""")
         co_same, co_near, pc_ev = con.execute(relation_evidence_sql()).fetchall()[0]
+        hh_by_conf = [{"band": b, "person_years": n, "accuracy": round(a, 4)}
+                      for b, n, a in con.execute(household_accuracy_by_confidence_sql()).fetchall()]
         curve = con.execute(parent_child_curve_sql()).fetchall()
         at_target = max((r for _, p, r in curve if p >= PARENT_CHILD_PRECISION_TARGET), default=0.0)
         metrics = {
@@ -276,6 +299,7 @@ def evaluate(config: Config, workspace: Path | str, key: MasterKey | None = None
             # the ceiling: true relations with any evidence in the extracts (whatever the linkage did)
             "coresidence_evidence_same_year": co_same, "coresidence_evidence_ceiling": co_near,
             "parent_child_evidence_ceiling": pc_ev,
+            "household_accuracy_by_confidence": hh_by_conf,
             "parent_child_recall_at_precision_target": {
                 "precision_target": PARENT_CHILD_PRECISION_TARGET, "recall": at_target,
                 "min_confidence": next((c for c, p, r in curve if p >= PARENT_CHILD_PRECISION_TARGET

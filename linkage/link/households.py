@@ -32,17 +32,19 @@ hash of its smallest member's person key: the key carries over from year to year
 that member stays, and is stable for a seed and config.
 
 Each person-year carries ``confidence``, a score of its membership evidence:
-``1 - exp(-w)`` with ``w`` = 1.5 for a shared claim, 1.5 for a full address recorded that
-year (1.0 for a postcode only), 0.5 per further record at that address that year (at most
-two), and 0.7 for an address inferred from other years (stale, mistyped or missing).
+``1 - exp(-w)`` with ``w`` = 1.0 for a shared claim, 1.0 for a full address recorded that
+year (0.7 for a postcode only, 0.5 for an address inferred from other years: stale,
+mistyped or missing), 0.3 per further record at that address that year (at most two), and
+1.0 for each of the years before and after at the same address (most errors are around a
+move). ``hhlink evaluate`` reports household accuracy by band of this score.
 
 Parent-child relations come from benefit units (an adult claimant or partner and a
 dependant child of the same claim) and from co-residence of an adult and a child or young
 adult (under ``CHILD_MAX_AGE``, 25) with a plausible age gap, unless the adult is a young adult living with someone old enough
 to be the parent of both (an older sibling). Confidence grows with the years of evidence:
 ``1 - exp(-(1.0 * benefit_unit_years + 0.35 * coresident_strength))``, where a year living
-together counts 1, times 0.6 when the younger is 18 or over and times 0.5 when either's
-membership that year is weak (confidence under 0.7); so one year on a claim gives 0.63, three years living
+together counts 1, times 0.6 when the younger is 18 or over and times 0.5 when either is
+placed that year by a postcode alone or by other years, on one record and no claim; so one year on a claim gives 0.63, three years living
 together 0.65, and both together over several years approach 1.
 """
 
@@ -188,7 +190,10 @@ def _person_years_sql(dice: float = ADDRESS_DICE) -> str:
                case when s.new_addr is not null then 'stale' when c.filled is not null then 'inferred'
                     when c.address_key is null then 'none'
                     when c.full_address then 'address' else 'postcode' end as address_evidence,
-               coalesce(c.n, 0) n
+               coalesce(c.n, 0) n,
+               -- the same address the year before and after: most errors are around a move
+               (c.prev_addr = coalesce(s.new_addr, c.filled, c.address_key))::int
+               + (c.next_addr = coalesce(s.new_addr, c.filled, c.address_key))::int as steady
         from py_fill c join person_birth b using (person_key)
         left join (select person_key, year, min(new_addr) new_addr from stale group by all) s using (person_key, year);
         -- integer node ids: the connected-components iterations join on them many times
@@ -217,18 +222,33 @@ def _membership_sql() -> str:
     # the membership score of each person-year (see the module docstring)
     return """
         create or replace table households as
-        select n.person_key, n.year, n.birth_year, h.household_key,
-               round(1 - exp(-(case when n.node_id in (select node_id from claim_py) then 1.5 else 0 end
-                               + case n.address_evidence when 'address' then 1.5 when 'postcode' then 1.0
-                                      when 'stale' then 0.7 when 'inferred' then 0.7 else 0 end
-                               + 0.5 * least(greatest(n.n - 1, 0), 2))), 4) as confidence
+        select n.person_key, n.year, n.birth_year, h.household_key, n.address_evidence,
+               n.node_id in (select node_id from claim_py) as on_claim, n.n as records_at_address,
+               round(1 - exp(-(case when n.node_id in (select node_id from claim_py) then 1.0 else 0 end
+                               + case n.address_evidence when 'address' then 1.0 when 'postcode' then 0.7
+                                      when 'stale' then 0.5 when 'inferred' then 0.5 else 0 end
+                               + 0.3 * least(greatest(n.n - 1, 0), 2) + 1.0 * coalesce(n.steady, 0))), 4) as confidence
         from py_nodes n join hh_keys h using (node_id)
         order by person_key, year;
     """
 
 
-def parent_child_sql(cfg: LinkConfig) -> str:
+# a member placed by a postcode alone, or by other years, on one record and no claim
+WEAK_MEMBERSHIP = ("(not {m}.on_claim and {m}.address_evidence != 'address' and {m}.records_at_address <= 1)")
+
+
+def parent_child_sql(cfg: LinkConfig, weak_membership: bool = False) -> str:
+    """SQL: ``parent_child`` from ``records_linked`` (claims) and ``households``.
+
+    Args:
+        cfg: linkage settings (age-gap bounds).
+        weak_membership: ``households`` carries ``on_claim``, ``address_evidence`` and
+            ``records_at_address`` (as :func:`assemble_households` writes it): a year living
+            together where either member is weakly placed counts half.
+    """
     gap = f"{cfg.parent_min_age_gap} and {cfg.parent_max_age_gap}"
+    weak = (f"{WEAK_MEMBERSHIP.format(m='a')} or {WEAK_MEMBERSHIP.format(m='c')}"
+            if weak_membership else "false")
     return _person_birth_sql() + f"""
         create or replace table parent_child as
         with claim as (select claim_tok, year, person_key, bu_role, birth_year from records_linked
@@ -242,7 +262,7 @@ def parent_child_sql(cfg: LinkConfig) -> str:
         co_year as (select a.person_key parent_key, c.person_key child_key, a.year,
                            -- a young adult or a weakly placed member is weaker evidence of a parent
                            (case when c.year - c.birth_year >= 18 then 0.6 else 1.0 end)
-                           * (case when least(a.confidence, c.confidence) < 0.7 then 0.5 else 1.0 end) as strength
+                           * (case when {weak} then 0.5 else 1.0 end) as strength
                     from households a join households c on a.household_key = c.household_key and a.year = c.year
                     where c.birth_year - a.birth_year between {gap}
                       and a.year - a.birth_year >= 18 and c.year - c.birth_year < {CHILD_MAX_AGE}
@@ -269,7 +289,11 @@ def parent_child_sql(cfg: LinkConfig) -> str:
 
 
 def assemble_households(con: duckdb.DuckDBPyConnection, cfg: LinkConfig) -> dict:
-    """Build ``households`` (person_key, year, household_key, confidence) and ``parent_child`` on ``con``.
+    """Build ``households`` and ``parent_child`` on ``con``.
+
+    ``households``: person_key, year, birth_year, household_key, address_evidence
+    (address, postcode, stale, inferred or none), on_claim, records_at_address and the
+    membership confidence; one row per observed person-year.
 
     Args:
         con: a DuckDB connection holding ``records_linked`` (record token, person_key, year,
@@ -295,7 +319,7 @@ def assemble_households(con: duckdb.DuckDBPyConnection, cfg: LinkConfig) -> dict
         select n.node_id, 'H' || left(md5(min(n.person_key) over (partition by c.cluster_id)), 16) as household_key
         from py_nodes n join {clusters.physical_name} c using (node_id)""")
     con.execute(_membership_sql())
-    con.execute(parent_child_sql(cfg))
+    con.execute(parent_child_sql(cfg, weak_membership=True))
     hh, size, pc = con.execute("""
         select (select count(distinct (household_key, year)) from households),
                (select avg(n) from (select household_key, year, count(*) n from households group by all)),
@@ -308,18 +332,23 @@ def assemble_households(con: duckdb.DuckDBPyConnection, cfg: LinkConfig) -> dict
 CONFIDENCE_BANDS = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
 
 
+def band_sql(column: str) -> str:
+    """SQL: the :data:`CONFIDENCE_BANDS` label (``'0.70-0.80'``) of ``column``."""
+    edges = list(CONFIDENCE_BANDS)
+    cases = " ".join(f"when {column} >= {lo} then '{lo:.2f}-{hi:.2f}'"
+                     for lo, hi in reversed(list(zip(edges, [*edges[1:], 1.0]))))
+    return f"case {cases} end"
+
+
 def confidence_distribution_sql(table: str, unit: str) -> str:
     """SQL: rows of (band, ``unit`` count, share) of ``table``'s ``confidence`` in :data:`CONFIDENCE_BANDS`.
 
     Example:
         >>> con.execute(confidence_distribution_sql("households", "person_years")).fetchall()   # doctest: +SKIP
     """
-    edges = list(CONFIDENCE_BANDS)
-    cases = " ".join(f"when confidence >= {lo} then '{lo:.2f}-{hi:.2f}'"
-                     for lo, hi in reversed(list(zip(edges, [*edges[1:], 1.0]))))
     return f"""
         select band, count(*) as {unit}, round(count(*) / sum(count(*)) over (), 4) as share
-        from (select case {cases} end as band from {table}) group by band order by band
+        from (select {band_sql("confidence")} as band from {table}) group by band order by band
     """
 
 
