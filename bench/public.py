@@ -5,7 +5,8 @@ for byte (nothing is downloaded or cleaned) and linked by:
 
 * **hhlink** - ``hhlink link-files`` with default settings, with and without
   ``soc_sec_id`` mapped as ``id`` (FEBRL4: the two files linked across with
-  ``link_only``; FEBRL1-3: one file deduplicated);
+  ``link_only``; FEBRL1-3: one file deduplicated), the address in parts (street: number,
+  address_1, address_2; locality: suburb and state), each its own keyed Bloom filter;
 * **splink** - an independent cleartext Splink 5 model written as Splink's own FEBRL
   examples write it (their blocking rules, ``NameComparison``, ``DateOfBirthComparison``,
   Damerau-Levenshtein on ``soc_sec_id``, exact street number and postcode, EM on date of birth
@@ -94,7 +95,8 @@ def _map_toml(files: list[Path], with_id: bool, link_only: bool) -> str:
     for f in files:
         lines += [f"[files.{f.stem}]", 'record_id = "rec_id"', 'first_name = "given_name"', 'surname = "surname"',
                   'dob = { column = "date_of_birth", format = "%Y%m%d" }', 'postcode = "postcode"',
-                  'address = ["street_number", "address_1", "address_2", "suburb", "state"]']
+                  # the address in parts, each its own filter (state folded into the locality)
+                  'street = ["street_number", "address_1", "address_2"]', 'locality = ["suburb", "state"]']
         lines += ['id = "soc_sec_id"'] if with_id else []
         lines.append("")
     return "\n".join(lines)

@@ -64,11 +64,18 @@ ROLE_COLUMNS = {
     "sex": ("sex_tok",),
     "postcode": ("postcode_tok", "pc_sector_tok", "pc_district_tok"),
     "address": ("addr_bf",),
+    "street": ("street_bf",),
+    "locality": ("locality_bf",),
     "id": ("id_tok", "id_bf"),
 }
 _ROLE_OF = {c: r for r, cols in ROLE_COLUMNS.items() for c in cols}
 COMPARISON_ROLE = {"forename": "first_name", "surname": "surname", "dob": "dob", "postcode": "postcode",
-                   "address": "address", "sex": "sex", "id": "id"}
+                   "address": "address", "street": "street", "locality": "locality", "sex": "sex", "id": "id"}
+# address parts, each by Dice on its own filter (no term frequencies): with them, the joined
+# address filter serves blocking only, so the same evidence is not counted twice. A typo in
+# the house number or a street costs the street line's Dice a few points; a locality with its
+# region folded in is short, so one typo costs more
+PART_DICE = {"street": (0.95, 0.8, 0.6), "locality": (0.9, 0.7)}
 
 ID_TYPO_LABEL = "Dice >= 0.75 (a mistyped identifier)"
 # one address line joins number, street, locality and region: a typo in one part costs its
@@ -106,6 +113,9 @@ PRIORS: dict[str, dict[str, tuple[float | None, float]]] = {
     "address": {"Dice >= 0.95": (0.6, 0.0005), "Dice >= 0.85": (0.1, 0.001), "Dice >= 0.75": (0.06, 0.002),
                 "Dice >= 0.65": (0.04, 0.0025), "Dice >= 0.55": (0.03, 0.004),
                 "All other comparisons": (0.17, 0.99)},     # people move
+    "street": {"Dice >= 0.95": (0.75, 0.0005), "Dice >= 0.8": (0.08, 0.002), "Dice >= 0.6": (0.05, 0.01),
+               "All other comparisons": (0.12, 0.9875)},     # people move
+    "locality": {"Dice >= 0.9": (0.8, 0.01), "Dice >= 0.7": (0.07, 0.02), "All other comparisons": (0.13, 0.97)},
     "sex": {"Exact match on sex_tok": (0.98, 0.5), "All other comparisons": (0.02, 0.5)},
     "id": {"Exact match on id_tok": (0.97, 0.00001), ID_TYPO_LABEL: (0.02, 0.0001),
            "All other comparisons": (0.01, 0.9999)},
@@ -206,6 +216,20 @@ def _id_comparison():
         comparison_description="id: exact token, Bloom-filter Dice")
 
 
+def _part_comparison(part: str):
+    """An address part by Dice on its Bloom filter, one level per threshold of :data:`PART_DICE`."""
+    import splink.comparison_library as cl
+
+    dice = dice_sql(f"{part}_bf_l", f"{part}_bf_r")
+    return cl.CustomComparison(
+        output_column_name=part,
+        comparison_levels=[cll.NullLevel(f"{part}_bf"),
+                           *(cll.CustomLevel(f"{dice} >= {t}", label_for_charts=f"Dice >= {t}")
+                             for t in PART_DICE[part]),
+                           cll.ElseLevel()],
+        comparison_description=f"{part}: Bloom-filter Dice")
+
+
 def _rule_dict(rule) -> dict:
     from splink import block_on
 
@@ -226,6 +250,10 @@ def base_settings(present: set[str], rules: list, link_type: str, term_frequenci
             at = next(i for i, lv in enumerate(levels) if lv["label_for_charts"] == "same year and month")
             levels.insert(at, cll.CustomLevel(DOB_ONE_PART_SQL, label_for_charts=DOB_ONE_PART_LABEL)
                           .get_comparison_level("duckdb").as_dict())
+    parts = [p for p in PART_DICE if p in present]
+    if parts:
+        comparisons = [c for c in comparisons if c["output_column_name"] != "address"]
+        comparisons += [_part_comparison(p).get_comparison("duckdb").as_dict() for p in parts]
     if "id" in present:
         comparisons.append(_id_comparison().get_comparison("duckdb").as_dict())
     for comp in comparisons:

@@ -28,6 +28,13 @@ The map names one table per file, by the file's stem (``patients_2024.csv`` ->
     address    = ["house_no", "street", "town"]     # joined with spaces
     id         = "nhs_no"
 
+Instead of ``address``, the address can come in parts, each its own keyed Bloom filter
+compared by Dice: ``street = ["house_no", "street"]`` (number and street lines) and
+``locality = ["town", "county"]`` (place and region: fold a low-cardinality part such as a
+state into the locality rather than give it a filter of its own, which would be as good as
+a token). With parts, the joined address is still encoded for blocking but scored only
+through the parts (see :data:`ADDRESS_PARTS`).
+
 Training adapts to the data's size (see :mod:`linkage.link_files.model`): fixed m and u
 priors where there are too few records to estimate them, u by random sampling and m by
 EM where there are enough.
@@ -63,7 +70,9 @@ from linkage.keys import load_master_key
 from linkage.link_files.csvread import DIALECT_KEYS, CsvReadError, Dialect, parse_dialect, read_csv_table
 from linkage.normalise import normalised_sql
 # pseudonymisation's own encoders, plans and SQL (private there): files are encoded exactly as staged rows are
-from linkage.pseudonymise.stage import build_dictionaries, Encoders, identifiers_sql, Source
+from linkage.encodings import BloomEncoder
+from linkage.pseudonymise.stage import (_bloom_column, _norm_address, bloom_params, build_dictionaries, Encoders,
+                                        identifiers_sql, Source)
 from linkage.schemas import Column
 from linkage.workspace import publish
 
@@ -72,11 +81,14 @@ __all__ = ["ROLES", "LinkFilesError", "MapError", "InputFileError", "BadValueErr
 
 log = logging.getLogger(__name__)
 
-ROLES = ("record_id", "first_name", "surname", "dob", "sex", "postcode", "address", "id")
-_MULTI_COLUMN = frozenset({"first_name", "surname", "postcode", "address", "id"})
+ROLES = ("record_id", "first_name", "surname", "dob", "sex", "postcode", "address", "street", "locality", "id")
+_MULTI_COLUMN = frozenset({"first_name", "surname", "postcode", "address", "street", "locality", "id"})
+# address parts: each a Bloom filter of its own (key "bloom:<role>", the address filter's
+# parameters), column "<role>_bf"; with parts and no "address", the address is their join
+ADDRESS_PARTS = ("street", "locality")
 # how each role's text is normalised: the ingest rules of the role named here
 _NORMALISE_AS = {"first_name": "first_name", "surname": "surname", "sex": "sex", "postcode": "postcode",
-                 "address": "address", "id": "nino", "dob": "dob"}
+                 "address": "address", "street": "address", "locality": "address", "id": "nino", "dob": "dob"}
 _SUFFIXES = {".csv": "csv", ".csv.gz": "csv", ".parquet": "parquet"}
 # the generic identifier is tokenised like a linked department reference, in its own "id" domain
 _ID_REFERENCE = {"id": "id_tok"}
@@ -159,6 +171,9 @@ def _file_map(path: Path, table: str, entry) -> FileMap:
             fmt = "%Y-%m-%d"
         else:
             columns[role] = _column_list(where, role, value)
+    if "address" not in columns and any(p in columns for p in ADDRESS_PARTS):
+        # the joined parts feed the address filter's blocking rules; scoring uses the parts
+        columns["address"] = tuple(c for p in ADDRESS_PARTS for c in columns.get(p, ()))
     if not set(columns) - {"record_id"}:
         raise MapError(f"{where} maps no identifier role: name at least one of "
                        f"{', '.join(r for r in ROLES if r != 'record_id')}")
@@ -317,7 +332,7 @@ def _stage_select(inp: _Input, types: dict[str, str]) -> str:
     parts = ["rowid + 1 AS row_n"]
     rid = cols.get("record_id")
     parts.append(f"{_text_sql(rid, inp.spec.dialect.trim)} AS record_id" if rid else "CAST(rowid + 1 AS VARCHAR) AS record_id")
-    for role in ("first_name", "surname", "sex", "postcode", "address", "id"):
+    for role in ("first_name", "surname", "sex", "postcode", "address", *ADDRESS_PARTS, "id"):
         if role in cols:
             parts.append(f"{normalised_sql(_role_column(role), _text_sql(cols[role]))} AS {role}")
     if "dob" in cols:
@@ -403,12 +418,12 @@ def _encode(con, inputs: list[_Input], staged: dict[str, Path], config: Config, 
     for inp in inputs:
         roles = inp.spec.roles
         plans.append(Source(inp.name, staged[inp.name], None, inp.rows,
-                             role_column={r: r for r in roles if r != "id"},
+                             role_column={r: r for r in roles if r != "id" and r not in ADDRESS_PARTS},
                              references={"id": _ID_REFERENCE["id"]} if "id" in roles else {}))
         con.register(f"rt_{inp.name}", _tokens(inp))
     coder = Encoders(key, config.pseudonymise)
     present = set().union(*(inp.spec.roles for inp in inputs))
-    encoders = {r: e for r in sorted(present - {"id"}) if (e := coder.for_role(r)) is not None}
+    encoders = {r: e for r in sorted(present - {"id", *ADDRESS_PARTS}) if (e := coder.for_role(r)) is not None}
     if "id" in present:
         encoders["ref:id"] = coder.for_reference("id", _ID_REFERENCE["id"], "id_bf")
     distinct = build_dictionaries(con, plans, encoders)
@@ -420,7 +435,34 @@ def _encode(con, inputs: list[_Input], staged: dict[str, Path], config: Config, 
                         FROM ({identifiers_sql(plan, encoders, _ID_REFERENCE)})""")
     for name in {e.name for e in encoders.values()}:
         con.unregister(name)
+    for part in sorted(present & set(ADDRESS_PARTS)):
+        distinct[f"d_{part}"] = _add_part_filter(con, inputs, staged, part, key, config)
     return distinct
+
+
+def _add_part_filter(con, inputs: list[_Input], staged: dict[str, Path], part: str, key, config: Config) -> int:
+    """Add ``<part>_bf`` to every ``ids_<name>``: the part's keyed Bloom filter (NULL where a file lacks it)."""
+    bloom = BloomEncoder(key.subkey(f"bloom:{part}"), bloom_params(config.pseudonymise)["addr_bf"])
+    with_part = [inp for inp in inputs if part in inp.spec.columns]
+    # DISTINCT: one dictionary row per value, or the join below would repeat records
+    values = con.sql("SELECT DISTINCT v FROM (" + " UNION ALL ".join(
+        f"SELECT {part} AS v FROM read_parquet({read_literal(staged[inp.name])}) WHERE {part} IS NOT NULL"
+        for inp in with_part) + ")").to_arrow_table().column("v")
+    con.register(f"d_{part}", pa.table({"v": values, "bf": _bloom_column(
+        bloom, [_norm_address(v) or None for v in values.to_pylist()])}))
+    for inp in inputs:
+        if part in inp.spec.columns:
+            con.execute(f"""CREATE OR REPLACE TABLE ids_{inp.name} AS
+                            SELECT i.*, CAST(d.bf AS BLOB) AS {part}_bf FROM ids_{inp.name} i
+                            LEFT JOIN (SELECT printf('%03d%010d', {inp.index}, file_row_number + 1) AS t, {part}
+                                       FROM read_parquet({read_literal(staged[inp.name])}, file_row_number = true)) s
+                                   ON s.t = i.unique_id
+                            LEFT JOIN d_{part} d ON d.v = s.{part}""")
+        else:
+            con.execute(f"CREATE OR REPLACE TABLE ids_{inp.name} AS "
+                        f"SELECT *, CAST(NULL AS BLOB) AS {part}_bf FROM ids_{inp.name}")
+    con.unregister(f"d_{part}")
+    return len(values)
 
 
 # -- output ------------------------------------------------------------------------------------
