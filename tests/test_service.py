@@ -449,8 +449,9 @@ def _secrets_and_records(ws) -> tuple[list[str], list[str]]:
     con = duckdb.connect()
     ids = [r[0] for r in con.execute(f"select child_id from '{ws}/research/cohort.parquet' limit 300").fetchall()]
     ids += [r[0] for r in con.execute(f"select person_id from '{ws}/research/person.parquet' limit 300").fetchall()]
-    ids += [r[0] for r in con.execute(
-        f"select record_token from '{ws}/pseudonymised/identifiers/*.parquet' using sample 300 rows").fetchall()]
+    from linkage.pseudonymise.store import read_identifiers   # identifiers/ are encrypted at rest
+
+    ids += read_identifiers(ws, KEY, ["record_token"]).column("record_token").to_pylist()[::100][:300]
     ids += [r[0] for r in con.execute(
         f"select distinct surname from '{ws}/staged/earnings.parquet' where length(surname) >= 9 limit 200").fetchall()]
     con.close()
