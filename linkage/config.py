@@ -16,10 +16,11 @@ Example:
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from linkage import resources
 from linkage.errors import ConfigError, read_toml
@@ -234,6 +235,13 @@ class PseudonymiseConfig(_Section):
             quarantined rows can no longer be inspected, and ``hhlink keys rotate`` or a
             re-run of pseudonymise needs ``hhlink ingest`` again (from ``landing/``, which
             this setting does not touch). See ``docs/privacy.md``.
+        postcode_pattern: a regular expression for postcodes that are not UK postcodes, with
+            named groups ``district`` and (optionally) ``sector``: the prefixes that give a
+            partial agreement level (matched, whole, against the value upper-cased with its
+            spaces removed). E.g. Australian postcodes, ``'(?P<sector>(?P<district>\\d{2})\\d)\\d'``.
+            Values it does not match, and every value when it is unset, are split as UK
+            postcodes (district, then sector = district + the inward digit); values under 5
+            characters use their prefixes one and two characters short.
     """
 
     q: int = Field(2, ge=2, le=3)
@@ -249,6 +257,20 @@ class PseudonymiseConfig(_Section):
     member_role_column: str = "role"
     period_dates: dict[str, str] = Field(default_factory=lambda: {"benefits": "start_date"})
     purge_cleartext_after: Literal["never", "pseudonymise"] = "never"
+    postcode_pattern: str | None = None
+
+    @field_validator("postcode_pattern")
+    @classmethod
+    def _postcode_pattern(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            groups = re.compile(v).groupindex
+        except re.error as exc:
+            raise ValueError(f"postcode_pattern is not a valid regular expression ({exc})") from None
+        if "district" not in groups:
+            raise ValueError("postcode_pattern needs a named group 'district' (and optionally 'sector')")
+        return v
 
     @model_validator(mode="after")
     def _half_fill(self) -> PseudonymiseConfig:

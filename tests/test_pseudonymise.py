@@ -464,3 +464,27 @@ def test_hand_worked_rows(tmp_path, keyed):
     payload = duckdb.sql(f"SELECT * FROM '{_plain(tmp_path)}/payload/earnings.parquet'").to_arrow_table()
     assert set(payload["employer_tok"].to_pylist()) == {_oracle("employer_ref", "123/AB12345")}
     assert "employer_ref" not in payload.column_names
+
+
+def test_a_configured_postcode_pattern_gives_non_uk_postcodes_their_district_and_sector():
+    from linkage.errors import ConfigError
+    from linkage.pseudonymise.stage import Encoders
+
+    pattern = r"(?P<sector>(?P<district>\d{2})\d)\d"          # e.g. Australian postcodes
+    key = MasterKey(bytes(range(32)), "test")
+    enc = Encoders(key, load_config(pseudonymise={"postcode_pattern": pattern}).pseudonymise).for_role("postcode")
+    plain = Encoders(key, load_config().pseudonymise).for_role("postcode")
+    values = ["2615", "2617", "2715", "SW1A 1AA", "SW1A 1AB"]
+    got, before = enc.encode(values), plain.encode(values)
+    # 2615 and 2617 share a sector and a district, 2715 neither; without the pattern a 4-digit code's
+    # "district" is its first two characters too, but its "sector" drops only the last one
+    assert got["pc_sector_tok"][0] == got["pc_sector_tok"][1] != got["pc_sector_tok"][2]
+    assert got["pc_district_tok"][0] == got["pc_district_tok"][1] != got["pc_district_tok"][2]
+    # UK postcodes the pattern does not match keep their usual parts, token for token
+    for col in ("postcode_tok", "pc_sector_tok", "pc_district_tok"):
+        assert got[col][3:] == before[col][3:]
+    assert got["pc_sector_tok"][3] == got["pc_sector_tok"][4]
+    with pytest.raises(ConfigError, match="district"):
+        load_config(pseudonymise={"postcode_pattern": r"(\d{2})\d\d"})
+    with pytest.raises(ConfigError, match="regular expression"):
+        load_config(pseudonymise={"postcode_pattern": r"(?P<district>\d{2"})

@@ -99,11 +99,25 @@ def _norm_address(v: str) -> str:
     return " ".join(re.sub(r"[\W_]+", " ", unicodedata.normalize("NFC", v).upper()).split())
 
 
-def postcode_parts(v: str) -> tuple[str | None, str | None, str | None]:
-    """A postcode's (whole, sector, district) prefixes for partial levels; UK or not (``None`` where too short)."""
+def postcode_parts(v: str, pattern: re.Pattern | None = None) -> tuple[str | None, str | None, str | None]:
+    """A postcode's (whole, sector, district) prefixes for partial levels; UK or not (``None`` where too short).
+
+    ``pattern`` (``pseudonymise.postcode_pattern``, compiled) names the ``district`` and
+    ``sector`` of postcodes that are not UK postcodes; a value it does not match is split
+    as below.
+
+    Example:
+        >>> postcode_parts("sw1a 1aa")
+        ('SW1A 1AA', 'SW1A 1', 'SW1A')
+        >>> postcode_parts("2615", re.compile(r"(?P<sector>(?P<district>\\d{2})\\d)\\d"))
+        ('2615', '261', '26')
+    """
     p = "".join(v.upper().split())
     if not p:
         return None, None, None
+    if pattern is not None and (m := pattern.fullmatch(p)) is not None:
+        g = m.groupdict()
+        return p, g.get("sector") or None, g.get("district") or None
     if len(p) < 5:
         # not a UK postcode (a 3-4 character postal code, e.g. Australian): its prefixes
         # play sector and district, so a one-character error at the end keeps partial credit
@@ -220,7 +234,8 @@ class Encoders:
         }
 
     def _postcode(self, values: list[str]) -> dict[str, list]:
-        parts = [postcode_parts(v) for v in values]
+        pattern = re.compile(self.cfg.postcode_pattern) if self.cfg.postcode_pattern else None
+        parts = [postcode_parts(v, pattern) for v in values]
         # units are nearly all distinct already: tokenise directly; sectors and districts repeat
         return {"postcode_tok": self.tok("postcode").many([p[0] for p in parts]),
                 "pc_sector_tok": _mapped(self.tok("pc_sector").many, [p[1] for p in parts]),
