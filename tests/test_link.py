@@ -179,3 +179,26 @@ def test_floor_levels_leaves_no_veto_from_a_level_training_never_saw():
     assert math.log2(swapped["m_probability"] / swapped["u_probability"]) >= \
         math.log2(other["m_probability"] / other["u_probability"]) - 0.01
     assert sum(lv["m_probability"] for lv in (exact, swapped, other)) == pytest.approx(1)
+
+
+def test_the_report_counts_identities_no_blocking_rule_compares():
+    from linkage.link.model import PREDICTION_BLOCKS
+    from linkage.link.stage import uncompared
+
+    cols = sorted({c for r in PREDICTION_BLOCKS if not isinstance(r, str) for c in r} | {"dob_swap_tok"})
+    con = duckdb.connect()
+    con.execute(f"create table identities (unique_id varchar, n_records integer, {', '.join(c + ' varchar' for c in cols)})")
+    rows = [
+        {"unique_id": "a", "n_records": 2, "nino_tok": "N1"},          # a and b share a NINO
+        {"unique_id": "b", "n_records": 1, "nino_tok": "N1"},
+        {"unique_id": "c", "n_records": 1, "dob_tok": "D1", "fn_phon_tok": "F", "dob_swap_tok": "D2"},
+        {"unique_id": "d", "n_records": 1, "dob_tok": "D2", "fn_phon_tok": "F"},  # c's date swapped
+        {"unique_id": "e", "n_records": 3, "dob_tok": "D3", "fn_phon_tok": "G"},  # alone
+        {"unique_id": "f", "n_records": 1, "nino_tok": "N2"},          # alone
+    ]
+    for r in rows:
+        con.execute(f"insert into identities ({', '.join(r)}) values ({', '.join('?' * len(r))})", list(r.values()))
+    u = uncompared(con)
+    assert u["identities"] == 6 and u["identities_no_rule_compares"] == 2
+    assert u["identities_share"] == pytest.approx(2 / 6, abs=1e-6)
+    assert u["records_share"] == pytest.approx(4 / 9, abs=1e-6)

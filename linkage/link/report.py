@@ -151,6 +151,7 @@ def build_report(config: Config, workspace: Path | str, key=None) -> dict:
                                                 "probability_two_random_records_match", "seconds")},
         "completeness": _completeness(con, "ids_in") if key is not None else previous.get("completeness", []),
         "blocking": summary.get("blocking", []),
+        "uncompared": summary.get("uncompared"),
         "parameters": mu_rows(model),
         "match_rates": _match_rates(con),
         "subgroups": (_subgroups(con, payload, config.generate.end_year, config.paths.resolve(config.assemble.la_lookup))
@@ -214,7 +215,7 @@ def render_html(report: dict, charts: dict[str, dict]) -> str:
     sections = [
         ("Summary", kpis),
         ("Coverage and identifier completeness", html_table(report["completeness"])),
-        ("Blocking rules and comparison counts", html_table(report["blocking"])),
+        ("Blocking rules and comparison counts", html_table(report["blocking"]) + _uncompared_html(report.get("uncompared"))),
         ("Model parameters (m, u, match weight per level)", html_table(report["parameters"]) + chart_html),
         ("Match rates per source", html_table(report["match_rates"])),
         ("Match rates by subgroup: pupils old enough to appear as adults", sub_html),
@@ -237,6 +238,14 @@ def render_page(title: str, heading: str, note: str, sections: list[tuple[str, s
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body><h1>{html.escape(heading)}</h1>"
             f"<p class='note'>{html.escape(note)}</p>{body}</body></html>")
+
+
+def _uncompared_html(u: dict | None) -> str:
+    if not u:
+        return ""
+    return (f"<p class='note'>Identities no rule compares with any other: {u['identities_no_rule_compares']:,} of "
+            f"{u['identities']:,} ({u['identities_share']:.2%}; {u['records_share']:.2%} of records). They can only "
+            "be persons of their own. An upper bound: the swapped-names rule, a Dice test, is not counted.</p>")
 
 
 def write_report(config: Config, workspace: Path | str, key=None) -> dict:

@@ -207,6 +207,7 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
     _save_charts(linker, out / "charts")
     t = time.perf_counter()
     facts["blocking"] = _blocking_counts(sdfs, con)
+    facts["uncompared"] = uncompared(con)
     facts["blocking_count_seconds"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
     if lc.engine == "spark":
@@ -259,6 +260,39 @@ def _blocking_counts(sdfs, con: duckdb.DuckDBPyConnection) -> list[dict]:
     return [{"rule": rule_label(rule), "marginal_comparisons": int(r["marginal_comparison_count"]),
              "cumulative_comparisons": int(r["cumulative_comparison_count"]), "is_estimate": bool(r["is_estimate"])}
             for rule, r in zip(PREDICTION_BLOCKS, records)]
+
+
+def uncompared(con: duckdb.DuckDBPyConnection) -> dict:
+    """Identities (and their records) that no prediction blocking rule pairs with any other identity.
+
+    Exact for the rules on equal columns and the swapped-date rules; the swapped-names rule
+    (a Dice test, not an equality) is not counted, so the share is an upper bound. Such an
+    identity can only become a person of its own (or one with its identical records).
+    """
+    from linkage.link.model import PREDICTION_BLOCKS
+
+    parts = []
+    for rule in PREDICTION_BLOCKS:
+        if isinstance(rule, str):
+            continue
+        cols = ", ".join(rule)
+        present = " and ".join(f"{c} is not null" for c in rule)
+        parts.append(f"select unique_id from identities where {present} "
+                     f"qualify count(*) over (partition by {cols}) > 1")
+    # day and month of birth swapped: one identity's dob_swap_tok is the other's dob_tok, same fn_phon_tok
+    parts.append("""select a.unique_id from identities a semi join identities b
+                    on a.dob_swap_tok = b.dob_tok and a.fn_phon_tok = b.fn_phon_tok and a.unique_id <> b.unique_id""")
+    parts.append("""select b.unique_id from identities b semi join identities a
+                    on a.dob_swap_tok = b.dob_tok and a.fn_phon_tok = b.fn_phon_tok and a.unique_id <> b.unique_id""")
+    n, records, alone, alone_records = con.execute(f"""
+        with compared as ({" union ".join(parts)})
+        select count(*), sum(n_records), count(*) filter (where unique_id not in (select unique_id from compared)),
+               coalesce(sum(n_records) filter (where unique_id not in (select unique_id from compared)), 0)
+        from identities""").fetchone()
+    return {"identities": int(n), "identities_no_rule_compares": int(alone),
+            "identities_share": round(alone / n, 6) if n else 0.0,
+            "records_share": round(int(alone_records) / int(records), 6) if records else 0.0,
+            "upper_bound": True}
 
 
 def link(config: Config, workspace: Path | str, key=None, *, model: Path | str | None = None) -> dict:
