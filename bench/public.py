@@ -418,6 +418,12 @@ def run_dataset(name: str, systems: list[str], work: Path, key: Path, peer_pytho
                 res = run_hhlink(files, with_id, across, folder, key, keep_all=False)
                 if res.get("ok"):
                     every = run_hhlink(files, with_id, across, folder, key, keep_all=True)
+                    if not every.get("ok"):
+                        # the untimed run that keeps every scored pair failed: say so, never score it as 0
+                        print(f"    the run keeping every pair failed: {every.get('error', '')[-300:]}", flush=True)
+                        res.pop("scored", None)
+                        out["systems"][f"hhlink ({label})"] = _evaluate(res, records, truth, across)
+                        continue
                     res["compared"] = every.get("compared", set())
                     res.pop("scored", None)
                     # the same scored pairs clustered at the reference's threshold (what
