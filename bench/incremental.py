@@ -30,16 +30,17 @@ import shutil
 import time
 from pathlib import Path
 
-import duckdb
-
 from bench.stages import BENCH_KEY
+from linkage.db import connect, read_literal
 
 RESULTS = Path(__file__).parent / "results"
 STAGES = ("ingest", "pseudonymise", "link")
 
 
 def _members(ws: Path) -> tuple[dict[str, str], dict[str, set]]:
-    rows = duckdb.execute(f"select unique_id, person_key from '{ws}/linked/identities.parquet'").fetchall()
+    con = connect()
+    rows = con.execute(f"select unique_id, person_key from {read_literal(ws / 'linked' / 'identities.parquet')}").fetchall()
+    con.close()
     by_key: dict[str, set] = {}
     for uid, k in rows:
         by_key.setdefault(k, set()).add(uid)
@@ -81,7 +82,10 @@ def run(persons: int, deliveries: int, seed: int, workspace: Path, releases: int
                      if (grown := new.get(after.get(next(iter(m))))) is not None and m <= grown
                      and not (grown - m) & set(before)]
         kept = sum(1 for k in untouched if after[next(iter(old[k]))] == k)
-        changes = duckdb.execute(f"select change, old_key, new_key from '{workspace}/linked/key_changes.parquet'").fetchall()
+        con = connect()
+        changes = con.execute("select change, old_key, new_key from "
+                              f"{read_literal(workspace / 'linked' / 'key_changes.parquet')}").fetchall()
+        con.close()
         listed_old = {o for _, o, _ in changes if o is not None}
         listed_new = {n for c, _, n in changes if c in ("new", "split")}
         gone, issued = set(old) - set(new), set(new) - set(old)

@@ -71,7 +71,7 @@ def keyless_reads(ws: Path) -> dict[str, tuple[int, int]]:
     for zone in ("identifiers", "payload"):
         got = 0
         for f in sorted((ws / "pseudonymised" / zone).glob("*.parquet")):
-            for read in (lambda: duckdb.sql(f"SELECT count(*) FROM {read_literal(f)}").fetchall()[0][0],
+            for read in (lambda: connect().execute(f"SELECT count(*) FROM {read_literal(f)}").fetchall()[0][0],
                          lambda: pq.read_table(f).num_rows):
                 try:
                     got += read()

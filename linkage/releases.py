@@ -22,8 +22,8 @@ Records are matched by an identifier that is the same in both releases (e.g. a
 record token that is stable across deliveries).
 
 Example:
-    >>> import duckdb
-    >>> con = duckdb.connect()
+    >>> from linkage.db import connect
+    >>> con = connect()
     >>> _ = con.execute("create table prev as select * from (values ('a','K1'),('b','K1'),('c','K2')) t(record, key)")
     >>> _ = con.execute("create table cur as select * from (values ('a',1),('b',1),('c',1),('d',2)) t(record, cluster)")
     >>> keys = carry_keys(con, "prev", "cur", new_key=lambda rec: "N-" + rec)
