@@ -135,7 +135,11 @@ def test_keyed_stages_refuse_another_key_and_rotation_is_explicit(linked_ws, tmp
     # linked/ came from the old pseudonymised/: refused under either key until link runs again
     code, _, err = _cli("assemble", "--workspace", str(ws), "--key-file", str(other))
     assert code == 2 and "linked/ is stale" in err
-    assert _cli("link", "--workspace", str(ws))[0] == 0
+    # link is keyed (it decrypts the identifiers): the old key is refused, the new one links
+    code, _, err = _cli("link", "--workspace", str(ws))       # the old key (HHLINK_KEY)
+    assert code == 2 and "is not the one" in err and len(err.strip().splitlines()) == 1
+    code, _, err = _cli("link", "--workspace", str(ws), "--key-file", str(other))
+    assert code == 0, err
     code, _, err = _cli("assemble", "--workspace", str(ws))   # the old key (HHLINK_KEY)
     assert code == 2 and "is not the one linked/ was written under" in err
     code, _, err = _cli("assemble", "--workspace", str(ws), "--key-file", str(other))
