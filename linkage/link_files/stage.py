@@ -71,7 +71,7 @@ from linkage.link_files.csvread import DIALECT_KEYS, CsvReadError, Dialect, pars
 from linkage.normalise import normalised_sql
 # pseudonymisation's own encoders, plans and SQL (private there): files are encoded exactly as staged rows are
 from linkage.encodings import BloomEncoder
-from linkage.pseudonymise.stage import (_bloom_column, _norm_address, bloom_params, build_dictionaries, Encoders,
+from linkage.pseudonymise.stage import (bloom_values, norm_address, bloom_params, build_dictionaries, Encoders,
                                         identifiers_sql, Source)
 from linkage.schemas import Column
 from linkage.workspace import publish
@@ -448,8 +448,8 @@ def _add_part_filter(con, inputs: list[_Input], staged: dict[str, Path], part: s
     values = con.sql("SELECT DISTINCT v FROM (" + " UNION ALL ".join(
         f"SELECT {part} AS v FROM read_parquet({read_literal(staged[inp.name])}) WHERE {part} IS NOT NULL"
         for inp in with_part) + ")").to_arrow_table().column("v")
-    con.register(f"d_{part}", pa.table({"v": values, "bf": _bloom_column(
-        bloom, [_norm_address(v) or None for v in values.to_pylist()])}))
+    con.register(f"d_{part}", pa.table({"v": values, "bf": bloom_values(
+        bloom, [norm_address(v) or None for v in values.to_pylist()])}))
     for inp in inputs:
         if part in inp.spec.columns:
             con.execute(f"""CREATE OR REPLACE TABLE ids_{inp.name} AS

@@ -95,7 +95,7 @@ def _letters(v: str) -> str:
     return "".join(c for c in decomposed if "A" <= c <= "Z")
 
 
-def _norm_address(v: str) -> str:
+def norm_address(v: str) -> str:
     return " ".join(re.sub(r"[\W_]+", " ", unicodedata.normalize("NFC", v).upper()).split())
 
 
@@ -152,7 +152,7 @@ def _mapped(fn: Callable[[Sequence[str]], list], values: Sequence[str | None]) -
     return [out[v] for v in values]
 
 
-def _bloom_column(encoder: BloomEncoder, values: Sequence[str | None]) -> pa.Array:
+def bloom_values(encoder: BloomEncoder, values: Sequence[str | None]) -> pa.Array:
     """Bloom filters of ``values`` (NULL for None or ""), each distinct value encoded once."""
     present = np.array([bool(v) for v in values], dtype=bool)
     if not present.any():
@@ -218,7 +218,7 @@ class Encoders:
 
         def encode(vs):
             clean = [str(v).strip() or None for v in vs]
-            return {token_column: self.tok(column).many(clean), bloom_column: _bloom_column(bloom, clean)}
+            return {token_column: self.tok(column).many(clean), bloom_column: bloom_values(bloom, clean)}
         return _Encoder(f"d_ref_{column}", (token_column, bloom_column), "VARCHAR", encode)
 
     def _dob(self, values: list[dt.date]) -> dict[str, list]:
@@ -250,7 +250,7 @@ class Encoders:
         out[f"{prefix}_phon_tok"] = _mapped(
             self.tok(f"{prefix}_phon").many,
             [_phonetic(n, self.cfg.phonetic) if n else None for n in norm])
-        out[f"{prefix}_bf"] = _bloom_column(self.bloom[f"{prefix}_bf"], norm)
+        out[f"{prefix}_bf"] = bloom_values(self.bloom[f"{prefix}_bf"], norm)
         return out
 
     def _first_name(self, values: list[str]) -> dict[str, object]:
@@ -260,7 +260,7 @@ class Encoders:
         out = self._name(values, "sn", initial=False)
         # the surname's filter under the forename key: comparable with a forename filter, so a
         # forename/surname swap shows as high Dice across the two fields, with no extra token
-        out["sn_swap_bf"] = _bloom_column(self.bloom["fn_bf"], [_norm_name(v) or None for v in values])
+        out["sn_swap_bf"] = bloom_values(self.bloom["fn_bf"], [_norm_name(v) or None for v in values])
         return out
 
     def _middle_names(self, values: list[str]) -> dict[str, list]:
@@ -268,7 +268,7 @@ class Encoders:
         return {"mn_initial_tok": _mapped(self.tok("mn_initial").many, [n[0] if n else None for n in norm])}
 
     def _address(self, values: list[str]) -> dict[str, object]:
-        return {"addr_bf": _bloom_column(self.bloom["addr_bf"], [_norm_address(v) or None for v in values])}
+        return {"addr_bf": bloom_values(self.bloom["addr_bf"], [norm_address(v) or None for v in values])}
 
 
 # -- the plan for one source -------------------------------------------------------------------
