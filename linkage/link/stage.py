@@ -92,6 +92,10 @@ def _identities_sql(identifiers: str = "identifiers_in") -> str:
     """
 
 
+# public: bench/blocking.py counts comparisons on the identities exactly as link builds them
+identities_sql = _identities_sql
+
+
 def _db_api(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path):
     if config.link.engine == "spark":
         from linkage.link.spark import spark_db_api
