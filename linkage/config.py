@@ -242,6 +242,12 @@ class PseudonymiseConfig(_Section):
             Values it does not match, and every value when it is unset, are split as UK
             postcodes (district, then sector = district + the inward digit); values under 5
             characters use their prefixes one and two characters short.
+        incremental: pseudonymise only the staged rows of landing files not pseudonymised
+            before (a monthly delivery), and carry the previous zone's files, record tokens
+            and crosswalk rows over unchanged: the new rows go into files of their own
+            (``identifiers/<source>.<n>.parquet``). A full run happens anyway when the key,
+            an encoding setting or a schema version changed, or a file pseudonymised before
+            has gone from ``staged/`` or changed; ``false`` always runs in full.
     """
 
     q: int = Field(2, ge=2, le=3)
@@ -258,6 +264,7 @@ class PseudonymiseConfig(_Section):
     period_dates: dict[str, str] = Field(default_factory=lambda: {"benefits": "start_date"})
     purge_cleartext_after: Literal["never", "pseudonymise"] = "never"
     postcode_pattern: str | None = None
+    incremental: bool = True
 
     @field_validator("postcode_pattern")
     @classmethod

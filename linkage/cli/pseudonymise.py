@@ -32,7 +32,11 @@ def pseudonymise_command(workspace: Path, config_path: Path | None, key_file: Pa
     total = sum(summary["rows"].values())
     click.echo(f"pseudonymised {total:,} rows under key {summary['key_fingerprint']} "
                f"({summary['seconds']['total']:.1f}s)")
+    click.echo(f"  {summary['mode']}")
     for source, n in summary["rows"].items():
-        click.echo(f"  {source:<10} {n:>12,} rows -> identifiers/{source}.parquet, payload/{source}.parquet")
+        parts = summary["parts"][source]
+        files = parts[0] if len(parts) == 1 else f"{parts[0]} + {len(parts) - 1} later part(s)"
+        encoded = summary["rows_encoded"].get(source, 0)
+        click.echo(f"  {source:<10} {n:>12,} rows ({encoded:,} encoded now) -> identifiers/ and payload/ {files}")
     click.echo(f"  crosswalk.enc: {summary['crosswalk']['rows']:,} rows in "
                f"{summary['crosswalk']['segments']} encrypted segment(s)")

@@ -27,6 +27,8 @@ Example:
 from __future__ import annotations
 
 import binascii
+import itertools
+import os
 import datetime as dt
 import json
 import logging
@@ -50,7 +52,7 @@ import pyarrow.parquet as pq
 
 from linkage.config import Config, PseudonymiseConfig
 from linkage.crosswalk import CROSSWALK_FILE, write_crosswalk
-from linkage.db import connect, quote_ident, quote_literal, read_literal
+from linkage.db import connect, path_literal, quote_ident, quote_literal, read_literal
 from linkage.encodings import TOKEN_BYTES, BloomEncoder, BloomParams, Tokeniser
 from linkage.errors import HhlinkError, SchemaError, WorkspaceError
 from linkage.keys import MasterKey, load_master_key
@@ -512,6 +514,123 @@ def _previous_fingerprint(zone: Path) -> str | None:
         return None
 
 
+def settings_digest(cfg: PseudonymiseConfig, schemas: dict[str, Schema]) -> str:
+    """SHA-256 of every setting an encoding depends on, and of each source's schema version.
+
+    Retention and incrementality are left out: they change what is kept, never a token.
+    """
+    import hashlib
+
+    settings = cfg.model_dump(mode="json", exclude={"purge_cleartext_after", "incremental"})
+    versions = {name: schema.version for name, schema in sorted(schemas.items())}
+    return hashlib.sha256(json.dumps([settings, versions], sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class Increment:
+    """What an incremental run carries over and what it encodes.
+
+    ``carry``: per source, the previous zone's file names (``<source>.parquet``,
+    ``<source>.0001.parquet``, ...), linked into the new zone unchanged; ``new_files``: per
+    source, the landing files whose staged rows are encoded now; ``files``: the manifest
+    entries of every file the new zone covers.
+    """
+    carry: dict[str, list[str]]
+    new_files: dict[str, list[str]]
+    files: list[dict]
+
+
+def plan_increment(ws: Workspace, digest: str, key: MasterKey, cfg: PseudonymiseConfig) -> tuple[Increment | None, str]:
+    """Decide between an incremental and a full run, and say why in a phrase (for the log and summary).
+
+    Incremental only when the previous zone was written under this key and these encoding
+    settings, lists the files it covers, and every one of them is still in ``staged/`` with
+    the same SHA-256: otherwise a full run (a withdrawn or corrected file must not keep rows).
+    """
+    zone = ws.zone("pseudonymised")
+    if not cfg.incremental:
+        return None, "full: pseudonymise.incremental is false"
+    try:
+        previous = json.loads((zone / "metadata.json").read_text())
+        staged = json.loads((ws.zone("staged") / "manifest.json").read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return None, "full: no previous zone (or no staged manifest)"
+    if previous.get("key_fingerprint") != key.fingerprint:
+        return None, "full: the key differs from the previous zone's"
+    if previous.get("settings_digest") != digest or "files" not in previous:
+        return None, "full: encoding settings or schema versions differ from the previous zone's"
+    if not (zone / CROSSWALK_FILE).exists():
+        return None, "full: the previous zone has no crosswalk"
+    now = {(f["source"], f["file"]): f["sha256"] for f in staged}
+    for f in previous["files"]:
+        if now.get((f["source"], f["file"])) != f["sha256"]:
+            return None, f"full: {f['file']} was pseudonymised before and is gone from staged/ or changed"
+    parts = previous.get("parts", {})
+    for source, names in parts.items():
+        for name in names:
+            for sub in ("identifiers", "payload"):
+                if not (zone / sub / name).is_file():
+                    return None, f"full: the previous zone lacks {sub}/{name}"
+    done = {(f["source"], f["file"]) for f in previous["files"]}
+    new_files: dict[str, list[str]] = {}
+    for f in staged:
+        if (f["source"], f["file"]) not in done and f.get("rows_staged", 1):
+            new_files.setdefault(f["source"], []).append(f["file"])
+    covered = list(previous["files"]) + [_file_entry(f) for f in staged if (f["source"], f["file"]) not in done]
+    n = sum(len(v) for v in new_files.values())
+    return Increment(parts, new_files, covered), f"incremental: {n} new file(s), {len(done)} carried"
+
+
+def _file_entry(f: dict) -> dict:
+    return {"source": f["source"], "file": f["file"], "sha256": f["sha256"], "rows": f.get("rows_staged")}
+
+
+def _part_name(source: str, existing: list[str]) -> str:
+    return f"{source}.parquet" if not existing else f"{source}.{len(existing):04d}.parquet"
+
+
+def _subset(con: duckdb.DuckDBPyConnection, path: Path, files: list[str], target: Path) -> Path:
+    """The staged rows of ``files`` only, in a spill file (cleartext: it stays in the workspace's spill)."""
+    names = ", ".join(quote_literal(f) for f in files)
+    try:
+        con.execute(f"COPY (SELECT * FROM read_parquet({read_literal(path)}) WHERE CAST(_file AS VARCHAR) IN ({names})) "
+                    f"TO {path_literal(target)} (FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 1)")
+    except duckdb.Error as exc:
+        raise PseudonymiseError(f"{path}: selecting the new files' rows failed ({exc.__class__.__name__})") from exc
+    return target
+
+
+def _carry(src: Path, dst: Path) -> None:
+    """A previous zone file into the zone being built: a hard link (no copy) where the filesystem allows."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _coverage(ws: Workspace, increment: Increment | None, digest: str, parts: dict[str, list[str]], mode: str,
+              new_rows: dict[str, int]) -> dict:
+    """What the zone covers, for the next incremental run: files (name, SHA-256), parts per source, settings."""
+    out = {"settings_digest": digest, "parts": parts, "mode": mode, "rows_encoded": new_rows}
+    if increment:
+        out["files"] = increment.files
+    else:
+        try:
+            staged = json.loads((ws.zone("staged") / "manifest.json").read_text())["files"]
+            out["files"] = [_file_entry(f) for f in staged]
+        except (OSError, ValueError, KeyError):
+            pass   # no manifest: the next run is a full one
+    return out
+
+
+def _old_crosswalk(path: Path, key: MasterKey) -> Iterator[pa.RecordBatch]:
+    from linkage.crosswalk import read_crosswalk
+
+    for table in read_crosswalk(path, key):
+        for batch in table.cast(_CROSSWALK_SCHEMA).to_batches():
+            yield batch
+
+
 def pseudonymise(config: Config, workspace: Path | str, key: MasterKey | None = None) -> dict:
     """Pseudonymise the staged zone into ``pseudonymised/``.
 
@@ -544,10 +663,13 @@ def pseudonymise(config: Config, workspace: Path | str, key: MasterKey | None = 
     key = key if key is not None else load_master_key(workspace=ws.root)
     ws.ensure()
     schemas_dir = config.paths.resolve(config.paths.schemas)
-    plans = [_plan_source(s, staged / f"{s}.parquet", load_schema(s, schemas_dir), cfg)
-             for s in SOURCES if (staged / f"{s}.parquet").exists()]
+    schemas = {s: load_schema(s, schemas_dir) for s in SOURCES if (staged / f"{s}.parquet").exists()}
+    plans = [_plan_source(s, staged / f"{s}.parquet", schema, cfg) for s, schema in schemas.items()]
     if not plans:
         raise WorkspaceError(f"{staged}: no staged source files ({', '.join(s + '.parquet' for s in SOURCES)})")
+    digest = settings_digest(cfg, schemas)
+    increment, mode = plan_increment(ws, digest, key, cfg)
+    log.info("pseudonymise: %s", mode)
     previous = _previous_fingerprint(ws.zone("pseudonymised"))
     if previous and previous != key.fingerprint:
         log.warning("re-pseudonymising under a different key (was %s, now %s): zones built on the old "
@@ -564,34 +686,50 @@ def pseudonymise(config: Config, workspace: Path | str, key: MasterKey | None = 
     spill = Path(tempfile.mkdtemp(prefix=".pseudonymise-spill-", dir=ws.root))
     con = _connect(spill)
     try:
+        carried = increment.carry if increment else {}
+        if increment:   # only the new files' rows are encoded; the rest of the zone is carried over
+            work = [_plan_source(p.name, _subset(con, p.path, increment.new_files[p.name], spill / f"{p.name}.new.parquet"),
+                                 p.schema, cfg) for p in plans if p.name in increment.new_files]
+        else:
+            work = plans
         t = time.perf_counter()
-        distinct = build_dictionaries(con, plans, encoders)
+        distinct = build_dictionaries(con, work, encoders)
         seconds["encode_distinct"] = time.perf_counter() - t
         log.info("encoded distinct values: %s", distinct)
-        for plan in plans:
+        for plan in work:
             con.register(f"rt_{plan.name}", _record_tokens(plan.rows, key.subkey("row_order")))
-        payload_columns: dict[str, list[str]] = {}
+        payload_columns = {p.name: _payload_sql(p, encoders)[1] for p in plans}
+        parts = {p.name: list(carried.get(p.name, [])) for p in plans}
         with ws.publish_dir("pseudonymised") as out:
             (out / "identifiers").mkdir()
             (out / "payload").mkdir()
+            for source, names in carried.items():
+                for name in names:
+                    for sub in ("identifiers", "payload"):
+                        _carry(ws.zone("pseudonymised") / sub / name, out / sub / name)
             t = time.perf_counter()
-            for plan in plans:
-                target = out / "identifiers" / f"{plan.name}.parquet"
+            new_parts = {plan.name: _part_name(plan.name, parts[plan.name]) for plan in work}
+            for plan in work:
+                target = out / "identifiers" / new_parts[plan.name]
                 sql = identifiers_sql(plan, encoders, link_refs, ROW_ORDERS["identifiers"][0])
                 _write_zone(con, sql, target, key, "identifiers", f"{plan.name}: identifiers")
                 log.info("%s: identifiers written (%d rows)", plan.name, plan.rows)
             seconds["identifiers"] = time.perf_counter() - t
             t = time.perf_counter()
-            for plan in plans:
-                sql, payload_columns[plan.name] = _payload_sql(plan, encoders, ROW_ORDERS["payload"][0])
-                target = out / "payload" / f"{plan.name}.parquet"
-                _write_zone(con, sql, target, key, "payload", f"{plan.name}: payload")
+            for plan in work:
+                sql, _ = _payload_sql(plan, encoders, ROW_ORDERS["payload"][0])
+                _write_zone(con, sql, out / "payload" / new_parts[plan.name], key, "payload", f"{plan.name}: payload")
+                parts[plan.name].append(new_parts[plan.name])
             seconds["payload"] = time.perf_counter() - t
             t = time.perf_counter()
-            crosswalk = write_crosswalk(out / CROSSWALK_FILE, key, _crosswalk_batches(con, plans), _CROSSWALK_SCHEMA)
+            rows = _crosswalk_batches(con, work)
+            if increment:
+                rows = itertools.chain(_old_crosswalk(ws.zone("pseudonymised") / CROSSWALK_FILE, key), rows)
+            crosswalk = write_crosswalk(out / CROSSWALK_FILE, key, rows, _CROSSWALK_SCHEMA)
             seconds["crosswalk"] = time.perf_counter() - t
             seconds["total"] = time.perf_counter() - t0
             summary = _metadata(config, key, plans, payload_columns, distinct, crosswalk, link_refs, seconds)
+            summary.update(_coverage(ws, increment, digest, parts, mode, {p.name: p.rows for p in work}))
             (out / "metadata.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     finally:
         con.close()

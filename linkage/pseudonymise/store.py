@@ -188,7 +188,8 @@ def read_zone(workspace: Path | str, zone: str, key: MasterKey | ZoneKey, column
     Files whose columns differ (payloads of different sources) are concatenated with
     ``promote_options="default"``: a column missing from one file is NULL there.
     """
-    files = [f for f in zone_files(workspace, zone) if sources is None or f.stem in sources]
+    # a source's rows may span files: <source>.parquet, then <source>.0001.parquet, ... (incremental runs)
+    files = [f for f in zone_files(workspace, zone) if sources is None or f.name.split(".")[0] in sources]
     if not files:
         raise EncryptedZoneError(f"{Workspace(workspace).zone('pseudonymised') / zone}: no files; "
                                  "run 'hhlink pseudonymise' first")
@@ -209,11 +210,11 @@ def read_identifiers(workspace: Path | str, key: MasterKey | ZoneKey,
 
 def read_payload(workspace: Path | str, key: MasterKey | ZoneKey, source: str,
                  columns: Sequence[str] | None = None) -> pa.Table:
-    """``pseudonymised/payload/<source>.parquet`` decrypted into an Arrow table."""
+    """``pseudonymised/payload/<source>.parquet`` (and the source's later parts) decrypted into an Arrow table."""
     path = Workspace(workspace).zone("pseudonymised") / "payload" / f"{source}.parquet"
     if not path.exists():
         raise EncryptedZoneError(f"{path}: missing; run 'hhlink pseudonymise' first")
-    return read_encrypted(path, key, "payload", columns)
+    return read_zone(workspace, "payload", key, columns, sources=[source])
 
 
 def register(con, name: str, table: pa.Table) -> None:

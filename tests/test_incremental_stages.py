@@ -1,0 +1,126 @@
+"""Incremental stages: a delivery pseudonymises only its own rows; everything before keeps its record tokens."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pyarrow as pa
+import pytest
+
+from linkage.config import load_config
+from linkage.crosswalk import read_crosswalk
+from linkage.ingest import ingest
+from linkage.keys import MasterKey
+from linkage.pseudonymise import pseudonymise
+from linkage.pseudonymise.store import read_identifiers, read_payload
+from synthetic_data import generate_population
+from synthetic_data.deliveries import deliver_next, pending
+
+PERSONS, SEED, N = 1200, 5, 4
+
+
+def _cfg(**pseudonymise_settings):
+    extra = {"pseudonymise": pseudonymise_settings} if pseudonymise_settings else {}
+    return load_config(generate={"persons": PERSONS, "seed": SEED, "deliveries": N}, **extra)
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory):
+    """A workspace with its history ingested and pseudonymised, deliveries still pending."""
+    root = tmp_path_factory.mktemp("incremental") / "ws"
+    cfg = _cfg()
+    generate_population(cfg.generate, root)
+    key = MasterKey(os.urandom(32), "test")
+    ingest(cfg, root)
+    summary = pseudonymise(cfg, root, key)
+    return root, key, summary
+
+
+def _copy(history, tmp_path):
+    root, key, summary = history
+    ws = tmp_path / "ws"
+    shutil.copytree(root, ws)
+    return ws, key, summary
+
+
+def _crosswalk(ws, key):
+    return pa.concat_tables(list(read_crosswalk(ws / "pseudonymised" / "crosswalk.enc", key))).to_pandas()
+
+
+def _by_row(ws, key):
+    """Every identifiers row keyed by its source row (file, line), without the random record token."""
+    ids = read_identifiers(ws, key).to_pandas()
+    xw = _crosswalk(ws, key).drop(columns=["source"])
+    both = ids.merge(xw, on="record_token", validate="one_to_one")
+    return both.drop(columns=["record_token"]).set_index(["file", "line"]).sort_index()
+
+
+def test_a_delivery_encodes_only_its_rows_and_keeps_every_earlier_token(history, tmp_path):
+    ws, key, first = _copy(history, tmp_path)
+    assert first["mode"].startswith("full")
+    before_ids = read_identifiers(ws, key).to_pandas().set_index("record_token")
+    before_xw = _crosswalk(ws, key)
+    delivered = deliver_next(ws)
+    ingest(_cfg(), ws)
+    second = pseudonymise(_cfg(), ws, key)
+
+    assert second["mode"].startswith("incremental")
+    new_files = [f for f in second["files"] if f not in first["files"]]
+    assert sorted(f["file"] for f in new_files) == sorted(f["name"] for f in delivered["files"])
+    assert sum(second["rows_encoded"].values()) == sum(f["rows"] for f in new_files)
+    # the rows of earlier files: same record token, same encodings, same source row
+    after_ids = read_identifiers(ws, key).to_pandas().set_index("record_token")
+    old = before_ids.index
+    assert set(old) <= set(after_ids.index)
+    assert after_ids.loc[old][before_ids.columns].equals(before_ids)
+    after_xw = _crosswalk(ws, key)
+    kept = after_xw.merge(before_xw, on="record_token", suffixes=("", "_before"))
+    assert len(kept) == len(before_xw) and (kept.file == kept.file_before).all() and (kept.line == kept.line_before).all()
+    # one token per staged row, nothing doubled, and the new rows in files of their own
+    assert after_xw.record_token.is_unique and len(after_xw) == len(after_ids) == sum(second["rows"].values())
+    for source, parts in second["parts"].items():
+        assert parts[0] == f"{source}.parquet"
+        assert len(parts) == 1 + (source in second["rows_encoded"])
+        assert (ws / "pseudonymised" / "payload" / parts[-1]).exists()
+        assert read_payload(ws, key, source).num_rows == second["rows"][source]
+
+
+def test_the_incremental_zone_encodes_every_row_as_a_full_run_would(history, tmp_path):
+    ws, key, _ = _copy(history, tmp_path)
+    deliver_next(ws)
+    deliver_next(ws)
+    ingest(_cfg(), ws)
+    assert pseudonymise(_cfg(), ws, key)["mode"].startswith("incremental")
+    incremental = _by_row(ws, key)
+    full = pseudonymise(_cfg(incremental=False), ws, key)
+    assert full["mode"] == "full: pseudonymise.incremental is false"
+    assert all(len(p) == 1 for p in full["parts"].values())
+    assert incremental.equals(_by_row(ws, key)[incremental.columns])
+
+
+@pytest.mark.parametrize("change, reason", [
+    ("key", "full: the key differs"),
+    ("setting", "full: encoding settings or schema versions differ"),
+    ("withdrawn", "was pseudonymised before and is gone from staged/ or changed"),
+])
+def test_a_new_key_setting_or_a_withdrawn_file_means_a_full_run(history, tmp_path, change, reason):
+    ws, key, _ = _copy(history, tmp_path)
+    cfg = _cfg()
+    delivered = deliver_next(ws)
+    ingest(cfg, ws)
+    pseudonymise(cfg, ws, key)
+    if change == "key":
+        key = MasterKey(os.urandom(32), "test")
+    elif change == "setting":
+        cfg = _cfg(phonetic="soundex")
+    else:   # the department withdraws the delivery: its rows must not stay in the zone
+        for f in (ws / "landing").glob("*.csv"):
+            if "_" in f.stem:     # landing/<source>_<month>.csv; the history is landing/<source>.csv
+                f.unlink()
+        ingest(cfg, ws)
+    summary = pseudonymise(cfg, ws, key)
+    assert reason in summary["mode"]
+    assert all(len(p) == 1 for p in summary["parts"].values())
+    assert len(_crosswalk(ws, key)) == sum(summary["rows"].values())
+    assert delivered and pending(ws)
