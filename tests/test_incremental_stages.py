@@ -124,3 +124,17 @@ def test_a_new_key_setting_or_a_withdrawn_file_means_a_full_run(history, tmp_pat
     assert all(len(p) == 1 for p in summary["parts"].values())
     assert len(_crosswalk(ws, key)) == sum(summary["rows"].values())
     assert delivered and pending(ws)
+
+
+def test_staged_rows_changed_under_an_unchanged_landing_file_mean_a_full_run(history, tmp_path):
+    """A re-ingest under new normalisation rules (here: one staged value edited) must not keep the old encodings."""
+    import duckdb
+
+    ws, key, _ = _copy(history, tmp_path)
+    staged = ws / "staged" / "earnings.parquet"
+    edited = tmp_path / "edited.parquet"
+    duckdb.execute(f"COPY (SELECT * REPLACE (CASE WHEN _line = 2 THEN 'ZZZ' ELSE surname END AS surname) "
+                   f"FROM '{staged}') TO '{edited}' (FORMAT parquet)")
+    edited.replace(staged)
+    summary = pseudonymise(_cfg(), ws, key)
+    assert summary["mode"] == "full: the staged rows of earnings.csv differ from those pseudonymised before"

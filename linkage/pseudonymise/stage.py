@@ -540,12 +540,32 @@ class Increment:
     files: list[dict]
 
 
-def plan_increment(ws: Workspace, digest: str, key: MasterKey, cfg: PseudonymiseConfig) -> tuple[Increment | None, str]:
+def staged_digests(con: duckdb.DuckDBPyConnection, plans: list[Source]) -> dict[tuple[str, str], str]:
+    """Per (source, landing file): its staged rows' count and an order-free hash of their values.
+
+    Guards the carry-over against staged rows that changed while their landing file did not
+    (a re-ingest under new normalisation rules, a hand edit): DuckDB's row hash, XORed
+    over the file's rows (each row holds its own line number, so no two cancel).
+    """
+    out = {}
+    for p in plans:
+        try:
+            rows = con.execute(f"SELECT CAST(_file AS VARCHAR), count(*), bit_xor(hash(s)) "
+                               f"FROM read_parquet({read_literal(p.path)}) s GROUP BY 1").fetchall()
+        except duckdb.Error as exc:
+            raise PseudonymiseError(f"{p.path}: hashing the staged rows failed ({exc.__class__.__name__})") from exc
+        out.update({(p.name, f): f"{n}:{h:016x}" for f, n, h in rows})
+    return out
+
+
+def plan_increment(ws: Workspace, digest: str, key: MasterKey, cfg: PseudonymiseConfig,
+                   rows: dict[tuple[str, str], str]) -> tuple[Increment | None, str]:
     """Decide between an incremental and a full run, and say why in a phrase (for the log and summary).
 
     Incremental only when the previous zone was written under this key and these encoding
     settings, lists the files it covers, and every one of them is still in ``staged/`` with
-    the same SHA-256: otherwise a full run (a withdrawn or corrected file must not keep rows).
+    the same SHA-256 and the same staged rows (``rows``: :func:`staged_digests`): otherwise
+    a full run (a withdrawn, corrected or re-normalised file must not keep its old rows).
     """
     zone = ws.zone("pseudonymised")
     if not cfg.incremental:
@@ -565,6 +585,8 @@ def plan_increment(ws: Workspace, digest: str, key: MasterKey, cfg: Pseudonymise
     for f in previous["files"]:
         if now.get((f["source"], f["file"])) != f["sha256"]:
             return None, f"full: {f['file']} was pseudonymised before and is gone from staged/ or changed"
+        if rows.get((f["source"], f["file"])) != f.get("staged_rows"):
+            return None, f"full: the staged rows of {f['file']} differ from those pseudonymised before"
     parts = previous.get("parts", {})
     for source, names in parts.items():
         for name in names:
@@ -576,13 +598,14 @@ def plan_increment(ws: Workspace, digest: str, key: MasterKey, cfg: Pseudonymise
     for f in staged:
         if (f["source"], f["file"]) not in done and f.get("rows_staged", 1):
             new_files.setdefault(f["source"], []).append(f["file"])
-    covered = list(previous["files"]) + [_file_entry(f) for f in staged if (f["source"], f["file"]) not in done]
+    covered = list(previous["files"]) + [_file_entry(f, rows) for f in staged if (f["source"], f["file"]) not in done]
     n = sum(len(v) for v in new_files.values())
     return Increment(parts, new_files, covered), f"incremental: {n} new file(s), {len(done)} carried"
 
 
-def _file_entry(f: dict) -> dict:
-    return {"source": f["source"], "file": f["file"], "sha256": f["sha256"], "rows": f.get("rows_staged")}
+def _file_entry(f: dict, rows: dict[tuple[str, str], str]) -> dict:
+    return {"source": f["source"], "file": f["file"], "sha256": f["sha256"], "rows": f.get("rows_staged"),
+            "staged_rows": rows.get((f["source"], f["file"]))}
 
 
 def _part_name(source: str, existing: list[str]) -> str:
@@ -609,7 +632,7 @@ def _carry(src: Path, dst: Path) -> None:
 
 
 def _coverage(ws: Workspace, increment: Increment | None, digest: str, parts: dict[str, list[str]], mode: str,
-              new_rows: dict[str, int]) -> dict:
+              new_rows: dict[str, int], rows: dict[tuple[str, str], str]) -> dict:
     """What the zone covers, for the next incremental run: files (name, SHA-256), parts per source, settings."""
     out = {"settings_digest": digest, "parts": parts, "mode": mode, "rows_encoded": new_rows}
     if increment:
@@ -617,7 +640,7 @@ def _coverage(ws: Workspace, increment: Increment | None, digest: str, parts: di
     else:
         try:
             staged = json.loads((ws.zone("staged") / "manifest.json").read_text())["files"]
-            out["files"] = [_file_entry(f) for f in staged]
+            out["files"] = [_file_entry(f, rows) for f in staged]
         except (OSError, ValueError, KeyError):
             pass   # no manifest: the next run is a full one
     return out
@@ -668,8 +691,6 @@ def pseudonymise(config: Config, workspace: Path | str, key: MasterKey | None = 
     if not plans:
         raise WorkspaceError(f"{staged}: no staged source files ({', '.join(s + '.parquet' for s in SOURCES)})")
     digest = settings_digest(cfg, schemas)
-    increment, mode = plan_increment(ws, digest, key, cfg)
-    log.info("pseudonymise: %s", mode)
     previous = _previous_fingerprint(ws.zone("pseudonymised"))
     if previous and previous != key.fingerprint:
         log.warning("re-pseudonymising under a different key (was %s, now %s): zones built on the old "
@@ -686,6 +707,9 @@ def pseudonymise(config: Config, workspace: Path | str, key: MasterKey | None = 
     spill = Path(tempfile.mkdtemp(prefix=".pseudonymise-spill-", dir=ws.root))
     con = _connect(spill)
     try:
+        rows_now = staged_digests(con, plans)
+        increment, mode = plan_increment(ws, digest, key, cfg, rows_now)
+        log.info("pseudonymise: %s", mode)
         carried = increment.carry if increment else {}
         if increment:   # only the new files' rows are encoded; the rest of the zone is carried over
             work = [_plan_source(p.name, _subset(con, p.path, increment.new_files[p.name], spill / f"{p.name}.new.parquet"),
@@ -729,7 +753,7 @@ def pseudonymise(config: Config, workspace: Path | str, key: MasterKey | None = 
             seconds["crosswalk"] = time.perf_counter() - t
             seconds["total"] = time.perf_counter() - t0
             summary = _metadata(config, key, plans, payload_columns, distinct, crosswalk, link_refs, seconds)
-            summary.update(_coverage(ws, increment, digest, parts, mode, {p.name: p.rows for p in work}))
+            summary.update(_coverage(ws, increment, digest, parts, mode, {p.name: p.rows for p in work}, rows_now))
             (out / "metadata.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     finally:
         con.close()
