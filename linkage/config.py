@@ -316,12 +316,16 @@ class IngestConfig(_Section):
         threads: DuckDB worker threads; 0 uses every core.
         data_docs: build the Great Expectations Data Docs (HTML) in ``reports/quality/``
             as well as the JSON summaries.
+        incremental: stage only landing files not staged before (a delivery) and carry the
+            earlier files' staged and quarantined rows and manifest entries over; a full run
+            when a schema or the staging code changed or an earlier file is gone or changed.
     """
 
     max_encoding_error_share: float = Field(0.01, ge=0, le=1)
     memory_limit: str = Field("10GB", pattern=r"^\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
     threads: int = Field(0, ge=0, le=256)
     data_docs: bool = True
+    incremental: bool = True
 
 
 class DisclosureConfig(_Section):

@@ -138,3 +138,63 @@ def test_staged_rows_changed_under_an_unchanged_landing_file_mean_a_full_run(his
     edited.replace(staged)
     summary = pseudonymise(_cfg(), ws, key)
     assert summary["mode"] == "full: the staged rows of earnings.csv differ from those pseudonymised before"
+
+
+def _rows(path):
+    import duckdb
+
+    return duckdb.sql(f"SELECT * FROM '{path}' ORDER BY _file, _line").df()
+
+
+def test_incremental_ingest_stages_only_new_files_and_equals_a_full_ingest(tmp_path):
+    """Bad rows and record ids repeated from an earlier delivery are quarantined as a full run would."""
+    import json
+
+    ws = tmp_path / "ws"
+    cfg = _cfg()
+    generate_population(cfg.generate, ws)
+    first = ingest(cfg, ws)
+    assert first["mode"].startswith("full")
+    history = (ws / "landing" / "benefits.csv").read_text().splitlines()
+    d = deliver_next(ws)
+    while not any(f["source"] == "benefits" for f in d["files"]):
+        d = deliver_next(ws)
+    target = ws / "landing" / next(f["name"] for f in d["files"] if f["source"] == "benefits")
+    fields = history[2].split(",")
+    fields[6] = '"Zed"'                                   # the forename: same record id, other values
+    same, changed = history[1], ",".join(fields)
+    broken = history[3].replace(history[3].split(",")[0], '"BEN999999999"', 1).replace("-", "/", 1)
+    target.write_text(target.read_text() + "\n".join([same, changed, broken]) + "\n")
+
+    second = ingest(cfg, ws)
+    assert second["mode"].startswith("incremental")
+    assert sorted(second["files_staged_now"]) == sorted(f["name"] for f in d["files"])
+    staged = {s: _rows(ws / "staged" / f"{s}.parquet") for s in ("education", "benefits", "earnings")}
+    quarantined = _rows(ws / "quarantine" / "benefits.parquet")
+    assert {"duplicate", "duplicate_id"} <= set(quarantined.reason)
+    assert (quarantined._file == target.name).all()
+    manifest = json.loads((ws / "staged" / "manifest.json").read_text())["files"]
+    for e in manifest:      # nothing lost: every physical row staged or quarantined, per file
+        assert e["rows_read"] == e["rows_staged"] + e["rows_quarantined"]
+
+    full = ingest(load_config(generate={"persons": PERSONS, "seed": SEED, "deliveries": N},
+                              ingest={"incremental": False}), ws)
+    assert full["mode"] == "full: ingest.incremental is false"
+    for s, rows in staged.items():
+        assert rows.equals(_rows(ws / "staged" / f"{s}.parquet"))
+    assert quarantined.equals(_rows(ws / "quarantine" / "benefits.parquet"))
+    strip = lambda files: sorted(json.dumps(e, sort_keys=True) for e in files)  # noqa: E731
+    assert strip(manifest) == strip(json.loads((ws / "staged" / "manifest.json").read_text())["files"])
+
+
+def test_a_withdrawn_landing_file_means_a_full_ingest(tmp_path):
+    ws = tmp_path / "ws"
+    cfg = _cfg()
+    generate_population(cfg.generate, ws)
+    ingest(cfg, ws)
+    d = deliver_next(ws)
+    ingest(cfg, ws)
+    (ws / "landing" / d["files"][0]["name"]).unlink()
+    again = ingest(cfg, ws)
+    assert again["mode"] == f"full: landing/{d['files'][0]['name']} was staged before and is gone or changed"
+    assert d["files"][0]["name"] not in set(_rows(ws / "staged" / f"{d['files'][0]['source']}.parquet")._file)

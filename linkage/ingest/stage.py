@@ -17,6 +17,14 @@ What it writes (zones are published atomically, whole):
 - ``staged/ledger.json``: every (file name, SHA-256) ever ingested, carried from run to
   run; a file whose checksum was ingested under another name is refused as re-sent.
 - ``quarantine/<source>.parquet``: ``_file, _line, _row, raw, column, reason``.
+
+Incremental by default (``ingest.incremental``): a monthly delivery stages only the files
+not staged before; the earlier files' staged and quarantined rows and manifest entries are
+carried over (they come first), and a new row repeating a record id staged from an earlier
+delivery is quarantined as ``duplicate``/``duplicate_id``, the earlier one kept. A full run
+happens when a schema file or the staging code changed (``staged/manifest.json`` holds
+their digest) or a file staged before is gone from ``landing/`` or changed, so a withdrawn
+file leaves no row behind. Either way the outputs are the same as a full run's.
 - ``reports/quality/``: GX Data Docs (HTML, readable offline), ``quality_summary.json``
   and ``ingest_summary.json`` (counts, reasons, timings; never record values).
 
@@ -41,12 +49,15 @@ Example:
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
@@ -58,7 +69,7 @@ from linkage.ingest.landing import (IngestError, LandingFile, Loaded, read_heade
 from linkage.db import connect, path_literal
 from linkage.db import quote_ident as q
 from linkage.db import quote_literal as lit
-from linkage.normalise import fail_sql, staged_select
+from linkage.normalise import fail_sql, staged_select, typed_sql
 from linkage.quality import QualityGateError, validate
 from linkage.schemas import Schema, load_schemas
 from linkage.workspace import Workspace, publish
@@ -138,6 +149,12 @@ def ingest(config: Config, workspace: Path | str, key=None) -> dict:
         for f in fs:
             _precheck(f, schemas[source])
     seconds: dict[str, float] = {"fingerprint": round(time.perf_counter() - t0, 2)}
+    digest = ingest_digest(schemas)
+    carried, mode = plan_ingest(ws, files, digest, cfg.incremental)
+    log.info("ingest: %s", mode)
+    priors = {s: Prior(ws.zone("staged") / f"{s}.parquet", ws.zone("quarantine") / f"{s}.parquet", carried[s])
+              for s in schemas} if carried is not None else {}
+    fresh = {s: [f for f in files[s] if not _is_carried(f, priors.get(s))] for s in schemas}
 
     scratch = Path(tempfile.mkdtemp(prefix=".ingest-", dir=ws.root))
     con = connect(cfg, spill=scratch / "duckdb")
@@ -146,8 +163,8 @@ def ingest(config: Config, workspace: Path | str, key=None) -> dict:
             sources = {}
             for source, schema in schemas.items():
                 t = time.perf_counter()
-                sources[source] = _stage_source(con, schema, files[source], staged_dir, quarantine_dir,
-                                                scratch, cfg.max_encoding_error_share)
+                sources[source] = _stage_source(con, schema, fresh[source], staged_dir, quarantine_dir, scratch,
+                                                cfg.max_encoding_error_share, priors.get(source))
                 seconds[f"stage_{source}"] = round(time.perf_counter() - t, 2)
                 log.info("%s: %d read, %d staged, %d quarantined", source, sources[source]["rows_read"],
                          sources[source]["rows_staged"], sources[source]["rows_quarantined"])
@@ -162,7 +179,8 @@ def ingest(config: Config, workspace: Path | str, key=None) -> dict:
                 seconds["total"] = round(time.perf_counter() - t0, 2)
                 summary = {"workspace": str(ws.root), "rows": rows, "sources": sources, "quality": quality,
                            "seconds": seconds, "reports": str(ws.zone("reports") / "quality"),
-                           "passed": not quality["critical_failed"]}
+                           "passed": not quality["critical_failed"], "mode": mode,
+                           "files_staged_now": [f.name for fs in fresh.values() for f in fs]}
                 _write_json(reports_tmp / "ingest_summary.json", _ingest_report(summary))
                 _publish_reports(ws, reports_tmp)
             finally:
@@ -172,7 +190,8 @@ def ingest(config: Config, workspace: Path | str, key=None) -> dict:
                     "critical expectation failed, staged/ not updated (reports in reports/quality/): "
                     + "; ".join(quality["critical_failed"][:5])
                     + (f" (+{len(quality['critical_failed']) - 5} more)" if len(quality["critical_failed"]) > 5 else ""))
-            _write_json(staged_dir / MANIFEST, {"files": [f for s in sources.values() for f in s["files"]]})
+            _write_json(staged_dir / MANIFEST, {"files": [f for s in sources.values() for f in s["files"]],
+                                                "digest": digest})
             _write_json(staged_dir / LEDGER, _updated_ledger(ledger, everything))
     finally:
         try:
@@ -254,6 +273,67 @@ def _updated_ledger(ledger: list[dict], files: list[LandingFile]) -> dict:
     return {"files": out}
 
 
+def ingest_digest(schemas: dict[str, Schema]) -> str:
+    """SHA-256 of what turns a landing row into a staged row: each schema file and the normalising code.
+
+    A staged row carried over from an earlier run is only as good as the rules it was
+    staged under: when a schema or the code changes, every file is staged afresh.
+    """
+    from linkage import normalise
+    from linkage.ingest import landing
+
+    h = hashlib.sha256()
+    for name, schema in sorted(schemas.items()):
+        h.update(name.encode() + b"\0" + schema.path.read_bytes() + b"\0")
+    for module in (normalise, landing):
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Prior:
+    """The previous run's staged and quarantined rows of one source, and the manifest entries of the files kept."""
+    staged: Path
+    quarantine: Path
+    entries: list[dict]
+
+
+def _is_carried(f: LandingFile, prior: Prior | None) -> bool:
+    return prior is not None and any(e["file"] == f.name and e["sha256"] == f.sha256 for e in prior.entries)
+
+
+def plan_ingest(ws: Workspace, files: dict[str, list[LandingFile]], digest: str,
+                incremental: bool) -> tuple[dict[str, list[dict]] | None, str]:
+    """Which landing files keep their staged rows from the previous run (per source), and why, in a phrase.
+
+    Incremental only when the previous ``staged/`` was built by these schemas and this code
+    and every file it covers is still in ``landing/`` unchanged; a withdrawn or changed file
+    means a full run, so none of its rows survive.
+    """
+    if not incremental:
+        return None, "full: ingest.incremental is false"
+    try:
+        previous = json.loads((ws.zone("staged") / MANIFEST).read_text())
+        entries = previous["files"]
+    except (OSError, ValueError, KeyError):
+        return None, "full: no previous staged zone"
+    if previous.get("digest") != digest:
+        return None, "full: the schemas or the staging code changed since the previous run"
+    now = {(f.source, f.name): f.sha256 for fs in files.values() for f in fs}
+    for e in entries:
+        if now.get((e["source"], e["file"])) != e["sha256"]:
+            return None, f"full: landing/{e['file']} was staged before and is gone or changed"
+    carried: dict[str, list[dict]] = {source: [] for source in files}
+    for e in entries:
+        carried.setdefault(e["source"], []).append(e)
+    for source, kept in carried.items():
+        for zone in ("staged", "quarantine"):
+            if kept and not (ws.zone(zone) / f"{source}.parquet").is_file():
+                return None, f"full: {zone}/{source}.parquet is missing"
+    new = sum(1 for fs in files.values() for f in fs if (f.source, f.name) not in {(e["source"], e["file"]) for e in entries})
+    return carried, f"incremental: {new} new file(s), {len(entries)} carried"
+
+
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
@@ -262,6 +342,7 @@ def _ingest_report(summary: dict) -> dict:
     q = summary["quality"]
     return {
         "rows": summary["rows"], "passed": summary["passed"], "seconds": summary["seconds"],
+        "mode": summary["mode"], "files_staged_now": summary["files_staged_now"],
         "sources": summary["sources"],
         "quality": {s: {k: v for k, v in r.items() if k != "expectations"} for s, r in q["sources"].items()},
         "critical_failed": q["critical_failed"],
@@ -287,10 +368,59 @@ def _publish_reports(ws: Workspace, built: Path) -> None:
 # --- staging one source ---------------------------------------------------------------
 
 
+def _carry_only(source: str, prior: Prior, staged_dir: Path, quarantine_dir: Path) -> dict:
+    """A source with no new file: its previous staged and quarantined rows, linked into the new zone."""
+    for src, dst in ((prior.staged, staged_dir / f"{source}.parquet"), (prior.quarantine, quarantine_dir / f"{source}.parquet")):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+    reasons = Counter()
+    for e in prior.entries:
+        reasons.update(e["reasons"])
+    return {
+        "staged": f"staged/{source}.parquet", "quarantine": f"quarantine/{source}.parquet",
+        **{f"rows_{k}": sum(e[f"rows_{k}"] for e in prior.entries) for k in ("read", "staged", "quarantined")},
+        "reasons": dict(sorted(reasons.items())), "seconds": {}, "files": list(prior.entries), "files_new": 0,
+    }
+
+
+def _flag_prior(con: duckdb.DuckDBPyConnection, schema: Schema, src: str, flags: str, prior: Path) -> None:
+    """Quarantine new rows repeating a record id staged from an earlier delivery (kept: the earlier one).
+
+    ``duplicate`` when every typed value is the same, ``duplicate_id`` when they differ, as
+    :func:`_flag_duplicates` does within one run.
+    """
+    rid = schema.columns_with_role("record_id")
+    if not rid:
+        return
+    name = rid[0].name
+    typed = ", ".join(typed_sql(c) for c in schema.columns)
+    old = ", ".join(q(c.name) for c in schema.columns)
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE _prior_dups AS
+        WITH good AS (SELECT s.*, f._pos FROM {src} s POSITIONAL JOIN (SELECT rowid AS _pos, _fail FROM {flags}) f
+                      WHERE f._fail IS NULL),
+        old AS (SELECT CAST({q(name)} AS VARCHAR) AS k, row({old}) AS v FROM read_parquet({path_literal(prior)}))
+        SELECT g._pos, CASE WHEN row({typed}) IS NOT DISTINCT FROM old.v THEN 'duplicate' ELSE 'duplicate_id' END
+                       || ':' || {lit(name)} AS reason
+        FROM good g JOIN old ON CAST(g.{q(name + '__t')} AS VARCHAR) = old.k""")
+    con.execute(f"UPDATE {flags} SET _fail = d.reason FROM _prior_dups d WHERE {flags}.rowid = d._pos")
+    con.execute("DROP TABLE _prior_dups")
+
+
 def _stage_source(con: duckdb.DuckDBPyConnection, schema: Schema, files: list[LandingFile], staged_dir: Path,
-                  quarantine_dir: Path, scratch: Path, max_encoding_share: float) -> dict:
-    """Read, check and write one source; returns its counts and per-file manifest entries."""
+                  quarantine_dir: Path, scratch: Path, max_encoding_share: float, prior: Prior | None = None) -> dict:
+    """Read, check and write one source; returns its counts and per-file manifest entries.
+
+    With ``prior`` (an incremental run), ``files`` are the new files only: the previous rows
+    come first in the staged and quarantine files, then the new ones, and the manifest
+    entries of the earlier files are carried over.
+    """
     source = schema.source
+    if prior is not None and prior.entries and not files:
+        return _carry_only(source, prior, staged_dir, quarantine_dir)
+    if prior is not None and not prior.entries:
+        prior = None
     rejects_table, fails, flags = f"rejects_{source}", f"fails_{source}", f"flags_{source}"
     con.execute(f"CREATE OR REPLACE TEMP TABLE {rejects_table} ({QUARANTINE_COLUMNS})")
     loaded: dict[str, Loaded] = {}
@@ -315,17 +445,27 @@ def _stage_source(con: duckdb.DuckDBPyConnection, schema: Schema, files: list[La
     t1 = time.perf_counter()
     con.execute(f"CREATE OR REPLACE TEMP TABLE {flags} AS SELECT {fail_sql(schema)} AS _fail FROM {src}")
     _flag_duplicates(con, schema, src, flags, [f.name for f in files])
+    before = ""
+    if prior is not None:
+        _flag_prior(con, schema, src, flags, prior.staged)
+        before = f"SELECT * FROM read_parquet({path_literal(prior.staged)}) UNION ALL "
     staged_total = con.execute(
-        f"COPY (SELECT {staged_select(schema)} FROM {src} POSITIONAL JOIN {flags} WHERE _fail IS NULL) "
+        f"COPY ({before}SELECT {staged_select(schema)} FROM {src} POSITIONAL JOIN {flags} WHERE _fail IS NULL) "
         f"TO {path_literal(staged_path)} (FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 1)").fetchall()[0][0]
+    if prior is not None:
+        staged_total -= sum(e["rows_staged"] for e in prior.entries)
     con.execute(f"""CREATE OR REPLACE TEMP TABLE {fails} AS SELECT _file, _line, _row, _rawtext AS raw,
         nullif(split_part(_fail, ':', 2), '') AS "column", split_part(_fail, ':', 1) AS reason
         FROM {src} POSITIONAL JOIN {flags} WHERE _fail IS NOT NULL""")
     t2 = time.perf_counter()
     _fill_raw(con, fails, schema, files, loaded)
-    con.execute(f"""COPY (SELECT * FROM (SELECT * FROM {fails} UNION ALL SELECT * FROM {rejects_table})
+    earlier = f"SELECT * FROM read_parquet({path_literal(prior.quarantine)}) UNION ALL " if prior is not None else ""
+    con.execute(f"""COPY (SELECT * FROM ({earlier}SELECT * FROM {fails} UNION ALL SELECT * FROM {rejects_table})
         ORDER BY _file, _line) TO {path_literal(quarantine_path)} (FORMAT parquet, COMPRESSION zstd)""")
     entries = _manifest_entries(con, schema, files, loaded, src, fails, rejects_table, staged_total)
+    new_files = len(entries)
+    if prior is not None:
+        entries = list(prior.entries) + entries
     for got in loaded.values():
         drop(con, got)
     con.execute(f"DROP TABLE IF EXISTS all_{source}; DROP TABLE {fails}; DROP TABLE {flags}; DROP TABLE {rejects_table}")
@@ -339,7 +479,7 @@ def _stage_source(con: duckdb.DuckDBPyConnection, schema: Schema, files: list[La
         "staged": f"staged/{source}.parquet", "quarantine": f"quarantine/{source}.parquet",
         "rows_read": sum(e["rows_read"] for e in entries), "rows_staged": sum(e["rows_staged"] for e in entries),
         "rows_quarantined": sum(e["rows_quarantined"] for e in entries), "reasons": dict(sorted(reasons.items())),
-        "seconds": seconds, "files": entries,
+        "seconds": seconds, "files": entries, "files_new": new_files,
     }
 
 
