@@ -154,7 +154,7 @@ json.dump(out, open(sys.argv[2], "w"))
 '''
 
 
-def acro_compare(ws: Path, cfg, venv: Path, folder: Path) -> dict:
+def acro_compare(ws: Path, cfg, venv: Path, folder: Path, key) -> dict:
     """ACRO's crosstab checks on each standard table's microdata vs hhlink's published statuses."""
     from linkage.db import connect
     from linkage.sdc import standard
@@ -169,7 +169,7 @@ def acro_compare(ws: Path, cfg, venv: Path, folder: Path) -> dict:
         for tspec, source in standard.standard_tables(ws / "research", cfg):
             if tspec.name.startswith("mobility"):
                 continue   # coefficients: ACRO's crosstab has no OLS-per-cell check to compare
-            df = con.execute(standard.population(con, ws, source, cfg)).df()
+            df = con.execute(standard.population(con, ws, source, cfg, key)).df()
             cols = list(tspec.columns)
             rows, col = cols[:-1], cols[-1]
             mean = next((m.column for m in tspec.measures if m.kind == "mean"), None)
@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "figures to the last full run's results")
     args = ap.parse_args(argv)
     from linkage.disclose.stage import RequestError, build_table, disclose
+    from linkage.pseudonymise.store import read_research
 
     ws, key = args.workspace, load_master_key(key_file=args.key_file)
     cfg = load_config()
@@ -257,12 +258,12 @@ def main(argv: list[str] | None = None) -> dict:
         return result
     if args.acro_only:
         result = json.loads((RESULTS / "disclosure.json").read_text())
-        result["acro"] = acro_compare(ws, cfg, args.acro_venv, Path(tempfile.gettempdir()))
+        result["acro"] = acro_compare(ws, cfg, args.acro_venv, Path(tempfile.gettempdir()), key)
         (RESULTS / "disclosure.json").write_text(json.dumps(result, indent=2) + "\n")
         (RESULTS / "disclosure.md").write_text(_markdown(result))
         print(_markdown(result))
         return result
-    persons = len(pd.read_parquet(ws / "research" / "cohort.parquet", columns=["child_id"]))
+    persons = read_research(ws, key, "cohort", ["child_id"]).num_rows
     result: dict = {"workspace_children": persons}
 
     # 1. missing categories: Unknown (before) vs excluded (after)
@@ -311,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
                                       "exact": attack(rel, cfg.disclosure, exact=True)}
 
     # 4. ACRO
-    result["acro"] = acro_compare(ws, cfg, args.acro_venv, Path(tempfile.gettempdir()))
+    result["acro"] = acro_compare(ws, cfg, args.acro_venv, Path(tempfile.gettempdir()), key)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "disclosure.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / "disclosure.md").write_text(_markdown(result))
@@ -326,12 +327,13 @@ def builder_timing(ws: Path, cfg, key) -> dict:
     a refusal (over ``request_max_lps``) is timed too: it is work the portal did.
     """
     from linkage.disclose.stage import RequestError, build_table, disclose
+    from linkage.pseudonymise.store import read_research
 
     t0 = time.perf_counter()
     disclose(cfg, ws, key=key)
     t_disclose = time.perf_counter() - t0
-    persons = len(pd.read_parquet(ws / "research" / "person.parquet", columns=["person_id"]))
-    children = len(pd.read_parquet(ws / "research" / "cohort.parquet", columns=["child_id"]))
+    persons = read_research(ws, key, "person", ["person_id"]).num_rows
+    children = read_research(ws, key, "cohort", ["child_id"]).num_rows
     answered, refused = [], []
     for dims in REQUESTS:
         t0 = time.perf_counter()

@@ -55,11 +55,23 @@ def _standin_research(size: int, workspace: Path) -> None:
         "ks4_att8": np.where(has_ks4, np.clip(rng.normal(46, 15, n), 0, 90), np.nan),
         "adult_pay": pay, "log_adult_pay": np.log(pay), "adult_pay_percentile": pct(pay),
         "neet_years": rng.poisson(2.4, n), "neet_window_years": rng.integers(0, 10, n)})
+    person = pd.DataFrame({"person_id": ids, "ethnicity": rng.choice(["WBRI", "WOTH", "APKN", "AIND", "BAFR"], n)})
+    # research/ is encrypted at rest under the project's subkey, as assemble writes it
+    import json
+
+    import pyarrow as pa
+
+    from linkage.keys import load_master_key
+    from linkage.pseudonymise.store import write_research
+
     research = workspace / "research"
     research.mkdir(parents=True, exist_ok=True)
-    cohort.to_parquet(research / "cohort.parquet", index=False)
-    pd.DataFrame({"person_id": ids, "ethnicity": rng.choice(["WBRI", "WOTH", "APKN", "AIND", "BAFR"], n)}).to_parquet(
-        research / "person.parquet", index=False)
+    key, project = load_master_key(), load_config().assemble.project
+    for name, frame in (("cohort", cohort), ("person", person)):
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        write_research(research / f"{name}.parquet", table, table.schema, key, project)
+    (research / "metadata.json").write_text(json.dumps({"stage": "bench stand-in", "project": project,
+                                                        "rows": {"cohort": n, "person": n}}) + "\n")
 
 
 def _figures(name: str, s: dict) -> dict:

@@ -190,7 +190,9 @@ def validate(staged: dict[str, Path], suites_dir: Path, reports_dir: Path, scrat
     """Run each source's suite on its staged Parquet file and write the quality reports.
 
     Args:
-        staged: source name -> staged Parquet file.
+        staged: source name -> staged Parquet file, or an Arrow ``RecordBatchReader`` of a file
+            encrypted at rest (``research/``): its rows are copied into the scratch database,
+            which the caller removes.
         suites_dir: folder of ``<source>.json`` suites.
         reports_dir: folder to write (``data_docs/`` and ``quality_summary.json``).
         scratch: an empty folder for GX's file context (removed by the caller).
@@ -212,7 +214,14 @@ def validate(staged: dict[str, Path], suites_dir: Path, reports_dir: Path, scrat
         for source, path in staged.items():
             derived = suites[source].get("meta", {}).get("hhlink", {}).get("derived_columns", {})
             extra = "".join(f", {expr} AS {q(name)}" for name, expr in derived.items())
-            con.execute(f"CREATE VIEW {q(source)} AS SELECT *{extra} FROM read_parquet({read_literal(path)})")
+            if isinstance(path, Path | str):
+                con.execute(f"CREATE VIEW {q(source)} AS SELECT *{extra} FROM read_parquet({read_literal(path)})")
+                continue
+            con.register("_rows_in", path)
+            try:
+                con.execute(f"CREATE TABLE {q(source)} AS SELECT *{extra} FROM _rows_in")
+            finally:
+                con.unregister("_rows_in")
     ds = ctx.data_sources.add_sql(name="staged", connection_string=f"duckdb+hhlink:///{db}")
     summary: dict = {"engine": "great_expectations SQL engine on DuckDB (duckdb_engine)",
                      "gx_version": gx.__version__, "sources": {}, "critical_failed": []}

@@ -12,9 +12,13 @@ import pytest
 
 from linkage.config import load_config
 from linkage.assemble.stage import RESEARCH_TABLES, AssembleError, assemble, load_research_schema
+from linkage.keys import KeyMismatchError, MasterKey
+from linkage.pseudonymise.store import (EncryptedZoneError, is_encrypted, read_encrypted_schema, read_research,
+                                        register_research, research_key, research_zone)
 from linkage.quality import validate
 
 KEY = "5e" * 32
+MASTER = MasterKey(bytes.fromhex(KEY), "test")
 PERSONS = 3000
 
 
@@ -42,14 +46,15 @@ def assembled(tmp_path_factory):
 
 
 def _table(root, name):
-    return pq.read_table(root / "research" / f"{name}.parquet")
+    # research/ is encrypted at rest: every reader decrypts through the store
+    return read_research(root, MASTER, name)
 
 
 def test_research_tables_match_their_schemas(assembled):
     root, _, summary, _ = assembled
     for name in RESEARCH_TABLES:
         schema = load_research_schema(name)
-        got = pq.read_schema(root / "research" / f"{name}.parquet")
+        got = read_encrypted_schema(root / "research" / f"{name}.parquet", MASTER, research_zone("proj-a"))
         assert [(f.name, f.type) for f in got] == [(f.name, f.type) for f in schema.arrow()], name
         assert summary["rows"][name] == _table(root, name).num_rows
     meta = json.loads((root / "research" / "metadata.json").read_text())
@@ -61,8 +66,7 @@ def test_research_tables_match_their_schemas(assembled):
 def test_research_tables_are_consistent(assembled):
     root, _, _, _ = assembled
     con = duckdb.connect()
-    for name in RESEARCH_TABLES:
-        con.execute(f"create view {name} as select * from '{root}/research/{name}.parquet'")
+    register_research(con, root, MASTER, RESEARCH_TABLES, prefix="")
     one = lambda q: con.execute(q).fetchall()[0][0]  # noqa: E731
     assert one("select count(*) - count(distinct person_id) from person") == 0
     assert one("select count(*) from person_year where person_id not in (select person_id from person)") == 0
@@ -107,9 +111,10 @@ def test_research_zone_holds_no_identifiers_or_linkage_keys(assembled):
     scanned = 0
     for path in (root / "research").iterdir():
         if path.suffix == ".parquet":
-            cols = [c for c, t, *_ in con.execute(f"describe select * from '{path}'").fetchall() if t == "VARCHAR"]
+            (name,) = register_research(con, root, MASTER, [path.stem], prefix="scan_")
+            cols = [c for c, t, *_ in con.execute(f"describe select * from {name}").fetchall() if t == "VARCHAR"]
             for col in cols:
-                hits = con.execute(f'select count(*) from \'{path}\' where "{col}" in (select v from banned)').fetchall()
+                hits = con.execute(f'select count(*) from {name} where "{col}" in (select v from banned)').fetchall()
                 assert hits[0][0] == 0, (path.name, col)
                 scanned += 1
         else:
@@ -135,8 +140,8 @@ def test_two_projects_get_different_keys_for_the_same_people(assembled, run_cli,
     for table, key in (("person", "person_id"), ("cohort", "child_id")):
         rest = [c for c in _table(root, table).column_names if c != key]
         cols = ", ".join(rest)
-        diff = con.execute(f"""select count(*) from (select {cols} from '{root}/research/{table}.parquet'
-                               except all select {cols} from '{other}/research/{table}.parquet')""").fetchall()[0][0]
+        a, b = _table(root, table), _table(other, table)   # noqa: F841 - scanned by DuckDB below
+        diff = con.execute(f"select count(*) from (select {cols} from a except all select {cols} from b)").fetchall()[0][0]
         assert diff == 0, table
     # within one project the keys join: every parent and child is a person
     persons = set(_table(other, "person")["person_id"].to_pylist())
@@ -146,6 +151,43 @@ def test_two_projects_get_different_keys_for_the_same_people(assembled, run_cli,
     meta_b = json.loads((other / "research" / "metadata.json").read_text())
     assert meta_a["project_key_fingerprint"] != meta_b["project_key_fingerprint"]
     assert meta_a["master_key_fingerprint"] == meta_b["master_key_fingerprint"]
+
+
+def test_research_files_are_unreadable_without_the_project_key(assembled):
+    """research/ is encrypted at rest: neither DuckDB nor Arrow reads a file (not even its schema)
+    without a key, another project's research subkey cannot decrypt it, and the project's own
+    subkey (not the master key) reads it."""
+    root, _, summary, _ = assembled
+    files = sorted((root / "research").glob("*.parquet"))
+    assert {f.stem for f in files} == set(RESEARCH_TABLES) | {"key_changes"}
+    con = duckdb.connect()
+    for f in files:
+        assert is_encrypted(f), f.name
+        with pytest.raises(duckdb.Error, match="encrypted"):
+            con.execute(f"select count(*) from '{f}'").fetchall()
+        with pytest.raises(OSError, match="encrypted|decryption"):
+            pq.read_table(f)
+        with pytest.raises(OSError):
+            pq.read_schema(f)
+        assert f.stat().st_mode & 0o777 == 0o600, f.name
+    other = research_key(MASTER, "proj-b")
+    with pytest.raises(KeyMismatchError, match=r"research/ \(project proj-b\), which cannot read research/ "
+                                               r"\(project proj-a\)"):
+        read_research(root, other, "cohort")
+    # the other project's subkey presented as proj-a's: the file's wrapped data key does not open
+    from linkage.pseudonymise.store import ZoneKey, read_encrypted
+
+    forged = ZoneKey(research_zone("proj-a"), MASTER.subkey("zone:research:proj-b"), MASTER.fingerprint)
+    with pytest.raises(KeyMismatchError, match="cannot be decrypted with the key given"):
+        read_encrypted(root / "research" / "cohort.parquet", forged, research_zone("proj-a"))
+    own = research_key(MASTER, "proj-a")
+    assert read_research(root, own, "cohort").num_rows == summary["rows"]["cohort"]
+    with pytest.raises(EncryptedZoneError, match="needs the master key"):
+        read_research(root, None, "cohort")
+    # metadata.json stays in clear and holds counts and settings, no record value
+    meta = json.loads((root / "research" / "metadata.json").read_text())
+    assert set(meta) == {"stage", "project", "project_key_fingerprint", "master_key_fingerprint", "rows", "schemas",
+                         "settings", "data_window"}
 
 
 def test_assemble_is_reproducible(assembled, tmp_path):
@@ -172,17 +214,17 @@ def test_research_suite_catches_duplicate_keys_and_orphans(assembled, tmp_path):
     broken = tmp_path / "research"
     broken.mkdir()
     con = duckdb.connect()
+    register_research(con, root, MASTER, RESEARCH_TABLES, prefix="r_")   # decrypted: the broken copies are plain
     for name in RESEARCH_TABLES:
-        src = root / "research" / f"{name}.parquet"
         if name == "person":      # one person delivered twice
-            con.execute(f"""copy (select * from '{src}' union all (select * from '{src}' order by person_id limit 1))
+            con.execute(f"""copy (select * from r_person union all (select * from r_person order by person_id limit 1))
                             to '{broken}/person.parquet'""")
         else:
-            shutil.copy(src, broken / src.name)
-    con.execute(f"""copy (select * from '{root}/research/parent_child.parquet'
+            con.execute(f"copy r_{name} to '{broken}/{name}.parquet'")
+    con.execute(f"""copy (select * from r_parent_child
                           union all (select 'f' || left(parent_id, 31), child_id, confidence, benefit_unit_years,
                                             coresident_years, age_gap
-                                     from '{root}/research/parent_child.parquet' limit 1))
+                                     from r_parent_child limit 1))
                     to '{broken}/parent_child.parquet'""")
     scratch = tmp_path / "gx"
     scratch.mkdir()

@@ -71,8 +71,26 @@ def run_cli_module():
     return run
 
 
-def _cohort(workspace) -> pd.DataFrame:
-    return pd.read_parquet(workspace / "research" / "cohort.parquet")
+def _cohort(workspace, columns=None) -> pd.DataFrame:
+    # research/ is encrypted at rest: decrypted with the workspace's key, as disclose does
+    from linkage.keys import MasterKey
+    from linkage.pseudonymise.store import read_research
+
+    return read_research(workspace, MasterKey(bytes.fromhex(KEY_HEX), "test"), "cohort", columns).to_pandas()
+
+
+def test_disclose_with_another_key_fails_in_one_line_and_keeps_the_release(published, workspace):
+    """research/ is encrypted under the project's subkey of the master key: disclose under another
+    master key cannot read it, says so in one line naming the file, and published/ is left as it was."""
+    import secrets
+
+    from linkage.keys import KeyMismatchError, MasterKey
+
+    before = {p.name: p.read_bytes() for p in (workspace / "published").iterdir() if p.is_file()}
+    with pytest.raises(KeyMismatchError) as err:
+        disclose(load_config(), workspace, key=MasterKey(secrets.token_bytes(32), "other"))
+    assert "research/" in str(err.value) and "\n" not in str(err.value)
+    assert {p.name: p.read_bytes() for p in (workspace / "published").iterdir() if p.is_file()} == before
 
 
 def test_disclose_writes_every_standard_table(published, workspace):
@@ -292,17 +310,16 @@ def test_mobility_report_gives_each_sample_size_as_a_published_count(published, 
     # reports/mobility.json is read beyond the engineers: its n is the count the engine would
     # publish for the same children (same cell key, so the same noise), never the exact count,
     # and below the threshold there is none
-    import pyarrow.parquet as pq
-
     from linkage.disclose.stage import record_key_secret
     from linkage.sdc.cells import record_keys
     from linkage.sdc.perturb import count_noise
 
     report = json.loads((workspace / "reports" / "mobility.json").read_text())
-    exact = {r["measure"]: r["n"] for r in pq.read_table(workspace / "research" / "mobility.parquet").to_pylist()
+    from linkage.pseudonymise.store import read_research
+
+    exact = {r["measure"]: r["n"] for r in read_research(workspace, key, "mobility").to_pylist()
              if r["group_type"] == "national"}
-    cohort = pd.read_parquet(workspace / "research" / "cohort.parquet",
-                             columns=["child_id", "log_parents_earnings", "log_adult_pay"])
+    cohort = _cohort(workspace, ["child_id", "log_parents_earnings", "log_adult_pay"])
     sample = cohort.dropna(subset=["log_parents_earnings", "log_adult_pay"])["child_id"].astype(str).tolist()
     assert len(sample) == exact["ige"] >= 10
     ck = (int(record_keys(sample, record_key_secret(key))[:, 0].astype(np.int64).sum()) % 2**32) / 2**32

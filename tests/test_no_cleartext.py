@@ -223,7 +223,12 @@ def _scan_parquet(path: Path, values: set[str], dobs: dict, owners: dict, attrib
         # an encrypted zone file: no value of 8+ bytes in its bytes, and none in what it decrypts to
         hits = {v for v in values if len(v) >= 8 and v.encode() in path.read_bytes().upper()}
         plain = Path(tempfile.mkdtemp(prefix="scan-")) / path.name
-        pq.write_table(read_encrypted(path, key, path.parent.name), plain)
+        zone = path.parent.name
+        if zone == "research":   # research/ is encrypted under its project's subkey
+            from linkage.pseudonymise.store import research_project, research_zone
+
+            zone = research_zone(research_project(path.parent.parent))
+        pq.write_table(read_encrypted(path, key, zone), plain)
         try:
             return hits | _scan_parquet(plain, values, dobs, owners, attribute_dates)
         finally:

@@ -447,9 +447,10 @@ def test_builder_without_research_tables_or_with_broken_ones(tmp_path):
 
 def _secrets_and_records(ws) -> tuple[list[str], list[str]]:
     con = duckdb.connect()
-    ids = [r[0] for r in con.execute(f"select child_id from '{ws}/research/cohort.parquet' limit 300").fetchall()]
-    ids += [r[0] for r in con.execute(f"select person_id from '{ws}/research/person.parquet' limit 300").fetchall()]
-    from linkage.pseudonymise.store import read_identifiers   # identifiers/ are encrypted at rest
+    from linkage.pseudonymise.store import read_identifiers, read_research   # encrypted at rest
+
+    ids = read_research(ws, KEY, "cohort", ["child_id"]).column("child_id").to_pylist()[:300]
+    ids += read_research(ws, KEY, "person", ["person_id"]).column("person_id").to_pylist()[:300]
 
     ids += read_identifiers(ws, KEY, ["record_token"]).column("record_token").to_pylist()[::100][:300]
     ids += [r[0] for r in con.execute(

@@ -88,10 +88,14 @@ def test_a_delivery_keeps_the_keys_of_persons_it_does_not_touch(first_release, t
     assert summary["key_changes"]["carried"] + len(listed_new) == summary["persons"]
     # researchers get the same changes in their project's keys, never a linkage key
     run_stage("assemble", cfg, ws)
-    research = duckdb.execute(f"select change, old_person_id, new_person_id, identities "
-                              f"from '{ws}/research/key_changes.parquet'").fetchall()
+    from linkage.keys import MasterKey
+    from linkage.pseudonymise.store import read_research   # research/ is encrypted at rest
+
+    master = MasterKey(bytes.fromhex(KEY), "test")
+    changes_t = read_research(ws, master, "key_changes")    # noqa: F841 - scanned by DuckDB below
+    research = duckdb.execute("select change, old_person_id, new_person_id, identities from changes_t").fetchall()
     assert sorted(r[0] for r in research) == sorted(c for c, *_ in changes if c != "new")
     linkage_keys = set(before.values()) | set(after.values())
     assert not {v for r in research for v in r[1:3]} & linkage_keys
-    people = {p for (p,) in duckdb.execute(f"select person_id from '{ws}/research/person.parquet'").fetchall()}
+    people = set(read_research(ws, master, "person", ["person_id"]).column("person_id").to_pylist())
     assert {r[2] for r in research if r[0] == "merged"} <= people

@@ -16,8 +16,11 @@ Every table is declared in ``schemas/research/<table>.toml`` (columns, types, ro
 written in that column order and type; a table that does not match its declaration stops
 the run. Keys are per research project: a person's ``person_id`` is the keyed
 HMAC-SHA256 of its linkage key under the project's subkey (``linkage.keys.project_key``),
-so two projects' extracts cannot be joined, and no linkage key, record token or
-identifier reaches ``research/``. Sex, an identifier role, is recovered from its keyed
+and no linkage key, record token or identifier reaches ``research/``. Every table is
+encrypted at rest under the project's own subkey (HKDF purpose ``zone:research:<project>``,
+:mod:`linkage.pseudonymise.store`; ``metadata.json`` holds no record value and stays in
+clear), so a party holding two projects' extracts without their keys reads neither, and
+cannot join them on pay sequences either. Sex, an identifier role, is recovered from its keyed
 token only as M or F.
 
 The Great Expectations suites in ``expectations/research/`` run on the new tables before
@@ -46,15 +49,15 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from linkage.assemble import sql
 from linkage.assemble import mobility
 from linkage import resources
 from linkage.config import Config
-from linkage.db import connect, path_literal, quote_ident, quote_literal, read_literal
+from linkage.db import connect, quote_ident, quote_literal, read_literal
 from linkage.errors import HhlinkError, SchemaError, WorkspaceError, read_toml
 from linkage.keys import MasterKey
+from linkage.pseudonymise.store import batches_encrypted, read_encrypted_schema, research_zone, write_research
 from linkage.workspace import Workspace, atomic_path, publish
 
 __all__ = ["COHORT_NUMERIC", "COHORT_TEXT", "RESEARCH_TABLES", "AssembleError", "TableSchema", "assemble",
@@ -285,7 +288,8 @@ def _key_maps(con: duckdb.DuckDBPyConnection, project_secret: bytes) -> None:
         con.unregister(f"_map_{kind}")
 
 
-def _research_key_changes(con: duckdb.DuckDBPyConnection, project_secret: bytes, linked: Path, out: Path) -> int:
+def _research_key_changes(con: duckdb.DuckDBPyConnection, project_secret: bytes, linked: Path, out: Path,
+                          key: MasterKey, project: str) -> int:
     """``key_changes.parquet``: the release's merged, split and retired persons, in the project's keys.
 
     A researcher carries an analysis to the next release with it: a ``merged`` row says
@@ -308,8 +312,7 @@ def _research_key_changes(con: duckdb.DuckDBPyConnection, project_secret: bytes,
     table = pa.table({"change": pa.array([r[0] for r in rows], pa.string()),
                       "old_person_id": keyed([r[1] for r in rows]), "new_person_id": keyed([r[2] for r in rows]),
                       "identities": pa.array([r[3] for r in rows], pa.int64())})
-    pq.write_table(table, out / "key_changes.parquet", compression="zstd")
-    return table.num_rows
+    return write_research(out / "key_changes.parquet", table, table.schema, key, project)
 
 
 _VIEWS = {
@@ -346,8 +349,9 @@ def pay_rounding_sql(column: str, base: int) -> str:
     return f"(CASE WHEN {c} > 0 THEN greatest(round({c} / {base}), 1) * {base} ELSE {c} END)"
 
 
-def _write_table(con: duckdb.DuckDBPyConnection, schema: TableSchema, out: Path, pay_rounding: int = 0) -> int:
-    """Write ``research/<table>.parquet`` in the declared column order and types; returns rows."""
+def _write_table(con: duckdb.DuckDBPyConnection, schema: TableSchema, out: Path, key: MasterKey, project: str,
+                 pay_rounding: int = 0) -> int:
+    """Write ``research/<table>.parquet`` (encrypted) in the declared column order and types; returns rows."""
     pay = PAY_COLUMNS.get(schema.table, ())
     cols = ", ".join(f'CAST({pay_rounding_sql(c["name"], pay_rounding) if c["name"] in pay else quote_ident(c["name"])}'
                      f' AS {_TYPES[c["type"]][0]}) AS {quote_ident(c["name"])}'
@@ -355,30 +359,32 @@ def _write_table(con: duckdb.DuckDBPyConnection, schema: TableSchema, out: Path,
     order = ", ".join(map(quote_ident, schema.unique[0] if schema.unique else schema.names[:1]))
     path = out / f"{schema.table}.parquet"
     try:
-        con.execute(f"copy (select {cols} from ({_VIEWS[schema.table]}) order by {order}) "
-                    f"to {path_literal(path)} (format parquet, compression zstd)")
+        reader = con.sql(f"select {cols} from ({_VIEWS[schema.table]}) order by {order}").to_arrow_reader(100_000)
     except duckdb.BinderException as exc:
         raise AssembleError(f"research/{schema.table}: does not match schemas/research/{schema.table}.toml "
                             f"({str(exc).splitlines()[0]})") from None
-    return con.execute(f"select count(*) from read_parquet({read_literal(path)})").fetchall()[0][0]
+    return write_research(path, reader, schema.arrow(), key, project)
 
 
-def _write_rows(rows: list[dict], schema: TableSchema, out: Path) -> int:
-    table = pa.Table.from_pylist(rows, schema=schema.arrow())
-    pq.write_table(table, out / f"{schema.table}.parquet", compression="zstd")
-    return table.num_rows
+def _write_rows(rows: list[dict], schema: TableSchema, out: Path, key: MasterKey, project: str) -> int:
+    return write_research(out / f"{schema.table}.parquet", pa.Table.from_pylist(rows, schema=schema.arrow()),
+                          schema.arrow(), key, project)
 
 
-def _check_written(out: Path, schemas: dict[str, TableSchema]) -> None:
+def _check_written(out: Path, schemas: dict[str, TableSchema], key: MasterKey, project: str) -> None:
     """Every file's columns and types are exactly its declaration's."""
     for name, schema in schemas.items():
-        got = pq.read_schema(out / f"{name}.parquet")
+        got = read_encrypted_schema(out / f"{name}.parquet", key, research_zone(project))
         if [(f.name, f.type) for f in got] != [(f.name, f.type) for f in schema.arrow()]:
             raise AssembleError(f"research/{name}.parquet does not match schemas/research/{name}.toml")
 
 
-def _validate(config: Config, ws: Workspace, out: Path, schemas: dict) -> dict:
-    """Run the research suites on the new tables; results to ``reports/quality/research/``."""
+def _validate(config: Config, ws: Workspace, out: Path, schemas: dict, key: MasterKey) -> dict:
+    """Run the research suites on the new tables; results to ``reports/quality/research/``.
+
+    The tables are encrypted: each is decrypted batch by batch into GX's scratch database
+    (a 0700 folder in the workspace, removed when the suites have run).
+    """
     from linkage.quality import validate
 
     suites = config.paths.resolve(config.paths.expectations) / "research"
@@ -387,7 +393,9 @@ def _validate(config: Config, ws: Workspace, out: Path, schemas: dict) -> dict:
     scratch = Path(tempfile.mkdtemp(prefix=".gx-research-", dir=ws.root))
     built = Path(tempfile.mkdtemp(prefix=".research.new-", dir=reports))
     try:
-        summary = validate({name: out / f"{name}.parquet" for name in schemas}, suites, built, scratch,
+        zone = research_zone(config.assemble.project)
+        summary = validate({name: batches_encrypted(out / f"{name}.parquet", key, zone) for name in schemas},
+                           suites, built, scratch,
                            data_docs=config.assemble.data_docs)
         for s in summary["sources"].values():
             s["suite"] = s["suite"].replace("expectations/", "expectations/research/")
@@ -502,17 +510,18 @@ def assemble(config: Config, workspace: Path | str, key: MasterKey | None = None
         with ws.publish_dir("research") as out:
             t = time.perf_counter()
             _key_maps(con, secret)
-            rows = {name: _write_table(con, schemas[name], out, a.research_pay_rounding) for name in _VIEWS}
-            rows["key_changes"] = _research_key_changes(con, secret, ws.zone("linked"), out)
+            rows = {name: _write_table(con, schemas[name], out, key, a.project, a.research_pay_rounding)
+                    for name in _VIEWS}
+            rows["key_changes"] = _research_key_changes(con, secret, ws.zone("linked"), out, key, a.project)
             # the report is readable beyond the engineers: sample sizes as the published tables give
             # them (computed here, before the sensitivity variants rebuild the cohort table)
             public = _public_n(con, prepared, key, config)
-            rows["mobility"] = _write_rows(measures, schemas["mobility"], out)
-            rows["transition_matrix"] = _write_rows(transitions, schemas["transition_matrix"], out)
-            _check_written(out, schemas)
+            rows["mobility"] = _write_rows(measures, schemas["mobility"], out, key, a.project)
+            rows["transition_matrix"] = _write_rows(transitions, schemas["transition_matrix"], out, key, a.project)
+            _check_written(out, schemas, key, a.project)
             seconds["write"] = time.perf_counter() - t
             t = time.perf_counter()
-            quality = _validate(config, ws, out, schemas)
+            quality = _validate(config, ws, out, schemas, key)
             seconds["quality"] = time.perf_counter() - t
             if quality["critical_failed"]:
                 raise QualityGateError("critical expectation failed on the research tables, research/ not "

@@ -113,6 +113,11 @@ def record_key_secret(key: MasterKey | bytes | None = None) -> bytes:
     return derive_key(bytes(key), RECORD_KEY_PURPOSE)
 
 
+def _research_reader(key: MasterKey | bytes) -> MasterKey:
+    # research/ is encrypted under a subkey of the master key: raw master bytes are wrapped to derive it
+    return key if isinstance(key, MasterKey) else MasterKey(bytes(key), origin="caller")
+
+
 def _systems(cells, spec: TableSpec, cfg, values) -> list[System]:
     f = cells.frame
     n = f["_n"].to_numpy().astype(float)
@@ -291,7 +296,7 @@ def build_table(request: dict, workspace: Path | str, config: Config, key: Maste
     own = con is None
     con = con or connect()
     try:
-        rel = standard.population(con, Path(workspace), source, config)
+        rel = standard.population(con, Path(workspace), source, config, _research_reader(master))
         prep = _prepare(rel, spec, config, master, con, True)
     finally:
         if own:
@@ -350,7 +355,8 @@ def disclose(config: Config, workspace: Path | str, key: MasterKey | bytes | Non
     try:
         with ws.publish_dir("published") as out, ledger.locked(ws.root) as book:
             # the standard tables share cells and margins: one pattern, one LP audit over their union
-            preps = [_prepare(standard.population(con, ws.root, source, config), spec, config, master, con, None)
+            reader = _research_reader(master)
+            preps = [_prepare(standard.population(con, ws.root, source, config, reader), spec, config, master, con, None)
                      for spec, source in standard.standard_tables(research, config)]
             blocks = [p.block() for p in preps]
             masks, audit = protect_jointly(blocks, max_rounds=config.disclosure.lp_max_rounds)

@@ -13,7 +13,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from linkage.assemble import mobility
 from linkage.assemble.stage import COHORT_NUMERIC, COHORT_TEXT, AssembleError, load_inputs, spread, variant
@@ -65,6 +64,7 @@ def mobility_evaluation(config: Config, workspace: Path | str, key) -> dict:
     """
     from linkage.assemble.sensitivity import true_links, true_persons
     from linkage.crosswalk import CROSSWALK_FILE, crosswalk_table
+    from linkage.pseudonymise.store import read_research
 
     ws = Workspace(workspace)
     truth = ws.zone("truth")
@@ -72,7 +72,8 @@ def mobility_evaluation(config: Config, workspace: Path | str, key) -> dict:
     if not research.exists():
         raise AssembleError(f"{research}: missing; run 'hhlink assemble' first")
     planted = json.loads((truth / "planted.json").read_text())
-    national = {r["measure"]: r["estimate"] for r in pq.read_table(research).to_pylist()
+    national = {r["measure"]: r["estimate"]
+                for r in read_research(ws.root, key, "mobility", ["measure", "estimate", "group_type"]).to_pylist()
                 if r["group_type"] == "national"}
     population = _truth_measures(truth, config)
     report_path = ws.zone("reports") / "mobility.json"

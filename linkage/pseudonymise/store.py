@@ -1,20 +1,24 @@
-"""The pseudonymised zone at rest: ``identifiers/`` and ``payload/`` as encrypted Parquet.
+"""Zones at rest: ``pseudonymised/identifiers/``, ``payload/`` and ``research/`` as encrypted Parquet.
 
-Every file of ``pseudonymised/identifiers/`` and ``pseudonymised/payload/`` is Parquet
-with modular encryption (AES-GCM, encrypted footer, every column encrypted): without
-the key the files give nothing, not even their schema or row count. Each file's 256-bit
-data key is random and stored in the file wrapped (AES-256-GCM) under a subkey derived
-from the master key, one per zone:
+Every file of ``pseudonymised/identifiers/``, ``pseudonymised/payload/`` and ``research/``
+is Parquet with modular encryption (AES-GCM, encrypted footer, every column encrypted):
+without the key the files give nothing, not even their schema or row count. Each file's
+256-bit data key is random and stored in the file wrapped (AES-256-GCM) under a subkey
+derived from the master key, one per zone (and per research project):
 
 ================ =========================================
 zone             subkey (HKDF-SHA256 purpose)
 ================ =========================================
 identifiers/     ``zone:identifiers``
 payload/         ``zone:payload``
+research/        ``zone:research:<project>``
 ================ =========================================
 
 so a party given one zone's subkey (say, a linkage operator holding ``zone:identifiers``)
-reads that zone only, and learns nothing of the tokens' or Bloom filters' keys.
+reads that zone only, and learns nothing of the tokens' or Bloom filters' keys; a party
+given one research project's subkey reads that project's extract and no other's.
+``research/metadata.json`` stays in clear: it holds the project id, key fingerprints,
+row counts, settings and the data window, no record value.
 
 The encryption is Arrow's (``pyarrow.parquet.encryption``, OpenSSL). DuckDB 2.0.1 writes
 encrypted Parquet only with the ``httpfs`` extension loaded (its built-in mbedtls module
@@ -24,8 +28,11 @@ tables, which callers register in DuckDB (:func:`register`). DuckDB never sees a
 so none of its error messages can echo one.
 
 Every reader outside the pseudonymise stage goes through this module: the link stage
-(:func:`read_identifiers`), assemble and the linkage report (:func:`read_payload`),
-benchmarks and tests.
+(:func:`read_identifiers`), assemble and the linkage report (:func:`read_payload`), the
+readers of ``research/`` (disclose, the portal's table builder, evaluate:
+:func:`read_research`, :func:`register_research`), benchmarks and tests. Research tables
+are decrypted once per file version and key and kept in memory, so the portal's builder
+does not decrypt per request.
 
 Example:
     >>> ids = read_identifiers("workspace", key, columns=["record_token", "source"])  # doctest: +SKIP
@@ -35,7 +42,11 @@ Example:
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -50,10 +61,27 @@ from linkage.keys import KeyMismatchError, MasterKey
 from linkage.workspace import Workspace
 
 __all__ = ["ZONES", "ZoneKey", "EncryptedZoneError", "zone_key", "write_encrypted", "read_encrypted",
-           "is_encrypted", "zone_files", "read_zone", "read_identifiers", "read_payload", "register"]
+           "read_encrypted_schema", "batches_encrypted", "is_encrypted", "zone_files", "read_zone", "read_identifiers",
+           "read_payload", "register", "research_zone", "research_key", "research_project", "write_research",
+           "read_research", "register_research"]
 
 ZONES = ("identifiers", "payload")
+_RESEARCH = "research:"
 _NONCE = 12
+
+
+def research_zone(project: str) -> str:
+    """The zone name of one research project's extract (subkey purpose ``zone:research:<project>``)."""
+    if not project or not str(project).strip():
+        raise ValueError("a research project id is required")
+    return _RESEARCH + str(project)
+
+
+def _where(zone: str) -> str:
+    # the folder a zone name stands for, for messages
+    if zone.startswith(_RESEARCH):
+        return f"research/ (project {zone[len(_RESEARCH):]})"
+    return f"pseudonymised/{zone}/"
 
 
 class EncryptedZoneError(HhlinkError):
@@ -66,8 +94,8 @@ class ZoneKey:
     __slots__ = ("zone", "_secret", "fingerprint")
 
     def __init__(self, zone: str, secret: bytes, fingerprint: str = "?"):
-        if zone not in ZONES:
-            raise ValueError(f"unknown encrypted zone {zone!r}; one of {', '.join(ZONES)}")
+        if zone not in ZONES and not (zone.startswith(_RESEARCH) and len(zone) > len(_RESEARCH)):
+            raise ValueError(f"unknown encrypted zone {zone!r}; one of {', '.join(ZONES)} or research:<project>")
         self.zone, self._secret, self.fingerprint = zone, bytes(secret), fingerprint
 
     def __repr__(self) -> str:
@@ -83,11 +111,11 @@ def zone_key(key: MasterKey | ZoneKey, zone: str) -> ZoneKey:
     """The subkey of ``zone`` from the master key (or ``key`` itself when it is that zone's subkey)."""
     if isinstance(key, ZoneKey):
         if key.zone != zone:
-            raise KeyMismatchError(f"the key given is the subkey of pseudonymised/{key.zone}/, which cannot "
-                                   f"read pseudonymised/{zone}/")
+            raise KeyMismatchError(f"the key given is the subkey of {_where(key.zone)}, which cannot "
+                                   f"read {_where(zone)}")
         return key
     if not isinstance(key, MasterKey):
-        raise EncryptedZoneError(f"pseudonymised/{zone}/ is encrypted: reading it needs the master key")
+        raise EncryptedZoneError(f"{_where(zone)} is encrypted: reading it needs the master key")
     return ZoneKey(zone, key.subkey(f"zone:{zone}"), key.fingerprint)
 
 
@@ -158,21 +186,60 @@ def read_encrypted(path: Path | str, key: MasterKey | ZoneKey, zone: str,
     """
     path = Path(path)
     zk = zone_key(key, zone)
-    if not is_encrypted(path):
-        raise EncryptedZoneError(f"{path}: not an encrypted zone file; re-run 'hhlink pseudonymise'")
-    try:
-        pf = pq.ParquetFile(str(path), decryption_properties=_decryption(zk))
+    with _opened(path, zk) as pf:
         if columns is not None:
             missing = [c for c in columns if c not in pf.schema_arrow.names]
             if missing:
                 raise EncryptedZoneError(f"{path}: no column(s) {', '.join(missing)}")
         return pf.read(columns=list(columns) if columns is not None else None)
-    except (InvalidTag, OSError, ValueError) as exc:
+
+
+def batches_encrypted(path: Path | str, key: MasterKey | ZoneKey, zone: str,
+                      batch_size: int = 65_536) -> pa.RecordBatchReader:
+    """One zone file decrypted batch by batch (a reader DuckDB can scan once without a full copy in memory)."""
+    path = Path(path)
+    zk = zone_key(key, zone)
+    with _opened(path, zk) as pf:
+        schema = pf.schema_arrow
+
+    def batches():
+        with _opened(path, zk) as f:
+            yield from f.iter_batches(batch_size=batch_size)
+
+    return pa.RecordBatchReader.from_batches(schema, batches())
+
+
+def read_encrypted_schema(path: Path | str, key: MasterKey | ZoneKey, zone: str) -> pa.Schema:
+    """The Arrow schema of one zone file (decrypting its footer only)."""
+    path = Path(path)
+    with _opened(path, zone_key(key, zone)) as pf:
+        return pf.schema_arrow
+
+
+class _opened:
+    """``with _opened(path, zk) as pf``: the decrypting ParquetFile; key errors in one line naming the file."""
+
+    def __init__(self, path: Path, zk: ZoneKey):
+        self.path, self.zk = path, zk
+
+    def __enter__(self) -> pq.ParquetFile:
+        if not is_encrypted(self.path):
+            stage = "assemble" if self.zk.zone.startswith(_RESEARCH) else "pseudonymise"
+            raise EncryptedZoneError(f"{self.path}: not an encrypted zone file; re-run 'hhlink {stage}'")
+        try:
+            return pq.ParquetFile(str(self.path), decryption_properties=_decryption(self.zk))
+        except (InvalidTag, OSError, ValueError) as exc:
+            self.__exit__(type(exc), exc, None)
+            raise
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is None or not isinstance(exc, (InvalidTag, OSError, ValueError)):
+            return False
         if isinstance(exc, InvalidTag) or "InvalidTag" in str(exc) or "decrypt" in str(exc).lower():
             raise KeyMismatchError(
-                f"{path}: cannot be decrypted with the key given (fingerprint {zk.fingerprint}); it was "
-                "written under another key: pass the key pseudonymised/ was written with") from None
-        raise EncryptedZoneError(f"{path}: cannot be read ({exc.__class__.__name__})") from None
+                f"{self.path}: cannot be decrypted with the key given (fingerprint {self.zk.fingerprint}); it "
+                f"was written under another key: pass the key {_where(self.zk.zone)} was written with") from None
+        raise EncryptedZoneError(f"{self.path}: cannot be read ({exc.__class__.__name__})") from None
 
 
 def zone_files(workspace: Path | str, zone: str) -> list[Path]:
@@ -225,3 +292,91 @@ def register(con, name: str, table: pa.Table) -> None:
         con.execute(f'create or replace table "{name}" as select * from "{view}"')
     finally:
         con.unregister(view)
+
+
+# -- research/: one project's extract, encrypted under its subkey -------------------------------
+
+_CACHE: OrderedDict[tuple, pa.Table] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+_CACHE_FILES = 16
+
+
+def research_key(key: MasterKey | ZoneKey, project: str) -> ZoneKey:
+    """The subkey of ``project``'s research extract (HKDF purpose ``zone:research:<project>``)."""
+    return zone_key(key, research_zone(project))
+
+
+def research_project(workspace: Path | str) -> str:
+    """The project whose extract ``research/`` holds (from ``research/metadata.json``, kept in clear)."""
+    meta = Workspace(workspace).zone("research") / "metadata.json"
+    try:
+        return str(json.loads(meta.read_text())["project"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise EncryptedZoneError(f"{meta}: missing or without a project; run 'hhlink assemble' first") from None
+
+
+def write_research(path: Path | str, batches: Iterable[pa.RecordBatch] | pa.Table, schema: pa.Schema,
+                   key: MasterKey | ZoneKey, project: str) -> int:
+    """Write one research table to ``path``, encrypted under ``project``'s subkey; returns rows."""
+    if isinstance(batches, pa.Table):
+        batches = batches.to_batches()
+    return write_encrypted(path, batches, schema, key, research_zone(project))
+
+
+def read_research(workspace: Path | str, key: MasterKey | ZoneKey, table: str,
+                  columns: Sequence[str] | None = None) -> pa.Table:
+    """``research/<table>.parquet`` decrypted into an Arrow table (only ``columns``, when given).
+
+    The key is the master key or the project's research subkey (:func:`research_key`);
+    another project's subkey raises :class:`KeyMismatchError`. A file is decrypted once
+    per version (inode, size, modification time) and key, then served from memory (the
+    last 16 files), so the portal's table builder does not decrypt per request.
+
+    Example:
+        >>> read_research("ws", key, "cohort", ["child_id", "adult_pay"]).num_rows   # doctest: +SKIP
+        4913
+    """
+    path = Workspace(workspace).zone("research") / f"{table}.parquet"
+    if not path.exists():
+        raise EncryptedZoneError(f"{path}: missing; run 'hhlink assemble' first")
+    zk = research_key(key, research_project(workspace))
+    st = path.stat()
+    ident = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, zk.zone,
+             hashlib.sha256(zk._secret).digest())
+    with _CACHE_LOCK:
+        hit = _CACHE.get(ident)
+        if hit is not None:
+            _CACHE.move_to_end(ident)
+    if hit is None:
+        hit = read_encrypted(path, zk, zk.zone)
+        with _CACHE_LOCK:
+            for old in [k for k in _CACHE if k[0] == ident[0]]:   # an older version of the same file
+                del _CACHE[old]
+            _CACHE[ident] = hit
+            while len(_CACHE) > _CACHE_FILES:
+                _CACHE.popitem(last=False)
+    if columns is None:
+        return hit
+    missing = [c for c in columns if c not in hit.column_names]
+    if missing:
+        raise EncryptedZoneError(f"{path}: no column(s) {', '.join(missing)}")
+    return hit.select(list(columns))
+
+
+def register_research(con, workspace: Path | str, key: MasterKey | ZoneKey, tables: Sequence[str],
+                      prefix: str = "research_") -> list[str]:
+    """Register research tables in DuckDB as views ``<prefix><table>`` over their decrypted Arrow tables.
+
+    Views, not copies: registering is instant once a file is in memory (:func:`read_research`).
+    Returns the names registered.
+
+    Example:
+        >>> register_research(con, "ws", key, ["cohort", "person"])   # doctest: +SKIP
+        ['research_cohort', 'research_person']
+    """
+    names = []
+    for table in tables:
+        name = f"{prefix}{table}"
+        con.register(name, read_research(workspace, key, table))
+        names.append(name)
+    return names

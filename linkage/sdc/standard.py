@@ -48,7 +48,6 @@ import duckdb
 
 from linkage.config import Config
 from linkage.db import quote_ident as _q
-from linkage.db import read_literal
 from linkage.errors import WorkspaceError
 from linkage.sdc.cells import ContributionError
 from linkage.sdc.spec import Dimension, Measure, TableSpec
@@ -72,8 +71,8 @@ _BASE_SQL = """
            c.ks2_score::double as ks2_score, c.ks4_att8, c.adult_pay, c.log_adult_pay, c.log_parents_earnings,
            c.adult_pay_percentile, c.parents_earnings_percentile,
            case when c.neet_window_years > 0 then (c.neet_years > 0)::int end::double as neet_any
-    from read_parquet({cohort}) c
-    left join (select person_id, ethnicity from read_parquet({person})) p
+    from {cohort} c
+    left join (select person_id, ethnicity from {person}) p
            on p.person_id = c.child_id
 """
 
@@ -96,17 +95,25 @@ class Source:
     columns: tuple[str, ...]
 
 
-def population(con: duckdb.DuckDBPyConnection, workspace: Path, source: Source, config: Config) -> str:
-    """The SELECT that yields one row per child of ``source``'s population (reads ``research/``)."""
+def population(con: duckdb.DuckDBPyConnection, workspace: Path, source: Source, config: Config, key) -> str:
+    """The SELECT that yields one row per child of ``source``'s population (reads ``research/``).
+
+    ``research/`` is encrypted at rest: ``cohort`` and ``person`` are decrypted with ``key``
+    (the master key or the project's research subkey) through
+    :func:`linkage.pseudonymise.store.register_research`, which keeps them in memory once
+    decrypted, and registered in ``con`` as ``research_cohort`` and ``research_person``.
+    """
+    from linkage.pseudonymise.store import register_research
+
     research = Path(workspace) / "research"
     for table in ("cohort", "person"):
         if not (research / f"{table}.parquet").exists():
             raise WorkspaceError(f"{research}/{table}.parquet not found; run hhlink assemble first")
+    cohort, person = register_research(con, workspace, key, ("cohort", "person"))
     base = _BASE_SQL
     for pct in ("parents_earnings_percentile", "adult_pay_percentile", "household_income_percentile"):
         base = base.replace(f"{{quintile(c.{pct})}}", _quintile_sql(f"c.{pct}"))
-    base = base.format(cohort=read_literal(research / "cohort.parquet"),
-                       person=read_literal(research / "person.parquet"), band=config.disclosure.cohort_band,
+    base = base.format(cohort=_q(cohort), person=_q(person), band=config.disclosure.cohort_band,
                        long_spell=float(config.assemble.long_spell_months))
     where = " and ".join(f"{_q(c)} is not null" for c in source.needs) or "true"
     cols = ", ".join(_q(c) for c in ("child", *source.columns))

@@ -8,6 +8,9 @@ request whose table would exceed ``service.max_cells`` cells is refused too. Eac
 ``service.daily_quota`` requests per UTC day (HTTP 429 beyond). The answer is
 :func:`linkage.disclose.stage.build_table`'s protected, perturbed table; identical requests
 are served from memory (cell-key perturbation gives them the same answer anyway).
+``research/`` is encrypted at rest: its tables are decrypted with the portal's key once
+per file version and kept in memory (:func:`linkage.pseudonymise.store.read_research`),
+so a request does not decrypt.
 
 Every request, answered or refused, is written to the audit log with its parameters and,
 when answered, its disclosure decisions: counts of cells by status and of the rules that
@@ -30,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from linkage.config import Config
 from linkage.db import connect
-from linkage.errors import WorkspaceError
+from linkage.errors import HhlinkError, WorkspaceError
 from linkage.keys import MasterKey
 from linkage.serve.audit import AuditLog
 from linkage.serve.catalogue import TableView, stamp, table_view
@@ -190,11 +193,12 @@ class Builder:
         if signature is not None:
             con = connect()
             try:
-                sql = standard.population(con, self.workspace, standard.Source((), ("cohort", "ethnicity")), self.config)
+                sql = standard.population(con, self.workspace, standard.Source((), ("cohort", "ethnicity")), self.config,
+                                          self.key)
                 n_cohort, n_eth = con.execute(f"select count(distinct cohort), count(distinct ethnicity) from ({sql})"
                                               ).fetchone()
                 sizes = {"cohort": int(n_cohort), "ethnicity": int(n_eth)}
-            except (duckdb.Error, WorkspaceError):
+            except (duckdb.Error, HhlinkError):   # no research/ yet, or one this key cannot read
                 sizes = {}
             finally:
                 con.close()
