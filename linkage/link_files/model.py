@@ -62,7 +62,7 @@ ROLE_COLUMNS = {
     "surname": ("sn_tok", "sn_phon_tok", "sn_bf", "sn_swap_bf"),
     "dob": ("dob_tok", "dob_year_tok", "dob_month_tok", "dob_day_tok", "dob_swap_tok"),
     "sex": ("sex_tok",),
-    "postcode": ("postcode_tok", "pc_sector_tok", "pc_district_tok"),
+    "postcode": ("postcode_tok", "pc_sector_tok", "pc_district_tok", "pc_swap_toks"),
     "address": ("addr_bf",),
     "street": ("street_bf",),
     "locality": ("locality_bf",),
@@ -91,6 +91,11 @@ DOB_ONE_PART_LABEL = "same day and year or same day and month"
 DOB_ONE_PART_SQL = ("dob_day_tok_l = dob_day_tok_r and (dob_year_tok_l = dob_year_tok_r "
                     "or dob_month_tok_l = dob_month_tok_r)")
 
+# a postcode with two adjacent characters swapped (``pc_swap_toks``, built by the stage): a
+# typing error the sector and district levels do not catch where the swap is before the end
+PC_SWAP_LABEL = "two adjacent characters transposed"
+PC_SWAP_SQL = "list_contains(pc_swap_toks_l, postcode_tok_r)"
+
 # (m, u) per non-null level; m None where the project's model fixes m itself
 PRIORS: dict[str, dict[str, tuple[float | None, float]]] = {
     "forename": {"Exact match on fn_tok": (0.865, 0.006), "forename and surname swapped": (0.01, 0.00002),
@@ -108,8 +113,9 @@ PRIORS: dict[str, dict[str, tuple[float | None, float]]] = {
             "same year": (None, 0.017), "born 15 or more years apart": (0.00001, 0.6),
             "All other comparisons": (0.00099, 0.3798)},
     "postcode": {"Exact match on postcode_tok": (0.8, 0.0005), "a postcode in common": (0.01, 0.0001),
+                 PC_SWAP_LABEL: (0.01, 0.0002),
                  "same sector": (0.03, 0.003), "same district": (0.03, 0.01),
-                 "All other comparisons": (0.13, 0.9864)},    # people move
+                 "All other comparisons": (0.12, 0.9862)},    # people move
     "address": {"Dice >= 0.95": (0.6, 0.0005), "Dice >= 0.85": (0.1, 0.001), "Dice >= 0.75": (0.06, 0.002),
                 "Dice >= 0.65": (0.04, 0.0025), "Dice >= 0.55": (0.03, 0.004),
                 "All other comparisons": (0.17, 0.99)},     # people move
@@ -140,6 +146,9 @@ _BROAD_RULES = (("dob_tok", "fn_initial_tok"),
                 ("fn_tok", "sn_tok"),
                 ("sn_tok", "postcode_tok"),
                 ("fn_tok", "postcode_tok"),
+                # one name and the locality (town and region), for a postcode mistyped as well
+                ("sn_tok", "locality_bf"),
+                ("fn_tok", "locality_bf"),
                 # both names different or missing (replaced, swapped and mistyped): the same date of
                 # birth or postcode and a similar address line, by two bands of its filter each (a
                 # sub-block of the date or postcode block, so it grows as they do)
@@ -249,6 +258,11 @@ def base_settings(present: set[str], rules: list, link_type: str, term_frequenci
             levels = comp["comparison_levels"]
             at = next(i for i, lv in enumerate(levels) if lv["label_for_charts"] == "same year and month")
             levels.insert(at, cll.CustomLevel(DOB_ONE_PART_SQL, label_for_charts=DOB_ONE_PART_LABEL)
+                          .get_comparison_level("duckdb").as_dict())
+        if comp["output_column_name"] == "postcode":
+            levels = comp["comparison_levels"]
+            at = next(i for i, lv in enumerate(levels) if lv["label_for_charts"] == "same sector")
+            levels.insert(at, cll.CustomLevel(PC_SWAP_SQL, label_for_charts=PC_SWAP_LABEL)
                           .get_comparison_level("duckdb").as_dict())
     parts = [p for p in PART_DICE if p in present]
     if parts:

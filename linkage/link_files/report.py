@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import json
+import threading
 from pathlib import Path
 
 from linkage.link_files.model import ROLE_COLUMNS
@@ -109,6 +110,18 @@ def _training_rows(training: dict) -> list[dict]:
     if "note" in training:
         rows.append({"what": "note", "how": training["note"]})
     return rows
+
+
+def warm_up_charts() -> threading.Thread:
+    """Start the chart renderer in the background (its first SVG takes about 1.5 s to start a JS engine).
+
+    The renderer releases the GIL, so reading, encoding and training go on meanwhile; the
+    report's charts then render at once. Returns the (daemon) thread.
+    """
+    tiny = {"data": {"values": [{"x": 0}]}, "mark": "point", "encoding": {"x": {"field": "x", "type": "quantitative"}}}
+    thread = threading.Thread(target=chart_svg, args=(tiny,), name="warm-up-charts", daemon=True)
+    thread.start()
+    return thread
 
 
 def render_html(report: dict, charts: dict[str, dict]) -> str:
