@@ -127,7 +127,7 @@ def producer(entry: str) -> Stage | None:
 
 
 def run_stage(name: str, config: Config, workspace: Path | str, key=None, key_file: Path | str | None = None,
-              rekey: bool = False) -> dict:
+              rekey: bool = False, **options) -> dict:
     """Run one stage the way every caller should: locked, keyed, lineage-checked and recorded.
 
     Args:
@@ -138,6 +138,7 @@ def run_stage(name: str, config: Config, workspace: Path | str, key=None, key_fi
             and default file) when not given.
         key_file: the master key file, used when ``key`` is None.
         rekey: allow a keyed stage to replace outputs written under another key (``hhlink keys rotate``).
+        options: the stage function's own keyword options (``retrain=True`` for ``link``).
 
     Returns:
         The stage function's summary.
@@ -158,7 +159,7 @@ def run_stage(name: str, config: Config, workspace: Path | str, key=None, key_fi
         fp = key.fingerprint if stage.keyed else None
         lineage.check(root, stage, fp, rekey=rekey)
         fn = stage.function()
-        summary = fn(config, root, key=key)
+        summary = fn(config, root, key=key, **options)
         lineage.record(root, stage, fp)
     return summary
 

@@ -75,11 +75,11 @@ def key_option(fn):
                         help=KEY_FILE_HELP)(fn)
 
 
-def run_stage_command(name: str, config, workspace: Path, key_file: Path | None = None) -> dict:
+def run_stage_command(name: str, config, workspace: Path, key_file: Path | None = None, **options) -> dict:
     """Run a registry stage for its command: locked, lineage- and key-checked (:func:`linkage.stages.run_stage`)."""
     from linkage.stages import run_stage
 
-    return run_stage(name, config, workspace, key_file=key_file)
+    return run_stage(name, config, workspace, key_file=key_file, **options)
 
 
 class _PipelineOrder(click.Group):

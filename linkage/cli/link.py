@@ -16,25 +16,51 @@ from linkage.config import load_config
               help="Linkage engine (default from config: duckdb).")
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Match probability for 'same person', between 0 and 1 (default from config).")
+@click.option("--retrain", is_flag=True,
+              help="Train a new model although one is stored (a deliberate step, written to the audit log).")
 @key_option
 def link(workspace: Path, config_path: Path | None, engine: str | None, threshold: float | None,
-         key_file: Path | None) -> None:
+         retrain: bool, key_file: Path | None) -> None:
     """Link DIR/pseudonymised/identifiers/ into persons and households in DIR/linked/.
 
-    Trains one Splink model over the three sources on keyed encodings only (u by random
-    sampling, m by EM), scores pairs, clusters them into persons at the threshold, and
-    derives household membership per year and parent-child relations. The model is
-    saved as Splink JSON in DIR/linked/model.json. The identifiers are encrypted at rest:
-    the key decrypts them into this process's memory only.
+    The first release trains one Splink model over the three sources on keyed encodings
+    only (u by random sampling, m by EM) and keeps it in DIR/linked/models/ with its
+    fingerprint; later releases reuse it, and the linkage report shows how far each
+    release's data drifted from it (m and u per level, records matched). A release that
+    drifted beyond link.max_drift is stopped, naming the level; --retrain trains a new
+    model deliberately and records it in the audit log. Pairs are scored, clustered into
+    persons at the threshold (person keys carried over from the last release), and
+    household membership per year and parent-child relations derived. The identifiers are
+    encrypted at rest: the key decrypts them into this process's memory only.
 
     \b
     Example:
       hhlink link --workspace ./workspace
+      hhlink link --retrain --workspace ./workspace
       hhlink link --engine spark --workspace ./workspace
     """
+    from linkage.cli.users import _actor, _audit_log
+    from linkage.link.drift import DriftGateError
+
     cfg = load_config(config_path, link={"engine": engine, "threshold": threshold})
-    s = run_stage_command("link", cfg, workspace, key_file)
+    audit = _audit_log(workspace, key_file)   # no key, no run: a retrain must reach the audit log
+    try:
+        s = run_stage_command("link", cfg, workspace, key_file, retrain=retrain)
+    except DriftGateError as exc:
+        audit.append(_actor(), "engineer", "link.drift_gate", {}, "refused", {"reason": str(exc)})
+        raise
+    m = s["model"]
+    if m["mode"] != "reused":
+        top = (s.get("drift") or {}).get("largest") or {}
+        audit.append(_actor(), "engineer", f"link.model_{m['mode']}",
+                     {"fingerprint": m["fingerprint"], "previous_fingerprint": m["previous_fingerprint"]}, "ok",
+                     {"largest_drift": top.get("drift"), "level": f"{top.get('comparison')}: {top.get('level')}"
+                      if top else None})
     click.echo(f"linked {s['records']:,} records ({s['identities']:,} distinct identities) into "
                f"{s['persons']:,} persons and {s['household_years']:,} household-years "
                f"({s['parent_child_relations']:,} parent-child relations) in {s['seconds']:.0f}s")
-    click.echo(f"  model: {workspace / 'linked' / 'model.json'}")
+    drift = s.get("drift") or {}
+    top = drift.get("largest")
+    click.echo(f"  model {m['fingerprint']} {m['mode']}: {workspace / 'linked' / 'model.json'}"
+               + (f"; largest drift {top['drift']:.3f} ({top['comparison']}: {top['level']}, bound "
+                  f"{cfg.link.max_drift:g})" if top else ""))

@@ -170,6 +170,9 @@ def build_report(config: Config, workspace: Path | str, key=None) -> dict:
         "histogram": query_rows(con, """select floor(match_weight) as weight, count(*) pairs from pairs
                                    group by 1 order by 1"""),
         "confidence": confidence_distributions(con, linked),
+        # the stored model and how far this release's data drifted from it (linkage.link.drift)
+        "model": summary.get("model"),
+        "drift": summary.get("drift"),
     }
     con.close()
     return report
@@ -226,6 +229,7 @@ def render_html(report: dict, charts: dict[str, dict]) -> str:
         ("Match-weight distribution of scored pairs", html_table(report["histogram"])),
         *((f"Confidence distribution: {k.replace('_', ' ')}", html_table(v))
           for k, v in report.get("confidence", {}).items()),
+        ("Model and drift since it was trained", _drift_html(report.get("model"), report.get("drift"))),
     ]
     return render_page("hhlink linkage-quality report", "Linkage-quality report",
                        "Aggregates only. Model: Splink, link and dedupe over education, benefits and earnings "
@@ -238,6 +242,25 @@ def render_page(title: str, heading: str, note: str, sections: list[tuple[str, s
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body><h1>{html.escape(heading)}</h1>"
             f"<p class='note'>{html.escape(note)}</p>{body}</body></html>")
+
+
+def _drift_html(model: dict | None, drift: dict | None) -> str:
+    """The model used (fingerprint, reused or trained) and, per level, its m and u beside this release's shares."""
+    if not model:
+        return "<p class='note'>No model facts (linked before the model store).</p>"
+    head = (f"<p>Model <code>{html.escape(str(model.get('fingerprint')))}</code>: {html.escape(str(model.get('mode')))}"
+            f" (trained {html.escape(str(model.get('trained_at')))}).</p>")
+    if not drift:
+        return head + "<p class='note'>Trained on this release's data: later releases are measured against it.</p>"
+    gate, rm = drift.get("gate") or {}, drift.get("records_matched") or {}
+    note = (f"<p class='note'>Scope: {html.escape(str(drift.get('scope')))}; {drift.get('matched_pairs')} predicted "
+            f"matches, {drift.get('random_pairs')} random pairs. Records matched to another source: "
+            f"{rm.get('at_training')} at training, {rm.get('now')} now (of {rm.get('records')} records). "
+            f"Gate (link.max_drift {gate.get('bound')}): {'passed' if gate.get('passed') else 'STOPPED'}"
+            f"{'; ' + html.escape(str(gate['reason'])) if gate.get('reason') else ''}. m and u shares are per "
+            "level among predicted matches and random pairs, at training and now, weighted to this release's "
+            "mix of source pairs; drift is the larger absolute change.</p>")
+    return head + note + html_table(drift.get("levels") or [])
 
 
 def _uncompared_html(u: dict | None) -> str:

@@ -37,6 +37,7 @@ import duckdb
 from linkage.config import Config
 from linkage.db import connect, path_literal, quote_ident, quote_literal, read_literal
 from linkage.errors import HhlinkError
+from linkage.link import model_store
 from linkage.link.households import assemble_households
 from linkage.link.model import ADDRESS_COLUMNS, IDENTITY_COLUMNS, TRAINING_BLOCKS, floor_levels, model_settings
 from linkage.schemas import SOURCES
@@ -150,13 +151,13 @@ def _trained_settings(model: Path | str, dialect: str) -> dict:
     settings = model_settings(dialect).create_settings_dict(dialect)
     saved_comparisons = {c.get("output_column_name"): c for c in saved.get("comparisons", [])}
     if sorted(saved_comparisons) != sorted(c["output_column_name"] for c in settings["comparisons"]):
-        raise LinkError(f"{model}: its comparisons are not this version's model; retrain it")
+        raise LinkError(f"{model}: its comparisons are not this version's model; retrain it with 'hhlink link --retrain'")
     for comparison in settings["comparisons"]:
         saved_levels = saved_comparisons[comparison["output_column_name"]]["comparison_levels"]
         levels = comparison["comparison_levels"]
         if [lv.get("label_for_charts") for lv in saved_levels] != [lv.get("label_for_charts") for lv in levels]:
             raise LinkError(f"{model}: comparison '{comparison['output_column_name']}' has other levels "
-                            "than this version's model; retrain it")
+                            "than this version's model; retrain it with 'hhlink link --retrain'")
         for level, old in zip(levels, saved_levels):
             level.update({k: old[k] for k in ("m_probability", "u_probability", "fix_m_probability",
                                               "fix_u_probability", "tf_adjustment_column",
@@ -177,6 +178,13 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
     from splink import Linker, block_on
 
     lc = config.link
+    increment, prediction = None, "full: a model is trained"
+    if model is not None:
+        from linkage.link.incremental import scope
+
+        # publish_dir builds ``out`` beside the zone: the previous release is still ``linked/``
+        increment, prediction = scope(con, out.parent / "linked", Path(model), lc)
+    log.info("prediction: %s", prediction)
     db_api = _db_api(config, con, tmp)
     dialect = "spark" if lc.engine == "spark" else "duckdb"
     sdfs = []
@@ -187,6 +195,10 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
         else:
             sdfs.append(db_api.register(f"ids_{source}", dataset_display_name=source))
     settings = model_settings(dialect) if model is None else _trained_settings(model, dialect)
+    if increment:
+        from linkage.link.incremental import restricted_rules
+
+        settings["blocking_rules_to_generate_predictions"] = restricted_rules(dialect)
     linker = Linker(sdfs, settings, log_level=None)   # the CLI decides what reaches the console (-v)
     t = time.perf_counter()
     if model is None:
@@ -222,12 +234,28 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
         facts["predict_chunks"] = chunks * chunks
         pairs = linker.inference.predict(threshold_match_probability=lc.keep_pairs_above,
                                          **({"num_chunks_left": chunks, "num_chunks_right": chunks} if chunks > 1 else {}))
-    clusters = linker.clustering.cluster_pairwise_predictions_at_threshold(pairs, threshold_match_probability=lc.threshold)
+    if increment:
+        from splink import DuckDBAPI
+        from splink.clustering import cluster_pairwise_predictions_at_threshold
+
+        from linkage.link.incremental import merge_pairs
+
+        facts["pairs_scored_now"] = con.execute(f"select count(*) from {pairs.physical_name}").fetchall()[0][0]
+        merged = merge_pairs(con, pairs.physical_name, increment)
+        clusters = cluster_pairwise_predictions_at_threshold(
+            "identities", merged, DuckDBAPI(connection=con), node_id_column_name="unique_id",
+            edge_id_column_name_left="unique_id_l", edge_id_column_name_right="unique_id_r",
+            threshold_match_probability=lc.threshold)
+        facts["incremental"] = {k: v for k, v in increment.items() if k != "previous_pairs"}
+    else:
+        clusters = linker.clustering.cluster_pairwise_predictions_at_threshold(
+            pairs, threshold_match_probability=lc.threshold)
     facts["predict_seconds"] = round(time.perf_counter() - t, 1)
+    facts["prediction"], facts["keep_pairs_above"] = prediction, lc.keep_pairs_above
     if lc.engine == "spark":
         pairs_name, clusters_name = (_from_spark(con, sdf, tmp) for sdf in (pairs, clusters))
     else:
-        pairs_name, clusters_name = pairs.physical_name, clusters.physical_name
+        pairs_name, clusters_name = (merged if increment else pairs.physical_name), clusters.physical_name
     con.execute(f"""
         copy (select unique_id_l, unique_id_r, source_dataset_l as source_l, source_dataset_r as source_r,
                      match_weight, match_probability
@@ -299,7 +327,81 @@ def uncompared(con: duckdb.DuckDBPyConnection) -> dict:
             "upper_bound": True}
 
 
-def link(config: Config, workspace: Path | str, key=None, *, model: Path | str | None = None) -> dict:
+def _model_lifecycle(config: Config, ws: Workspace, con: duckdb.DuckDBPyConnection, out: Path, mode: str,
+                     stored: dict | None) -> dict:
+    """Keep or reuse the model, measure drift against the stored one, and apply the drift gate.
+
+    The previous release's ``linked/`` is still in place: its identities tell which are new,
+    and its model store is carried into ``out``.
+    """
+    from linkage.link import drift as dr
+    from linkage.link.model import model_settings
+
+    t = time.perf_counter()
+    lc = config.link
+    previous = ws.zone("linked") / "identities.parquet"
+    if previous.is_file():
+        con.execute(f"""create or replace temp table new_identities as select unique_id from identities
+                        anti join read_parquet({read_literal(previous)}) using (unique_id)""")
+    else:
+        con.execute("create or replace temp table new_identities as select unique_id from identities")
+    con.execute(f"""create or replace temp view _matched as select unique_id_l, unique_id_r
+                    from read_parquet({read_literal(out / 'pairs.parquet')}) where match_probability >= {lc.threshold!r}""")
+    comparisons = model_settings("duckdb").create_settings_dict("duckdb")["comparisons"]
+    options = {"sample_side": lc.drift_sample_side, "seed": lc.seed}
+    model_store.carry(ws.zone("linked"), out)
+    facts: dict = {"model": {"mode": mode, "previous_fingerprint": stored["fingerprint"] if stored else None}}
+    if mode == "reused":
+        # score with the stored model, byte for byte: linked/model.json is the stored file
+        shutil.copyfile(stored["path"], out / "model.json")
+        facts["model"].update(fingerprint=stored["fingerprint"], trained_at=stored["trained_at"])
+        new = con.execute("select count(*) from new_identities").fetchone()[0]
+        now = dr.profile(con, comparisons, "_matched", new_only=True, **options)
+        drift = dr.compare_profiles(json.loads(stored["path"].read_text()), stored["profile"], now)
+        drift.update(scope="identities new in this release", new_identities=int(new),
+                     seconds=round(time.perf_counter() - t, 1))
+        try:
+            drift["gate"] = dr.check_drift(drift, lc.max_drift, lc.drift_min_pairs)
+        except dr.DriftGateError as exc:
+            drift["gate"] = {"bound": lc.max_drift, "min_pairs": lc.drift_min_pairs, "judged": True,
+                             "passed": False, "reason": str(exc)}
+            _write_drift(ws, {**facts, "drift": drift})
+            raise
+    else:
+        whole = dr.profile(con, comparisons, "_matched", new_only=False, **options)
+        counts = con.execute("select (select count(*) from identities), (select count(*) from records)").fetchone()
+        drift = None
+        if stored is not None:
+            # a deliberate retrain (or a given model): how far the data had moved from the old model, not gated
+            drift = dr.compare_profiles(json.loads(stored["path"].read_text()), stored["profile"], whole)
+            drift.update(scope="every identity, against the model replaced", new_identities=None,
+                         gate={"bound": lc.max_drift, "judged": False, "passed": True,
+                               "reason": f"not applied: model {mode} deliberately"})
+        info = model_store.keep(out, out / "model.json", profile=whole,
+                                reason={"trained": "no stored model", "retrained": "retrain requested",
+                                        "given": "model file given"}[mode],
+                                trained_on={"identities": int(counts[0]), "records": int(counts[1])})
+        facts["model"].update(fingerprint=info["fingerprint"], trained_at=info["trained_at"])
+        if drift is not None:
+            drift["seconds"] = round(time.perf_counter() - t, 1)
+    facts["drift"] = drift
+    _write_drift(ws, facts)
+    con.execute("drop view _matched; drop table new_identities")
+    if mode != "reused":
+        log.info("model %s: %s", mode, facts["model"]["fingerprint"])
+    return facts
+
+
+def _write_drift(ws: Workspace, facts: dict) -> None:
+    """``reports/linkage/drift.json``: written even when the gate stops the release, so the engineer sees why."""
+    from linkage.workspace import atomic_path
+
+    with atomic_path(ws.zone("reports") / "linkage" / "drift.json") as tmp:
+        tmp.write_text(json.dumps(facts, indent=1, default=str))
+
+
+def link(config: Config, workspace: Path | str, key=None, *, model: Path | str | None = None,
+         retrain: bool = False) -> dict:
     """Link the pseudonymised identifiers into persons and write ``linked/``.
 
     Args:
@@ -309,14 +411,21 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
         key: the master key (default: ``HHLINK_KEY``, ``HHLINK_KEY_FILE`` or the default file):
             the identifiers are encrypted at rest and decrypted into memory here only
             (:mod:`linkage.pseudonymise.store`); linkage itself sees only keyed encodings.
-        model: a trained ``model.json`` (from either engine) to score with instead of
-            training; default: train a new model.
+        model: a trained ``model.json`` (from either engine) to score with and keep as the
+            stored model; default: the stored model (:mod:`linkage.link.model_store`), or a
+            new one trained when none is stored.
+        retrain: train a new model even though one is stored (a deliberate step: the
+            summary's ``model.mode`` says ``retrained``).
 
     Returns:
-        A summary: counts of records, identities, persons and pairs, and timings.
+        A summary: counts of records, identities, persons and pairs, timings, ``model``
+        (fingerprint, mode: ``trained``/``reused``/``retrained``/``given``) and ``drift``
+        (:mod:`linkage.link.drift`).
 
     Raises:
         LinkError: the identifiers zone is missing or empty.
+        DriftGateError: the stored model was reused and the release's data drifted beyond
+            ``link.max_drift``; ``linked/`` is kept as it was.
     """
     from linkage.keys import load_master_key
     from linkage.link.stable_keys import person_keys
@@ -329,6 +438,13 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
     key = key if key is not None else load_master_key(workspace=ws.root)
     t0 = time.perf_counter()
     summary: dict = {"engine": config.link.engine, "threshold": config.link.threshold}
+    stored = model_store.current(ws.zone("linked"))
+    if model is not None:
+        mode, use = "given", Path(model)
+    elif stored is None or retrain:
+        mode, use = ("retrained" if stored is not None else "trained"), None
+    else:
+        mode, use = "reused", stored["path"]
     with ws.publish_dir("linked") as out:
         tmp = out / ".tmp"
         tmp.mkdir()
@@ -339,12 +455,13 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
         summary["identities_seconds"] = round(time.perf_counter() - t0, 1)
         t = time.perf_counter()
         try:
-            summary.update(train_and_predict(config, con, tmp, out, model))
+            summary.update(train_and_predict(config, con, tmp, out, use))
         finally:
             if config.link.engine == "spark":
                 from linkage.link.spark import release_spark
 
                 release_spark()
+        summary.update(_model_lifecycle(config, ws, con, out, mode, stored))
         # person keys carried over from the previous release by greatest overlap (linked/ is still the old one)
         summary.update(person_keys(con, ws.zone("linked") / "identities.parquet", out))
         # without the encodings: the tokens and Bloom filters stay in the encrypted identifiers zone
