@@ -25,10 +25,17 @@ Attacks (each scored as the share of records re-identified, goal < 1%):
 * full name + birth year (clear) + sex: rows with all of them right, and persons whose
   combination is unique in the population (singled out);
 * date of birth: from ``dob_day_tok``, ``dob_month_tok``, ``dob_swap_tok`` and birth year;
-* pay join: research person-years joined to payload earnings on exact (year, pay).
+* pay join: research person-years joined to payload earnings on exact (year, pay);
+* cross-project joins: two projects' research extracts joined on (year, pay) values, on
+  whole pay sequences, and by nearest-neighbour pay sequences when the second extract
+  differs (coarser pay, one year fewer).
+
+``research/`` is encrypted at rest under a per-project subkey (``zone:research:<project>``):
+the keyless view reads none of it; the zone-keys view gives the attacker the research
+subkeys of two projects as well, the residual risk of the cross-project joins.
 
 Usage:
-    python -m bench.privacy WORKSPACE --key-file KEY [--label before]
+    python -m bench.privacy WORKSPACE --key-file KEY [--view both|keyless|zone-keys] [--label before]
 """
 
 from __future__ import annotations
@@ -67,10 +74,15 @@ def keyless_reads(ws: Path) -> dict[str, tuple[int, int]]:
     import pyarrow.parquet as pq
 
     held = sum(json.loads((ws / "pseudonymised" / "metadata.json").read_text())["rows"].values())
+    research = ws / "research"
+    research_rows = json.loads((research / "metadata.json").read_text())["rows"] if (research / "metadata.json").exists() else {}
     out = {}
-    for zone in ("identifiers", "payload"):
+    for zone, folder in (("identifiers", ws / "pseudonymised" / "identifiers"),
+                         ("payload", ws / "pseudonymised" / "payload"), ("research", research)):
         got = 0
-        for f in sorted((ws / "pseudonymised" / zone).glob("*.parquet")):
+        if zone == "research":
+            held = sum(n for t, n in research_rows.items() if (research / f"{t}.parquet").exists())
+        for f in sorted(folder.glob("*.parquet")):
             for read in (lambda: connect().execute(f"SELECT count(*) FROM {read_literal(f)}").fetchall()[0][0],
                          lambda: pq.read_table(f).num_rows):
                 try:
@@ -308,54 +320,119 @@ def attack_dob(con, rng) -> dict[tuple[str, str], tuple[int, int]]:
     return {"month": month_of, "day": day_of}
 
 
-def attack_pay_join(con, ws: Path) -> tuple[pd.DataFrame, int, int]:
-    """Research person-years joined to payload earnings on exact (year, pay).
+def research_pay(ws: Path, key=None):
+    """``research/person_year`` (person, year, pay > 0) as the attacker reads it: with a research subkey
+    (``key``), or without one as DuckDB and Arrow read the file; None when nothing can be read."""
+    import duckdb
+    import pyarrow.parquet as pq
 
-    Returns the (research person, record token) pairs where a person-year's pay matches
-    exactly one earnings row of that tax year; the research persons in the extract; and how
-    many of them have at least two (year, pay) values found in no other person-year: a
-    second project's extract holds the same values under other person ids, so those persons
-    join across the two projects' extracts whatever their keys.
-    """
+    from linkage.pseudonymise.store import read_research
+
     f = ws / "research" / "person_year.parquet"
     if not f.exists():
-        return pd.DataFrame(columns=["person", "record_token"]), 0, 0
-    _research_pay(con, f)
-    pairs = con.execute("""
+        return None
+    if key is not None:
+        t = read_research(ws, key, "person_year", ["person_id", "year", "paye_pay"])
+    else:
+        t = None
+        for read in (lambda: pq.read_table(f, columns=["person_id", "year", "paye_pay"]),
+                     lambda: connect().execute(f"SELECT person_id, year, paye_pay FROM {read_literal(f)}").to_arrow_table()):
+            try:
+                t = read()
+                break
+            except (duckdb.Error, OSError):
+                continue
+        if t is None:
+            return None
+    df = t.to_pandas().rename(columns={"person_id": "person", "paye_pay": "pay"})
+    return df[df["pay"] > 0].reset_index(drop=True)
+
+
+def attack_pay_join(con, py: pd.DataFrame | None) -> pd.DataFrame:
+    """Research person-years (``py``, from :func:`research_pay`) joined to payload earnings on exact (year, pay).
+
+    Returns the (research person, record token) pairs where a person-year's pay matches
+    exactly one earnings row of that tax year.
+    """
+    if py is None:
+        return pd.DataFrame(columns=["person", "record_token"])
+    _research_pay(con, py)
+    return con.execute("""
         WITH e AS (SELECT CAST(left(CAST(tax_year AS VARCHAR), 4) AS INT) AS year, pay, record_token
                    FROM pay_earnings),
              m AS (SELECT r.person, r.year, e.record_token, count(*) OVER (PARTITION BY r.person, r.year) AS k
                    FROM r_py r JOIN e USING (year, pay))
         SELECT DISTINCT person, record_token FROM m WHERE k = 1""").df()
-    persons, cross, _ = attack_cross_project(con, ws)
-    return pairs, persons, cross
 
 
-def _research_pay(con, f: Path) -> None:
-    con.execute(f"""CREATE OR REPLACE TABLE r_py AS SELECT person_id AS person, year, paye_pay AS pay
-                    FROM {read_literal(f)} WHERE paye_pay > 0""")
+def _research_pay(con, py: pd.DataFrame) -> None:
+    con.register("r_py_df", py[["person", "year", "pay"]])
+    con.execute("CREATE OR REPLACE TABLE r_py AS SELECT * FROM r_py_df")
+    con.unregister("r_py_df")
 
 
-def attack_cross_project(con, ws: Path) -> tuple[int, int, int]:
-    """Two projects' research extracts joined on pay (research/ only: no key, no payload).
+def attack_cross_project(con, py: pd.DataFrame | None) -> tuple[int, int]:
+    """Two projects' research extracts joined on pay (research/ only: no payload).
 
     A second project's extract holds the same persons' same (year, pay) values under other
-    person ids. Returns the research persons; those with >= 2 (year, pay) values held by no
-    other person-year (each such value names the same person in both extracts); and those
-    whose whole (year, pay) sequence (>= 2 years) is unique (the whole sequence joins).
+    person ids. Returns the research persons with >= 2 (year, pay) values held by no other
+    person-year (each such value names the same person in both extracts), and those whose
+    whole (year, pay) sequence (>= 2 years) is unique (the whole sequence joins).
     """
-    f = ws / "research" / "person_year.parquet"
-    if not f.exists():
-        return 0, 0, 0
-    _research_pay(con, f)
-    persons = con.execute(f"SELECT count(DISTINCT person_id) FROM {read_literal(f)}").fetchall()[0][0]
+    if py is None:
+        return 0, 0
+    _research_pay(con, py)
     values = con.execute("""WITH u AS (SELECT year, pay FROM r_py GROUP BY ALL HAVING count(*) = 1)
                             SELECT count(*) FROM (SELECT person FROM r_py JOIN u USING (year, pay)
                                                   GROUP BY person HAVING count(*) >= 2)""").fetchall()[0][0]
     sequences = con.execute("""WITH s AS (SELECT person, string_agg(year || ':' || pay, ',' ORDER BY year) AS sig
                                           FROM r_py GROUP BY person HAVING count(*) >= 2)
                                SELECT count(*) FROM (SELECT sig FROM s GROUP BY sig HAVING count(*) = 1)""").fetchall()[0][0]
-    return persons, values, sequences
+    return values, sequences
+
+
+NEAREST_BASE = 5000
+
+
+def attack_cross_project_nearest(py: pd.DataFrame | None, base: int = NEAREST_BASE, chunk: int = 256) -> int:
+    """Nearest-neighbour pay sequences across two projects' extracts that differ.
+
+    The second project's extract holds the same persons under other ids, with pay rounded
+    to ``base`` pounds (not the first extract's unit) and each person's last year missing
+    (a shorter data window), so no whole sequence is equal. The attacker rounds the first
+    extract's pay to ``base`` too and names each of its persons after the second extract's
+    person at the smallest root-mean-square pay distance over the years both hold (two or
+    more), preferring more common years. Returns the persons so named rightly, with a
+    unique nearest neighbour.
+    """
+    if py is None or py.empty:
+        return 0
+    persons = pd.Index(py["person"].unique())
+    years = pd.Index(sorted(py["year"].unique()))
+    i, j = persons.get_indexer(py["person"]), years.get_indexer(py["year"])
+    n, y = len(persons), len(years)
+
+    def coarse(pay):
+        return np.maximum(np.round(pay / base), 1) * base / 1000.0   # in GBP 1,000s
+
+    a, ma = np.zeros((n, y)), np.zeros((n, y))
+    a[i, j], ma[i, j] = coarse(py["pay"].to_numpy(float)), 1.0
+    last = py.groupby("person")["year"].transform("max").to_numpy() == py["year"].to_numpy()
+    b, mb = np.zeros((n, y)), np.zeros((n, y))
+    b[i[~last], j[~last]], mb[i[~last], j[~last]] = coarse(py["pay"].to_numpy(float)[~last]), 1.0
+    b2 = (b * b).T
+    hit = 0
+    for lo in range(0, n, chunk):
+        ac, mc = a[lo:lo + chunk], ma[lo:lo + chunk]
+        common = mc @ mb.T
+        sq = (ac * ac) @ mb.T + mc @ b2 - 2.0 * (ac @ b.T)
+        score = np.where(common >= 2, np.sqrt(np.maximum(sq, 0.0) / np.maximum(common, 1)) - 0.01 * common, np.inf)
+        two = np.partition(score, 1, axis=1)[:, :2]
+        best = score.argmin(axis=1)
+        own = np.arange(lo, lo + len(ac))
+        ok = (best == own) & np.isfinite(two[:, 0]) & (two[:, 0] < two[:, 1] - 1e-9)
+        hit += int(ok.sum())
+    return hit
 
 
 # -- scoring (the key is used here only, to decrypt the crosswalk) -------------------------------
@@ -445,19 +522,36 @@ def _linked_order(con, ws: Path, add, n_rows: int) -> None:
         add(f"row order: {f.relative_to(ws)}: the next row is the next landing row", "source row", hit, n_rows)
 
 
-def _add_cross_project(con, ws: Path, add) -> None:
-    persons, values, sequences = attack_cross_project(con, ws)
+def _add_cross_project(con, ws: Path, add, py: pd.DataFrame | None, persons: int, note: str = "") -> None:
+    """The cross-project joins on ``py`` (None: research/ unreadable, every join reads nothing)."""
+    values, sequences = attack_cross_project(con, py)
+    nearest = attack_cross_project_nearest(py)
     rounding = json.loads((ws / "research" / "metadata.json").read_text())["settings"].get("research_pay_rounding", 0)
     pay = f"pay rounded to GBP {rounding:,}" if rounding else "exact pay"
+    none = "no input: 0 rows of research/ readable" if py is None else ""
     add(f"two projects' research extracts joined on >= 2 (year, pay) values ({pay})", "person across projects",
-        values, max(persons, 1), "a (year, pay) value held by one person-year only, twice or more")
+        values, max(persons, 1), none or note + "a (year, pay) value held by one person-year only, twice or more")
     add(f"two projects' research extracts joined on the whole (year, pay) sequence ({pay})", "person across projects",
-        sequences, max(persons, 1), "a person's sequence of >= 2 (year, pay) values held by no other person")
+        sequences, max(persons, 1), none or note + "a person's sequence of >= 2 (year, pay) values held by no other person")
+    add(f"nearest-neighbour pay sequences: the second extract with pay rounded to GBP {NEAREST_BASE:,} and one "
+        "year fewer", "person across projects", nearest, max(persons, 1),
+        none or note + "first extract's pay rounded the same way; nearest by RMS over >= 2 common years, unique "
+                       "and right")
+
+
+def _research_persons(ws: Path, key_file: str) -> int:
+    """Scoring only: the persons of research/person_year (decrypted with the master key)."""
+    from linkage.pseudonymise.store import read_research
+
+    if not (ws / "research" / "person_year.parquet").exists():
+        return 0
+    t = read_research(ws, load_master_key(key_file, workspace=ws), "person_year", ["person_id"])
+    return len(set(t.column("person_id").to_pylist()))
 
 
 def run_keyless(ws: Path, key_file: str) -> dict:
-    """What an attacker without any key gets: the zone files read by DuckDB and Arrow, and the attacks on
-    the zones that stay in clear (linked/ row order, research/ cross-project joins)."""
+    """What an attacker without any key gets: the zone files read by DuckDB and Arrow (identifiers/,
+    payload/ and research/ are encrypted), and the attacks on what stays in clear (linked/ row order)."""
     t0 = time.perf_counter()
     con = connect()
     reads = keyless_reads(ws)
@@ -469,10 +563,12 @@ def run_keyless(ws: Path, key_file: str) -> dict:
                         "share": hit / of if of else 0.0, "note": note})
 
     for zone, (got, held) in reads.items():
-        add(f"read pseudonymised/{zone}/ without the key (DuckDB, Arrow)", "readable row", got, held,
+        where = "research/" if zone == "research" else f"pseudonymised/{zone}/"
+        add(f"read {where} without the key (DuckDB, Arrow)", "readable row", got, held,
             "encrypted Parquet: footer, schema and pages")
-    readable = sum(got for got, _ in reads.values())
-    research_persons = attack_cross_project(con, ws)[0]
+    readable = reads["identifiers"][0] + reads["payload"][0]
+    py = research_pay(ws)                       # as DuckDB and Arrow read it without a key: None
+    research_persons = _research_persons(ws, key_file)
     for attack, field in TOKEN_ATTACKS:
         of = research_persons if field == "record token of a research person" else n_rows
         add(attack, field, 0 if not readable else of, of,
@@ -482,7 +578,7 @@ def run_keyless(ws: Path, key_file: str) -> dict:
     con.execute("""CREATE TABLE landing_rank AS SELECT record_token, source,
                    row_number() OVER (PARTITION BY source ORDER BY row) - 1 AS r FROM xw""")
     _linked_order(con, ws, add, n_rows)
-    _add_cross_project(con, ws, add)
+    _add_cross_project(con, ws, add, py, research_persons)
     persons = con.execute(f"SELECT count(*) FROM {read_literal(ws / 'truth' / 'persons.parquet')}").fetchall()[0][0]
     return {"workspace_rows": n_rows, "persons": persons, "seed": None,
             "attack_seconds": round(time.perf_counter() - t0, 1), "results": results, "linkage": _linkage(ws)}
@@ -497,14 +593,16 @@ def _linkage(ws: Path) -> dict:
 
 
 def run(ws: Path, key_file: str, seed: int = 16) -> dict:
-    """The attacks as a party holding the two zone subkeys (``zone:identifiers``, ``zone:payload``) but not
-    the master key: the residual risk of a leaked zone key (or of zones written before encryption)."""
-    from linkage.pseudonymise.store import zone_key
+    """The attacks as a party holding the zone subkeys (``zone:identifiers``, ``zone:payload`` and two
+    projects' ``zone:research:<project>``) but not the master key: the residual risk of leaked zone keys
+    (or of zones written before encryption)."""
+    from linkage.pseudonymise.store import research_key, research_project, zone_key
 
     rng = np.random.default_rng(seed)
     con = connect()
     master = load_master_key(key_file, workspace=ws)
     ids_key, pay_key = zone_key(master, "identifiers"), zone_key(master, "payload")
+    res_key = research_key(master, research_project(ws)) if (ws / "research" / "metadata.json").exists() else None
     del master                      # the attacks below hold the zone subkeys only
     t0 = time.perf_counter()
     _load(con, ws, ids_key, pay_key)
@@ -516,7 +614,8 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
     forename_graph = attack_forename_graph(con, forename_bf, sex, initial, fore)
     surname = attack_surname(con, sur)
     dob = attack_dob(con, rng)
-    joined = attack_pay_join(con, ws)
+    py = research_pay(ws, res_key) if res_key is not None else None
+    pairs = attack_pay_join(con, py)
     seconds_attack = time.perf_counter() - t0
 
     _score_table(con, ws, key_file)
@@ -579,7 +678,7 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
     add("date of birth from day/month/swap tokens + birth year", "full date of birth", hit, of)
     # pay join: a research person re-identified when the record tokens found for them all
     # belong to one true person (truth, through the crosswalk)
-    pairs, research_persons, cross = joined
+    research_persons = _research_persons(ws, key_file)
     con.register("joined", pairs)
     _research_truth(con, ws, key_file)
     hit = one("""SELECT count(*) FROM (SELECT j.person FROM joined j JOIN scored s USING (record_token)
@@ -593,7 +692,8 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
         add(f"what if research pay were {label}: pay sequences joined to payload earnings",
             "research person", hit, max(research_persons, 1),
             "each person's (year, band) sequence equal to one pseudo-person's in the payload and to no other")
-    _add_cross_project(con, ws, add)
+    _add_cross_project(con, ws, add, py, research_persons,
+                       "the attacker holds both projects' research subkeys; ")
     linkage = _linkage(ws)
     return {"workspace_rows": n_rows, "persons": persons, "seed": seed,
             "attack_seconds": round(seconds_attack, 1), "results": results, "linkage": linkage}
@@ -602,7 +702,8 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
 def _markdown(report: dict, label: str) -> str:
     lines = [f"## {label}", "",
              f"{report['workspace_rows']:,} identifier rows, {report['persons']:,} persons; attacks took "
-             f"{report['attack_seconds']} s (seed {report['seed']}).", "",
+             f"{report['attack_seconds']} s (seed {report['seed']})"
+             + (f"; run {report['run']}" if report.get("run") else "") + ".", "",
              "| attack | field | re-identified | of | share | goal | met |",
              "|---|---|---:|---:|---:|---:|---|"]
     for r in report["results"]:
@@ -616,33 +717,50 @@ def _markdown(report: dict, label: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+KEYLESS_LABEL = "keyless view (this code: identifiers/, payload/ and research/ encrypted at rest, research pay rounded)"
+ZONE_KEYS_LABEL = ("zone-keys view (residual: the zone subkeys held - identifiers, payload and two projects' "
+                   "research - not the master key)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("workspace", type=Path)
     ap.add_argument("--key-file", required=True, help="used only to score (crosswalk -> truth), never by an attack")
-    ap.add_argument("--label", default="current code")
+    ap.add_argument("--label", default=None, help="label of a single view's run (default: the view's own)")
     ap.add_argument("--seed", type=int, default=16)
-    ap.add_argument("--view", choices=("keyless", "zone-keys"), default="keyless",
+    ap.add_argument("--view", choices=("both", "keyless", "zone-keys"), default="both",
                     help="keyless: an attacker with no key; zone-keys: one holding the zones' subkeys "
-                         "(not the master key), the documented residual risk")
+                         "(not the master key), the documented residual risk; both (default): the two views "
+                         "of one workspace in one run, replacing every earlier run but those labelled 'before'")
     args = ap.parse_args(argv)
-    report = (run_keyless(args.workspace, args.key_file) if args.view == "keyless"
-              else run(args.workspace, args.key_file, args.seed))
-    text = _markdown(report, args.label)
-    print(text)
+    reports = {}
+    if args.view in ("both", "zone-keys"):
+        reports[args.label if args.view != "both" and args.label else ZONE_KEYS_LABEL] = \
+            run(args.workspace, args.key_file, args.seed)
+    if args.view in ("both", "keyless"):
+        reports[args.label if args.view != "both" and args.label else KEYLESS_LABEL] = \
+            run_keyless(args.workspace, args.key_file)
+    for label, report in reports.items():
+        report["run"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        print(_markdown(report, label))
     RESULTS.mkdir(exist_ok=True)
     out_json = RESULTS / "privacy.json"
     runs = json.loads(out_json.read_text()) if out_json.exists() else {}
-    runs[args.label] = report
+    if args.view == "both":
+        runs = {k: v for k, v in runs.items() if k.startswith("before")}
+    runs.update(reports)
     out_json.write_text(json.dumps(runs, indent=2) + "\n")
     md = ["# Re-identification attacks on the zones after pseudonymisation (`python -m bench.privacy`)", "",
           "Goal: every attack below 1% of records in every zone a keyless party can hold (issue 16). Scoring "
-          "decrypts the crosswalk with the key to find each row's true person in truth/; no attack uses the key.",
+          "decrypts the crosswalk (and research/) with the key to find each row's true person in truth/; no "
+          "attack uses the key.",
           "", "Views: `--view keyless` is an attacker holding every zone after pseudonymisation and no key "
-          "(`pseudonymised/identifiers/` and `payload/` are encrypted at rest); `--view zone-keys` is the "
-          "documented residual risk, an attacker who also holds the two zone subkeys (`zone:identifiers`, "
-          "`zone:payload`) but not the master key, so reads the tokens and filters as the zone was before "
-          "encryption. Runs labelled 'before' are from earlier code (exact research pay, zones in clear).", ""]
+          "(`pseudonymised/identifiers/`, `payload/` and `research/` are encrypted at rest); `--view zone-keys` "
+          "is the documented residual risk, an attacker who also holds the zone subkeys (`zone:identifiers`, "
+          "`zone:payload`, and two projects' `zone:research:<project>`) but not the master key, so reads the "
+          "zones as they were before encryption. The default (`--view both`) runs the two views on one "
+          "workspace in one run. Runs labelled 'before' are from earlier code (exact research pay, zones in clear).",
+          ""]
     md += [_markdown(r, lbl) for lbl, r in runs.items()]
     (RESULTS / "privacy.md").write_text("\n".join(md))
     return 0
