@@ -235,14 +235,18 @@ def test_default_config_coarsens_research_pay_and_exact_pay_is_an_opt_in():
 def test_research_extracts_hold_rounded_pay(portal_workspace):
     import duckdb
 
+    from linkage.pseudonymise.store import register_research
+    from tests.conftest import PORTAL_KEY_HEX
+
     ws = portal_workspace
     con = duckdb.connect()
-    n, off, positive = con.execute(f"""SELECT count(*), count(*) FILTER (WHERE paye_pay % 1000 <> 0),
-                                              count(*) FILTER (WHERE paye_pay > 0)
-                                       FROM '{ws}/research/person_year.parquet'""").fetchall()[0]
+    register_research(con, ws, MasterKey(bytes.fromhex(PORTAL_KEY_HEX), "test"), ["person_year", "household_year"])
+    n, off, positive = con.execute("""SELECT count(*), count(*) FILTER (WHERE paye_pay % 1000 <> 0),
+                                             count(*) FILTER (WHERE paye_pay > 0)
+                                      FROM research_person_year""").fetchall()[0]
     assert n > 10_000 and positive > 1_000 and off == 0
-    off = con.execute(f"""SELECT count(*) FILTER (WHERE paye_income % 1000 <> 0 OR equivalised_income % 1000 <> 0)
-                          FROM '{ws}/research/household_year.parquet'""").fetchall()[0][0]
+    off = con.execute("""SELECT count(*) FILTER (WHERE paye_income % 1000 <> 0 OR equivalised_income % 1000 <> 0)
+                         FROM research_household_year""").fetchall()[0][0]
     assert off == 0
     import json
 
@@ -278,3 +282,69 @@ def test_truth_service_and_flow_files_are_0600_or_0640(run_cli, tmp_path, monkey
             assert mode in allowed, f"{p.relative_to(ws)}: {mode:04o}"
             seen[folder] = seen.get(folder, 0) + 1
     assert seen["truth"] >= 5 and seen[".flow"] >= 2
+
+
+# -- research/ at rest: the cross-project join an attacker without the keys can no longer make ----
+
+def test_keyless_cross_project_join_reads_nothing_and_the_subkey_holder_joins(portal_workspace):
+    """bench/privacy's keyless attacker reads 0 rows of research/ (DuckDB and Arrow both fail), so the
+    cross-project joins have no input; a holder of the project's research subkey reads the extract
+    and the whole-sequence join finds persons again (the documented residual)."""
+    from bench.privacy import attack_cross_project, keyless_reads, research_pay
+    from linkage.db import connect
+    from linkage.pseudonymise.store import research_key, research_project
+    from tests.conftest import PORTAL_KEY_HEX
+
+    ws = portal_workspace
+    got, held = keyless_reads(ws)["research"]
+    assert got == 0 and held > 10_000
+    assert research_pay(ws) is None
+    con = connect()
+    assert attack_cross_project(con, None) == (0, 0)
+    sub = research_key(MasterKey(bytes.fromhex(PORTAL_KEY_HEX), "test"), research_project(ws))
+    py = research_pay(ws, sub)
+    values, sequences = attack_cross_project(con, py)
+    assert len(py) > 1_000 and sequences > 100
+
+
+def test_nearest_neighbour_pay_sequences_hand_worked():
+    """Second extract: pay rounded to GBP 5,000 and each person's last year missing. p1 and p3 have
+    equal coarse pay in 2010 but differ in 2011; p5 is p1's twin (a tie names neither); p4 keeps one
+    year in the second extract (fewer than two common years: never named)."""
+    import pandas as pd
+
+    from bench.privacy import attack_cross_project_nearest
+
+    rows = [("p1", 2010, 21000), ("p1", 2011, 22000), ("p1", 2012, 40000),
+            ("p2", 2010, 31000), ("p2", 2011, 33000), ("p2", 2012, 36000),
+            ("p3", 2010, 21000), ("p3", 2011, 23000), ("p3", 2012, 50000),
+            ("p4", 2011, 60000), ("p4", 2012, 61000)]
+    py = pd.DataFrame(rows, columns=["person", "year", "pay"])
+    assert attack_cross_project_nearest(py) == 3                      # p1, p2, p3
+    twin = pd.DataFrame([("p5", y, p) for _, y, p in rows[:3]], columns=["person", "year", "pay"])
+    assert attack_cross_project_nearest(pd.concat([py, twin], ignore_index=True)) == 2   # p2, p3
+    assert attack_cross_project_nearest(None) == 0
+
+
+def test_research_reads_are_cached_per_file_version_and_key(tmp_path):
+    """The portal's builder does not decrypt per request: a research file is decrypted once per
+    version and key; a rewritten file is read again, and a cached copy never serves another key."""
+    import json
+
+    from linkage.keys import KeyMismatchError
+    from linkage.pseudonymise.store import read_research, write_research
+
+    (tmp_path / "research").mkdir()
+    (tmp_path / "research" / "metadata.json").write_text(json.dumps({"project": "p1"}))
+    path = tmp_path / "research" / "cohort.parquet"
+    first = pa.table({"child_id": ["a", "b"], "adult_pay": [1000.0, 2000.0]})
+    write_research(path, first, first.schema, KEY, "p1")
+    a = read_research(tmp_path, KEY, "cohort")
+    assert a.equals(first) and read_research(tmp_path, KEY, "cohort") is a
+    other = MasterKey(hashlib.sha256(b"another key").digest(), "test")
+    with pytest.raises(KeyMismatchError, match="cannot be decrypted with the key given"):
+        read_research(tmp_path, other, "cohort")
+    second = pa.table({"child_id": ["c"], "adult_pay": [3000.0]})
+    write_research(path, second, second.schema, KEY, "p1")      # a new assemble run replaces the file
+    assert read_research(tmp_path, KEY, "cohort").equals(second)
+    assert read_research(tmp_path, KEY, "cohort", ["child_id"]).column_names == ["child_id"]

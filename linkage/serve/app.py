@@ -136,7 +136,8 @@ def create_app(workspace: Path | str, config: Config | None = None, key: MasterK
         workspace: the workspace folder (reads ``published/``, ``research/`` through the
             disclosure engine, ``reports/``, ``quarantine/``; writes ``service/`` and ``audit/``).
         config: the configuration (default: the project's ``hhlink.toml``).
-        key: the master key (perturbation of on-demand tables and the audit log's MACs);
+        key: the master key (decrypting ``research/``, perturbation of on-demand tables and the
+            audit log's MACs);
             default: the configured key (``HHLINK_KEY`` etc.). It never appears in a response.
 
     Returns:
