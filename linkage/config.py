@@ -168,6 +168,10 @@ class LinkConfig(_Section):
         predict_chunk_identities: prediction is split into chunks of about this many identities
             on each side (Splink's ``num_chunks_left``/``num_chunks_right``), so the join of
             blocked pairs with identities stays within memory at 1M persons.
+        incremental: with the stored model reused, score only pairs with an identity that
+            gained records since the previous release and carry the previous pairs between
+            the others (:mod:`linkage.link.incremental`); persons are clustered from both.
+        incremental_max_share: above this share of identities touched, the run is a full one.
         max_drift: the quality gate on model drift (:mod:`linkage.link.drift`): a release whose
             data moved any comparison level's share among predicted matches (m side) or random
             pairs (u side) by more than this, against the stored model's training data, is
@@ -195,6 +199,8 @@ class LinkConfig(_Section):
     memory_limit: str = Field("8GB", pattern=r"^\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
     threads: int = Field(0, ge=0, le=256)
     predict_chunk_identities: int = Field(3_000_000, ge=1000)
+    incremental: bool = True
+    incremental_max_share: float = Field(0.5, gt=0, le=1)
     max_drift: float = Field(0.2, gt=0, le=1)
     drift_min_pairs: int = Field(200, ge=1)
     drift_sample_side: int = Field(1000, ge=10, le=100_000)

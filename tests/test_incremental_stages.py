@@ -198,3 +198,49 @@ def test_a_withdrawn_landing_file_means_a_full_ingest(tmp_path):
     again = ingest(cfg, ws)
     assert again["mode"] == f"full: landing/{d['files'][0]['name']} was staged before and is gone or changed"
     assert d["files"][0]["name"] not in set(_rows(ws / "staged" / f"{d['files'][0]['source']}.parquet")._file)
+
+
+def test_link_scores_only_pairs_a_delivery_touches_and_finds_the_persons_a_full_link_finds(history, tmp_path):
+    """Same model, same data: the incremental link's persons are a full link's, from far fewer scored pairs."""
+    import duckdb
+
+    from linkage.link import link
+
+    ws, key, _ = _copy(history, tmp_path)
+    cfg = _cfg()
+    first = link(cfg, ws, key)
+    assert first["prediction"] == "full: a model is trained"
+    model = tmp_path / "model.json"
+    shutil.copyfile(ws / "linked" / "model.json", model)
+    deliver_next(ws)
+    deliver_next(ws)
+    ingest(cfg, ws)
+    pseudonymise(cfg, ws, key)
+    full_ws = tmp_path / "full"
+    shutil.copytree(ws, full_ws)
+
+    again = link(cfg, ws, key, model=model)
+    assert again["prediction"].startswith("incremental")
+    touched = again["incremental"]["touched_identities"]
+    assert 0 < touched < again["incremental"]["identities"]
+    full = link(load_config(generate={"persons": PERSONS, "seed": SEED, "deliveries": N}, link={"incremental": False}),
+                full_ws, key, model=model)
+    assert full["prediction"] == "full: link.incremental is false"
+    assert again["pairs_scored_now"] < full["pairs_scored"]
+
+    con = duckdb.connect()
+    # the same persons: every pair of identities in one person in one run is in one person in the other
+    same = con.execute(f"""
+        with a as (select unique_id, person_key k from '{ws}/linked/identities.parquet'),
+             b as (select unique_id, person_key k from '{full_ws}/linked/identities.parquet')
+        select count(distinct a.k), count(distinct b.k), count(distinct (a.k, b.k)), count(*)
+        from a join b using (unique_id)""").fetchone()
+    assert same[0] == same[1] == same[2] and same[3] == again["identities"]
+    # the pairs above the threshold differ at most by term-frequency drift of carried pairs
+    differ = con.execute(f"""
+        select count(*) from (select unique_id_l, unique_id_r from '{ws}/linked/pairs.parquet'
+                              where match_probability >= {cfg.link.threshold}) a
+        full join (select unique_id_l, unique_id_r from '{full_ws}/linked/pairs.parquet'
+                   where match_probability >= {cfg.link.threshold}) b using (unique_id_l, unique_id_r)
+        where a.unique_id_l is null or b.unique_id_l is null""").fetchone()[0]
+    assert differ <= 0.001 * full["pairs_scored"]

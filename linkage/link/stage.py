@@ -178,6 +178,13 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
     from splink import Linker, block_on
 
     lc = config.link
+    increment, prediction = None, "full: a model is trained"
+    if model is not None:
+        from linkage.link.incremental import scope
+
+        # publish_dir builds ``out`` beside the zone: the previous release is still ``linked/``
+        increment, prediction = scope(con, out.parent / "linked", Path(model), lc)
+    log.info("prediction: %s", prediction)
     db_api = _db_api(config, con, tmp)
     dialect = "spark" if lc.engine == "spark" else "duckdb"
     sdfs = []
@@ -188,6 +195,10 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
         else:
             sdfs.append(db_api.register(f"ids_{source}", dataset_display_name=source))
     settings = model_settings(dialect) if model is None else _trained_settings(model, dialect)
+    if increment:
+        from linkage.link.incremental import restricted_rules
+
+        settings["blocking_rules_to_generate_predictions"] = restricted_rules(dialect)
     linker = Linker(sdfs, settings, log_level=None)   # the CLI decides what reaches the console (-v)
     t = time.perf_counter()
     if model is None:
@@ -223,12 +234,28 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
         facts["predict_chunks"] = chunks * chunks
         pairs = linker.inference.predict(threshold_match_probability=lc.keep_pairs_above,
                                          **({"num_chunks_left": chunks, "num_chunks_right": chunks} if chunks > 1 else {}))
-    clusters = linker.clustering.cluster_pairwise_predictions_at_threshold(pairs, threshold_match_probability=lc.threshold)
+    if increment:
+        from splink import DuckDBAPI
+        from splink.clustering import cluster_pairwise_predictions_at_threshold
+
+        from linkage.link.incremental import merge_pairs
+
+        facts["pairs_scored_now"] = con.execute(f"select count(*) from {pairs.physical_name}").fetchall()[0][0]
+        merged = merge_pairs(con, pairs.physical_name, increment)
+        clusters = cluster_pairwise_predictions_at_threshold(
+            "identities", merged, DuckDBAPI(connection=con), node_id_column_name="unique_id",
+            edge_id_column_name_left="unique_id_l", edge_id_column_name_right="unique_id_r",
+            threshold_match_probability=lc.threshold)
+        facts["incremental"] = {k: v for k, v in increment.items() if k != "previous_pairs"}
+    else:
+        clusters = linker.clustering.cluster_pairwise_predictions_at_threshold(
+            pairs, threshold_match_probability=lc.threshold)
     facts["predict_seconds"] = round(time.perf_counter() - t, 1)
+    facts["prediction"], facts["keep_pairs_above"] = prediction, lc.keep_pairs_above
     if lc.engine == "spark":
         pairs_name, clusters_name = (_from_spark(con, sdf, tmp) for sdf in (pairs, clusters))
     else:
-        pairs_name, clusters_name = pairs.physical_name, clusters.physical_name
+        pairs_name, clusters_name = (merged if increment else pairs.physical_name), clusters.physical_name
     con.execute(f"""
         copy (select unique_id_l, unique_id_r, source_dataset_l as source_l, source_dataset_r as source_r,
                      match_weight, match_probability
