@@ -77,10 +77,17 @@ RECORDS = [
 ]
 
 
-def _households(con):
+def _records(con, rows):
+    """``records_linked`` from (token, person, year, birth_year, claim, role, postcode, address[, unit]) rows."""
     con.execute("""create or replace table records_linked (record_token varchar, person_key varchar, year int,
-                   birth_year int, claim_tok varchar, bu_role varchar, postcode_tok varchar, addr_bf blob)""")
-    con.executemany("insert into records_linked values (?, ?, ?, ?, ?, ?, ?, ?)", RECORDS)
+                   birth_year int, claim_tok varchar, bu_role varchar, postcode_tok varchar, addr_bf blob,
+                   benefit_unit_tok varchar)""")
+    con.executemany("insert into records_linked values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(*r, None) if len(r) == 8 else r for r in rows])
+
+
+def _households(con):
+    _records(con, RECORDS)
     return assemble_households(con, LinkConfig())
 
 
@@ -140,9 +147,7 @@ def _run(records):
     """Households from (token, person, year, birth_year, claim, role, postcode, address) rows."""
     con = duckdb.connect()
     con.execute("SET lambda_syntax='ENABLE_SINGLE_ARROW'")
-    con.execute("""create or replace table records_linked (record_token varchar, person_key varchar, year int,
-                   birth_year int, claim_tok varchar, bu_role varchar, postcode_tok varchar, addr_bf blob)""")
-    con.executemany("insert into records_linked values (?, ?, ?, ?, ?, ?, ?, ?)", records)
+    _records(con, records)
     facts = assemble_households(con, LinkConfig())
     hh = {(p, y): h for p, y, h in con.execute("select person_key, year, household_key from households").fetchall()}
     return con, hh, facts

@@ -19,7 +19,9 @@ Each person-year gets one address, with evidence across years:
 * a *stale* address is replaced (the household moved; one source had not caught up): a
   person recorded at address A whose next address is B, while someone else moved into B
   that year, lives at B; so does a person left alone at A who leaves it later, when someone
-  who lived at A is at B that year;
+  who lived at A is at B that year; so does a person recorded at A as the claimant or partner
+  of a benefit unit that nobody else at A belongs to, while others live at A, when the unit is
+  new that year or claims at B later (they had set up a household of their own at B);
 * an address seen for one person in one year only (a mistyped postcode) and a missing
   address are filled from the person's addresses before and after when those agree; a
   missing address, or a postcode seen once without an address line, also from an adjacent
@@ -45,7 +47,10 @@ to be the parent of both (an older sibling). Confidence grows with the years of 
 ``1 - exp(-(1.0 * benefit_unit_years + 0.35 * coresident_strength))``, where a year living
 together counts 1, times 0.6 when the younger is 18 or over and times 0.5 when either is
 placed that year by a postcode alone or by other years, on one record and no claim; so one year on a claim gives 0.63, three years living
-together 0.65, and both together over several years approach 1.
+together 0.65, and both together over several years approach 1. Evidence across years adds to
+the exponent (:func:`_cross_year_sql`): 0.7 for an adult and a dependant of one benefit unit on
+different claims, 0.5 for spells at one address that interleave without a year observed together,
+0.7 for the partner of the child's parent in the year before the birth.
 """
 
 from __future__ import annotations
@@ -157,6 +162,9 @@ def _person_years_sql(dice: float = ADDRESS_DICE) -> str:
         -- at A and leaving it, while the others from A are at B and nobody else is left at A
         create or replace table here as select address_key, year, count(*) n from py_ctx
         where address_key is not null group by all;
+        create or replace table unit_py as
+        select distinct benefit_unit_tok unit, person_key, year, bu_role from records_linked
+        where benefit_unit_tok is not null;
         create or replace table stale as
         select distinct c.person_key, c.year, c.next_addr new_addr
         from py_ctx c
@@ -170,7 +178,21 @@ def _person_years_sql(dice: float = ADDRESS_DICE) -> str:
                      and not q.lone
         join here h on h.address_key = c.address_key and h.year = c.year and h.n = 1
         where c.next_addr is distinct from c.address_key and c.prev_addr = c.address_key
-        group by all having count(distinct q.address_key) = 1;
+        group by all having count(distinct q.address_key) = 1
+        union
+        -- or recorded at A, next at B, as the claimant or partner of a benefit unit that nobody else
+        -- at A belongs to, while others live at A, and whose claims in a later year are at B:
+        -- the person had set up a household of their own at B (a young adult leaving home)
+        select c.person_key, c.year, c.next_addr
+        from py_ctx c join unit_py u on u.person_key = c.person_key and u.year = c.year
+        where c.next_addr != c.address_key and u.bu_role in ('claimant', 'partner')
+          and (not exists (select 1 from unit_py f where f.unit = u.unit and f.year < c.year)
+               or exists (select 1 from unit_py v join py_ctx d on d.person_key = v.person_key and d.year = v.year
+                          where v.unit = u.unit and v.year > c.year and d.address_key = c.next_addr))
+          and exists (select 1 from py_ctx o where o.year = c.year and o.address_key = c.address_key
+                         and o.person_key != c.person_key)
+          and not exists (select 1 from unit_py w join py_ctx e on e.person_key = w.person_key and e.year = c.year
+                          where w.unit = u.unit and w.person_key != c.person_key and e.address_key = c.address_key);
         -- a missing or once-seen address, filled from the years around it
         create or replace table lines as select distinct address_key, unhex(canon_hex) addr_bf from addr_canon;
         create or replace table py_fill as
@@ -237,7 +259,88 @@ def _membership_sql() -> str:
 WEAK_MEMBERSHIP = ("(not {m}.on_claim and {m}.address_evidence != 'address' and {m}.records_at_address <= 1)")
 
 
-def parent_child_sql(cfg: LinkConfig, weak_membership: bool = False) -> str:
+# weights of the evidence across years (added to the parent-child score's exponent)
+UNIT_WEIGHT = 0.7            # adult and dependant of one benefit unit on different claims
+SPELL_WEIGHT = 0.5           # recorded at one address in interleaved years, never in the same year
+BIRTH_PARTNER_WEIGHT = 0.7   # the partner of the child's parent in the year before the birth
+
+
+def _cross_year_sql(cfg: LinkConfig) -> str:
+    """CTEs (after ``j0``, the same-year relations): ``cross``, parent-child evidence across years.
+
+    * **unit**: an adult (claimant or partner) of a benefit unit on one claim and a
+      dependant of the same unit on a later claim, the child born by the year after the
+      adult's last claim in the unit (the unit is the family; its token is stable across claims);
+    * **spell**: the two recorded at one address (as recorded: a stale address still says
+      where someone lived) in overlapping spans of years, the elder there before the younger's
+      last year, but never placed there in the same year, the younger under ``CHILD_MAX_AGE``
+      and the elder an adult then, unless the elder is a young adult and someone there is old
+      enough to be the parent of both (an older sibling). Overlap, not succession: a family
+      moving into a flat someone left is not evidence, nor is crossing only in the year one
+      arrives and the other leaves (one of the two records may be stale);
+    * **birth partner**: the child's parent (a same-year relation) lived with an adult of
+      about their age (within ``parent_min_age_gap`` years) in the year before the child's
+      birth or that year, or in the three years before when the adult is not observed
+      anywhere after that until the birth, and nobody else of that age lived with the
+      parent in between: the parent's partner at the birth (who left before the child was recorded).
+    """
+    gap = f"{cfg.parent_min_age_gap} and {cfg.parent_max_age_gap}"
+    return f""",
+        unit as (select a.person_key parent_key, d.person_key child_key
+                 from records_linked a join records_linked d
+                      on a.benefit_unit_tok = d.benefit_unit_tok and a.year <= d.year and a.person_key != d.person_key
+                 join person_birth pa on pa.person_key = a.person_key join person_birth pd on pd.person_key = d.person_key
+                 where a.bu_role in ('claimant', 'partner') and d.bu_role = 'dependant'
+                   and pd.birth_year - pa.birth_year between {gap}
+                 group by all having max(a.year) + 1 >= any_value(pd.birth_year)),
+        spell as (select person_key, address_key, min(year) y0, max(year) y1 from pya
+                  where address_key is not null group by all),
+        spell_pair as (
+            select a.person_key parent_key, c.person_key child_key
+            -- interleaved: the elder arrived before the younger's last year there (crossing only in
+            -- the year one arrives and the other leaves is a move, and one of the two records may be stale)
+            from spell a join spell c on a.address_key = c.address_key and a.person_key != c.person_key
+                 and a.y0 < c.y1 and c.y0 <= a.y1
+            join person_birth pa on pa.person_key = a.person_key join person_birth pc on pc.person_key = c.person_key
+            where pc.birth_year - pa.birth_year between {gap}
+              and greatest(a.y0, c.y0) - pc.birth_year < {CHILD_MAX_AGE} and least(a.y1, c.y1) - pa.birth_year >= 18
+              and not exists (select 1 from py_nodes x join py_nodes y on x.year = y.year and x.address_key = y.address_key
+                              where x.person_key = a.person_key and y.person_key = c.person_key
+                                and x.address_key = a.address_key)
+              and not (greatest(a.y0, c.y0) - pa.birth_year < {CHILD_MAX_AGE} and exists (
+                  select 1 from spell g join person_birth pg on pg.person_key = g.person_key
+                  where g.address_key = a.address_key and g.y0 <= least(a.y1, c.y1) and greatest(a.y0, c.y0) <= g.y1
+                    and pa.birth_year - pg.birth_year between {gap} and pc.birth_year - pg.birth_year between {gap}))
+            group by all),
+        partner_year as (   -- adults living with a parent, of about the parent's age
+            select m.person_key parent_key, x.person_key partner_key, x.year
+            from households m join households x on x.household_key = m.household_key and x.year = m.year
+                 and x.person_key != m.person_key
+            join person_birth mb on mb.person_key = m.person_key join person_birth xb on xb.person_key = x.person_key
+            where abs(xb.birth_year - mb.birth_year) < {cfg.parent_min_age_gap} and x.year - xb.birth_year >= 18),
+        bp as (select p.parent_key, q.partner_key, p.child_key, cb.birth_year child_birth, max(q.year) last_year
+               from j0 p join person_birth cb on cb.person_key = p.child_key
+               join partner_year q on q.parent_key = p.parent_key and q.partner_key != p.child_key
+                    and q.year between cb.birth_year - 3 and cb.birth_year
+               join person_birth xb on xb.person_key = q.partner_key
+               where cb.birth_year - xb.birth_year between {gap}
+               group by all),
+        birth_partner as (
+            select partner_key parent_key, child_key from bp b
+            where (last_year >= child_birth - 1 or not exists (
+                       select 1 from households o where o.person_key = b.partner_key
+                          and o.year > b.last_year and o.year <= b.child_birth))
+              and not exists (select 1 from partner_year z where z.parent_key = b.parent_key
+                                 and z.partner_key != b.partner_key and z.year > b.last_year and z.year <= b.child_birth)
+            group by all),
+        xyear as (select parent_key, child_key,
+                         sum(w) cross_weight from (
+                             select *, {UNIT_WEIGHT} w from unit
+                             union all select *, {SPELL_WEIGHT} from spell_pair
+                             union all select *, {BIRTH_PARTNER_WEIGHT} from birth_partner) group by all)"""
+
+
+def parent_child_sql(cfg: LinkConfig, weak_membership: bool = False, cross_year: bool = False) -> str:
     """SQL: ``parent_child`` from ``records_linked`` (claims) and ``households``.
 
     Args:
@@ -245,10 +348,14 @@ def parent_child_sql(cfg: LinkConfig, weak_membership: bool = False) -> str:
         weak_membership: ``households`` carries ``on_claim``, ``address_evidence`` and
             ``records_at_address`` (as :func:`assemble_households` writes it): a year living
             together where either member is weakly placed counts half.
+        cross_year: also count evidence across years (:func:`_cross_year_sql`); needs
+            ``py_nodes`` (person_key, year, address_key) and ``records_linked.benefit_unit_tok``.
     """
     gap = f"{cfg.parent_min_age_gap} and {cfg.parent_max_age_gap}"
     weak = (f"{WEAK_MEMBERSHIP.format(m='a')} or {WEAK_MEMBERSHIP.format(m='c')}"
             if weak_membership else "false")
+    cross = _cross_year_sql(cfg) if cross_year else """,
+        xyear as (select null::varchar parent_key, null::varchar child_key, 0.0 cross_weight where false)"""
     return _person_birth_sql() + f"""
         create or replace table parent_child as
         with claim as (select claim_tok, year, person_key, bu_role, birth_year from records_linked
@@ -274,12 +381,17 @@ def parent_child_sql(cfg: LinkConfig, weak_membership: bool = False) -> str:
                              and c.birth_year - g.birth_year between {gap}))),
         co as (select parent_key, child_key, count(*) coresident_years, sum(strength) coresident_strength
                from co_year group by all),
-        j as (select parent_key, child_key, coalesce(bu_years, 0) bu_years, coalesce(coresident_years, 0) coresident_years,
-                     coalesce(coresident_strength, 0) coresident_strength
-              from bu full join co using (parent_key, child_key))
-        select j.* exclude (coresident_strength), p.birth_year parent_birth_year, c.birth_year child_birth_year,
+        j0 as (select parent_key, child_key, coalesce(bu_years, 0) bu_years, coalesce(coresident_years, 0) coresident_years,
+                      coalesce(coresident_strength, 0) coresident_strength
+               from bu full join co using (parent_key, child_key)){cross},
+        j as (select parent_key, child_key, coalesce(j0.bu_years, 0) bu_years,
+                     coalesce(j0.coresident_years, 0) coresident_years,
+                     coalesce(j0.coresident_strength, 0) coresident_strength,
+                     coalesce(x.cross_weight, 0) cross_weight
+              from j0 full join xyear x using (parent_key, child_key))
+        select j.* exclude (coresident_strength, cross_weight), p.birth_year parent_birth_year, c.birth_year child_birth_year,
                c.birth_year - p.birth_year age_gap,
-               round(1 - exp(-(1.0 * bu_years + 0.35 * coresident_strength)), 4) confidence
+               round(1 - exp(-(1.0 * bu_years + 0.35 * coresident_strength + cross_weight)), 4) confidence
         from j join person_birth p
                     on p.person_key = j.parent_key
                join person_birth c
@@ -297,7 +409,7 @@ def assemble_households(con: duckdb.DuckDBPyConnection, cfg: LinkConfig) -> dict
 
     Args:
         con: a DuckDB connection holding ``records_linked`` (record token, person_key, year,
-            birth_year, claim_tok, bu_role, postcode_tok, addr_bf).
+            birth_year, claim_tok, bu_role, postcode_tok, addr_bf, benefit_unit_tok).
         cfg: linkage settings (age-gap bounds for parents).
 
     Returns:
@@ -319,7 +431,7 @@ def assemble_households(con: duckdb.DuckDBPyConnection, cfg: LinkConfig) -> dict
         select n.node_id, 'H' || left(md5(min(n.person_key) over (partition by c.cluster_id)), 16) as household_key
         from py_nodes n join {clusters.physical_name} c using (node_id)""")
     con.execute(_membership_sql())
-    con.execute(parent_child_sql(cfg, weak_membership=True))
+    con.execute(parent_child_sql(cfg, weak_membership=True, cross_year=True))
     hh, size, pc = con.execute("""
         select (select count(distinct (household_key, year)) from households),
                (select avg(n) from (select household_key, year, count(*) n from households group by all)),
