@@ -225,17 +225,32 @@ def test_young_adult_living_with_a_parent_is_a_parent_child_relation_and_confide
 
 def test_relation_evidence_ceiling_hand_worked():
     con = duckdb.connect()
-    # true: household 1 = {1, 2, 3} in 2010; parent 1 of child 3 and of child 4 (4 lives elsewhere)
-    con.execute("create table rec_truth as select * from (values (1, 2010), (2, 2010), (3, 2010), (4, 2010)) t(truth_person, year)")
-    con.execute("""create table truth_py as select * from (values (1, 2010, 1), (2, 2010, 1), (3, 2010, 1), (4, 2010, 2))
-                   t(person_id, year, household_id)""")
-    con.execute("create table truth_pc as select * from (values (1, 3), (1, 4)) t(parent_id, child_id)")
-    # 1 and 2 share a postcode; 3's only record has no address and no claim; 4 shares a claim with 1
-    con.execute("""create table rec_ev as select * from (values (1, 2010, 'c', 'P', null::blob), (2, 2010, null, 'P', null),
-                   (3, 2010, null, null, null), (4, 2010, 'c', 'Q', null)) t(truth_person, year, claim_tok, postcode_tok, addr_bf)""")
-    same, near, pc = con.execute(relation_evidence_sql()).fetchall()[0]
-    # co-resident pairs (1,2) (1,3) (2,3): only (1,2) has evidence; parent-child: (1,4) only
-    assert (same, near, pc) == (pytest.approx(1 / 3), pytest.approx(1 / 3), pytest.approx(0.5))
+    # true: household 1 = {1, 2, 3} in 2010; parent 1 of children 3, 4, 5 and 6; parent 7 of child 5
+    con.execute("""create table rec_truth as select * from (values (1, 2010), (2, 2010), (3, 2010), (4, 2010),
+                   (5, 2012), (6, 2013), (7, 2011)) t(truth_person, year)""")
+    con.execute("""create table truth_py as select * from (values (1, 2010, 1), (2, 2010, 1), (3, 2010, 1), (4, 2010, 2),
+                   (5, 2012, 3), (6, 2013, 4), (7, 2011, 5)) t(person_id, year, household_id)""")
+    con.execute("create table truth_pc as select * from (values (1, 3), (1, 4), (1, 5), (1, 6), (7, 5)) t(parent_id, child_id)")
+    con.execute("""create table truth_birth as select * from (values (1, 1980), (2, 1982), (3, 2005), (4, 2006),
+                   (5, 2012), (6, 2013), (7, 2000)) t(person_id, birth_year)""")
+    # 1 and 2 share a postcode; 3's only record has no address and no claim; 4 shares a claim with 1;
+    # 5 is recorded in 2012 at the postcode 1 had in 2010 (evidence across years, not in the same year);
+    # 6 shares only 1's benefit unit, on a claim three years later; 7 shares 5's address filter
+    # across years but is only 12 years older (outside the 15-55 age gaps)
+    con.execute("""create table rec_ev as select * from (values
+                   (1, 2010, 'c', 'P', null::blob, 'U'), (2, 2010, null, 'P', null, null),
+                   (3, 2010, null, null, null, null), (4, 2010, 'c', 'Q', null, 'U'),
+                   (5, 2012, null, 'P', '\\xAA'::blob, null), (6, 2013, 'd', 'R', null, 'U'),
+                   (7, 2011, null, 'S', '\\xAA'::blob, null))
+                   t(truth_person, year, claim_tok, postcode_tok, addr_bf, benefit_unit_tok)""")
+    same, near, pc_same_year, pc_any, pc_in_bounds = con.execute(relation_evidence_sql()).fetchall()[0]
+    # co-resident pairs (1,2) (1,3) (2,3): only (1,2) has evidence
+    assert (same, near) == (pytest.approx(1 / 3), pytest.approx(1 / 3))
+    # same year: (1,4) only; any year: (1,4), (1,5) by the postcode, (1,6) by the unit, (7,5) by the address
+    assert pc_same_year == pytest.approx(1 / 5)
+    assert pc_any == pytest.approx(4 / 5)
+    # within the age gaps: (7,5) is 12 years apart
+    assert pc_in_bounds == pytest.approx(3 / 5)
 
 
 def test_parent_child_curve_hand_worked():

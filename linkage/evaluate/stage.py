@@ -172,18 +172,24 @@ def parent_child_curve_sql() -> str:
     """
 
 
-def relation_evidence_sql() -> str:
-    """SQL: the ceiling, (co-residence evidence same year, same or adjacent year, parent-child evidence).
+def relation_evidence_sql(min_gap: int = 15, max_gap: int = 55) -> str:
+    """SQL: the ceilings, shares of true relations with any evidence in the extracts, whatever the linkage did.
 
-    Each is the share of true relations with any evidence in the extracts, whatever the
-    linkage did: records of the two true persons sharing a claim, a postcode token or an
-    address filter. Co-residence: pairs of observed persons in one true household-year
-    (as household accuracy counts them), with evidence in that year, or in that year or
-    the one before or after. Parent-child: true relations (both observed) with evidence in
-    any year. Needs ``rec_ev`` (truth_person, year, claim_tok, postcode_tok, addr_bf),
-    ``rec_truth``, ``truth_py`` and ``truth_pc``.
+    Evidence is records of the two true persons sharing a claim, a benefit unit, a postcode
+    token or an address filter. Returns one row:
+
+    * co-residence: pairs of observed persons in one true household-year (as household
+      accuracy counts them) with evidence in that year, and in that year or the one before or after;
+    * parent-child (true relations, both observed): with evidence in the same year (a claim,
+      postcode or address shared that year, the strict ceiling), with evidence in any years
+      (a token shared across years: a benefit claim spans years, and a parent and a child can
+      be recorded at one address in different years), and with evidence in any years and an
+      age gap within ``min_gap``..``max_gap`` (what rules bound by those gaps can reach).
+
+    Needs ``rec_ev`` (truth_person, year, claim_tok, postcode_tok, addr_bf, benefit_unit_tok),
+    ``rec_truth``, ``truth_py``, ``truth_pc`` and ``truth_birth`` (person_id, birth_year).
     """
-    return """
+    return f"""
         with observed as (select distinct truth_person, year from rec_truth),
         true_obs as (select t.person_id p, t.year, t.household_id from truth_py t
                      join observed o on o.truth_person = t.person_id and o.year = t.year),
@@ -202,10 +208,24 @@ def relation_evidence_sql() -> str:
         pc as (select distinct parent_id, child_id from truth_pc
                where parent_id in (select * from seen) and child_id in (select * from seen)),
         ev_pair as (select distinct a, b from ev),
-        ev_pc as (select pc.*, e.a is not null found from pc
-                  left join ev_pair e on e.a = least(parent_id, child_id) and e.b = greatest(parent_id, child_id))
+        -- any years: the persons' tokens whatever the year, benefit units too
+        tok_any as (select distinct truth_person, t from tok
+                    union select distinct truth_person, 'u' || benefit_unit_tok from rec_ev
+                    where benefit_unit_tok is not null),
+        pc_tok as (select distinct least(parent_id, child_id) a, greatest(parent_id, child_id) b, parent_id, child_id
+                   from pc),
+        ev_any as (select distinct p.a, p.b from pc_tok p join tok_any ta on ta.truth_person = p.a
+                   join tok_any tb on tb.truth_person = p.b and tb.t = ta.t),
+        ev_pc as (select pc.*, e.a is not null found, x.a is not null found_any,
+                         cb.birth_year - pb.birth_year between {min_gap} and {max_gap} in_bounds
+                  from pc
+                  left join ev_pair e on e.a = least(parent_id, child_id) and e.b = greatest(parent_id, child_id)
+                  left join ev_any x on x.a = least(parent_id, child_id) and x.b = greatest(parent_id, child_id)
+                  left join truth_birth pb on pb.person_id = pc.parent_id
+                  left join truth_birth cb on cb.person_id = pc.child_id)
         select (select avg(same_year) from ev_co), (select avg(near) from ev_co),
-               (select avg(found::int) from ev_pc)
+               (select avg(found::int) from ev_pc), (select avg(found_any::int) from ev_pc),
+               (select avg((found_any and coalesce(in_bounds, false))::int) from ev_pc)
     """
 
 
@@ -229,7 +249,8 @@ def _load(con: duckdb.DuckDBPyConnection, ws: Workspace, key) -> None:
             ("pairs", "unique_id_l, unique_id_r, match_probability", linked / "pairs.parquet"),
             ("identities", "unique_id", linked / "identities.parquet"),
             ("truth_py", "person_id, year, household_id", truth / "person_years.parquet"),
-            ("truth_pc", "parent_id, child_id", truth / "parent_child.parquet")):
+            ("truth_pc", "parent_id, child_id", truth / "parent_child.parquet"),
+            ("truth_birth", "person_id, birth_year", truth / "persons.parquet")):
         con.execute(f"create or replace table {name} as select {cols} from {read_literal(path)}")
 
 
@@ -259,8 +280,9 @@ def evaluate(config: Config, workspace: Path | str, key: MasterKey | None = None
     Returns:
         The metrics written (``person_pairwise_precision``, ``person_pairwise_recall``,
         ``person_pairwise_f1``, ``person_cluster_f1``, ``household_accuracy``,
-        ``parent_child_precision``, ``parent_child_recall``, the ceiling (``coresidence_evidence_*``,
-        ``parent_child_evidence_ceiling``: :func:`relation_evidence_sql`) and per-threshold metrics).
+        ``parent_child_precision``, ``parent_child_recall``, the ceilings (``coresidence_evidence_*``,
+        ``parent_child_evidence_ceiling`` (any years), ``parent_child_evidence_same_year``,
+        ``parent_child_evidence_within_age_gap``: :func:`relation_evidence_sql`) and per-threshold metrics).
 
     Example:
         >>> evaluate(load_config(), "workspace")["person_pairwise_f1"]   # doctest: +SKIP
@@ -283,10 +305,12 @@ def evaluate(config: Config, workspace: Path | str, key: MasterKey | None = None
         pc_p, pc_r, _, _ = con.execute(parent_child_metrics_sql()).fetchall()[0]
         from linkage.pseudonymise.store import read_identifiers, register
 
-        register(con, "ids_ev", read_identifiers(ws.root, key, ["record_token", "claim_tok", "postcode_tok", "addr_bf"]))
+        register(con, "ids_ev", read_identifiers(ws.root, key, ["record_token", "claim_tok", "postcode_tok", "addr_bf",
+                                                                 "benefit_unit_tok"]))
         con.execute("""create or replace table rec_ev as select r.truth_person, r.year, i.claim_tok,
-                       i.postcode_tok, i.addr_bf from rec_truth r join ids_ev i using (record_token)""")
-        co_same, co_near, pc_ev = con.execute(relation_evidence_sql()).fetchall()[0]
+                       i.postcode_tok, i.addr_bf, i.benefit_unit_tok from rec_truth r join ids_ev i using (record_token)""")
+        co_same, co_near, pc_same_year, pc_ev, pc_in_bounds = con.execute(relation_evidence_sql(
+            config.link.parent_min_age_gap, config.link.parent_max_age_gap)).fetchall()[0]
         hh_by_conf = [{"band": b, "person_years": n, "accuracy": round(a, 4)}
                       for b, n, a in con.execute(household_accuracy_by_confidence_sql()).fetchall()]
         curve = con.execute(parent_child_curve_sql()).fetchall()
@@ -298,7 +322,8 @@ def evaluate(config: Config, workspace: Path | str, key: MasterKey | None = None
             "household_accuracy": hh, "parent_child_precision": pc_p, "parent_child_recall": pc_r,
             # the ceiling: true relations with any evidence in the extracts (whatever the linkage did)
             "coresidence_evidence_same_year": co_same, "coresidence_evidence_ceiling": co_near,
-            "parent_child_evidence_ceiling": pc_ev,
+            "parent_child_evidence_ceiling": pc_ev, "parent_child_evidence_same_year": pc_same_year,
+            "parent_child_evidence_within_age_gap": pc_in_bounds,
             "household_accuracy_by_confidence": hh_by_conf,
             "parent_child_recall_at_precision_target": {
                 "precision_target": PARENT_CHILD_PRECISION_TARGET, "recall": at_target,
