@@ -101,3 +101,34 @@ def test_locality_rules_need_the_locality_role():
     assert ("fn_tok", "locality_bf") not in rules
     rules, _ = prediction_rules({"a": {"first_name", "surname", "locality"}})
     assert ("fn_tok", "locality_bf") in rules and ("sn_tok", "locality_bf") in rules
+
+
+def _link_two(folder: Path, a: str, b: str, roles: str) -> dict:
+    (folder / "a.csv").write_text(a)
+    (folder / "b.csv").write_text(b)
+    (folder / "map.toml").write_text("link_only = true\n" + "".join(
+        f'[files.{t}]\nrecord_id = "id"\n{roles}' for t in ("a", "b")))
+    return link_files([folder / "a.csv", folder / "b.csv"], folder / "map.toml", folder / "out")
+
+
+def test_a_name_with_a_transposed_postcode_brings_a_pair_into_comparison(tmp_path, key):
+    # forename replaced, date of birth and postcode off (transposed): only the surname with the
+    # transposed postcode compares A1 and B1; B2, the same surname two digits away, is not compared
+    s = _link_two(tmp_path, "id,fn,sn,dob,pc\nA1,Matilda,Madigan,1930-11-07,2135\n",
+                  "id,fn,sn,dob,pc\nB1,Kody,Madigan,1901-08-28,2315\nB2,Ann,Madigan,1971-01-02,2531\n",
+                  'first_name = "fn"\nsurname = "sn"\npostcode = "pc"\n'
+                  'dob = { column = "dob", format = "%Y-%m-%d" }\n')
+    by_rule = {b["rule"]: b["marginal_comparisons"] for b in s["blocking"]}
+    assert by_rule["l.sn_tok = r.sn_tok AND list_contains(l.pc_swap_toks, r.postcode_tok)"] == 1
+    assert sum(by_rule.values()) == 1 and s["records_not_compared"]["records"] == 1
+
+
+def test_one_name_in_the_others_place_and_the_same_birthday_bring_a_pair_into_comparison(tmp_path, key):
+    # B1 is A1 with the names swapped and the (now) surname mistyped: the exact swap rule misses
+    # it, the surname-in-the-forename's-place rule with the date of birth does not
+    s = _link_two(tmp_path, "id,fn,sn,dob\nA1,Harriet,Okonjo,1971-04-03\n",
+                  "id,fn,sn,dob\nB1,Okonjo,Harriett,1971-04-03\nB2,Okonjo,Bell,1980-01-01\n",
+                  'first_name = "fn"\nsurname = "sn"\ndob = { column = "dob", format = "%Y-%m-%d" }\n')
+    by_rule = {b["rule"]: b["marginal_comparisons"] for b in s["blocking"]}
+    assert by_rule["l.sn_swap_bf = r.fn_bf AND l.dob_tok = r.dob_tok"] == 1
+    assert sum(by_rule.values()) == 1 and s["records_not_compared"]["records"] == 1

@@ -154,6 +154,13 @@ _BROAD_RULES = (("dob_tok", "fn_initial_tok"),
                 # one name and the locality (town and region), for a postcode mistyped as well
                 ("sn_tok", "locality_bf"),
                 ("fn_tok", "locality_bf"),
+                # one name and the postcode with two adjacent characters transposed (a sub-block of
+                # the name: the list test runs only on pairs sharing it)
+                "l.sn_tok = r.sn_tok AND list_contains(l.pc_swap_toks, r.postcode_tok)",
+                "l.fn_tok = r.fn_tok AND list_contains(l.pc_swap_toks, r.postcode_tok)",
+                # one name in the other's place, the other mistyped, born the same day
+                "l.fn_bf = r.sn_swap_bf AND l.dob_tok = r.dob_tok",
+                "l.sn_swap_bf = r.fn_bf AND l.dob_tok = r.dob_tok",
                 # both names different or missing (replaced, swapped and mistyped): the same date of
                 # birth or postcode and a similar address line, by two bands of its filter each (a
                 # sub-block of the date or postcode block, so it grows as they do)
