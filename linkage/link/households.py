@@ -355,7 +355,7 @@ def parent_child_sql(cfg: LinkConfig, weak_membership: bool = False, cross_year:
     weak = (f"{WEAK_MEMBERSHIP.format(m='a')} or {WEAK_MEMBERSHIP.format(m='c')}"
             if weak_membership else "false")
     cross = _cross_year_sql(cfg) if cross_year else """,
-        xyear as (select null::varchar parent_key, null::varchar child_key, 0.0 cross_weight where false)"""
+        xyear as (select parent_key, child_key, 0.0 cross_weight from j0 where false)"""   # keys typed as the caller's
     return _person_birth_sql() + f"""
         create or replace table parent_child as
         with claim as (select claim_tok, year, person_key, bu_role, birth_year from records_linked
