@@ -374,6 +374,9 @@ def test_the_parents_partner_in_the_year_before_the_birth_is_a_parent():
     pc = _pc(con)
     assert pc[("dad", "baby")] == pytest.approx(1 - math.exp(-BIRTH_PARTNER_WEIGHT), abs=1e-3)
     assert ("mum", "baby") in pc
+    # left during the pregnancy: with mum two years before the birth, elsewhere the year before
+    con, _, _ = _run(rows({2009, 2010}))
+    assert ("dad", "baby") in _pc(con)
     # left three years before the birth and living elsewhere since: not evidence
     con, _, _ = _run(rows({2009}))
     assert ("dad", "baby") not in _pc(con)

@@ -50,7 +50,7 @@ placed that year by a postcode alone or by other years, on one record and no cla
 together 0.65, and both together over several years approach 1. Evidence across years adds to
 the exponent (:func:`_cross_year_sql`): 0.7 for an adult and a dependant of one benefit unit on
 different claims, 0.5 for spells at one address that interleave without a year observed together,
-0.7 for the partner of the child's parent in the year before the birth.
+0.7 for the partner of the child's parent just before the birth.
 """
 
 from __future__ import annotations
@@ -262,7 +262,7 @@ WEAK_MEMBERSHIP = ("(not {m}.on_claim and {m}.address_evidence != 'address' and 
 # weights of the evidence across years (added to the parent-child score's exponent)
 UNIT_WEIGHT = 0.7            # adult and dependant of one benefit unit on different claims
 SPELL_WEIGHT = 0.5           # recorded at one address in interleaved years, never in the same year
-BIRTH_PARTNER_WEIGHT = 0.7   # the partner of the child's parent in the year before the birth
+BIRTH_PARTNER_WEIGHT = 0.7   # the partner of the child's parent in the years just before the birth
 
 
 def _cross_year_sql(cfg: LinkConfig) -> str:
@@ -279,10 +279,12 @@ def _cross_year_sql(cfg: LinkConfig) -> str:
       moving into a flat someone left is not evidence, nor is crossing only in the year one
       arrives and the other leaves (one of the two records may be stale);
     * **birth partner**: the child's parent (a same-year relation) lived with an adult of
-      about their age (within ``parent_min_age_gap`` years) in the year before the child's
-      birth or that year, or in the three years before when the adult is not observed
-      anywhere after that until the birth, and nobody else of that age lived with the
-      parent in between: the parent's partner at the birth (who left before the child was recorded).
+      about their age (within ``parent_min_age_gap`` years) in the birth year or one of the
+      two years before (records are yearly: a partner who left during the pregnancy is
+      recorded elsewhere the year before the birth), or in the three years before when the
+      adult is not observed anywhere after that until the birth, and nobody else of that age
+      lived with the parent in between: the parent's partner at the conception, who left
+      before the child was recorded.
     """
     gap = f"{cfg.parent_min_age_gap} and {cfg.parent_max_age_gap}"
     return f""",
@@ -327,7 +329,7 @@ def _cross_year_sql(cfg: LinkConfig) -> str:
                group by all),
         birth_partner as (
             select partner_key parent_key, child_key from bp b
-            where (last_year >= child_birth - 1 or not exists (
+            where (last_year >= child_birth - 2 or not exists (
                        select 1 from households o where o.person_key = b.partner_key
                           and o.year > b.last_year and o.year <= b.child_birth))
               and not exists (select 1 from partner_year z where z.parent_key = b.parent_key
