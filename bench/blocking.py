@@ -1,0 +1,238 @@
+"""Blocking growth: comparisons per prediction blocking rule of ``hhlink link`` at 100k and 1M persons.
+
+For the synthetic population (``hhlink generate``, seed fixed) at each size, the workspace is
+built for real (generate, ingest, pseudonymise) unless it already holds pseudonymised
+identifiers under the given key; then the identities ``hhlink link`` compares are built
+exactly as the link stage builds them, and for every rule of the main model
+(:data:`linkage.link.model.PREDICTION_BLOCKS`) Splink's own
+``count_comparisons_from_blocking_rules`` gives the comparisons the rule adds (marginal: not
+already made by an earlier rule) and the running total - what prediction would score,
+without scoring anything. Beside them: the share of identities (and of records) that no rule
+pairs with any other identity (``linkage.link.stage.uncompared``), and the growth ratio of
+each count from 100k to 1M persons beside the linear expectation (10x). Nothing is trained
+or predicted.
+
+Building 1M persons takes about ten minutes of both cores; on a shared machine run it
+niced with few threads (``--threads 1``) in the background.
+
+Usage:
+    python -m bench.blocking --workspace 100000=/tmp/w100k=/tmp/k100/k.key \\
+                             --workspace 1000000=/tmp/w1m=/tmp/k1m/k.key      # writes bench/results/blocking.{md,json}
+    python -m bench.blocking --build 1000000=/tmp/w1m=/tmp/k1m/k.key --threads 1   # only build a workspace
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SEED = 42
+LINEAR = 10.0      # 100k -> 1M persons: a linearly growing count grows tenfold
+
+
+def _spec(text: str) -> tuple[int, Path, Path]:
+    size, ws, key = text.split("=")
+    return int(size), Path(ws), Path(key)
+
+
+def _config(size: int, threads: int):
+    from linkage.config import load_config
+
+    return load_config(generate={"persons": size, "seed": SEED},
+                       ingest={"data_docs": False, "threads": threads},
+                       link={"threads": threads, "memory_limit": "6GB"})
+
+
+def _check_workspace(size: int, root: Path, key) -> None:
+    """Refuse a workspace built for another size or seed, or under another key."""
+    planted = json.loads((root / "truth" / "planted.json").read_text())["generator_config"]
+    if (planted.get("persons"), planted.get("seed")) != (size, SEED):
+        raise SystemExit(f"{root}: built for {planted.get('persons')} persons, seed {planted.get('seed')}; "
+                         f"wanted {size}, seed {SEED}")
+    meta = json.loads((root / "pseudonymised" / "metadata.json").read_text())
+    if meta.get("key_fingerprint") != key.fingerprint:
+        raise SystemExit(f"{root}: pseudonymised under another key (fingerprint {meta.get('key_fingerprint')})")
+
+
+def build(size: int, root: Path, key_file: Path, threads: int) -> dict:
+    """Generate, ingest and pseudonymise ``size`` persons into ``root`` (skipped where already done)."""
+    from linkage.keys import load_master_key
+    from linkage.stages import run_stage
+
+    if not key_file.exists():
+        key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        subprocess.run([sys.executable, "-m", "linkage.cli", "keys", "init", "--key-file", str(key_file)],
+                       check=True, capture_output=True)
+    key = load_master_key(key_file)
+    cfg = _config(size, threads)
+    seconds = {}
+    done = {"generate": (root / "truth" / "planted.json").exists(),
+            "ingest": (root / "staged" / "manifest.json").exists(),
+            "pseudonymise": any((root / "pseudonymised" / "identifiers").glob("*.parquet"))}
+    if not done["pseudonymise"]:
+        for stage in (s for s in ("generate", "ingest", "pseudonymise") if not done[s]):
+            t = time.perf_counter()
+            run_stage(stage, cfg, root, key=key if stage == "pseudonymise" else None)
+            seconds[stage] = round(time.perf_counter() - t, 1)
+            print(f"  {size:,} persons: {stage} {seconds[stage]} s", flush=True)
+    _check_workspace(size, root, key)
+    return seconds
+
+
+def _load_identifiers(con, root: Path, key) -> None:
+    """Table ``identifiers_in``: every identifiers file decrypted into DuckDB, batch by batch where the store can.
+
+    At 1M persons the whole zone as one Arrow table (``read_identifiers``) would take tens of GB.
+    """
+    from linkage.pseudonymise import store
+
+    for i, path in enumerate(store.zone_files(root, "identifiers")):
+        if hasattr(store, "batches_encrypted"):
+            con.register("_batches", store.batches_encrypted(path, key, "identifiers"))
+        else:
+            con.register("_batches", store.read_encrypted(path, key, "identifiers"))
+        con.execute(f"{'create table identifiers_in as' if i == 0 else 'insert into identifiers_in by name'} "
+                    "select * from _batches")
+        con.unregister("_batches")
+
+
+def count(size: int, root: Path, key_file: Path, threads: int) -> dict:
+    """Comparisons per prediction blocking rule and the identities no rule compares, for one workspace."""
+    from splink import DuckDBAPI
+    from splink.blocking_analysis import count_comparisons_from_blocking_rules
+
+    from linkage.db import connect
+    from linkage.db import quote_literal as lit
+    from linkage.keys import load_master_key
+    from linkage.link.model import PREDICTION_BLOCKS, rule_creator, rule_label
+    from linkage.link.stage import identities_sql, uncompared
+    from linkage.schemas import SOURCES
+
+    key = load_master_key(key_file)
+    _check_workspace(size, root, key)
+    cfg = _config(size, threads)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="blocking-", dir=root) as tmp:
+        con = connect(cfg.link, spill=Path(tmp), preserve_insertion_order=False)
+        _load_identifiers(con, root, key)
+        con.execute(identities_sql("identifiers_in"))     # the link stage's identities, as it builds them
+        con.execute("drop table identifiers_in")
+        identities, records = con.execute("select count(*), sum(n_records) from identities").fetchall()[0]
+        db_api = DuckDBAPI(connection=con)
+        sdfs = []
+        for source in SOURCES:
+            con.execute(f"create or replace table ids_{source} as select * from identities where source = {lit(source)}")
+            sdfs.append(db_api.register(f"ids_{source}", dataset_display_name=source))
+        t = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            # every record, no sample: exact counts at both sizes
+            counted = count_comparisons_from_blocking_rules(
+                sdfs, blocking_rules=[rule_creator(r) for r in PREDICTION_BLOCKS], link_type="link_and_dedupe",
+                record_sample_proportion=1.0)
+        count_seconds = round(time.perf_counter() - t, 1)
+        alone = uncompared(con)
+        con.close()
+    rules = [{"rule": rule_label(r), "marginal": int(c["marginal_comparison_count"]),
+              "cumulative": int(c["cumulative_comparison_count"])} for r, c in zip(PREDICTION_BLOCKS, counted)]
+    return {"persons": size, "records": int(records), "identities": int(identities), "rules": rules,
+            "comparisons": rules[-1]["cumulative"] if rules else 0, "uncompared": alone,
+            "count_seconds": count_seconds, "seconds": round(time.perf_counter() - t0, 1),
+            "peak_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)}
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(b / a, 2) if a else None
+
+
+def growth(small: dict, large: dict) -> dict:
+    """Each count's ratio from the smaller size to the larger, beside the linear expectation."""
+    scale = large["persons"] / small["persons"]
+    rules = []
+    for a, b in zip(small["rules"], large["rules"]):
+        rules.append({"rule": a["rule"], "marginal_ratio": _ratio(a["marginal"], b["marginal"]),
+                      "cumulative_ratio": _ratio(a["cumulative"], b["cumulative"])})
+    return {"persons_ratio": scale, "identities_ratio": _ratio(small["identities"], large["identities"]),
+            "comparisons_ratio": _ratio(small["comparisons"], large["comparisons"]),
+            "comparisons_per_identity": [round(small["comparisons"] / small["identities"], 2),
+                                         round(large["comparisons"] / large["identities"], 2)],
+            "rules": rules}
+
+
+def markdown(results: dict) -> str:
+    sizes = results["sizes"]
+    head = " | ".join(f"{s['persons']:,}: marginal | cumulative" for s in sizes)
+    ratio_head = " | growth (marginal)" if results.get("growth") else ""
+    lines = [f"| rule | {head}{ratio_head} |", "|---|" + "---:|" * (2 * len(sizes) + bool(ratio_head))]
+    for i, rule in enumerate(sizes[0]["rules"]):
+        cells = " | ".join(f"{s['rules'][i]['marginal']:,} | {s['rules'][i]['cumulative']:,}" for s in sizes)
+        ratio = ""
+        if results.get("growth"):
+            r = results["growth"]["rules"][i]["marginal_ratio"]
+            ratio = f" | {r}x" if r is not None else " | -"
+        lines.append(f"| `{rule['rule']}` | {cells}{ratio} |")
+    summary = ["| persons | records | identities | comparisons | per identity | identities no rule compares "
+               "(share) | records' share | count seconds | peak GB |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in sizes:
+        u = s["uncompared"]
+        summary.append(f"| {s['persons']:,} | {s['records']:,} | {s['identities']:,} | {s['comparisons']:,} | "
+                       f"{s['comparisons'] / s['identities']:.2f} | {u['identities_no_rule_compares']:,} "
+                       f"({u['identities_share']:.4%}) | {u['records_share']:.4%} | {s['count_seconds']} | "
+                       f"{s['peak_gb']} |")
+    text = ["# Blocking growth: comparisons per prediction rule of `hhlink link`", "",
+            f"Measured {results['when']} with `python -m bench.blocking` on the synthetic population (seed {SEED}), "
+            "after generate, ingest and pseudonymise. Counts are Splink's `count_comparisons_from_blocking_rules` "
+            "on every identity (no sample): marginal = comparisons a rule adds beyond the rules above it, "
+            "cumulative = all comparisons so far. Nothing is trained or scored. \"No rule compares\" counts "
+            "identities no rule pairs with any other (an upper bound: the swapped-names rule is not counted).",
+            "", *summary, "", *lines]
+    g = results.get("growth")
+    if g:
+        text += ["", f"Growth from {sizes[0]['persons']:,} to {sizes[-1]['persons']:,} persons "
+                 f"({g['persons_ratio']:.0f}x; identities {g['identities_ratio']}x): comparisons "
+                 f"{g['comparisons_ratio']}x against the linear expectation of {LINEAR:.0f}x; comparisons per "
+                 f"identity {g['comparisons_per_identity'][0]} -> {g['comparisons_per_identity'][1]}."]
+    return "\n".join(text) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workspace", action="append", default=[], metavar="PERSONS=FOLDER=KEY_FILE",
+                    help="a size, its workspace and key file (built if it holds no pseudonymised identifiers)")
+    ap.add_argument("--build", metavar="PERSONS=FOLDER=KEY_FILE", help="only build this workspace, then exit")
+    ap.add_argument("--threads", type=int, default=1, help="DuckDB threads (default 1: the machine is shared)")
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    args = ap.parse_args(argv)
+    if args.build:
+        print(json.dumps(build(*_spec(args.build), args.threads)))
+        return 0
+    if not args.workspace:
+        ap.error("give --workspace PERSONS=FOLDER=KEY_FILE (one per size)")
+    sizes = []
+    for spec in sorted(args.workspace, key=lambda s: _spec(s)[0]):
+        size, root, key_file = _spec(spec)
+        build(size, root, key_file, args.threads)
+        print(f"counting {size:,} persons ...", flush=True)
+        sizes.append(count(size, root, key_file, args.threads))
+    results = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cores": os.cpu_count(),
+               "threads": args.threads, "sizes": sizes,
+               "growth": growth(sizes[0], sizes[-1]) if len(sizes) > 1 else None, "linear_expectation": LINEAR}
+    print(markdown(results))
+    if not args.no_write:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "blocking.json").write_text(json.dumps(results, indent=2))
+        (RESULTS / "blocking.md").write_text(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
