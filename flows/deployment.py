@@ -1,4 +1,8 @@
-"""The monthly deployment of ``household-linkage``, served by this process (``hhlink schedule``).
+"""The monthly deployment of ``monthly-release``, served by this process (``hhlink schedule``).
+
+Each run makes at most one release from what arrived since the last one
+(:mod:`flows.monthly_release`): it runs every stage and records the release in
+``releases.jsonl``.
 
 Serving needs a Prefect server that outlives the process (schedules live there): start
 one with ``prefect server start --host 127.0.0.1`` and set
@@ -21,14 +25,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from linkage.config import DEFAULT_CONFIG_PATH, Config
-from flows.household_linkage import household_linkage_flow
+from flows.monthly_release import monthly_release_flow
 
 __all__ = ["monthly_deployment", "serve_monthly"]
 
 
 def monthly_deployment(workspace: Path | str, config: Config, config_path: Path | str | None = None,
                        key_file: Path | str | None = None):
-    """The ``household-linkage/<flow.deployment>`` deployment with its cron schedule.
+    """The ``monthly-release/<flow.deployment>`` deployment with its cron schedule.
 
     Args:
         workspace: the workspace each run works in (made absolute).
@@ -49,10 +53,11 @@ def monthly_deployment(workspace: Path | str, config: Config, config_path: Path 
                   "config_path": str(Path(config_path or read_from).resolve())}
     if key_file is not None:
         parameters["key_file"] = str(Path(key_file).resolve())
-    return household_linkage_flow.to_deployment(
+    return monthly_release_flow.to_deployment(
         name=f.deployment, schedules=[Cron(f.schedule, timezone=f.timezone)], parameters=parameters,
-        description=f"hhlink: every stage on {parameters['workspace']}, monthly ({f.schedule}, {f.timezone}); "
-                    "stops before publishing when a quality gate fails.",
+        description=f"hhlink: one release a run from what arrived since the last, every stage on "
+                    f"{parameters['workspace']}, monthly ({f.schedule}, {f.timezone}); stops before publishing "
+                    "when a quality gate fails.",
         tags=["hhlink"])
 
 

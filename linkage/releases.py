@@ -1,4 +1,16 @@
-"""Stable keys across releases: carry the previous release's keys onto a new clustering.
+"""Releases: stable keys carried from one release to the next, and the ledger of releases.
+
+**The ledger** (``DIR/releases.jsonl``, one JSON object per release, oldest first) records
+what each release was made of and what it changed: its number, when, the landing files
+ingested for it (name, source, SHA-256, rows read, staged and quarantined), its counts
+(records, persons, household-years, published tables), its key changes and the model that
+scored it (fingerprint, reused or trained, largest drift). :func:`unreleased_files` lists
+the landing files no release holds yet; :func:`record_release` appends the release made
+from them (nothing when there are none, so recording twice is harmless);
+:func:`read_releases` reads the ledger for the portal's runs page. It holds counts and file
+names only, never a record value or a key.
+
+**Stable keys.** Carry the previous release's keys onto a new clustering.
 
 A release's persons (or households) are clusters of records. When the next release is
 linked, a researcher needs each person to keep its key unless the evidence really
@@ -35,11 +47,18 @@ Example:
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import duckdb
 
-__all__ = ["carry_keys", "key_changes"]
+from linkage.errors import HhlinkError
+
+__all__ = ["LEDGER", "carry_keys", "key_changes", "read_releases", "record_release", "unreleased_files"]
+
+LEDGER = "releases.jsonl"
 
 
 def carry_keys(con: duckdb.DuckDBPyConnection, previous: str, current: str,
@@ -140,3 +159,90 @@ def key_changes(con: duckdb.DuckDBPyConnection, previous: str, current: str, key
         where p.key not in (select old_key from flow) group by p.key
     """)
     return out
+
+
+# --- the ledger of releases ------------------------------------------------------------------
+
+
+def read_releases(workspace: Path | str) -> list[dict]:
+    """Every recorded release, oldest first (``[]`` before the first).
+
+    Raises:
+        HhlinkError: a line of the ledger is not JSON (named by its line number).
+    """
+    path = Path(workspace) / LEDGER
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for i, line in enumerate(lines, 1):
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            raise HhlinkError(f"{path}: line {i} is not a JSON release entry; restore the ledger") from None
+    return out
+
+
+def unreleased_files(workspace: Path | str) -> list[str]:
+    """Names of the files in ``landing/`` that no recorded release holds, sorted."""
+    released = {f["name"] for r in read_releases(workspace) for f in r.get("files", [])}
+    landing = Path(workspace) / "landing"
+    names = sorted(p.name for p in landing.iterdir() if p.is_file() and not p.name.startswith(".")) \
+        if landing.is_dir() else []
+    return [n for n in names if n not in released]
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def record_release(workspace: Path | str, run: str | None = None) -> dict | None:
+    """Append the release just made from the unreleased landing files to ``releases.jsonl``.
+
+    Call it once the release is published (after ``disclose``). The files are those of
+    ``staged/manifest.json`` not in an earlier release; the counts, key changes and model
+    come from ``linked/summary.json`` and ``published/index.json``.
+
+    Args:
+        workspace: the workspace folder.
+        run: an identifier of the run that made the release (e.g. the Prefect flow run id).
+
+    Returns:
+        The entry recorded, or None when every ingested file is already in a release.
+    """
+    from linkage.workspace import atomic_path
+
+    ws = Path(workspace)
+    releases = read_releases(ws)
+    released = {f["name"] for r in releases for f in r.get("files", [])}
+    manifest = _json(ws / "staged" / "manifest.json").get("files", [])
+    files = [{"name": f["file"], "source": f.get("source"), "sha256": f.get("sha256"), "rows_read": f.get("rows_read"),
+              "rows_staged": f.get("rows_staged"), "rows_quarantined": f.get("rows_quarantined")}
+             for f in manifest if f.get("file") not in released]
+    if not files:
+        return None
+    linked = _json(ws / "linked" / "summary.json")
+    model = linked.get("model") or {}
+    drift = linked.get("drift") or {}
+    largest = drift.get("largest") or {}
+    entry = {
+        "release": len(releases) + 1,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "run": run,
+        "files": sorted(files, key=lambda f: f["name"]),
+        "counts": {"records": linked.get("records"), "persons": linked.get("persons"),
+                   "household_years": linked.get("household_years"),
+                   "published_tables": len(_json(ws / "published" / "index.json").get("tables", []))},
+        "key_changes": linked.get("key_changes"),
+        "model": {"fingerprint": model.get("fingerprint"), "mode": model.get("mode"),
+                  "largest_drift": largest.get("drift"),
+                  "drift_level": f"{largest['comparison']}: {largest['level']}" if largest else None},
+    }
+    with atomic_path(ws / LEDGER) as tmp:
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in [*releases, entry]))
+    return entry

@@ -1,4 +1,4 @@
-"""``hhlink schedule``: serve the monthly ``household-linkage`` deployment from this process."""
+"""``hhlink schedule``: serve the monthly ``monthly-release`` deployment from this process."""
 
 from __future__ import annotations
 
@@ -18,9 +18,11 @@ from linkage.errors import HhlinkError
 @click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help=KEY_FILE_HELP + " Only the path is stored in the deployment, never the key.")
 def schedule_command(workspace: Path, config_path: Path | None, key_file: Path | None) -> None:
-    """Serve 'household-linkage' on DIR on the [flow] cron schedule (monthly) until stopped.
+    """Serve 'monthly-release' on DIR on the [flow] cron schedule (monthly) until stopped.
 
-    Registers the deployment household-linkage/<flow.deployment> with the cron schedule and
+    Each run makes one release from what arrived since the last (every stage, then the
+    release recorded in DIR/releases.jsonl and shown on the portal's runs page).
+    Registers the deployment monthly-release/<flow.deployment> with the cron schedule and
     time zone in hhlink.toml's [flow] section, then runs its scheduled (and manually
     triggered) flow runs in this process; Ctrl-C stops serving and pauses the schedule.
     Each run reads the config file afresh and the key from this process's environment.
@@ -47,6 +49,6 @@ def schedule_command(workspace: Path, config_path: Path | None, key_file: Path |
     from flows.deployment import serve_monthly
 
     f = cfg.flow
-    click.echo(f"serving household-linkage/{f.deployment} on {workspace.resolve()}: cron '{f.schedule}' "
+    click.echo(f"serving monthly-release/{f.deployment} on {workspace.resolve()}: cron '{f.schedule}' "
                f"({f.timezone}); Ctrl-C to stop")
     serve_monthly(workspace, cfg, config_path, key_file)

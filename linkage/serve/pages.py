@@ -428,8 +428,20 @@ async def audit_verify(request: Request, me: PageUser = Depends(auditor)):
 async def runs(request: Request, me: PageUser = Depends(engineer)):
     portal = _portal(request)
     stages = run_status(portal.workspace)
+    releases = await run_in_threadpool(_releases, portal.workspace)
     portal.record(request, me.user, "runs.view", {"via": "page"})
-    return portal.render(request, "runs.html", title="Run status", stages=stages)
+    return portal.render(request, "runs.html", title="Run status", stages=stages, releases=releases)
+
+
+def _releases(workspace) -> list[dict] | str:
+    """The recorded releases, newest first, or the ledger's one-line problem."""
+    from linkage.errors import HhlinkError
+    from linkage.releases import read_releases
+
+    try:
+        return read_releases(workspace)[::-1]
+    except HhlinkError as exc:
+        return str(exc)
 
 
 @router.get("/quarantine")

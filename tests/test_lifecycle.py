@@ -1,0 +1,218 @@
+"""Model lifecycle and monthly releases (issue 19 items 4-5), on real DuckDB, Splink, Prefect and the portal.
+
+One 1,000-person population with its last three deliveries held back is linked once (the
+model is trained and stored); each test works on a copy. Drift is made real: the same
+population generated with higher error rates delivers the months instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bench.drift import DRIFTED, land_drifted
+from linkage.config import load_config
+from linkage.stages import run_stage
+from synthetic_data import generate_population
+from synthetic_data.deliveries import deliver_next, pending
+
+KEY = "7c" * 32
+PERSONS, SEED, N = 1000, 3, 3
+
+
+def _config(**generate):
+    # small samples and no sensitivity re-clustering: what these tests check is the releases, not them
+    return load_config(generate={"persons": PERSONS, "seed": SEED, "deliveries": N, **generate},
+                       ingest={"data_docs": False}, link={"u_max_pairs": 3e5, "em_max_pairs": 3e5},
+                       assemble={"data_docs": False, "bootstrap_replicates": 20, "sensitivity_thresholds": []})
+
+
+@pytest.fixture(scope="module")
+def key():
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HHLINK_KEY", KEY)
+    yield KEY
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def first_release(key, tmp_path_factory):
+    """The history linked once: (config, workspace, link summary)."""
+    cfg = _config()
+    ws = tmp_path_factory.mktemp("lifecycle") / "ws"
+    generate_population(cfg.generate, ws)
+    for stage in ("ingest", "pseudonymise", "link"):
+        summary = run_stage(stage, cfg, ws)
+    return cfg, ws, summary
+
+
+def _copy(ws: Path, dest: Path) -> Path:
+    shutil.copytree(ws, dest)
+    return dest
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- model lifecycle (item 4) ----------------------------------------------------------------
+
+
+def test_the_first_release_trains_and_stores_the_model_with_its_fingerprint(first_release):
+    _, ws, summary = first_release
+    model = summary["model"]
+    assert model["mode"] == "trained" and model["previous_fingerprint"] is None
+    current = json.loads((ws / "linked" / "models" / "current.json").read_text())
+    assert current["fingerprint"] == model["fingerprint"] == _sha(ws / "linked" / "model.json")[:16]
+    assert (ws / "linked" / "models" / f"{model['fingerprint']}.json").read_bytes() == \
+        (ws / "linked" / "model.json").read_bytes()
+    assert current["trained_on"]["records"] == summary["records"] and current["reason"] == "no stored model"
+    # the training data's profile is the baseline of every later release's drift
+    assert set(current["profile"]) == {"m", "u", "records_matched"} and current["profile"]["m"]
+    assert summary["drift"] is None
+
+
+def test_a_delivery_reuses_the_stored_model_and_reports_drift_within_the_bound(first_release, tmp_path):
+    cfg, root, first = first_release
+    ws = _copy(root, tmp_path / "ws")
+    while deliver_next(ws):
+        pass
+    for stage in ("ingest", "pseudonymise", "link"):
+        summary = run_stage(stage, cfg, ws)
+    model, drift = summary["model"], summary["drift"]
+    assert model["mode"] == "reused" and model["fingerprint"] == first["model"]["fingerprint"]
+    # linked/model.json is the stored file byte for byte: nothing was re-estimated
+    assert (ws / "linked" / "model.json").read_bytes() == (root / "linked" / "model.json").read_bytes()
+    assert summary["training_seconds"] < first["training_seconds"]
+    # judged on enough matches, within the default bound
+    assert drift["gate"]["judged"] and drift["gate"]["passed"]
+    assert drift["matched_pairs"] >= cfg.link.drift_min_pairs and drift["largest"]["drift"] <= cfg.link.max_drift
+    assert 0 < drift["new_identities"] < summary["identities"]
+    # per level: the model's m and u beside the shares at training and now
+    forename = {r["level"]: r for r in drift["levels"] if r["comparison"] == "forename"}
+    exact = forename["Exact match on fn_tok"]
+    assert exact["model_m"] > 0.5 and exact["model_u"] < 0.01 and 0.5 < exact["m_now"] <= 1
+    assert abs(exact["m_now"] - exact["m_at_training"]) <= cfg.link.max_drift
+    assert 0.8 < drift["records_matched"]["now"] <= 1 and 0.8 < drift["records_matched"]["at_training"] <= 1
+    # and the linkage report shows it
+    report = json.loads((ws / "reports" / "linkage" / "report.json").read_text())
+    assert report["model"]["mode"] == "reused" and report["drift"]["levels"] == drift["levels"]
+    html = (ws / "reports" / "linkage" / "report.html").read_text()
+    assert "Model and drift since it was trained" in html and model["fingerprint"] in html
+
+
+def test_drifted_data_stops_the_release_naming_the_level_and_retrain_is_deliberate_and_audited(
+        first_release, tmp_path, run_cli):
+    cfg, root, first = first_release
+    ws = _copy(root, tmp_path / "ws")
+    # a department's data entry got worse: many more typos, nicknames and mistyped NINOs and postcodes
+    land_drifted(cfg.generate, DRIFTED, ws / "landing", tmp_path / "drifted")
+    for stage in ("ingest", "pseudonymise"):
+        run_stage(stage, cfg, ws)
+    before = {p.name: _sha(p) for p in (ws / "linked").glob("*") if p.is_file()}
+    args = ("--workspace", str(ws), "--config", str(tmp_path / "lifecycle.toml"))
+    (tmp_path / "lifecycle.toml").write_text('[link]\nu_max_pairs = 3e5\nem_max_pairs = 3e5\n')
+
+    code, out, err = run_cli("link", *args)
+    assert code == 2, err
+    line = err.strip()
+    assert len(line.splitlines()) == 1 and "Traceback" not in err
+    m = re.match(r"error: drift gate: comparison '(\w+)' level '([^']+)' moved from ([\d.]+) to ([\d.]+) .*"
+                 r"drift ([\d.]+) > link.max_drift 0.2\)", line)
+    assert m, line
+    # the release is stopped: linked/ is the previous release's, file for file
+    assert {p.name: _sha(p) for p in (ws / "linked").glob("*") if p.is_file()} == before
+    drift = json.loads((ws / "reports" / "linkage" / "drift.json").read_text())["drift"]
+    assert not drift["gate"]["passed"] and drift["largest"]["comparison"] == m.group(1)
+    assert drift["largest"]["level"] == m.group(2) and float(m.group(5)) > 0.2
+    # the names' typos show: fewer exact forename agreements among the delivery's matches
+    exact = next(r for r in drift["levels"] if r["comparison"] == "forename" and r["level"] == "Exact match on fn_tok")
+    assert exact["m_now"] < exact["m_at_training"] - 0.1
+
+    # retraining is the deliberate way on: a new model, stored beside the old, in the audit log
+    code, out, err = run_cli("link", "--retrain", *args)
+    assert code == 0, err
+    summary = json.loads((ws / "linked" / "summary.json").read_text())
+    assert summary["model"]["mode"] == "retrained"
+    assert summary["model"]["previous_fingerprint"] == first["model"]["fingerprint"] != summary["model"]["fingerprint"]
+    assert summary["drift"]["gate"]["judged"] is False      # shown against the replaced model, not gated
+    store = ws / "linked" / "models"
+    current = json.loads((store / "current.json").read_text())
+    assert [h["reason"] for h in current["history"]] == ["no stored model", "retrain requested"]
+    assert {p.name for p in store.glob("*.json")} == {"current.json", *(f"{h['fingerprint']}.json" for h in current["history"])}
+    assert f"model {summary['model']['fingerprint']} retrained" in out
+    log = [json.loads(line) for line in (ws / "audit" / "log.jsonl").read_text().splitlines()]
+    assert [(e["action"], e["outcome"]) for e in log] == [("link.drift_gate", "refused"), ("link.model_retrained", "ok")]
+    assert log[1]["params"] == {"fingerprint": summary["model"]["fingerprint"],
+                                "previous_fingerprint": first["model"]["fingerprint"]}
+    code, out, err = run_cli("audit", "verify", "--workspace", str(ws))
+    assert code == 0, out + err
+
+
+# --- monthly releases (item 5) -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prefect_server(key):
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+def test_the_monthly_flow_makes_one_release_per_run_and_the_runs_page_shows_them(prefect_server, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from flows.monthly_release import monthly_release_flow, take_deliveries
+    from linkage.keys import MasterKey
+    from linkage.releases import read_releases, unreleased_files
+    from linkage.serve import UserStore, create_app
+
+    cfg = _config()
+    ws = tmp_path / "ws"
+    generate_population(cfg.generate, ws)
+    shutil.rmtree(ws / "truth")    # as with real deliveries: no evaluation stage, which has its own tests
+    index = json.loads((ws / "deliveries" / "index.json").read_text())["deliveries"]
+
+    # run 1: the history waits in landing/, so no delivery lands; run 2: exactly one lands
+    first = monthly_release_flow(str(ws), cfg)
+    assert first["delivered"] is None and first["release"]["release"] == 1 and len(pending(ws)) == N
+    second = monthly_release_flow(str(ws), cfg)
+    assert second["delivered"] == index[0]["month"] and len(pending(ws)) == N - 1
+    releases = read_releases(ws)
+    assert [r["release"] for r in releases] == [1, 2]
+    assert [f["name"] for f in releases[1]["files"]] == sorted(f["name"] for f in index[0]["files"])
+    assert {f["name"] for f in releases[0]["files"]} == {"education.csv", "benefits.csv", "earnings.csv"}
+    assert {f["name"]: f["rows_staged"] for f in releases[1]["files"]} == {f["name"]: f["rows"] for f in index[0]["files"]}
+    assert releases[0]["model"]["mode"] == "trained" and releases[1]["model"]["mode"] == "reused"
+    assert releases[1]["model"]["fingerprint"] == releases[0]["model"]["fingerprint"]
+    assert releases[0]["key_changes"]["first_release"] and not releases[1]["key_changes"]["first_release"]
+    assert releases[1]["counts"]["persons"] >= releases[0]["counts"]["persons"] > 0
+    assert releases[1]["counts"]["published_tables"] > 0
+    assert unreleased_files(ws) == []
+
+    # a run killed after landing a delivery lands no second one when it starts again
+    assert take_deliveries.fn(str(ws))["delivered"] == index[1]["month"]
+    again = take_deliveries.fn(str(ws))
+    assert again["delivered"] is None and again["files"] == sorted(f["name"] for f in index[1]["files"])
+    assert len(pending(ws)) == N - 2
+
+    # the runs page lists both releases, newest first, with their files, counts, key changes and model
+    token = UserStore(ws).add("eng", "engineer")
+    with TestClient(create_app(ws, cfg, key=MasterKey(bytes.fromhex(KEY), "test")), follow_redirects=False) as client:
+        form = client.get("/login")
+        csrf = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)
+        assert client.post("/login", data={"token": token, "csrf": csrf, "next": ""}).status_code == 303
+        page = client.get("/runs")
+    assert page.status_code == 200
+    html = page.text
+    assert html.index("<td>2</td>") < html.index("<td>1</td>")
+    for name in (f["name"] for r in releases for f in r["files"]):
+        assert f"<code>{name}</code>" in html
+    assert f"<code>{releases[0]['model']['fingerprint']}</code> reused" in html
+    assert f"new {releases[1]['key_changes']['new']}" in html and "first release" in html
