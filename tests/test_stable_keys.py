@@ -99,3 +99,39 @@ def test_a_delivery_keeps_the_keys_of_persons_it_does_not_touch(first_release, t
     assert not {v for r in research for v in r[1:3]} & linkage_keys
     people = set(read_research(ws, master, "person", ["person_id"]).column("person_id").to_pylist())
     assert {r[2] for r in research if r[0] == "merged"} <= people
+
+
+def _households(ws) -> dict[str, str]:
+    return dict(duckdb.execute(f"select person_key || ':' || year, household_key from '{ws}/linked/households.parquet'")
+                .fetchall())
+
+
+def test_household_keys_carry_over_and_every_change_is_listed(first_release, tmp_path):
+    cfg, root, summary = first_release
+    assert summary["household_key_changes"]["first_release"]
+    assert {c for (c,) in duckdb.execute(f"select change from '{root}/linked/household_key_changes.parquet'")
+            .fetchall()} == {"new"}
+    ws = tmp_path / "ws"
+    shutil.copytree(root, ws)
+    before = _households(ws)
+    from linkage.link.stage import link
+
+    # re-linking the same data: every household keeps its key
+    again = link(cfg, ws)
+    assert _households(ws) == before and again["household_key_changes"]["carried"] == len(set(before.values()))
+    # a delivery: a household whose person-years are all as before keeps its key; a changed key is listed
+    deliver_next(ws)
+    for stage in ("ingest", "pseudonymise", "link"):
+        run_stage(stage, cfg, ws)
+    after = _households(ws)
+    old_members: dict[str, set] = {}
+    for py, k in before.items():
+        old_members.setdefault(k, set()).add(py)
+    new_members: dict[str, set] = {}
+    for py, k in after.items():
+        new_members.setdefault(k, set()).add(py)
+    same = [k for k, m in old_members.items() if any(new_members.get(k2) == m for k2 in {after.get(p) for p in m})]
+    assert same and all(after[next(iter(old_members[k]))] == k for k in same)
+    listed = duckdb.execute(f"select old_key, new_key from '{ws}/linked/household_key_changes.parquet'").fetchall()
+    named = {k for pair in listed for k in pair if k is not None}
+    assert (set(old_members) ^ set(new_members)) <= named

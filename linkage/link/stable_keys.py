@@ -9,6 +9,11 @@ clusters that take none the key the first release would have given them
 split, new and retired key to ``linked/key_changes.parquet``. Re-linking the same data
 changes no key; a key rotation changes every ``unique_id``, so every key (and the change
 table says so).
+
+Household keys follow the same rule (:func:`household_keys`): a household is a cluster of
+person-years, so each of this release's households takes the previous household key it
+shares most person-years with (``person_key:year``), and every merge, split, new and retired
+household key goes to ``linked/household_key_changes.parquet``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import duckdb
 from linkage.db import path_literal, read_literal
 from linkage.releases import carry_keys, key_changes
 
-__all__ = ["person_keys"]
+__all__ = ["person_keys", "household_keys"]
 
 
 def _new_key(first: str) -> str:
@@ -59,3 +64,42 @@ def person_keys(con: duckdb.DuckDBPyConnection, previous: Path, out: Path) -> di
     con.execute("drop table _cur; drop table _prev; drop table _person_keys; drop table _key_changes")
     return {"key_changes": {"first_release": first, "carried": carried,
                             **{c: counts.get(c, 0) for c in ("merged", "split", "new", "retired")}}}
+
+
+def _new_household_key(first: str) -> str:
+    return "H" + hashlib.md5(first.encode()).hexdigest()[:16]
+
+
+def household_keys(con: duckdb.DuckDBPyConnection, previous: Path, out: Path) -> dict:
+    """Carry the previous release's household keys onto ``households`` and write ``out/household_key_changes.parquet``.
+
+    Args:
+        con: the link stage's connection, holding ``households`` (person_key, year,
+            household_key, ...) as :func:`linkage.link.households.assemble_households` built it;
+            its ``household_key`` is replaced in place.
+        previous: the previous release's ``linked/households.parquet`` (may be missing).
+        out: the folder being published as ``linked/``.
+
+    Returns:
+        ``{"household_key_changes": {"carried": n, "merged": n, "split": n, "new": n, "retired": n}}``.
+    """
+    con.execute("""create or replace temp table _hcur as
+                   select person_key || ':' || year as record, household_key as cluster from households""")
+    if previous.is_file():
+        con.execute(f"create or replace temp table _hprev as select person_key || ':' || year as record, "
+                    f"household_key as key from read_parquet({read_literal(previous)})")
+    else:
+        con.execute("create or replace temp table _hprev (record varchar, key varchar)")
+    keys = carry_keys(con, "_hprev", "_hcur", new_key=_new_household_key, out="_household_keys")
+    con.execute("""create or replace table households as
+                   select h.* replace (k.key as household_key)
+                   from households h join _household_keys k on k.cluster = h.household_key""")
+    changes = key_changes(con, "_hprev", "_hcur", keys, out="_household_key_changes")
+    con.execute(f"""copy (select change, old_key, new_key, records as person_years from {changes}
+                         order by change, old_key nulls first, new_key nulls first)
+                    to {path_literal(out / 'household_key_changes.parquet')} (compression zstd)""")
+    counts = dict(con.execute(f"select change, count(*) from {changes} group by 1").fetchall())
+    carried = con.execute(f"select count(*) from {keys} where carried").fetchone()[0]
+    con.execute("drop table _hcur; drop table _hprev; drop table _household_keys; drop table _household_key_changes")
+    return {"household_key_changes": {"first_release": not previous.is_file(), "carried": carried,
+                                      **{c: counts.get(c, 0) for c in ("merged", "split", "new", "retired")}}}

@@ -428,7 +428,7 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
             ``link.max_drift``; ``linked/`` is kept as it was.
     """
     from linkage.keys import load_master_key
-    from linkage.link.stable_keys import person_keys
+    from linkage.link.stable_keys import household_keys, person_keys
     from linkage.pseudonymise.store import read_identifiers, register
 
     ws = Workspace(workspace)
@@ -476,6 +476,8 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
                         to {path_literal(out / 'records.parquet')} (compression zstd)""")
         t_hh = time.perf_counter()
         summary.update(assemble_households(con, config.link))
+        # household keys carried over from the previous release by greatest overlap of person-years
+        summary.update(household_keys(con, ws.zone("linked") / "households.parquet", out))
         con.execute(f"copy households to {path_literal(out / 'households.parquet')} (compression zstd)")
         con.execute(f"copy parent_child to {path_literal(out / 'parent_child.parquet')} (compression zstd)")
         summary["households_seconds"] = round(time.perf_counter() - t_hh, 1)
