@@ -383,3 +383,17 @@ def test_the_parents_partner_in_the_year_before_the_birth_is_a_parent():
     # someone else lived with the mother between the partner leaving and the birth
     con, _, _ = _run(rows({2009, 2010}, step=True))
     assert ("dad", "baby") not in _pc(con) and ("step", "baby") in _pc(con)
+
+
+def test_parent_child_without_cross_year_evidence_keeps_the_callers_key_type():
+    # assemble's sensitivity variants call parent_child_sql alone, on integer person keys and a
+    # four-column households table
+    from linkage.link.households import parent_child_sql
+
+    con = duckdb.connect()
+    con.execute("""create table records_linked as select * from (values (1, 2010, 1980, 'c', 'claimant'),
+                   (2, 2010, 2005, 'c', 'dependant')) t(person_key, year, birth_year, claim_tok, bu_role)""")
+    con.execute("""create table households as select * from (values (1, 2010, 1980, 'H'), (2, 2010, 2005, 'H'))
+                   t(person_key, year, birth_year, household_key)""")
+    con.execute(parent_child_sql(LinkConfig()))
+    assert con.execute("select parent_key, child_key from parent_child").fetchall() == [(1, 2)]
