@@ -2,15 +2,22 @@
 
 One 1,000-person population with its last three deliveries held back is linked once (the
 model is trained and stored); each test works on a copy. Drift is made real: the same
-population generated with higher error rates delivers the months instead.
+population generated with higher error rates delivers the months instead. The monthly
+flow runs on a temporary Prefect server, in process and, to be killed with SIGKILL, in a
+process group of its own.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +29,7 @@ from synthetic_data import generate_population
 from synthetic_data.deliveries import deliver_next, pending
 
 KEY = "7c" * 32
+ROOT = Path(__file__).resolve().parents[1]
 PERSONS, SEED, N = 1000, 3, 3
 
 
@@ -159,10 +167,55 @@ def test_drifted_data_stops_the_release_naming_the_level_and_retrain_is_delibera
 
 @pytest.fixture(scope="module")
 def prefect_server(key):
+    """A temporary Prefect server for the module; yields its API URL."""
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=90):
-        yield
+        yield PREFECT_API_URL.value()
+
+
+def _release_process(ws: Path, config: Path, server: str) -> subprocess.Popen:
+    """One run of monthly-release in a process group of its own (so SIGKILL takes all of it)."""
+    code = ("import sys; from flows.monthly_release import monthly_release_flow; "
+            "r = monthly_release_flow(sys.argv[1], config_path=sys.argv[2]); "
+            "print((r['release'] or {}).get('release'), r['delivered'])")
+    return subprocess.Popen([sys.executable, "-c", code, str(ws), str(config)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
+                            env={**os.environ, "HHLINK_KEY": KEY, "PREFECT_API_URL": server})
+
+
+def test_a_release_killed_mid_link_resumes_and_lands_no_second_delivery(prefect_server, tmp_path):
+    from linkage.releases import read_releases
+
+    cfg = _config()
+    ws = tmp_path / "ws"
+    generate_population(cfg.generate, ws)
+    shutil.rmtree(ws / "truth")
+    config = tmp_path / "hhlink.toml"
+    config.write_text("[ingest]\ndata_docs = false\n[link]\nu_max_pairs = 3e5\nem_max_pairs = 3e5\n"
+                      "[assemble]\ndata_docs = false\nbootstrap_replicates = 20\nsensitivity_thresholds = []\n")
+    proc = _release_process(ws, config, prefect_server)
+    deadline = time.monotonic() + 600
+    while not list(ws.glob(".linked.tmp-*")):   # link has started building its zone
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "link never started"
+        time.sleep(0.2)
+    time.sleep(1.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    assert read_releases(ws) == [] and len(pending(ws)) == N
+
+    proc = _release_process(ws, config, prefect_server)
+    out, err = proc.communicate(timeout=1200)
+    assert proc.returncode == 0, err[-2000:]
+    # the history became release 1; no delivery landed, neither by the killed run nor by the rerun
+    assert out.split() == ["1", "None"]
+    releases = read_releases(ws)
+    assert len(releases) == 1 and {f["name"] for f in releases[0]["files"]} == {"education.csv", "benefits.csv",
+                                                                                 "earnings.csv"}
+    assert len(pending(ws)) == N and not list(ws.glob(".linked.tmp-*"))
+    assert (ws / "published" / "index.json").exists() and releases[0]["counts"]["published_tables"] > 0
 
 
 def test_the_monthly_flow_makes_one_release_per_run_and_the_runs_page_shows_them(prefect_server, tmp_path):
