@@ -10,7 +10,7 @@ request whose table would exceed ``service.max_cells`` cells is refused too. Eac
 are served from memory (cell-key perturbation gives them the same answer anyway).
 ``research/`` is encrypted at rest: its tables are decrypted with the portal's key once
 per file version and kept in memory (:func:`linkage.pseudonymise.store.read_research`),
-so a request does not decrypt.
+warmed in the background when the portal starts, so a request does not decrypt.
 
 Every request, answered or refused, is written to the audit log with its parameters and,
 when answered, its disclosure decisions: counts of cells by status and of the rules that
@@ -118,6 +118,17 @@ class Builder:
         self._results: dict[str, OrderedDict[str, TableView]] = {}
         self._sizes: tuple[tuple | None, dict[str, int]] = ((), {})
         self._used = self._quota_from_log()
+        # decrypt the research tables once, off the request path (later versions on first use)
+        threading.Thread(target=self._warm, name="research-warm", daemon=True).start()
+
+    def _warm(self) -> None:
+        from linkage.pseudonymise.store import read_research
+
+        for table in ("cohort", "person"):
+            try:
+                read_research(self.workspace, self.key, table)
+            except Exception:  # noqa: BLE001 - no research/ yet, or a key that cannot read it: a request says so
+                return
 
     # -- quota ---------------------------------------------------------------------------------
 
