@@ -196,6 +196,9 @@ def markdown(results: dict) -> str:
             "identities no rule pairs with any other (an upper bound: the swapped-names rule is not counted).",
             "", *summary, "", *lines]
     g = results.get("growth")
+    if not g:
+        text += ["", "One size only: the growth ratio (and its linear expectation, "
+                 f"{LINEAR:.0f}x from 100k to 1M persons) needs a second size."]
     if g:
         text += ["", f"Growth from {sizes[0]['persons']:,} to {sizes[-1]['persons']:,} persons "
                  f"({g['persons_ratio']:.0f}x; identities {g['identities_ratio']}x): comparisons "
