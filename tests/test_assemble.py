@@ -159,7 +159,7 @@ def test_research_files_are_unreadable_without_the_project_key(assembled):
     subkey (not the master key) reads it."""
     root, _, summary, _ = assembled
     files = sorted((root / "research").glob("*.parquet"))
-    assert {f.stem for f in files} == set(RESEARCH_TABLES) | {"key_changes"}
+    assert {f.stem for f in files} == set(RESEARCH_TABLES) | {"key_changes", "household_key_changes"}
     con = duckdb.connect()
     for f in files:
         assert is_encrypted(f), f.name

@@ -135,3 +135,16 @@ def test_household_keys_carry_over_and_every_change_is_listed(first_release, tmp
     listed = duckdb.execute(f"select old_key, new_key from '{ws}/linked/household_key_changes.parquet'").fetchall()
     named = {k for pair in listed for k in pair if k is not None}
     assert (set(old_members) ^ set(new_members)) <= named
+    # researchers get the household changes in their project's household ids, never a linkage key
+    run_stage("assemble", cfg, ws)
+    from linkage.keys import MasterKey
+    from linkage.pseudonymise.store import read_research
+
+    master = MasterKey(bytes.fromhex(KEY), "test")
+    research = read_research(ws, master, "household_key_changes").to_pylist()
+    assert len(research) == sum(1 for c, *_ in duckdb.execute(
+        f"select change from '{ws}/linked/household_key_changes.parquet' where change <> 'new'").fetchall())
+    ids = {r[k] for r in research for k in ("old_household_id", "new_household_id") if r[k] is not None}
+    assert not ids & (set(old_members) | set(new_members))
+    households = set(read_research(ws, master, "household_year", ["household_id"]).column("household_id").to_pylist())
+    assert {r["new_household_id"] for r in research if r["change"] == "merged"} <= households

@@ -8,7 +8,8 @@ pairs) and ``pseudonymised/payload/`` (attributes by record token) and writes ``
   by the SQL in :mod:`linkage.assemble.sql`;
 * ``mobility`` and ``transition_matrix``: the measures of :mod:`linkage.assemble.mobility` with
   bootstrap confidence intervals, nationally and per birth cohort, region and LA;
-* ``key_changes``: the persons merged, split or retired since the last release, in the
+* ``key_changes`` and ``household_key_changes``: the persons (households) merged, split or
+  retired since the last release, in the
   project's keys (person keys are otherwise stable across releases);
 * ``metadata.json``: project id and key fingerprint, row counts, schema versions, settings.
 
@@ -288,21 +289,28 @@ def _key_maps(con: duckdb.DuckDBPyConnection, project_secret: bytes) -> None:
         con.unregister(f"_map_{kind}")
 
 
+# research key-change tables: (file in linked/ and research/, kind of key, the count column)
+KEY_CHANGES = {"person": ("key_changes", "identities"), "household": ("household_key_changes", "person_years")}
+
+
 def _research_key_changes(con: duckdb.DuckDBPyConnection, project_secret: bytes, linked: Path, out: Path,
-                          key: MasterKey, project: str) -> int:
-    """``key_changes.parquet``: the release's merged, split and retired persons, in the project's keys.
+                          key: MasterKey, project: str, kind: str = "person") -> int:
+    """``key_changes.parquet`` (persons) or ``household_key_changes.parquet``: the release's merged,
+    split and retired keys of ``kind``, in the project's keys.
 
     A researcher carries an analysis to the next release with it: a ``merged`` row says
     ``old_person_id``'s records now belong to ``new_person_id``; ``split``, that some of them
     left for a new ``new_person_id``; ``retired``, that the person's records are gone. Keys
     not listed are the same person as in the last release (:mod:`linkage.link.stable_keys`).
+    Households likewise (``old_household_id``, ``new_household_id``, counted in person-years).
     """
     from linkage.encodings import Tokeniser
 
-    src = linked / "key_changes.parquet"
-    rows = con.execute(f"select change, old_key, new_key, identities from read_parquet({read_literal(src)}) "
+    name, unit = KEY_CHANGES[kind]
+    src = linked / f"{name}.parquet"
+    rows = con.execute(f"select change, old_key, new_key, {unit} from read_parquet({read_literal(src)}) "
                        "where change <> 'new' order by all").fetchall() if src.is_file() else []
-    tok = Tokeniser(project_secret, "person")
+    tok = Tokeniser(project_secret, kind)
 
     def keyed(values):
         present = [v for v in values if v is not None]
@@ -310,9 +318,9 @@ def _research_key_changes(con: duckdb.DuckDBPyConnection, project_secret: bytes,
         return pa.array([next(mapped) if v is not None else None for v in values], pa.string())
 
     table = pa.table({"change": pa.array([r[0] for r in rows], pa.string()),
-                      "old_person_id": keyed([r[1] for r in rows]), "new_person_id": keyed([r[2] for r in rows]),
-                      "identities": pa.array([r[3] for r in rows], pa.int64())})
-    return write_research(out / "key_changes.parquet", table, table.schema, key, project)
+                      f"old_{kind}_id": keyed([r[1] for r in rows]), f"new_{kind}_id": keyed([r[2] for r in rows]),
+                      unit: pa.array([r[3] for r in rows], pa.int64())})
+    return write_research(out / f"{name}.parquet", table, table.schema, key, project)
 
 
 _VIEWS = {
@@ -512,7 +520,8 @@ def assemble(config: Config, workspace: Path | str, key: MasterKey | None = None
             _key_maps(con, secret)
             rows = {name: _write_table(con, schemas[name], out, key, a.project, a.research_pay_rounding)
                     for name in _VIEWS}
-            rows["key_changes"] = _research_key_changes(con, secret, ws.zone("linked"), out, key, a.project)
+            for kind, (name, _) in KEY_CHANGES.items():
+                rows[name] = _research_key_changes(con, secret, ws.zone("linked"), out, key, a.project, kind)
             # the report is readable beyond the engineers: sample sizes as the published tables give
             # them (computed here, before the sensitivity variants rebuild the cohort table)
             public = _public_n(con, prepared, key, config)

@@ -33,6 +33,35 @@ def _new_key(first: str) -> str:
     return "P" + hashlib.md5(first.encode()).hexdigest()[:16]
 
 
+def _new_household_key(first: str) -> str:
+    return "H" + hashlib.md5(first.encode()).hexdigest()[:16]
+
+
+def _carry(con: duckdb.DuckDBPyConnection, current_sql: str, previous_sql: str | None, new_key, changes_file: Path,
+           unit: str) -> tuple[str, dict]:
+    """Keys for the clusters of ``current_sql`` (record, cluster) carried from ``previous_sql`` (record, key).
+
+    Writes every key that did not simply carry over to ``changes_file`` (its record count
+    in a column named ``unit``) and leaves the table ``_keys`` (cluster, key, carried) on
+    ``con``; returns its name and the counts for the stage's summary.
+    """
+    con.execute(f"create or replace temp table _cur as {current_sql}")
+    if previous_sql is not None:
+        con.execute(f"create or replace temp table _prev as {previous_sql}")
+    else:
+        con.execute("create or replace temp table _prev (record varchar, key varchar)")
+    keys = carry_keys(con, "_prev", "_cur", new_key=new_key, out="_keys")
+    changes = key_changes(con, "_prev", "_cur", keys, out="_key_changes")
+    con.execute(f"""copy (select change, old_key, new_key, records as {unit} from {changes}
+                         order by change, old_key nulls first, new_key nulls first)
+                    to {path_literal(changes_file)} (compression zstd)""")
+    counts = dict(con.execute(f"select change, count(*) from {changes} group by 1").fetchall())
+    carried = con.execute(f"select count(*) from {keys} where carried").fetchone()[0]
+    con.execute("drop table _prev; drop table _key_changes")
+    return keys, {"first_release": previous_sql is None, "carried": carried,
+                  **{c: counts.get(c, 0) for c in ("merged", "split", "new", "retired")}}
+
+
 def person_keys(con: duckdb.DuckDBPyConnection, previous: Path, out: Path) -> dict:
     """Create ``persons (unique_id, person_key)`` from ``clusters`` and write ``out/key_changes.parquet``.
 
@@ -44,30 +73,14 @@ def person_keys(con: duckdb.DuckDBPyConnection, previous: Path, out: Path) -> di
     Returns:
         ``{"key_changes": {"carried": n, "merged": n, "split": n, "new": n, "retired": n}}``.
     """
-    con.execute("""create or replace temp table _cur as
-                   select i.unique_id as record, c.cluster_id as cluster from identities i join clusters c using (unique_id)""")
-    if previous.is_file():
-        con.execute(f"create or replace temp table _prev as select unique_id as record, person_key as key "
-                    f"from read_parquet({read_literal(previous)})")
-    else:
-        con.execute("create or replace temp table _prev (record varchar, key varchar)")
-    keys = carry_keys(con, "_prev", "_cur", new_key=_new_key, out="_person_keys")
-    con.execute("""create or replace table persons as
-                   select c.record as unique_id, k.key as person_key from _cur c join _person_keys k using (cluster)""")
-    changes = key_changes(con, "_prev", "_cur", keys, out="_key_changes")
-    con.execute(f"""copy (select change, old_key, new_key, records as identities from {changes}
-                         order by change, old_key nulls first, new_key nulls first)
-                    to {path_literal(out / 'key_changes.parquet')} (compression zstd)""")
-    counts = dict(con.execute(f"select change, count(*) from {changes} group by 1").fetchall())
-    carried = con.execute(f"select count(*) from {keys} where carried").fetchone()[0]
-    first = not previous.is_file()
-    con.execute("drop table _cur; drop table _prev; drop table _person_keys; drop table _key_changes")
-    return {"key_changes": {"first_release": first, "carried": carried,
-                            **{c: counts.get(c, 0) for c in ("merged", "split", "new", "retired")}}}
-
-
-def _new_household_key(first: str) -> str:
-    return "H" + hashlib.md5(first.encode()).hexdigest()[:16]
+    keys, counts = _carry(
+        con, "select i.unique_id as record, c.cluster_id as cluster from identities i join clusters c using (unique_id)",
+        f"select unique_id as record, person_key as key from read_parquet({read_literal(previous)})"
+        if previous.is_file() else None, _new_key, out / "key_changes.parquet", "identities")
+    con.execute(f"""create or replace table persons as
+                    select c.record as unique_id, k.key as person_key from _cur c join {keys} k using (cluster)""")
+    con.execute(f"drop table _cur; drop table {keys}")
+    return {"key_changes": counts}
 
 
 def household_keys(con: duckdb.DuckDBPyConnection, previous: Path, out: Path) -> dict:
@@ -83,23 +96,12 @@ def household_keys(con: duckdb.DuckDBPyConnection, previous: Path, out: Path) ->
     Returns:
         ``{"household_key_changes": {"carried": n, "merged": n, "split": n, "new": n, "retired": n}}``.
     """
-    con.execute("""create or replace temp table _hcur as
-                   select person_key || ':' || year as record, household_key as cluster from households""")
-    if previous.is_file():
-        con.execute(f"create or replace temp table _hprev as select person_key || ':' || year as record, "
-                    f"household_key as key from read_parquet({read_literal(previous)})")
-    else:
-        con.execute("create or replace temp table _hprev (record varchar, key varchar)")
-    keys = carry_keys(con, "_hprev", "_hcur", new_key=_new_household_key, out="_household_keys")
-    con.execute("""create or replace table households as
-                   select h.* replace (k.key as household_key)
-                   from households h join _household_keys k on k.cluster = h.household_key""")
-    changes = key_changes(con, "_hprev", "_hcur", keys, out="_household_key_changes")
-    con.execute(f"""copy (select change, old_key, new_key, records as person_years from {changes}
-                         order by change, old_key nulls first, new_key nulls first)
-                    to {path_literal(out / 'household_key_changes.parquet')} (compression zstd)""")
-    counts = dict(con.execute(f"select change, count(*) from {changes} group by 1").fetchall())
-    carried = con.execute(f"select count(*) from {keys} where carried").fetchone()[0]
-    con.execute("drop table _hcur; drop table _hprev; drop table _household_keys; drop table _household_key_changes")
-    return {"household_key_changes": {"first_release": not previous.is_file(), "carried": carried,
-                                      **{c: counts.get(c, 0) for c in ("merged", "split", "new", "retired")}}}
+    keys, counts = _carry(
+        con, "select person_key || ':' || year as record, household_key as cluster from households",
+        f"select person_key || ':' || year as record, household_key as key from read_parquet({read_literal(previous)})"
+        if previous.is_file() else None, _new_household_key, out / "household_key_changes.parquet", "person_years")
+    con.execute(f"""create or replace table households as
+                    select h.* replace (k.key as household_key)
+                    from households h join {keys} k on k.cluster = h.household_key""")
+    con.execute(f"drop table _cur; drop table {keys}")
+    return {"household_key_changes": counts}
