@@ -162,7 +162,7 @@ def test_spark_dice_sql_equals_duckdb_and_python_on_real_filters(identifiers, sp
         -- unrelated values, identical values, and NULLs
         union all (select a.fn_bf, b.fn_bf from ranked a join ranked b on b.rn = a.rn + 1 limit 300)
         union all (select a.addr_bf, b.addr_bf from ranked a join ranked b on b.rn = a.rn + 7 limit 300)
-        union all (select fn_bf, fn_bf from ids limit 50)
+        union all (select fn_bf, fn_bf from ids where fn_bf is not null limit 50)
         union all (select fn_bf, null from ids limit 5) union all (select null, addr_bf from ids limit 5)
     """)
     con.execute(f"create table scored as select l, r, {dice_sql('l', 'r', 'duckdb')} as d from pairs")

@@ -93,8 +93,13 @@ def test_flows_and_help_follow_the_registry():
 def test_out_of_order_stages_stop_at_assemble_naming_the_stale_zone(linked_ws, tmp_path):
     ws = tmp_path / "ws"
     shutil.copytree(linked_ws, ws)
-    code, _, err = _cli("pseudonymise", "--workspace", str(ws))   # again: new random record tokens
+    # pseudonymise again in full (an incremental run with nothing new would carry every token,
+    # and linked/ would still be current): new random record tokens
+    full = tmp_path / "full.toml"
+    full.write_text("[pseudonymise]\nincremental = false\n")
+    code, out, err = _cli("pseudonymise", "--workspace", str(ws), "--config", str(full))
     assert code == 0, err
+    assert "full: pseudonymise.incremental is false" in out
     code, out, err = _cli("assemble", "--workspace", str(ws))
     assert code == 2 and not (ws / "research").exists()
     assert err.strip().splitlines() == ["error: linked/ is stale: it was built from an older pseudonymised/identifiers/; "
