@@ -75,6 +75,24 @@ def key_option(fn):
                         help=KEY_FILE_HELP)(fn)
 
 
+def audit_log(workspace: Path, key_file: Path | None):
+    """The workspace's audit log, keyed: loaded before any change, so without the key nothing changes unaudited."""
+    from linkage.keys import load_master_key
+    from linkage.serve.audit import AuditLog
+
+    return AuditLog(workspace, load_master_key(key_file, workspace=workspace))
+
+
+def actor() -> str:
+    """Who runs this command, as the audit log names a CLI user."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
 def run_stage_command(name: str, config, workspace: Path, key_file: Path | None = None, **options) -> dict:
     """Run a registry stage for its command: locked, lineage- and key-checked (:func:`linkage.stages.run_stage`)."""
     from linkage.stages import run_stage

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from linkage.cli.base import cli, common_options, key_option, run_stage_command
+from linkage.cli.base import actor, audit_log, cli, common_options, key_option, run_stage_command
 from linkage.config import load_config
 
 
@@ -39,20 +39,19 @@ def link(workspace: Path, config_path: Path | None, engine: str | None, threshol
       hhlink link --retrain --workspace ./workspace
       hhlink link --engine spark --workspace ./workspace
     """
-    from linkage.cli.users import _actor, _audit_log
     from linkage.link.drift import DriftGateError
 
     cfg = load_config(config_path, link={"engine": engine, "threshold": threshold})
-    audit = _audit_log(workspace, key_file)   # no key, no run: a retrain must reach the audit log
+    audit = audit_log(workspace, key_file)   # no key, no run: a retrain must reach the audit log
     try:
         s = run_stage_command("link", cfg, workspace, key_file, retrain=retrain)
     except DriftGateError as exc:
-        audit.append(_actor(), "engineer", "link.drift_gate", {}, "refused", {"reason": str(exc)})
+        audit.append(actor(), "engineer", "link.drift_gate", {}, "refused", {"reason": str(exc)})
         raise
     m = s["model"]
     if m["mode"] != "reused":
         top = (s.get("drift") or {}).get("largest") or {}
-        audit.append(_actor(), "engineer", f"link.model_{m['mode']}",
+        audit.append(actor(), "engineer", f"link.model_{m['mode']}",
                      {"fingerprint": m["fingerprint"], "previous_fingerprint": m["previous_fingerprint"]}, "ok",
                      {"largest_drift": top.get("drift"), "level": f"{top.get('comparison')}: {top.get('level')}"
                       if top else None})

@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-import getpass
 from pathlib import Path
 
 import click
 
-from linkage.cli.base import cli, common_options
+from linkage.cli.base import actor, audit_log, cli, common_options
 from linkage.cli.keys import group_workspace
 
 KEY_HELP = ("Master key file (the audit log's MACs; default: HHLINK_KEY, HHLINK_KEY_FILE or "
             "~/.config/hhlink/master.key).")
-
-
-def _audit_log(workspace: Path, key_file: Path | None):
-    # loaded before any change: without the key, nothing is changed (every change must be audited)
-    from linkage.keys import load_master_key
-    from linkage.serve.audit import AuditLog
-
-    return AuditLog(workspace, load_master_key(key_file, workspace=workspace))
-
-
-def _actor() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return "cli"
 
 
 def _store(workspace: Path):
@@ -73,9 +57,9 @@ def users_add(ctx: click.Context, workspace: Path, config_path: Path | None, nam
     """
     workspace = group_workspace(ctx, workspace)
     store = _store(workspace)
-    log = _audit_log(workspace, key_file)
+    log = audit_log(workspace, key_file)
     token = store.add(name, role)
-    log.append(_actor(), "engineer", "user.add", {"user": name, "role": role})
+    log.append(actor(), "engineer", "user.add", {"user": name, "role": role})
     click.echo(f"added {name} ({role}); token (shown once, keep it secret):")
     click.echo(token)
 
@@ -95,9 +79,9 @@ def users_rotate(ctx: click.Context, workspace: Path, config_path: Path | None, 
     """
     workspace = group_workspace(ctx, workspace)
     store = _store(workspace)
-    log = _audit_log(workspace, key_file)
+    log = audit_log(workspace, key_file)
     token = store.rotate(name)
-    log.append(_actor(), "engineer", "user.rotate", {"user": name})
+    log.append(actor(), "engineer", "user.rotate", {"user": name})
     click.echo(f"new token for {name} (shown once, keep it secret):")
     click.echo(token)
 
@@ -117,9 +101,9 @@ def users_remove(ctx: click.Context, workspace: Path, config_path: Path | None, 
     """
     workspace = group_workspace(ctx, workspace)
     store = _store(workspace)
-    log = _audit_log(workspace, key_file)
+    log = audit_log(workspace, key_file)
     store.remove(name)
-    log.append(_actor(), "engineer", "user.remove", {"user": name})
+    log.append(actor(), "engineer", "user.remove", {"user": name})
     click.echo(f"removed {name}")
 
 
