@@ -68,7 +68,7 @@ def _release(cfg, ws: Path) -> tuple[float, dict]:
 def _full_config(cfg):
     """The same configuration with every stage in full."""
     return cfg.model_copy(update={name: getattr(cfg, name).model_copy(update={"incremental": False})
-                                  for name in ("ingest", "pseudonymise", "link")})
+                                  for name in STAGES})
 
 
 def pairwise(a: Path, b: Path) -> dict:

@@ -124,6 +124,16 @@ SCRATCH_PATTERNS = (".*.tmp-*", ".*.old-*", ".*.new-*", ".ingest-*", ".stage-*",
                     ".assemble-eval.tmp-*", ".gx-research-*")
 
 
+def carry_file(src: Path | str, dst: Path | str) -> None:
+    """A file of the previous zone into the zone being built: a hard link (no copy) where the
+    filesystem allows, else a copy. Zones are replaced whole, never written in place, so the
+    link is never written through."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def publish(built: Path | str, final: Path | str) -> None:
     """Swap a finished file or folder ``built`` into place at ``final``; the one way stages publish.
 

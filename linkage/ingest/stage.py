@@ -52,7 +52,6 @@ import datetime as _dt
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -72,7 +71,7 @@ from linkage.db import quote_literal as lit
 from linkage.normalise import fail_sql, staged_select, typed_sql
 from linkage.quality import QualityGateError, validate
 from linkage.schemas import Schema, load_schemas
-from linkage.workspace import Workspace, publish
+from linkage.workspace import Workspace, carry_file, publish
 
 __all__ = ["IngestError", "QualityGateError", "QUARANTINE_REASONS", "ingest", "stage_files"]
 
@@ -370,11 +369,8 @@ def _publish_reports(ws: Workspace, built: Path) -> None:
 
 def _carry_only(source: str, prior: Prior, staged_dir: Path, quarantine_dir: Path) -> dict:
     """A source with no new file: its previous staged and quarantined rows, linked into the new zone."""
-    for src, dst in ((prior.staged, staged_dir / f"{source}.parquet"), (prior.quarantine, quarantine_dir / f"{source}.parquet")):
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
+    carry_file(prior.staged, staged_dir / f"{source}.parquet")
+    carry_file(prior.quarantine, quarantine_dir / f"{source}.parquet")
     reasons = Counter()
     for e in prior.entries:
         reasons.update(e["reasons"])

@@ -21,7 +21,6 @@ link runs in full and the summary says why.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -31,16 +30,13 @@ import duckdb
 from linkage.config import LinkConfig
 from linkage.db import read_literal
 from linkage.link.model import PREDICTION_BLOCKS
+from linkage.link.model_store import fingerprint
 
 __all__ = ["scope", "restricted_rules", "merge_pairs"]
 
 log = logging.getLogger(__name__)
 
 TOUCHED = "(l.touched OR r.touched)"
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def scope(con: duckdb.DuckDBPyConnection, previous: Path, model: Path, lc: LinkConfig) -> tuple[dict | None, str]:
@@ -64,7 +60,7 @@ def scope(con: duckdb.DuckDBPyConnection, previous: Path, model: Path, lc: LinkC
     files = {n: previous / n for n in ("pairs.parquet", "records.parquet", "model.json", "summary.json")}
     if not all(p.is_file() for p in files.values()):
         return None, "full: no previous release to build on"
-    if _sha(files["model.json"]) != _sha(Path(model)):
+    if fingerprint(files["model.json"]) != fingerprint(model):
         return None, "full: the model differs from the one that scored the previous release's pairs"
     try:
         before = json.loads(files["summary.json"].read_text())

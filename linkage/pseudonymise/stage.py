@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import binascii
 import itertools
-import os
 import datetime as dt
 import json
 import logging
@@ -58,7 +57,7 @@ from linkage.errors import HhlinkError, SchemaError, WorkspaceError
 from linkage.keys import MasterKey, load_master_key
 from linkage.pseudonymise.store import write_encrypted
 from linkage.schemas import SOURCES, Schema, load_schema
-from linkage.workspace import Workspace
+from linkage.workspace import Workspace, carry_file
 
 __all__ = ["IDENTIFIER_COLUMNS", "PseudonymiseError", "pseudonymise", "bloom_params"]
 
@@ -623,14 +622,6 @@ def _subset(con: duckdb.DuckDBPyConnection, path: Path, files: list[str], target
     return target
 
 
-def _carry(src: Path, dst: Path) -> None:
-    """A previous zone file into the zone being built: a hard link (no copy) where the filesystem allows."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def _coverage(ws: Workspace, increment: Increment | None, digest: str, parts: dict[str, list[str]], mode: str,
               new_rows: dict[str, int], rows: dict[tuple[str, str], str]) -> dict:
     """What the zone covers, for the next incremental run: files (name, SHA-256), parts per source, settings."""
@@ -730,7 +721,7 @@ def pseudonymise(config: Config, workspace: Path | str, key: MasterKey | None = 
             for source, names in carried.items():
                 for name in names:
                     for sub in ("identifiers", "payload"):
-                        _carry(ws.zone("pseudonymised") / sub / name, out / sub / name)
+                        carry_file(ws.zone("pseudonymised") / sub / name, out / sub / name)
             t = time.perf_counter()
             new_parts = {plan.name: _part_name(plan.name, parts[plan.name]) for plan in work}
             for plan in work:
