@@ -151,19 +151,27 @@ def test_spark_dice_sql_equals_duckdb_and_python_on_real_filters(identifiers, sp
         create table ids as select distinct fn_bf, fn_phon_tok, sn_bf, sn_phon_tok, addr_bf, postcode_tok
         from ids_in;
         create table ranked as select *, row_number() over (order by hash(fn_bf), hash(addr_bf)) as rn from ids;
-        create table pairs as
-        -- similar values (same phonetic code or postcode, different filter): high and middling Dice
+        -- similar values (same phonetic code or postcode, different filter): high and middling Dice.
+        -- Every LIMIT is ordered, so the same filters give the same pairs on every run.
+        create table near as
         (select a.fn_bf as l, b.fn_bf as r from ids a join ids b on a.fn_phon_tok = b.fn_phon_tok
-         and a.fn_bf < b.fn_bf limit 400)
+         and a.fn_bf < b.fn_bf order by hash(a.fn_bf, b.fn_bf) limit 2000)
         union all (select a.sn_bf, b.sn_bf from ids a join ids b on a.sn_phon_tok = b.sn_phon_tok
-                   and a.sn_bf < b.sn_bf limit 400)
+                   and a.sn_bf < b.sn_bf order by hash(a.sn_bf, b.sn_bf) limit 2000)
         union all (select a.addr_bf, b.addr_bf from ids a join ids b on a.postcode_tok = b.postcode_tok
-                   and a.addr_bf < b.addr_bf limit 400)
+                   and a.addr_bf < b.addr_bf order by hash(a.addr_bf, b.addr_bf) limit 2000);
+    """)
+    con.execute(f"""
+        create table pairs as
+        -- the closest near-identical pairs (Dice just below 1, where rounding would show) and a spread
+        (select l, r from near order by {dice_sql('l', 'r', 'duckdb')} desc, hash(l, r) limit 100)
+        union all (select l, r from near order by hash(l, r) limit 900)
         -- unrelated values, identical values, and NULLs
-        union all (select a.fn_bf, b.fn_bf from ranked a join ranked b on b.rn = a.rn + 1 limit 300)
-        union all (select a.addr_bf, b.addr_bf from ranked a join ranked b on b.rn = a.rn + 7 limit 300)
-        union all (select fn_bf, fn_bf from ids where fn_bf is not null limit 50)
-        union all (select fn_bf, null from ids limit 5) union all (select null, addr_bf from ids limit 5)
+        union all (select a.fn_bf, b.fn_bf from ranked a join ranked b on b.rn = a.rn + 1 order by a.rn limit 300)
+        union all (select a.addr_bf, b.addr_bf from ranked a join ranked b on b.rn = a.rn + 7 order by a.rn limit 300)
+        union all (select fn_bf, fn_bf from ids where fn_bf is not null order by hash(fn_bf) limit 50)
+        union all (select fn_bf, null from ids order by hash(fn_bf) limit 5)
+        union all (select null, addr_bf from ids order by hash(addr_bf) limit 5)
     """)
     con.execute(f"create table scored as select l, r, {dice_sql('l', 'r', 'duckdb')} as d from pairs")
     table = con.sql("select l, r, d from scored").to_arrow_table()
