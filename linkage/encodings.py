@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -39,7 +40,7 @@ import pyarrow as pa
 from cryptography.hazmat.primitives import hashes, hmac
 
 __all__ = [
-    "TOKEN_BYTES", "HARDENINGS", "Tokeniser", "BloomParams", "BloomEncoder", "dice", "dice_sql",
+    "TOKEN_BYTES", "HARDENINGS", "Tokeniser", "BloomParams", "BloomEncoder", "dice", "dice_sql", "dice_sql_counted", "bit_count_sql",
     "hashes_for_half_fill",
 ]
 
@@ -332,3 +333,27 @@ def dice_sql(left: str, right: str, dialect: str = "duckdb") -> str:
         total = f"{_spark_popcount(left)} + {_spark_popcount(right)}"
         return f"(CAST(2 * {inter} AS DOUBLE) / nullif({total}, 0))"
     raise ValueError(f"unknown SQL dialect {dialect!r}; use 'duckdb' or 'spark'")
+
+
+_DICE_TOTAL = re.compile(r"nullif\(bit_count\(\((\w+)_bf_([lr])\)::BITSTRING\) \+ "
+                         r"bit_count\(\((\w+)_bf_([lr])\)::BITSTRING\), 0\)")
+
+
+def dice_sql_counted(sql: str) -> str:
+    """``sql`` with each DuckDB :func:`dice_sql` on ``<name>_bf_<l|r>`` reading stored bit counts.
+
+    The denominator of Dice is the two filters' bit counts, which depend on one record each:
+    stored once per record as ``<name>_bf_n`` (see :func:`bit_count_sql`), each pair computes only
+    the count of the AND. Every sampled pair of u estimation evaluates up to a dozen Dice, so
+    this nearly halves their cost. The result is the same number (tested on real filters).
+
+    Example:
+        >>> dice_sql_counted(dice_sql("fn_bf_l", "sn_swap_bf_r"))
+        '(2.0 * bit_count((fn_bf_l)::BITSTRING & (sn_swap_bf_r)::BITSTRING) / nullif(fn_bf_n_l + sn_swap_bf_n_r, 0))'
+    """
+    return _DICE_TOTAL.sub(r"nullif(\1_bf_n_\2 + \3_bf_n_\4, 0)", sql)
+
+
+def bit_count_sql(column: str) -> str:
+    """The stored bit count :func:`dice_sql_counted` reads: ``bit_count`` of the filter, NULL if it is NULL."""
+    return f"bit_count(({column})::BITSTRING)"

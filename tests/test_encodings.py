@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from linkage.config import load_config
-from linkage.encodings import BloomEncoder, BloomParams, Tokeniser, dice, dice_sql, hashes_for_half_fill
+from linkage.encodings import (BloomEncoder, BloomParams, Tokeniser, bit_count_sql, dice, dice_sql, dice_sql_counted,
+                               hashes_for_half_fill)
 from linkage.keys import derive_key
 from linkage.pseudonymise.stage import bloom_params
 
@@ -235,6 +236,15 @@ def test_balanced_filters_complement_pairs_can_be_found_from_a_column():
 
 # -- Dice in SQL ------------------------------------------------------------------------------
 
+def _assert_dice_of(pairs, got: dict) -> None:
+    # got[i]: the SQL's Dice of pairs[i]; Python's dice() is the reference
+    for i, (a, b) in enumerate(pairs):
+        expected = dice(a, b)
+        assert (got[i] is None) == (expected is None), i
+        if expected is not None:
+            assert got[i] == pytest.approx(expected, abs=1e-12), i
+
+
 def test_dice_sql_duckdb_matches_python_on_random_and_encoded_filters():
     rng = np.random.default_rng(11)
     enc = _default_encoder()
@@ -249,11 +259,34 @@ def test_dice_sql_duckdb_matches_python_on_random_and_encoded_filters():
     con = duckdb.connect()
     con.register("pairs", table)
     got = dict(con.execute(f"SELECT id, {dice_sql('l', 'r')} FROM pairs").fetchall())
-    for i, (a, b) in enumerate(pairs):
-        expected = dice(a, b)
-        assert (got[i] is None) == (expected is None), i
-        if expected is not None:
-            assert got[i] == pytest.approx(expected, abs=1e-12), i
+    _assert_dice_of(pairs, got)
+
+
+def test_dice_sql_counted_reads_stored_counts_and_gives_the_same_dice():
+    rng = np.random.default_rng(12)
+    enc = _default_encoder()
+    names_ = ["JONATHAN", "JONATHON", "SMITH", "SMYTH", "PRIYA", "ANNE"]
+    pairs = [(rng.bytes(64), rng.bytes(64)) for _ in range(100)]
+    pairs += [(enc.encode(a), enc.encode(b)) for a in names_ for b in names_]
+    pairs += [(bytes(64), bytes(64)), (None, rng.bytes(64)), (rng.bytes(64), None)]
+    con = duckdb.connect()
+    con.register("raw", pa.table({"id": list(range(len(pairs))), "fn_bf_l": [p[0] for p in pairs],
+                                  "sn_swap_bf_r": [p[1] for p in pairs]},
+                                 schema=pa.schema([("id", pa.int64()), ("fn_bf_l", pa.binary()),
+                                                   ("sn_swap_bf_r", pa.binary())])))
+    # the counts hold what dice_sql would compute per record; poison them to show they are read
+    con.execute(f"CREATE TABLE pairs AS SELECT *, {bit_count_sql('fn_bf_l')} AS fn_bf_n_l, "
+                f"{bit_count_sql('sn_swap_bf_r')} AS sn_swap_bf_n_r FROM raw")
+    plain = dice_sql("fn_bf_l", "sn_swap_bf_r")
+    counted = dice_sql_counted(f"{plain} >= 0.5 OR {plain} IS NULL")
+    assert "bit_count((fn_bf_l)::BITSTRING) +" not in counted and counted.count("fn_bf_n_l + sn_swap_bf_n_r") == 2
+    got = dict(con.execute(f"SELECT id, {dice_sql_counted(plain)} FROM pairs").fetchall())
+    _assert_dice_of(pairs, got)
+    con.execute("UPDATE pairs SET fn_bf_n_l = fn_bf_n_l + 100")
+    moved = dict(con.execute(f"SELECT id, {dice_sql_counted(plain)} FROM pairs WHERE id < 100").fetchall())
+    assert all(moved[i] < got[i] for i in moved if got[i])
+    # other expressions (not <name>_bf_<l|r>) are left as they were
+    assert dice_sql_counted(dice_sql("a.addr_bf", "b.addr_bf")) == dice_sql("a.addr_bf", "b.addr_bf")
 
 
 def test_dice_sql_works_on_expressions_and_rejects_unknown_dialects():

@@ -70,7 +70,7 @@ from linkage.keys import load_master_key
 from linkage.link_files.csvread import DIALECT_KEYS, CsvReadError, Dialect, parse_dialect, read_csv_table
 from linkage.normalise import normalised_sql
 # pseudonymisation's own encoders, plans and SQL (private there): files are encoded exactly as staged rows are
-from linkage.encodings import BloomEncoder
+from linkage.encodings import BloomEncoder, bit_count_sql
 from linkage.pseudonymise.stage import (bloom_values, norm_address, bloom_params, build_dictionaries, Encoders,
                                         identifiers_sql, postcode_parts, Source)
 from linkage.schemas import Column
@@ -445,14 +445,19 @@ def _encode(con, inputs: list[_Input], staged: dict[str, Path], config: Config, 
 
 
 def _filters_as_bits(con, table: str) -> None:
-    """Hold the Bloom filters of ``table`` as BITSTRING: Dice casts its inputs to BITSTRING, and a BLOB
-    cast per pair and level made u sampling (each sampled pair computes up to twenty Dice) twice as slow."""
-    cols = [c for (c,) in con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = ? "
-                                      "AND column_name LIKE '%\\_bf' ESCAPE '\\' AND data_type = 'BLOB'",
-                                      [table]).fetchall()]
+    """Hold the Bloom filters of ``table`` as BITSTRING, each with its bit count ``<filter>_n``.
+
+    Dice casts its inputs to BITSTRING, and a BLOB cast per pair and level made u sampling (each
+    sampled pair computes up to twenty Dice) twice as slow; the stored counts are the half of Dice
+    that depends on one record (:func:`linkage.encodings.dice_sql_counted`), computed once here
+    rather than for every pair and level."""
+    cols = con.execute("SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ? "
+                       "AND column_name LIKE '%\\_bf' ESCAPE '\\'", [table]).fetchall()
     if cols:
-        casts = ", ".join(f"CAST({c} AS BITSTRING) AS {c}" for c in cols)
-        con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * REPLACE ({casts}) FROM {table}")
+        casts = ", ".join(f"CAST({c} AS BITSTRING) AS {c}" for c, kind in cols if kind == "BLOB")
+        counts = ", ".join(f"{bit_count_sql(c)} AS {c}_n" for c, _ in cols)
+        con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * {f'REPLACE ({casts})' if casts else ''}, "
+                    f"{counts} FROM {table}")
 
 
 def transposed(postcode: str) -> list[str]:
