@@ -453,9 +453,9 @@ def _record_tokens(n: int, order_key: bytes | None = None) -> pa.Table:
     return pa.table(columns)
 
 
-def _connect(spill: Path) -> duckdb.DuckDBPyConnection:
+def _connect(spill: Path, cfg: PseudonymiseConfig) -> duckdb.DuckDBPyConnection:
     # spill files can hold cleartext: keep them inside the workspace (never DuckDB's ./.tmp default)
-    con = connect(spill=spill, preserve_insertion_order=False)
+    con = connect(cfg, spill=spill, preserve_insertion_order=False)
     try:
         # after the positional join DuckDB cannot estimate the staged side's size and would build
         # its hash tables on millions of rows instead of the dictionaries; keep the build side as written
@@ -516,11 +516,13 @@ def _previous_fingerprint(zone: Path) -> str | None:
 def settings_digest(cfg: PseudonymiseConfig, schemas: dict[str, Schema]) -> str:
     """SHA-256 of every setting an encoding depends on, and of each source's schema version.
 
-    Retention and incrementality are left out: they change what is kept, never a token.
+    Retention, incrementality and DuckDB's limits are left out: they change what is kept or how
+    fast, never a token.
     """
     import hashlib
 
-    settings = cfg.model_dump(mode="json", exclude={"purge_cleartext_after", "incremental"})
+    settings = cfg.model_dump(mode="json", exclude={"purge_cleartext_after", "incremental", "memory_limit",
+                                                    "threads"})
     versions = {name: schema.version for name, schema in sorted(schemas.items())}
     return hashlib.sha256(json.dumps([settings, versions], sort_keys=True).encode()).hexdigest()
 
@@ -696,7 +698,7 @@ def pseudonymise(config: Config, workspace: Path | str, key: MasterKey | None = 
 
     seconds: dict[str, float] = {}
     spill = Path(tempfile.mkdtemp(prefix=".pseudonymise-spill-", dir=ws.root))
-    con = _connect(spill)
+    con = _connect(spill, cfg)
     try:
         rows_now = staged_digests(con, plans)
         increment, mode = plan_increment(ws, digest, key, cfg, rows_now)
