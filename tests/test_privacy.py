@@ -205,6 +205,34 @@ def test_one_zone_subkey_reads_its_zone_only(ws):
         read_identifiers(ws, forged)
 
 
+def test_load_zone_streams_what_read_zone_gives_into_duckdb(ws):
+    import duckdb
+
+    from linkage.keys import KeyMismatchError
+    from linkage.pseudonymise.store import load_zone, read_zone
+
+    con = duckdb.connect()
+    cols = ["fn_bf", "source", "record_token"]            # not the files' order
+    load_zone(con, "ids", ws, "identifiers", KEY, cols)
+    assert [d[0] for d in con.execute("select * from ids limit 0").description] == cols
+    got = con.sql("select * from ids order by record_token").to_arrow_table()
+    want = read_identifiers(ws, KEY, cols).sort_by("record_token")
+    assert got.num_rows > 10_000 and got.equals(want.cast(got.schema))
+    # the payloads' columns differ by source: a column a file lacks is NULL there, as read_zone gives
+    load_zone(con, "pay", ws, "payload", KEY)
+    merged = read_zone(ws, "payload", KEY)
+    assert con.execute("select count(*) from pay").fetchall()[0][0] == merged.num_rows
+    assert sorted(d[0] for d in con.execute("select * from pay limit 0").description) == sorted(merged.column_names)
+    load_zone(con, "edu", ws, "payload", KEY, sources=["education"])
+    assert con.execute("select count(*) from edu").fetchall()[0][0] == read_payload(ws, KEY, "education").num_rows
+    with pytest.raises(KeyMismatchError):
+        load_zone(con, "x", ws, "identifiers", MasterKey(hashlib.sha256(b"not the key").digest(), "test"))
+    with pytest.raises(EncryptedZoneError, match="no column"):
+        load_zone(con, "x", ws, "identifiers", KEY, ["record_token", "no_such_column"])
+    with pytest.raises(EncryptedZoneError, match="no files"):
+        load_zone(con, "x", ws, "payload", KEY, sources=["no_such_source"])
+
+
 # -- research extracts: pay coarsened by default (assemble.research_pay_rounding) -------------
 
 def test_pay_rounding_hand_worked():

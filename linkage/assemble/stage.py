@@ -139,14 +139,14 @@ def load_inputs(con: duckdb.DuckDBPyConnection, ws: Workspace, key, la_lookup: P
     ``person_map``, ``household_map`` keep the originals): every join of the panel runs on
     integers, and the project keys are derived from the original keys.
     """
-    from linkage.pseudonymise.store import read_identifiers, read_payload, register
+    from linkage.pseudonymise.store import load_zone
 
     linked = ws.zone("linked")
     tok_m, tok_f = _sex_tokens(key)
     # the payload and the sex tokens are encrypted at rest: decrypted here, into memory only
     for source in ("education", "benefits", "earnings"):
-        register(con, f"payload_{source}", read_payload(ws.root, key, source))
-    register(con, "record_sex", read_identifiers(ws.root, key, ["record_token", "sex_tok"]))
+        load_zone(con, f"payload_{source}", ws.root, "payload", key, sources=[source])
+    load_zone(con, "record_sex", ws.root, "identifiers", key, ["record_token", "sex_tok"])
     con.execute(f"""
         create or replace table identity_map as
         select unique_id as linkage_id, (row_number() over (order by unique_id))::integer uid

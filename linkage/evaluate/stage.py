@@ -303,10 +303,10 @@ def evaluate(config: Config, workspace: Path | str, key: MasterKey | None = None
         m = person_metrics(con, "(select person_key pred, truth_person truth from rec_truth)")
         hh, _ = con.execute(household_accuracy_sql()).fetchall()[0]
         pc_p, pc_r, _, _ = con.execute(parent_child_metrics_sql()).fetchall()[0]
-        from linkage.pseudonymise.store import read_identifiers, register
+        from linkage.pseudonymise.store import load_zone
 
-        register(con, "ids_ev", read_identifiers(ws.root, key, ["record_token", "claim_tok", "postcode_tok", "addr_bf",
-                                                                 "benefit_unit_tok"]))
+        load_zone(con, "ids_ev", ws.root, "identifiers", key, ["record_token", "claim_tok", "postcode_tok", "addr_bf",
+                                                               "benefit_unit_tok"])
         con.execute("""create or replace table rec_ev as select r.truth_person, r.year, i.claim_tok,
                        i.postcode_tok, i.addr_bf, i.benefit_unit_tok from rec_truth r join ids_ev i using (record_token)""")
         co_same, co_near, pc_same_year, pc_ev, pc_in_bounds = con.execute(relation_evidence_sql(

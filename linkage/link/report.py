@@ -125,7 +125,7 @@ def build_report(config: Config, workspace: Path | str, key=None) -> dict:
     from them; without it (``hhlink evaluate`` rewriting the report) they are carried over
     from the report the link stage wrote.
     """
-    from linkage.pseudonymise.store import read_identifiers, read_payload, register, zone_files
+    from linkage.pseudonymise.store import load_zone, zone_files
 
     ws = Workspace(workspace)
     linked = ws.zone("linked")
@@ -133,10 +133,10 @@ def build_report(config: Config, workspace: Path | str, key=None) -> dict:
     previous_path = ws.zone("reports") / "linkage" / "report.json"
     previous = json.loads(previous_path.read_text()) if key is None and previous_path.exists() else {}
     if key is not None:
-        register(con, "ids_in", read_identifiers(ws.root, key, ["source", *IDENTITY_COLUMNS, *ADDRESS_COLUMNS]))
+        load_zone(con, "ids_in", ws.root, "identifiers", key, ["source", *IDENTITY_COLUMNS, *ADDRESS_COLUMNS])
     payload = None
     if key is not None and any(f.stem == "education" for f in zone_files(ws.root, "payload")):
-        register(con, "payload_education", read_payload(ws.root, key, "education"))
+        load_zone(con, "payload_education", ws.root, "payload", key, sources=["education"])
         payload = "payload_education"
     con.execute(f"create table rec as select * from {read_literal(linked / 'records.parquet')}")
     con.execute(f"create table pairs as select * from {read_literal(linked / 'pairs.parquet')}")

@@ -429,7 +429,7 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
     """
     from linkage.keys import load_master_key
     from linkage.link.stable_keys import household_keys, person_keys
-    from linkage.pseudonymise.store import read_identifiers, register
+    from linkage.pseudonymise.store import load_zone
 
     ws = Workspace(workspace)
     identifiers = ws.zone("pseudonymised") / "identifiers"
@@ -449,7 +449,7 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
         tmp = out / ".tmp"
         tmp.mkdir()
         con = connect(config.link, spill=tmp, preserve_insertion_order=False)
-        register(con, "identifiers_in", read_identifiers(ws.root, key))
+        load_zone(con, "identifiers_in", ws.root, "identifiers", key)
         con.execute(_identities_sql("identifiers_in"))
         con.execute("drop table identifiers_in")
         summary["identities_seconds"] = round(time.perf_counter() - t0, 1)
