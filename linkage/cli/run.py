@@ -132,6 +132,11 @@ def run_command(workspace: Path, config_path: Path | None, persons: int | None, 
         raise HhlinkError(f"the run failed: {state.message}")
     result = state.result()
     root = Path(result["workspace"])
+    # the README's path (hhlink deliver, then hhlink run) makes a release too, recorded as the
+    # monthly flow records its own; a run with no new landing file records nothing
+    from linkage.releases import record_release
+
+    release = record_release(root, run=str(state.state_details.flow_run_id))
     ran = [s for s, v in result["stages"].items() if v["status"] == "ran"]
     cached = [s for s, v in result["stages"].items() if v["status"] == "cached"]
     total = sum(v["seconds"] for v in result["stages"].values())
@@ -139,6 +144,9 @@ def run_command(workspace: Path, config_path: Path | None, persons: int | None, 
                + (f"; skipped (unchanged) {', '.join(cached)}" if cached else ""))
     click.echo(f"  {'published tables':<21} {root / 'published'}/")
     click.echo(f"  {'research tables':<21} {root / 'research'}/")
+    if release is not None:
+        click.echo(f"  {'release':<21} {release['release']} recorded in {root / 'releases.jsonl'} "
+                   f"({len(release['files'])} landing file(s))")
     for title, rel in REPORTS:
         if (root / rel).exists():
             click.echo(f"  {title:<21} {root / rel}")
