@@ -217,11 +217,26 @@ def _attribute_dates(root: Path) -> dict:
     return out
 
 
+def _binary_hits(data: bytes, values: set[str]) -> set[str]:
+    """Values of 8 bytes or more found anywhere in ``data`` (upper-cased).
+
+    A value's occurrence lies inside a run of bytes that all occur in some value, at least 8
+    long; in ciphertext such runs are rare and short, so each value is looked for only in
+    them rather than in the whole file (one pass over the file instead of one per value).
+    """
+    long = {v: v.encode() for v in values if len(v.encode()) >= 8}
+    if not long:
+        return set()
+    alphabet = sorted({b for e in long.values() for b in e})
+    runs = re.findall(b"[" + b"".join(re.escape(bytes([b])) for b in alphabet) + b"]{8,}", data.upper())
+    return {v for v, e in long.items() if any(e in run for run in runs)}
+
+
 def _scan_parquet(path: Path, values: set[str], dobs: dict, owners: dict, attribute_dates: dict,
                   key: MasterKey | None = None) -> set[str]:
     if is_encrypted(path):
         # an encrypted zone file: no value of 8+ bytes in its bytes, and none in what it decrypts to
-        hits = {v for v in values if len(v) >= 8 and v.encode() in path.read_bytes().upper()}
+        hits = _binary_hits(path.read_bytes(), values)
         plain = Path(tempfile.mkdtemp(prefix="scan-")) / path.name
         zone = path.parent.name
         if zone == "research":   # research/ is encrypted under its project's subkey
@@ -260,7 +275,7 @@ def _scan_other(path: Path, values: set[str]) -> set[str]:
     except UnicodeDecodeError:
         # binary (the encrypted crosswalk): no readable preamble, and no value of 8+ bytes inside
         assert not data.startswith((b"PAR1", b"{", b"<")), path
-        return {v for v in values if len(v) >= 8 and v.encode() in data.upper()}
+        return _binary_hits(data, values)
     if path.suffix == ".json":
         try:
             return _cells_hits(_json_strings(json.loads(text)), values)
