@@ -4,10 +4,12 @@ For the synthetic population (``hhlink generate``, seed fixed) at each size, the
 built for real (generate, ingest, pseudonymise) unless it already holds pseudonymised
 identifiers under the given key; then the identities ``hhlink link`` compares are built
 exactly as the link stage builds them, and for every rule of the main model
-(:data:`linkage.link.model.PREDICTION_BLOCKS`) Splink's own
-``count_comparisons_from_blocking_rules`` gives the comparisons the rule adds (marginal: not
-already made by an earlier rule) and the running total - what prediction would score,
-without scoring anything. Beside them: the share of identities (and of records) that no rule
+(:data:`linkage.link.model.PREDICTION_BLOCKS`) one exact SQL pass on the join columns
+(:func:`linkage.link_files.model.blocking_coverage`) gives the comparisons the rule adds
+(marginal: not already made by an earlier rule) and the running total - what prediction
+would score, without scoring anything. Up to a million identities Splink's own
+``count_comparisons_from_blocking_rules`` runs beside it as a cross-check (it carries every
+column through every pair: at 1M persons its spill passed 30 GB). Beside them: the share of identities (and of records) that no rule
 pairs with any other identity (``linkage.link.stage.uncompared``), and the growth ratio of
 each count from 100k to 1M persons beside the linear expectation (10x). Nothing is trained
 or predicted.
@@ -36,6 +38,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 42
+SPLINK_CHECK_MAX = 1_000_000   # identities up to which Splink's own count is run beside ours
 LINEAR = 10.0      # 100k -> 1M persons: a linearly growing count grows tenfold
 
 
@@ -88,23 +91,6 @@ def build(size: int, root: Path, key_file: Path, threads: int) -> dict:
     return seconds
 
 
-def _load_identifiers(con, root: Path, key) -> None:
-    """Table ``identifiers_in``: every identifiers file decrypted into DuckDB, batch by batch where the store can.
-
-    At 1M persons the whole zone as one Arrow table (``read_identifiers``) would take tens of GB.
-    """
-    from linkage.pseudonymise import store
-
-    for i, path in enumerate(store.zone_files(root, "identifiers")):
-        if hasattr(store, "batches_encrypted"):
-            con.register("_batches", store.batches_encrypted(path, key, "identifiers"))
-        else:
-            con.register("_batches", store.read_encrypted(path, key, "identifiers"))
-        con.execute(f"{'create table identifiers_in as' if i == 0 else 'insert into identifiers_in by name'} "
-                    "select * from _batches")
-        con.unregister("_batches")
-
-
 def count(size: int, root: Path, key_file: Path, threads: int) -> dict:
     """Comparisons per prediction blocking rule and the identities no rule compares, for one workspace."""
     from splink import DuckDBAPI
@@ -113,8 +99,10 @@ def count(size: int, root: Path, key_file: Path, threads: int) -> dict:
     from linkage.db import connect
     from linkage.db import quote_literal as lit
     from linkage.keys import load_master_key
-    from linkage.link.model import PREDICTION_BLOCKS, rule_creator, rule_label
+    from linkage.link.model import PREDICTION_BLOCKS, rule_creator
+    from linkage.link_files.model import blocking_coverage
     from linkage.link.stage import identities_sql, uncompared
+    from linkage.pseudonymise.store import load_zone
     from linkage.schemas import SOURCES
 
     key = load_master_key(key_file)
@@ -123,29 +111,40 @@ def count(size: int, root: Path, key_file: Path, threads: int) -> dict:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="blocking-", dir=root) as tmp:
         con = connect(cfg.link, spill=Path(tmp), preserve_insertion_order=False)
-        _load_identifiers(con, root, key)
+        load_zone(con, "identifiers_in", root, "identifiers", key)   # batch by batch: 1M would not fit as one table
         con.execute(identities_sql("identifiers_in"))     # the link stage's identities, as it builds them
         con.execute("drop table identifiers_in")
         identities, records = con.execute("select count(*), sum(n_records) from identities").fetchall()[0]
-        db_api = DuckDBAPI(connection=con)
-        sdfs = []
-        for source in SOURCES:
+        tables = []
+        for source in sorted(SOURCES):      # Splink's order of datasets: by name
             con.execute(f"create or replace table ids_{source} as select * from identities where source = {lit(source)}")
-            sdfs.append(db_api.register(f"ids_{source}", dataset_display_name=source))
+            tables.append(f"ids_{source}")
         t = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            # every record, no sample: exact counts at both sizes
-            counted = count_comparisons_from_blocking_rules(
-                sdfs, blocking_rules=[rule_creator(r) for r in PREDICTION_BLOCKS], link_type="link_and_dedupe",
-                record_sample_proportion=1.0)
+        # exact, every identity: each pair the rules join, under the first rule that reaches it (as
+        # prediction attributes it), counted on the join columns only
+        counted, _ = blocking_coverage(con, tables, list(PREDICTION_BLOCKS), "link_and_dedupe")
+        rules = [{"rule": c["rule"], "marginal": c["marginal_comparisons"], "cumulative": c["cumulative_comparisons"]}
+                 for c in counted]
+        count_seconds = round(time.perf_counter() - t, 1)
+        splink_check = None
+        if identities <= SPLINK_CHECK_MAX:
+            # Splink's own count, every record: materialises each pair with every column, so it is
+            # run only where that fits (at 1M its spill passed 30 GB)
+            db_api = DuckDBAPI(connection=con)
+            sdfs = [db_api.register(t, dataset_display_name=t.removeprefix("ids_")) for t in tables]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                splink = count_comparisons_from_blocking_rules(
+                    sdfs, blocking_rules=[rule_creator(r) for r in PREDICTION_BLOCKS], link_type="link_and_dedupe",
+                    record_sample_proportion=1.0)
+            splink_check = {"equal": [int(c["marginal_comparison_count"]) for c in splink]
+                            == [r["marginal"] for r in rules],
+                            "splink_marginal": [int(c["marginal_comparison_count"]) for c in splink]}
         count_seconds = round(time.perf_counter() - t, 1)
         alone = uncompared(con)
         con.close()
-    rules = [{"rule": rule_label(r), "marginal": int(c["marginal_comparison_count"]),
-              "cumulative": int(c["cumulative_comparison_count"])} for r, c in zip(PREDICTION_BLOCKS, counted)]
     return {"persons": size, "records": int(records), "identities": int(identities), "rules": rules,
-            "comparisons": rules[-1]["cumulative"] if rules else 0, "uncompared": alone,
+            "comparisons": rules[-1]["cumulative"] if rules else 0, "uncompared": alone, "splink_check": splink_check,
             "count_seconds": count_seconds, "seconds": round(time.perf_counter() - t0, 1),
             "peak_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)}
 
@@ -190,11 +189,23 @@ def markdown(results: dict) -> str:
                        f"{s['peak_gb']} |")
     text = ["# Blocking growth: comparisons per prediction rule of `hhlink link`", "",
             f"Measured {results['when']} with `python -m bench.blocking` on the synthetic population (seed {SEED}), "
-            "after generate, ingest and pseudonymise. Counts are Splink's `count_comparisons_from_blocking_rules` "
-            "on every identity (no sample): marginal = comparisons a rule adds beyond the rules above it, "
-            "cumulative = all comparisons so far. Nothing is trained or scored. \"No rule compares\" counts "
-            "identities no rule pairs with any other (an upper bound: the swapped-names rule is not counted).",
+            "after generate, ingest and pseudonymise. Counts are exact, on every identity (no sample): one SQL "
+            "pass joins the identities under each prediction rule on the rule's columns only and gives each "
+            "pair to the first rule that reaches it, as prediction does (`linkage.link_files.model."
+            "blocking_coverage`). Marginal = comparisons a rule adds beyond the rules above it, cumulative = all "
+            "comparisons so far. Nothing is trained or scored. \"No rule compares\" counts identities no rule "
+            "pairs with any other (an upper bound: the swapped-names rule is not counted).",
             "", *summary, "", *lines]
+    checks = [s for s in sizes if s.get("splink_check")]
+    for s in checks:
+        c = s["splink_check"]
+        text += ["", f"Cross-check at {s['persons']:,} persons, in the same run: Splink's own "
+                 "`count_comparisons_from_blocking_rules` (every record) gives "
+                 + ("the same marginal count for every rule." if c["equal"] else
+                    f"different counts: {c['splink_marginal']}.")]
+    if sizes and not checks:
+        text += ["", "No Splink cross-check in this run (it materialises every pair with every column; run only "
+                 f"up to {SPLINK_CHECK_MAX:,} identities)."]
     g = results.get("growth")
     if not g:
         text += ["", "One size only: the growth ratio (and its linear expectation, "
