@@ -163,10 +163,14 @@ def test_transition_counts_match_the_research_table(published, workspace):
 
 def test_disclose_is_reproducible(published, workspace, key):
     folder, _ = published
-    before = {p.name: p.read_bytes() for p in folder.glob("*.csv")}
+    before = {p.name: p.read_text() for p in folder.glob("*.csv")}
     disclose(load_config(), workspace, key=key)
-    after = {p.name: p.read_bytes() for p in folder.glob("*.csv")}
-    assert before == after
+    after = {p.name: p.read_text() for p in folder.glob("*.csv")}
+    assert sorted(before) == sorted(after)
+    # on failure, name each table and its first differing published rows (aggregates, never records)
+    changed = {name: [(a, b) for a, b in zip(before[name].splitlines(), after[name].splitlines()) if a != b][:5]
+               for name in before if before[name] != after[name]}
+    assert not changed, changed
 
 
 def test_build_table_perturbs_and_is_consistent(published, workspace, key):

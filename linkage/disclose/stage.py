@@ -67,6 +67,11 @@ log = logging.getLogger(__name__)
 
 RECORD_KEY_PURPOSE = "sdc:record-key"
 
+#: DuckDB threads for every query that computes cells: one, so that row order and floating-point
+#: sums never depend on how the work was split (the CI's full run published one LA table with
+#: different suppression than the same run repeated; tables are small, a thread is enough)
+_THREADS = 1
+
 
 class RequestError(ContributionError):
     """A table request names a dimension or measure outside the allowed list, or is malformed."""
@@ -171,7 +176,7 @@ def _prepare(contributions, spec: TableSpec, config: Config, master, con, pertur
     do_perturb = perturb if perturb is not None else (spec.perturb if spec.perturb is not None else cfg.perturb)
     rounding = "none" if do_perturb else cfg.rounding
     own = con is None
-    con = con or connect()
+    con = con or connect(threads=_THREADS)
     try:
         cells = compute_cells(con, contributions, spec, record_key_secret(master),
                               top_k=max(cfg.dominance_n, 2), quantile_width=cfg.quantile_window + QUANTILE_FETCH,
@@ -294,7 +299,7 @@ def build_table(request: dict, workspace: Path | str, config: Config, key: Maste
     spec, source = standard.request_spec(request, config)
     master = key if key is not None else load_master_key()
     own = con is None
-    con = con or connect()
+    con = con or connect(threads=_THREADS)
     try:
         rel = standard.population(con, Path(workspace), source, config, _research_reader(master))
         prep = _prepare(rel, spec, config, master, con, True)
@@ -351,7 +356,7 @@ def disclose(config: Config, workspace: Path | str, key: MasterKey | bytes | Non
     from linkage.sdc import ledger
 
     tables, metas = [], []
-    con = connect()
+    con = connect(threads=_THREADS)
     try:
         with ws.publish_dir("published") as out, ledger.locked(ws.root) as book:
             # the standard tables share cells and margins: one pattern, one LP audit over their union
