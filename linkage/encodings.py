@@ -40,7 +40,8 @@ import pyarrow as pa
 from cryptography.hazmat.primitives import hashes, hmac
 
 __all__ = [
-    "TOKEN_BYTES", "HARDENINGS", "Tokeniser", "BloomParams", "BloomEncoder", "dice", "dice_sql", "dice_sql_counted", "bit_count_sql",
+    "TOKEN_BYTES", "HARDENINGS", "Tokeniser", "BloomParams", "BloomEncoder", "dice", "dice_sql", "dice_sql_counted",
+    "bit_count_sql",
     "hashes_for_half_fill",
 ]
 

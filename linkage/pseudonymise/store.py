@@ -23,20 +23,20 @@ row counts, settings and the data window, no record value.
 The encryption is Arrow's (``pyarrow.parquet.encryption``, OpenSSL). DuckDB 2.0.1 writes
 encrypted Parquet only with the ``httpfs`` extension loaded (its built-in mbedtls module
 is read-only, and ``force_mbedtls_unsafe`` is named so for a reason); ``httpfs`` cannot be
-installed offline. So files are written from Arrow batches and read back into Arrow
-tables, which callers register in DuckDB (:func:`register`). DuckDB never sees a key,
-so none of its error messages can echo one.
+installed offline. So files are written from Arrow batches and read back as Arrow: the
+stages stream them batch by batch into DuckDB tables (:func:`load_zone`), small readers take
+whole Arrow tables (:func:`read_zone`). DuckDB never sees a key, so none of its error
+messages can echo one.
 
-Every reader outside the pseudonymise stage goes through this module: the link stage
-(:func:`read_identifiers`), assemble and the linkage report (:func:`read_payload`), the
-readers of ``research/`` (disclose, the portal's table builder, evaluate:
-:func:`read_research`, :func:`register_research`), benchmarks and tests. Research tables
-are decrypted once per file version and key and kept in memory, so the portal's builder
-does not decrypt per request.
+Every reader outside the pseudonymise stage goes through this module: link, its report,
+assemble and evaluate (:func:`load_zone`), the readers of ``research/`` (disclose, the
+portal's table builder: :func:`read_research`, :func:`register_research`), benchmarks and
+tests (:func:`read_identifiers`, :func:`read_payload`). Research tables are decrypted once
+per file version and key and kept in memory, so the portal's builder does not decrypt per
+request.
 
 Example:
-    >>> ids = read_identifiers("workspace", key, columns=["record_token", "source"])  # doctest: +SKIP
-    >>> register(con, "identifiers", ids)                                            # doctest: +SKIP
+    >>> load_zone(con, "identifiers", "workspace", "identifiers", key, ["record_token", "source"])  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -289,13 +289,8 @@ def load_zone(con, name: str, workspace: Path | str, zone: str, key: MasterKey |
         raise EncryptedZoneError(f"{Workspace(workspace).zone('pseudonymised') / zone}: no files; "
                                  "run 'hhlink pseudonymise' first")
     readers = [batches_encrypted(f, key, zone, columns=columns) for f in files]   # footers only, checked first
-    schema = pa.unify_schemas([r.schema for r in readers], promote_options="default")
+    register(con, name, pa.unify_schemas([r.schema for r in readers], promote_options="default").empty_table())
     view = f"_arrow_{name}"
-    con.register(view, schema.empty_table())
-    try:
-        con.execute(f'create or replace table "{name}" as select * from "{view}"')
-    finally:
-        con.unregister(view)
     for reader in readers:
         con.register(view, reader)
         try:
