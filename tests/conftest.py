@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,20 @@ def population_100k(tmp_path_factory) -> tuple[Path, dict]:
     return _generate(tmp_path_factory.mktemp("pop100k"), 100_000, 42)
 
 
+@pytest.fixture(scope="session")
+def ingested_5k(small_population, tmp_path_factory) -> tuple[Path, dict]:
+    """``small_population``'s landing zone ingested once with the default config: (workspace, ingest
+    summary). READ-ONLY: a module that writes into it (pseudonymise, a re-run) takes a
+    :func:`copy_workspace` first. Its landing files are hard links to the population's."""
+    from linkage.ingest.stage import ingest
+
+    ws = tmp_path_factory.mktemp("ingested5k") / "ws"
+    (ws / "landing").mkdir(parents=True)
+    for f in (small_population[0] / "landing").iterdir():
+        os.link(f, ws / "landing" / f.name)     # landing files are never modified
+    return ws, ingest(load_config(), ws)
+
+
 @pytest.fixture
 def run_cli():
     """Run ``hhlink`` in a subprocess: returns (exit code, stdout, stderr)."""
@@ -68,19 +83,19 @@ QUARANTINE_MARKER = "ZZQUARANTINEMARKER"
 
 
 @pytest.fixture(scope="session")
-def portal_workspace(tmp_path_factory) -> Path:
-    """A 2,000-person workspace through every stage to ``published/`` (for the portal's tests).
+def assembled_2000(tmp_path_factory) -> Path:
+    """A 2,000-person workspace (seed 5) through assemble, under ``HHLINK_KEY = 5e * 32``: READ-ONLY.
 
+    Built once for the modules that need such a workspace (the portal's, ``test_disclose_command``):
+    a module that writes into it takes a copy (``shutil.copytree``), far cheaper than rebuilding it.
     Two malformed lines are appended to the education extract so ``quarantine/`` has rows.
-    The key is ``HHLINK_KEY = 5e * 32``.
     """
-    from linkage.disclose.stage import disclose
+    from linkage.assemble.stage import assemble
     from linkage.ingest.stage import ingest
     from linkage.link.stage import link
-    from linkage.assemble.stage import assemble
     from linkage.pseudonymise.stage import pseudonymise
 
-    ws = tmp_path_factory.mktemp("portal") / "ws"
+    ws = tmp_path_factory.mktemp("assembled2000") / "ws"
     cfg = load_config(generate={"persons": 2000, "seed": 5},
                       assemble={"data_docs": False, "bootstrap_replicates": 20})
     with pytest.MonkeyPatch.context() as mp:
@@ -92,5 +107,28 @@ def portal_workspace(tmp_path_factory) -> Path:
         pseudonymise(cfg, ws)
         link(cfg, ws)
         assemble(cfg, ws)
+    return ws
+
+
+def copy_workspace(src: Path, dest: Path) -> Path:
+    """A private copy of a shared read-only workspace (symlinks kept, modes and times preserved)."""
+    shutil.copytree(src, dest, symlinks=True)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def portal_workspace(assembled_2000, tmp_path_factory) -> Path:
+    """A copy of ``assembled_2000`` taken through disclose to ``published/`` (for the portal's tests).
+
+    Its education extract has two malformed lines, so ``quarantine/`` has rows.
+    The key is ``HHLINK_KEY = 5e * 32``.
+    """
+    from linkage.disclose.stage import disclose
+
+    ws = copy_workspace(assembled_2000, tmp_path_factory.mktemp("portal") / "ws")
+    cfg = load_config(generate={"persons": 2000, "seed": 5},
+                      assemble={"data_docs": False, "bootstrap_replicates": 20})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HHLINK_KEY", PORTAL_KEY_HEX)
         disclose(cfg, ws)
     return ws

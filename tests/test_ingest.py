@@ -311,10 +311,9 @@ def test_missing_required_column_via_cli_is_one_line(run_cli, small_population, 
 
 
 @pytest.fixture(scope="module")
-def ingested(small_population, tmp_path_factory):
-    """The 5k population's landing zone, ingested once."""
-    ws = _copy_landing(small_population[0], tmp_path_factory.mktemp("ingested") / "ws")
-    return ws, ingest(load_config(), ws), small_population[1]
+def ingested(ingested_5k, small_population):
+    """The 5k population's landing zone, ingested once (the session's shared, read-only workspace)."""
+    return (*ingested_5k, small_population[1])
 
 
 def test_generated_population_is_staged_whole_and_reconciles(ingested):

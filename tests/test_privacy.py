@@ -19,6 +19,7 @@ from linkage.pseudonymise.stage import pseudonymise
 from linkage.pseudonymise.store import (EncryptedZoneError, ZoneKey, is_encrypted, read_encrypted, read_identifiers,
                                         read_payload, zone_key)
 from linkage.schemas import SOURCES
+from tests.conftest import copy_workspace
 
 SECRET = hashlib.sha256(b"hhlink privacy test key").digest()     # a fixed test key, generated here
 KEY = MasterKey(SECRET, "test")
@@ -26,15 +27,12 @@ CFG = load_config()
 
 
 @pytest.fixture(scope="module")
-def ws(small_population, tmp_path_factory):
-    """The 5k-person population's landing zone, ingested and pseudonymised by the real stages."""
-    from linkage.ingest.stage import ingest
-
-    root = tmp_path_factory.mktemp("privacy")
-    shutil.copytree(small_population[0] / "landing", root / "landing")
+def ws(ingested_5k, tmp_path_factory):
+    """The 5k-person population's landing zone, ingested and pseudonymised by the real stages
+    (ingested once per session: a copy of conftest's ``ingested_5k``)."""
+    root = copy_workspace(ingested_5k[0], tmp_path_factory.mktemp("privacy") / "ws")
     mp = pytest.MonkeyPatch()
     mp.setenv(ENV_KEY, SECRET.hex())
-    ingest(CFG, root)
     pseudonymise(CFG, root)
     yield root
     mp.undo()

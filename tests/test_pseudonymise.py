@@ -26,6 +26,7 @@ from linkage.pseudonymise.store import is_encrypted, read_encrypted, zone_files
 from linkage.pseudonymise.stage import IDENTIFIER_COLUMNS, PseudonymiseError, bloom_params, pseudonymise
 from linkage.schemas import SOURCES, load_schema
 from linkage.stages import run_stage
+from tests.conftest import copy_workspace
 
 SECRET = hashlib.sha256(b"hhlink pseudonymise test key").digest()     # fixed test keys, generated here
 OTHER = hashlib.sha256(b"hhlink pseudonymise other key").digest()
@@ -43,15 +44,12 @@ def _oracle(domain: str, value: str | None, secret: bytes = SECRET) -> str | Non
 
 
 @pytest.fixture(scope="module")
-def ws(small_population, tmp_path_factory):
-    """The 5k-person population's landing zone, ingested by the real ingest and pseudonymised."""
-    from linkage.ingest.stage import ingest
-
-    root = tmp_path_factory.mktemp("pseudo")
-    shutil.copytree(small_population[0] / "landing", root / "landing")
+def ws(ingested_5k, tmp_path_factory):
+    """The 5k-person population's landing zone, ingested by the real ingest and pseudonymised
+    (ingested once per session: a copy of conftest's ``ingested_5k``)."""
+    root = copy_workspace(ingested_5k[0], tmp_path_factory.mktemp("pseudo") / "ws")
     mp = pytest.MonkeyPatch()
     mp.setenv(ENV_KEY, SECRET.hex())
-    ingest(CFG, root)
     summary = pseudonymise(CFG, root)
     yield root, summary
     mp.undo()

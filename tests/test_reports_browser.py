@@ -6,16 +6,12 @@ Chromium is Debian's ``chromium`` package, installed by ``scripts/ensure-chromiu
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-
-from linkage.config import load_config
-from linkage.ingest.stage import ingest
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -51,13 +47,9 @@ def _screenshot(page: Path, tmp: Path, name: str):
 
 
 @pytest.fixture(scope="module")
-def reports(small_population, tmp_path_factory) -> Path:
-    ws = tmp_path_factory.mktemp("browser") / "ws"
-    (ws / "landing").mkdir(parents=True)
-    for f in (small_population[0] / "landing").iterdir():
-        os.link(f, ws / "landing" / f.name)
-    ingest(load_config(), ws)
-    return ws / "reports" / "quality" / "data_docs"
+def reports(ingested_5k) -> Path:
+    """The Data Docs of the 5k population's ingest (the session's shared, read-only workspace)."""
+    return ingested_5k[0] / "reports" / "quality" / "data_docs"
 
 
 def test_index_page_renders_offline_with_every_suite(reports, tmp_path):
