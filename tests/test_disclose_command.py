@@ -1,7 +1,8 @@
 """``hhlink disclose`` end to end on a small population, and on-demand tables (``build_table``).
 
 A 2,000-person population goes through generate, ingest, pseudonymise, link and assemble
-once; the published tables are then checked against the research tables themselves.
+once per session (conftest's ``assembled_2000``, copied here); the published tables are then
+checked against the research tables themselves.
 """
 
 from __future__ import annotations
@@ -18,30 +19,16 @@ from linkage.config import load_config
 from linkage.disclose.stage import STATUSES, RequestError, build_table, disclose
 from linkage.keys import fingerprint, load_master_key
 from linkage.sdc.standard import standard_tables
+from tests.conftest import PORTAL_KEY_HEX, copy_workspace
 from tests.test_disclosure_properties import _equations, _interval
 
-KEY_HEX = "5e" * 32
+KEY_HEX = PORTAL_KEY_HEX            # the key of the session's shared workspace (conftest.assembled_2000)
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    from linkage.ingest.stage import ingest
-    from linkage.link.stage import link
-    from linkage.assemble.stage import assemble
-    from linkage.pseudonymise.stage import pseudonymise
-    from synthetic_data import generate_population
-
-    ws = tmp_path_factory.mktemp("disclose") / "ws"
-    cfg = load_config(generate={"persons": 2000, "seed": 5}, ingest={"data_docs": False},
-                      assemble={"data_docs": False, "bootstrap_replicates": 20})
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HHLINK_KEY", KEY_HEX)
-        generate_population(cfg.generate, ws)
-        ingest(cfg, ws)
-        pseudonymise(cfg, ws)
-        link(cfg, ws)
-        assemble(cfg, ws)
-    return ws
+def workspace(assembled_2000, tmp_path_factory):
+    """A copy of the session's 2,000-person workspace through assemble (seed 5, key ``KEY_HEX``)."""
+    return copy_workspace(assembled_2000, tmp_path_factory.mktemp("disclose") / "ws")
 
 
 @pytest.fixture
