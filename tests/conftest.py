@@ -65,6 +65,25 @@ def ingested_5k(small_population, tmp_path_factory) -> tuple[Path, dict]:
     return ws, ingest(load_config(), ws)
 
 
+@pytest.fixture(scope="session")
+def linked_4000(tmp_path_factory) -> tuple[Path, dict]:
+    """A 4,000-person population (seed 5) through generate, ingest, pseudonymise and link under
+    ``HHLINK_KEY = 5e * 32``: (workspace, link summary). READ-ONLY: ``test_link`` evaluates and
+    ``test_assemble`` assembles a :func:`copy_workspace` of it, so the population is linked once."""
+    from linkage.ingest.stage import ingest
+    from linkage.link.stage import link
+    from linkage.pseudonymise.stage import pseudonymise
+
+    ws = tmp_path_factory.mktemp("linked4000") / "ws"
+    cfg = load_config(generate={"persons": 4000, "seed": 5})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HHLINK_KEY", PORTAL_KEY_HEX)
+        generate_population(cfg.generate, ws)
+        ingest(cfg, ws)
+        pseudonymise(cfg, ws)
+        return ws, link(cfg, ws)
+
+
 @pytest.fixture
 def run_cli():
     """Run ``hhlink`` in a subprocess: returns (exit code, stdout, stderr)."""

@@ -7,6 +7,7 @@ import math
 import shutil
 
 import duckdb
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -16,29 +17,25 @@ from linkage.keys import KeyMismatchError, MasterKey
 from linkage.pseudonymise.store import (EncryptedZoneError, is_encrypted, read_encrypted_schema, read_research,
                                         register_research, research_key, research_zone)
 from linkage.quality import validate
+from tests.conftest import PORTAL_KEY_HEX, copy_workspace
 
-KEY = "5e" * 32
+KEY = PORTAL_KEY_HEX               # the key of conftest's shared linked_4000
 MASTER = MasterKey(bytes.fromhex(KEY), "test")
-PERSONS = 3000
+PERSONS = 4000                     # conftest's linked_4000
 
 
 @pytest.fixture(scope="module")
-def assembled(tmp_path_factory):
-    """A 3,000-person population through every stage, assembled for project ``proj-a``, then evaluated."""
+def assembled(linked_4000, tmp_path_factory):
+    """A 4,000-person population through every stage, assembled for project ``proj-a``, then evaluated.
+
+    Generated, ingested, pseudonymised and linked once per session (conftest's ``linked_4000``, which
+    ``test_link`` shares); assembled and evaluated here on a copy."""
     from linkage.evaluate.stage import evaluate
-    from linkage.ingest.stage import ingest
-    from linkage.link.stage import link
-    from linkage.pseudonymise.stage import pseudonymise
-    from synthetic_data import generate_population
 
     mp = pytest.MonkeyPatch()
     mp.setenv("HHLINK_KEY", KEY)
-    root = tmp_path_factory.mktemp("assembled")
-    cfg = load_config(generate={"persons": PERSONS, "seed": 11}, assemble={"project": "proj-a"})
-    generate_population(cfg.generate, root)
-    ingest(cfg, root)
-    pseudonymise(cfg, root)
-    link(cfg, root)
+    root = copy_workspace(linked_4000[0], tmp_path_factory.mktemp("assembled") / "ws")
+    cfg = load_config(generate={"persons": PERSONS, "seed": 5}, assemble={"project": "proj-a"})
     summary = assemble(cfg, root)
     metrics = evaluate(cfg, root)
     yield root, cfg, summary, metrics
@@ -106,8 +103,10 @@ def test_research_zone_holds_no_identifiers_or_linkage_keys(assembled):
     banned.update(v for v in read_identifiers(root, MasterKey(bytes.fromhex(KEY), "test"), ["nino_tok"])
                   .column("nino_tok").to_pylist() if v)
     assert len(banned) > 10_000
-    con.execute("create table banned (v varchar)")
-    con.executemany("insert into banned values (?)", [(v,) for v in banned] + [(v.upper(),) for v in banned])
+    # one Arrow column, not executemany: DuckDB runs executemany row by row (~2 minutes for these values)
+    con.register("banned_arrow", pa.table({"v": pa.array(sorted(banned) + sorted(v.upper() for v in banned),
+                                                      pa.string())}))
+    con.execute("create table banned as select v from banned_arrow")
     scanned = 0
     for path in (root / "research").iterdir():
         if path.suffix == ".parquet":

@@ -13,28 +13,24 @@ import pytest
 from linkage.config import load_config
 from linkage.errors import HhlinkError
 from linkage.link.stage import link
+from tests.conftest import PORTAL_KEY_HEX, copy_workspace
 
-KEY = "5e" * 32
+KEY = PORTAL_KEY_HEX               # the key of conftest's shared linked_4000
 REQUIRED = ("person_pairwise_precision", "person_pairwise_recall", "person_pairwise_f1", "person_cluster_f1",
             "household_accuracy", "parent_child_precision", "parent_child_recall")
 
 
 @pytest.fixture(scope="module")
-def linked(tmp_path_factory):
-    """A 4,000-person population taken through every stage up to evaluation."""
+def linked(linked_4000, tmp_path_factory):
+    """A 4,000-person population taken through every stage up to evaluation (linked once per session:
+    a copy of conftest's ``linked_4000``, which ``test_assemble`` shares)."""
     from linkage.evaluate.stage import evaluate
-    from linkage.ingest.stage import ingest
-    from linkage.pseudonymise.stage import pseudonymise
-    from synthetic_data import generate_population
 
     mp = pytest.MonkeyPatch()
     mp.setenv("HHLINK_KEY", KEY)
-    root = tmp_path_factory.mktemp("linked")
+    root = copy_workspace(linked_4000[0], tmp_path_factory.mktemp("linked") / "ws")
     cfg = load_config(generate={"persons": 4000, "seed": 5})
-    generate_population(cfg.generate, root)
-    ingest(cfg, root)
-    pseudonymise(cfg, root)
-    summary = link(cfg, root)
+    summary = linked_4000[1]
     metrics = evaluate(cfg, root)
     yield root, summary, metrics
     mp.undo()
