@@ -68,6 +68,12 @@ def test_linked_zone_contents(linked):
     bad = con.execute(f"select count(*) from '{out}/pairs.parquet' where match_probability < "
                       f"{load_config().link.keep_pairs_above}").fetchall()[0][0]
     assert bad == 0
+    # the anchored prediction rules, counted exactly: anchors first, then the rules on representatives
+    rules = [b["rule"] for b in summary["blocking"]]
+    assert rules[:4] == ["nino_tok", "upn_tok", "fn_tok and sn_tok and dob_tok",
+                         "same anchor group (through a chain of the rules above)"]
+    assert all("one identity per anchor" in r for r in rules[4:]) and not any(b["is_estimate"] for b in summary["blocking"])
+    assert summary["blocking"][-1]["cumulative_comparisons"] >= summary["pairs_scored"]
     # every person-year in households belongs to exactly one household
     dup = con.execute(f"select count(*) from (select person_key, year from '{out}/households.parquet' "
                       "group by all having count(*) > 1)").fetchall()[0][0]
@@ -177,24 +183,91 @@ def test_floor_levels_leaves_no_veto_from_a_level_training_never_saw():
     assert sum(lv["m_probability"] for lv in (exact, swapped, other)) == pytest.approx(1)
 
 
-def test_the_report_counts_identities_no_blocking_rule_compares():
-    from linkage.link.model import PREDICTION_BLOCKS
-    from linkage.link.stage import uncompared
+def _identities(con, rows: list[dict]) -> None:
+    """An ``identities`` table with every column the prediction rules read, from ``rows``."""
+    from linkage.link.model import PREDICTION_BLOCKS, rule_columns
 
-    cols = sorted({c for r in PREDICTION_BLOCKS if not isinstance(r, str) for c in r} | {"dob_swap_tok"})
+    cols = sorted(set().union(*(rule_columns(r) for r in PREDICTION_BLOCKS)))
+    types = {c: "blob" if c.endswith("_bf") else "varchar" for c in cols}
+    con.execute(f"create table identities (unique_id varchar, source varchar, n_records integer, "
+                f"{', '.join(f'{c} {t}' for c, t in types.items())})")
+    for r in rows:
+        r = {"source": "earnings", **r}
+        con.execute(f"insert into identities ({', '.join(r)}) values ({', '.join('?' * len(r))})", list(r.values()))
+
+
+def _blocked(con) -> tuple[set[frozenset], list[dict], dict]:
+    from linkage.link.blocking import anchored_rules, build_blocking_keys
+    from linkage.link.stage import blocking_counts
+
+    rules = anchored_rules()
+    build_blocking_keys(con, "identities", "blocking_keys", rules)
+    con.execute("create table ids_earnings as select i.*, k.* exclude (unique_id) "
+                "from identities i join blocking_keys k using (unique_id)")
+    pairs = set()
+    from linkage.link.model import rule_sql
+    for r in rules:
+        pairs |= {frozenset(p) for p in con.execute(
+            f"select l.unique_id, r.unique_id from ids_earnings l join ids_earnings r on ({rule_sql(r.rule)}) "
+            "and l.unique_id < r.unique_id").fetchall()}
+    counts, alone = blocking_counts(con, ["ids_earnings"], rules)
+    return pairs, counts, alone
+
+
+def test_the_report_counts_identities_no_blocking_rule_compares():
     con = duckdb.connect()
-    con.execute(f"create table identities (unique_id varchar, n_records integer, {', '.join(c + ' varchar' for c in cols)})")
-    rows = [
+    _identities(con, [
         {"unique_id": "a", "n_records": 2, "nino_tok": "N1"},          # a and b share a NINO
         {"unique_id": "b", "n_records": 1, "nino_tok": "N1"},
         {"unique_id": "c", "n_records": 1, "dob_tok": "D1", "fn_phon_tok": "F", "dob_swap_tok": "D2"},
         {"unique_id": "d", "n_records": 1, "dob_tok": "D2", "fn_phon_tok": "F"},  # c's date swapped
         {"unique_id": "e", "n_records": 3, "dob_tok": "D3", "fn_phon_tok": "G"},  # alone
         {"unique_id": "f", "n_records": 1, "nino_tok": "N2"},          # alone
-    ]
-    for r in rows:
-        con.execute(f"insert into identities ({', '.join(r)}) values ({', '.join('?' * len(r))})", list(r.values()))
-    u = uncompared(con)
+    ])
+    pairs, counts, u = _blocked(con)
+    assert pairs == {frozenset("ab"), frozenset("cd")}
+    assert counts[-1]["cumulative_comparisons"] == 2 and sum(c["marginal_comparisons"] for c in counts) == 2
     assert u["identities"] == 6 and u["identities_no_rule_compares"] == 2
     assert u["identities_share"] == pytest.approx(2 / 6, abs=1e-6)
     assert u["records_share"] == pytest.approx(4 / 9, abs=1e-6)
+
+
+def test_anchored_blocking_compares_few_identities_per_anchor_group_and_keeps_every_link():
+    """Two people born the same day with forenames that sound alike, four identities each.
+
+    Without anchors "dob and forename sound" would compare all 16 pairs across the two; with
+    them each person's identities are one anchor group (a NINO or a UPN for some, forename,
+    surname and date of birth for another, joined through a chain), so the rule compares only
+    the groups' representatives (most records first) across, and every identity of a group is
+    compared with every other of its group.
+    """
+    from linkage.link.blocking import REPRESENTATIVES
+
+    con = duckdb.connect()
+    common = {"dob_tok": "D", "fn_phon_tok": "F"}
+    people = {
+        "p": [{"unique_id": "p1", "n_records": 5, "nino_tok": "N1", "fn_tok": "ann", "sn_tok": "x"},
+              {"unique_id": "p2", "n_records": 3, "nino_tok": "N1", "fn_tok": "anne", "sn_tok": "x"},
+              {"unique_id": "p3", "n_records": 1, "nino_tok": "N1", "fn_tok": "anna", "sn_tok": "xx"},
+              {"unique_id": "p4", "n_records": 1, "fn_tok": "ann", "sn_tok": "x"}],     # joined to p1 by name+dob
+        "q": [{"unique_id": "q1", "n_records": 4, "upn_tok": "U1", "fn_tok": "an", "sn_tok": "y"},
+              {"unique_id": "q2", "n_records": 2, "upn_tok": "U1", "fn_tok": "ann", "sn_tok": "z"},
+              {"unique_id": "q3", "n_records": 2, "upn_tok": "U1", "fn_tok": "ann", "sn_tok": "zz"},
+              {"unique_id": "q4", "n_records": 1, "fn_tok": "ann", "sn_tok": "z"}],     # joined to q2, so to q1
+    }
+    _identities(con, [{**r, **common} for rows in people.values() for r in rows])
+    pairs, counts, u = _blocked(con)
+    reps = {k: [r["unique_id"] for r in sorted(rows, key=lambda r: (-r["n_records"], r["unique_id"]))][:REPRESENTATIVES]
+            for k, rows in people.items()}
+    across = {p for p in pairs if len({x[0] for x in p}) > 1}
+    assert across == {frozenset({a, b}) for a in reps["p"] for b in reps["q"]}
+    assert len(across) < 16
+    for rows in people.values():                     # every identity of a group is compared with every other
+        ids = [r["unique_id"] for r in rows]
+        assert {frozenset({a, b}) for a in ids for b in ids if a < b} <= pairs
+    dob_fn = next(c for c in counts if c["rule"].startswith("dob_tok and fn_phon_tok"))
+    assert dob_fn["marginal_comparisons"] == len(across) and "one identity per anchor" in dob_fn["rule"]
+    chain = next(c for c in counts if c["rule"].startswith("same anchor group"))
+    assert chain["marginal_comparisons"] == 4      # p2-p4, p3-p4, q1-q4, q3-q4: no value in common, one group
+    assert u["identities_no_rule_compares"] == 0
+

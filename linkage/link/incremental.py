@@ -29,7 +29,7 @@ import duckdb
 
 from linkage.config import LinkConfig
 from linkage.db import read_literal
-from linkage.link.model import PREDICTION_BLOCKS
+from linkage.link.model import rule_sql
 from linkage.link.model_store import fingerprint
 
 __all__ = ["scope", "restricted_rules", "merge_pairs"]
@@ -83,13 +83,10 @@ def scope(con: duckdb.DuckDBPyConnection, previous: Path, model: Path, lc: LinkC
             f"incremental: {touched:,} of {total:,} identities gained records")
 
 
-def restricted_rules(dialect: str = "duckdb") -> list[dict]:
-    """The prediction blocking rules, each limited to pairs with a touched identity on either side."""
-    rules = []
-    for rule in PREDICTION_BLOCKS:
-        sql = rule if isinstance(rule, str) else " AND ".join(f"l.{c} = r.{c}" for c in rule)
-        rules.append({"blocking_rule": f"({sql}) AND {TOUCHED}", "sql_dialect": dialect})
-    return rules
+def restricted_rules(rules, dialect: str = "duckdb") -> list[dict]:
+    """The prediction blocking rules (:func:`linkage.link.blocking.anchored_rules`), each limited to
+    pairs with a touched identity on either side."""
+    return [{"blocking_rule": f"({rule_sql(r.rule)}) AND {TOUCHED}", "sql_dialect": dialect} for r in rules]
 
 
 def merge_pairs(con: duckdb.DuckDBPyConnection, scored: str, facts: dict) -> str:

@@ -39,9 +39,11 @@ MIN_U = 1e-6
 
 # Blocking rules for prediction: any one of them brings a pair into comparison. A rule is
 # the columns that must be equal, or SQL over l. and r. where it equates different columns.
-# Every rule names the date of birth down to the day, or a name and a year-level date, so
-# comparisons grow about linearly with the population: a rule such as "dob and forename
-# initial" made 48.6M of 66.5M comparisons at 1M persons (and 1.1M of 1.9M at 100k).
+# Every rule names the date of birth down to the day, or a name and a year-level date (a rule
+# such as "dob and forename initial" made 48.6M of 66.5M comparisons at 1M persons). The link
+# stage runs them anchored (linkage/link/blocking.py): after rules on NINO, UPN and full name
+# with date of birth, each of these compares a few identities per anchor group, so chance
+# meetings of two people cost a few comparisons rather than the product of their identities.
 PREDICTION_BLOCKS: tuple[tuple[str, ...] | str, ...] = (
     ("nino_tok",),
     ("upn_tok",),
@@ -100,6 +102,11 @@ def band_rule(exact: tuple[str, ...], column: str, start: int, length: int = 8) 
 def rule_label(rule: tuple[str, ...] | str) -> str:
     """How reports name a blocking rule."""
     return rule if isinstance(rule, str) else " and ".join(rule)
+
+
+def rule_sql(rule: tuple[str, ...] | str) -> str:
+    """The rule as SQL over ``l.`` and ``r.``."""
+    return rule if isinstance(rule, str) else " AND ".join(f"l.{c} = r.{c}" for c in rule)
 
 
 def rule_creator(rule: tuple[str, ...] | str):

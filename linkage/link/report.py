@@ -268,7 +268,10 @@ def _uncompared_html(u: dict | None) -> str:
         return ""
     return (f"<p class='note'>Identities no rule compares with any other: {u['identities_no_rule_compares']:,} of "
             f"{u['identities']:,} ({u['identities_share']:.2%}; {u['records_share']:.2%} of records). They can only "
-            "be persons of their own. An upper bound: the swapped-names rule, a Dice test, is not counted.</p>")
+            "be persons of their own. Counted exactly, on every identity. Identities equal on a NINO, a UPN, or "
+            "forename, surname and date of birth form anchor groups whose members are all compared; the other "
+            "rules compare a few identities per anchor group (most records first), so their counts grow with the "
+            "population, not its square.</p>")
 
 
 def write_report(config: Config, workspace: Path | str, key=None) -> dict:

@@ -29,7 +29,6 @@ import logging
 import math
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import duckdb
@@ -39,7 +38,8 @@ from linkage.db import connect, path_literal, quote_ident, quote_literal, read_l
 from linkage.errors import HhlinkError
 from linkage.link import model_store
 from linkage.link.households import assemble_households
-from linkage.link.model import ADDRESS_COLUMNS, IDENTITY_COLUMNS, TRAINING_BLOCKS, floor_levels, model_settings
+from linkage.link.model import (ADDRESS_COLUMNS, IDENTITY_COLUMNS, TRAINING_BLOCKS, floor_levels, model_settings,
+                                 rule_sql)
 from linkage.schemas import SOURCES
 from linkage.workspace import Workspace
 
@@ -187,18 +187,31 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
     log.info("prediction: %s", prediction)
     db_api = _db_api(config, con, tmp)
     dialect = "spark" if lc.engine == "spark" else "duckdb"
+    from linkage.link.blocking import anchored_rules, build_blocking_keys
+
+    rules = anchored_rules()
+    t = time.perf_counter()
+    anchors = build_blocking_keys(con, "identities", "blocking_keys", rules)
+    anchors["seconds"] = round(time.perf_counter() - t, 1)
     sdfs = []
     for source in SOURCES:
-        con.execute(f"create or replace table ids_{source} as select * from identities where source = {quote_literal(source)}")
+        # each rule's key columns sit beside the encodings for this run only; identities.parquet has none
+        con.execute(f"""create or replace table ids_{source} as
+            select i.*, k.* exclude (unique_id) from identities i join blocking_keys k using (unique_id)
+            where i.source = {quote_literal(source)}""")
         if lc.engine == "spark":
             sdfs.append(db_api.register(_to_spark(con, db_api, f"ids_{source}", tmp), dataset_display_name=source))
         else:
             sdfs.append(db_api.register(f"ids_{source}", dataset_display_name=source))
-    settings = model_settings(dialect) if model is None else _trained_settings(model, dialect)
+    con.execute("drop table blocking_keys")
+    settings = (model_settings(dialect).create_settings_dict(dialect) if model is None
+                else _trained_settings(model, dialect))
+    settings["blocking_rules_to_generate_predictions"] = [
+        {"blocking_rule": rule_sql(r.rule), "sql_dialect": dialect} for r in rules]
     if increment:
         from linkage.link.incremental import restricted_rules
 
-        settings["blocking_rules_to_generate_predictions"] = restricted_rules(dialect)
+        settings["blocking_rules_to_generate_predictions"] = restricted_rules(rules, dialect)
     linker = Linker(sdfs, settings, log_level=None)   # the CLI decides what reaches the console (-v)
     t = time.perf_counter()
     if model is None:
@@ -222,9 +235,9 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
     linker.misc.save_model_to_json(str(out / "model.json"), overwrite=True)
     _save_charts(linker, out / "charts")
     t = time.perf_counter()
-    facts["blocking"] = _blocking_counts(sdfs, con)
-    facts["uncompared"] = uncompared(con)
+    facts["blocking"], facts["uncompared"] = blocking_counts(con, [f"ids_{s}" for s in sorted(SOURCES)], rules)
     facts["blocking_count_seconds"] = round(time.perf_counter() - t, 1)
+    facts["anchors"] = anchors
     t = time.perf_counter()
     if lc.engine == "spark":
         pairs = _predict_on_spark(linker, lc.keep_pairs_above)
@@ -276,55 +289,27 @@ def _save_charts(linker, folder: Path) -> None:
         (folder / f"{name}.vl.json").write_text(json.dumps(chart.chart_dict, default=str))
 
 
-def _blocking_counts(sdfs, con: duckdb.DuckDBPyConnection) -> list[dict]:
-    """Comparisons each prediction blocking rule adds (marginal) and in total (cumulative)."""
-    from splink.blocking_analysis import count_comparisons_from_blocking_rules
+def blocking_counts(con: duckdb.DuckDBPyConnection, tables: list[str], rules) -> tuple[list[dict], dict]:
+    """Comparisons each prediction rule adds (marginal) and in total, and the identities no rule compares.
 
-    from linkage.link.model import PREDICTION_BLOCKS, rule_creator, rule_label
-
-    n = con.execute("select count(*) from identities").fetchall()[0][0]
-    with warnings.catch_warnings():
-        # small sampled blocks warn that their estimate is rough; the report says it is an estimate
-        warnings.simplefilter("ignore", UserWarning)
-        records = count_comparisons_from_blocking_rules(
-            sdfs, blocking_rules=[rule_creator(r) for r in PREDICTION_BLOCKS], link_type="link_and_dedupe",
-            record_sample_proportion=1.0 if n <= 300_000 else 0.1)
-    return [{"rule": rule_label(rule), "marginal_comparisons": int(r["marginal_comparison_count"]),
-             "cumulative_comparisons": int(r["cumulative_comparison_count"]), "is_estimate": bool(r["is_estimate"])}
-            for rule, r in zip(PREDICTION_BLOCKS, records)]
-
-
-def uncompared(con: duckdb.DuckDBPyConnection) -> dict:
-    """Identities (and their records) that no prediction blocking rule pairs with any other identity.
-
-    Exact for the rules on equal columns and the swapped-date rules; the swapped-names rule
-    (a Dice test, not an equality) is not counted, so the share is an upper bound. Such an
-    identity can only become a person of its own (or one with its identical records).
+    Exact, on every identity: one SQL pass over the rules' join columns
+    (:func:`linkage.link_files.model.blocking_coverage`). ``tables`` are the ``ids_<source>``
+    tables in Splink's order (by name); ``rules`` the :func:`linkage.link.blocking.anchored_rules`.
+    The uncompared identities can only become persons of their own (or with their identical records).
     """
-    from linkage.link.model import PREDICTION_BLOCKS
+    from linkage.link_files.model import blocking_coverage
 
-    parts = []
-    for rule in PREDICTION_BLOCKS:
-        if isinstance(rule, str):
-            continue
-        cols = ", ".join(rule)
-        present = " and ".join(f"{c} is not null" for c in rule)
-        parts.append(f"select unique_id from identities where {present} "
-                     f"qualify count(*) over (partition by {cols}) > 1")
-    # day and month of birth swapped: one identity's dob_swap_tok is the other's dob_tok, same fn_phon_tok
-    parts.append("""select a.unique_id from identities a semi join identities b
-                    on a.dob_swap_tok = b.dob_tok and a.fn_phon_tok = b.fn_phon_tok and a.unique_id <> b.unique_id""")
-    parts.append("""select b.unique_id from identities b semi join identities a
-                    on a.dob_swap_tok = b.dob_tok and a.fn_phon_tok = b.fn_phon_tok and a.unique_id <> b.unique_id""")
+    counts, _ = blocking_coverage(con, tables, [r.rule for r in rules], "link_and_dedupe",
+                                  labels=[r.label for r in rules], keep="__hh_compared")
     n, records, alone, alone_records = con.execute(f"""
-        with compared as ({" union ".join(parts)})
-        select count(*), sum(n_records), count(*) filter (where unique_id not in (select unique_id from compared)),
-               coalesce(sum(n_records) filter (where unique_id not in (select unique_id from compared)), 0)
-        from identities""").fetchone()
-    return {"identities": int(n), "identities_no_rule_compares": int(alone),
-            "identities_share": round(alone / n, 6) if n else 0.0,
-            "records_share": round(int(alone_records) / int(records), 6) if records else 0.0,
-            "upper_bound": True}
+        with ids as ({" union all ".join(f"select unique_id, n_records from {t}" for t in tables)})
+        select count(*), sum(n_records), count(*) filter (where unique_id not in (select unique_id from __hh_compared)),
+               coalesce(sum(n_records) filter (where unique_id not in (select unique_id from __hh_compared)), 0)
+        from ids""").fetchone()
+    con.execute("drop table __hh_compared")
+    return counts, {"identities": int(n), "identities_no_rule_compares": int(alone),
+                    "identities_share": round(alone / n, 6) if n else 0.0,
+                    "records_share": round(int(alone_records) / int(records), 6) if records else 0.0}
 
 
 def _model_lifecycle(config: Config, ws: Workspace, con: duckdb.DuckDBPyConnection, out: Path, mode: str,

@@ -47,7 +47,7 @@ import splink.comparison_level_library as cll
 
 from linkage.encodings import dice_sql, dice_sql_counted
 from linkage.link.model import (PREDICTION_BLOCKS, SWAP_RULE, address_comparison, band_rule, model_settings,
-                                rule_columns, rule_creator, rule_label)
+                                rule_columns, rule_creator, rule_label, rule_sql)
 
 log = logging.getLogger(__name__)
 
@@ -497,11 +497,8 @@ def run_model(con, inputs, config, threshold: float, out: Path, link_only: bool 
     return ModelRun(pairs.physical_name, clusters.physical_name, facts, charts)
 
 
-def _rule_sql(rule) -> str:
-    return rule if isinstance(rule, str) else " AND ".join(f"l.{c} = r.{c}" for c in rule)
-
-
-def blocking_coverage(con, tables: list[str], rules: list, link_type: str) -> tuple[list[dict], dict]:
+def blocking_coverage(con, tables: list[str], rules: list, link_type: str, labels: list[str] | None = None,
+                      keep: str | None = None) -> tuple[list[dict], dict]:
     """Comparisons each prediction rule adds, and the records no rule compares, counted exactly.
 
     One query pairs the records under every rule the way Splink's prediction does (within a
@@ -516,6 +513,9 @@ def blocking_coverage(con, tables: list[str], rules: list, link_type: str) -> tu
         tables: one table per file.
         rules: the prediction blocking rules, in Splink's order.
         link_type: ``dedupe_only``, ``link_only`` or ``link_and_dedupe`` (which table pairs count).
+        labels: how the counts name each rule (default :func:`rule_label`).
+        keep: if given, a temporary table of this name is left with one ``unique_id`` per
+            record that some rule compares (for counts by record weight).
 
     Returns:
         ``([{"rule", "marginal_comparisons", "cumulative_comparisons", "is_estimate"}, ...],
@@ -525,7 +525,7 @@ def blocking_coverage(con, tables: list[str], rules: list, link_type: str) -> tu
              if (a != b or link_type != "link_only") and (a == b or link_type != "dedupe_only")]
     total = sum(con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in tables)
     reached = " UNION ALL ".join(
-        f"SELECT l.unique_id AS a, r.unique_id AS b, {k} AS k FROM {a} l JOIN {b} r ON ({_rule_sql(rule)})"
+        f"SELECT l.unique_id AS a, r.unique_id AS b, {k} AS k FROM {a} l JOIN {b} r ON ({rule_sql(rule)})"
         + (" AND l.unique_id < r.unique_id" if a == b else "") for a, b in pairs for k, rule in enumerate(rules))
     first: dict[int, int] = {}
     alone = total
@@ -533,13 +533,20 @@ def blocking_coverage(con, tables: list[str], rules: list, link_type: str) -> tu
         con.execute(f"CREATE OR REPLACE TEMP TABLE __hh_blocked AS SELECT a, b, min(k) AS k FROM ({reached}) "
                     "GROUP BY a, b")
         first = dict(con.execute("SELECT k, count(*) FROM __hh_blocked GROUP BY k").fetchall())
-        alone -= con.execute("SELECT count(*) FROM (SELECT a FROM __hh_blocked UNION SELECT b FROM __hh_blocked)"
-                             ).fetchall()[0][0]
+        con.execute("CREATE OR REPLACE TEMP TABLE __hh_reached AS SELECT a AS unique_id FROM __hh_blocked "
+                    "UNION SELECT b FROM __hh_blocked")
+        alone -= con.execute("SELECT count(*) FROM __hh_reached").fetchall()[0][0]
         con.execute("DROP TABLE __hh_blocked")
+    else:
+        con.execute("CREATE OR REPLACE TEMP TABLE __hh_reached (unique_id VARCHAR)")
+    if keep:
+        con.execute(f"DROP TABLE IF EXISTS {keep}; ALTER TABLE __hh_reached RENAME TO {keep}")
+    else:
+        con.execute("DROP TABLE __hh_reached")
     counts, cumulative = [], 0
     for k, rule in enumerate(rules):
         cumulative += first.get(k, 0)
-        counts.append({"rule": rule_label(rule), "marginal_comparisons": first.get(k, 0),
+        counts.append({"rule": labels[k] if labels else rule_label(rule), "marginal_comparisons": first.get(k, 0),
                        "cumulative_comparisons": cumulative, "is_estimate": False})
     return counts, {"records": alone, "share": round(alone / total, 6) if total else 0.0}
 
