@@ -3,17 +3,18 @@
 For the synthetic population (``hhlink generate``, seed fixed) at each size, the workspace is
 built for real (generate, ingest, pseudonymise) unless it already holds pseudonymised
 identifiers under the given key; then the identities ``hhlink link`` compares are built
-exactly as the link stage builds them, and for every rule of the main model
-(:data:`linkage.link.model.PREDICTION_BLOCKS`) one exact SQL pass on the join columns
-(:func:`linkage.link_files.model.blocking_coverage`) gives the comparisons the rule adds
+exactly as the link stage builds them, with the same anchored rules
+(:func:`linkage.link.blocking.anchored_rules` on :data:`linkage.link.model.PREDICTION_BLOCKS`,
+keys from :func:`linkage.link.blocking.build_blocking_keys`), and one exact SQL pass on the
+join columns (:func:`linkage.link.stage.blocking_counts`) gives the comparisons each rule adds
 (marginal: not already made by an earlier rule) and the running total - what prediction
 would score, without scoring anything. Up to a million identities Splink's own
 ``count_comparisons_from_blocking_rules`` runs beside it as a cross-check (it carries every
 column through every pair: at 1M persons its spill passed 30 GB); "count seconds" is our
 pass alone. Beside them: the share of identities (and of records) that no rule pairs with
-any other identity (``linkage.link.stage.uncompared``), and the growth ratio of
-each count from 100k to 1M persons beside the linear expectation (10x). Nothing is trained
-or predicted.
+any other identity, the pair and connected recall of blocking against the truth
+(:func:`connected_recall`), and the growth ratio of each count from 100k to 1M persons
+beside the linear expectation (10x). Nothing is trained or predicted.
 
 Building 1M persons takes about ten minutes of both cores; on a shared machine run it
 niced with few threads (``--threads 1``) in the background.
@@ -100,9 +101,9 @@ def count(size: int, root: Path, key_file: Path, threads: int) -> dict:
     from linkage.db import connect
     from linkage.db import quote_literal as lit
     from linkage.keys import load_master_key
-    from linkage.link.model import PREDICTION_BLOCKS, rule_creator
-    from linkage.link_files.model import blocking_coverage
-    from linkage.link.stage import identities_sql, uncompared
+    from linkage.link.blocking import AnchoredRule, anchored_rules, build_blocking_keys
+    from linkage.link.model import PREDICTION_BLOCKS, rule_creator, rule_label
+    from linkage.link.stage import blocking_counts, identities_sql
     from linkage.pseudonymise.store import load_zone
     from linkage.schemas import SOURCES
 
@@ -116,14 +117,20 @@ def count(size: int, root: Path, key_file: Path, threads: int) -> dict:
         con.execute(identities_sql("identifiers_in"))     # the link stage's identities, as it builds them
         con.execute("drop table identifiers_in")
         identities, records = con.execute("select count(*), sum(n_records) from identities").fetchall()[0]
+        t = time.perf_counter()
+        prediction = anchored_rules()
+        anchors = build_blocking_keys(con, "identities", "blocking_keys", prediction)   # as the link stage does
+        anchor_seconds = round(time.perf_counter() - t, 1)
         tables = []
         for source in sorted(SOURCES):      # Splink's order of datasets: by name
-            con.execute(f"create or replace table ids_{source} as select * from identities where source = {lit(source)}")
+            con.execute(f"""create or replace table ids_{source} as select i.*, k.* exclude (unique_id)
+                from identities i join blocking_keys k using (unique_id) where i.source = {lit(source)}""")
             tables.append(f"ids_{source}")
+        con.execute("drop table blocking_keys")
         t = time.perf_counter()
         # exact, every identity: each pair the rules join, under the first rule that reaches it (as
         # prediction attributes it), counted on the join columns only
-        counted, _ = blocking_coverage(con, tables, list(PREDICTION_BLOCKS), "link_and_dedupe")
+        counted, alone = blocking_counts(con, tables, prediction)
         rules = [{"rule": c["rule"], "marginal": c["marginal_comparisons"], "cumulative": c["cumulative_comparisons"]}
                  for c in counted]
         count_seconds = round(time.perf_counter() - t, 1)
@@ -136,17 +143,74 @@ def count(size: int, root: Path, key_file: Path, threads: int) -> dict:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 splink = count_comparisons_from_blocking_rules(
-                    sdfs, blocking_rules=[rule_creator(r) for r in PREDICTION_BLOCKS], link_type="link_and_dedupe",
+                    sdfs, blocking_rules=[rule_creator(r.rule) for r in prediction], link_type="link_and_dedupe",
                     record_sample_proportion=1.0)
             splink_check = {"equal": [int(c["marginal_comparison_count"]) for c in splink]
                             == [r["marginal"] for r in rules],
                             "splink_marginal": [int(c["marginal_comparison_count"]) for c in splink]}
-        alone = uncompared(con)
+        reach = connected_recall(con, root, key, tables, prediction)
+        # the same rules without anchors, in the same run: every identity of a block compared
+        t = time.perf_counter()
+        plain = [AnchoredRule(r, rule_label(r)) for r in PREDICTION_BLOCKS]
+        plain_counted, _ = blocking_counts(con, tables, plain)
+        without = {"comparisons": plain_counted[-1]["cumulative_comparisons"],
+                   "reach": connected_recall(con, root, key, tables, plain),
+                   "seconds": round(time.perf_counter() - t, 1)}
         con.close()
-    return {"persons": size, "records": int(records), "identities": int(identities), "rules": rules,
+    return {"persons": size, "reach": reach, "without_anchors": without, "records": int(records), "identities": int(identities), "rules": rules,
             "comparisons": rules[-1]["cumulative"] if rules else 0, "uncompared": alone, "splink_check": splink_check,
-            "count_seconds": count_seconds, "seconds": round(time.perf_counter() - t0, 1),
+            "anchors": anchors, "anchor_seconds": anchor_seconds, "count_seconds": count_seconds, "seconds": round(time.perf_counter() - t0, 1),
             "peak_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)}
+
+
+def _truth(con, root: Path, key) -> None:
+    """``id_ix``: each identity's true person (through its first record and the crosswalk) and a row index."""
+    from linkage.crosswalk import CROSSWALK_FILE, crosswalk_table
+    from linkage.db import read_literal
+
+    crosswalk_table(con, root / "pseudonymised" / CROSSWALK_FILE, key)
+    con.execute(f"""create or replace temp table id_truth as
+        select f.unique_id, t.person_id as truth from (select unique_id, min(record_token) rep from records group by 1) f
+        join xw on xw.record_token = f.rep
+        join {read_literal(root / 'truth' / 'source_rows.parquet')} t on t.source = xw.source and t.record_id = xw.record_id""")
+    con.execute("drop table xw")
+    con.execute("""create or replace temp table id_ix as
+        select unique_id, truth, (row_number() over (order by unique_id) - 1)::BIGINT ix from id_truth""")
+
+
+def connected_recall(con, root: Path, key, tables: list[str], prediction) -> dict:
+    """How many true links blocking leaves within reach, scored with the truth.
+
+    Pair recall: the share of true identity pairs (two identities of one person) that some
+    rule compares. Connected recall: the share of true identity pairs joined by a chain of
+    compared true pairs - the most clustering could link, since a person is the connected
+    component of matched pairs. Anchored rules compare a few identities per anchor group, so
+    pair recall falls by design while connected recall should not.
+    """
+    import numpy as np
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from linkage.link.model import rule_sql
+
+    if not con.execute("select count(*) from duckdb_tables() where table_name = 'id_ix'").fetchall()[0][0]:
+        _truth(con, root, key)
+
+    joins = " UNION ALL ".join(
+        f"SELECT l.unique_id a, r.unique_id b FROM {a} l JOIN {b} r ON ({rule_sql(r_.rule)})"
+        + (" AND l.unique_id < r.unique_id" if a == b else "")
+        for i, a in enumerate(tables) for b in tables[i:] for r_ in prediction)
+    edges = con.execute(f"""select distinct x.ix a, y.ix b from ({joins}) p
+        join id_ix x on x.unique_id = p.a join id_ix y on y.unique_id = p.b where x.truth = y.truth""").fetchnumpy()
+    n, true_pairs = con.execute("select sum(c), sum(c * (c - 1) / 2) from (select truth, count(*) c from id_ix group by 1)"
+                                ).fetchall()[0]
+    n = int(n)
+    graph = coo_matrix((np.ones(len(edges["a"]), dtype=np.int8), (edges["a"], edges["b"])), shape=(n, n))
+    _, label = connected_components(graph, directed=False)
+    sizes = np.bincount(label).astype(np.float64)
+    connected = float((sizes * (sizes - 1) / 2).sum())
+    return {"true_pairs": int(true_pairs), "pair_recall": round(len(edges["a"]) / true_pairs, 6),
+            "connected_recall": round(connected / true_pairs, 6)}
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -162,12 +226,16 @@ def growth(small: dict, large: dict) -> dict:
                       "cumulative_ratio": _ratio(a["cumulative"], b["cumulative"])})
     return {"persons_ratio": scale, "identities_ratio": _ratio(small["identities"], large["identities"]),
             "comparisons_ratio": _ratio(small["comparisons"], large["comparisons"]),
+            "without_anchors_ratio": (_ratio(small["without_anchors"]["comparisons"], large["without_anchors"]["comparisons"])
+                                      if small.get("without_anchors") and large.get("without_anchors") else None),
             "comparisons_per_identity": [round(small["comparisons"] / small["identities"], 2),
                                          round(large["comparisons"] / large["identities"], 2)],
             "rules": rules}
 
 
 def markdown(results: dict) -> str:
+    from linkage.link.blocking import REPRESENTATIVES
+
     sizes = results["sizes"]
     head = " | ".join(f"{s['persons']:,}: marginal | cumulative" for s in sizes)
     ratio_head = " | growth (marginal)" if results.get("growth") else ""
@@ -179,23 +247,41 @@ def markdown(results: dict) -> str:
             r = results["growth"]["rules"][i]["marginal_ratio"]
             ratio = f" | {r}x" if r is not None else " | -"
         lines.append(f"| `{rule['rule']}` | {cells}{ratio} |")
-    summary = ["| persons | records | identities | comparisons | per identity | identities no rule compares "
-               "(share) | records' share | count seconds | peak GB |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    summary = ["| persons | records | identities | anchor groups | comparisons | per identity | connected recall | "
+               "pair recall | identities no rule compares (share) | records' share | anchor seconds | count seconds | "
+               "peak GB |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in sizes:
-        u = s["uncompared"]
-        summary.append(f"| {s['persons']:,} | {s['records']:,} | {s['identities']:,} | {s['comparisons']:,} | "
-                       f"{s['comparisons'] / s['identities']:.2f} | {u['identities_no_rule_compares']:,} "
-                       f"({u['identities_share']:.4%}) | {u['records_share']:.4%} | {s['count_seconds']} | "
-                       f"{s['peak_gb']} |")
+        u, r = s["uncompared"], s["reach"]
+        summary.append(f"| {s['persons']:,} | {s['records']:,} | {s['identities']:,} | "
+                       f"{s['anchors']['anchor_groups']:,} | {s['comparisons']:,} | "
+                       f"{s['comparisons'] / s['identities']:.2f} | {r['connected_recall']:.6f} | "
+                       f"{r['pair_recall']:.4f} | {u['identities_no_rule_compares']:,} "
+                       f"({u['identities_share']:.4%}) | {u['records_share']:.4%} | {s['anchor_seconds']} | "
+                       f"{s['count_seconds']} | {s['peak_gb']} |")
     text = ["# Blocking growth: comparisons per prediction rule of `hhlink link`", "",
             f"Measured {results['when']} with `python -m bench.blocking` on the synthetic population (seed {SEED}), "
-            "after generate, ingest and pseudonymise. Counts are exact, on every identity (no sample): one SQL "
-            "pass joins the identities under each prediction rule on the rule's columns only and gives each "
-            "pair to the first rule that reaches it, as prediction does (`linkage.link_files.model."
-            "blocking_coverage`). Marginal = comparisons a rule adds beyond the rules above it, cumulative = all "
-            "comparisons so far. Nothing is trained or scored. \"No rule compares\" counts identities no rule "
-            "pairs with any other (an upper bound: the swapped-names rule is not counted).",
-            "", *summary, "", *lines]
+            "after generate, ingest and pseudonymise. The rules are the link stage's anchored rules "
+            "(`linkage/link/blocking.py`): identities equal on a NINO, a UPN, or forename, surname and date of "
+            f"birth together form anchor groups, whose members are all compared with each other; every other rule "
+            f"(marked anchored) compares the {REPRESENTATIVES} identities with most records per anchor group and rule "
+            "key. Counts are exact, on every identity (no sample): one SQL "
+            "pass joins the identities under each rule on its join columns and gives each pair to the first "
+            "rule that reaches it, as prediction does (`linkage.link.stage.blocking_counts`). Marginal = "
+            "comparisons a rule adds beyond the rules above it, cumulative = all comparisons so far. Nothing is "
+            "trained or scored. Scored with the truth: pair recall = share of true identity pairs (two "
+            "identities of one person) some rule compares; connected recall = share joined by a chain of "
+            "compared true pairs, the most clustering can link (comparing a few identities per anchor group "
+            "lowers pair recall by design, not connected recall). \"No rule compares\" counts identities no rule pairs "
+            "with any other.",            "", *summary, "", *lines]
+    if all(s.get("without_anchors") for s in sizes):
+        text += ["", "The same rules without anchors, in the same run (`PREDICTION_BLOCKS` as they are: every "
+                 "identity of a block compared with every other):", "",
+                 "| persons | comparisons: anchored | without anchors | connected recall: anchored | without anchors |",
+                 "|---:|---:|---:|---:|---:|"]
+        for s in sizes:
+            w = s["without_anchors"]
+            text.append(f"| {s['persons']:,} | {s['comparisons']:,} | {w['comparisons']:,} | "
+                        f"{s['reach']['connected_recall']:.6f} | {w['reach']['connected_recall']:.6f} |")
     checks = [s for s in sizes if s.get("splink_check")]
     for s in checks:
         c = s["splink_check"]
@@ -214,7 +300,8 @@ def markdown(results: dict) -> str:
         text += ["", f"Growth from {sizes[0]['persons']:,} to {sizes[-1]['persons']:,} persons "
                  f"({g['persons_ratio']:.0f}x; identities {g['identities_ratio']}x): comparisons "
                  f"{g['comparisons_ratio']}x against the linear expectation of {LINEAR:.0f}x; comparisons per "
-                 f"identity {g['comparisons_per_identity'][0]} -> {g['comparisons_per_identity'][1]}."]
+                 f"identity {g['comparisons_per_identity'][0]} -> {g['comparisons_per_identity'][1]}."
+                 + (f" Without anchors: {g['without_anchors_ratio']}x." if g.get("without_anchors_ratio") else "")]
     return "\n".join(text) + "\n"
 
 

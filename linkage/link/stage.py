@@ -305,7 +305,7 @@ def blocking_counts(con: duckdb.DuckDBPyConnection, tables: list[str], rules) ->
         with ids as ({" union all ".join(f"select unique_id, n_records from {t}" for t in tables)})
         select count(*), sum(n_records), count(*) filter (where unique_id not in (select unique_id from __hh_compared)),
                coalesce(sum(n_records) filter (where unique_id not in (select unique_id from __hh_compared)), 0)
-        from ids""").fetchone()
+        from ids""").fetchall()[0]
     con.execute("drop table __hh_compared")
     return counts, {"identities": int(n), "identities_no_rule_compares": int(alone),
                     "identities_share": round(alone / n, 6) if n else 0.0,
