@@ -54,7 +54,7 @@ def _config(size: int, threads: int):
 
     return load_config(generate={"persons": size, "seed": SEED},
                        ingest={"data_docs": False, "threads": threads},
-                       link={"threads": threads, "memory_limit": "6GB"})
+                       link={"threads": threads, "memory_limit": "10GB"})
 
 
 def _check_workspace(size: int, root: Path, key) -> None:
@@ -191,17 +191,24 @@ def connected_recall(con, root: Path, key, tables: list[str], prediction) -> dic
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    from linkage.link.model import rule_sql
+    from linkage.link.model import rule_columns, rule_sql
 
     if not con.execute("select count(*) from duckdb_tables() where table_name = 'id_ix'").fetchall()[0][0]:
         _truth(con, root, key)
 
-    joins = " UNION ALL ".join(
-        f"SELECT l.unique_id a, r.unique_id b FROM {a} l JOIN {b} r ON ({rule_sql(r_.rule)})"
+    # only true pairs are needed: each table gets its truth beside the rules' columns, and every
+    # rule joins on the truth too (at 1M the pairs of all rules, then filtered, spilled 30 GB)
+    cols = sorted(set().union(*(rule_columns(r_.rule) for r_ in prediction)))
+    for t in tables:
+        con.execute(f"""create or replace temp table tr_{t} as
+            select i.unique_id, x.truth, x.ix, {', '.join(f'i.{c}' for c in cols)} from {t} i join id_ix x using (unique_id)""")
+    joins = " UNION ".join(
+        f"SELECT l.ix a, r.ix b FROM tr_{a} l JOIN tr_{b} r ON ({rule_sql(r_.rule)}) AND l.truth = r.truth"
         + (" AND l.unique_id < r.unique_id" if a == b else "")
         for i, a in enumerate(tables) for b in tables[i:] for r_ in prediction)
-    edges = con.execute(f"""select distinct x.ix a, y.ix b from ({joins}) p
-        join id_ix x on x.unique_id = p.a join id_ix y on y.unique_id = p.b where x.truth = y.truth""").fetchnumpy()
+    edges = con.execute(joins).fetchnumpy()
+    for t in tables:
+        con.execute(f"drop table tr_{t}")
     n, true_pairs = con.execute("select sum(c), sum(c * (c - 1) / 2) from (select truth, count(*) c from id_ix group by 1)"
                                 ).fetchall()[0]
     n = int(n)
