@@ -51,7 +51,9 @@ class AnchoredRule:
 
     ``rule`` is a tuple of columns (equal on both sides) or SQL over ``l.``/``r.``;
     ``keys`` the derived key columns it reads (``(column,)`` for a same-column rule,
-    ``(left, right)`` for a rule equating different columns), empty for an anchor rule.
+    ``(left, right)`` for a rule equating different columns), empty for an anchor rule;
+    ``sides`` the columns each key hashes (none for the anchor rules and the same-group rule,
+    whose columns :func:`build_blocking_keys` makes itself).
     """
 
     def __init__(self, rule, label: str, keys: tuple[str, ...] = (), sides: tuple = ()):
@@ -103,13 +105,14 @@ def build_blocking_keys(con: duckdb.DuckDBPyConnection, table: str = "identities
                         out: str = "blocking_keys", rules: list[AnchoredRule] | None = None) -> dict:
     """Table ``out`` (``unique_id``, ``anchor`` and each rule's key columns) for ``table``'s identities.
 
-    A key column holds the rule's key for the identity that represents its anchor group
-    under that key (most records, then the smallest ``unique_id``: deterministic) and NULL
-    for the others, so equality on it compares one identity per group and key. Returns
+    A key column holds the rule's key for the :data:`REPRESENTATIVES` identities that
+    represent their anchor group under that key (most records, then the smallest
+    ``unique_id``: deterministic) and NULL for the others, so equality on it compares a few
+    identities per group and key; ``anchor_group`` is the group of 2 to :data:`MAX_GROUP`
+    identities (NULL otherwise), for the same-group rule. Returns
     facts: anchor groups and the label-propagation rounds.
     """
     rules = rules if rules is not None else anchored_rules()
-    types = dict(con.execute(f"SELECT column_name, column_type FROM (DESCRIBE {table})").fetchall())
     keys = [_key(cols) for cols in ANCHOR_RULES]
     con.execute(f"""CREATE OR REPLACE TEMP TABLE __hh_anchor AS SELECT unique_id, unique_id AS anchor,
         {', '.join(f'{k} AS g{n}' for n, k in enumerate(keys))} FROM {table}""")
