@@ -120,8 +120,8 @@ def write(result: dict) -> None:
         f"{result['persons']:,} persons, seed {result['seed']}, the last {result['deliveries']} deliveries landed "
         f"as one release (`python -m bench.drift --persons {result['persons']} --deliveries {result['deliveries']}"
         f" --seed {result['seed']}`). The model is trained on the history and reused; drift is a level's absolute "
-        "change in its share among the predicted matches involving new records (m side) or among random pairs "
-        f"(u side). Target: the ordinary release passes and the drifted one "
+        "change in its share among the predicted matches involving the newest records (m side: the release's new "
+        "identities now, the history's latest year at training) or among random pairs (u side). Target: the ordinary release passes and the drifted one "
         f"({', '.join(f'{k} {v}' for k, v in result['drifted_errors'].items())}) is stopped by "
         f"link.max_drift = {result['max_drift']}.",
         "",

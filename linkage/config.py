@@ -176,10 +176,9 @@ class LinkConfig(_Section):
             data moved any comparison level's share among predicted matches (m side) or random
             pairs (u side) by more than this, against the stored model's training data, is
             stopped with the level named (absolute, probability points; 1 turns the gate off).
-            Postcode and address disagree more among a delivery's matches than at training
-            even without drift (people move; new records are later): 0.149 at 1,000 persons
-            with the generator's error rates unchanged, 0.314 (forename) with name typos at
-            0.5 and nicknames at 0.4 (``bench/results/drift.md``).
+            The training side is the history's newest identities (its latest year), so
+            people moving between old and new records is not counted as drift; see
+            ``bench/results/drift.md`` for an ordinary and a drifted release.
         drift_min_pairs: the gate judges a release only when at least this many predicted
             matches involve its new records (fewer cannot tell drift from chance).
         drift_sample_side: drift's u side samples this many identities on each side of the

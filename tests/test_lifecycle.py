@@ -269,3 +269,18 @@ def test_the_monthly_flow_makes_one_release_per_run_and_the_runs_page_shows_them
         assert f"<code>{name}</code>" in html
     assert f"<code>{releases[0]['model']['fingerprint']}</code> reused" in html
     assert f"new {releases[1]['key_changes']['new']}" in html and "first release" in html
+
+
+def test_the_training_baseline_for_drift_is_each_sources_newest_identities():
+    """A delivery's new identities are its newest, so training's m side is the history's newest, per source."""
+    from linkage.db import connect
+    from linkage.link.drift import recent_identities_sql
+
+    con = connect()
+    con.execute("""create table identities as select * from (values
+                   ('a1', 'education', 2019), ('a2', 'education', 2021), ('a3', 'education', 2021),
+                   ('b1', 'earnings', 2023), ('b2', 'earnings', 2022), ('c1', 'benefits', 2020))
+                   t(unique_id, source, first_year)""")
+    con.execute(recent_identities_sql())
+    newest = {u for (u,) in con.execute("select unique_id from new_identities").fetchall()}
+    assert newest == {"a2", "a3", "b1", "c1"}

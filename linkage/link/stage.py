@@ -353,13 +353,15 @@ def _model_lifecycle(config: Config, ws: Workspace, con: duckdb.DuckDBPyConnecti
             _write_drift(ws, {**facts, "drift": drift})
             raise
     else:
-        whole = dr.profile(con, comparisons, "_matched", new_only=False, **options)
+        # the baseline each delivery is compared with: matches of the history's newest identities
+        con.execute(dr.recent_identities_sql())
+        whole = dr.profile(con, comparisons, "_matched", new_only=True, **options)
         counts = con.execute("select (select count(*) from identities), (select count(*) from records)").fetchone()
         drift = None
         if stored is not None:
             # a deliberate retrain (or a given model): how far the data had moved from the old model, not gated
             drift = dr.compare_profiles(json.loads(stored["path"].read_text()), stored["profile"], whole)
-            drift.update(scope="every identity, against the model replaced", new_identities=None,
+            drift.update(scope="the newest identities, against the model replaced", new_identities=None,
                          gate={"bound": lc.max_drift, "judged": False, "passed": True,
                                "reason": f"not applied: model {mode} deliberately"})
         info = model_store.keep(out, out / "model.json", profile=whole,
