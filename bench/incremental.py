@@ -116,7 +116,7 @@ def run(persons: int, deliveries: int, seed: int, workspace: Path, releases: int
         survived = sum(1 for k in old if k in new)
         untouched = [k for k, m in old.items()
                      if (grown := new.get(after.get(next(iter(m))))) is not None and m <= grown
-                     and not (grown - m) & set(before)]
+                     and not any(u in before for u in grown - m)]
         kept = sum(1 for k in untouched if after[next(iter(old[k]))] == k)
         con = connect()
         changes = con.execute("select change, old_key, new_key from "
