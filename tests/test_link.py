@@ -214,6 +214,28 @@ def _blocked(con) -> tuple[set[frozenset], list[dict], dict]:
     return pairs, counts, alone
 
 
+def test_an_anchor_group_larger_than_max_group_is_left_to_its_own_rule():
+    """A placeholder NINO on MAX_GROUP + 1 identities: the NINO rule still pairs them, but the
+    same-group rule does not repeat it (nor would it reach a chain of thousands); a group of
+    MAX_GROUP identities is still one group."""
+    from linkage.link.blocking import MAX_GROUP
+
+    con = duckdb.connect()
+    big = [{"unique_id": f"b{i:03d}", "n_records": 1, "nino_tok": "PLACEHOLDER", "dob_tok": f"D{i}"}
+           for i in range(MAX_GROUP + 1)]
+    ok = [{"unique_id": f"g{i:03d}", "n_records": 1, "upn_tok": "U", "dob_tok": f"E{i}"} for i in range(MAX_GROUP)]
+    _identities(con, big + ok)
+    pairs, counts, u = _blocked(con)
+    groups = dict(con.execute("select left(unique_id, 1), count(distinct anchor_group) filter (where anchor_group is not null) "
+                              "from ids_earnings group by 1").fetchall())
+    assert groups == {"b": 0, "g": 1}
+    by_rule = {c["rule"]: c["marginal_comparisons"] for c in counts}
+    assert by_rule["nino_tok"] == len(big) * (len(big) - 1) // 2
+    assert by_rule["upn_tok"] == len(ok) * (len(ok) - 1) // 2
+    assert next(n for r, n in by_rule.items() if r.startswith("same anchor group")) == 0
+    assert len(pairs) == by_rule["nino_tok"] + by_rule["upn_tok"] and u["identities_no_rule_compares"] == 0
+
+
 def test_the_report_counts_identities_no_blocking_rule_compares():
     con = duckdb.connect()
     _identities(con, [
