@@ -61,7 +61,13 @@ def _release(cfg, ws: Path) -> tuple[float, dict]:
                         "mode": summary.get("prediction" if stage == "link" else "mode", "")}
         if stage == "link":
             facts[stage].update(pairs_scored=summary.get("pairs_scored"), pairs_scored_now=summary.get("pairs_scored_now"),
-                                touched=(summary.get("incremental") or {}).get("touched_identities"))
+                                touched=(summary.get("incremental") or {}).get("touched_identities"),
+                                parts={"identities": summary.get("identities_seconds"),
+                                       "anchors": (summary.get("anchors") or {}).get("seconds"),
+                                       "counts": summary.get("blocking_count_seconds"),
+                                       "predict": summary.get("predict_seconds"),
+                                       "households": summary.get("households_seconds"),
+                                       "drift": (summary.get("drift") or {}).get("seconds")})
     return time.perf_counter() - t, facts
 
 
@@ -104,7 +110,7 @@ def run(persons: int, deliveries: int, seed: int, workspace: Path, releases: int
     generate_population(cfg.generate, workspace)
     first, _ = _release(cfg, workspace)
     out = {"persons": persons, "deliveries": deliveries, "seed": seed, "history_seconds": round(first, 1),
-           "releases": []}
+           "releases": [], "measured": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())}
     print(f"history: {first:.1f} s")
     for _ in range(releases or deliveries):
         before, old = _members(workspace)
@@ -149,10 +155,34 @@ def run(persons: int, deliveries: int, seed: int, workspace: Path, releases: int
 
 
 def write(result: dict) -> None:
+    """Keep ``result`` in ``bench/results/incremental.json`` beside the runs of other sizes, and render them all.
+
+    One run per population size (a 100,000-person run of every delivery and a 1,000,000-person
+    run of one delivery answer different targets); a new run of a size replaces the old one.
+    """
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "incremental.json").write_text(json.dumps(result, indent=2) + "\n")
+    path = RESULTS / "incremental.json"
+    try:
+        runs = json.loads(path.read_text()).get("runs", {})
+    except (OSError, ValueError):
+        runs = {}
+    runs[str(result["persons"])] = result
+    path.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+    lines = ["# Releases after monthly deliveries: stable person keys", ""]
+    for persons in sorted(runs, key=int):
+        lines += _section(runs[persons]) + [""]
+    (RESULTS / "incremental.md").write_text("\n".join(lines))
+
+
+def _parts(link: dict) -> str:
+    """The link stage's seconds by part (identities, anchors, exact counts, predict and cluster, households, drift)."""
+    parts = link.get("parts")
+    return " / ".join("-" if v is None else str(v) for v in parts.values()) if parts else "-"
+
+
+def _section(result: dict) -> list[str]:
     lines = [
-        "# Releases after monthly deliveries: stable person keys",
+        f"## {result['persons']:,} persons",
         "",
         f"{result['persons']:,} persons, seed {result['seed']}, {result['deliveries']} deliveries held back "
         f"(`python -m bench.incremental --persons {result['persons']} --deliveries {result['deliveries']}"
@@ -167,8 +197,9 @@ def write(result: dict) -> None:
         "",
         "| delivery | records | persons | keys surviving | untouched persons keeping key (target >= 99.9%) "
         "| merged | split | new | retired | changes explained (target 100%) | identities touched | pairs scored "
-        "(of all kept) | seconds: ingest / pseudonymise / link | seconds | share of a full run |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        "(of all kept) | seconds: ingest / pseudonymise / link | link: identities / anchors / counts / predict "
+        "and cluster / households / drift | seconds | share of a full run |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |",
     ]
     full = result.get("full")
     for r in result["releases"]:
@@ -178,20 +209,24 @@ def write(result: dict) -> None:
         lines.append(f"| {r['month']} | {r['records']:,} | {r['persons']:,} | {r['keys_surviving']:.2%} | "
                      f"{r['untouched_keeping_key']:.2%} of {r['untouched']:,} | {c['merged']} | {c['split']} | "
                      f"{c['new']} | {c['retired']} | {r['changes_explained']:.0%} | "
-                     f"{link.get('touched') if link.get('touched') is not None else 'all'} | "
+                     f"{format(link['touched'], ',') if link.get('touched') is not None else 'all'} | "
                      f"{link.get('pairs_scored_now') or link.get('pairs_scored') or 0:,} ({link.get('pairs_scored') or 0:,}) | "
-                     f"{' / '.join(str(st.get(s, {}).get('seconds', '-')) for s in STAGES)} | {r['seconds']} | {share} |")
+                     f"{' / '.join(str(st.get(s, {}).get('seconds', '-')) for s in STAGES)} | "
+                     f"{_parts(link)} | {r['seconds']} | {share} |")
     if full:
         ok = "met" if full["f1"] >= 0.999 else "not met"
         lines += ["", "The final data again, every stage in full (same stored model): "
-                  f"{full['seconds']} s ({' / '.join(str(full['stages'][s]['seconds']) for s in STAGES)}). "
+                  f"{full['seconds']} s ({' / '.join(str(full['stages'][s]['seconds']) for s in STAGES)}; link: "
+                  f"{_parts(full['stages']['link'])}). "
                   f"Incremental persons against the full re-link's, pairwise over records: precision "
                   f"{full['precision']:.5f}, recall {full['recall']:.5f}, F1 {full['f1']:.5f} "
                   f"(target >= 0.999: {ok})."]
         modes = sorted({f"{s}: {r['stages'][s]['mode'].split(':')[0]}" for r in result["releases"] for s in STAGES
                         if r.get("stages")})
         lines += ["", "Modes seen in the releases: " + "; ".join(modes) + "."]
-    (RESULTS / "incremental.md").write_text("\n".join(lines) + "\n")
+    if result.get("measured"):
+        lines += ["", f"Run {result['measured']}."]
+    return lines
 
 
 def main() -> None:
