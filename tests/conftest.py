@@ -129,6 +129,28 @@ def assembled_2000(tmp_path_factory) -> Path:
     return ws
 
 
+#: u estimated from 300,000 random pairs instead of the default 5,000,000, for tests that check what the
+#: pipeline does (orchestration, caching, leaks, keys) rather than how precise u is: at 1,000-2,000
+#: persons sampling 5,000,000 pairs was most of each link's time (42 s of a 57 s link at 1,500 persons)
+FAST_LINK = {"u_max_pairs": 3e5}
+
+
+def config_file(folder: Path, **sections: dict) -> Path:
+    """The packaged ``hhlink.toml`` with ``sections``' settings replaced, as ``folder/hhlink.toml``: an
+    ``hhlink`` subprocess given ``--config`` runs with the settings ``load_config(**sections)`` gives
+    in process (every other setting as packaged). Each key must appear once in the file."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "hhlink.toml").read_text()
+    for values in sections.values():
+        for name, value in values.items():
+            text, n = re.subn(rf"(?m)^{re.escape(name)} = \S+", f"{name} = {value!r}", text)
+            assert n == 1, f"{name} is not set exactly once in hhlink.toml"
+    path = folder / "hhlink.toml"
+    path.write_text(text)
+    return path
+
+
 def copy_workspace(src: Path, dest: Path) -> Path:
     """A private copy of a shared read-only workspace (symlinks kept, modes and times preserved)."""
     shutil.copytree(src, dest, symlinks=True)

@@ -31,6 +31,7 @@ from linkage.workspace import hold as workspace_run
 from flows.gates import linkage_checks
 from linkage.config import FlowConfig, load_config
 from linkage.workspace import Workspace
+from tests.conftest import FAST_LINK, config_file
 
 KEY = "5e" * 32
 PERSONS, SEED = 1000, 11
@@ -68,7 +69,7 @@ def _contents(ws: Path, zone: str) -> dict[str, str]:
 
 
 def _config(**sections):
-    return load_config(generate={"persons": PERSONS, "seed": SEED}, **sections)
+    return load_config(generate={"persons": PERSONS, "seed": SEED}, link=FAST_LINK, **sections)
 
 
 @pytest.fixture(scope="module")
@@ -253,8 +254,9 @@ def test_linkage_below_the_minimums_stops_the_run_before_assemble(reference, tmp
 
 def _hhlink_run(ws: Path, server: str) -> subprocess.Popen:
     env = {**os.environ, "HHLINK_KEY": KEY, "PREFECT_API_URL": server}
+    config = config_file(ws.parent, link=FAST_LINK)     # the reference's settings (_config())
     return subprocess.Popen([sys.executable, "-m", "linkage.cli", "run", "--workspace", str(ws),
-                             "--persons", str(PERSONS), "--seed", str(SEED)],
+                             "--config", str(config), "--persons", str(PERSONS), "--seed", str(SEED)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
                             start_new_session=True)
 
