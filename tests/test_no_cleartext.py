@@ -60,6 +60,7 @@ from linkage.crosswalk import read_crosswalk
 from linkage.keys import MasterKey
 from linkage.pseudonymise.store import is_encrypted, read_encrypted
 from linkage.schemas import SOURCES, load_schema
+from tests.conftest import FAST_LINK, config_file
 
 # Stage commands in pipeline order; those registered on the CLI run. Add later stages here.
 PIPELINE = ("ingest", "pseudonymise", "link", "evaluate", "assemble", "disclose", "publish")
@@ -79,12 +80,15 @@ def pipeline(tmp_path_factory):
     secret = secrets.token_bytes(32)                               # generated here; never a key file
     env = {**os.environ, "HHLINK_KEY": secret.hex()}
     env.pop("HHLINK_KEY_FILE", None)
+    # the packaged settings with a smaller u sample (FAST_LINK): every zone is written as before
+    config = config_file(tmp_path_factory.mktemp("cleartext_config"), link=FAST_LINK)
     console = []
     ran = []
     for command in PIPELINE:
         if command not in cli.commands:
             continue
-        proc = subprocess.run([sys.executable, "-m", "linkage.cli", "-v", command, "--workspace", str(root)],
+        proc = subprocess.run([sys.executable, "-m", "linkage.cli", "-v", command, "--workspace", str(root),
+                               "--config", str(config)],
                               capture_output=True, text=True, env=env, timeout=900)
         assert proc.returncode == 0, (command, proc.stderr[-2000:])
         console.append((command, proc.stdout + "\n" + proc.stderr))
