@@ -12,6 +12,7 @@ import pytest
 from linkage.config import load_config
 from linkage.workspace import SCRATCH_PATTERNS
 from synthetic_data import generate_population
+from tests.conftest import FAST_LINK
 
 NAME = "o'brien ł ws [1]"
 
@@ -32,7 +33,7 @@ def test_pipeline_runs_in_a_workspace_with_quotes_spaces_unicode_and_glob_charac
     (decoy / "linked" / "records.parquet").write_text("not parquet")
     monkeypatch.chdir(tmp_path)                 # DuckDB's default spill folder would land here
     monkeypatch.setenv("HHLINK_KEY", "5e" * 32)
-    cfg = load_config(generate={"persons": 400, "seed": 11},
+    cfg = load_config(generate={"persons": 400, "seed": 11}, link=FAST_LINK,
                       assemble={"data_docs": False, "bootstrap_replicates": 20})
     generate_population(cfg.generate, ws)
     staged = ingest(cfg, ws)
