@@ -11,6 +11,7 @@ from linkage.config import load_config
 from linkage.stages import run_stage
 from synthetic_data import generate_population
 from synthetic_data.deliveries import deliver_next
+from tests.conftest import FAST_LINK
 
 KEY = "6a" * 32
 
@@ -28,7 +29,7 @@ def first_release(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("HHLINK_KEY", KEY)
     root = tmp_path_factory.mktemp("stable") / "ws"
-    cfg = load_config(generate={"persons": 800, "seed": 9, "deliveries": 3})
+    cfg = load_config(generate={"persons": 800, "seed": 9, "deliveries": 3}, link=FAST_LINK)
     generate_population(cfg.generate, root)
     for stage in ("ingest", "pseudonymise", "link"):
         summary = run_stage(stage, cfg, root)
