@@ -16,6 +16,7 @@ from linkage.pseudonymise import pseudonymise
 from linkage.pseudonymise.store import read_identifiers, read_payload
 from synthetic_data import generate_population
 from synthetic_data.deliveries import deliver_next, pending
+from tests.conftest import FAST_LINK
 
 PERSONS, SEED, N = 1200, 5, 4
 
@@ -207,7 +208,7 @@ def test_link_scores_only_pairs_a_delivery_touches_and_finds_the_persons_a_full_
     from linkage.link import link
 
     ws, key, _ = _copy(history, tmp_path)
-    cfg = _cfg()
+    cfg = load_config(generate={"persons": PERSONS, "seed": SEED, "deliveries": N}, link=FAST_LINK)
     first = link(cfg, ws, key)
     assert first["prediction"] == "full: a model is trained"
     model = tmp_path / "model.json"
@@ -223,7 +224,8 @@ def test_link_scores_only_pairs_a_delivery_touches_and_finds_the_persons_a_full_
     assert again["prediction"].startswith("incremental")
     touched = again["incremental"]["touched_identities"]
     assert 0 < touched < again["incremental"]["identities"]
-    full = link(load_config(generate={"persons": PERSONS, "seed": SEED, "deliveries": N}, link={"incremental": False}),
+    full = link(load_config(generate={"persons": PERSONS, "seed": SEED, "deliveries": N},
+                            link={**FAST_LINK, "incremental": False}),
                 full_ws, key, model=model)
     assert full["prediction"] == "full: link.incremental is false"
     assert again["pairs_scored_now"] < full["pairs_scored"]
