@@ -16,6 +16,11 @@ from synthetic_data import generate_population
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
+#: u estimated from 300,000 random pairs instead of the default 5,000,000, for tests that check what the
+#: pipeline does (orchestration, caching, leaks, keys) rather than how precise u is: at 1,000-2,000
+#: persons sampling 5,000,000 pairs was most of each link's time (42 s of a 57 s link at 1,500 persons)
+FAST_LINK = {"u_max_pairs": 3e5}
+
 
 def pytest_collection_finish(session):
     """Start test_install's wheel build, fresh install and pipeline run in the background as soon as the
@@ -115,7 +120,7 @@ def assembled_2000(tmp_path_factory) -> Path:
     from linkage.pseudonymise.stage import pseudonymise
 
     ws = tmp_path_factory.mktemp("assembled2000") / "ws"
-    cfg = load_config(generate={"persons": 2000, "seed": 5},
+    cfg = load_config(generate={"persons": 2000, "seed": 5}, link=FAST_LINK,
                       assemble={"data_docs": False, "bootstrap_replicates": 20})
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HHLINK_KEY", PORTAL_KEY_HEX)
@@ -127,12 +132,6 @@ def assembled_2000(tmp_path_factory) -> Path:
         link(cfg, ws)
         assemble(cfg, ws)
     return ws
-
-
-#: u estimated from 300,000 random pairs instead of the default 5,000,000, for tests that check what the
-#: pipeline does (orchestration, caching, leaks, keys) rather than how precise u is: at 1,000-2,000
-#: persons sampling 5,000,000 pairs was most of each link's time (42 s of a 57 s link at 1,500 persons)
-FAST_LINK = {"u_max_pairs": 3e5}
 
 
 def config_file(folder: Path, **sections: dict) -> Path:
@@ -167,7 +166,7 @@ def portal_workspace(assembled_2000, tmp_path_factory) -> Path:
     from linkage.disclose.stage import disclose
 
     ws = copy_workspace(assembled_2000, tmp_path_factory.mktemp("portal") / "ws")
-    cfg = load_config(generate={"persons": 2000, "seed": 5},
+    cfg = load_config(generate={"persons": 2000, "seed": 5}, link=FAST_LINK,
                       assemble={"data_docs": False, "bootstrap_replicates": 20})
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HHLINK_KEY", PORTAL_KEY_HEX)
