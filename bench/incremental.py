@@ -225,7 +225,7 @@ def _section(result: dict) -> list[str]:
                         if r.get("stages")})
         lines += ["", "Modes seen in the releases: " + "; ".join(modes) + "."]
     if result.get("measured"):
-        lines += ["", f"Run {result['measured']}."]
+        lines += ["", f"Run {result['measured']}." + (f" {result['conditions']}" if result.get("conditions") else "")]
     return lines
 
 
