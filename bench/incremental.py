@@ -236,8 +236,14 @@ def main() -> None:
     ap.add_argument("--releases", type=int, default=None, help="stop after this many deliveries")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--workspace", type=Path, default=Path("/tmp/hhlink-incremental"))
+    ap.add_argument("--conditions", default=None,
+                    help="what else ran on the machine, printed beside the timings (e.g. 'alone')")
     a = ap.parse_args()
-    write(run(a.persons, a.deliveries, a.seed, a.workspace, a.releases, each=write))
+
+    def keep(result: dict) -> None:
+        write({**result, "conditions": a.conditions} if a.conditions else result)
+
+    keep(run(a.persons, a.deliveries, a.seed, a.workspace, a.releases, each=keep))
 
 
 if __name__ == "__main__":
