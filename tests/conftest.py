@@ -89,6 +89,18 @@ def linked_4000(tmp_path_factory) -> tuple[Path, dict]:
         return ws, link(cfg, ws)
 
 
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect server (SQLite) for the session, started when a test first needs it: yields
+    its API URL. In-process flows run against it; a subprocess gets it as ``PREFECT_API_URL``.
+    Starting one took 15-24 s measured niced under load, so the modules that need one share it."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield PREFECT_API_URL.value()
+
+
 @pytest.fixture
 def run_cli():
     """Run ``hhlink`` in a subprocess: returns (exit code, stdout, stderr)."""

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from flows import household_linkage_flow
 from flows.fingerprint import input_fingerprint, stage_modules
@@ -73,14 +72,11 @@ def _config(**sections):
 
 
 @pytest.fixture(scope="module")
-def server():
-    """A temporary Prefect server (SQLite) for this module; yields its API URL."""
-    from prefect.settings import PREFECT_API_URL
-
+def server(prefect_server):
+    """conftest's Prefect server, with this module's key in ``HHLINK_KEY``; yields its API URL."""
     saved = os.environ.get("HHLINK_KEY")
     os.environ["HHLINK_KEY"] = KEY
-    with prefect_test_harness(server_startup_timeout=90):
-        yield PREFECT_API_URL.value()
+    yield prefect_server
     if saved is None:
         os.environ.pop("HHLINK_KEY", None)
     else:

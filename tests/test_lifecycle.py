@@ -166,13 +166,9 @@ def test_drifted_data_stops_the_release_naming_the_level_and_retrain_is_delibera
 
 
 @pytest.fixture(scope="module")
-def prefect_server(key):
-    """A temporary Prefect server for the module; yields its API URL."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield PREFECT_API_URL.value()
+def prefect_server(key, prefect_server):
+    """conftest's Prefect server, with this module's key in ``HHLINK_KEY``; yields its API URL."""
+    return prefect_server
 
 
 def _release_process(ws: Path, config: Path, server: str) -> subprocess.Popen:

@@ -53,13 +53,9 @@ sensitivity_thresholds = []
 
 
 @pytest.fixture(scope="module")
-def server():
-    """A temporary Prefect server for the module; yields its API URL."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield PREFECT_API_URL.value()
+def server(prefect_server):
+    """conftest's Prefect server (one per session); yields its API URL."""
+    return prefect_server
 
 
 def _hhlink(server: str, *args: str) -> str:
