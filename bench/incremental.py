@@ -104,13 +104,14 @@ def run(persons: int, deliveries: int, seed: int, workspace: Path, releases: int
     from synthetic_data import generate_population
     from synthetic_data.deliveries import deliver_next
 
+    started = time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())
     os.environ.setdefault("HHLINK_KEY", BENCH_KEY)
     shutil.rmtree(workspace, ignore_errors=True)
     cfg = load_config(generate={"persons": persons, "seed": seed, "deliveries": deliveries})
     generate_population(cfg.generate, workspace)
     first, _ = _release(cfg, workspace)
     out = {"persons": persons, "deliveries": deliveries, "seed": seed, "history_seconds": round(first, 1),
-           "releases": [], "measured": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())}
+           "releases": [], "measured": started}
     print(f"history: {first:.1f} s")
     for _ in range(releases or deliveries):
         before, old = _members(workspace)
