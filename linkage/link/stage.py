@@ -342,7 +342,12 @@ def _model_lifecycle(config: Config, ws: Workspace, con: duckdb.DuckDBPyConnecti
         facts["model"].update(fingerprint=stored["fingerprint"], trained_at=stored["trained_at"])
         new = con.execute("select count(*) from new_identities").fetchone()[0]
         now = dr.profile(con, comparisons, "_matched", new_only=True, **options)
-        drift = dr.compare_profiles(json.loads(stored["path"].read_text()), stored["profile"], now)
+        total = con.execute("select count(*) from identities").fetchone()[0]
+        base = stored["profile"]
+        if new == total and "all_m" in base:
+            # every identity is new (a new key, a full re-encoding): compare with every match at training
+            base = {**base, "m": base["all_m"], "records_matched": base["all_records_matched"]}
+        drift = dr.compare_profiles(json.loads(stored["path"].read_text()), base, now)
         drift.update(scope="identities new in this release", new_identities=int(new),
                      seconds=round(time.perf_counter() - t, 1))
         try:
@@ -354,8 +359,11 @@ def _model_lifecycle(config: Config, ws: Workspace, con: duckdb.DuckDBPyConnecti
             raise
     else:
         # the baseline each delivery is compared with: matches of the history's newest identities
+        every = dr.profile(con, comparisons, "_matched", new_only=False, **options)
         con.execute(dr.recent_identities_sql())
         whole = dr.profile(con, comparisons, "_matched", new_only=True, **options)
+        # kept beside it for a release whose identities are all new (after a key rotation)
+        whole.update(all_m=every["m"], all_records_matched=every["records_matched"])
         counts = con.execute("select (select count(*) from identities), (select count(*) from records)").fetchone()
         drift = None
         if stored is not None:
