@@ -11,6 +11,8 @@ comparison level, how the data moved:
   the newest records matched across the same kind of time gap to older ones, so people
   moving house between the two is not drift (over every match, training saw far more
   same-year pairs, and a 100,000-person delivery's postcode moved 0.28 by that alone).
+  A release in which every identity is new (a new key re-encodes them all) takes the
+  training's definition instead: its newest by ``first_year``.
   A delivery whose names carry more typos shows fewer exact-name agreements among its
   matches.
 * **u side**: the share of *random pairs* at each level (u by random sampling: a seeded

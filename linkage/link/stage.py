@@ -340,16 +340,16 @@ def _model_lifecycle(config: Config, ws: Workspace, con: duckdb.DuckDBPyConnecti
         # score with the stored model, byte for byte: linked/model.json is the stored file
         shutil.copyfile(stored["path"], out / "model.json")
         facts["model"].update(fingerprint=stored["fingerprint"], trained_at=stored["trained_at"])
-        new = con.execute("select count(*) from new_identities").fetchone()[0]
+        new, total = con.execute("select (select count(*) from new_identities), (select count(*) from identities)").fetchall()[0]
+        scope = "identities new in this release"
+        if new == total:
+            # nothing carried over (a new key re-encodes every identity): the newest, as at training
+            con.execute(dr.recent_identities_sql())
+            new = con.execute("select count(*) from new_identities").fetchall()[0][0]
+            scope = "every identity re-encoded (a new key): the newest, as at training"
         now = dr.profile(con, comparisons, "_matched", new_only=True, **options)
-        total = con.execute("select count(*) from identities").fetchone()[0]
-        base = stored["profile"]
-        if new == total and "all_m" in base:
-            # every identity is new (a new key, a full re-encoding): compare with every match at training
-            base = {**base, "m": base["all_m"], "records_matched": base["all_records_matched"]}
-        drift = dr.compare_profiles(json.loads(stored["path"].read_text()), base, now)
-        drift.update(scope="identities new in this release", new_identities=int(new),
-                     seconds=round(time.perf_counter() - t, 1))
+        drift = dr.compare_profiles(json.loads(stored["path"].read_text()), stored["profile"], now)
+        drift.update(scope=scope, new_identities=int(new), seconds=round(time.perf_counter() - t, 1))
         try:
             drift["gate"] = dr.check_drift(drift, lc.max_drift, lc.drift_min_pairs)
         except dr.DriftGateError as exc:
@@ -359,20 +359,17 @@ def _model_lifecycle(config: Config, ws: Workspace, con: duckdb.DuckDBPyConnecti
             raise
     else:
         # the baseline each delivery is compared with: matches of the history's newest identities
-        every = dr.profile(con, comparisons, "_matched", new_only=False, **options)
         con.execute(dr.recent_identities_sql())
-        whole = dr.profile(con, comparisons, "_matched", new_only=True, **options)
-        # kept beside it for a release whose identities are all new (after a key rotation)
-        whole.update(all_m=every["m"], all_records_matched=every["records_matched"])
+        newest = dr.profile(con, comparisons, "_matched", new_only=True, **options)
         counts = con.execute("select (select count(*) from identities), (select count(*) from records)").fetchone()
         drift = None
         if stored is not None:
             # a deliberate retrain (or a given model): how far the data had moved from the old model, not gated
-            drift = dr.compare_profiles(json.loads(stored["path"].read_text()), stored["profile"], whole)
+            drift = dr.compare_profiles(json.loads(stored["path"].read_text()), stored["profile"], newest)
             drift.update(scope="the newest identities, against the model replaced", new_identities=None,
                          gate={"bound": lc.max_drift, "judged": False, "passed": True,
                                "reason": f"not applied: model {mode} deliberately"})
-        info = model_store.keep(out, out / "model.json", profile=whole,
+        info = model_store.keep(out, out / "model.json", profile=newest,
                                 reason={"trained": "no stored model", "retrained": "retrain requested",
                                         "given": "model file given"}[mode],
                                 trained_on={"identities": int(counts[0]), "records": int(counts[1])})
