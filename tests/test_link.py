@@ -184,10 +184,11 @@ def test_floor_levels_leaves_no_veto_from_a_level_training_never_saw():
 
 
 def _identities(con, rows: list[dict]) -> None:
-    """An ``identities`` table with every column the prediction rules read, from ``rows``."""
+    """An ``identities`` table with every column the anchor and prediction rules read, from ``rows``."""
+    from linkage.link.blocking import ANCHOR_RULES
     from linkage.link.model import PREDICTION_BLOCKS, rule_columns
 
-    cols = sorted(set().union(*(rule_columns(r) for r in PREDICTION_BLOCKS)))
+    cols = sorted(set().union(*(rule_columns(r) for r in (*ANCHOR_RULES, *PREDICTION_BLOCKS))))
     types = {c: "blob" if c.endswith("_bf") else "varchar" for c in cols}
     con.execute(f"create table identities (unique_id varchar, source varchar, n_records integer, "
                 f"{', '.join(f'{c} {t}' for c, t in types.items())})")
@@ -241,9 +242,10 @@ def test_the_report_counts_identities_no_blocking_rule_compares():
     _identities(con, [
         {"unique_id": "a", "n_records": 2, "nino_tok": "N1"},          # a and b share a NINO
         {"unique_id": "b", "n_records": 1, "nino_tok": "N1"},
-        {"unique_id": "c", "n_records": 1, "dob_tok": "D1", "fn_phon_tok": "F", "dob_swap_tok": "D2"},
-        {"unique_id": "d", "n_records": 1, "dob_tok": "D2", "fn_phon_tok": "F"},  # c's date swapped
-        {"unique_id": "e", "n_records": 3, "dob_tok": "D3", "fn_phon_tok": "G"},  # alone
+        # c's date with day and month swapped in d: one date context, the forename sound keyed with it
+        {"unique_id": "c", "n_records": 1, "dob_tok": "D1", "dobc_tok": "C1", "fn_phon_tok": "F"},
+        {"unique_id": "d", "n_records": 1, "dob_tok": "D2", "dobc_tok": "C1", "fn_phon_tok": "F"},
+        {"unique_id": "e", "n_records": 3, "dob_tok": "D3", "dobc_tok": "C3", "fn_phon_tok": "G"},  # alone
         {"unique_id": "f", "n_records": 1, "nino_tok": "N2"},          # alone
     ])
     pairs, counts, u = _blocked(con)
@@ -266,7 +268,7 @@ def test_anchored_blocking_compares_few_identities_per_anchor_group_and_keeps_ev
     from linkage.link.blocking import REPRESENTATIVES
 
     con = duckdb.connect()
-    common = {"dob_tok": "D", "fn_phon_tok": "F"}
+    common = {"dob_tok": "D", "dobc_tok": "D", "fn_phon_tok": "F"}
     people = {
         "p": [{"unique_id": "p1", "n_records": 5, "nino_tok": "N1", "fn_tok": "ann", "sn_tok": "x"},
               {"unique_id": "p2", "n_records": 3, "nino_tok": "N1", "fn_tok": "anne", "sn_tok": "x"},
@@ -287,7 +289,7 @@ def test_anchored_blocking_compares_few_identities_per_anchor_group_and_keeps_ev
     for rows in people.values():                     # every identity of a group is compared with every other
         ids = [r["unique_id"] for r in rows]
         assert {frozenset({a, b}) for a in ids for b in ids if a < b} <= pairs
-    dob_fn = next(c for c in counts if c["rule"].startswith("dob_tok and fn_phon_tok"))
+    dob_fn = next(c for c in counts if c["rule"].startswith("dobc_tok and fn_phon_tok"))
     assert dob_fn["marginal_comparisons"] == len(across) and "(anchored)" in dob_fn["rule"]
     chain = next(c for c in counts if c["rule"].startswith("same anchor group"))
     assert chain["marginal_comparisons"] == 4      # p2-p4, p3-p4, q1-q4, q3-q4: no value in common, one group

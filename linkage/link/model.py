@@ -3,6 +3,15 @@
 Everything here builds Splink settings from the identifiers contract
 (``pseudonymised/identifiers/``): HMAC tokens compared for equality, Bloom-filter
 encodings compared by Dice similarity in SQL. No cleartext is needed or seen.
+
+The zone's name encodings (and sex and initials) are keyed with each record's date-of-birth
+*context* (``dobc_tok``: the date with day and month in sorted order), so that a token's
+frequency is that of one person, never of a name (issue 16). Two records' names are then
+comparable only when they share the context: the name, sex and middle-initial comparisons
+are null between records whose dates differ, and ``names_partial_date`` carries the name
+evidence between them (the full name with two of the three date parts, ``name_ym_tok``,
+``name_yd_tok``, ``name_md_tok``). ``hhlink link-files`` encodes per value, in memory only, and
+uses the plain model (``context=False``, :data:`PLAIN_PREDICTION_BLOCKS`).
 """
 
 from __future__ import annotations
@@ -23,8 +32,12 @@ from linkage.encodings import dice_sql
 IDENTITY_COLUMNS = (
     "nino_tok", "upn_tok", "dob_tok", "dob_year_tok", "dob_month_tok", "dob_day_tok", "dob_swap_tok",
     "sex_tok", "fn_tok", "sn_tok", "fn_initial_tok", "fn_phon_tok", "sn_phon_tok", "mn_initial_tok",
+    "dobc_tok", "name_ym_tok", "name_yd_tok", "name_md_tok",
     "fn_bf", "sn_bf", "sn_swap_bf",
 )
+# two records' context-keyed encodings are comparable (the same date of birth, day and month
+# in either order, or both without one)
+SAME_CONTEXT = "dobc_tok_l IS NOT DISTINCT FROM dobc_tok_r"
 ADDRESS_COLUMNS = ("postcode_tok", "pc_sector_tok", "pc_district_tok", "addr_bf")
 
 # forename and surname swapped: each record's forename filter is the other's surname filter
@@ -44,7 +57,7 @@ MIN_U = 1e-6
 # stage runs them anchored (linkage/link/blocking.py): after rules on NINO, UPN and full name
 # with date of birth, each of these compares a few identities per anchor group, so chance
 # meetings of two people cost a few comparisons rather than the product of their identities.
-PREDICTION_BLOCKS: tuple[tuple[str, ...] | str, ...] = (
+PLAIN_PREDICTION_BLOCKS: tuple[tuple[str, ...] | str, ...] = (
     ("nino_tok",),
     ("upn_tok",),
     ("dob_tok", "fn_phon_tok"),
@@ -63,6 +76,23 @@ PREDICTION_BLOCKS: tuple[tuple[str, ...] | str, ...] = (
     ("dob_tok", "postcode_tok"),
     # (Not names with postcode: that compares parents and children who share a name and a
     # home, where the postcode and surname agree because they are a family.)
+)
+# The same rules on the zone's context-keyed encodings (above): a name token equal between two
+# records implies the same date context, so "dob and phonetic forename" covers the swapped
+# day and month too; the full name with two date parts is one token per pair of parts; the
+# swapped names compare within one context; the phonetic forename at a postcode in a birth
+# year (a name token is now bound to the full date) becomes the postcode and the birth year.
+PREDICTION_BLOCKS: tuple[tuple[str, ...] | str, ...] = (
+    ("nino_tok",),
+    ("upn_tok",),
+    ("dobc_tok", "fn_phon_tok"),
+    ("dobc_tok", "sn_phon_tok"),
+    ("name_ym_tok",),   # day of birth mistyped
+    ("name_yd_tok",),   # month of birth mistyped
+    ("name_md_tok",),   # year of birth mistyped
+    ("postcode_tok", "dob_year_tok"),
+    SWAP_RULE + " AND l.dobc_tok = r.dobc_tok",
+    ("dob_tok", "postcode_tok"),
 )
 # EM training: each rule leaves the comparisons it does not use free to be estimated.
 # (Not postcode: pairs sharing an address are mostly relatives, and EM then learns
@@ -124,11 +154,20 @@ def swapped_names_sql(dialect: str, half: bool = False) -> str:
     return f"({a} >= 0.9 OR {b} >= 0.9)" if half else f"{a} >= {SWAP_DICE} AND {b} >= {SWAP_DICE}"
 
 
-def _name_comparison(name: str, prefix: str, dialect: str, initial: bool) -> cl.CustomComparison:
+def _context_null(column: str, context: bool) -> cll.CustomLevel | cll.NullLevel:
+    """The null level of a context-keyed column: missing on either side, or the contexts differ."""
+    if not context:
+        return cll.NullLevel(column)
+    return cll.CustomLevel(f"{column}_l IS NULL OR {column}_r IS NULL OR NOT ({SAME_CONTEXT})",
+                           label_for_charts="null or another date of birth").configure(is_null_level=True)
+
+
+def _name_comparison(name: str, prefix: str, dialect: str, initial: bool, context: bool = True) -> cl.CustomComparison:
     dice = dice_sql(f"{prefix}_bf_l", f"{prefix}_bf_r", dialect)
     levels = [
-        cll.NullLevel(f"{prefix}_tok"),
-        cll.ExactMatchLevel(f"{prefix}_tok", term_frequency_adjustments=True),
+        _context_null(f"{prefix}_tok", context),
+        # a context-keyed token's frequency is one person's, not the name's: no term frequencies
+        cll.ExactMatchLevel(f"{prefix}_tok", term_frequency_adjustments=not context),
         # before the partial levels: a swapped pair's names can also be partially alike
         cll.CustomLevel(swapped_names_sql(dialect), label_for_charts="forename and surname swapped"),
         cll.CustomLevel(f"{dice} >= 0.85", label_for_charts="Dice >= 0.85"),
@@ -140,7 +179,32 @@ def _name_comparison(name: str, prefix: str, dialect: str, initial: bool) -> cl.
         levels.append(cll.CustomLevel(f"{prefix}_initial_tok_l = {prefix}_initial_tok_r", label_for_charts="same initial"))
     return cl.CustomComparison(
         output_column_name=name, comparison_levels=[*levels, cll.ElseLevel()],
-        comparison_description=f"{name}: exact token, Bloom-filter Dice, phonetic code" + (", initial" if initial else ""),
+        comparison_description=f"{name}: exact token, Bloom-filter Dice, phonetic code" + (", initial" if initial else "")
+        + (" (same date-of-birth context)" if context else ""),
+    )
+
+
+def _partial_date_names_comparison() -> cl.CustomComparison:
+    """The full name between records whose dates of birth differ: equal with two of the three parts."""
+    return cl.CustomComparison(
+        output_column_name="names_partial_date",
+        comparison_levels=[
+            cll.CustomLevel(f"name_ym_tok_l IS NULL OR name_ym_tok_r IS NULL OR {SAME_CONTEXT}",
+                            label_for_charts="null or the same date of birth").configure(is_null_level=True),
+            cll.CustomLevel("name_ym_tok_l = name_ym_tok_r OR name_yd_tok_l = name_yd_tok_r "
+                            "OR name_md_tok_l = name_md_tok_r", label_for_charts="full name and two date parts"),
+            cll.ElseLevel(),
+        ],
+        comparison_description="full name with two of year, month and day of birth (dates differ)",
+    )
+
+
+def _context_exact(column: str, name: str) -> cl.CustomComparison:
+    """An exact-match comparison on a context-keyed token (null when the contexts differ)."""
+    return cl.CustomComparison(
+        output_column_name=name,
+        comparison_levels=[_context_null(column, True), cll.ExactMatchLevel(column), cll.ElseLevel()],
+        comparison_description=f"{name}: exact token (same date-of-birth context)",
     )
 
 
@@ -251,12 +315,15 @@ def floor_levels(settings: dict, min_weight: float = MIN_WEIGHT, min_u: float = 
     return raised
 
 
-def model_settings(dialect: str = "duckdb", probability_two_random_records_match: float = 1e-6) -> SettingsCreator:
+def model_settings(dialect: str = "duckdb", probability_two_random_records_match: float = 1e-6,
+                   context: bool = True) -> SettingsCreator:
     """Splink settings for linking and deduplicating the three sources on encodings.
 
     Args:
         dialect: ``duckdb`` or ``spark`` (the Dice SQL differs).
         probability_two_random_records_match: the prior, refined by training.
+        context: the encodings are keyed with the date-of-birth context (the identifiers zone);
+            ``False`` for encodings keyed per value only (``hhlink link-files``, in memory).
 
     Returns:
         A :class:`splink.SettingsCreator`.
@@ -265,17 +332,20 @@ def model_settings(dialect: str = "duckdb", probability_two_random_records_match
         link_type="link_and_dedupe",
         unique_id_column_name="unique_id",
         comparisons=[
-            _name_comparison("forename", "fn", dialect, initial=True),
-            _name_comparison("surname", "sn", dialect, initial=False),
+            _name_comparison("forename", "fn", dialect, initial=True, context=context),
+            _name_comparison("surname", "sn", dialect, initial=False, context=context),
+            *([_partial_date_names_comparison()] if context else []),
             _dob_comparison(),
             _postcode_comparison(dialect),
             address_comparison(dialect),
             exact_level("nino_tok", "nino"),
             exact_level("upn_tok", "upn"),
-            exact_level("sex_tok", "sex"),
-            exact_level("mn_initial_tok", "middle_initial"),
+            _context_exact("sex_tok", "sex") if context else exact_level("sex_tok", "sex"),
+            (_context_exact("mn_initial_tok", "middle_initial") if context
+             else exact_level("mn_initial_tok", "middle_initial")),
         ],
-        blocking_rules_to_generate_predictions=[rule_creator(r) for r in PREDICTION_BLOCKS],
+        blocking_rules_to_generate_predictions=[
+            rule_creator(r) for r in (PREDICTION_BLOCKS if context else PLAIN_PREDICTION_BLOCKS)],
         probability_two_random_records_match=probability_two_random_records_match,
         retain_matching_columns=False,
         retain_intermediate_calculation_columns=False,

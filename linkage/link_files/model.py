@@ -1,6 +1,7 @@
 """The Splink model of ``hhlink link-files``: the project's model cut to the roles a map provides.
 
-Comparisons are those of :func:`linkage.link.model.model_settings` whose role some file
+Comparisons are those of :func:`linkage.link.model.model_settings` (its plain model: the
+encodings here are keyed per value and live in memory only) whose role some file
 provides (forename, surname, date of birth, postcode, address, sex), plus an exact-token
 comparison of the generic identifier (``id``); NINO, UPN and middle-initial comparisons
 are dropped. A role counts as present in a file when at least one row has a value.
@@ -46,7 +47,7 @@ from pathlib import Path
 import splink.comparison_level_library as cll
 
 from linkage.encodings import dice_sql, dice_sql_counted
-from linkage.link.model import (PREDICTION_BLOCKS, SWAP_RULE, address_comparison, band_rule, model_settings,
+from linkage.link.model import (PLAIN_PREDICTION_BLOCKS, SWAP_RULE, address_comparison, band_rule, model_settings,
                                 rule_columns, rule_creator, rule_label, rule_sql)
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,7 @@ def prediction_rules(file_roles: dict[str, set[str]], link_only: bool = False) -
     names = list(file_roles)
     commons = {(a, b): file_roles[a] & file_roles[b] for i, a in enumerate(names)
                for b in names[i + 1 if link_only else i:]}
-    project = [("id_tok",), *(b for b in PREDICTION_BLOCKS if not {"nino_tok", "upn_tok"} & rule_columns(b)),
+    project = [("id_tok",), *(b for b in PLAIN_PREDICTION_BLOCKS if not {"nino_tok", "upn_tok"} & rule_columns(b)),
                *_BROAD_RULES]
     # a rule is kept when some pair of files (or a file and itself) has every role it uses
     rules = [r for r in project if any(_roles(r) <= common for common in commons.values())]
@@ -261,7 +262,7 @@ def _rule_dict(rule) -> dict:
 
 def base_settings(present: set[str], rules: list, link_type: str, term_frequencies: bool) -> dict:
     """The Splink settings dict: the project's comparisons for present roles, with the priors set."""
-    settings = model_settings("duckdb").create_settings_dict("duckdb")
+    settings = model_settings("duckdb", context=False).create_settings_dict("duckdb")
     comparisons = [address_comparison("duckdb", ADDRESS_DICE).get_comparison("duckdb").as_dict()
                    if c["output_column_name"] == "address" else c
                    for c in settings["comparisons"] if COMPARISON_ROLE.get(c["output_column_name"]) in present]
