@@ -94,17 +94,30 @@ def keyless_reads(ws: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _load(con, ws: Path, ids_key, pay_key) -> None:
-    """The zones as a holder of the two zone subkeys (not the master key) reads them, in file order."""
-    from linkage.pseudonymise.store import read_encrypted
+#: identifier columns every attack reads, and those read when the workspace has them (the
+#: context-keyed encodings of issue 16 add ``dobc_tok`` and the ``name_*_tok`` columns)
+ID_COLUMNS = ["record_token", "source", "year", "birth_year", "sex_tok", "fn_tok", "sn_tok", "fn_initial_tok",
+              "dob_tok", "dob_day_tok", "dob_month_tok", "dob_swap_tok", "fn_bf"]
+OPTIONAL_COLUMNS = ["sn_bf", "sn_swap_bf", "dobc_tok", "name_ym_tok", "name_yd_tok", "name_md_tok"]
+FILTER_COLUMNS = ("fn_bf", "sn_bf", "sn_swap_bf")
+NAME_DATE_TOKENS = {"name_ym_tok": "name + year and month of birth", "name_yd_tok": "name + year and day of birth",
+                    "name_md_tok": "name + month and day of birth"}
 
-    cols = ["record_token", "source", "year", "birth_year", "sex_tok", "fn_tok", "sn_tok", "fn_initial_tok",
-            "dob_tok", "dob_day_tok", "dob_month_tok", "dob_swap_tok", "fn_bf"]
+
+def _load(con, ws: Path, ids_key, pay_key) -> list[str]:
+    """The zones as a holder of the two zone subkeys (not the master key) reads them, in file order.
+    Returns the identifier columns read (``ID_COLUMNS`` and the ``OPTIONAL_COLUMNS`` the files have)."""
+    from linkage.pseudonymise.store import read_encrypted, read_encrypted_schema
+
+    held = set(read_encrypted_schema(ws / "pseudonymised" / "identifiers" / f"{SOURCES[0]}.parquet",
+                                     ids_key, "identifiers").names)
+    cols = ID_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in held]
+    as_hex = ", ".join(f"hex({c}) AS {c}" for c in FILTER_COLUMNS if c in cols)
     parts = []
     for s in SOURCES:
         con.register(f"ids_{s}_arrow", read_encrypted(ws / "pseudonymised" / "identifiers" / f"{s}.parquet",
                                                       ids_key, "identifiers", cols))
-        parts.append(f"SELECT row_number() OVER () - 1 AS pos, * REPLACE (hex(fn_bf) AS fn_bf) FROM ids_{s}_arrow")
+        parts.append(f"SELECT row_number() OVER () - 1 AS pos, * REPLACE ({as_hex}) FROM ids_{s}_arrow")
         con.register(f"pay_{s}_arrow", read_encrypted(ws / "pseudonymised" / "payload" / f"{s}.parquet",
                                                       pay_key, "payload"))
         con.execute(f"CREATE TABLE pay_{s} AS SELECT row_number() OVER () - 1 AS pos, * FROM pay_{s}_arrow")
@@ -118,6 +131,7 @@ def _load(con, ws: Path, ids_key, pay_key) -> None:
     con.execute("""CREATE TABLE pp_eth AS SELECT ppid, mode(e.ethnicity) AS ethnicity
                    FROM ids i JOIN pay_education e USING (record_token)
                    JOIN pp USING (fn_tok, sn_tok, dob_tok, sex_tok) GROUP BY ppid""")
+    return cols
 
 
 def _reference() -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -132,10 +146,28 @@ def _reference() -> tuple[pd.DataFrame, pd.DataFrame]:
 # -- attacks: each returns guesses keyed by something the attacker holds -------------------------
 
 def attack_sex(con) -> dict[str, str]:
-    """sex_tok -> 'M' / 'F': the token whose earnings records have the higher median pay is M."""
+    """sex_tok -> 'M' / 'F': the tokens whose earnings records have the higher median pay are M (of two
+    tokens, the higher; of many, as context-keyed tokens are, the upper half)."""
     med = con.execute("""SELECT i.sex_tok, median(p.pay) FROM ids i JOIN pay_earnings p USING (record_token)
-                         WHERE i.sex_tok IS NOT NULL GROUP BY 1 ORDER BY 2 DESC""").fetchall()
-    return {tok: ("M" if i == 0 else "F") for i, (tok, _) in enumerate(med)}
+                         WHERE i.sex_tok IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1""").fetchall()
+    half = max(len(med) // 2, 1)
+    return {tok: ("M" if i < half else "F") for i, (tok, _) in enumerate(med)}
+
+
+def attack_sex_context(con) -> dict[str, str]:
+    """sex_tok -> 'M' / 'F' within each date-of-birth context (``dobc_tok``), where context-keyed sex
+    tokens take one or two values: of two tokens the one with the higher median pay is M; a context's
+    only token is M when its median pay is above the median over all tokens. Tokens without earnings
+    records get no guess (scoring gives them the blind guess)."""
+    df = con.execute("""SELECT i.sex_tok AS tok, coalesce(any_value(i.dobc_tok), '') AS ctx, median(p.pay) AS pay
+                        FROM ids i JOIN pay_earnings p USING (record_token)
+                        WHERE i.sex_tok IS NOT NULL GROUP BY 1""").df()
+    if df.empty:
+        return {}
+    n = df.groupby("ctx")["tok"].transform("size")
+    top = df.groupby("ctx")["pay"].rank(ascending=False, method="first") == 1
+    male = np.where(n >= 2, top, df["pay"] > df["pay"].median())
+    return dict(zip(df["tok"], np.where(male, "M", "F")))
 
 
 def _assign(obs: pd.DataFrame, exp: pd.DataFrame, weight: float) -> dict:
@@ -152,10 +184,10 @@ def _assign(obs: pd.DataFrame, exp: pd.DataFrame, weight: float) -> dict:
     return dict(zip(obs.index[rows], exp.index[cols]))
 
 
-def _observed(con, token: str, by: str = "") -> pd.DataFrame:
+def _observed(con, token: str, by: str = "", table: str = "pp") -> pd.DataFrame:
     """Per token: pseudo-persons carrying it, and the ethnic-group profile of those with education rows."""
     df = con.execute(f"""SELECT pp.{token} AS tok, {by or "NULL"} AS cell, e.ethnicity
-                         FROM pp LEFT JOIN pp_eth e USING (ppid) WHERE pp.{token} IS NOT NULL""").df()
+                         FROM {table} pp LEFT JOIN pp_eth e USING (ppid) WHERE pp.{token} IS NOT NULL""").df()
     df["group"] = df["ethnicity"].map(GROUP_OF)
     n = df.groupby("tok").size().rename("n")
     prof = pd.crosstab(df["tok"], df["group"]).reindex(columns=GROUPS, fill_value=0)
@@ -194,9 +226,11 @@ def attack_initial(con, sex: dict[str, str], fore: pd.DataFrame) -> dict[str, st
 def attack_forename(con, sex: dict[str, str], initial: dict[str, str], fore: pd.DataFrame,
                     column: str = "fn_tok") -> dict[str, str]:
     """fn_tok (or fn_bf) -> forename, matched within (sex, initial) cells by count and group profile."""
-    by = ("CASE " + " ".join(f"WHEN pp.sex_tok = '{t}' THEN '{s}'" for t, s in sex.items()) + " END"
-          " || ':' || CASE " + " ".join(f"WHEN pp.ini = '{t}' THEN '{c}'" for t, c in initial.items()) + " END")
-    obs = _observed(con, column, by)
+    _map_sql(con, "a_sex", sex)
+    _map_sql(con, "a_ini", initial)
+    con.execute("""CREATE OR REPLACE TABLE pp_cell AS SELECT pp.*, s.v || ':' || i.v AS cell FROM pp
+                   LEFT JOIN a_sex s ON s.k = pp.sex_tok LEFT JOIN a_ini i ON i.k = pp.ini""")
+    obs = _observed(con, column, "pp.cell", "pp_cell")
     total = con.execute("SELECT count(*) FROM pp").fetchall()[0][0]
     exp = _expected_names(fore, ["sex"], total)
     exp["cell"] = exp["sex"] + ":" + exp["name"].str[0]
@@ -257,6 +291,91 @@ def attack_forename_graph(con, anchors: dict[str, str], sex: dict[str, str], ini
         err = ((predicted[cand] - dice_f[i][None, :]) ** 2).sum(axis=1)
         guess[df["fn_bf"].iat[i]] = ref["name"].to_numpy()[cand][int(np.argmin(err))]
     return guess
+
+
+def _filter_bits(hexes) -> np.ndarray:
+    """Unpacked bits (one row per filter) of hex-encoded filters of one length."""
+    raw = np.frombuffer(b"".join(bytes.fromhex(h) for h in hexes), dtype=np.uint8)
+    return np.unpackbits(raw.reshape(len(hexes), -1), axis=1)
+
+
+def _name_prior(ref: pd.DataFrame) -> pd.Series:
+    """Each reference name's share of the population (group mix, both sexes)."""
+    w = ref.assign(m=ref["p"] * ref["group"].map(GROUP_SHARE)).groupby("name")["m"].sum()
+    return w / w.sum()
+
+
+def _simulated_filters(names: list[str], params, rng, keys: int) -> list[np.ndarray]:
+    """The reference names' filters under ``keys`` random keys of the documented parameters (the attacker
+    knows the scheme, not the key): the key-independent part of a filter, e.g. its weight, is learnt here."""
+    from linkage.encodings import BloomEncoder
+
+    out = []
+    for _ in range(keys):
+        arr = BloomEncoder(rng.bytes(32), params).encode_many(names)
+        out.append(_filter_bits([bytes(b).hex() for b in arr.to_pylist()]).astype(np.float32))
+    return out
+
+
+def bloom_params(ws: Path, column: str):
+    """The documented parameters of a filter column (``pseudonymised/metadata.json``, in clear)."""
+    from linkage.encodings import BloomParams
+
+    meta = json.loads((ws / "pseudonymised" / "metadata.json").read_text())["bloom_filters"][column]
+    return BloomParams(bits=meta["bits"], hashes=meta["hashes"], q=meta["q"], hardening=meta["hardening"])
+
+
+def attack_bloom_weight(con, column: str, prior: pd.Series, params, rng, keys: int = 3) -> dict[str, str]:
+    """filter -> name from the filter's weight (bits set) alone, which no permutation of its bits changes.
+
+    The weight grows with the name's q-gram count; each reference name's weight under the scheme is
+    learnt from its filters under ``keys`` random keys (mean, pooled spread), and every observed filter
+    is named by the most probable name given its weight (prior: the name's population share)."""
+    df = con.execute(f"SELECT DISTINCT {column} AS f FROM ids WHERE {column} IS NOT NULL ORDER BY 1").df()
+    if df.empty:
+        return {}
+    names = prior.index.tolist()
+    sim = np.stack([b.sum(axis=1) for b in _simulated_filters(names, params, rng, keys)])
+    mu = sim.mean(axis=0)
+    sd = max(float(np.sqrt(((sim - mu) ** 2).sum() / max(sim.size - len(names), 1))), 1.0)
+    weight = _filter_bits(df["f"]).sum(axis=1)
+    values, inverse = np.unique(weight, return_inverse=True)
+    post = np.log(prior.to_numpy())[None, :] - 0.5 * ((values[:, None] - mu[None, :]) / sd) ** 2
+    best = np.asarray(names)[post.argmax(axis=1)]
+    return dict(zip(df["f"], best[inverse]))
+
+
+def attack_bloom_pair(con, fore_prior: pd.Series, sur_prior: pd.Series, params, rng,
+                      keys: int = 2) -> tuple[dict[str, str], dict[str, str]]:
+    """(fn_bf|sn_swap_bf) -> (forename, surname) from the Dice of one record's two filters.
+
+    ``sn_swap_bf`` is the surname under the forename key and, with context-keyed filters, the same
+    permutation as the record's ``fn_bf``: their Dice is the Dice of the cleartext filters, which
+    grows with the bigrams forename and surname share. Each reference (forename, surname) pair's Dice
+    under the scheme is learnt under random keys; each record's pair of filters is named by the most
+    probable pair given its Dice (rounded to 0.01; prior: the product of the names' shares)."""
+    df = con.execute("""SELECT DISTINCT fn_bf, sn_swap_bf FROM ids
+                        WHERE fn_bf IS NOT NULL AND sn_swap_bf IS NOT NULL ORDER BY 1, 2""").df()
+    if df.empty:
+        return {}, {}
+    f, s = _filter_bits(df["fn_bf"]).astype(np.float32), _filter_bits(df["sn_swap_bf"]).astype(np.float32)
+    observed = np.round(2 * (f * s).sum(axis=1) / np.maximum(f.sum(axis=1) + s.sum(axis=1), 1), 2)
+    fn, sn = fore_prior.index.tolist(), sur_prior.index.tolist()
+    sims = []
+    for ff, ss in zip(_simulated_filters(fn, params, rng, keys), _simulated_filters(sn, params, rng, keys)):
+        sims.append(2 * (ff @ ss.T) / (ff.sum(axis=1)[:, None] + ss.sum(axis=1)[None, :]))
+    sim = np.stack(sims)
+    mu = sim.mean(axis=0)
+    sd = max(float(np.sqrt(((sim - mu) ** 2).sum() / max(sim.size - mu.size, 1))), 1e-3)
+    prior = np.log(fore_prior.to_numpy())[:, None] + np.log(sur_prior.to_numpy())[None, :]
+    values, inverse = np.unique(observed, return_inverse=True)
+    best_f, best_s = [], []
+    for v in values:
+        i, j = np.unravel_index(int(np.argmax(prior - 0.5 * ((v - mu) / sd) ** 2)), mu.shape)
+        best_f.append(fn[i])
+        best_s.append(sn[j])
+    k = (df["fn_bf"] + "|" + df["sn_swap_bf"]).tolist()
+    return (dict(zip(k, np.asarray(best_f)[inverse])), dict(zip(k, np.asarray(best_s)[inverse])))
 
 
 def attack_surname(con, sur: pd.DataFrame) -> dict[str, str]:
@@ -485,6 +604,38 @@ def _sequence_join_sql(band: str) -> str:
         WHERE t.person_id = pu.person_id"""
 
 
+def _field_score(con, guess: str, key: str, truth: str, alt: str | None = None) -> tuple[int, int, int]:
+    """(right, blind, of) over the scored records ``s`` with a ``key``: right when the guess (table ``guess``)
+    for the record's key, or the blind guess where the attack made none, is the true value (``truth`` or
+    ``alt``); blind: the records the best blind guess gets right, the most common true value named for all."""
+    top = con.execute(f"SELECT mode({truth}) FROM scored s WHERE {key} IS NOT NULL").fetchall()[0][0]
+    if top is None:
+        return 0, 0, 0
+
+    def ok(v: str) -> str:
+        return f"({v} = {truth}" + (f" OR {v} = {alt})" if alt else ")")
+    right, blind, of = con.execute(f"""SELECT count(*) FILTER (WHERE {ok("coalesce(g.v, $1)")}),
+                                              count(*) FILTER (WHERE {ok("$1")}), count(*)
+                                       FROM scored s LEFT JOIN {guess} g ON g.k = {key}
+                                       WHERE {key} IS NOT NULL""", [str(top)]).fetchall()[0]
+    return right, blind, of
+
+
+def _pair_dice_correlation(con, limit: int = 20_000) -> float | None:
+    """Scoring only: correlation of the Dice of a record's fn_bf and sn_swap_bf with the bigram Dice of its
+    true forename and surname (distinct pairs, at most ``limit``)."""
+    df = con.execute(f"""SELECT DISTINCT fn, sn, fn_bf, sn_swap_bf FROM scored
+                         WHERE fn IS NOT NULL AND sn IS NOT NULL AND fn_bf IS NOT NULL AND sn_swap_bf IS NOT NULL
+                         ORDER BY fn_bf, sn_swap_bf LIMIT {limit}""").df()
+    if len(df) < 3:
+        return None
+    f, s = _filter_bits(df["fn_bf"]).astype(np.float32), _filter_bits(df["sn_swap_bf"]).astype(np.float32)
+    observed = 2 * (f * s).sum(axis=1) / np.maximum(f.sum(axis=1) + s.sum(axis=1), 1)
+    grams = [(_bigrams(a), _bigrams(b)) for a, b in zip(df["fn"], df["sn"])]
+    clear = [2 * len(a & b) / (len(a) + len(b)) for a, b in grams]
+    return float(np.corrcoef(observed, clear)[0, 1])
+
+
 def _map_sql(con, name: str, mapping: dict) -> None:
     con.execute(f"CREATE OR REPLACE TABLE {name} (k VARCHAR, v VARCHAR)")
     if mapping:
@@ -605,14 +756,22 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
     res_key = research_key(master, research_project(ws)) if (ws / "research" / "metadata.json").exists() else None
     del master                      # the attacks below hold the zone subkeys only
     t0 = time.perf_counter()
-    _load(con, ws, ids_key, pay_key)
+    cols = _load(con, ws, ids_key, pay_key)
+    context = "dobc_tok" in cols
     fore, sur = _reference()
+    fore_prior, sur_prior = _name_prior(fore), _name_prior(sur)
     sex = attack_sex(con)
+    sex_context = attack_sex_context(con) if context else {}
     initial = attack_initial(con, sex, fore)
     forename = attack_forename(con, sex, initial, fore)
     forename_bf = attack_forename(con, sex, initial, fore, column="fn_bf")
     forename_graph = attack_forename_graph(con, forename_bf, sex, initial, fore)
     surname = attack_surname(con, sur)
+    weight_attacks = {c: attack_bloom_weight(con, c, fore_prior if c == "fn_bf" else sur_prior,
+                                             bloom_params(ws, c), rng)
+                      for c in ("fn_bf", "sn_bf") if c in cols}
+    pair_fn, pair_sn = (attack_bloom_pair(con, fore_prior, sur_prior, bloom_params(ws, "sn_swap_bf"), rng)
+                        if "sn_swap_bf" in cols else ({}, {}))
     dob = attack_dob(con, rng)
     py = research_pay(ws, res_key) if res_key is not None else None
     pairs = attack_pay_join(con, py)
@@ -620,15 +779,24 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
 
     _score_table(con, ws, key_file)
     for name, mapping in (("g_sex", sex), ("g_ini", initial), ("g_fn", forename), ("g_fnbf", forename_bf), ("g_fngraph", forename_graph),
-                          ("g_sn", surname), ("g_month", dob["month"]), ("g_day", dob["day"])):
+                          ("g_sn", surname), ("g_month", dob["month"]), ("g_day", dob["day"]),
+                          ("g_sexc", sex_context), ("g_wfn", weight_attacks.get("fn_bf", {})),
+                          ("g_wsn", weight_attacks.get("sn_bf", {})), ("g_pfn", pair_fn), ("g_psn", pair_sn)):
         _map_sql(con, name, mapping)
     one = lambda sql: con.execute(sql).fetchall()[0]   # noqa: E731
     n_rows = one("SELECT count(*) FROM scored")[0]
     results = []
 
-    def add(attack, field, hit, of, note=""):
-        results.append({"attack": attack, "field": field, "re_identified": hit, "of": of,
-                        "share": hit / of if of else 0.0, "note": note})
+    def add(attack, field, hit, of, note="", blind=None):
+        row = {"attack": attack, "field": field, "re_identified": hit, "of": of, "note": note}
+        if blind is not None:       # a guess at a value: only what beats the blind guess re-identifies
+            row.update(right=hit, blind=blind, re_identified=max(hit - blind, 0))
+        row["share"] = row["re_identified"] / of if of else 0.0
+        results.append(row)
+
+    def add_field(attack, field, guess, key, truth, alt=None, note=""):
+        right, blind, of = _field_score(con, guess, key, truth, alt)
+        add(attack, field, right, of, note, blind=blind)
 
     # row order: identifiers row i = landing row i; payload row i = identifiers row i
     # landing_row is 1-based; quarantined rows leave gaps, so compare ranks within the source
@@ -642,24 +810,38 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
     con.execute("""CREATE TABLE landing_rank AS SELECT record_token, source,
                    row_number() OVER (PARTITION BY source ORDER BY landing_row) - 1 AS r FROM scored""")
     _linked_order(con, ws, add, n_rows)
-    hit, of = one("""SELECT count(*) FILTER (WHERE g.v = s.sex), count(*) FROM scored s
-                     JOIN g_sex g ON g.k = s.sex_tok""")
-    add("sex token: higher median pay is M", "sex", hit, of)
-    hit, of = one("""SELECT count(*) FILTER (WHERE g.v = left(s.fn, 1)), count(*) FROM scored s
-                     JOIN g_ini g ON g.k = s.fn_initial_tok""")
-    add("forename initial token: frequency alignment by sex", "forename initial", hit, of)
-    of = one("SELECT count(*) FROM scored WHERE fn_tok IS NOT NULL")[0]
-    hit = one("SELECT count(*) FROM scored s JOIN g_fn g ON g.k = s.fn_tok WHERE g.v = s.fn")[0]
-    add("forename token: frequency alignment by sex, initial, ethnicity", "forename", hit, of)
-    hit = one("SELECT count(*) FROM scored s JOIN g_fnbf g ON g.k = s.fn_bf WHERE g.v = s.fn")[0]
-    add("whole Bloom-filter pattern frequency (fn_bf)", "forename", hit, of)
-    hit = one("SELECT count(*) FROM scored s JOIN g_fngraph g ON g.k = s.fn_bf WHERE g.v = s.fn")[0]
-    add("graph matching: fn_bf Dice to 300 frequency anchors vs cleartext bigram Dice", "forename", hit, of,
-        "every filter guessed: anchors by frequency, the rest by similarity")
-    of = one("SELECT count(*) FROM scored WHERE sn_tok IS NOT NULL")[0]
-    hit = one("""SELECT count(*) FROM scored s JOIN g_sn g ON g.k = s.sn_tok
-                 WHERE g.v = s.sn OR g.v = s.sn2""")[0]
-    add("surname token: frequency alignment by name group", "surname", hit, of)
+    add_field("sex token: higher median pay is M", "sex", "g_sex", "s.sex_tok", "s.sex")
+    if context:
+        add_field("sex token: within each date-of-birth context (dobc_tok), higher median pay is M", "sex",
+                  "g_sexc", "s.sex_tok", "s.sex", note="a context's only token: M when its median pay is above "
+                  "the median over all tokens")
+    add_field("forename initial token: frequency alignment by sex", "forename initial", "g_ini",
+              "s.fn_initial_tok", "left(s.fn, 1)")
+    add_field("forename token: frequency alignment by sex, initial, ethnicity", "forename", "g_fn", "s.fn_tok", "s.fn")
+    add_field("whole Bloom-filter pattern frequency (fn_bf)", "forename", "g_fnbf", "s.fn_bf", "s.fn")
+    add_field("graph matching: fn_bf Dice to 300 frequency anchors vs cleartext bigram Dice", "forename",
+              "g_fngraph", "s.fn_bf", "s.fn", note="anchors by frequency, the rest by similarity")
+    add_field("surname token: frequency alignment by name group", "surname", "g_sn", "s.sn_tok", "s.sn", "s.sn2")
+    for c, g, field, truth, alt in (("fn_bf", "g_wfn", "forename", "s.fn", None),
+                                    ("sn_bf", "g_wsn", "surname", "s.sn", "s.sn2")):
+        if c in cols:
+            add_field(f"Bloom-filter weight ({c}: bits set, unchanged by any permutation): most probable name",
+                      field, g, f"s.{c}", truth, alt, "weights learnt from reference names under random keys")
+    if "sn_swap_bf" in cols:
+        pair = "s.fn_bf || '|' || s.sn_swap_bf"
+        r = _pair_dice_correlation(con)
+        note = (f"Dice of a record's two filters vs its names' bigram Dice: r = {r:.3f}" if r is not None else "")
+        add_field("within one record: Dice(fn_bf, sn_swap_bf), same key and context, most probable names",
+                  "forename", "g_pfn", pair, "s.fn", note=note)
+        add_field("within one record: Dice(fn_bf, sn_swap_bf), same key and context, most probable names",
+                  "surname", "g_psn", pair, "s.sn", "s.sn2", note=note)
+    for c, what in NAME_DATE_TOKENS.items():
+        if c in cols:
+            hit, of = one(f"""WITH k AS (SELECT {c} AS t, count(DISTINCT person_id) AS k FROM scored
+                                         WHERE {c} IS NOT NULL GROUP BY 1)
+                              SELECT count(*) FILTER (WHERE k.k >= 2), count(*) FROM scored s JOIN k ON k.t = s.{c}""")
+            add(f"{c} ({what}): token frequency", "name", hit, of,
+                "records whose token more than one person carries: the most any frequency attack can use")
     # full name + clear birth year + sex, and persons whose combination is unique (singled out)
     con.execute(f"""CREATE TABLE fullname AS SELECT s.person_id FROM scored s
                     JOIN g_fn f ON f.k = s.fn_tok JOIN g_sn n ON n.k = s.sn_tok JOIN g_sex x ON x.k = s.sex_tok
@@ -669,13 +851,18 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
                                    birth_year, sex) AS k FROM {read_literal(ws / 'truth' / 'persons.parquet')})
                    SELECT count(DISTINCT f.person_id) FROM fullname f JOIN p USING (person_id) WHERE p.k = 1""")[0]
     persons = one(f"SELECT count(*) FROM {read_literal(ws / 'truth' / 'persons.parquet')}")[0]
-    add("full name + birth year (clear) + sex", "name, birth year, sex", hit, n_rows)
+    blind = one("""SELECT count(*) FROM scored s JOIN (SELECT fn, sn, sex FROM scored GROUP BY ALL
+                                                      ORDER BY count(*) DESC LIMIT 1) t USING (fn, sn, sex)""")[0]
+    add("full name + birth year (clear) + sex", "name, birth year, sex", hit, n_rows, blind=blind)
     add("full name + birth year + sex: persons singled out", "person", uniq, persons,
         "unique (forename, surname, birth year, sex) in the population")
     hit, of = one("""SELECT count(*) FILTER (WHERE m.v::INT = month(s.dob) AND d.v::INT = day(s.dob)
                                             AND s.birth_year = year(s.dob)), count(*)
                      FROM scored s JOIN g_month m ON m.k = s.dob_month_tok JOIN g_day d ON d.k = s.dob_day_tok""")
-    add("date of birth from day/month/swap tokens + birth year", "full date of birth", hit, of)
+    blind = one("""SELECT count(*) FROM scored s JOIN (SELECT month(dob) AS m, day(dob) AS d FROM scored
+                     WHERE dob_month_tok IS NOT NULL GROUP BY ALL ORDER BY count(*) DESC LIMIT 1) t
+                     ON month(s.dob) = t.m AND day(s.dob) = t.d WHERE s.dob_month_tok IS NOT NULL""")[0]
+    add("date of birth from day/month/swap tokens + birth year", "full date of birth", hit, of, blind=blind)
     # pay join: a research person re-identified when the record tokens found for them all
     # belong to one true person (truth, through the crosswalk)
     research_persons = _research_persons(ws, key_file)
@@ -704,10 +891,11 @@ def _markdown(report: dict, label: str) -> str:
              f"{report['workspace_rows']:,} identifier rows, {report['persons']:,} persons; attacks took "
              f"{report['attack_seconds']} s (seed {report['seed']})"
              + (f"; run {report['run']}" if report.get("run") else "") + ".", "",
-             "| attack | field | re-identified | of | share | goal | met |",
-             "|---|---|---:|---:|---:|---:|---|"]
+             "| attack | field | right | blind guess | re-identified | of | share | goal | met |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in report["results"]:
-        lines.append(f"| {r['attack']} | {r['field']} | {r['re_identified']:,} | {r['of']:,} | "
+        guessed = f"{r['right']:,} | {r['blind']:,}" if r.get("blind") is not None else "- | -"
+        lines.append(f"| {r['attack']} | {r['field']} | {guessed} | {r['re_identified']:,} | {r['of']:,} | "
                      f"{100 * r['share']:.2f}% | < {100 * GOAL:.0f}% | {'yes' if r['share'] < GOAL else 'no'} |"
                      + (f" {r['note']}" if r["note"] else ""))
     if report.get("linkage"):
@@ -728,6 +916,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--key-file", required=True, help="used only to score (crosswalk -> truth), never by an attack")
     ap.add_argument("--label", default=None, help="label of a single view's run (default: the view's own)")
     ap.add_argument("--seed", type=int, default=16)
+    ap.add_argument("--results", type=Path, default=RESULTS,
+                    help="folder of privacy.md and privacy.json (default: bench/results)")
     ap.add_argument("--view", choices=("both", "keyless", "zone-keys"), default="both",
                     help="keyless: an attacker with no key; zone-keys: one holding the zones' subkeys "
                          "(not the master key), the documented residual risk; both (default): the two views "
@@ -743,8 +933,9 @@ def main(argv: list[str] | None = None) -> int:
     for label, report in reports.items():
         report["run"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         print(_markdown(report, label))
-    RESULTS.mkdir(exist_ok=True)
-    out_json = RESULTS / "privacy.json"
+    results = args.results
+    results.mkdir(parents=True, exist_ok=True)
+    out_json = results / "privacy.json"
     runs = json.loads(out_json.read_text()) if out_json.exists() else {}
     if args.view == "both":
         runs = {k: v for k, v in runs.items() if k.startswith("before")}
@@ -760,9 +951,15 @@ def main(argv: list[str] | None = None) -> int:
           "`zone:payload`, and two projects' `zone:research:<project>`) but not the master key, so reads the "
           "zones as they were before encryption. The default (`--view both`) runs the two views on one "
           "workspace in one run. Runs labelled 'before' are from earlier code (exact research pay, zones in clear).",
+          "", "Guessed values (sex, initial, names, date of birth): 'right' counts the records whose guess is their "
+          "true value, the attack's blind guess standing in for any record it makes no guess for; 'blind guess' "
+          "counts the records that naming the field's most common true value for every record gets right (no "
+          "attack: a coin flip for sex, the commonest forename); 're-identified' is right minus blind guess, what "
+          "the attack learns beyond guessing, and the share and goal are taken on it. Attacks that are not a "
+          "guess at a value (row order, pay joins, singling out) show '-' and count every hit.",
           ""]
     md += [_markdown(r, lbl) for lbl, r in runs.items()]
-    (RESULTS / "privacy.md").write_text("\n".join(md))
+    (results / "privacy.md").write_text("\n".join(md))
     return 0
 
 

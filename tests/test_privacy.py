@@ -374,3 +374,41 @@ def test_research_reads_are_cached_per_file_version_and_key(tmp_path):
     write_research(path, second, second.schema, KEY, "p1")      # a new assemble run replaces the file
     assert read_research(tmp_path, KEY, "cohort").equals(second)
     assert read_research(tmp_path, KEY, "cohort", ["child_id"]).column_names == ["child_id"]
+
+
+# -- bench/privacy's scoring can fail: a deterministic token is re-identified, a context-keyed one is not --
+
+def _surname_table(context: bool, persons: int = 4000, seed: int = 16):
+    """A hand-built ``pp`` (one pseudo-person per person) and ``scored`` (the truth) for the surname attack:
+    surnames drawn from the attacker's own reference mix; ``sn_tok`` keyed on the surname alone, or on the
+    surname and the person's date of birth (the context-keyed encoding of issue 16)."""
+    from bench.privacy import _name_prior, _reference
+    from linkage.db import connect
+
+    rng = np.random.default_rng(seed)
+    prior = _name_prior(_reference()[1])
+    names = rng.choice(prior.index.to_numpy(), size=persons, p=prior.to_numpy())
+    dobs = rng.integers(0, 20 * 365, size=persons)
+    tok = [hashlib.sha256(f"{n}\x1f{d if context else ''}".encode()).hexdigest()[:32] for n, d in zip(names, dobs)]
+    con = connect()
+    con.execute("CREATE TABLE pp (ppid BIGINT, sn_tok VARCHAR)")
+    con.executemany("INSERT INTO pp VALUES (?, ?)", list(enumerate(tok)))
+    con.execute("CREATE TABLE pp_eth (ppid BIGINT, ethnicity VARCHAR)")
+    con.execute("CREATE TABLE scored (sn_tok VARCHAR, sn VARCHAR, sn2 VARCHAR)")
+    con.executemany("INSERT INTO scored VALUES (?, ?, NULL)", list(zip(tok, names.tolist())))
+    return con
+
+
+@pytest.mark.parametrize("context", [False, True])
+def test_frequency_attack_scores_deterministic_tokens_high_and_context_keyed_tokens_near_zero(context):
+    from bench.privacy import _field_score, _map_sql, _reference, attack_surname
+
+    con = _surname_table(context)
+    _map_sql(con, "g", attack_surname(con, _reference()[1]))
+    right, blind, of = _field_score(con, "g", "s.sn_tok", "s.sn", "s.sn2")
+    assert of == 4000 and 0 < blind < 0.05 * of          # the commonest surname: a few percent, guessed blind
+    advantage = (right - blind) / of
+    if context:
+        assert advantage < 0.01, advantage                # one token per person: nothing beyond the blind guess
+    else:
+        assert advantage > 0.10, advantage                # shared tokens: frequency names them
