@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives import hashes, hmac
 __all__ = [
     "TOKEN_BYTES", "HARDENINGS", "Tokeniser", "BloomParams", "BloomEncoder", "dice", "dice_sql", "dice_sql_counted",
     "bit_count_sql",
-    "hashes_for_half_fill",
+    "hashes_for_half_fill", "CONTEXT_SEPARATOR", "dob_context", "context_message", "ContextPermuter",
 ]
 
 TOKEN_BYTES = 16                       # 128-bit tokens, 32 hex characters
@@ -358,3 +358,82 @@ def dice_sql_counted(sql: str) -> str:
 def bit_count_sql(column: str) -> str:
     """The stored bit count :func:`dice_sql_counted` reads: ``bit_count`` of the filter, NULL if it is NULL."""
     return f"bit_count(({column})::BITSTRING)"
+
+
+# -- context keying: name encodings that differ between people who share a name ----------------
+
+CONTEXT_SEPARATOR = "\x1f"             # between a value and its context in a context token's message
+_PERMUTE_CHUNK = 16_384                # filters permuted per numpy batch
+
+
+def dob_context(date) -> str:
+    """The date of birth as a context: year, then the smaller and the larger of day and month.
+
+    A date and the same date with day and month swapped share it, so a swap keeps the
+    record's name encodings comparable.
+
+    Example:
+        >>> import datetime as dt
+        >>> dob_context(dt.date(2005, 3, 4)) == dob_context(dt.date(2005, 4, 3)) == "2005-03-04"
+        True
+    """
+    lo, hi = sorted((date.month, date.day))
+    return f"{date.year:04d}-{lo:02d}-{hi:02d}"
+
+
+def context_message(value: str | None, context: str) -> str | None:
+    """The message a context token is the HMAC of: ``value US context`` (``None`` for no value)."""
+    return None if value is None else value + CONTEXT_SEPARATOR + context
+
+
+class ContextPermuter:
+    """Keyed permutations of one Bloom-filter field's stored bits, one per context.
+
+    The permutation of context ``c`` is ``Generator(PCG64(seed)).permutation(bits)`` with
+    ``seed`` the first 8 bytes (big-endian) of HMAC-SHA256(field key, ``b"context\\x00" + c``);
+    a filter's bits become ``bits[perm]``. Dice between two filters of one context is
+    unchanged; filters of different contexts are unrelated without the key.
+
+    Args:
+        key: the field's ``bloom:<field>`` subkey (the one its filters are built under).
+        bits: the stored filter length.
+
+    Example:
+        >>> p = ContextPermuter(bytes(32), 64)
+        >>> f = np.frombuffer(bytes([0b10110000, 0, 0, 0, 0, 0, 0, 1]), dtype=np.uint8).reshape(1, 8)
+        >>> g = p.permute(f, np.array([0]), ["a context"])
+        >>> int(np.unpackbits(g).sum()) == 4 and g.tobytes() != f.tobytes()
+        True
+    """
+
+    def __init__(self, key: bytes, bits: int):
+        self.bits = bits
+        self._mac = hmac.HMAC(key, hashes.SHA256())
+        self._mac.update(b"context\x00")
+        self._cache: dict[str, np.ndarray] = {}
+
+    def permutation(self, context: str) -> np.ndarray:
+        """The permutation of one context (cached): ``bits[perm]`` is the permuted filter."""
+        perm = self._cache.get(context)
+        if perm is None:
+            h = self._mac.copy()
+            h.update(context.encode("utf-8"))
+            seed = int.from_bytes(h.finalize()[:8], "big")
+            perm = np.random.Generator(np.random.PCG64(seed)).permutation(self.bits).astype(np.int32)
+            self._cache[context] = perm
+        return perm
+
+    def permute(self, filters: np.ndarray, context_ids: np.ndarray, contexts: Sequence[str]) -> np.ndarray:
+        """Filters (``(n, bits/8)`` uint8) each permuted with its context ``contexts[context_ids[i]]``."""
+        n = len(filters)
+        out = np.empty_like(filters)
+        if n == 0:
+            return out
+        perms = np.stack([self.permutation(c) for c in contexts])
+        for start in range(0, n, _PERMUTE_CHUNK):
+            stop = min(n, start + _PERMUTE_CHUNK)
+            unpacked = np.unpackbits(filters[start:stop], axis=1).reshape(-1)
+            index = perms[context_ids[start:stop]]
+            index += (np.arange(stop - start, dtype=np.int32) * self.bits)[:, None]
+            out[start:stop] = np.packbits(unpacked[index], axis=1)
+        return out

@@ -60,6 +60,16 @@ def test_research_tables_match_their_schemas(assembled):
     assert summary["rows"]["cohort"] > 300
 
 
+def test_sex_decodes_from_its_context_keyed_tokens(assembled):
+    """sex_tok is keyed with each record's date-of-birth context (issue 16): assemble recomputes the tokens
+    of M and F per context from the key, and every person with a recorded sex gets it back."""
+    root = assembled[0]
+    sex = _table(root, "person").column("sex").to_pylist()
+    known = [s for s in sex if s is not None]
+    assert set(known) == {"M", "F"} and len(known) >= 0.99 * len(sex)
+    assert 0.4 < known.count("M") / len(known) < 0.6
+
+
 def test_research_tables_are_consistent(assembled):
     root, _, _, _ = assembled
     con = duckdb.connect()

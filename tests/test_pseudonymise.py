@@ -13,6 +13,7 @@ from pathlib import Path
 
 import duckdb
 import jellyfish
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -41,6 +42,34 @@ def _oracle(domain: str, value: str | None, secret: bytes = SECRET) -> str | Non
         return None
     return std_hmac.new(MasterKey(secret, "t").subkey("tokens"), domain.encode() + b"\x00" + value.encode(),
                         hashlib.sha256).hexdigest()[:32]
+
+
+def _context(dob: dt.date | None) -> str:
+    """An independent context string: the token of the year and the sorted day and month, "" without a date."""
+    if dob is None:
+        return ""
+    lo, hi = sorted((dob.month, dob.day))
+    return _oracle("dobc", f"{dob.year:04d}-{lo:02d}-{hi:02d}")
+
+
+def _ctx(domain: str, value: str | None, dob: dt.date | None) -> str | None:
+    """An independent context token: domain '<domain>@dobc', value US context."""
+    return None if value is None else _oracle(f"{domain}@dobc", f"{value}\x1f{_context(dob)}")
+
+
+def _permuted(bf: bytes | None, field: str, dob: dt.date | None) -> bytes | None:
+    """A stored filter's bits permuted as the contract says, computed here with the standard library's HMAC."""
+    if bf is None:
+        return None
+    mac = std_hmac.new(KEY.subkey(f"bloom:{field}"), b"context\x00" + _context(dob).encode(), hashlib.sha256)
+    bits = np.unpackbits(np.frombuffer(bf, dtype=np.uint8))
+    perm = np.random.Generator(np.random.PCG64(int.from_bytes(mac.digest()[:8], "big"))).permutation(len(bits))
+    return np.packbits(bits[perm]).tobytes()
+
+
+def _name_part(fn: str, sn: str, dob: dt.date, parts: str) -> str:
+    fmt = {"y": f"{dob.year:04d}", "m": f"{dob.month:02d}", "d": f"{dob.day:02d}"}
+    return _oracle(f"name_{parts}", "\x1f".join([fn, sn, fmt[parts[0]], fmt[parts[1]]]))
 
 
 @pytest.fixture(scope="module")
@@ -172,13 +201,19 @@ def test_every_encoding_matches_an_independent_computation_on_its_own_row(ws, so
     addr_bf = BloomEncoder(KEY.subkey("bloom:address"), params["addr_bf"])
     for r in rows:
         fn, sn, dob = r[role["first_name"]], r[role["surname"]], r[role["dob"]]
-        assert r["fn_tok"] == _oracle("fn", fn) and r["sn_tok"] == _oracle("sn", sn)
-        assert r["fn_initial_tok"] == _oracle("fn_initial", fn[0])
-        assert r["fn_phon_tok"] == _oracle("fn_phon", _metaphone(fn))
-        assert r["sn_phon_tok"] == _oracle("sn_phon", _metaphone(sn))
-        assert r["fn_bf"] == fn_bf.encode(fn) and r["sn_bf"] == sn_bf.encode(sn)
+        # names: keyed with the date-of-birth context (dobc_tok)
+        assert r["dobc_tok"] == _context(dob)
+        assert r["fn_tok"] == _ctx("fn", fn, dob) and r["sn_tok"] == _ctx("sn", sn, dob)
+        assert r["fn_initial_tok"] == _ctx("fn_initial", fn[0], dob)
+        assert r["fn_phon_tok"] == _ctx("fn_phon", _metaphone(fn), dob)
+        assert r["sn_phon_tok"] == _ctx("sn_phon", _metaphone(sn), dob)
+        assert r["fn_bf"] == _permuted(fn_bf.encode(fn), "first_name", dob)
+        assert r["sn_bf"] == _permuted(sn_bf.encode(sn), "surname", dob)
+        assert r["sn_swap_bf"] == _permuted(fn_bf.encode(sn), "first_name", dob)
         middle = r[role["middle_names"]]
-        assert r["mn_initial_tok"] == (_oracle("mn_initial", middle[0]) if middle else None)
+        assert r["mn_initial_tok"] == (_ctx("mn_initial", middle[0], dob) if middle else None)
+        assert (r["name_ym_tok"], r["name_yd_tok"], r["name_md_tok"]) == tuple(
+            _name_part(fn, sn, dob, parts) for parts in ("ym", "yd", "md"))
         assert r["dob_tok"] == _oracle("dob", dob.isoformat())
         assert r["dob_year_tok"] == _oracle("dob_year", f"{dob.year:04d}")
         assert r["dob_month_tok"] == _oracle("dob_month", f"{dob.month:02d}")
@@ -186,7 +221,7 @@ def test_every_encoding_matches_an_independent_computation_on_its_own_row(ws, so
         swapped = dt.date(dob.year, dob.day, dob.month).isoformat() if dob.day <= 12 else None
         assert r["dob_swap_tok"] == _oracle("dob", swapped)
         assert r["birth_year"] == dob.year
-        assert r["sex_tok"] == _oracle("sex", r[role["sex"]])
+        assert r["sex_tok"] == _ctx("sex", r[role["sex"]], dob)
         pc = r[role["postcode"]]
         parts = _postcode(pc) if pc else (None, None, None)
         assert (r["postcode_tok"], r["pc_sector_tok"], r["pc_district_tok"]) == tuple(
@@ -214,16 +249,19 @@ def test_the_same_value_in_two_sources_gets_the_same_encoding(ws):
     root, _ = ws
     con = _con(root)
     union = " UNION ALL ".join(
-        f"SELECT source, forename, surname, dob, postcode, fn_tok, fn_bf, sn_bf, dob_tok, postcode_tok FROM j_{s}"
+        f"SELECT source, forename, surname, dob, postcode, fn_tok, fn_bf, sn_bf, dob_tok, dobc_tok, postcode_tok, "
+        f"year(dob) || '-' || least(month(dob), day(dob)) || '-' || greatest(month(dob), day(dob)) AS dobc FROM j_{s}"
         for s in SOURCES)
     con.execute(f"CREATE TABLE u AS {union}")
-    for value, encodings in (("forename", ("fn_tok", "fn_bf")), ("surname", ("sn_bf",)), ("dob", ("dob_tok",)),
-                             ("postcode", ("postcode_tok",))):
+    # names in their context: the same name and date of birth (up to a day/month swap)
+    for value, encodings in (("forename, dobc", ("fn_tok", "fn_bf")), ("surname, dobc", ("sn_bf",)),
+                             ("dob", ("dob_tok", "dobc_tok")), ("postcode", ("postcode_tok",))):
+        present = " AND ".join(f"{v} IS NOT NULL" for v in value.split(", "))
         shared, inconsistent = con.execute(f"""
             SELECT count(*) FILTER (WHERE n_sources > 1), count(*) FILTER (WHERE n_encodings > 1) FROM (
               SELECT {value}, count(DISTINCT source) n_sources,
                      {" + ".join(f"count(DISTINCT {e})" for e in encodings)} - {len(encodings) - 1} n_encodings
-              FROM u WHERE {value} IS NOT NULL GROUP BY {value})""").fetchall()[0]
+              FROM u WHERE {present} GROUP BY {value})""").fetchall()[0]
         assert shared > 100, value              # plenty of values occur in more than one source
         assert inconsistent == 0, value          # and each has one encoding wherever it occurs
 
@@ -437,8 +475,18 @@ def test_hand_worked_rows(tmp_path, keyed):
     e1, e2 = sorted(ids["earnings"], key=lambda r: cw[r["record_token"]]["row"])
     ben = ids["benefits"][0]
     assert cw[e2["record_token"]]["record_id"] == "ERN0000000002" and cw[edu["record_token"]]["line"] == 2
-    # the same name in two sources: the same tokens and filters
-    assert edu["fn_tok"] == e1["fn_tok"] == e2["fn_tok"] and edu["fn_bf"] == e1["fn_bf"]
+    # the same name in two sources: the same tokens and filters in the same date-of-birth context (a
+    # day/month swap keeps it), unrelated ones in another
+    assert edu["dobc_tok"] == e1["dobc_tok"] == ben["dobc_tok"] != e2["dobc_tok"]
+    assert edu["fn_tok"] == e1["fn_tok"] != e2["fn_tok"] and edu["fn_bf"] == e1["fn_bf"] != e2["fn_bf"]
+    assert edu["sn_swap_bf"] == e1["sn_swap_bf"] != e2["sn_swap_bf"] and edu["sex_tok"] == e1["sex_tok"] == ben["sex_tok"]
+    assert dice(edu["fn_bf"], e2["fn_bf"]) < 0.8
+    # forename, surname and two date parts: 2005-03-25 shares year and month with 2005-03-04, the swap none
+    assert edu["name_ym_tok"] == e2["name_ym_tok"] and edu["name_yd_tok"] != e2["name_yd_tok"]
+    assert edu["name_md_tok"] != e2["name_md_tok"]
+    assert not {edu[c] for c in ("name_ym_tok", "name_yd_tok", "name_md_tok")} & {
+        e1[c] for c in ("name_ym_tok", "name_yd_tok", "name_md_tok")}
+    assert ben["name_ym_tok"] != edu["name_ym_tok"]                 # JON SMYTH is not JOHN SMITH
     # 2005-04-03 is 2005-03-04 with day and month swapped; 25 > 12 has no swap
     assert e1["dob_swap_tok"] == edu["dob_tok"] == ben["dob_tok"] and e2["dob_swap_tok"] is None
     assert e1["dob_year_tok"] == edu["dob_year_tok"] and e1["dob_month_tok"] != edu["dob_month_tok"]
@@ -456,7 +504,7 @@ def test_hand_worked_rows(tmp_path, keyed):
     # "1 High Street" in two sources is one filter; "1 HIGH ST." is close to it
     assert e1["addr_bf"] == ben["addr_bf"] and edu["addr_bf"] is None
     assert 0.6 < dice(e1["addr_bf"], e2["addr_bf"]) < 1
-    assert edu["mn_initial_tok"] == _oracle("mn_initial", "P") and e1["mn_initial_tok"] is None
+    assert edu["mn_initial_tok"] == _ctx("mn_initial", "P", d(2005, 3, 4)) and e1["mn_initial_tok"] is None
     assert (ben["bu_role"], ben["benefit_unit_tok"]) == ("dependant", _oracle("benefit_unit", "BU00000001"))
     assert ben["claim_tok"] == _oracle("claim_id", "C000000001") and edu["claim_tok"] is None
     payload = duckdb.sql(f"SELECT * FROM '{_plain(tmp_path)}/payload/earnings.parquet'").to_arrow_table()

@@ -55,7 +55,7 @@ from linkage.assemble import sql
 from linkage.assemble import mobility
 from linkage import resources
 from linkage.config import Config
-from linkage.db import connect, quote_ident, quote_literal, read_literal
+from linkage.db import connect, quote_ident, read_literal
 from linkage.errors import HhlinkError, SchemaError, WorkspaceError, read_toml
 from linkage.keys import MasterKey
 from linkage.pseudonymise.store import batches_encrypted, read_encrypted_schema, research_zone, write_research
@@ -124,12 +124,19 @@ def load_research_schema(table: str, folder: Path | str | None = None) -> TableS
 
 # -- inputs and links ------------------------------------------------------------------------
 
-def _sex_tokens(key) -> tuple[str, str]:
-    """The keyed tokens of sex M and F (the pseudonymiser tokenises sex in domain ``sex``)."""
-    from linkage.encodings import Tokeniser
+def _sex_tokens(key, contexts: list[str | None]) -> pa.Table:
+    """The keyed tokens of sex M and F in each date-of-birth context (``dobc_tok``, None for no date).
 
-    tok = Tokeniser(key.subkey("tokens"), "sex")
-    return tok("M"), tok("F")
+    The pseudonymiser tokenises sex in domain ``sex@dobc`` with the record's ``dobc_tok`` ("" without
+    one) as context, so the tokens of M and F differ between contexts: they are computed here, per
+    context present, from the key (never from the date, which assemble does not hold).
+    """
+    from linkage.encodings import Tokeniser, context_message
+
+    tok = Tokeniser(key.subkey("tokens"), "sex@dobc")
+    return pa.table({"dobc_tok": pa.array(contexts, pa.string()),
+                     "tok_m": tok.many([context_message("M", c or "") for c in contexts]),
+                     "tok_f": tok.many([context_message("F", c or "") for c in contexts])})
 
 
 def load_inputs(con: duckdb.DuckDBPyConnection, ws: Workspace, key, la_lookup: Path) -> None:
@@ -142,11 +149,14 @@ def load_inputs(con: duckdb.DuckDBPyConnection, ws: Workspace, key, la_lookup: P
     from linkage.pseudonymise.store import load_zone
 
     linked = ws.zone("linked")
-    tok_m, tok_f = _sex_tokens(key)
     # the payload and the sex tokens are encrypted at rest: decrypted here, into memory only
     for source in ("education", "benefits", "earnings"):
         load_zone(con, f"payload_{source}", ws.root, "payload", key, sources=[source])
-    load_zone(con, "record_sex", ws.root, "identifiers", key, ["record_token", "sex_tok"])
+    load_zone(con, "record_sex", ws.root, "identifiers", key, ["record_token", "sex_tok", "dobc_tok"])
+    contexts = [r[0] for r in con.execute("select distinct dobc_tok from record_sex where sex_tok is not null").fetchall()]
+    con.register("sex_codes_arrow", _sex_tokens(key, contexts))
+    con.execute("create or replace temp table sex_codes as select * from sex_codes_arrow")
+    con.unregister("sex_codes_arrow")
     con.execute(f"""
         create or replace table identity_map as
         select unique_id as linkage_id, (row_number() over (order by unique_id))::integer uid
@@ -163,9 +173,9 @@ def load_inputs(con: duckdb.DuckDBPyConnection, ws: Workspace, key, la_lookup: P
         from read_parquet({read_literal(linked / 'records.parquet')}) r
         join identity_map i on i.linkage_id = r.unique_id join person_map p on p.linkage_key = r.person_key;
         create or replace table unique_sex as
-        select r.unique_id, case any_value(d.sex_tok) when {quote_literal(tok_m)} then 'M'
-                                 when {quote_literal(tok_f)} then 'F' end sex
-        from recs r join record_sex d using (record_token) group by 1;
+        select r.unique_id, any_value(case d.sex_tok when c.tok_m then 'M' when c.tok_f then 'F' end) sex
+        from recs r join record_sex d using (record_token)
+        left join sex_codes c on c.dobc_tok is not distinct from d.dobc_tok group by 1;
         create or replace table la_region as
         select utla_code la_code, region_code from read_csv({read_literal(la_lookup)}, header = true, all_varchar = true);
         create or replace table households_base as
@@ -179,7 +189,7 @@ def load_inputs(con: duckdb.DuckDBPyConnection, ws: Workspace, key, la_lookup: P
         join person_map c on c.linkage_key = r.child_key;
     """)
     _check_inputs_join(con)
-    con.execute("drop table record_sex")
+    con.execute("drop table record_sex; drop table sex_codes")
     con.execute(sql.inputs_sql())
 
 

@@ -52,7 +52,8 @@ import pyarrow.parquet as pq
 from linkage.config import Config, PseudonymiseConfig
 from linkage.crosswalk import CROSSWALK_FILE, write_crosswalk
 from linkage.db import connect, path_literal, quote_ident, quote_literal, read_literal
-from linkage.encodings import TOKEN_BYTES, BloomEncoder, BloomParams, Tokeniser
+from linkage.encodings import (TOKEN_BYTES, BloomEncoder, BloomParams, ContextPermuter, Tokeniser, context_message,
+                               dob_context)
 from linkage.errors import HhlinkError, SchemaError, WorkspaceError
 from linkage.keys import MasterKey, load_master_key
 from linkage.pseudonymise.store import write_encrypted
@@ -73,6 +74,7 @@ IDENTIFIER_COLUMNS: tuple[tuple[str, str], ...] = (
     ("postcode_tok", "VARCHAR"), ("pc_sector_tok", "VARCHAR"), ("pc_district_tok", "VARCHAR"),
     ("fn_tok", "VARCHAR"), ("sn_tok", "VARCHAR"), ("fn_initial_tok", "VARCHAR"), ("fn_phon_tok", "VARCHAR"),
     ("sn_phon_tok", "VARCHAR"), ("mn_initial_tok", "VARCHAR"),
+    ("dobc_tok", "VARCHAR"), ("name_ym_tok", "VARCHAR"), ("name_yd_tok", "VARCHAR"), ("name_md_tok", "VARCHAR"),
     ("fn_bf", "BLOB"), ("sn_bf", "BLOB"), ("addr_bf", "BLOB"), ("sn_swap_bf", "BLOB"),
     ("benefit_unit_tok", "VARCHAR"), ("bu_role", "VARCHAR"),
 )
@@ -272,6 +274,138 @@ class Encoders:
         return {"addr_bf": bloom_values(self.bloom["addr_bf"], [norm_address(v) or None for v in values])}
 
 
+# -- context encoders: name encodings keyed with the record's date-of-birth context --------------
+
+# the roles whose encodings are keyed with the dob context (docs/privacy.md): two records share one
+# only when they share the value and the context, so a token's frequency is a person's, not a name's
+CONTEXT_ROLES = ("first_name", "surname", "middle_names", "sex")
+# in the settings digest: a zone encoded before names were context-keyed is never carried into one after
+ENCODING_VERSION = "dobc-context-1"
+_CONTEXT_COLUMNS = {"first_name": ("fn_tok", "fn_initial_tok", "fn_phon_tok", "fn_bf"),
+                    "surname": ("sn_tok", "sn_phon_tok", "sn_bf", "sn_swap_bf"),
+                    "middle_names": ("mn_initial_tok",), "sex": ("sex_tok",)}
+NAME_DATE_PARTS = {"name_ym_tok": ("year", "month"), "name_yd_tok": ("year", "day"), "name_md_tok": ("month", "day")}
+_DATE_PART = {"year": "{:04d}", "month": "{:02d}", "day": "{:02d}"}
+
+
+@dataclass
+class _ContextEncoder:
+    """Encodes the distinct (values..., date of birth) tuples of a row into its context-keyed columns."""
+
+    name: str                      # DuckDB table holding v0[, v1], d -> encodings
+    roles: tuple[str, ...]         # the roles whose staged columns are v0, v1, ...; d is the dob's
+    columns: tuple[str, ...]
+    encode: Callable[[list[list], list], dict[str, pa.Array | list]]
+    dob_required: bool = False     # rows without a date of birth get NULL (no dictionary entry)
+
+
+def _ids(values: Sequence) -> tuple[list, np.ndarray]:
+    """The distinct values in first-seen order, and each value's index among them."""
+    index: dict = {}
+    ids = np.fromiter((index.setdefault(v, len(index)) for v in values), dtype=np.int64, count=len(values))
+    return list(index), ids
+
+
+class ContextEncoders:
+    """The pseudonymiser's context-keyed encodings (``docs/privacy.md``), beside :class:`Encoders`.
+
+    The context of a row is ``dobc_tok``, the token of its date of birth with day and month in
+    order (:func:`linkage.encodings.dob_context`), or "" without one. Tokens are HMACs in domain
+    ``<field>@dobc`` of ``value US context``; Bloom filters are today's, bits permuted per context
+    (:class:`linkage.encodings.ContextPermuter`). ``link-files`` keeps :meth:`Encoders.for_role`.
+    """
+
+    def __init__(self, coder: Encoders):
+        self.coder = coder
+        self.permuter = {name: ContextPermuter(coder._key.subkey(f"bloom:{role}"), coder.bloom[name].params.bits)
+                         for name, role in (("fn_bf", "first_name"), ("sn_bf", "surname"))}
+
+    def contexts(self, dobs: Sequence[dt.date | None]) -> list[str]:
+        """The context string of each date of birth: its ``dobc_tok``, "" for None."""
+        return [c or "" for c in _mapped(lambda ds: self.coder.tok("dobc").many([dob_context(d) for d in ds]), dobs)]
+
+    def _keyed(self, domain: str, values: Sequence[str | None], contexts: Sequence[str]) -> list[str | None]:
+        return _mapped(self.coder.tok(f"{domain}@dobc").many,
+                       [context_message(v, c) for v, c in zip(values, contexts)])
+
+    def for_role(self, role: str) -> _Encoder | _ContextEncoder | None:
+        """The encoder of a staged role in the pseudonymised zone (context-keyed where the contract says)."""
+        if role == "dob":
+            base = self.coder.for_role("dob")
+
+            def encode(values):
+                return {**base.encode(values), "dobc_tok": self.coder.tok("dobc").many([dob_context(d) for d in values])}
+            return _Encoder(base.name, (*base.columns, "dobc_tok"), base.value_type, encode)
+        if role == "first_name":
+            return _ContextEncoder("c_first_name", (role,), _CONTEXT_COLUMNS[role],
+                                   lambda vs, ds: self._name(vs[0], ds, "fn", initial=True))
+        if role == "surname":
+            return _ContextEncoder("c_surname", (role,), _CONTEXT_COLUMNS[role],
+                                   lambda vs, ds: self._name(vs[0], ds, "sn", initial=False))
+        if role == "middle_names":
+            return _ContextEncoder("c_middle_names", (role,), _CONTEXT_COLUMNS[role], self._middle_names)
+        if role == "sex":
+            return _ContextEncoder("c_sex", (role,), _CONTEXT_COLUMNS[role], lambda vs, ds: {"sex_tok": self._keyed(
+                "sex", ["".join(v.upper().split()) or None for v in vs[0]], self.contexts(ds))})
+        return self.coder.for_role(role)
+
+    def names_and_dates(self) -> _ContextEncoder:
+        """``name_ym_tok``, ``name_yd_tok``, ``name_md_tok``: forename, surname and two parts of the date."""
+        return _ContextEncoder("c_names", ("first_name", "surname"), tuple(NAME_DATE_PARTS), self._name_dates,
+                               dob_required=True)
+
+    def _name(self, values: list[str], dobs: list, prefix: str, initial: bool) -> dict[str, object]:
+        distinct, ids = _ids(values)
+        norm = [_norm_name(v) or None for v in distinct]
+        contexts = self.contexts(dobs)
+        per_row = [norm[i] for i in ids]
+        out: dict[str, object] = {f"{prefix}_tok": self._keyed(prefix, per_row, contexts)}
+        if initial:
+            out[f"{prefix}_initial_tok"] = self._keyed(f"{prefix}_initial", [n[0] if n else None for n in per_row],
+                                                       contexts)
+        phon = [_phonetic(n, self.coder.cfg.phonetic) if n else None for n in norm]
+        out[f"{prefix}_phon_tok"] = self._keyed(f"{prefix}_phon", [phon[i] for i in ids], contexts)
+        out[f"{prefix}_bf"] = self._filters(f"{prefix}_bf", norm, ids, contexts)
+        if prefix == "sn":
+            # the surname under the forename key and the forename's context permutation: comparable
+            # with fn_bf of a record in the same context, so a forename/surname swap shows
+            out["sn_swap_bf"] = self._filters("fn_bf", norm, ids, contexts)
+        return out
+
+    def _filters(self, field: str, norm: list[str | None], ids: np.ndarray, contexts: list[str]) -> pa.Array:
+        """The field's filter of each row's value (``norm[ids[i]]``), permuted with the row's context."""
+        encoder = self.coder.bloom[field]
+        nbytes = encoder.params.bits // 8
+        present = [i for i, n in enumerate(norm) if n]
+        base = np.zeros((len(norm), nbytes), dtype=np.uint8)
+        if present:
+            encoded = encoder.encode_many([norm[i] for i in present])
+            base[present] = np.frombuffer(encoded.buffers()[1], dtype=np.uint8,
+                                          count=len(present) * nbytes).reshape(-1, nbytes)
+        distinct, context_ids = _ids(contexts)
+        filters = self.permuter[field].permute(base[ids], context_ids, distinct)
+        valid = np.array([bool(n) for n in norm], dtype=bool)[ids]
+        nulls = None if valid.all() else pa.py_buffer(np.packbits(valid, bitorder="little"))
+        return pa.FixedSizeBinaryArray.from_buffers(pa.binary(nbytes), len(ids), [nulls, pa.py_buffer(filters.tobytes())],
+                                                   null_count=int((~valid).sum())).cast(pa.binary())
+
+    def _middle_names(self, values: list[list], dobs: list) -> dict[str, list]:
+        norm = [_norm_name(v) for v in values[0]]
+        return {"mn_initial_tok": self._keyed("mn_initial", [n[0] if n else None for n in norm], self.contexts(dobs))}
+
+    def _name_dates(self, values: list[list], dobs: list) -> dict[str, list]:
+        norm = [(_norm_name(f), _norm_name(s)) for f, s in zip(*values)]
+        names = [f"{f}\x1f{s}" if f and s else None for f, s in norm]
+        out = {}
+        for column, parts in NAME_DATE_PARTS.items():
+            dates = _mapped(lambda ds, parts=parts: ["\x1f".join(_DATE_PART[p].format(getattr(d, p)) for p in parts)
+                                                     for d in ds],
+                            dobs)
+            out[column] = self.coder.tok(column[:-4]).many(
+                [None if n is None else f"{n}\x1f{d}" for n, d in zip(names, dates)])
+        return out
+
+
 # -- the plan for one source -------------------------------------------------------------------
 
 @dataclass
@@ -356,6 +490,11 @@ def identifiers_sql(plan: Source, encoders: dict[str, _Encoder], link_refs: dict
     supplied: dict[str, str] = {}
     joins = []
     for role, enc in encoders.items():
+        if isinstance(enc, _ContextEncoder):
+            if (on := _context_join_sql(plan, enc)) is not None:
+                joins.append(f"LEFT JOIN {enc.name} ON {on}")
+                supplied.update({c: f"{enc.name}.{c}" for c in enc.columns})
+            continue
         if role.startswith("ref:"):
             column = role[4:]
             if column not in plan.references or column not in link_refs:
@@ -382,6 +521,34 @@ def identifiers_sql(plan: Source, encoders: dict[str, _Encoder], link_refs: dict
                     for c in enc.columns if c not in contract})
     select += [f"CAST({supplied.get(name, 'NULL')} AS BLOB) AS {name}" for name in extra]
     return f"SELECT {', '.join(select)} {_rows_sql(plan, joins, order)}"
+
+
+def _context_join_sql(plan: Source, enc: _ContextEncoder) -> str | None:
+    """The join condition of a context dictionary: its values and the date of birth (NULL matching NULL)."""
+    columns = [plan.role_column.get(r) for r in enc.roles]
+    dob = plan.role_column.get("dob")
+    if None in columns or (dob is None and enc.dob_required):
+        return None
+    on = [f"{enc.name}.v{i} = CAST(s.{quote_ident(c)} AS VARCHAR)" for i, c in enumerate(columns)]
+    d = f"CAST(s.{quote_ident(dob)} AS DATE)" if dob else "CAST(NULL AS DATE)"
+    return " AND ".join([*on, f"{enc.name}.d IS NOT DISTINCT FROM {d}"])
+
+
+def _distinct_context_sql(plans: list[Source], enc: _ContextEncoder) -> str | None:
+    parts = []
+    for p in plans:
+        columns = [p.role_column.get(r) for r in enc.roles]
+        dob = p.role_column.get("dob")
+        if None in columns or (dob is None and enc.dob_required):
+            continue
+        values = ", ".join(f"CAST({quote_ident(c)} AS VARCHAR) AS v{i}" for i, c in enumerate(columns))
+        d = f"CAST({quote_ident(dob)} AS DATE)" if dob else "CAST(NULL AS DATE)"
+        parts.append(f"SELECT {values}, {d} AS d FROM read_parquet({read_literal(p.path)})")
+    if not parts:
+        return None
+    where = [f"v{i} IS NOT NULL AND trim(v{i}) <> ''" for i in range(len(enc.roles))]
+    where += ["d IS NOT NULL"] if enc.dob_required else []
+    return f"SELECT DISTINCT * FROM ({' UNION ALL '.join(parts)}) WHERE {' AND '.join(where)}"
 
 
 def _payload_sql(plan: Source, encoders: dict[str, _Encoder], order: str | None = None) -> tuple[str, list[str]]:
@@ -478,6 +645,9 @@ def _write_zone(con: duckdb.DuckDBPyConnection, sql: str, target: Path, key: Mas
 def build_dictionaries(con, plans: list[Source], encoders: dict[str, _Encoder]) -> dict[str, int]:
     counts = {}
     for key, enc in encoders.items():
+        if isinstance(enc, _ContextEncoder):
+            counts.update(_context_dictionary(con, plans, enc))
+            continue
         if key.startswith("ref:"):
             column = key[4:]
             sql = _distinct_sql(plans, lambda p, c=column: c if c in p.references else None, enc.value_type)
@@ -494,6 +664,22 @@ def build_dictionaries(con, plans: list[Source], encoders: dict[str, _Encoder]) 
         con.register(enc.name, table)
         counts[enc.name] = table.num_rows
     return counts
+
+
+def _context_dictionary(con, plans: list[Source], enc: _ContextEncoder) -> dict[str, int]:
+    """Register ``enc``'s dictionary over the distinct (values, date of birth) tuples of ``plans``."""
+    sql = _distinct_context_sql(plans, enc)
+    if sql is None:
+        return {}
+    try:
+        table = con.sql(sql).to_arrow_table()
+    except duckdb.Error as exc:
+        raise PseudonymiseError(f"reading distinct values of {enc.name} failed ({exc.__class__.__name__})") from exc
+    keys = [table.column(f"v{i}").to_pylist() for i in range(len(enc.roles))]
+    encoded = enc.encode(keys, table.column("d").to_pylist())
+    table = pa.table({**{c: table.column(c) for c in table.column_names}, **{c: encoded[c] for c in enc.columns}})
+    con.register(enc.name, table)
+    return {enc.name: table.num_rows}
 
 
 def _crosswalk_batches(con, plans: list[Source]) -> Iterator[pa.RecordBatch]:
@@ -524,7 +710,7 @@ def settings_digest(cfg: PseudonymiseConfig, schemas: dict[str, Schema]) -> str:
     settings = cfg.model_dump(mode="json", exclude={"purge_cleartext_after", "incremental", "memory_limit",
                                                     "threads"})
     versions = {name: schema.version for name, schema in sorted(schemas.items())}
-    return hashlib.sha256(json.dumps([settings, versions], sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([settings, versions, ENCODING_VERSION], sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
@@ -690,8 +876,10 @@ def pseudonymise(config: Config, workspace: Path | str, key: MasterKey | None = 
                     "pseudonymised/ no longer match it", previous, key.fingerprint)
 
     coder = Encoders(key, cfg)
+    context = ContextEncoders(coder)
     roles = sorted({r for p in plans for r in p.role_column})
-    encoders: dict[str, _Encoder] = {r: e for r in roles if (e := coder.for_role(r)) is not None}
+    encoders: dict[str, _Encoder | _ContextEncoder] = {r: e for r in roles if (e := context.for_role(r)) is not None}
+    encoders["names_dates"] = context.names_and_dates()
     for column in sorted({c for p in plans for c in p.references}):
         encoders[f"ref:{column}"] = coder.for_reference(column, cfg.references[column])
     link_refs = {c: cfg.references[c] for c in cfg.link_references}
@@ -790,7 +978,14 @@ def _metadata(config: Config, key: MasterKey, plans: list[Source], payload_colum
         "tokens": {"algorithm": "HMAC-SHA256", "key": "HKDF-SHA256 subkey 'tokens'",
                    "bits": TOKEN_BYTES * 8, "encoding": "lower-case hex",
                    "domain_separation": "field name and NUL prefixed to the value",
-                   "phonetic": cfg.phonetic},
+                   "phonetic": cfg.phonetic,
+                   "context": {"encoding_version": ENCODING_VERSION,
+                               "dobc_tok": "token (domain 'dobc') of the year and the sorted day and month of birth",
+                               "keyed": [c for role in CONTEXT_ROLES for c in _CONTEXT_COLUMNS[role]],
+                               "tokens": "domain '<field>@dobc' of the value, US, the record's dobc_tok ('' without)",
+                               "bloom_filters": "stored bits permuted per dobc_tok: PCG64 seeded with HMAC-SHA256("
+                                                "the filter's key, 'context' NUL dobc_tok)",
+                               "name_dates": list(NAME_DATE_PARTS)}},
         "bloom_filters": {name: {**p.as_dict(), "key": f"HKDF-SHA256 subkey 'bloom:{field}'"}
                           for (name, p), field in zip(bloom_params(cfg).items(),
                                                       ("first_name", "surname", "address"))}
