@@ -266,6 +266,95 @@ def test_the_same_value_in_two_sources_gets_the_same_encoding(ws):
         assert inconsistent == 0, value          # and each has one encoding wherever it occurs
 
 
+# -- context keying (issue 16) ---------------------------------------------------------------------
+
+def _records(root: Path, truth: Path | None = None) -> duckdb.DuckDBPyConnection:
+    """``con`` with table ``u``: every record's identifiers beside its staged values (and its true person)."""
+    con = _con(root)
+    union = " UNION ALL ".join(
+        f"SELECT '{s}' AS source, record_id, forename, surname, dob, year(dob) || '-' || least(month(dob), day(dob)) "
+        f"|| '-' || greatest(month(dob), day(dob)) AS dobc, * EXCLUDE (source, record_id, forename, surname, dob) "
+        f"FROM (SELECT {', '.join(c for c, _ in IDENTIFIER_COLUMNS)}, record_id, forename, surname, dob FROM j_{s})"
+        for s in SOURCES)
+    con.execute(f"CREATE TABLE u AS {union}")
+    if truth is not None:
+        con.execute(f"CREATE OR REPLACE TABLE u AS SELECT u.*, t.person_id FROM u JOIN '{truth}/source_rows.parquet' t "
+                    "USING (source, record_id)")
+    return con
+
+
+def _one_to_one(con, key: str, encoding: str) -> tuple[int, int]:
+    """(most encodings per ``key`` value, most ``key`` values per encoding) over records with both."""
+    present = " AND ".join(f"{c} IS NOT NULL" for c in (*key.split(", "), encoding))
+    return con.execute(f"""
+        SELECT (SELECT max(n) FROM (SELECT count(DISTINCT {encoding}) n FROM u WHERE {present} GROUP BY {key})),
+               (SELECT max(n) FROM (SELECT count(DISTINCT ({key})) n FROM u WHERE {present} GROUP BY {encoding}))
+        """).fetchall()[0]
+
+
+def test_name_encodings_are_equal_exactly_within_one_date_of_birth_context(ws):
+    root, _ = ws
+    con = _records(root)
+    # one encoding per (name, context) and one (name, context) per encoding: records born on other
+    # dates never share a name's token or filter, records born the same day (or day/month swapped) always do
+    for key, encodings in (("forename, dobc", ("fn_tok", "fn_bf")), ("surname, dobc", ("sn_tok", "sn_bf", "sn_swap_bf"))):
+        for encoding in encodings:
+            if encoding.endswith("_bf"):    # two names with the same q-grams share a filter, in one context only
+                assert _one_to_one(con, key, encoding)[0] == _one_to_one(con, "dobc", encoding)[1] == 1, encoding
+            else:
+                assert _one_to_one(con, key, encoding) == (1, 1), encoding
+    swapped = con.execute("SELECT count(DISTINCT fn_tok), count(DISTINCT dob) FROM u WHERE day(dob) <> month(dob) "
+                          "AND day(dob) <= 12 GROUP BY forename, dobc HAVING count(DISTINCT dob) > 1").fetchall()
+    assert swapped and all(toks == 1 for toks, _ in swapped)     # swaps occur, and keep the token
+    # the same forename in different contexts: unrelated filters (Dice near a random pair's, not 1)
+    across = con.execute("""
+        WITH f AS (SELECT DISTINCT forename, dobc, fn_bf FROM u WHERE fn_bf IS NOT NULL)
+        SELECT a.fn_bf, b.fn_bf FROM f a JOIN f b ON a.forename = b.forename AND a.dobc < b.dobc
+        USING SAMPLE 500 ROWS (reservoir, 5)""").fetchall()
+    assert len(across) == 500
+    assert sum(dice(a, b) for a, b in across) / len(across) < 0.7
+    # different forenames in one context: exactly the Dice of the unpermuted filters
+    encoder = BloomEncoder(KEY.subkey("bloom:first_name"), bloom_params(CFG.pseudonymise)["fn_bf"])
+    within = con.execute("""
+        WITH f AS (SELECT DISTINCT forename, dobc, fn_bf FROM u WHERE fn_bf IS NOT NULL)
+        SELECT a.forename, b.forename, a.fn_bf, b.fn_bf FROM f a JOIN f b ON a.dobc = b.dobc AND a.forename < b.forename
+        USING SAMPLE 300 ROWS (reservoir, 5)""").fetchall()
+    assert len(within) == 300
+    assert all(dice(x, y) == dice(encoder.encode(a), encoder.encode(b)) for a, b, x, y in within)
+    assert sum(dice(x, y) > 0.7 for *_, x, y in within) > 0      # similar names stay similar
+
+
+def test_encoding_frequencies_follow_people_not_names(ws, small_population):
+    root, _ = ws
+    con = _records(root, small_population[0] / "truth")
+    most_records = con.execute("SELECT max(n) FROM (SELECT count(*) n FROM u GROUP BY person_id)").fetchall()[0][0]
+    # in clear, the commonest forename belongs to many people; its token now to one birthday's people
+    name_people = con.execute("SELECT max(n) FROM (SELECT count(DISTINCT person_id) n FROM u GROUP BY forename)")
+    assert name_people.fetchall()[0][0] > 30
+    for column in ("fn_tok", "fn_bf", "fn_phon_tok", "fn_initial_tok", "sn_tok", "sn_phon_tok", "sn_bf", "sn_swap_bf",
+                   "mn_initial_tok", "sex_tok", "name_ym_tok", "name_yd_tok", "name_md_tok"):
+        records, people = con.execute(f"SELECT max(n), max(p) FROM (SELECT count(*) n, count(DISTINCT person_id) p "
+                                      f"FROM u WHERE {column} IS NOT NULL GROUP BY {column})").fetchall()[0]
+        assert people <= 4 and records <= 2 * most_records, column   # twins and shared birthdays only
+    # the issue's yardstick: the most frequent forename token covers no more records than the most-recorded person
+    assert con.execute("SELECT max(n) FROM (SELECT count(*) n FROM u GROUP BY fn_tok)").fetchall()[0][0] <= most_records
+
+
+def test_name_and_date_part_tokens_are_equal_exactly_when_names_and_parts_are(ws):
+    root, _ = ws
+    con = _records(root)
+    for column, parts in (("name_ym_tok", "year(dob), month(dob)"), ("name_yd_tok", "year(dob), day(dob)"),
+                          ("name_md_tok", "month(dob), day(dob)")):
+        assert _one_to_one(con, f"forename, surname, {parts}", column) == (1, 1), column
+        # NULL exactly when a name or the date is missing
+        assert con.execute(f"SELECT count(*) FROM u WHERE ({column} IS NULL) <> "
+                           "(forename IS NULL OR surname IS NULL OR dob IS NULL)").fetchall()[0][0] == 0
+        assert con.execute(f"SELECT count(DISTINCT {column}) FROM u").fetchall()[0][0] > 1000
+    # they carry name evidence across a mistyped date part: some names share ym but not dob
+    assert con.execute("SELECT count(*) FROM (SELECT name_ym_tok FROM u WHERE name_ym_tok IS NOT NULL "
+                       "GROUP BY 1 HAVING count(DISTINCT dob) > 1)").fetchall()[0][0] > 0
+
+
 # -- keys ------------------------------------------------------------------------------------
 
 def _copy_staged(root: Path, to: Path) -> Path:
