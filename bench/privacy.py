@@ -13,7 +13,10 @@ Attacks (each scored as the share of records re-identified, goal < 1%):
 
 * row order: row i of ``identifiers/<source>`` is landing row i, and row i of ``payload/``
   is row i of ``identifiers/``;
-* sex token: the ``sex_tok`` whose records have the higher median pay is M;
+* sex token: the ``sex_tok`` whose records have the higher median pay is M (of many tokens, the upper
+  half); with context-keyed tokens (``dobc_tok`` present), the same within each date-of-birth context;
+  and from the benefits payload: Child Benefit claimants are F, the other adult of their couple's claims M,
+  other couples by pay (and the other sex token of a context holding two);
 * forename-initial token: frequency alignment (per sex) with the reference lists;
 * forename token: frequency alignment within (sex, initial) cells, with the token's
   ethnic-group profile (education payload) beside the reference's name groups
@@ -22,6 +25,13 @@ Attacks (each scored as the share of records re-identified, goal < 1%):
 * whole Bloom-filter patterns: the forename attack with ``fn_bf`` in place of ``fn_tok``;
 * graph matching on Bloom-filter similarity: every other ``fn_bf`` named by its Dice with
   the 300 most frequent (anchored) filters against cleartext bigram Dice of candidate names;
+* pattern mining: each bigram's profile over the bit positions, fitted on the 300 most frequent named
+  filters, names every ``fn_bf`` by its nearest predicted filter;
+* Bloom-filter weight: the bits a filter sets (which no permutation changes) against the weights of the
+  reference names under random keys; and, where ``sn_swap_bf`` exists, the Dice of a record's ``fn_bf`` and
+  ``sn_swap_bf`` (one key and, with context-keyed filters, one permutation) against the pairs' Dice;
+* ``name_ym_tok`` / ``name_yd_tok`` / ``name_md_tok`` (when present): records whose token is carried by
+  more than one person, all that a frequency attack on them can use;
 * full name + birth year (clear) + sex: rows with all of them right, and persons whose
   combination is unique in the population (singled out);
 * date of birth: from ``dob_day_tok``, ``dob_month_tok``, ``dob_swap_tok`` and birth year;
@@ -30,12 +40,18 @@ Attacks (each scored as the share of records re-identified, goal < 1%):
   whole pay sequences, and by nearest-neighbour pay sequences when the second extract
   differs (coarser pay, one year fewer).
 
+Guesses at a value are scored beyond the blind guess: re-identified = records guessed right (the
+blind guess standing in where the attack names nothing) minus records the field's most common value
+gets right, so a coin flip on sex or the commonest forename is not a re-identification. The attacks read
+whichever encodings the workspace has: today's per-value ones or the context-keyed ones of issue 16.
+
 ``research/`` is encrypted at rest under a per-project subkey (``zone:research:<project>``):
 the keyless view reads none of it; the zone-keys view gives the attacker the research
 subkeys of two projects as well, the residual risk of the cross-project joins.
 
 Usage:
     python -m bench.privacy WORKSPACE --key-file KEY [--view both|keyless|zone-keys] [--label before]
+        [--results DIR]
 """
 
 from __future__ import annotations
@@ -168,6 +184,47 @@ def attack_sex_context(con) -> dict[str, str]:
     top = df.groupby("ctx")["pay"].rank(ascending=False, method="first") == 1
     male = np.where(n >= 2, top, df["pay"] > df["pay"].median())
     return dict(zip(df["tok"], np.where(male, "M", "F")))
+
+
+def attack_sex_benefits(con, context: bool) -> dict[str, str]:
+    """sex_tok -> 'M' / 'F' from who claims what (payload/benefits, in clear) and pay, per token.
+
+    Child Benefit is claimed by the mother (public knowledge): a Child Benefit claimant's token is F.
+    The other adult of a couple's claim (claimant and partner of one ``claim_tok``) is of the other sex:
+    M when the first is F; of a couple with neither known, the one with the higher median pay is M. The
+    votes (3, 2 and 1 per record) are summed per token. With context-keyed tokens, a date-of-birth
+    context holding two sex tokens holds both sexes: the other token of a named one gets the other sex."""
+    b = con.execute("""SELECT i.sex_tok AS tok, p.claim_tok, p.role, p.benefit_type FROM pay_benefits p
+                       JOIN ids i USING (record_token) WHERE i.sex_tok IS NOT NULL""").df()
+    pay = dict(con.execute("""SELECT i.sex_tok, median(e.pay) FROM ids i JOIN pay_earnings e USING (record_token)
+                              WHERE i.sex_tok IS NOT NULL GROUP BY 1""").fetchall())
+    votes = [(t, "F", 3.0) for t in b.loc[(b["benefit_type"] == "CB") & (b["role"] == "claimant"), "tok"]]
+    cb = pd.Series([t for t, _, _ in votes], dtype=object).value_counts().to_dict()
+    a = b[b["role"] == "claimant"][["claim_tok", "tok"]]
+    c = b[b["role"] == "partner"][["claim_tok", "tok"]]
+    for x, y in a.merge(c, on="claim_tok", suffixes=("_a", "_b"))[["tok_a", "tok_b"]].itertuples(index=False):
+        if x == y:
+            continue
+        if cb.get(x, 0) != cb.get(y, 0):       # the one with more Child Benefit claims is the mother
+            votes.append((y if cb.get(x, 0) > cb.get(y, 0) else x, "M", 2.0))
+        elif x in pay and y in pay and pay[x] != pay[y]:
+            hi, lo = (x, y) if pay[x] > pay[y] else (y, x)
+            votes += [(hi, "M", 1.0), (lo, "F", 1.0)]
+    if not votes:
+        return {}
+    v = pd.DataFrame(votes, columns=["tok", "sex", "w"]).pivot_table(index="tok", columns="sex", values="w",
+                                                                        aggfunc="sum", fill_value=0.0)
+    v = v.reindex(columns=["F", "M"], fill_value=0.0)
+    guess = dict(zip(v.index, np.where(v["M"] > v["F"], "M", "F")))
+    if context:
+        ctx = con.execute("""SELECT coalesce(any_value(dobc_tok), '') AS ctx, list(DISTINCT sex_tok) AS toks
+                             FROM ids WHERE sex_tok IS NOT NULL GROUP BY dobc_tok
+                             HAVING count(DISTINCT sex_tok) = 2""").fetchall()
+        for _, (t1, t2) in ctx:
+            if (t1 in guess) != (t2 in guess):
+                known, other = (t1, t2) if t1 in guess else (t2, t1)
+                guess[other] = "M" if guess[known] == "F" else "F"
+    return guess
 
 
 def _assign(obs: pd.DataFrame, exp: pd.DataFrame, weight: float) -> dict:
@@ -376,6 +433,46 @@ def attack_bloom_pair(con, fore_prior: pd.Series, sur_prior: pd.Series, params, 
         best_s.append(sn[j])
     k = (df["fn_bf"] + "|" + df["sn_swap_bf"]).tolist()
     return (dict(zip(k, np.asarray(best_f)[inverse])), dict(zip(k, np.asarray(best_s)[inverse])))
+
+
+def attack_pattern_mining(con, anchors: dict[str, str], prior: pd.Series, n_anchors: int = 300,
+                          chunk: int = 2048) -> dict[str, str]:
+    """fn_bf -> forename from the bit positions each bigram sets (pattern mining across filters).
+
+    The ``n_anchors`` most frequent filters keep their frequency-attack names; a least-squares fit on them
+    gives each bigram its profile over the bit positions (what a position means is shared by every filter
+    of one key: with per-context permutations, only within one context). Every filter is then named by the
+    reference name whose predicted bits are nearest, weighed with the name's population share (Gaussian
+    residuals, spread from the anchors' fit)."""
+    df = con.execute("""SELECT fn_bf, count(*) AS n FROM pp WHERE fn_bf IS NOT NULL
+                        GROUP BY 1 ORDER BY n DESC, fn_bf""").df()
+    named = df[df["fn_bf"].isin(anchors)].head(n_anchors)
+    if len(named) < 10:
+        return {}
+    names = prior.index.tolist()
+    grams = sorted({g for n in [*names, *(anchors[h] for h in named["fn_bf"])] for g in _bigrams(n)})
+    col = {g: i for i, g in enumerate(grams)}
+
+    def design(ns) -> np.ndarray:
+        x = np.zeros((len(ns), len(grams) + 1), dtype=np.float32)
+        x[:, -1] = 1.0                                  # intercept: a position's base rate
+        for i, n in enumerate(ns):
+            x[i, [col[g] for g in _bigrams(n)]] = 1.0
+        return x
+
+    xa = design([anchors[h] for h in named["fn_bf"]])
+    ba = _filter_bits(named["fn_bf"]).astype(np.float32)
+    w = np.linalg.lstsq(xa, ba, rcond=None)[0]
+    var = max(float(((ba - xa @ w) ** 2).mean()), 0.05)
+    pred = design(names) @ w
+    base = np.log(prior.to_numpy()) - (pred ** 2).sum(axis=1) / (2 * var)
+    guess = {}
+    for lo in range(0, len(df), chunk):
+        part = df["fn_bf"].iloc[lo:lo + chunk]
+        bits = _filter_bits(part).astype(np.float32)
+        score = base[None, :] + (bits @ pred.T) / var      # -|b - p|^2 / 2var, less the constant |b|^2
+        guess.update(zip(part, np.asarray(names)[score.argmax(axis=1)]))
+    return guess
 
 
 def attack_surname(con, sur: pd.DataFrame) -> dict[str, str]:
@@ -762,10 +859,12 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
     fore_prior, sur_prior = _name_prior(fore), _name_prior(sur)
     sex = attack_sex(con)
     sex_context = attack_sex_context(con) if context else {}
+    sex_benefits = attack_sex_benefits(con, context)
     initial = attack_initial(con, sex, fore)
     forename = attack_forename(con, sex, initial, fore)
     forename_bf = attack_forename(con, sex, initial, fore, column="fn_bf")
     forename_graph = attack_forename_graph(con, forename_bf, sex, initial, fore)
+    forename_mined = attack_pattern_mining(con, forename_bf, fore_prior)
     surname = attack_surname(con, sur)
     weight_attacks = {c: attack_bloom_weight(con, c, fore_prior if c == "fn_bf" else sur_prior,
                                              bloom_params(ws, c), rng)
@@ -778,9 +877,9 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
     seconds_attack = time.perf_counter() - t0
 
     _score_table(con, ws, key_file)
-    for name, mapping in (("g_sex", sex), ("g_ini", initial), ("g_fn", forename), ("g_fnbf", forename_bf), ("g_fngraph", forename_graph),
+    for name, mapping in (("g_sex", sex), ("g_ini", initial), ("g_fn", forename), ("g_fnbf", forename_bf), ("g_fngraph", forename_graph), ("g_fnmined", forename_mined),
                           ("g_sn", surname), ("g_month", dob["month"]), ("g_day", dob["day"]),
-                          ("g_sexc", sex_context), ("g_wfn", weight_attacks.get("fn_bf", {})),
+                          ("g_sexc", sex_context), ("g_sexb", sex_benefits), ("g_wfn", weight_attacks.get("fn_bf", {})),
                           ("g_wsn", weight_attacks.get("sn_bf", {})), ("g_pfn", pair_fn), ("g_psn", pair_sn)):
         _map_sql(con, name, mapping)
     one = lambda sql: con.execute(sql).fetchall()[0]   # noqa: E731
@@ -815,12 +914,18 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
         add_field("sex token: within each date-of-birth context (dobc_tok), higher median pay is M", "sex",
                   "g_sexc", "s.sex_tok", "s.sex", note="a context's only token: M when its median pay is above "
                   "the median over all tokens")
+    add_field("sex token: Child Benefit claimants are F, their partners M, couples by pay", "sex", "g_sexb",
+              "s.sex_tok", "s.sex", note="payload/benefits benefit_type and role" +
+              ("; the other sex token of a date-of-birth context, the other sex" if context else ""))
     add_field("forename initial token: frequency alignment by sex", "forename initial", "g_ini",
               "s.fn_initial_tok", "left(s.fn, 1)")
     add_field("forename token: frequency alignment by sex, initial, ethnicity", "forename", "g_fn", "s.fn_tok", "s.fn")
     add_field("whole Bloom-filter pattern frequency (fn_bf)", "forename", "g_fnbf", "s.fn_bf", "s.fn")
     add_field("graph matching: fn_bf Dice to 300 frequency anchors vs cleartext bigram Dice", "forename",
               "g_fngraph", "s.fn_bf", "s.fn", note="anchors by frequency, the rest by similarity")
+    add_field("pattern mining: each bigram's bit positions fitted on 300 frequency anchors, every fn_bf named by "
+              "its nearest predicted filter", "forename", "g_fnmined", "s.fn_bf", "s.fn",
+              note="positions are shared across filters of one key" + ("; permuted per context" if context else ""))
     add_field("surname token: frequency alignment by name group", "surname", "g_sn", "s.sn_tok", "s.sn", "s.sn2")
     for c, g, field, truth, alt in (("fn_bf", "g_wfn", "forename", "s.fn", None),
                                     ("sn_bf", "g_wsn", "surname", "s.sn", "s.sn2")):
