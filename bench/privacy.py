@@ -30,8 +30,8 @@ Attacks (each scored as the share of records re-identified, goal < 1%):
 * Bloom-filter weight: the bits a filter sets (which no permutation changes) against the weights of the
   reference names under random keys; and, where ``sn_swap_bf`` exists, the Dice of a record's ``fn_bf`` and
   ``sn_swap_bf`` (one key and, with context-keyed filters, one permutation) against the pairs' Dice;
-* ``name_ym_tok`` / ``name_yd_tok`` / ``name_md_tok`` (when present): records whose token is carried by
-  more than one person, all that a frequency attack on them can use;
+* ``fn_tok``, ``sn_tok`` and ``name_ym_tok`` / ``name_yd_tok`` / ``name_md_tok`` (when present): records
+  whose token is carried by more than one person, all that a frequency attack on them can use;
 * full name + birth year (clear) + sex: rows with all of them right, and persons whose
   combination is unique in the population (singled out);
 * date of birth: from ``dob_day_tok``, ``dob_month_tok``, ``dob_swap_tok`` and birth year;
@@ -321,6 +321,8 @@ def attack_forename_graph(con, anchors: dict[str, str], sex: dict[str, str], ini
     is_anchor = df["fn_bf"].isin(anchors).to_numpy() & (np.arange(len(df)) < n_anchors)
     a_idx = np.nonzero(is_anchor)[0]
     a_names = [anchors[h] for h in df["fn_bf"].iloc[a_idx]]
+    if len(a_idx) < 3:              # too few anchors to calibrate (context-keyed filters): the anchors only
+        return dict(zip(df["fn_bf"].iloc[a_idx], a_names))
     weight = bits.sum(axis=1)
     dice_f = 2 * (bits @ bits[a_idx].T) / (weight[:, None] + weight[a_idx][None, :])
     a_grams = [_bigrams(n) for n in a_names]
@@ -940,7 +942,7 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
                   "forename", "g_pfn", pair, "s.fn", note=note)
         add_field("within one record: Dice(fn_bf, sn_swap_bf), same key and context, most probable names",
                   "surname", "g_psn", pair, "s.sn", "s.sn2", note=note)
-    for c, what in NAME_DATE_TOKENS.items():
+    for c, what in {"fn_tok": "forename", "sn_tok": "surname", **NAME_DATE_TOKENS}.items():
         if c in cols:
             hit, of = one(f"""WITH k AS (SELECT {c} AS t, count(DISTINCT person_id) AS k FROM scored
                                          WHERE {c} IS NOT NULL GROUP BY 1)
@@ -970,24 +972,29 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
     add("date of birth from day/month/swap tokens + birth year", "full date of birth", hit, of, blind=blind)
     # pay join: a research person re-identified when the record tokens found for them all
     # belong to one true person (truth, through the crosswalk)
-    research_persons = _research_persons(ws, key_file)
-    con.register("joined", pairs)
-    _research_truth(con, ws, key_file)
-    hit = one("""SELECT count(*) FROM (SELECT j.person FROM joined j JOIN scored s USING (record_token)
-                                       JOIN research_truth t ON t.person = j.person
-                                       GROUP BY j.person HAVING bool_and(s.person_id = t.person_id))""")[0]
-    add("research person-years joined to payload earnings on exact (year, pay)", "record token of a research person",
-        hit, max(research_persons, 1), "research/person_year.parquet; a person counted when every token found is theirs")
-    for label, band in (("pay rounded to the nearest 1,000", "round(pay, -3)"),
-                        ("pay as its decile within the year", "ntile(10) OVER (PARTITION BY year ORDER BY pay)")):
-        hit = one(_sequence_join_sql(band))[0]
-        add(f"what if research pay were {label}: pay sequences joined to payload earnings",
-            "research person", hit, max(research_persons, 1),
-            "each person's (year, band) sequence equal to one pseudo-person's in the payload and to no other")
-    _add_cross_project(con, ws, add, py, research_persons,
-                       "the attacker holds both projects' research subkeys; ")
+    skipped = []
+    if res_key is None:        # no research/ (assemble not run): its attacks have no input
+        skipped.append("the research/ attacks (pay joins, cross-project joins): no research/ in this workspace")
+    else:
+        research_persons = _research_persons(ws, key_file)
+        con.register("joined", pairs)
+        _research_truth(con, ws, key_file)
+        hit = one("""SELECT count(*) FROM (SELECT j.person FROM joined j JOIN scored s USING (record_token)
+                                           JOIN research_truth t ON t.person = j.person
+                                           GROUP BY j.person HAVING bool_and(s.person_id = t.person_id))""")[0]
+        add("research person-years joined to payload earnings on exact (year, pay)",
+            "record token of a research person", hit, max(research_persons, 1),
+            "research/person_year.parquet; a person counted when every token found is theirs")
+        for label, band in (("pay rounded to the nearest 1,000", "round(pay, -3)"),
+                            ("pay as its decile within the year", "ntile(10) OVER (PARTITION BY year ORDER BY pay)")):
+            hit = one(_sequence_join_sql(band))[0]
+            add(f"what if research pay were {label}: pay sequences joined to payload earnings",
+                "research person", hit, max(research_persons, 1),
+                "each person's (year, band) sequence equal to one pseudo-person's in the payload and to no other")
+        _add_cross_project(con, ws, add, py, research_persons,
+                           "the attacker holds both projects' research subkeys; ")
     linkage = _linkage(ws)
-    return {"workspace_rows": n_rows, "persons": persons, "seed": seed,
+    return {"workspace_rows": n_rows, "persons": persons, "seed": seed, "skipped": skipped,
             "attack_seconds": round(seconds_attack, 1), "results": results, "linkage": linkage}
 
 
@@ -1003,6 +1010,8 @@ def _markdown(report: dict, label: str) -> str:
         lines.append(f"| {r['attack']} | {r['field']} | {guessed} | {r['re_identified']:,} | {r['of']:,} | "
                      f"{100 * r['share']:.2f}% | < {100 * GOAL:.0f}% | {'yes' if r['share'] < GOAL else 'no'} |"
                      + (f" {r['note']}" if r["note"] else ""))
+    if report.get("skipped"):
+        lines += [""] + [f"Not run: {x}." for x in report["skipped"]]
     if report.get("linkage"):
         lines += ["", "Linkage accuracy of the same workspace (`reports/evaluation.json`):", "",
                   "| " + " | ".join(report["linkage"]) + " |", "|" + "---:|" * len(report["linkage"]),
