@@ -295,3 +295,26 @@ def test_anchored_blocking_compares_few_identities_per_anchor_group_and_keeps_ev
     assert chain["marginal_comparisons"] == 4      # p2-p4, p3-p4, q1-q4, q3-q4: no value in common, one group
     assert u["identities_no_rule_compares"] == 0
 
+
+
+def test_an_em_estimate_of_zero_is_kept_for_the_floor_rather_than_ending_training():
+    """Splink refuses m = 0.0 in a level's setter; the compat patch keeps it as 1e-300 (floored later)."""
+    import splink.comparison_level_library as cll
+    from splink.internals import expectation_maximisation as em
+
+    from linkage.compat.splink_em import allow_zero_em_estimates
+
+    def level():
+        lv = cll.ExactMatchLevel("fn_tok").get_comparison_level("duckdb")
+        lv._comparison_vector_value = 1
+        return lv
+
+    lookup = {"forename": {1: {"m_probability": 0.0, "u_probability": 0.25}}}
+    unpatched = getattr(em.populate_m_u_from_lookup, "__wrapped__", em.populate_m_u_from_lookup)
+    with pytest.raises(ValueError, match="m_probability"):
+        unpatched({}, level(), "forename", {"forename": {1: dict(lookup["forename"][1])}})
+    allow_zero_em_estimates()
+    allow_zero_em_estimates()                      # idempotent: one wrapper
+    lv = level()
+    em.populate_m_u_from_lookup({}, lv, "forename", lookup)
+    assert lv.m_probability == 1e-300 and lv.u_probability == 0.25

@@ -215,6 +215,9 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
     linker = Linker(sdfs, settings, log_level=None)   # the CLI decides what reaches the console (-v)
     t = time.perf_counter()
     if model is None:
+        from linkage.compat.splink_em import allow_zero_em_estimates
+
+        allow_zero_em_estimates()
         deterministic = [block_on("nino_tok", "dob_tok"), block_on("upn_tok", "dob_tok"),
                          block_on("fn_tok", "sn_tok", "dob_tok")]
         linker.training.estimate_probability_two_random_records_match(deterministic, recall=0.9)
