@@ -186,18 +186,23 @@ def attack_sex_context(con) -> dict[str, str]:
     return dict(zip(df["tok"], np.where(male, "M", "F")))
 
 
-def attack_sex_benefits(con, context: bool) -> dict[str, str]:
-    """sex_tok -> 'M' / 'F' from who claims what (payload/benefits, in clear) and pay, per token.
+#: a person's records without the sex token: name and date-of-birth tokens together
+PERSON_KEY = "{a}fn_tok || '|' || {a}sn_tok || '|' || {a}dob_tok"
+
+
+def attack_sex_benefits(con, context: bool, key: str = "i.sex_tok") -> dict[str, str]:
+    """sex_tok (or the records' ``key``) -> 'M' / 'F' from who claims what (payload/benefits, in clear)
+    and pay, per token: ``key`` = ``PERSON_KEY`` infers sex from the payload with no sex token at all.
 
     Child Benefit is claimed by the mother (public knowledge): a Child Benefit claimant's token is F.
     The other adult of a couple's claim (claimant and partner of one ``claim_tok``) is of the other sex:
     M when the first is F; of a couple with neither known, the one with the higher median pay is M. The
     votes (3, 2 and 1 per record) are summed per token. With context-keyed tokens, a date-of-birth
     context holding two sex tokens holds both sexes: the other token of a named one gets the other sex."""
-    b = con.execute("""SELECT i.sex_tok AS tok, p.claim_tok, p.role, p.benefit_type FROM pay_benefits p
-                       JOIN ids i USING (record_token) WHERE i.sex_tok IS NOT NULL""").df()
-    pay = dict(con.execute("""SELECT i.sex_tok, median(e.pay) FROM ids i JOIN pay_earnings e USING (record_token)
-                              WHERE i.sex_tok IS NOT NULL GROUP BY 1""").fetchall())
+    b = con.execute(f"""SELECT {key} AS tok, p.claim_tok, p.role, p.benefit_type FROM pay_benefits p
+                        JOIN ids i USING (record_token) WHERE {key} IS NOT NULL""").df()
+    pay = dict(con.execute(f"""SELECT {key}, median(e.pay) FROM ids i JOIN pay_earnings e USING (record_token)
+                               WHERE {key} IS NOT NULL GROUP BY 1""").fetchall())
     votes = [(t, "F", 3.0) for t in b.loc[(b["benefit_type"] == "CB") & (b["role"] == "claimant"), "tok"]]
     cb = pd.Series([t for t, _, _ in votes], dtype=object).value_counts().to_dict()
     a = b[b["role"] == "claimant"][["claim_tok", "tok"]]
@@ -216,7 +221,7 @@ def attack_sex_benefits(con, context: bool) -> dict[str, str]:
                                                                         aggfunc="sum", fill_value=0.0)
     v = v.reindex(columns=["F", "M"], fill_value=0.0)
     guess = dict(zip(v.index, np.where(v["M"] > v["F"], "M", "F")))
-    if context:
+    if context and key == "i.sex_tok":
         ctx = con.execute("""SELECT coalesce(any_value(dobc_tok), '') AS ctx, list(DISTINCT sex_tok) AS toks
                              FROM ids WHERE sex_tok IS NOT NULL GROUP BY dobc_tok
                              HAVING count(DISTINCT sex_tok) = 2""").fetchall()
@@ -862,6 +867,8 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
     sex = attack_sex(con)
     sex_context = attack_sex_context(con) if context else {}
     sex_benefits = attack_sex_benefits(con, context)
+    sex_payload = attack_sex_benefits(con, False, PERSON_KEY.format(a="i."))
+    sex_no_ctx = attack_sex_benefits(con, False) if context else {}
     initial = attack_initial(con, sex, fore)
     forename = attack_forename(con, sex, initial, fore)
     forename_bf = attack_forename(con, sex, initial, fore, column="fn_bf")
@@ -881,7 +888,7 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
     _score_table(con, ws, key_file)
     for name, mapping in (("g_sex", sex), ("g_ini", initial), ("g_fn", forename), ("g_fnbf", forename_bf), ("g_fngraph", forename_graph), ("g_fnmined", forename_mined),
                           ("g_sn", surname), ("g_month", dob["month"]), ("g_day", dob["day"]),
-                          ("g_sexc", sex_context), ("g_sexb", sex_benefits), ("g_wfn", weight_attacks.get("fn_bf", {})),
+                          ("g_sexc", sex_context), ("g_sexb", sex_benefits), ("g_sexp", sex_payload), ("g_sexn", sex_no_ctx), ("g_wfn", weight_attacks.get("fn_bf", {})),
                           ("g_wsn", weight_attacks.get("sn_bf", {})), ("g_pfn", pair_fn), ("g_psn", pair_sn)):
         _map_sql(con, name, mapping)
     one = lambda sql: con.execute(sql).fetchall()[0]   # noqa: E731
@@ -919,6 +926,13 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
     add_field("sex token: Child Benefit claimants are F, their partners M, couples by pay", "sex", "g_sexb",
               "s.sex_tok", "s.sex", note="payload/benefits benefit_type and role" +
               ("; the other sex token of a date-of-birth context, the other sex" if context else ""))
+    if context:
+        add_field("sex token: the same without the two-token context step", "sex", "g_sexn", "s.sex_tok", "s.sex",
+                  note="one token per sex and context groups a person's records despite name typos, and the same-sex "
+                       "persons of a context")
+    add_field("sex without the sex token: the same from the payload, records grouped by name and date-of-birth "
+              "tokens", "sex", "g_sexp", PERSON_KEY.format(a="s."), "s.sex",
+              note="attribute inference from payload/ that no encoding of sex changes")
     add_field("forename initial token: frequency alignment by sex", "forename initial", "g_ini",
               "s.fn_initial_tok", "left(s.fn, 1)")
     add_field("forename token: frequency alignment by sex, initial, ethnicity", "forename", "g_fn", "s.fn_tok", "s.fn")
