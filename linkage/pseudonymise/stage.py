@@ -14,7 +14,10 @@ Reads ``staged/<source>.parquet`` and writes the ``pseudonymised/`` zone, atomic
 Which staged column is a forename, a date of birth, ... comes from the roles in
 ``schemas/<source>.toml``. Each distinct value is encoded once, in Python (HMAC) and
 numpy (Bloom filters), and the encodings are joined back to the rows in DuckDB:
-names, dates and postcodes have far fewer distinct values than there are rows.
+names, dates and postcodes have far fewer distinct values than there are rows. Names,
+initials, phonetic codes and sex are keyed with the row's date-of-birth context
+(:class:`ContextEncoders`, issue 16): they are encoded once per distinct (value, date of
+birth) pair, so a token is shared by the records of one name *and* birthday, not of one name.
 ``docs/privacy.md`` holds the threat model and the encoding design.
 
 Example:
@@ -324,9 +327,12 @@ class ContextEncoders:
         """The context string of each date of birth: its ``dobc_tok``, "" for None."""
         return [c or "" for c in _mapped(lambda ds: self.coder.tok("dobc").many([dob_context(d) for d in ds]), dobs)]
 
-    def _keyed(self, domain: str, values: Sequence[str | None], contexts: Sequence[str]) -> list[str | None]:
-        return _mapped(self.coder.tok(f"{domain}@dobc").many,
-                       [context_message(v, c) for v, c in zip(values, contexts)])
+    def _keyed(self, domain: str, values: Sequence[str | None], contexts: Sequence[str],
+               distinct: bool = False) -> list[str | None]:
+        """Context tokens of each (value, context); ``distinct``: the pairs are (nearly) all distinct already."""
+        messages = [context_message(v, c) for v, c in zip(values, contexts)]
+        tok = self.coder.tok(f"{domain}@dobc")
+        return tok.many(messages) if distinct else _mapped(tok.many, messages)
 
     def for_role(self, role: str) -> _Encoder | _ContextEncoder | None:
         """The encoder of a staged role in the pseudonymised zone (context-keyed where the contract says)."""
@@ -359,7 +365,7 @@ class ContextEncoders:
         norm = [_norm_name(v) or None for v in distinct]
         contexts = self.contexts(dobs)
         per_row = [norm[i] for i in ids]
-        out: dict[str, object] = {f"{prefix}_tok": self._keyed(prefix, per_row, contexts)}
+        out: dict[str, object] = {f"{prefix}_tok": self._keyed(prefix, per_row, contexts, distinct=True)}
         if initial:
             out[f"{prefix}_initial_tok"] = self._keyed(f"{prefix}_initial", [n[0] if n else None for n in per_row],
                                                        contexts)
@@ -394,8 +400,8 @@ class ContextEncoders:
         return {"mn_initial_tok": self._keyed("mn_initial", [n[0] if n else None for n in norm], self.contexts(dobs))}
 
     def _name_dates(self, values: list[list], dobs: list) -> dict[str, list]:
-        norm = [(_norm_name(f), _norm_name(s)) for f, s in zip(*values)]
-        names = [f"{f}\x1f{s}" if f and s else None for f, s in norm]
+        forenames, surnames = (_mapped(lambda vs: [_norm_name(v) for v in vs], column) for column in values)
+        names = [f"{f}\x1f{s}" if f and s else None for f, s in zip(forenames, surnames)]
         out = {}
         for column, parts in NAME_DATE_PARTS.items():
             dates = _mapped(lambda ds, parts=parts: ["\x1f".join(_DATE_PART[p].format(getattr(d, p)) for p in parts)
