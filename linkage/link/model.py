@@ -103,6 +103,12 @@ TRAINING_BLOCKS = (
     ("nino_tok",),
     ("dob_tok",),
 )
+# Comparisons of context-keyed encodings: not null only between records of one date context.
+# A random sample of record pairs holds few such pairs, and most of them are the same person
+# (few people share a date of birth), so their sampled u would say "names agree a third of the
+# time among non-matches". Their u is measured by the pseudonymiser instead, on a sample of
+# names in one shared context (linkage/pseudonymise/context_u.py).
+CONTEXT_COMPARISONS = ("forename", "surname", "sex", "middle_initial")
 
 
 def rule_columns(rule: tuple[str, ...] | str) -> set[str]:

@@ -38,8 +38,8 @@ from linkage.db import connect, path_literal, quote_ident, quote_literal, read_l
 from linkage.errors import HhlinkError
 from linkage.link import model_store
 from linkage.link.households import assemble_households
-from linkage.link.model import (ADDRESS_COLUMNS, IDENTITY_COLUMNS, TRAINING_BLOCKS, floor_levels, model_settings,
-                                 rule_sql)
+from linkage.link.model import (ADDRESS_COLUMNS, CONTEXT_COMPARISONS, IDENTITY_COLUMNS, TRAINING_BLOCKS, floor_levels,
+                                 model_settings, rule_sql)
 from linkage.schemas import SOURCES
 from linkage.workspace import Workspace
 
@@ -166,8 +166,39 @@ def _trained_settings(model: Path | str, dialect: str) -> dict:
     return settings
 
 
+def _measured_u(ws: Workspace) -> dict | None:
+    try:
+        return json.loads((ws.zone("pseudonymised") / "metadata.json").read_text()).get("context_u")
+    except (OSError, ValueError):
+        return None
+
+
+def context_u(settings: dict, measured: dict | None) -> list[str]:
+    """Set the u of the context-keyed comparisons' levels to the pseudonymiser's measurement, in place.
+
+    See :data:`linkage.link.model.CONTEXT_COMPARISONS` and :mod:`linkage.pseudonymise.context_u`:
+    a random sample of pairs here holds few pairs of one date context, mostly the same person,
+    so their sampled u is far too high (0.30 for an exact forename at 20,000 persons, against
+    0.006 measured). Returns the levels set, as "comparison: level".
+    """
+    if not measured or not measured.get("comparisons"):
+        raise LinkError("pseudonymised/metadata.json has no measured u of the context-keyed name levels "
+                        "(context_u): the zone predates them; re-run 'hhlink pseudonymise'")
+    done = []
+    for comparison in settings["comparisons"]:
+        shares = measured["comparisons"].get(comparison["output_column_name"])
+        if comparison["output_column_name"] not in CONTEXT_COMPARISONS or not shares:
+            continue
+        for level in comparison["comparison_levels"]:
+            u = shares.get(level.get("label_for_charts"))
+            if not level.get("is_null_level") and u:
+                level["u_probability"] = u
+                done.append(f"{comparison['output_column_name']}: {level['label_for_charts']}")
+    return done
+
+
 def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path, out: Path,
-                      model: Path | str | None = None) -> dict:
+                      model: Path | str | None = None, measured_u: dict | None = None) -> dict:
     """Train the model on the ``identities`` table, score pairs, cluster into persons.
 
     Writes ``model.json`` and ``pairs.parquet`` into ``out`` and leaves the table
@@ -224,6 +255,9 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
         # on Spark each u chunk is a separate job with seconds of overhead: sample in one chunk
         chunking = {"num_chunks": 1} if lc.engine == "spark" else {}
         linker.training.estimate_u_using_random_sampling(max_pairs=lc.u_max_pairs, seed=lc.seed, **chunking)
+        sampled = linker.misc.save_model_to_json()
+        set_from_sample = context_u(sampled, measured_u)
+        linker = Linker(sdfs, sampled, log_level=None)
         for cols in TRAINING_BLOCKS:
             linker.training.estimate_parameters_using_expectation_maximisation(
                 block_on(*cols), max_pairs=lc.em_max_pairs)
@@ -233,6 +267,7 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
     facts = {"training_seconds": round(time.perf_counter() - t, 1)}
     if model is None:
         facts["levels_floored"] = floored
+        facts["context_u_levels"] = set_from_sample
     if model is not None:
         facts["model_loaded_from"] = str(model)
     linker.misc.save_model_to_json(str(out / "model.json"), overwrite=True)
@@ -450,7 +485,7 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
         summary["identities_seconds"] = round(time.perf_counter() - t0, 1)
         t = time.perf_counter()
         try:
-            summary.update(train_and_predict(config, con, tmp, out, use))
+            summary.update(train_and_predict(config, con, tmp, out, use, _measured_u(ws)))
         finally:
             if config.link.engine == "spark":
                 from linkage.link.spark import release_spark

@@ -59,6 +59,7 @@ from linkage.encodings import (TOKEN_BYTES, BloomEncoder, BloomParams, ContextPe
                                dob_context)
 from linkage.errors import HhlinkError, SchemaError, WorkspaceError
 from linkage.keys import MasterKey, load_master_key
+from linkage.pseudonymise.context_u import measure_context_u
 from linkage.pseudonymise.store import write_encrypted
 from linkage.schemas import SOURCES, Schema, load_schema
 from linkage.workspace import Workspace, carry_file
@@ -698,6 +699,14 @@ def _crosswalk_batches(con, plans: list[Source]) -> Iterator[pa.RecordBatch]:
             yield batch.cast(_CROSSWALK_SCHEMA)
 
 
+def _previous_context_u(zone: Path) -> dict | None:
+    """The previous zone's measured u of the context-keyed levels (an increment keeps them)."""
+    try:
+        return json.loads((zone / "metadata.json").read_text()).get("context_u")
+    except (OSError, ValueError):
+        return None
+
+
 def _previous_fingerprint(zone: Path) -> str | None:
     try:
         return json.loads((zone / "metadata.json").read_text()).get("key_fingerprint")
@@ -906,6 +915,11 @@ def pseudonymise(config: Config, workspace: Path | str, key: MasterKey | None = 
         t = time.perf_counter()
         distinct = build_dictionaries(con, work, encoders)
         seconds["encode_distinct"] = time.perf_counter() - t
+        t = time.perf_counter()
+        context_u = _previous_context_u(ws.zone("pseudonymised")) if increment else None
+        if context_u is None:   # the u of the context-keyed levels, from a sample in one context
+            context_u = measure_context_u(con, plans, context, config.link.seed)
+        seconds["context_u"] = time.perf_counter() - t
         log.info("encoded distinct values: %s", distinct)
         for plan in work:
             con.register(f"rt_{plan.name}", _record_tokens(plan.rows, key.subkey("row_order")))
@@ -941,6 +955,7 @@ def pseudonymise(config: Config, workspace: Path | str, key: MasterKey | None = 
             seconds["total"] = time.perf_counter() - t0
             summary = _metadata(config, key, plans, payload_columns, distinct, crosswalk, link_refs, seconds)
             summary.update(_coverage(ws, increment, digest, parts, mode, {p.name: p.rows for p in work}, rows_now))
+            summary["context_u"] = context_u
             (out / "metadata.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     finally:
         con.close()
