@@ -297,7 +297,8 @@ def test_name_encodings_are_equal_exactly_within_one_date_of_birth_context(ws):
     con = _records(root)
     # one encoding per (name, context) and one (name, context) per encoding: records born on other
     # dates never share a name's token or filter, records born the same day (or day/month swapped) always do
-    for key, encodings in (("forename, dobc", ("fn_tok", "fn_bf")), ("surname, dobc", ("sn_tok", "sn_bf", "sn_swap_bf"))):
+    for key, encodings in (("forename, dobc", ("fn_tok", "fn_bf")),
+                           ("surname, dobc", ("sn_tok", "sn_bf", "sn_swap_bf"))):
         for encoding in encodings:
             if encoding.endswith("_bf"):    # two names with the same q-grams share a filter, in one context only
                 assert _one_to_one(con, key, encoding)[0] == _one_to_one(con, "dobc", encoding)[1] == 1, encoding
