@@ -341,7 +341,8 @@ class ContextEncoders:
             base = self.coder.for_role("dob")
 
             def encode(values):
-                return {**base.encode(values), "dobc_tok": self.coder.tok("dobc").many([dob_context(d) for d in values])}
+                dobc = self.coder.tok("dobc").many([dob_context(d) for d in values])
+                return {**base.encode(values), "dobc_tok": dobc}
             return _Encoder(base.name, (*base.columns, "dobc_tok"), base.value_type, encode)
         if role == "first_name":
             return _ContextEncoder("c_first_name", (role,), _CONTEXT_COLUMNS[role],
@@ -393,8 +394,9 @@ class ContextEncoders:
         filters = self.permuter[field].permute(base[ids], context_ids, distinct)
         valid = np.array([bool(n) for n in norm], dtype=bool)[ids]
         nulls = None if valid.all() else pa.py_buffer(np.packbits(valid, bitorder="little"))
-        return pa.FixedSizeBinaryArray.from_buffers(pa.binary(nbytes), len(ids), [nulls, pa.py_buffer(filters.tobytes())],
-                                                   null_count=int((~valid).sum())).cast(pa.binary())
+        arr = pa.FixedSizeBinaryArray.from_buffers(pa.binary(nbytes), len(ids), [nulls, pa.py_buffer(filters.tobytes())],
+                                                  null_count=int((~valid).sum()))
+        return arr.cast(pa.binary())
 
     def _middle_names(self, values: list[list], dobs: list) -> dict[str, list]:
         norm = [_norm_name(v) for v in values[0]]
