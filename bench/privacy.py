@@ -389,24 +389,46 @@ def bloom_params(ws: Path, column: str):
     return BloomParams(bits=meta["bits"], hashes=meta["hashes"], q=meta["q"], hardening=meta["hardening"])
 
 
-def attack_bloom_weight(con, column: str, prior: pd.Series, params, rng, keys: int = 3) -> dict[str, str]:
+def attack_bloom_weight(con, column: str, prior: pd.Series, params, rng, keys: int = 8,
+                        by_sex: dict[str, str] | None = None, fore: pd.DataFrame | None = None) -> dict[str, str]:
     """filter -> name from the filter's weight (bits set) alone, which no permutation of its bits changes.
 
-    The weight grows with the name's q-gram count; each reference name's weight under the scheme is
-    learnt from its filters under ``keys`` random keys (mean, pooled spread), and every observed filter
-    is named by the most probable name given its weight (prior: the name's population share)."""
+    The weight grows with the name's q-gram count; the weight of each q-gram count under the scheme is
+    learnt from the reference names' filters under ``keys`` random keys (mean, spread), and every observed filter
+    is named by the most probable name given its weight (prior: the name's population share). With
+    ``by_sex`` (sex_tok -> guessed sex) and the forename reference, a filter whose records' sex is guessed
+    takes that sex's forename shares as its prior."""
     df = con.execute(f"SELECT DISTINCT {column} AS f FROM ids WHERE {column} IS NOT NULL ORDER BY 1").df()
     if df.empty:
         return {}
     names = prior.index.tolist()
+    priors = {None: np.log(prior.to_numpy())}
+    if by_sex:
+        _map_sql(con, "a_wsex", by_sex)
+        sex = dict(con.execute(f"""SELECT i.{column}, mode(g.v) FROM ids i JOIN a_wsex g ON g.k = i.sex_tok
+                                   WHERE i.{column} IS NOT NULL GROUP BY 1""").fetchall())
+        df["sex"] = df["f"].map(sex)
+        for x in ("F", "M"):
+            w = _name_prior(fore[fore["sex"] == x]).reindex(names, fill_value=0.0) + 1e-9
+            priors[x] = np.log((w / w.sum()).to_numpy())
+    else:
+        df["sex"] = None
+    # a filter's expected weight depends on its distinct q-grams only: pooled per q-gram count over every
+    # name and key, the mean and spread are stable, where one name's few draws are not
     sim = np.stack([b.sum(axis=1) for b in _simulated_filters(names, params, rng, keys)])
-    mu = sim.mean(axis=0)
-    sd = max(float(np.sqrt(((sim - mu) ** 2).sum() / max(sim.size - len(names), 1))), 1.0)
+    grams = pd.Series([len(_bigrams(n)) for n in names])
+    stats = pd.DataFrame({"g": np.tile(grams, keys), "w": sim.reshape(-1)}).groupby("g")["w"].agg(["mean", "std"])
+    mu = grams.map(stats["mean"]).to_numpy()
+    sd = np.maximum(grams.map(stats["std"]).fillna(stats["std"].mean()).to_numpy(), 1.0)
     weight = _filter_bits(df["f"]).sum(axis=1)
     values, inverse = np.unique(weight, return_inverse=True)
-    post = np.log(prior.to_numpy())[None, :] - 0.5 * ((values[:, None] - mu[None, :]) / sd) ** 2
-    best = np.asarray(names)[post.argmax(axis=1)]
-    return dict(zip(df["f"], best[inverse]))
+    like = -0.5 * ((values[:, None] - mu[None, :]) / sd[None, :]) ** 2 - np.log(sd)[None, :]
+    guess = {}
+    for x, logp in priors.items():
+        rows = (df["sex"] == x).to_numpy() if x else df["sex"].isna().to_numpy()
+        best = np.asarray(names)[(logp[None, :] + like).argmax(axis=1)]
+        guess.update(zip(df["f"][rows], best[inverse[rows]]))
+    return guess
 
 
 def attack_bloom_pair(con, fore_prior: pd.Series, sur_prior: pd.Series, params, rng,
@@ -875,10 +897,13 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
     forename_graph = attack_forename_graph(con, forename_bf, sex, initial, fore)
     forename_mined = attack_pattern_mining(con, forename_bf, fore_prior)
     surname = attack_surname(con, sur)
+    sim_rng = np.random.default_rng([seed, 1])     # the Bloom attacks' random keys; rng stays the dob attack's
     weight_attacks = {c: attack_bloom_weight(con, c, fore_prior if c == "fn_bf" else sur_prior,
-                                             bloom_params(ws, c), rng)
+                                             bloom_params(ws, c), sim_rng)
                       for c in ("fn_bf", "sn_bf") if c in cols}
-    pair_fn, pair_sn = (attack_bloom_pair(con, fore_prior, sur_prior, bloom_params(ws, "sn_swap_bf"), rng)
+    weight_by_sex = (attack_bloom_weight(con, "fn_bf", fore_prior, bloom_params(ws, "fn_bf"), sim_rng,
+                                         by_sex=sex_benefits, fore=fore) if "fn_bf" in cols else {})
+    pair_fn, pair_sn = (attack_bloom_pair(con, fore_prior, sur_prior, bloom_params(ws, "sn_swap_bf"), sim_rng)
                         if "sn_swap_bf" in cols else ({}, {}))
     dob = attack_dob(con, rng)
     py = research_pay(ws, res_key) if res_key is not None else None
@@ -886,10 +911,12 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
     seconds_attack = time.perf_counter() - t0
 
     _score_table(con, ws, key_file)
-    for name, mapping in (("g_sex", sex), ("g_ini", initial), ("g_fn", forename), ("g_fnbf", forename_bf), ("g_fngraph", forename_graph), ("g_fnmined", forename_mined),
-                          ("g_sn", surname), ("g_month", dob["month"]), ("g_day", dob["day"]),
-                          ("g_sexc", sex_context), ("g_sexb", sex_benefits), ("g_sexp", sex_payload), ("g_sexn", sex_no_ctx), ("g_wfn", weight_attacks.get("fn_bf", {})),
-                          ("g_wsn", weight_attacks.get("sn_bf", {})), ("g_pfn", pair_fn), ("g_psn", pair_sn)):
+    for name, mapping in (("g_sex", sex), ("g_ini", initial), ("g_fn", forename), ("g_fnbf", forename_bf),
+                          ("g_fngraph", forename_graph), ("g_fnmined", forename_mined), ("g_sn", surname),
+                          ("g_month", dob["month"]), ("g_day", dob["day"]), ("g_sexc", sex_context),
+                          ("g_sexb", sex_benefits), ("g_sexp", sex_payload), ("g_sexn", sex_no_ctx),
+                          ("g_wfn", weight_attacks.get("fn_bf", {})), ("g_wsn", weight_attacks.get("sn_bf", {})),
+                          ("g_wfnsex", weight_by_sex), ("g_pfn", pair_fn), ("g_psn", pair_sn)):
         _map_sql(con, name, mapping)
     one = lambda sql: con.execute(sql).fetchall()[0]   # noqa: E731
     n_rows = one("SELECT count(*) FROM scored")[0]
@@ -948,6 +975,9 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
         if c in cols:
             add_field(f"Bloom-filter weight ({c}: bits set, unchanged by any permutation): most probable name",
                       field, g, f"s.{c}", truth, alt, "weights learnt from reference names under random keys")
+    if "fn_bf" in cols:
+        add_field("Bloom-filter weight (fn_bf), prior by the sex inferred from the benefits payload", "forename",
+                  "g_wfnsex", "s.fn_bf", "s.fn", note="sex as the Child Benefit / couples attack guesses it")
     if "sn_swap_bf" in cols:
         pair = "s.fn_bf || '|' || s.sn_swap_bf"
         r = _pair_dice_correlation(con)
