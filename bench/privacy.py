@@ -437,7 +437,7 @@ def attack_bloom_pair(con, fore_prior: pd.Series, sur_prior: pd.Series, params, 
 
     ``sn_swap_bf`` is the surname under the forename key and, with context-keyed filters, the same
     permutation as the record's ``fn_bf``: their Dice is the Dice of the cleartext filters, which
-    grows with the bigrams forename and surname share. Each reference (forename, surname) pair's Dice
+    grows with the bigrams forename and surname share. The Dice of reference (forename, surname) pairs
     under the scheme is learnt under random keys; each record's pair of filters is named by the most
     probable pair given its Dice (rounded to 0.01; prior: the product of the names' shares)."""
     df = con.execute("""SELECT DISTINCT fn_bf, sn_swap_bf FROM ids
@@ -450,10 +450,24 @@ def attack_bloom_pair(con, fore_prior: pd.Series, sur_prior: pd.Series, params, 
     sims = []
     for ff, ss in zip(_simulated_filters(fn, params, rng, keys), _simulated_filters(sn, params, rng, keys)):
         sims.append(2 * (ff @ ss.T) / (ff.sum(axis=1)[:, None] + ss.sum(axis=1)[None, :]))
-    sim = np.stack(sims)
-    mu = sim.mean(axis=0)
-    sd = max(float(np.sqrt(((sim - mu) ** 2).sum() / max(sim.size - mu.size, 1))), 1e-3)
-    prior = np.log(fore_prior.to_numpy())[:, None] + np.log(sur_prior.to_numpy())[None, :]
+    # a pair's expected Dice depends on the q-gram counts of both names and how many they share: pooled per
+    # (count, count, shared) over every pair and key, as the weight attack pools per count
+    grams = sorted({g for n in fn + sn for g in _bigrams(n)})
+    col = {g: i for i, g in enumerate(grams)}
+
+    def onehot(ns):
+        x = np.zeros((len(ns), len(grams)), dtype=np.float32)
+        for i, n in enumerate(ns):
+            x[i, [col[g] for g in _bigrams(n)]] = 1.0
+        return x
+    xf, xs = onehot(fn), onehot(sn)
+    cell = ((xf.sum(axis=1)[:, None] * 64 + xs.sum(axis=1)[None, :]) * 64 + xf @ xs.T).astype(np.int64)
+    sim = pd.DataFrame({"c": np.tile(cell.reshape(-1), keys), "d": np.stack(sims).reshape(-1)})
+    stats = sim.groupby("c")["d"].agg(["mean", "std"])
+    flat = pd.Series(cell.reshape(-1))
+    mu = flat.map(stats["mean"]).to_numpy().reshape(cell.shape)
+    sd = np.maximum(flat.map(stats["std"]).fillna(stats["std"].mean()).to_numpy().reshape(cell.shape), 1e-3)
+    prior = np.log(fore_prior.to_numpy())[:, None] + np.log(sur_prior.to_numpy())[None, :] - np.log(sd)
     values, inverse = np.unique(observed, return_inverse=True)
     best_f, best_s = [], []
     for v in values:
