@@ -198,7 +198,12 @@ def _partial_date_names_comparison() -> cl.CustomComparison:
             cll.CustomLevel(f"name_ym_tok_l IS NULL OR name_ym_tok_r IS NULL OR {SAME_CONTEXT}",
                             label_for_charts="null or the same date of birth").configure(is_null_level=True),
             cll.CustomLevel("name_ym_tok_l = name_ym_tok_r OR name_yd_tok_l = name_yd_tok_r "
-                            "OR name_md_tok_l = name_md_tok_r", label_for_charts="full name and two date parts"),
+                            "OR (name_md_tok_l = name_md_tok_r AND abs(birth_year_l - birth_year_r) < 15)",
+                            label_for_charts="full name and two date parts"),
+            # a parent and a child named alike who share a birthday: not a mistyped year (the
+            # middle initial or sex that told them apart are keyed with each one's own date)
+            cll.CustomLevel("name_md_tok_l = name_md_tok_r",
+                            label_for_charts="full name and birthday, born 15 or more years apart"),
             cll.ElseLevel(),
         ],
         comparison_description="full name with two of year, month and day of birth (dates differ)",
