@@ -412,3 +412,23 @@ def test_frequency_attack_scores_deterministic_tokens_high_and_context_keyed_tok
         assert advantage < 0.01, advantage                # one token per person: nothing beyond the blind guess
     else:
         assert advantage > 0.10, advantage                # shared tokens: frequency names them
+
+
+def test_a_coin_flip_on_sex_re_identifies_nobody_and_the_truth_half_the_records():
+    """The bench counts only what beats the blind guess (the commonest value named for every record)."""
+    from bench.privacy import _field_score, _map_sql
+    from linkage.db import connect
+
+    rng = np.random.default_rng(3)
+    sex = rng.choice(["F", "M"], size=2000, p=[0.52, 0.48])
+    con = connect()
+    con.execute("CREATE TABLE scored (sex_tok VARCHAR, sex VARCHAR)")
+    con.executemany("INSERT INTO scored VALUES (?, ?)", [(f"t{i}", s) for i, s in enumerate(sex)])
+    _map_sql(con, "coin", {f"t{i}": c for i, c in enumerate(rng.choice(["F", "M"], size=2000))})
+    right, blind, of = _field_score(con, "coin", "s.sex_tok", "s.sex")
+    assert of == 2000 and blind == (sex == "F").sum() and right - blind < 0.04 * of
+    _map_sql(con, "truth", {f"t{i}": s for i, s in enumerate(sex)})
+    right, blind, _ = _field_score(con, "truth", "s.sex_tok", "s.sex")
+    assert right == 2000 and right - blind == (sex == "M").sum()
+    _map_sql(con, "none", {})                  # no guess at all: the blind guess stands in, nothing gained
+    assert _field_score(con, "none", "s.sex_tok", "s.sex")[:2] == (blind, blind)
