@@ -60,9 +60,9 @@ def test_research_tables_match_their_schemas(assembled):
     assert summary["rows"]["cohort"] > 300
 
 
-def test_sex_decodes_from_its_context_keyed_tokens(assembled):
-    """sex_tok is keyed with each record's date-of-birth context (issue 16): assemble recomputes the tokens
-    of M and F per context from the key, and every person with a recorded sex gets it back."""
+def test_sex_decodes_from_its_seals(assembled):
+    """Sex is stored only as ``sex_seal`` (randomised encryption, issue 16): assemble decrypts it with the
+    key's ``seal:sex`` subkey, and every person with a recorded sex gets it back."""
     root = assembled[0]
     sex = _table(root, "person").column("sex").to_pylist()
     known = [s for s in sex if s is not None]

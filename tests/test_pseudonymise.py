@@ -187,6 +187,15 @@ def _metaphone(name):
     return jellyfish.metaphone(letters) or None
 
 
+def _unseal(seal: bytes, subkey: bytes | None = None) -> str:
+    """An independent opening of a sex seal: 8-byte nonce, then the code (zero-padded) XOR AES(nonce || 0^8)."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    enc = Cipher(algorithms.AES(subkey or KEY.subkey("seal:sex")), modes.ECB()).encryptor()
+    pad = enc.update(seal[:8] + bytes(8)) + enc.finalize()
+    return bytes(a ^ b for a, b in zip(seal[8:], pad[:8])).rstrip(b"\x00").decode("utf-8", errors="replace")
+
+
 @pytest.mark.parametrize("source", SOURCES)
 def test_every_encoding_matches_an_independent_computation_on_its_own_row(ws, source):
     root, _ = ws
@@ -221,7 +230,8 @@ def test_every_encoding_matches_an_independent_computation_on_its_own_row(ws, so
         swapped = dt.date(dob.year, dob.day, dob.month).isoformat() if dob.day <= 12 else None
         assert r["dob_swap_tok"] == _oracle("dob", swapped)
         assert r["birth_year"] == dob.year
-        assert r["sex_tok"] == _ctx("sex", r[role["sex"]], dob)
+        assert "sex_tok" not in r
+        assert (_unseal(r["sex_seal"]) if r["sex_seal"] is not None else None) == r[role["sex"]]
         pc = r[role["postcode"]]
         parts = _postcode(pc) if pc else (None, None, None)
         assert (r["postcode_tok"], r["pc_sector_tok"], r["pc_district_tok"]) == tuple(
@@ -333,12 +343,37 @@ def test_encoding_frequencies_follow_people_not_names(ws, small_population):
     name_people = con.execute("SELECT max(n) FROM (SELECT count(DISTINCT person_id) n FROM u GROUP BY forename)")
     assert name_people.fetchall()[0][0] > 30
     for column in ("fn_tok", "fn_bf", "fn_phon_tok", "fn_initial_tok", "sn_tok", "sn_phon_tok", "sn_bf", "sn_swap_bf",
-                   "mn_initial_tok", "sex_tok", "name_ym_tok", "name_yd_tok", "name_md_tok"):
+                   "mn_initial_tok", "sex_seal", "name_ym_tok", "name_yd_tok", "name_md_tok"):
         records, people = con.execute(f"SELECT max(n), max(p) FROM (SELECT count(*) n, count(DISTINCT person_id) p "
                                       f"FROM u WHERE {column} IS NOT NULL GROUP BY {column})").fetchall()[0]
         assert people <= 4 and records <= 2 * most_records, column   # twins and shared birthdays only
     # the issue's yardstick: the most frequent forename token covers no more records than the most-recorded person
     assert con.execute("SELECT max(n) FROM (SELECT count(*) n FROM u GROUP BY fn_tok)").fetchall()[0][0] <= most_records
+
+
+def test_sex_is_sealed_per_record_and_opens_only_with_its_subkey(ws):
+    """Issue 16: no sex token (a token plus the payload told sex apart); ``sex_seal`` is randomised
+    encryption under the subkey 'seal:sex': every seal opens to its row's staged sex, no two records
+    share one, NULL where sex is NULL, and under any other subkey (tokens', another key's) the
+    seals open to noise, not to two codes."""
+    root, _ = ws
+    con = _con(root)
+    rows = con.execute(" UNION ALL ".join(f"SELECT sex_seal, sex FROM j_{s}" for s in SOURCES)).fetchall()
+    sealed = [(seal, sex) for seal, sex in rows if seal is not None]
+    assert len(rows) > 10_000 and all(sex is None for seal, sex in rows if seal is None)
+    assert len(sealed) == sum(sex is not None for _, sex in rows)
+    assert all(_unseal(seal) == sex for seal, sex in sealed)
+    assert {sex for _, sex in sealed} == {"M", "F"}
+    assert len({seal for seal, _ in sealed}) == len(sealed)              # frequency gives nothing
+    for wrong in (KEY.subkey("tokens"), MasterKey(OTHER, "t").subkey("seal:sex")):
+        opened = {_unseal(seal, wrong) for seal, _ in sealed[:2000]}
+        assert len(opened) > 1900 and not opened & {"M", "F"}
+    # the same through the library's vectorised reader
+    from linkage.pseudonymise.seal import unseal
+    assert unseal(KEY.subkey("seal:sex"), [seal for seal, _ in sealed]) == [sex for _, sex in sealed]
+    meta = json.loads((root / "pseudonymised" / "metadata.json").read_text())
+    assert "sex_seal" in meta["identifiers_columns"] and "sex_tok" not in meta["identifiers_columns"]
+    assert "sex" not in json.dumps(meta["tokens"]["context"]["keyed"])
 
 
 def test_name_and_date_part_tokens_are_equal_exactly_when_names_and_parts_are(ws):
@@ -569,7 +604,10 @@ def test_hand_worked_rows(tmp_path, keyed):
     # day/month swap keeps it), unrelated ones in another
     assert edu["dobc_tok"] == e1["dobc_tok"] == ben["dobc_tok"] != e2["dobc_tok"]
     assert edu["fn_tok"] == e1["fn_tok"] != e2["fn_tok"] and edu["fn_bf"] == e1["fn_bf"] != e2["fn_bf"]
-    assert edu["sn_swap_bf"] == e1["sn_swap_bf"] != e2["sn_swap_bf"] and edu["sex_tok"] == e1["sex_tok"] == ben["sex_tok"]
+    assert edu["sn_swap_bf"] == e1["sn_swap_bf"] != e2["sn_swap_bf"]
+    # sex sealed: the same sex, three different seals, each opening to M; none without a sex
+    assert len({edu["sex_seal"], e1["sex_seal"], ben["sex_seal"]}) == 3 and e2["sex_seal"] is None
+    assert [_unseal(r["sex_seal"]) for r in (edu, e1, ben)] == ["M", "M", "M"]
     assert dice(edu["fn_bf"], e2["fn_bf"]) < 0.8
     # forename, surname and two date parts: 2005-03-25 shares year and month with 2005-03-04, the swap none
     assert edu["name_ym_tok"] == e2["name_ym_tok"] and edu["name_yd_tok"] != e2["name_yd_tok"]
@@ -586,7 +624,7 @@ def test_hand_worked_rows(tmp_path, keyed):
     # postcodes: AB1 2CD vs AB1 2CE share sector AB1 2 and district AB1; AB12CD is AB1 2CD
     assert edu["postcode_tok"] != e1["postcode_tok"] and edu["pc_sector_tok"] == e1["pc_sector_tok"]
     assert edu["pc_district_tok"] == e1["pc_district_tok"] and ben["postcode_tok"] == edu["postcode_tok"]
-    assert e2["postcode_tok"] is None and e2["sex_tok"] is None and e2["nino_tok"] is None
+    assert e2["postcode_tok"] is None and e2["sex_seal"] is None and e2["nino_tok"] is None
     # JOHN/JON and SMITH/SMYTH: same initial and Metaphone code (JN, SM0), different tokens, high Dice
     assert ben["fn_tok"] != edu["fn_tok"] and ben["fn_initial_tok"] == edu["fn_initial_tok"]
     assert ben["fn_phon_tok"] == edu["fn_phon_tok"] and ben["sn_phon_tok"] == edu["sn_phon_tok"]

@@ -124,19 +124,26 @@ def load_research_schema(table: str, folder: Path | str | None = None) -> TableS
 
 # -- inputs and links ------------------------------------------------------------------------
 
-def _sex_tokens(key, contexts: list[str | None]) -> pa.Table:
-    """The keyed tokens of sex M and F in each date-of-birth context (``dobc_tok``, None for no date).
+def _sex_codes(con: duckdb.DuckDBPyConnection, key) -> None:
+    """Table ``record_sex`` from ``record_seal``: the sex each seal holds ('M', 'F' or NULL), ``sealed`` per seal.
 
-    The pseudonymiser tokenises sex in domain ``sex@dobc`` with the record's ``dobc_tok`` ("" without
-    one) as context, so the tokens of M and F differ between contexts: they are computed here, per
-    context present, from the key (never from the date, which assemble does not hold).
+    The pseudonymiser stores sex only as ``sex_seal``, randomised encryption under the subkey
+    ``seal:sex`` (:mod:`linkage.pseudonymise.seal`): no token to compare, decoded here in memory.
     """
-    from linkage.encodings import Tokeniser, context_message
+    from linkage.pseudonymise.seal import SEAL_SUBKEY, code_int, unseal_codes
 
-    tok = Tokeniser(key.subkey("tokens"), "sex@dobc")
-    return pa.table({"dobc_tok": pa.array(contexts, pa.string()),
-                     "tok_m": tok.many([context_message("M", c or "") for c in contexts]),
-                     "tok_f": tok.many([context_message("F", c or "") for c in contexts])})
+    seals = con.sql("select record_token, sex_seal from record_seal").to_arrow_table()
+    con.execute("drop table record_seal")
+    codes = pa.table({"record_token": seals.column("record_token"),
+                      "code": unseal_codes(key.subkey(SEAL_SUBKEY), seals.column("sex_seal")),
+                      "sealed": seals.column("sex_seal").is_valid()})
+    del seals
+    con.register("sex_codes_arrow", codes)
+    con.execute(f"""create or replace table record_sex as
+                    select record_token, case code when {code_int('M')} then 'M' when {code_int('F')} then 'F' end sex,
+                           sealed
+                    from sex_codes_arrow""")
+    con.unregister("sex_codes_arrow")
 
 
 def load_inputs(con: duckdb.DuckDBPyConnection, ws: Workspace, key, la_lookup: Path) -> None:
@@ -152,11 +159,8 @@ def load_inputs(con: duckdb.DuckDBPyConnection, ws: Workspace, key, la_lookup: P
     # the payload and the sex tokens are encrypted at rest: decrypted here, into memory only
     for source in ("education", "benefits", "earnings"):
         load_zone(con, f"payload_{source}", ws.root, "payload", key, sources=[source])
-    load_zone(con, "record_sex", ws.root, "identifiers", key, ["record_token", "sex_tok", "dobc_tok"])
-    contexts = [r[0] for r in con.execute("select distinct dobc_tok from record_sex where sex_tok is not null").fetchall()]
-    con.register("sex_codes_arrow", _sex_tokens(key, contexts))
-    con.execute("create or replace temp table sex_codes as select * from sex_codes_arrow")
-    con.unregister("sex_codes_arrow")
+    load_zone(con, "record_seal", ws.root, "identifiers", key, ["record_token", "sex_seal"])
+    _sex_codes(con, key)
     con.execute(f"""
         create or replace table identity_map as
         select unique_id as linkage_id, (row_number() over (order by unique_id))::integer uid
@@ -173,9 +177,8 @@ def load_inputs(con: duckdb.DuckDBPyConnection, ws: Workspace, key, la_lookup: P
         from read_parquet({read_literal(linked / 'records.parquet')}) r
         join identity_map i on i.linkage_id = r.unique_id join person_map p on p.linkage_key = r.person_key;
         create or replace table unique_sex as
-        select r.unique_id, any_value(case d.sex_tok when c.tok_m then 'M' when c.tok_f then 'F' end) sex
-        from recs r join record_sex d using (record_token)
-        left join sex_codes c on c.dobc_tok is not distinct from d.dobc_tok group by 1;
+        select r.unique_id, any_value(d.sex) sex
+        from recs r join record_sex d using (record_token) group by 1;
         create or replace table la_region as
         select utla_code la_code, region_code from read_csv({read_literal(la_lookup)}, header = true, all_varchar = true);
         create or replace table households_base as
@@ -189,7 +192,7 @@ def load_inputs(con: duckdb.DuckDBPyConnection, ws: Workspace, key, la_lookup: P
         join person_map c on c.linkage_key = r.child_key;
     """)
     _check_inputs_join(con)
-    con.execute("drop table record_sex; drop table sex_codes")
+    con.execute("drop table record_sex")
     con.execute(sql.inputs_sql())
 
 
@@ -203,7 +206,7 @@ def _check_inputs_join(con: duckdb.DuckDBPyConnection) -> None:
                     select record_token from payload_education union all select record_token from payload_benefits
                     union all select record_token from payload_earnings)),
                (select count(*) from unique_sex where sex is not null),
-               (select count(sex_tok) from record_sex)""").fetchall()[0]
+               (select count(*) from record_sex where sealed)""").fetchall()[0]
     if recs and not joined:
         raise AssembleError(f"none of the {recs:,} linked records is in pseudonymised/payload/: they come from "
                             "different pseudonymisation runs; rebuild linked/ with 'hhlink link'")

@@ -4,14 +4,15 @@ Everything here builds Splink settings from the identifiers contract
 (``pseudonymised/identifiers/``): HMAC tokens compared for equality, Bloom-filter
 encodings compared by Dice similarity in SQL. No cleartext is needed or seen.
 
-The zone's name encodings (and sex and initials) are keyed with each record's date-of-birth
+The zone's name encodings (and initials) are keyed with each record's date-of-birth
 *context* (``dobc_tok``: the date with day and month in sorted order), so that a token's
 frequency is that of one person, never of a name (issue 16). Two records' names are then
-comparable only when they share the context: the name, sex and middle-initial comparisons
+comparable only when they share the context: the name and middle-initial comparisons
 are null between records whose dates differ, and ``names_partial_date`` carries the name
 evidence between them (the full name with two of the three date parts, ``name_ym_tok``,
-``name_yd_tok``, ``name_md_tok``). ``hhlink link-files`` encodes per value, in memory only, and
-uses the plain model (``context=False``, :data:`PLAIN_PREDICTION_BLOCKS`).
+``name_yd_tok``, ``name_md_tok``). The zone holds no sex token (only ``sex_seal``, for assemble):
+sex is no comparison of the context model. ``hhlink link-files`` encodes per value, in memory only,
+and uses the plain model (``context=False``, :data:`PLAIN_PREDICTION_BLOCKS`), sex included.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from linkage.encodings import dice_sql
 # each identity keeps its most frequent address and the list of all its postcodes.
 IDENTITY_COLUMNS = (
     "nino_tok", "upn_tok", "dob_tok", "dob_year_tok", "dob_month_tok", "dob_day_tok", "dob_swap_tok",
-    "sex_tok", "fn_tok", "sn_tok", "fn_initial_tok", "fn_phon_tok", "sn_phon_tok", "mn_initial_tok",
+    "fn_tok", "sn_tok", "fn_initial_tok", "fn_phon_tok", "sn_phon_tok", "mn_initial_tok",
     "dobc_tok", "name_ym_tok", "name_yd_tok", "name_md_tok",
     "fn_bf", "sn_bf", "sn_swap_bf",
 )
@@ -108,7 +109,7 @@ TRAINING_BLOCKS = (
 # (few people share a date of birth), so their sampled u would say "names agree a third of the
 # time among non-matches". Their u is measured by the pseudonymiser instead, on a sample of
 # names in one shared context (linkage/pseudonymise/context_u.py).
-CONTEXT_COMPARISONS = ("forename", "surname", "sex", "middle_initial")
+CONTEXT_COMPARISONS = ("forename", "surname", "middle_initial")
 
 
 def rule_columns(rule: tuple[str, ...] | str) -> set[str]:
@@ -201,7 +202,7 @@ def _partial_date_names_comparison() -> cl.CustomComparison:
                             "OR (name_md_tok_l = name_md_tok_r AND abs(birth_year_l - birth_year_r) < 15)",
                             label_for_charts="full name and two date parts"),
             # a parent and a child named alike who share a birthday: not a mistyped year (the
-            # middle initial or sex that told them apart are keyed with each one's own date)
+            # middle initial that told them apart is keyed with each one's own date)
             cll.CustomLevel("name_md_tok_l = name_md_tok_r",
                             label_for_charts="full name and birthday, born 15 or more years apart"),
             cll.ElseLevel(),
@@ -351,7 +352,8 @@ def model_settings(dialect: str = "duckdb", probability_two_random_records_match
             address_comparison(dialect),
             exact_level("nino_tok", "nino"),
             exact_level("upn_tok", "upn"),
-            _context_exact("sex_tok", "sex") if context else exact_level("sex_tok", "sex"),
+            # sex only where it is a token (link-files); the zone seals it (issue 16)
+            *([] if context else [exact_level("sex_tok", "sex")]),
             (_context_exact("mn_initial_tok", "middle_initial") if context
              else exact_level("mn_initial_tok", "middle_initial")),
         ],

@@ -1,6 +1,6 @@
 """u of the context-keyed comparisons, measured where the names are: a random sample in one context.
 
-The zone's name, sex and middle-initial encodings are keyed with each record's date-of-birth
+The zone's name and middle-initial encodings are keyed with each record's date-of-birth
 context (issue 16), so the link stage can compare them only between records of one date, and
 a random sample of record pairs there holds few such pairs, most of them the same person
 (few people share a birthday). The u of those levels - how often two different people agree

@@ -15,9 +15,11 @@ Which staged column is a forename, a date of birth, ... comes from the roles in
 ``schemas/<source>.toml``. Each distinct value is encoded once, in Python (HMAC) and
 numpy (Bloom filters), and the encodings are joined back to the rows in DuckDB:
 names, dates and postcodes have far fewer distinct values than there are rows. Names,
-initials, phonetic codes and sex are keyed with the row's date-of-birth context
+initials and phonetic codes are keyed with the row's date-of-birth context
 (:class:`ContextEncoders`, issue 16): they are encoded once per distinct (value, date of
 birth) pair, so a token is shared by the records of one name *and* birthday, not of one name.
+Sex is never tokenised: ``sex_seal`` holds it under randomised encryption (:mod:`.seal`), for
+assemble only; no two records share a seal.
 ``docs/privacy.md`` holds the threat model and the encoding design.
 
 Example:
@@ -60,6 +62,7 @@ from linkage.encodings import (TOKEN_BYTES, BloomEncoder, BloomParams, ContextPe
 from linkage.errors import HhlinkError, SchemaError, WorkspaceError
 from linkage.keys import MasterKey, load_master_key
 from linkage.pseudonymise.context_u import measure_context_u
+from linkage.pseudonymise.seal import NONCE_BYTES, SEAL_SUBKEY, code_int, keystreams, nonces, seal_sql
 from linkage.pseudonymise.store import write_encrypted
 from linkage.schemas import SOURCES, Schema, load_schema
 from linkage.workspace import Workspace, carry_file
@@ -74,7 +77,7 @@ IDENTIFIER_COLUMNS: tuple[tuple[str, str], ...] = (
     ("record_token", "VARCHAR"), ("source", "VARCHAR"), ("year", "SMALLINT"), ("birth_year", "SMALLINT"),
     ("nino_tok", "VARCHAR"), ("upn_tok", "VARCHAR"),
     ("dob_tok", "VARCHAR"), ("dob_year_tok", "VARCHAR"), ("dob_month_tok", "VARCHAR"),
-    ("dob_day_tok", "VARCHAR"), ("dob_swap_tok", "VARCHAR"), ("sex_tok", "VARCHAR"),
+    ("dob_day_tok", "VARCHAR"), ("dob_swap_tok", "VARCHAR"), ("sex_seal", "BLOB"),
     ("postcode_tok", "VARCHAR"), ("pc_sector_tok", "VARCHAR"), ("pc_district_tok", "VARCHAR"),
     ("fn_tok", "VARCHAR"), ("sn_tok", "VARCHAR"), ("fn_initial_tok", "VARCHAR"), ("fn_phon_tok", "VARCHAR"),
     ("sn_phon_tok", "VARCHAR"), ("mn_initial_tok", "VARCHAR"),
@@ -282,12 +285,13 @@ class Encoders:
 
 # the roles whose encodings are keyed with the dob context (docs/privacy.md): two records share one
 # only when they share the value and the context, so a token's frequency is a person's, not a name's
-CONTEXT_ROLES = ("first_name", "surname", "middle_names", "sex")
-# in the settings digest: a zone encoded before names were context-keyed is never carried into one after
-ENCODING_VERSION = "dobc-context-1"
+CONTEXT_ROLES = ("first_name", "surname", "middle_names")
+# in the settings digest: a zone encoded before names were context-keyed (or sex sealed) is never
+# carried into one after
+ENCODING_VERSION = "dobc-context-2-sex-seal"
 _CONTEXT_COLUMNS = {"first_name": ("fn_tok", "fn_initial_tok", "fn_phon_tok", "fn_bf"),
                     "surname": ("sn_tok", "sn_phon_tok", "sn_bf", "sn_swap_bf"),
-                    "middle_names": ("mn_initial_tok",), "sex": ("sex_tok",)}
+                    "middle_names": ("mn_initial_tok",)}
 NAME_DATE_PARTS = {"name_ym_tok": ("year", "month"), "name_yd_tok": ("year", "day"), "name_md_tok": ("month", "day")}
 _DATE_PART = {"year": "{:04d}", "month": "{:02d}", "day": "{:02d}"}
 
@@ -353,8 +357,10 @@ class ContextEncoders:
         if role == "middle_names":
             return _ContextEncoder("c_middle_names", (role,), _CONTEXT_COLUMNS[role], self._middle_names)
         if role == "sex":
-            return _ContextEncoder("c_sex", (role,), _CONTEXT_COLUMNS[role], lambda vs, ds: {"sex_tok": self._keyed(
-                "sex", ["".join(v.upper().split()) or None for v in vs[0]], self.contexts(ds))})
+            # no token at all (issue 16: a sex token plus the payload told sex apart): the code as an
+            # integer, sealed per row in SQL with the row's nonce (identifiers_sql, _record_tokens)
+            return _Encoder("d_sex", ("sex_code",), "VARCHAR", lambda vs: {"sex_code": pa.array(
+                [code_int("".join(v.upper().split())) for v in vs], pa.uint64())})
         return self.coder.for_role(role)
 
     def names_and_dates(self) -> _ContextEncoder:
@@ -515,6 +521,8 @@ def identifiers_sql(plan: Source, encoders: dict[str, _Encoder], link_refs: dict
         joins.append(f"LEFT JOIN {enc.name} ON {enc.name}.v = {_key_sql(column, enc)}")
         for c in enc.columns:
             supplied[c] = f"{enc.name}.{c}"
+    if "sex_code" in supplied:   # sealed with the row's own nonce: no two records share a seal
+        supplied["sex_seal"] = seal_sql(supplied.pop("sex_code"), "rt.sex_nonce", "rt.sex_pad")
     dob = plan.role_column.get("dob")
     supplied["record_token"] = "rt.record_token"
     supplied["source"] = quote_literal(plan.name)
@@ -524,11 +532,13 @@ def identifiers_sql(plan: Source, encoders: dict[str, _Encoder], link_refs: dict
         supplied["bu_role"] = f"s.{quote_ident(plan.member_role)}"
     select = [f"CAST({supplied.get(name, 'NULL')} AS {typ}) AS {name}"
               for name, typ in (*IDENTIFIER_COLUMNS, *((t, "VARCHAR") for t in link_refs.values()))]
-    # a reference's Bloom filter (link-files' id), after the contract's columns
+    # after the contract's columns: a reference's Bloom filter (link-files' id) and link-files' plain
+    # sex token (in memory only; the pseudonymised zone seals sex instead)
     contract = {name for name, _ in IDENTIFIER_COLUMNS} | set(link_refs.values())
-    extra = sorted({c for role, enc in encoders.items() if role.startswith("ref:") and role[4:] in link_refs
-                    for c in enc.columns if c not in contract})
-    select += [f"CAST({supplied.get(name, 'NULL')} AS BLOB) AS {name}" for name in extra]
+    extra = sorted(c for c in supplied if c not in contract and c not in ("record_token", "source", "year",
+                                                                          "birth_year", "bu_role"))
+    select += [f"CAST({supplied[name]} AS {'VARCHAR' if name.endswith('_tok') else 'BLOB'}) AS {name}"
+               for name in extra]
     return f"SELECT {', '.join(select)} {_rows_sql(plan, joins, order)}"
 
 
@@ -602,7 +612,7 @@ def _distinct_sql(plans: list[Source], column_of: Callable[[Source], str | None]
 ROW_ORDERS = {"identifiers": ("order_identifiers", "identifiers"), "payload": ("order_payload", "payload")}
 
 
-def _record_tokens(n: int, order_key: bytes | None = None) -> pa.Table:
+def _record_tokens(n: int, order_key: bytes | None = None, seal_key: bytes | None = None) -> pa.Table:
     """n random 128-bit record tokens (os.urandom via secrets), as 32-character hex, with row numbers.
 
     With ``order_key`` (the ``row_order`` subkey), one sort key per zone of :data:`ROW_ORDERS`:
@@ -611,6 +621,9 @@ def _record_tokens(n: int, order_key: bytes | None = None) -> pa.Table:
     permutation: without the key a file's row i says nothing of the staged row it came from,
     and identifiers and payload are in orders unrelated to each other. A token is one AES
     block, so all tokens are encrypted in one call (an HMAC per token was 7x slower).
+
+    With ``seal_key`` (the ``seal:sex`` subkey), each row's random seal nonce ``sex_nonce`` and
+    its keystream ``sex_pad`` (:mod:`linkage.pseudonymise.seal`), also in one AES call.
     """
     raw = secrets.token_bytes(TOKEN_BYTES * n)
     hexed = binascii.hexlify(raw)
@@ -626,6 +639,11 @@ def _record_tokens(n: int, order_key: bytes | None = None) -> pa.Table:
             enc = Cipher(algorithms.AES(mac.finalize()), modes.ECB()).encryptor()
             blocks = np.frombuffer(enc.update(raw) + enc.finalize(), dtype=">u8").reshape(-1, 2)[:, 0]
             columns[column] = pa.array((blocks >> np.uint64(1)).astype(np.int64))
+    if seal_key is not None:
+        raw_nonces = nonces(n)
+        columns["sex_nonce"] = pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(NONCE_BYTES), n, [None, pa.py_buffer(raw_nonces)]).cast(pa.binary())
+        columns["sex_pad"] = pa.array(keystreams(seal_key, raw_nonces), pa.uint64())
     return pa.table(columns)
 
 
@@ -924,7 +942,8 @@ def pseudonymise(config: Config, workspace: Path | str, key: MasterKey | None = 
         seconds["context_u"] = time.perf_counter() - t
         log.info("encoded distinct values: %s", distinct)
         for plan in work:
-            con.register(f"rt_{plan.name}", _record_tokens(plan.rows, key.subkey("row_order")))
+            con.register(f"rt_{plan.name}", _record_tokens(plan.rows, key.subkey("row_order"),
+                                                              key.subkey(SEAL_SUBKEY)))
         payload_columns = {p.name: _payload_sql(p, encoders)[1] for p in plans}
         parts = {p.name: list(carried.get(p.name, [])) for p in plans}
         with ws.publish_dir("pseudonymised") as out:
@@ -1016,6 +1035,9 @@ def _metadata(config: Config, key: MasterKey, plans: list[Source], payload_colum
                                            "key": "HKDF-SHA256 subkey 'bloom:first_name' (surnames under the "
                                                   "forename key, to detect swapped names)"}},
         "record_token": {"bits": TOKEN_BYTES * 8, "source": "os.urandom (secrets), not derived from any value"},
+        "sex_seal": {"cipher": "8-byte random nonce per record, then the code zero-padded to 8 bytes XOR the "
+                               "first 8 bytes of AES-256-ECB(nonce zero-padded to 16)",
+                     "key": f"HKDF-SHA256 subkey '{SEAL_SUBKEY}'", "reader": "hhlink assemble"},
         "row_order": {zone: f"sorted by AES-256 of the record token's bytes under HMAC-SHA256(HKDF-SHA256 "
                             f"subkey 'row_order', '{domain}')" for zone, (_, domain) in ROW_ORDERS.items()},
         "identifiers_columns": [c for c, _ in IDENTIFIER_COLUMNS] + list(link_refs.values()),
