@@ -65,6 +65,8 @@ def _java_children() -> list[int]:
 
 def _copy_identifiers(src: Path, dst: Path) -> Path:
     shutil.copytree(src / "pseudonymised" / "identifiers", dst / "pseudonymised" / "identifiers")
+    # the zone's metadata: the measured u of the context-keyed name levels, which link reads
+    shutil.copy2(src / "pseudonymised" / "metadata.json", dst / "pseudonymised" / "metadata.json")
     return dst
 
 
