@@ -535,9 +535,10 @@ def identifiers_sql(plan: Source, encoders: dict[str, _Encoder], link_refs: dict
     # after the contract's columns: a reference's Bloom filter (link-files' id) and link-files' plain
     # sex token (in memory only; the pseudonymised zone seals sex instead)
     contract = {name for name, _ in IDENTIFIER_COLUMNS} | set(link_refs.values())
-    extra = sorted(c for c in supplied if c not in contract and c not in ("record_token", "source", "year",
-                                                                          "birth_year", "bu_role"))
-    select += [f"CAST({supplied[name]} AS {'VARCHAR' if name.endswith('_tok') else 'BLOB'}) AS {name}"
+    extra = sorted({c for role, enc in encoders.items() if not isinstance(enc, _ContextEncoder)
+                    and (not role.startswith("ref:") or role[4:] in link_refs)
+                    for c in enc.columns if c not in contract and c != "sex_code"})
+    select += [f"CAST({supplied.get(name, 'NULL')} AS {'VARCHAR' if name.endswith('_tok') else 'BLOB'}) AS {name}"
                for name in extra]
     return f"SELECT {', '.join(select)} {_rows_sql(plan, joins, order)}"
 
