@@ -16,7 +16,10 @@ Attacks (each scored as the share of records re-identified, goal < 1%):
 * sex token: the ``sex_tok`` whose records have the higher median pay is M (of many tokens, the upper
   half); with context-keyed tokens (``dobc_tok`` present), the same within each date-of-birth context;
   and from the benefits payload: Child Benefit claimants are F, the other adult of their couple's claims M,
-  other couples by pay (and the other sex token of a context holding two);
+  other couples by pay (and the other sex token of a context holding two). A zone that seals sex
+  (``sex_seal``, no ``sex_tok``) gets the payload inference only, per name and date-of-birth tokens
+  (:data:`SEX_STAND_IN`, the sex every later attack conditions on), and a row counting the records
+  whose seal another record shares;
 * forename-initial token: frequency alignment (per sex) with the reference lists;
 * forename token: frequency alignment within (sex, initial) cells, with the token's
   ethnic-group profile (education payload) beside the reference's name groups
@@ -112,9 +115,13 @@ def keyless_reads(ws: Path) -> dict[str, tuple[int, int]]:
 
 #: identifier columns every attack reads, and those read when the workspace has them (the
 #: context-keyed encodings of issue 16 add ``dobc_tok`` and the ``name_*_tok`` columns)
-ID_COLUMNS = ["record_token", "source", "year", "birth_year", "sex_tok", "fn_tok", "sn_tok", "fn_initial_tok",
+ID_COLUMNS = ["record_token", "source", "year", "birth_year", "fn_tok", "sn_tok", "fn_initial_tok",
               "dob_tok", "dob_day_tok", "dob_month_tok", "dob_swap_tok", "fn_bf"]
-OPTIONAL_COLUMNS = ["sn_bf", "sn_swap_bf", "dobc_tok", "name_ym_tok", "name_yd_tok", "name_md_tok"]
+OPTIONAL_COLUMNS = ["sex_tok", "sex_seal", "sn_bf", "sn_swap_bf", "dobc_tok", "name_ym_tok", "name_yd_tok",
+                    "name_md_tok"]
+#: with no ``sex_tok`` in the zone (sex sealed), the attacks' ``sex_tok`` is this per-record key: the
+#: attacker's sex per pseudo-person (name and date-of-birth tokens) comes from the payload alone
+SEX_STAND_IN = "coalesce(fn_tok, '') || '|' || coalesce(sn_tok, '') || '|' || coalesce(dob_tok, '')"
 FILTER_COLUMNS = ("fn_bf", "sn_bf", "sn_swap_bf")
 NAME_DATE_TOKENS = {"name_ym_tok": "name + year and month of birth", "name_yd_tok": "name + year and day of birth",
                     "name_md_tok": "name + month and day of birth"}
@@ -129,11 +136,12 @@ def _load(con, ws: Path, ids_key, pay_key) -> list[str]:
                                      ids_key, "identifiers").names)
     cols = ID_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in held]
     as_hex = ", ".join(f"hex({c}) AS {c}" for c in FILTER_COLUMNS if c in cols)
+    stand_in = "" if "sex_tok" in cols else f", {SEX_STAND_IN} AS sex_tok"
     parts = []
     for s in SOURCES:
         con.register(f"ids_{s}_arrow", read_encrypted(ws / "pseudonymised" / "identifiers" / f"{s}.parquet",
                                                       ids_key, "identifiers", cols))
-        parts.append(f"SELECT row_number() OVER () - 1 AS pos, * REPLACE ({as_hex}) FROM ids_{s}_arrow")
+        parts.append(f"SELECT row_number() OVER () - 1 AS pos, * REPLACE ({as_hex}){stand_in} FROM ids_{s}_arrow")
         con.register(f"pay_{s}_arrow", read_encrypted(ws / "pseudonymised" / "payload" / f"{s}.parquet",
                                                       pay_key, "payload"))
         con.execute(f"CREATE TABLE pay_{s} AS SELECT row_number() OVER () - 1 AS pos, * FROM pay_{s}_arrow")
@@ -898,13 +906,18 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
     t0 = time.perf_counter()
     cols = _load(con, ws, ids_key, pay_key)
     context = "dobc_tok" in cols
+    sex_in_zone = "sex_tok" in cols
     fore, sur = _reference()
     fore_prior, sur_prior = _name_prior(fore), _name_prior(sur)
-    sex = attack_sex(con)
-    sex_context = attack_sex_context(con) if context else {}
-    sex_benefits = attack_sex_benefits(con, context)
     sex_payload = attack_sex_benefits(con, False, PERSON_KEY.format(a="i."))
-    sex_no_ctx = attack_sex_benefits(con, False) if context else {}
+    if sex_in_zone:
+        sex = attack_sex(con)
+        sex_context = attack_sex_context(con) if context else {}
+        sex_benefits = attack_sex_benefits(con, context)
+        sex_no_ctx = attack_sex_benefits(con, False) if context else {}
+    else:   # sex sealed: the attacks below condition on the payload's sex per pseudo-person (SEX_STAND_IN)
+        sex = sex_benefits = attack_sex_benefits(con, False)
+        sex_context, sex_no_ctx = {}, {}
     initial = attack_initial(con, sex, fore)
     forename = attack_forename(con, sex, initial, fore)
     forename_bf = attack_forename(con, sex, initial, fore, column="fn_bf")
@@ -959,15 +972,26 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
     con.execute("""CREATE TABLE landing_rank AS SELECT record_token, source,
                    row_number() OVER (PARTITION BY source ORDER BY landing_row) - 1 AS r FROM scored""")
     _linked_order(con, ws, add, n_rows)
-    add_field("sex token: higher median pay is M", "sex", "g_sex", "s.sex_tok", "s.sex")
-    if context:
+    if not sex_in_zone:
+        for attack in ("sex token: higher median pay is M",
+                       "sex token: Child Benefit claimants are F, their partners M, couples by pay"):
+            add(attack, "sex", 0, 0, "no sex token in the zone")
+    if "sex_seal" in cols:
+        hit, of = one("""SELECT count(*) FILTER (WHERE n >= 2), count(*) FROM (SELECT count(*) OVER (PARTITION BY
+                             sex_seal) AS n FROM ids WHERE sex_seal IS NOT NULL)""")
+        add("sex seal (sex_seal): records sharing a seal with another record", "sex", hit, of,
+            f"{of - hit:,} of {of:,} seals distinct: randomised encryption, frequency gives nothing")
+    if sex_in_zone:
+        add_field("sex token: higher median pay is M", "sex", "g_sex", "s.sex_tok", "s.sex")
+    if context and sex_in_zone:
         add_field("sex token: within each date-of-birth context (dobc_tok), higher median pay is M", "sex",
                   "g_sexc", "s.sex_tok", "s.sex", note="a context's only token: M when its median pay is above "
                   "the median over all tokens")
-    add_field("sex token: Child Benefit claimants are F, their partners M, couples by pay", "sex", "g_sexb",
-              "s.sex_tok", "s.sex", note="payload/benefits benefit_type and role" +
-              ("; the other sex token of a date-of-birth context, the other sex" if context else ""))
-    if context:
+    if sex_in_zone:
+        add_field("sex token: Child Benefit claimants are F, their partners M, couples by pay", "sex", "g_sexb",
+                  "s.sex_tok", "s.sex", note="payload/benefits benefit_type and role" +
+                  ("; the other sex token of a date-of-birth context, the other sex" if context else ""))
+    if context and sex_in_zone:
         add_field("sex token: the same without the two-token context step", "sex", "g_sexn", "s.sex_tok", "s.sex",
                   note="one token per sex and context groups a person's records despite name typos, and the same-sex "
                        "persons of a context")
