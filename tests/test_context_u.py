@@ -70,14 +70,14 @@ def test_measured_u_is_the_share_of_agreeing_pairs_in_the_sample_and_holds_no_va
 def test_link_sets_the_measured_u_and_refuses_a_zone_without_them():
     settings = model_settings().create_settings_dict("duckdb")
     measured = {"comparisons": {"forename": {"Exact match on fn_tok": 0.004, "same initial": 0.06},
-                                "sex": {"Exact match on sex_tok": 0.5},          # sealed now: no comparison
+                                "sex": {"Exact match on sex_tok": 0.5},
                                 "dob": {"Exact match on dob_tok": 0.9}}}        # not context-keyed: ignored
     done = context_u(settings, measured)
-    assert done == ["forename: Exact match on fn_tok", "forename: same initial"]
+    assert done == ["forename: Exact match on fn_tok", "forename: same initial", "sex: Exact match on sex_tok"]
     levels = {(c["output_column_name"], lv["label_for_charts"]): lv for c in settings["comparisons"]
               for lv in c["comparison_levels"]}
     assert levels[("forename", "Exact match on fn_tok")]["u_probability"] == 0.004
-    assert "sex" not in {c["output_column_name"] for c in settings["comparisons"]}
+    assert levels[("sex", "Exact match on sex_tok")]["u_probability"] == 0.5
     assert "u_probability" not in levels[("dob", "Exact match on dob_tok")] or \
         levels[("dob", "Exact match on dob_tok")]["u_probability"] != 0.9
     with pytest.raises(LinkError, match="context_u"):

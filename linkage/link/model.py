@@ -10,9 +10,11 @@ frequency is that of one person, never of a name (issue 16). Two records' names 
 comparable only when they share the context: the name and middle-initial comparisons
 are null between records whose dates differ, and ``names_partial_date`` carries the name
 evidence between them (the full name with two of the three date parts, ``name_ym_tok``,
-``name_yd_tok``, ``name_md_tok``). The zone holds no sex token (only ``sex_seal``, for assemble):
-sex is no comparison of the context model. ``hhlink link-files`` encodes per value, in memory only,
-and uses the plain model (``context=False``, :data:`PLAIN_PREDICTION_BLOCKS`), sex included.
+``name_yd_tok``, ``name_md_tok``). Sex (``sex_tok``) is keyed with the date context and the
+postcode together: it is compared only between records of one date at one address, the two
+people of a household who share a birthday (``sex_seal``, for assemble, is no comparison).
+``hhlink link-files`` encodes per value, in memory only, and uses the plain model
+(``context=False``, :data:`PLAIN_PREDICTION_BLOCKS`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ IDENTITY_COLUMNS = (
 # two records' context-keyed encodings are comparable (the same date of birth, day and month
 # in either order, or both without one)
 SAME_CONTEXT = "dobc_tok_l IS NOT DISTINCT FROM dobc_tok_r"
-ADDRESS_COLUMNS = ("postcode_tok", "pc_sector_tok", "pc_district_tok", "addr_bf")
+# (sex_tok is keyed with the postcode, so it travels with the identity's address: it must not
+# split identities either)
+ADDRESS_COLUMNS = ("postcode_tok", "pc_sector_tok", "pc_district_tok", "addr_bf", "sex_tok")
 
 # forename and surname swapped: each record's forename filter is the other's surname filter
 # under the forename key (``sn_swap_bf``), so a swapped pair is equal on both
@@ -109,7 +113,7 @@ TRAINING_BLOCKS = (
 # (few people share a date of birth), so their sampled u would say "names agree a third of the
 # time among non-matches". Their u is measured by the pseudonymiser instead, on a sample of
 # names in one shared context (linkage/pseudonymise/context_u.py).
-CONTEXT_COMPARISONS = ("forename", "surname", "middle_initial")
+CONTEXT_COMPARISONS = ("forename", "surname", "middle_initial", "sex")
 
 
 def rule_columns(rule: tuple[str, ...] | str) -> set[str]:
@@ -208,6 +212,22 @@ def _partial_date_names_comparison() -> cl.CustomComparison:
             cll.ElseLevel(),
         ],
         comparison_description="full name with two of year, month and day of birth (dates differ)",
+    )
+
+
+def _sex_in_place() -> cl.CustomComparison:
+    """Sex between records of one date context and one postcode (its token is keyed with both)."""
+    return cl.CustomComparison(
+        output_column_name="sex",
+        comparison_levels=[
+            cll.CustomLevel(f"sex_tok_l IS NULL OR sex_tok_r IS NULL OR NOT ({SAME_CONTEXT}) "
+                            "OR postcode_tok_l IS DISTINCT FROM postcode_tok_r",
+                            label_for_charts="null, another date of birth or another postcode").configure(
+                                is_null_level=True),
+            cll.ExactMatchLevel("sex_tok"),
+            cll.ElseLevel(),
+        ],
+        comparison_description="sex: exact token (same date-of-birth context and postcode)",
     )
 
 
@@ -352,8 +372,7 @@ def model_settings(dialect: str = "duckdb", probability_two_random_records_match
             address_comparison(dialect),
             exact_level("nino_tok", "nino"),
             exact_level("upn_tok", "upn"),
-            # sex only where it is a token (link-files); the zone seals it (issue 16)
-            *([] if context else [exact_level("sex_tok", "sex")]),
+            _sex_in_place() if context else exact_level("sex_tok", "sex"),
             (_context_exact("mn_initial_tok", "middle_initial") if context
              else exact_level("mn_initial_tok", "middle_initial")),
         ],

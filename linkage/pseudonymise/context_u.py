@@ -71,20 +71,23 @@ def measure_context_u(con: duckdb.DuckDBPyConnection, plans, context, seed: int)
     from linkage.link.model import CONTEXT_COMPARISONS, model_settings
     from linkage.pseudonymise.stage import CONTEXT_ROLES
 
-    sql = _sample_sql(plans, CONTEXT_ROLES, seed)
+    sql = _sample_sql(plans, (*CONTEXT_ROLES, "sex"), seed)
     if sql is None:
         return {"pairs": 0, "comparisons": {}}
     sample = con.sql(sql).to_arrow_table()
     n = sample.num_rows
     dobs = [_SHARED_DATE] * n
-    columns: dict[str, pa.Array | list] = {"dobc_tok": ["shared"] * n}
-    for role in CONTEXT_ROLES:
+    # one date and one postcode for every sampled row: sex_tok is keyed with both
+    columns: dict[str, pa.Array | list] = {"dobc_tok": ["shared"] * n, "postcode_tok": ["shared"] * n}
+    for role in (*CONTEXT_ROLES, "sex"):
         values = sample.column(role).to_pylist()
         present = [i for i, v in enumerate(values) if v and v.strip()]
         if not present:
             continue
         # the encoders take values (as the zone's dictionaries hold them), never NULL
-        encoded = context.for_role(role).encode([[values[i] for i in present]], [dobs[i] for i in present])
+        encoder, rows = ((context.sex_in_place(), [[values[i] for i in present], ["SW1A 1AA"] * len(present)])
+                         if role == "sex" else (context.for_role(role), [[values[i] for i in present]]))
+        encoded = encoder.encode(rows, [dobs[i] for i in present])
         for column, got in encoded.items():
             got = got.to_pylist() if isinstance(got, pa.Array) else list(got)
             full = [None] * n

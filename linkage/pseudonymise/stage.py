@@ -57,8 +57,8 @@ import pyarrow.parquet as pq
 from linkage.config import Config, PseudonymiseConfig
 from linkage.crosswalk import CROSSWALK_FILE, write_crosswalk
 from linkage.db import connect, path_literal, quote_ident, quote_literal, read_literal
-from linkage.encodings import (TOKEN_BYTES, BloomEncoder, BloomParams, ContextPermuter, Tokeniser, context_message,
-                               dob_context)
+from linkage.encodings import (CONTEXT_SEPARATOR, TOKEN_BYTES, BloomEncoder, BloomParams, ContextPermuter, Tokeniser,
+                               context_message, dob_context)
 from linkage.errors import HhlinkError, SchemaError, WorkspaceError
 from linkage.keys import MasterKey, load_master_key
 from linkage.pseudonymise.context_u import measure_context_u
@@ -77,7 +77,7 @@ IDENTIFIER_COLUMNS: tuple[tuple[str, str], ...] = (
     ("record_token", "VARCHAR"), ("source", "VARCHAR"), ("year", "SMALLINT"), ("birth_year", "SMALLINT"),
     ("nino_tok", "VARCHAR"), ("upn_tok", "VARCHAR"),
     ("dob_tok", "VARCHAR"), ("dob_year_tok", "VARCHAR"), ("dob_month_tok", "VARCHAR"),
-    ("dob_day_tok", "VARCHAR"), ("dob_swap_tok", "VARCHAR"), ("sex_seal", "BLOB"),
+    ("dob_day_tok", "VARCHAR"), ("dob_swap_tok", "VARCHAR"), ("sex_seal", "BLOB"), ("sex_tok", "VARCHAR"),
     ("postcode_tok", "VARCHAR"), ("pc_sector_tok", "VARCHAR"), ("pc_district_tok", "VARCHAR"),
     ("fn_tok", "VARCHAR"), ("sn_tok", "VARCHAR"), ("fn_initial_tok", "VARCHAR"), ("fn_phon_tok", "VARCHAR"),
     ("sn_phon_tok", "VARCHAR"), ("mn_initial_tok", "VARCHAR"),
@@ -288,7 +288,7 @@ class Encoders:
 CONTEXT_ROLES = ("first_name", "surname", "middle_names")
 # in the settings digest: a zone encoded before names were context-keyed (or sex sealed) is never
 # carried into one after
-ENCODING_VERSION = "dobc-context-2-sex-seal"
+ENCODING_VERSION = "dobc-context-3-sex-seal-place"
 _CONTEXT_COLUMNS = {"first_name": ("fn_tok", "fn_initial_tok", "fn_phon_tok", "fn_bf"),
                     "surname": ("sn_tok", "sn_phon_tok", "sn_bf", "sn_swap_bf"),
                     "middle_names": ("mn_initial_tok",)}
@@ -362,6 +362,24 @@ class ContextEncoders:
             return _Encoder("d_sex", ("sex_code",), "VARCHAR", lambda vs: {"sex_code": pa.array(
                 [code_int("".join(v.upper().split())) for v in vs], pa.uint64())})
         return self.coder.for_role(role)
+
+    def sex_in_place(self) -> _ContextEncoder:
+        """``sex_tok``: sex keyed with the date-of-birth context and the postcode together.
+
+        Only records of one date and one postcode share a context (the same person, twins, or a
+        couple born on one day), so a token says nothing across people, and the link model can
+        still tell apart, by sex, the two people such a household holds (without it, a couple
+        with one surname and birthdays a day/month swap apart merged). NULL without a date of
+        birth or a postcode. Assemble reads sex from ``sex_seal``, never from this.
+        """
+        pattern = re.compile(self.coder.cfg.postcode_pattern) if self.coder.cfg.postcode_pattern else None
+
+        def encode(values, dobs):
+            codes = ["".join(v.upper().split()) or None for v in values[0]]
+            units = _mapped(lambda ps: [postcode_parts(p, pattern)[0] or "" for p in ps], values[1])
+            places = [f"{c}{CONTEXT_SEPARATOR}{u}" for c, u in zip(self.contexts(dobs), units)]
+            return {"sex_tok": self._keyed("sex_place", codes, places)}
+        return _ContextEncoder("c_sex_place", ("sex", "postcode"), ("sex_tok",), encode, dob_required=True)
 
     def names_and_dates(self) -> _ContextEncoder:
         """``name_ym_tok``, ``name_yd_tok``, ``name_md_tok``: forename, surname and two parts of the date."""
@@ -916,6 +934,7 @@ def pseudonymise(config: Config, workspace: Path | str, key: MasterKey | None = 
     roles = sorted({r for p in plans for r in p.role_column})
     encoders: dict[str, _Encoder | _ContextEncoder] = {r: e for r in roles if (e := context.for_role(r)) is not None}
     encoders["names_dates"] = context.names_and_dates()
+    encoders["sex_place"] = context.sex_in_place()
     for column in sorted({c for p in plans for c in p.references}):
         encoders[f"ref:{column}"] = coder.for_reference(column, cfg.references[column])
     link_refs = {c: cfg.references[c] for c in cfg.link_references}
@@ -1039,6 +1058,8 @@ def _metadata(config: Config, key: MasterKey, plans: list[Source], payload_colum
         "sex_seal": {"cipher": "8-byte random nonce per record, then the code zero-padded to 8 bytes XOR the "
                                "first 8 bytes of AES-256-ECB(nonce zero-padded to 16)",
                      "key": f"HKDF-SHA256 subkey '{SEAL_SUBKEY}'", "reader": "hhlink assemble"},
+        "sex_tok": "token (domain 'sex_place@dobc') of the code US dobc_tok US the postcode unit: shared only by "
+                   "records of one date of birth and one postcode; NULL without either (link only)",
         "row_order": {zone: f"sorted by AES-256 of the record token's bytes under HMAC-SHA256(HKDF-SHA256 "
                             f"subkey 'row_order', '{domain}')" for zone, (_, domain) in ROW_ORDERS.items()},
         "identifiers_columns": [c for c, _ in IDENTIFIER_COLUMNS] + list(link_refs.values()),
