@@ -230,10 +230,13 @@ def test_every_encoding_matches_an_independent_computation_on_its_own_row(ws, so
         swapped = dt.date(dob.year, dob.day, dob.month).isoformat() if dob.day <= 12 else None
         assert r["dob_swap_tok"] == _oracle("dob", swapped)
         assert r["birth_year"] == dob.year
-        assert "sex_tok" not in r
         assert (_unseal(r["sex_seal"]) if r["sex_seal"] is not None else None) == r[role["sex"]]
         pc = r[role["postcode"]]
         parts = _postcode(pc) if pc else (None, None, None)
+        # sex for the link model: keyed with the date context and the postcode unit together
+        sex = r[role["sex"]]
+        assert r["sex_tok"] == (_oracle("sex_place@dobc", f"{sex}\x1f{_context(dob)}\x1f{parts[0]}")
+                                if sex and pc else None)
         assert (r["postcode_tok"], r["pc_sector_tok"], r["pc_district_tok"]) == tuple(
             _oracle(d, p) for d, p in zip(("postcode", "pc_sector", "pc_district"), parts))
         assert r["nino_tok"] == (_oracle("nino", r[role["nino"]]) if "nino" in role else None)
@@ -352,7 +355,7 @@ def test_encoding_frequencies_follow_people_not_names(ws, small_population):
 
 
 def test_sex_is_sealed_per_record_and_opens_only_with_its_subkey(ws):
-    """Issue 16: no sex token (a token plus the payload told sex apart); ``sex_seal`` is randomised
+    """Issue 16: no sex token assemble reads (a token plus the payload told sex apart); ``sex_seal`` is randomised
     encryption under the subkey 'seal:sex': every seal opens to its row's staged sex, no two records
     share one, NULL where sex is NULL, and under any other subkey (tokens', another key's) the
     seals open to noise, not to two codes."""
@@ -372,8 +375,16 @@ def test_sex_is_sealed_per_record_and_opens_only_with_its_subkey(ws):
     from linkage.pseudonymise.seal import unseal
     assert unseal(KEY.subkey("seal:sex"), [seal for seal, _ in sealed]) == [sex for _, sex in sealed]
     meta = json.loads((root / "pseudonymised" / "metadata.json").read_text())
-    assert "sex_seal" in meta["identifiers_columns"] and "sex_tok" not in meta["identifiers_columns"]
+    assert "sex_seal" in meta["identifiers_columns"] and "sex_tok" in meta["identifiers_columns"]
     assert "sex" not in json.dumps(meta["tokens"]["context"]["keyed"])
+    # the link model's sex_tok is keyed with date and postcode: no token is shared across more than a
+    # household's people (twins, a couple born on one day), where the seal says nothing at all
+    per_token = con.execute(" UNION ALL ".join(
+        f"SELECT sex_tok, dobc_tok, postcode_tok FROM j_{s} WHERE sex_tok IS NOT NULL" for s in SOURCES)).fetchall()
+    places = {}
+    for tok, dobc, postcode in per_token:
+        places.setdefault(tok, set()).add((dobc, postcode))
+    assert all(len(p) == 1 for p in places.values())
 
 
 def test_name_and_date_part_tokens_are_equal_exactly_when_names_and_parts_are(ws):
