@@ -13,6 +13,7 @@ from linkage.crosswalk import read_crosswalk
 from linkage.ingest import ingest
 from linkage.keys import MasterKey
 from linkage.pseudonymise import pseudonymise
+from linkage.pseudonymise.seal import unseal
 from linkage.pseudonymise.store import read_identifiers, read_payload
 from synthetic_data import generate_population
 from synthetic_data.deliveries import deliver_next, pending
@@ -54,6 +55,8 @@ def _by_row(ws, key):
     ids = read_identifiers(ws, key).to_pandas()
     xw = _crosswalk(ws, key).drop(columns=["source"])
     both = ids.merge(xw, on="record_token", validate="one_to_one")
+    # sex_seal is randomised per record (a fresh nonce each run): compare the sex it opens to
+    both["sex_seal"] = unseal(key.subkey("seal:sex"), both["sex_seal"].tolist())
     return both.drop(columns=["record_token"]).set_index(["file", "line"]).sort_index()
 
 

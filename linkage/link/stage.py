@@ -72,7 +72,8 @@ def _identities_sql(identifiers: str = "identifiers_in") -> str:
         create or replace table identity_address as
         select unique_id, {addr} from (
             select unique_id, {addr}, row_number() over (
-                partition by unique_id order by count(*) desc, postcode_tok nulls last, hex(addr_bf) nulls last) rn
+                partition by unique_id order by count(*) desc, postcode_tok nulls last, hex(addr_bf) nulls last,
+                sex_tok nulls last) rn
             from records group by unique_id, {addr})
         where rn = 1;
         create or replace table identity_facts as
