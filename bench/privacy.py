@@ -158,7 +158,8 @@ def _load(con, ws: Path, ids_key, pay_key) -> list[str]:
     return cols
 
 
-def _reference() -> tuple[pd.DataFrame, pd.DataFrame]:
+def reference_lists() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The attacker's public frequency tables: the generator's forename and surname lists (best case)."""
     fore = pd.read_csv(REFERENCE / "forenames.csv")
     sur = pd.read_csv(REFERENCE / "surnames.csv")
     for t, by in ((fore, ["sex", "group"]), (sur, ["group"])):
@@ -296,8 +297,8 @@ def attack_initial(con, sex: dict[str, str], fore: pd.DataFrame) -> dict[str, st
 def attack_forename(con, sex: dict[str, str], initial: dict[str, str], fore: pd.DataFrame,
                     column: str = "fn_tok") -> dict[str, str]:
     """fn_tok (or fn_bf) -> forename, matched within (sex, initial) cells by count and group profile."""
-    _map_sql(con, "a_sex", sex)
-    _map_sql(con, "a_ini", initial)
+    map_guesses(con, "a_sex", sex)
+    map_guesses(con, "a_ini", initial)
     con.execute("""CREATE OR REPLACE TABLE pp_cell AS SELECT pp.*, s.v || ':' || i.v AS cell FROM pp
                    LEFT JOIN a_sex s ON s.k = pp.sex_tok LEFT JOIN a_ini i ON i.k = pp.ini""")
     obs = _observed(con, column, "pp.cell", "pp_cell")
@@ -371,7 +372,7 @@ def _filter_bits(hexes) -> np.ndarray:
     return np.unpackbits(raw.reshape(len(hexes), -1), axis=1)
 
 
-def _name_prior(ref: pd.DataFrame) -> pd.Series:
+def name_prior(ref: pd.DataFrame) -> pd.Series:
     """Each reference name's share of the population (group mix, both sexes)."""
     w = ref.assign(m=ref["p"] * ref["group"].map(GROUP_SHARE)).groupby("name")["m"].sum()
     return w / w.sum()
@@ -392,8 +393,9 @@ def _simulated_filters(names: list[str], params, rng, keys: int) -> list[np.ndar
 def bloom_params(ws: Path, column: str):
     """The documented parameters of a filter column (``pseudonymised/metadata.json``, in clear)."""
     from linkage.encodings import BloomParams
+    from linkage.pseudonymise.store import zone_metadata
 
-    meta = json.loads((ws / "pseudonymised" / "metadata.json").read_text())["bloom_filters"][column]
+    meta = zone_metadata(ws / "pseudonymised")["bloom_filters"][column]
     return BloomParams(bits=meta["bits"], hashes=meta["hashes"], q=meta["q"], hardening=meta["hardening"])
 
 
@@ -412,12 +414,12 @@ def attack_bloom_weight(con, column: str, prior: pd.Series, params, rng, keys: i
     names = prior.index.tolist()
     priors = {None: np.log(prior.to_numpy())}
     if by_sex:
-        _map_sql(con, "a_wsex", by_sex)
+        map_guesses(con, "a_wsex", by_sex)
         sex = dict(con.execute(f"""SELECT i.{column}, mode(g.v) FROM ids i JOIN a_wsex g ON g.k = i.sex_tok
                                    WHERE i.{column} IS NOT NULL GROUP BY 1""").fetchall())
         df["sex"] = df["f"].map(sex)
         for x in ("F", "M"):
-            w = _name_prior(fore[fore["sex"] == x]).reindex(names, fill_value=0.0) + 1e-9
+            w = name_prior(fore[fore["sex"] == x]).reindex(names, fill_value=0.0) + 1e-9
             priors[x] = np.log((w / w.sum()).to_numpy())
     else:
         df["sex"] = None
@@ -752,7 +754,7 @@ def _sequence_join_sql(band: str) -> str:
         WHERE t.person_id = pu.person_id"""
 
 
-def _field_score(con, guess: str, key: str, truth: str, alt: str | None = None) -> tuple[int, int, int]:
+def field_score(con, guess: str, key: str, truth: str, alt: str | None = None) -> tuple[int, int, int]:
     """(right, blind, of) over the scored records ``s`` with a ``key``: right when the guess (table ``guess``)
     for the record's key, or the blind guess where the attack made none, is the true value (``truth`` or
     ``alt``); blind: the records the best blind guess gets right, the most common true value named for all."""
@@ -784,7 +786,8 @@ def _pair_dice_correlation(con, limit: int = 20_000) -> float | None:
     return float(np.corrcoef(observed, clear)[0, 1])
 
 
-def _map_sql(con, name: str, mapping: dict) -> None:
+def map_guesses(con, name: str, mapping: dict) -> None:
+    """Table ``name`` (k, v): an attack's guesses, token (or key) to value."""
     con.execute(f"CREATE OR REPLACE TABLE {name} (k VARCHAR, v VARCHAR)")
     if mapping:
         con.executemany(f"INSERT INTO {name} VALUES (?, ?)", [(str(k), str(v)) for k, v in mapping.items()])
@@ -907,8 +910,8 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
     cols = _load(con, ws, ids_key, pay_key)
     context = "dobc_tok" in cols
     sex_in_zone = "sex_tok" in cols
-    fore, sur = _reference()
-    fore_prior, sur_prior = _name_prior(fore), _name_prior(sur)
+    fore, sur = reference_lists()
+    fore_prior, sur_prior = name_prior(fore), name_prior(sur)
     sex_payload = attack_sex_benefits(con, False, PERSON_KEY.format(a="i."))
     if sex_in_zone:
         sex = attack_sex(con)
@@ -944,7 +947,7 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
                           ("g_sexb", sex_benefits), ("g_sexp", sex_payload), ("g_sexn", sex_no_ctx),
                           ("g_wfn", weight_attacks.get("fn_bf", {})), ("g_wsn", weight_attacks.get("sn_bf", {})),
                           ("g_wfnsex", weight_by_sex), ("g_pfn", pair_fn), ("g_psn", pair_sn)):
-        _map_sql(con, name, mapping)
+        map_guesses(con, name, mapping)
     one = lambda sql: con.execute(sql).fetchall()[0]   # noqa: E731
     n_rows = one("SELECT count(*) FROM scored")[0]
     results = []
@@ -957,7 +960,7 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
         results.append(row)
 
     def add_field(attack, field, guess, key, truth, alt=None, note=""):
-        right, blind, of = _field_score(con, guess, key, truth, alt)
+        right, blind, of = field_score(con, guess, key, truth, alt)
         add(attack, field, right, of, note, blind=blind)
 
     # row order: identifiers row i = landing row i; payload row i = identifiers row i

@@ -14,9 +14,9 @@ from linkage.config import load_config
 from linkage.keys import ENV_KEY, ENV_KEY_FILE
 from linkage.link.model import CONTEXT_COMPARISONS, model_settings
 from linkage.link.stage import LinkError, context_u
-from linkage.pseudonymise.context_u import SAMPLE_ROWS, _sample_sql
-from linkage.pseudonymise.stage import CONTEXT_ROLES, _plan_source, pseudonymise
-from linkage.schemas import SOURCES, load_schema
+from linkage.pseudonymise.context_u import SAMPLE_ROWS, sample_sql
+from linkage.pseudonymise.stage import CONTEXT_ROLES, plan_sources, pseudonymise
+from linkage.schemas import SOURCES
 from tests.conftest import copy_workspace
 
 SECRET = hashlib.sha256(b"hhlink context-u test key").digest()     # a fixed test key, generated here
@@ -49,11 +49,10 @@ def test_measured_u_is_the_share_of_agreeing_pairs_in_the_sample_and_holds_no_va
     assert measured["rows"] == SAMPLE_ROWS and measured["pairs"] == SAMPLE_ROWS * (SAMPLE_ROWS - 1) // 2
     for shares in measured["comparisons"].values():
         assert sum(shares.values()) == pytest.approx(1.0)
-    schemas = CFG.paths.resolve(CFG.paths.schemas)
-    plans = [_plan_source(s, zone / "staged" / f"{s}.parquet", load_schema(s, schemas), CFG.pseudonymise)
-             for s in SOURCES]
+    plans = plan_sources(CFG, zone / "staged")
+    assert {p.name for p in plans} == set(SOURCES)
     con = duckdb.connect()
-    sample = con.sql(_sample_sql(plans, CONTEXT_ROLES, CFG.link.seed)).fetchall()
+    sample = con.sql(sample_sql(plans, CONTEXT_ROLES, CFG.link.seed)).fetchall()
     assert len(sample) == SAMPLE_ROWS
     for column, comparison, label in ((0, "forename", "Exact match on fn_tok"), (1, "surname", "Exact match on sn_tok")):
         names = [_norm(row[column]) for row in sample]

@@ -382,11 +382,11 @@ def _surname_table(context: bool, persons: int = 4000, seed: int = 16):
     """A hand-built ``pp`` (one pseudo-person per person) and ``scored`` (the truth) for the surname attack:
     surnames drawn from the attacker's own reference mix; ``sn_tok`` keyed on the surname alone, or on the
     surname and the person's date of birth (the context-keyed encoding of issue 16)."""
-    from bench.privacy import _name_prior, _reference
+    from bench.privacy import name_prior, reference_lists
     from linkage.db import connect
 
     rng = np.random.default_rng(seed)
-    prior = _name_prior(_reference()[1])
+    prior = name_prior(reference_lists()[1])
     names = rng.choice(prior.index.to_numpy(), size=persons, p=prior.to_numpy())
     dobs = rng.integers(0, 20 * 365, size=persons)
     tok = [hashlib.sha256(f"{n}\x1f{d if context else ''}".encode()).hexdigest()[:32] for n, d in zip(names, dobs)]
@@ -401,11 +401,11 @@ def _surname_table(context: bool, persons: int = 4000, seed: int = 16):
 
 @pytest.mark.parametrize("context", [False, True])
 def test_frequency_attack_scores_deterministic_tokens_high_and_context_keyed_tokens_near_zero(context):
-    from bench.privacy import _field_score, _map_sql, _reference, attack_surname
+    from bench.privacy import attack_surname, field_score, map_guesses, reference_lists
 
     con = _surname_table(context)
-    _map_sql(con, "g", attack_surname(con, _reference()[1]))
-    right, blind, of = _field_score(con, "g", "s.sn_tok", "s.sn", "s.sn2")
+    map_guesses(con, "g", attack_surname(con, reference_lists()[1]))
+    right, blind, of = field_score(con, "g", "s.sn_tok", "s.sn", "s.sn2")
     assert of == 4000 and 0 < blind < 0.05 * of          # the commonest surname: a few percent, guessed blind
     advantage = (right - blind) / of
     if context:
@@ -416,7 +416,7 @@ def test_frequency_attack_scores_deterministic_tokens_high_and_context_keyed_tok
 
 def test_a_coin_flip_on_sex_re_identifies_nobody_and_the_truth_half_the_records():
     """The bench counts only what beats the blind guess (the commonest value named for every record)."""
-    from bench.privacy import _field_score, _map_sql
+    from bench.privacy import field_score, map_guesses
     from linkage.db import connect
 
     rng = np.random.default_rng(3)
@@ -424,11 +424,11 @@ def test_a_coin_flip_on_sex_re_identifies_nobody_and_the_truth_half_the_records(
     con = connect()
     con.execute("CREATE TABLE scored (sex_tok VARCHAR, sex VARCHAR)")
     con.executemany("INSERT INTO scored VALUES (?, ?)", [(f"t{i}", s) for i, s in enumerate(sex)])
-    _map_sql(con, "coin", {f"t{i}": c for i, c in enumerate(rng.choice(["F", "M"], size=2000))})
-    right, blind, of = _field_score(con, "coin", "s.sex_tok", "s.sex")
+    map_guesses(con, "coin", {f"t{i}": c for i, c in enumerate(rng.choice(["F", "M"], size=2000))})
+    right, blind, of = field_score(con, "coin", "s.sex_tok", "s.sex")
     assert of == 2000 and blind == (sex == "F").sum() and right - blind < 0.04 * of
-    _map_sql(con, "truth", {f"t{i}": s for i, s in enumerate(sex)})
-    right, blind, _ = _field_score(con, "truth", "s.sex_tok", "s.sex")
+    map_guesses(con, "truth", {f"t{i}": s for i, s in enumerate(sex)})
+    right, blind, _ = field_score(con, "truth", "s.sex_tok", "s.sex")
     assert right == 2000 and right - blind == (sex == "M").sum()
-    _map_sql(con, "none", {})                  # no guess at all: the blind guess stands in, nothing gained
-    assert _field_score(con, "none", "s.sex_tok", "s.sex")[:2] == (blind, blind)
+    map_guesses(con, "none", {})                  # no guess at all: the blind guess stands in, nothing gained
+    assert field_score(con, "none", "s.sex_tok", "s.sex")[:2] == (blind, blind)

@@ -165,12 +165,18 @@ def swapped_names_sql(dialect: str, half: bool = False) -> str:
     return f"({a} >= 0.9 OR {b} >= 0.9)" if half else f"{a} >= {SWAP_DICE} AND {b} >= {SWAP_DICE}"
 
 
-def _context_null(column: str, context: bool) -> cll.CustomLevel | cll.NullLevel:
-    """The null level of a context-keyed column: missing on either side, or the contexts differ."""
+def _context_null(column: str, context: bool, place: bool = False) -> cll.CustomLevel | cll.NullLevel:
+    """The null level of a context-keyed column: missing on either side, or the contexts differ.
+
+    ``place``: the token is keyed with the postcode too (``sex_tok``), so another postcode is
+    another context.
+    """
     if not context:
         return cll.NullLevel(column)
-    return cll.CustomLevel(f"{column}_l IS NULL OR {column}_r IS NULL OR NOT ({SAME_CONTEXT})",
-                           label_for_charts="null or another date of birth").configure(is_null_level=True)
+    other = f"NOT ({SAME_CONTEXT})" + (" OR postcode_tok_l IS DISTINCT FROM postcode_tok_r" if place else "")
+    label = "null, another date of birth or another postcode" if place else "null or another date of birth"
+    return cll.CustomLevel(f"{column}_l IS NULL OR {column}_r IS NULL OR {other}",
+                           label_for_charts=label).configure(is_null_level=True)
 
 
 def _name_comparison(name: str, prefix: str, dialect: str, initial: bool, context: bool = True) -> cl.CustomComparison:
@@ -215,28 +221,12 @@ def _partial_date_names_comparison() -> cl.CustomComparison:
     )
 
 
-def _sex_in_place() -> cl.CustomComparison:
-    """Sex between records of one date context and one postcode (its token is keyed with both)."""
-    return cl.CustomComparison(
-        output_column_name="sex",
-        comparison_levels=[
-            cll.CustomLevel(f"sex_tok_l IS NULL OR sex_tok_r IS NULL OR NOT ({SAME_CONTEXT}) "
-                            "OR postcode_tok_l IS DISTINCT FROM postcode_tok_r",
-                            label_for_charts="null, another date of birth or another postcode").configure(
-                                is_null_level=True),
-            cll.ExactMatchLevel("sex_tok"),
-            cll.ElseLevel(),
-        ],
-        comparison_description="sex: exact token (same date-of-birth context and postcode)",
-    )
-
-
-def _context_exact(column: str, name: str) -> cl.CustomComparison:
-    """An exact-match comparison on a context-keyed token (null when the contexts differ)."""
+def _context_exact(column: str, name: str, place: bool = False) -> cl.CustomComparison:
+    """An exact-match comparison on a context-keyed token (null when the contexts differ; see :func:`_context_null`)."""
     return cl.CustomComparison(
         output_column_name=name,
-        comparison_levels=[_context_null(column, True), cll.ExactMatchLevel(column), cll.ElseLevel()],
-        comparison_description=f"{name}: exact token (same date-of-birth context)",
+        comparison_levels=[_context_null(column, True, place), cll.ExactMatchLevel(column), cll.ElseLevel()],
+        comparison_description=f"{name}: exact token (same date-of-birth context{' and postcode' if place else ''})",
     )
 
 
@@ -372,7 +362,7 @@ def model_settings(dialect: str = "duckdb", probability_two_random_records_match
             address_comparison(dialect),
             exact_level("nino_tok", "nino"),
             exact_level("upn_tok", "upn"),
-            _sex_in_place() if context else exact_level("sex_tok", "sex"),
+            _context_exact("sex_tok", "sex", place=True) if context else exact_level("sex_tok", "sex"),
             (_context_exact("mn_initial_tok", "middle_initial") if context
              else exact_level("mn_initial_tok", "middle_initial")),
         ],

@@ -167,13 +167,6 @@ def _trained_settings(model: Path | str, dialect: str) -> dict:
     return settings
 
 
-def _measured_u(ws: Workspace) -> dict | None:
-    try:
-        return json.loads((ws.zone("pseudonymised") / "metadata.json").read_text()).get("context_u")
-    except (OSError, ValueError):
-        return None
-
-
 def context_u(settings: dict, measured: dict | None) -> list[str]:
     """Set the u of the context-keyed comparisons' levels to the pseudonymiser's measurement, in place.
 
@@ -460,7 +453,7 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
     """
     from linkage.keys import load_master_key
     from linkage.link.stable_keys import household_keys, person_keys
-    from linkage.pseudonymise.store import load_zone
+    from linkage.pseudonymise.store import load_zone, zone_metadata
 
     ws = Workspace(workspace)
     identifiers = ws.zone("pseudonymised") / "identifiers"
@@ -486,7 +479,8 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
         summary["identities_seconds"] = round(time.perf_counter() - t0, 1)
         t = time.perf_counter()
         try:
-            summary.update(train_and_predict(config, con, tmp, out, use, _measured_u(ws)))
+            summary.update(train_and_predict(config, con, tmp, out, use,
+                                             zone_metadata(ws.zone("pseudonymised")).get("context_u")))
         finally:
             if config.link.engine == "spark":
                 from linkage.link.spark import release_spark

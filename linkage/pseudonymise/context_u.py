@@ -19,42 +19,32 @@ levels and estimates m by EM as before.
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 import duckdb
 import pyarrow as pa
 
-from linkage.db import quote_literal, read_literal
+from linkage.db import quote_ident, quote_literal, read_literal
 
-__all__ = ["SAMPLE_ROWS", "measure_context_u"]
+__all__ = ["SAMPLE_ROWS", "measure_context_u", "sample_sql"]
 
 SAMPLE_ROWS = 1_500         # 1,124,250 pairs, as many as the link stage samples for u (u_max_pairs)
 _SHARED_DATE = dt.date(2000, 1, 1)   # every sampled row is encoded in this one date's context
 
 
-def _sample_sql(plans, roles: tuple[str, ...], seed: int) -> str | None:
+def sample_sql(plans, roles: tuple[str, ...], seed: int) -> str | None:
     """The sampled rows: one column per role (NULL where a source lacks it), in a seeded hashed order."""
     parts = []
     for p in plans:
         if not any(r in p.role_column for r in roles):
             continue
-        cols = ", ".join(f"CAST(s.\"{p.role_column[r]}\" AS VARCHAR) AS \"{r}\"" if r in p.role_column
-                         else f"CAST(NULL AS VARCHAR) AS \"{r}\"" for r in roles)
+        cols = ", ".join(f"CAST(s.{quote_ident(p.role_column[r])} AS VARCHAR) AS {quote_ident(r)}" if r in p.role_column
+                         else f"CAST(NULL AS VARCHAR) AS {quote_ident(r)}" for r in roles)
         parts.append(f"SELECT {cols}, hash({quote_literal(p.name)}, s.file_row_number, {int(seed)}) AS h "
                      f"FROM read_parquet({read_literal(p.path)}, file_row_number = true) s")
     if not parts:
         return None
     return f"SELECT * EXCLUDE (h) FROM ({' UNION ALL '.join(parts)}) ORDER BY h LIMIT {SAMPLE_ROWS}"
-
-
-def _level_case(levels: list[dict]) -> str:
-    """SQL: the index of the first level whose condition holds (0 for the null level)."""
-    whens = []
-    for i, lv in enumerate(levels):
-        cond = lv["sql_condition"]
-        if cond.strip().upper() == "ELSE":
-            return f"CASE {' '.join(whens)} ELSE {i} END"
-        whens.append(f"WHEN {cond} THEN {i}")
-    return f"CASE {' '.join(whens)} END"
 
 
 def measure_context_u(con: duckdb.DuckDBPyConnection, plans, context, seed: int) -> dict:
@@ -68,10 +58,11 @@ def measure_context_u(con: duckdb.DuckDBPyConnection, plans, context, seed: int)
 
     A level no sampled pair shows is left out (the link stage keeps its sampled u, floored).
     """
+    from linkage.link.drift import level_case_sql
     from linkage.link.model import CONTEXT_COMPARISONS, model_settings
     from linkage.pseudonymise.stage import CONTEXT_ROLES
 
-    sql = _sample_sql(plans, (*CONTEXT_ROLES, "sex"), seed)
+    sql = sample_sql(plans, (*CONTEXT_ROLES, "sex"), seed)
     if sql is None:
         return {"pairs": 0, "comparisons": {}}
     sample = con.sql(sql).to_arrow_table()
@@ -107,17 +98,17 @@ def measure_context_u(con: duckdb.DuckDBPyConnection, plans, context, seed: int)
                  and {c_[:-2] for lv in c["comparison_levels"] for c_ in _columns(lv["sql_condition"])} <= set(names)]
         out: dict[str, dict[str, float]] = {}
         if comps:
-            # every comparison's level of every pair, in one pass over the pairs
-            cases = ", ".join(f"{_level_case(c['comparison_levels'])} AS c{k}" for k, c in enumerate(comps))
+            # every comparison's level (its label, as the drift profile names it) of every pair, in one pass
+            cases = ", ".join(f"{level_case_sql(c)} AS c{k}" for k, c in enumerate(comps))
             con.execute(f"""CREATE OR REPLACE TEMP TABLE __context_u_levels AS SELECT {cases}
                             FROM (SELECT {pairs} FROM __context_u l JOIN __context_u r ON l.i < r.i)""")
             for k, comp in enumerate(comps):
-                levels = comp["comparison_levels"]
-                counts = dict(con.execute(f"SELECT c{k}, count(*) FROM __context_u_levels GROUP BY 1").fetchall())
-                total = sum(v for lvl, v in counts.items() if lvl)
+                null = {lv["label_for_charts"] for lv in comp["comparison_levels"] if lv.get("is_null_level")}
+                counts = {label: n for label, n in con.execute(
+                    f"SELECT c{k}, count(*) FROM __context_u_levels GROUP BY 1").fetchall() if label not in null}
+                total = sum(counts.values())
                 if total:
-                    out[comp["output_column_name"]] = {levels[lvl]["label_for_charts"]: v / total
-                                                       for lvl, v in sorted(counts.items()) if lvl}
+                    out[comp["output_column_name"]] = {label: n / total for label, n in sorted(counts.items())}
     finally:
         con.execute("DROP TABLE IF EXISTS __context_u; DROP TABLE IF EXISTS __context_u_levels")
         con.unregister("__context_u_sample")
@@ -125,6 +116,4 @@ def measure_context_u(con: duckdb.DuckDBPyConnection, plans, context, seed: int)
 
 
 def _columns(sql: str) -> set[str]:
-    import re
-
     return set(re.findall(r"\b(\w+_[lr])\b", sql))

@@ -7,11 +7,12 @@ only if they draw the same nonce (about 1 in 10^5 at 21 million records), so a s
 says nothing; without the subkey its 8 code bytes are a one-time pad. Keystreams of all records
 are computed in one AES call (:func:`keystreams`); the XOR runs in DuckDB (:func:`seal_sql`).
 
-Example:
+Example (the seal the pseudonymiser builds in SQL, built here by hand):
     >>> import os
-    >>> subkey = os.urandom(32)
-    >>> unseal(subkey, seal(subkey, ["M", None, "F"]))
-    ['M', None, 'F']
+    >>> subkey, nonce = os.urandom(32), nonces(1)
+    >>> sealed = nonce + (code_int("M") ^ int(keystreams(subkey, nonce)[0])).to_bytes(CODE_BYTES, "big")
+    >>> unseal(subkey, [sealed, None])
+    ['M', None]
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-__all__ = ["SEAL_SUBKEY", "code_int", "keystreams", "nonces", "seal", "seal_sql", "unseal", "unseal_codes"]
+__all__ = ["SEAL_SUBKEY", "aes_block_words", "code_int", "keystreams", "nonces", "seal_sql", "unseal", "unseal_codes"]
 
 SEAL_SUBKEY = "seal:sex"
 NONCE_BYTES = 8
@@ -35,15 +36,22 @@ def nonces(n: int) -> bytes:
     return secrets.token_bytes(NONCE_BYTES * n)
 
 
+def aes_block_words(key: bytes, blocks: bytes) -> np.ndarray:
+    """The first 8 bytes (big-endian uint64) of AES-256 of each 16-byte block, all blocks in one call.
+
+    ECB on purpose: every block is distinct random data (a nonce, a record token), so no
+    pattern repeats; the row order and the seals use it as a keyed pseudorandom function.
+    """
+    enc = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+    return np.frombuffer(enc.update(blocks) + enc.finalize(), dtype=">u8").reshape(-1, 2)[:, 0].astype(np.uint64)
+
+
 def keystreams(subkey: bytes, raw_nonces: bytes) -> np.ndarray:
-    """The 8-byte keystream of each nonce as uint64 (big-endian): AES-256-ECB of the nonce zero-padded."""
+    """The 8-byte keystream of each nonce as uint64: AES-256 of the nonce zero-padded to a block."""
     n = len(raw_nonces) // NONCE_BYTES
     blocks = np.zeros((n, 16), dtype=np.uint8)
     blocks[:, :NONCE_BYTES] = np.frombuffer(raw_nonces, dtype=np.uint8).reshape(n, NONCE_BYTES)
-    # ECB is right here: each block is a fresh random nonce, and the output is used as a pad
-    enc = Cipher(algorithms.AES(subkey), modes.ECB()).encryptor()
-    out = np.frombuffer(enc.update(blocks.tobytes()) + enc.finalize(), dtype=">u8").reshape(n, 2)[:, 0]
-    return out.astype(np.uint64)
+    return aes_block_words(subkey, blocks.tobytes())
 
 
 def code_int(code: str | None) -> int | None:
@@ -62,18 +70,6 @@ def seal_sql(code: str, nonce: str, keystream: str) -> str:
     NULL when the code is NULL.
     """
     return f"({nonce} || unhex(lpad(hex(xor({code}, {keystream})), {2 * CODE_BYTES}, '0')))"
-
-
-def seal(subkey: bytes, codes: Sequence[str | None]) -> pa.Array:
-    """The seal of each code, in Python (the pseudonymiser computes the same in SQL): for tests and tools."""
-    raw = nonces(len(codes))
-    pads = keystreams(subkey, raw)
-    out = []
-    for i, c in enumerate(codes):
-        v = code_int(c)
-        out.append(None if v is None else raw[i * NONCE_BYTES:(i + 1) * NONCE_BYTES]
-                   + (v ^ int(pads[i])).to_bytes(CODE_BYTES, "big"))
-    return pa.array(out, pa.binary())
 
 
 def unseal_codes(subkey: bytes, seals: pa.Array | pa.ChunkedArray) -> pa.Array:

@@ -49,7 +49,6 @@ from pathlib import Path
 import duckdb
 import jellyfish
 from cryptography.hazmat.primitives import hashes, hmac
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -62,12 +61,13 @@ from linkage.encodings import (CONTEXT_SEPARATOR, TOKEN_BYTES, BloomEncoder, Blo
 from linkage.errors import HhlinkError, SchemaError, WorkspaceError
 from linkage.keys import MasterKey, load_master_key
 from linkage.pseudonymise.context_u import measure_context_u
-from linkage.pseudonymise.seal import NONCE_BYTES, SEAL_SUBKEY, code_int, keystreams, nonces, seal_sql
-from linkage.pseudonymise.store import write_encrypted
+from linkage.pseudonymise.seal import (NONCE_BYTES, SEAL_SUBKEY, aes_block_words, code_int, keystreams, nonces,
+                                      seal_sql)
+from linkage.pseudonymise.store import write_encrypted, zone_metadata
 from linkage.schemas import SOURCES, Schema, load_schema
 from linkage.workspace import Workspace, carry_file
 
-__all__ = ["IDENTIFIER_COLUMNS", "PseudonymiseError", "pseudonymise", "bloom_params"]
+__all__ = ["IDENTIFIER_COLUMNS", "PseudonymiseError", "pseudonymise", "bloom_params", "plan_sources"]
 
 log = logging.getLogger(__name__)
 
@@ -428,14 +428,14 @@ class ContextEncoders:
 
     def _name_dates(self, values: list[list], dobs: list) -> dict[str, list]:
         forenames, surnames = (_mapped(lambda vs: [_norm_name(v) for v in vs], column) for column in values)
-        names = [f"{f}\x1f{s}" if f and s else None for f, s in zip(forenames, surnames)]
+        names = [f"{f}{CONTEXT_SEPARATOR}{s}" if f and s else None for f, s in zip(forenames, surnames)]
         out = {}
         for column, parts in NAME_DATE_PARTS.items():
-            dates = _mapped(lambda ds, parts=parts: ["\x1f".join(_DATE_PART[p].format(getattr(d, p)) for p in parts)
-                                                     for d in ds],
-                            dobs)
+            def date_parts(ds, parts=parts):
+                return [CONTEXT_SEPARATOR.join(_DATE_PART[p].format(getattr(d, p)) for p in parts) for d in ds]
+            dates = _mapped(date_parts, dobs)
             out[column] = self.coder.tok(column[:-4]).many(
-                [None if n is None else f"{n}\x1f{d}" for n, d in zip(names, dates)])
+                [None if n is None else f"{n}{CONTEXT_SEPARATOR}{d}" for n, d in zip(names, dates)])
         return out
 
 
@@ -495,6 +495,13 @@ def _plan_source(source: str, path: Path, schema: Schema, cfg: PseudonymiseConfi
 
 
 # -- SQL builders ------------------------------------------------------------------------------
+
+def plan_sources(config: Config, staged: Path) -> list[Source]:
+    """The staged sources present in ``staged`` with their schemas and roles (what pseudonymise encodes)."""
+    schemas_dir = config.paths.resolve(config.paths.schemas)
+    return [_plan_source(s, staged / f"{s}.parquet", load_schema(s, schemas_dir), config.pseudonymise)
+            for s in SOURCES if (staged / f"{s}.parquet").exists()]
+
 
 def _key_sql(column: str, enc: _Encoder, alias: str = "s") -> str:
     """The staged column as the type its dictionary is keyed on (VARCHAR, or DATE for dates of birth)."""
@@ -561,27 +568,33 @@ def identifiers_sql(plan: Source, encoders: dict[str, _Encoder], link_refs: dict
     return f"SELECT {', '.join(select)} {_rows_sql(plan, joins, order)}"
 
 
-def _context_join_sql(plan: Source, enc: _ContextEncoder) -> str | None:
-    """The join condition of a context dictionary: its values and the date of birth (NULL matching NULL)."""
+def _context_columns(plan: Source, enc: _ContextEncoder, alias: str = "") -> tuple[list[str], str] | None:
+    """The staged columns of ``enc``'s roles in ``plan`` (quoted) and its date of birth as SQL, or None to skip it."""
     columns = [plan.role_column.get(r) for r in enc.roles]
     dob = plan.role_column.get("dob")
     if None in columns or (dob is None and enc.dob_required):
         return None
-    on = [f"{enc.name}.v{i} = CAST(s.{quote_ident(c)} AS VARCHAR)" for i, c in enumerate(columns)]
-    d = f"CAST(s.{quote_ident(dob)} AS DATE)" if dob else "CAST(NULL AS DATE)"
-    return " AND ".join([*on, f"{enc.name}.d IS NOT DISTINCT FROM {d}"])
+    return ([alias + quote_ident(c) for c in columns],
+            f"CAST({alias}{quote_ident(dob)} AS DATE)" if dob else "CAST(NULL AS DATE)")
+
+
+def _context_join_sql(plan: Source, enc: _ContextEncoder) -> str | None:
+    """The join condition of a context dictionary: its values and the date of birth (NULL matching NULL)."""
+    if (found := _context_columns(plan, enc, "s.")) is None:
+        return None
+    columns, dob = found
+    on = [f"{enc.name}.v{i} = CAST({c} AS VARCHAR)" for i, c in enumerate(columns)]
+    return " AND ".join([*on, f"{enc.name}.d IS NOT DISTINCT FROM {dob}"])
 
 
 def _distinct_context_sql(plans: list[Source], enc: _ContextEncoder) -> str | None:
     parts = []
     for p in plans:
-        columns = [p.role_column.get(r) for r in enc.roles]
-        dob = p.role_column.get("dob")
-        if None in columns or (dob is None and enc.dob_required):
+        if (found := _context_columns(p, enc)) is None:
             continue
-        values = ", ".join(f"CAST({quote_ident(c)} AS VARCHAR) AS v{i}" for i, c in enumerate(columns))
-        d = f"CAST({quote_ident(dob)} AS DATE)" if dob else "CAST(NULL AS DATE)"
-        parts.append(f"SELECT {values}, {d} AS d FROM read_parquet({read_literal(p.path)})")
+        columns, dob = found
+        values = ", ".join(f"CAST({c} AS VARCHAR) AS v{i}" for i, c in enumerate(columns))
+        parts.append(f"SELECT {values}, {dob} AS d FROM read_parquet({read_literal(p.path)})")
     if not parts:
         return None
     where = [f"v{i} IS NOT NULL AND trim(v{i}) <> ''" for i in range(len(enc.roles))]
@@ -654,10 +667,7 @@ def _record_tokens(n: int, order_key: bytes | None = None, seal_key: bytes | Non
         for column, domain in ROW_ORDERS.values():
             mac = hmac.HMAC(order_key, hashes.SHA256())
             mac.update(domain.encode("ascii"))
-            # ECB is right here: each block is a distinct random token, and only the order is kept
-            enc = Cipher(algorithms.AES(mac.finalize()), modes.ECB()).encryptor()
-            blocks = np.frombuffer(enc.update(raw) + enc.finalize(), dtype=">u8").reshape(-1, 2)[:, 0]
-            columns[column] = pa.array((blocks >> np.uint64(1)).astype(np.int64))
+            columns[column] = pa.array((aes_block_words(mac.finalize(), raw) >> np.uint64(1)).astype(np.int64))
     if seal_key is not None:
         raw_nonces = nonces(n)
         columns["sex_nonce"] = pa.FixedSizeBinaryArray.from_buffers(
@@ -736,21 +746,6 @@ def _crosswalk_batches(con, plans: list[Source]) -> Iterator[pa.RecordBatch]:
             raise PseudonymiseError(f"{plan.name}: crosswalk query failed ({exc.__class__.__name__})") from exc
         for batch in reader:
             yield batch.cast(_CROSSWALK_SCHEMA)
-
-
-def _previous_context_u(zone: Path) -> dict | None:
-    """The previous zone's measured u of the context-keyed levels (an increment keeps them)."""
-    try:
-        return json.loads((zone / "metadata.json").read_text()).get("context_u")
-    except (OSError, ValueError):
-        return None
-
-
-def _previous_fingerprint(zone: Path) -> str | None:
-    try:
-        return json.loads((zone / "metadata.json").read_text()).get("key_fingerprint")
-    except (OSError, ValueError):
-        return None
 
 
 def settings_digest(cfg: PseudonymiseConfig, schemas: dict[str, Schema]) -> str:
@@ -918,13 +913,12 @@ def pseudonymise(config: Config, workspace: Path | str, key: MasterKey | None = 
     # the key first: a missing or unusable key must stop the run before anything is written
     key = key if key is not None else load_master_key(workspace=ws.root)
     ws.ensure()
-    schemas_dir = config.paths.resolve(config.paths.schemas)
-    schemas = {s: load_schema(s, schemas_dir) for s in SOURCES if (staged / f"{s}.parquet").exists()}
-    plans = [_plan_source(s, staged / f"{s}.parquet", schema, cfg) for s, schema in schemas.items()]
+    plans = plan_sources(config, staged)
+    schemas = {p.name: p.schema for p in plans}
     if not plans:
         raise WorkspaceError(f"{staged}: no staged source files ({', '.join(s + '.parquet' for s in SOURCES)})")
     digest = settings_digest(cfg, schemas)
-    previous = _previous_fingerprint(ws.zone("pseudonymised"))
+    previous = zone_metadata(ws.zone("pseudonymised")).get("key_fingerprint")
     if previous and previous != key.fingerprint:
         log.warning("re-pseudonymising under a different key (was %s, now %s): zones built on the old "
                     "pseudonymised/ no longer match it", previous, key.fingerprint)
@@ -956,7 +950,7 @@ def pseudonymise(config: Config, workspace: Path | str, key: MasterKey | None = 
         distinct = build_dictionaries(con, work, encoders)
         seconds["encode_distinct"] = time.perf_counter() - t
         t = time.perf_counter()
-        context_u = _previous_context_u(ws.zone("pseudonymised")) if increment else None
+        context_u = zone_metadata(ws.zone("pseudonymised")).get("context_u") if increment else None
         if context_u is None:   # the u of the context-keyed levels, from a sample in one context
             context_u = measure_context_u(con, plans, context, config.link.seed)
         seconds["context_u"] = time.perf_counter() - t

@@ -63,7 +63,7 @@ from linkage.workspace import Workspace
 __all__ = ["ZONES", "ZoneKey", "EncryptedZoneError", "zone_key", "write_encrypted", "read_encrypted",
            "read_encrypted_schema", "batches_encrypted", "is_encrypted", "zone_files", "read_zone", "read_identifiers",
            "read_payload", "register", "load_zone", "research_zone", "research_key", "research_project", "write_research",
-           "read_research", "register_research"]
+           "read_research", "register_research", "zone_metadata"]
 
 ZONES = ("identifiers", "payload")
 _RESEARCH = "research:"
@@ -415,3 +415,12 @@ def register_research(con, workspace: Path | str, key: MasterKey | ZoneKey, tabl
         con.register(name, read_research(workspace, key, table))
         names.append(name)
     return names
+
+
+def zone_metadata(zone: Path | str) -> dict:
+    """A zone's ``metadata.json`` (kept in clear: counts, settings, fingerprints), ``{}`` if it has none."""
+    try:
+        meta = json.loads((Path(zone) / "metadata.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
