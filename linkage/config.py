@@ -235,6 +235,10 @@ class PseudonymiseConfig(_Section):
         hardening: how filters are hardened against frequency and pattern-mining attacks:
             ``xor_fold`` (the filter is built twice as long and its halves XORed),
             ``balance`` (complement appended, keyed permutation) or ``none``.
+        level_weight: after hardening, set or clear a few bits in a keyed order so that every
+            stored filter has exactly half its bits set: a filter's weight (bits set) is the one
+            thing the per-context permutation of its bits cannot hide, and it follows the
+            value's length (docs/privacy.md, "Filter weight").
         phonetic: the phonetic code tokenised in ``fn_phon_tok``/``sn_phon_tok``:
             ``metaphone`` (original Metaphone, jellyfish), ``nysiis`` or ``soundex``.
         references: attribute columns that point back to a department's record, never
@@ -280,6 +284,7 @@ class PseudonymiseConfig(_Section):
     address_bits: int = Field(1024, ge=64, le=8192, multiple_of=64)
     address_hashes: int = Field(89, ge=1, le=2000)
     hardening: Literal["xor_fold", "balance", "none"] = "xor_fold"
+    level_weight: bool = True
     phonetic: Literal["metaphone", "nysiis", "soundex"] = "metaphone"
     references: dict[str, str] = Field(
         default_factory=lambda: {"claim_id": "claim_tok", "employer_ref": "employer_tok"})

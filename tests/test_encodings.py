@@ -111,6 +111,43 @@ def test_filter_is_or_of_qgram_positions_then_hardened(value):
     assert sorted(balanced._perm.tolist()) == list(range(512))
 
 
+@pytest.mark.parametrize("hardening", ["xor_fold", "none"])
+def test_levelled_filter_is_the_hardened_one_with_the_fewest_bits_changed_to_half_weight(hardening):
+    # oracle written from the definition: positions in the keyed order; a light filter gets its
+    # first unset ones set, a heavy one its last set ones cleared, until exactly half are set
+    k = 20 if hardening == "none" else 80
+    plain = BloomEncoder(KEY, BloomParams(512, k, hardening=hardening))
+    levelled = BloomEncoder(KEY, BloomParams(512, k, hardening=hardening, level=True))
+    order = levelled._order
+    assert sorted(order.tolist()) == list(range(512))
+    changed = []
+    for value in ["AL", "ANN", "SMITH", "JONATHAN", "BARTHOLOMEW", "O'BRIEN-JONES", "97 STATION GREEN ROAD"]:
+        before = np.unpackbits(np.frombuffer(plain.encode(value), dtype=np.uint8))
+        expected = before.copy()
+        weight = int(before.sum())
+        if weight < 256:
+            expected[[p for p in order if before[p] == 0][:256 - weight]] = 1
+        elif weight > 256:
+            expected[[p for p in order if before[p] == 1][-(weight - 256):]] = 0
+        out = np.unpackbits(np.frombuffer(levelled.encode(value), dtype=np.uint8))
+        assert out.sum() == 256
+        assert (out == expected).all(), value
+        changed.append(abs(weight - 256))
+    assert max(changed) > 0        # the values above do need levelling: the test is not vacuous
+
+
+def test_levelling_keeps_equal_values_equal_and_similar_ones_similar():
+    enc = _default_encoder()
+    assert enc.params.level and enc.params.hardening == "xor_fold"      # the shipped default
+    weights = {int.from_bytes(enc.encode(v), "big").bit_count() for v in ["AL", "JO", "BARTHOLOMEW", "ELIZABETH"]}
+    assert weights == {enc.params.bits // 2}
+    assert enc.encode("JONATHAN") == _default_encoder().encode("JONATHAN")
+    assert dice(enc.encode("JONATHAN"), enc.encode("JONATHON")) > 0.7
+    assert dice(enc.encode("JONATHAN"), enc.encode("PRIYA")) < 0.6
+    # the order is keyed: another key levels other positions
+    assert not (enc._order == _default_encoder(OTHER)._order).all()
+
+
 def test_hand_worked_dice_equals_bigram_dice_when_positions_do_not_collide():
     # SMITH: _S SM MI IT TH H_   SMYTH: _S SM MY YT TH H_   -> 4 shared of 6 + 6: Dice 8/12
     enc = BloomEncoder(KEY, BloomParams(8192, 2, hardening="none"))

@@ -149,9 +149,9 @@ def _phonetic(v: str, algorithm: str) -> str | None:
 
 def bloom_params(cfg: PseudonymiseConfig) -> dict[str, BloomParams]:
     """The Bloom-filter parameters of ``fn_bf``, ``sn_bf`` and ``addr_bf`` from the config."""
-    name = BloomParams(cfg.name_bits, cfg.name_hashes, cfg.q, cfg.hardening)
+    name = BloomParams(cfg.name_bits, cfg.name_hashes, cfg.q, cfg.hardening, cfg.level_weight)
     return {"fn_bf": name, "sn_bf": name,
-            "addr_bf": BloomParams(cfg.address_bits, cfg.address_hashes, cfg.q, cfg.hardening)}
+            "addr_bf": BloomParams(cfg.address_bits, cfg.address_hashes, cfg.q, cfg.hardening, cfg.level_weight)}
 
 
 def _mapped(fn: Callable[[Sequence[str]], list], values: Sequence[str | None]) -> list:
@@ -288,7 +288,9 @@ class Encoders:
 CONTEXT_ROLES = ("first_name", "surname", "middle_names")
 # in the settings digest: a zone encoded before names were context-keyed (or sex sealed) is never
 # carried into one after
-ENCODING_VERSION = "dobc-context-3-sex-seal-place"
+ENCODING_VERSION = "dobc-context-4-no-date-parts"
+# the date-of-birth tokens the zone holds (``link-files`` also has the day, month and swap tokens)
+ZONE_DOB_COLUMNS = ("dob_tok", "dob_year_tok")
 _CONTEXT_COLUMNS = {"first_name": ("fn_tok", "fn_initial_tok", "fn_phon_tok", "fn_bf"),
                     "surname": ("sn_tok", "sn_phon_tok", "sn_bf", "sn_swap_bf"),
                     "middle_names": ("mn_initial_tok",)}
@@ -342,12 +344,14 @@ class ContextEncoders:
     def for_role(self, role: str) -> _Encoder | _ContextEncoder | None:
         """The encoder of a staged role in the pseudonymised zone (context-keyed where the contract says)."""
         if role == "dob":
+            # the full date, its year and its context only: no day, month or swapped-date token, whose
+            # few values the calendar names (ZONE_DOB_COLUMNS; the columns stay in the contract, NULL)
             base = self.coder.for_role("dob")
 
             def encode(values):
                 dobc = self.coder.tok("dobc").many([dob_context(d) for d in values])
-                return {**base.encode(values), "dobc_tok": dobc}
-            return _Encoder(base.name, (*base.columns, "dobc_tok"), base.value_type, encode)
+                return {**{c: v for c, v in base.encode(values).items() if c in ZONE_DOB_COLUMNS}, "dobc_tok": dobc}
+            return _Encoder(base.name, (*ZONE_DOB_COLUMNS, "dobc_tok"), base.value_type, encode)
         if role == "first_name":
             return _ContextEncoder("c_first_name", (role,), _CONTEXT_COLUMNS[role],
                                    lambda vs, ds: self._name(vs[0], ds, "fn", initial=True))
