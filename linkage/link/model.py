@@ -230,7 +230,33 @@ def _context_exact(column: str, name: str, place: bool = False) -> cl.CustomComp
     )
 
 
-def _dob_comparison() -> cl.CustomComparison:
+def _dob_comparison(context: bool = True) -> cl.CustomComparison:
+    """Date of birth. On the zone's encodings (``context``) there are no day or month tokens
+    (a twelve- or thirty-one-valued token, with the calendar's structure, names its values: 2.50%
+    of full dates for a holder of the identifiers subkey, ``bench/privacy.py``): a swap is the same
+    date context (``dobc_tok``) with another date, a mistyped year shows through the names' token
+    of month and day (``name_md_tok``, between records of one name), and a mistyped day or month
+    is "same year", whose m is trained."""
+    if context:
+        return cl.CustomComparison(
+            output_column_name="dob",
+            comparison_levels=[
+                cll.NullLevel("dob_tok"),
+                cll.ExactMatchLevel("dob_tok"),
+                cll.CustomLevel("dobc_tok_l = dobc_tok_r", label_for_charts="day and month swapped"),
+                # a mistyped year: the day and month equal through the names' token of them
+                # (a name with its month and day; different names cannot show it)
+                cll.CustomLevel("name_md_tok_l = name_md_tok_r and abs(birth_year_l - birth_year_r) = 1",
+                                label_for_charts="same day and month, year one apart"),
+                # a mistyped day or month (no token tells which): trained, as EM sees them among
+                # pairs of one NINO
+                cll.CustomLevel("dob_year_tok_l = dob_year_tok_r", label_for_charts="same year"),
+                cll.CustomLevel("abs(birth_year_l - birth_year_r) >= 15",
+                                label_for_charts="born 15 or more years apart"),
+                cll.ElseLevel(),
+            ],
+            comparison_description="date of birth: exact, swapped day/month (same date context), same year",
+        )
     return cl.CustomComparison(
         output_column_name="dob",
         comparison_levels=[
@@ -357,7 +383,7 @@ def model_settings(dialect: str = "duckdb", probability_two_random_records_match
             _name_comparison("forename", "fn", dialect, initial=True, context=context),
             _name_comparison("surname", "sn", dialect, initial=False, context=context),
             *([_partial_date_names_comparison()] if context else []),
-            _dob_comparison(),
+            _dob_comparison(context),
             _postcode_comparison(dialect),
             address_comparison(dialect),
             exact_level("nino_tok", "nino"),
