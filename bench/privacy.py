@@ -48,12 +48,20 @@ blind guess standing in where the attack names nothing) minus records the field'
 gets right, so a coin flip on sex or the commonest forename is not a re-identification. The attacks read
 whichever encodings the workspace has: today's per-value ones or the context-keyed ones of issue 16.
 
+Three views, one workspace, one run (``--view all``): keyless; a linkage operator holding the
+identifiers subkey only (the tokens and filters a PPRL linkage unit is given, no payload and no
+research extract: every attack that needs the payload finds it empty); and every zone subkey but
+the master key (the residual of a key leak). The public FEBRL files are linked in the same run
+(:func:`bench.public.measure`, hhlink and the cleartext Splink reference), so the linkage
+figures on public data sit beside the attacks on the encodings built the same way.
+
 ``research/`` is encrypted at rest under a per-project subkey (``zone:research:<project>``):
 the keyless view reads none of it; the zone-keys view gives the attacker the research
 subkeys of two projects as well, the residual risk of the cross-project joins.
 
 Usage:
-    python -m bench.privacy WORKSPACE --key-file KEY [--view both|keyless|zone-keys] [--label before]
+    python -m bench.privacy WORKSPACE --key-file KEY [--view all|keyless|operator|zone-keys] [--label before]
+        [--public | --no-public]
         [--results DIR]
 """
 
@@ -127,9 +135,12 @@ NAME_DATE_TOKENS = {"name_ym_tok": "name + year and month of birth", "name_yd_to
                     "name_md_tok": "name + month and day of birth"}
 
 
-def _load(con, ws: Path, ids_key, pay_key) -> list[str]:
-    """The zones as a holder of the two zone subkeys (not the master key) reads them, in file order.
-    Returns the identifier columns read (``ID_COLUMNS`` and the ``OPTIONAL_COLUMNS`` the files have)."""
+def _load(con, ws: Path, ids_key, pay_key, payload_held: bool = True) -> list[str]:
+    """The zones as a holder of the zone subkeys (not the master key) reads them, in file order.
+    Returns the identifier columns read (``ID_COLUMNS`` and the ``OPTIONAL_COLUMNS`` the files have).
+
+    Without ``payload_held`` the ``pay_<source>`` tables are empty (the bench reads their columns
+    only, so the attacks' SQL runs): every attack that needs the payload finds nothing."""
     from linkage.pseudonymise.store import read_encrypted, read_encrypted_schema
 
     held = set(read_encrypted_schema(ws / "pseudonymised" / "identifiers" / f"{SOURCES[0]}.parquet",
@@ -144,7 +155,8 @@ def _load(con, ws: Path, ids_key, pay_key) -> list[str]:
         parts.append(f"SELECT row_number() OVER () - 1 AS pos, * REPLACE ({as_hex}){stand_in} FROM ids_{s}_arrow")
         con.register(f"pay_{s}_arrow", read_encrypted(ws / "pseudonymised" / "payload" / f"{s}.parquet",
                                                       pay_key, "payload"))
-        con.execute(f"CREATE TABLE pay_{s} AS SELECT row_number() OVER () - 1 AS pos, * FROM pay_{s}_arrow")
+        con.execute(f"CREATE TABLE pay_{s} AS SELECT row_number() OVER () - 1 AS pos, * FROM pay_{s}_arrow"
+                    + ("" if payload_held else " LIMIT 0"))
     con.execute(f"CREATE TABLE ids AS {' UNION ALL '.join(parts)}")
     # pseudo-persons: records agreeing on name, date of birth and sex tokens (no key needed)
     con.execute("""CREATE TABLE pp AS SELECT *, row_number() OVER (ORDER BY fn_tok, sn_tok, dob_tok, sex_tok) AS ppid
@@ -396,7 +408,8 @@ def bloom_params(ws: Path, column: str):
     from linkage.pseudonymise.store import zone_metadata
 
     meta = zone_metadata(ws / "pseudonymised")["bloom_filters"][column]
-    return BloomParams(bits=meta["bits"], hashes=meta["hashes"], q=meta["q"], hardening=meta["hardening"])
+    return BloomParams(bits=meta["bits"], hashes=meta["hashes"], q=meta["q"], hardening=meta["hardening"],
+                       level=meta.get("level_weight", False))
 
 
 def attack_bloom_weight(con, column: str, prior: pd.Series, params, rng, keys: int = 8,
@@ -537,55 +550,65 @@ def attack_surname(con, sur: pd.DataFrame) -> dict[str, str]:
     return _assign(obs[obs["n"] >= 2], exp, weight=2.0)
 
 
-def attack_dob(con, rng) -> dict[tuple[str, str], tuple[int, int]]:
-    """(dob_month_tok, dob_day_tok) -> (month, day) from the swap structure and the calendar.
+def dob_structure(con) -> dict:
+    """What :func:`attack_dob` reads from the zones, in one pass: each random draw reuses it.
 
-    dob_swap_tok is NULL exactly when the day is over 12, so day tokens split into 1-12 and
-    13-31; a row whose dob_swap_tok equals its dob_tok has day = month, which pairs each day
-    token of 1-12 with the month token of the same number; the three rarest day tokens of
-    13-31 are 31, 30, 29; the month tokens never seen with day 31 are the 30-day months and
-    February (never with 30); the education payload's year group splits September-December
-    births from January-August ones. Within what stays indistinguishable, a seeded random pick.
-    """
+    Day tokens split into 1-12 and 13-31 (``dob_swap_tok`` is NULL exactly when the day is over
+    12); the three rarest of 13-31 are 31, 30, 29; a row whose ``dob_swap_tok`` equals its
+    ``dob_tok`` has day = month, pairing a day token of 1-12 with a month token; per month token,
+    its records on days 31 and 30 and the education payload's year-group offset."""
     days = con.execute("""SELECT dob_day_tok, count(*) FILTER (WHERE dob_swap_tok IS NULL) AS hi,
                           count(DISTINCT dob_tok) AS n FROM ids WHERE dob_tok IS NOT NULL GROUP BY 1 ORDER BY 1""").df()
     pair = dict(con.execute("""SELECT dob_day_tok, mode(dob_month_tok) FROM ids
                                WHERE dob_tok = dob_swap_tok GROUP BY 1""").fetchall())
     low = days[days["hi"] == 0]["dob_day_tok"].tolist()
     high = days[days["hi"] > 0].sort_values(["n", "dob_day_tok"])["dob_day_tok"].tolist()
-    day_of = dict(zip(high[:3], (31, 30, 29)))
-    rest = list(range(13, 29))
-    rng.shuffle(rest)
-    day_of.update(zip(high[3:], rest))
-    d31 = [t for t, d in day_of.items() if d == 31]
-    d30 = [t for t, d in day_of.items() if d == 30]
+    known = dict(zip(high[:3], (31, 30, 29)))
+    tokens = {d: [t for t, v in known.items() if v == d] for d in (31, 30)}
     months = con.execute(f"""SELECT i.dob_month_tok,
-            count(*) FILTER (WHERE i.dob_day_tok IN ({','.join(f"'{t}'" for t in d31) or "''"})) AS n31,
-            count(*) FILTER (WHERE i.dob_day_tok IN ({','.join(f"'{t}'" for t in d30) or "''"})) AS n30,
+            count(*) FILTER (WHERE i.dob_day_tok IN ({','.join(f"'{t}'" for t in tokens[31]) or "''"})) AS n31,
+            count(*) FILTER (WHERE i.dob_day_tok IN ({','.join(f"'{t}'" for t in tokens[30]) or "''"})) AS n30,
             avg(CASE WHEN e.record_token IS NULL THEN NULL
                      ELSE (CAST(left(e.academic_year, 4) AS INT) - i.birth_year - e.year_group) END) AS off
             FROM ids i LEFT JOIN pay_education e USING (record_token)
             WHERE i.dob_tok IS NOT NULL GROUP BY 1 ORDER BY 1""").df()
+    return {"low": low, "high": high, "known": known, "pair": pair, "months": months}
+
+
+def attack_dob(con, rng, structure: dict | None = None) -> dict[str, dict]:
+    """dob_month_tok -> month and dob_day_tok -> day from the swap structure and the calendar
+    (:func:`dob_structure`).
+
+    The month tokens never seen with day 31 are the 30-day months and February (never with 30);
+    the education payload's year group, where the attacker holds it, splits September-December
+    births from January-August ones; days 1-12 follow their paired month. Within what stays
+    indistinguishable, a random pick from ``rng``: one draw is a lottery, so the benchmark
+    scores the mean of many.
+    """
+    st = structure or dob_structure(con)
+    day_of = dict(st["known"])
+    rest = list(range(13, 29))
+    rng.shuffle(rest)
+    day_of.update(zip(st["high"][3:], rest))
+    months = st["months"]
     off_split = months["off"].median()
     month_of = {}
     for _, m in months.iterrows():
-        late = m["off"] < off_split      # born September-December: a year older for the year group
-        if m["n30"] == 0:
-            cands = [2]
-        elif m["n31"] == 0:
-            cands = [9, 11] if late else [4, 6]
+        if pd.isna(m["off"]) or pd.isna(off_split):       # no year group (no education payload held)
+            thirty, thirty_one = [4, 6, 9, 11], [1, 3, 5, 7, 8, 10, 12]
+        elif m["off"] < off_split:                        # born September-December: a year older
+            thirty, thirty_one = [9, 11], [10, 12]
         else:
-            cands = [10, 12] if late else [1, 3, 5, 7, 8]
-        month_of[m["dob_month_tok"]] = cands
+            thirty, thirty_one = [4, 6], [1, 3, 5, 7, 8]
+        month_of[m["dob_month_tok"]] = [2] if m["n30"] == 0 else thirty if m["n31"] == 0 else thirty_one
     used: set[int] = set()
     for tok, cands in sorted(month_of.items(), key=lambda kv: (len(kv[1]), kv[0])):
         free = [c for c in cands if c not in used] or cands
         month_of[tok] = int(rng.choice(free))
         used.add(month_of[tok])
-    inverse = {tok: m for tok, m in month_of.items()}
-    for dtok in low:
-        mtok = pair.get(dtok)
-        day_of[dtok] = inverse.get(mtok, int(rng.integers(1, 13)))
+    for dtok in st["low"]:
+        mtok = st["pair"].get(dtok)
+        day_of[dtok] = month_of.get(mtok, int(rng.integers(1, 13)))
     return {"month": month_of, "day": day_of}
 
 
@@ -894,20 +917,22 @@ def _linkage(ws: Path) -> dict:
     return {k: ev[k] for k in LINKAGE_FIGURES if isinstance(ev.get(k), (int, float))}
 
 
-def run(ws: Path, key_file: str, seed: int = 16) -> dict:
+def run(ws: Path, key_file: str, seed: int = 16, held: tuple[str, ...] = ("identifiers", "payload", "research")) -> dict:
     """The attacks as a party holding the zone subkeys (``zone:identifiers``, ``zone:payload`` and two
     projects' ``zone:research:<project>``) but not the master key: the residual risk of leaked zone keys
-    (or of zones written before encryption)."""
+    (or of zones written before encryption). ``held`` narrows the subkeys: ``("identifiers",)`` is a
+    linkage unit as PPRL designs it, given the encodings to link and nothing else (:data:`OPERATOR_LABEL`)."""
     from linkage.pseudonymise.store import research_key, research_project, zone_key
 
     rng = np.random.default_rng(seed)
     con = connect()
     master = load_master_key(key_file, workspace=ws)
     ids_key, pay_key = zone_key(master, "identifiers"), zone_key(master, "payload")
-    res_key = research_key(master, research_project(ws)) if (ws / "research" / "metadata.json").exists() else None
+    res_key = (research_key(master, research_project(ws))
+               if "research" in held and (ws / "research" / "metadata.json").exists() else None)
     del master                      # the attacks below hold the zone subkeys only
     t0 = time.perf_counter()
-    cols = _load(con, ws, ids_key, pay_key)
+    cols = _load(con, ws, ids_key, pay_key, payload_held="payload" in held)
     context = "dobc_tok" in cols
     sex_in_zone = "sex_tok" in cols
     fore, sur = reference_lists()
@@ -935,7 +960,10 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
                                          by_sex=sex_benefits, fore=fore) if "fn_bf" in cols else {})
     pair_fn, pair_sn = (attack_bloom_pair(con, fore_prior, sur_prior, bloom_params(ws, "sn_swap_bf"), sim_rng)
                         if "sn_swap_bf" in cols else ({}, {}))
-    dob = attack_dob(con, rng)
+    # the dob attack picks at random within what the structure leaves open: its expected success is
+    # the mean over many draws (one draw is a lottery: from 0% to over 10% of full dates on the demo workspace)
+    structure = dob_structure(con)
+    dob_draws = [attack_dob(con, np.random.default_rng([seed, 2, d]), structure) for d in range(DOB_DRAWS)]
     py = research_pay(ws, res_key) if res_key is not None else None
     pairs = attack_pay_join(con, py)
     seconds_attack = time.perf_counter() - t0
@@ -943,7 +971,7 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
     _score_table(con, ws, key_file)
     for name, mapping in (("g_sex", sex), ("g_ini", initial), ("g_fn", forename), ("g_fnbf", forename_bf),
                           ("g_fngraph", forename_graph), ("g_fnmined", forename_mined), ("g_sn", surname),
-                          ("g_month", dob["month"]), ("g_day", dob["day"]), ("g_sexc", sex_context),
+                          ("g_sexc", sex_context),
                           ("g_sexb", sex_benefits), ("g_sexp", sex_payload), ("g_sexn", sex_no_ctx),
                           ("g_wfn", weight_attacks.get("fn_bf", {})), ("g_wsn", weight_attacks.get("sn_bf", {})),
                           ("g_wfnsex", weight_by_sex), ("g_pfn", pair_fn), ("g_psn", pair_sn)):
@@ -1048,18 +1076,33 @@ def run(ws: Path, key_file: str, seed: int = 16) -> dict:
     add("full name + birth year (clear) + sex", "name, birth year, sex", hit, n_rows, blind=blind)
     add("full name + birth year + sex: persons singled out", "person", uniq, persons,
         "unique (forename, surname, birth year, sex) in the population")
-    hit, of = one("""SELECT count(*) FILTER (WHERE m.v::INT = month(s.dob) AND d.v::INT = day(s.dob)
-                                            AND s.birth_year = year(s.dob)), count(*)
-                     FROM scored s JOIN g_month m ON m.k = s.dob_month_tok JOIN g_day d ON d.k = s.dob_day_tok""")
+    # rows by their (month token, day token) and true date; a draw's hits are a lookup of its guesses
+    cells = con.execute("""SELECT dob_month_tok AS mt, dob_day_tok AS dt, month(dob) AS m, day(dob) AS d,
+                                  count(*) FILTER (WHERE birth_year = year(dob)) AS n, count(*) AS rows
+                           FROM scored WHERE dob_month_tok IS NOT NULL AND dob_day_tok IS NOT NULL
+                           GROUP BY ALL""").df()
+    draws = []
+    for dob in dob_draws:
+        right = (cells["mt"].map(dob["month"]) == cells["m"]) & (cells["dt"].map(dob["day"]) == cells["d"])
+        draws.append(int(cells.loc[right, "n"].sum()))
+    hit, of = round(float(np.mean(draws))), int(cells["rows"].sum())
     blind = one("""SELECT count(*) FROM scored s JOIN (SELECT month(dob) AS m, day(dob) AS d FROM scored
                      WHERE dob_month_tok IS NOT NULL GROUP BY ALL ORDER BY count(*) DESC LIMIT 1) t
                      ON month(s.dob) = t.m AND day(s.dob) = t.d WHERE s.dob_month_tok IS NOT NULL""")[0]
-    add("date of birth from day/month/swap tokens + birth year", "full date of birth", hit, of, blind=blind)
+    if of:
+        spread = [max(h - blind, 0) / of for h in draws]
+        note = (f"mean of {len(draws)} seeded draws within what the tokens leave open "
+                f"(one draw: {100 * min(spread):.2f}% to {100 * max(spread):.2f}%)")
+    else:
+        hit, blind, of = 0, 0, n_rows
+        note = "no input: the zone holds no day or month token (dob_day_tok, dob_month_tok NULL in every row)"
+    add("date of birth from day/month/swap tokens + birth year", "full date of birth", hit, of, blind=blind, note=note)
     # pay join: a research person re-identified when the record tokens found for them all
     # belong to one true person (truth, through the crosswalk)
     skipped = []
-    if res_key is None:        # no research/ (assemble not run): its attacks have no input
-        skipped.append("the research/ attacks (pay joins, cross-project joins): no research/ in this workspace")
+    if res_key is None:        # no research/ (assemble not run) or no research subkey: its attacks have no input
+        skipped.append("the research/ attacks (pay joins, cross-project joins): "
+                       + ("no research subkey held" if "research" not in held else "no research/ in this workspace"))
     else:
         research_persons = _research_persons(ws, key_file)
         con.register("joined", pairs)
@@ -1104,7 +1147,44 @@ def _markdown(report: dict, label: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+DOB_DRAWS = 500     # draws of the date-of-birth attack's random picks; its figure is their mean
+PUBLIC_KEY = "public data, same run"
+
+
+def _public_same_run() -> dict:
+    """hhlink and the cleartext Splink reference on FEBRL1-4 (:func:`bench.public.measure`), one timed run each.
+
+    ``hhlink link-files`` builds its filters with the configured hardening (XOR-folding and
+    weight levelling by default), the ones the attacks above face in ``identifiers/``; it
+    keeps per-value filters and tokens (no date-of-birth context: it writes no zone).
+    """
+    from bench import public
+
+    public.REPEAT = 1
+    peer = str(public.PEERS / "bin" / "python") if (public.PEERS / "bin" / "python").exists() else None
+    return public.measure(list(public.DATASETS), ["hhlink", "splink"] + (["anonlink"] if peer else []), peer)
+
+
+def _public_markdown(results: dict) -> str:
+    from bench.public import table
+
+    met = sum(t["met"] for t in results["targets"])
+    # without the peak-memory column: a child of this (large) process inherits its high-water mark on
+    # Linux, so every system would show this process's size; bench/results/public.md has it per system
+    rows = [line.rsplit("|", 2)[0] + "|" for line in table(results).splitlines()]
+    lines = ["## Linkage on public data in the same run (FEBRL1-4, `bench/public.py`)", "",
+             f"Measured {results['when']}: `hhlink link-files` with the default hardening (the filters' "
+             "construction the attacks above face, per value rather than per date-of-birth context), beside the "
+             "cleartext Splink reference; one timed run each (`python -m bench.public` times three and "
+             f"measures memory). Targets of issue 15: {met} of {len(results['targets'])} met.", "", *rows, "",
+             "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |" for t in results["targets"]]
+    return "\n".join(lines) + "\n"
+
+
 KEYLESS_LABEL = "keyless view (this code: identifiers/, payload/ and research/ encrypted at rest, research pay rounded)"
+OPERATOR_LABEL = ("linkage-operator view (the identifiers subkey only: the encodings a PPRL linkage unit is given "
+                  "to link; no payload, no research extract)")
 ZONE_KEYS_LABEL = ("zone-keys view (residual: the zone subkeys held - identifiers, payload and two projects' "
                    "research - not the master key)")
 
@@ -1117,39 +1197,62 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=16)
     ap.add_argument("--results", type=Path, default=RESULTS,
                     help="folder of privacy.md and privacy.json (default: bench/results)")
-    ap.add_argument("--view", choices=("both", "keyless", "zone-keys"), default="both",
-                    help="keyless: an attacker with no key; zone-keys: one holding the zones' subkeys "
-                         "(not the master key), the documented residual risk; both (default): the two views "
-                         "of one workspace in one run, replacing every earlier run but those labelled 'before'")
+    ap.add_argument("--view", choices=("all", "keyless", "operator", "zone-keys"), default="all",
+                    help="keyless: an attacker with no key; operator: one holding the identifiers subkey only "
+                         "(a linkage unit); zone-keys: one holding every zone subkey (not the master key), the "
+                         "documented residual risk; all (default): the three views of one workspace in one run, "
+                         "replacing every earlier run but those labelled 'before'")
+    ap.add_argument("--public", action=argparse.BooleanOptionalAction, default=None,
+                    help="also link the public FEBRL1-4 files with hhlink and the cleartext Splink reference "
+                         "(bench/public.py, one timed run each) and report them with the attacks "
+                         "(default: with --view all)")
     args = ap.parse_args(argv)
     reports = {}
-    if args.view in ("both", "zone-keys"):
-        reports[args.label if args.view != "both" and args.label else ZONE_KEYS_LABEL] = \
+    if args.view in ("all", "zone-keys"):
+        reports[args.label if args.view != "all" and args.label else ZONE_KEYS_LABEL] = \
             run(args.workspace, args.key_file, args.seed)
-    if args.view in ("both", "keyless"):
-        reports[args.label if args.view != "both" and args.label else KEYLESS_LABEL] = \
+    if args.view in ("all", "operator"):
+        reports[args.label if args.view != "all" and args.label else OPERATOR_LABEL] = \
+            run(args.workspace, args.key_file, args.seed, held=("identifiers",))
+    if args.view in ("all", "keyless"):
+        reports[args.label if args.view != "all" and args.label else KEYLESS_LABEL] = \
             run_keyless(args.workspace, args.key_file)
     for label, report in reports.items():
         report["run"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         print(_markdown(report, label))
+    public = None
+    if args.public or (args.public is None and args.view == "all"):
+        public = _public_same_run()
+        print(_public_markdown(public))
     results = args.results
     results.mkdir(parents=True, exist_ok=True)
     out_json = results / "privacy.json"
     runs = json.loads(out_json.read_text()) if out_json.exists() else {}
-    if args.view == "both":
+    if args.view == "all":
         runs = {k: v for k, v in runs.items() if k.startswith("before")}
     runs.update(reports)
-    out_json.write_text(json.dumps(runs, indent=2) + "\n")
+    if public is not None:
+        runs[PUBLIC_KEY] = public
+    write_results(results, runs)
+    return 0
+
+
+def write_results(results: Path, runs: dict) -> None:
+    """``privacy.json`` (every run, by label) and ``privacy.md`` rendered from it."""
+    (results / "privacy.json").write_text(json.dumps(runs, indent=2, default=str) + "\n")
     md = ["# Re-identification attacks on the zones after pseudonymisation (`python -m bench.privacy`)", "",
           "Goal: every attack below 1% of records in every zone a keyless party can hold (issue 16). Scoring "
           "decrypts the crosswalk (and research/) with the key to find each row's true person in truth/; no "
           "attack uses the key.",
           "", "Views: `--view keyless` is an attacker holding every zone after pseudonymisation and no key "
-          "(`pseudonymised/identifiers/`, `payload/` and `research/` are encrypted at rest); `--view zone-keys` "
-          "is the documented residual risk, an attacker who also holds the zone subkeys (`zone:identifiers`, "
-          "`zone:payload`, and two projects' `zone:research:<project>`) but not the master key, so reads the "
-          "zones as they were before encryption. The default (`--view both`) runs the two views on one "
-          "workspace in one run. Runs labelled 'before' are from earlier code (exact research pay, zones in clear).",
+          "(`pseudonymised/identifiers/`, `payload/` and `research/` are encrypted at rest); `--view operator` is a "
+          "linkage unit as privacy-preserving record linkage designs it, given the identifiers zone's subkey "
+          "(`zone:identifiers`: every token and filter) and nothing else; `--view zone-keys` is the documented "
+          "residual risk, an attacker who also holds the payload subkey and two projects' research subkeys "
+          "(`zone:payload`, `zone:research:<project>`) but not the master key, so reads every zone as it was "
+          "before encryption. The default (`--view all`) runs the three views on one workspace in one run, and "
+          "links the public FEBRL files in the same run (last section). Runs labelled 'before' are from earlier "
+          "code (exact research pay, zones in clear).",
           "", "Guessed values (sex, initial, names, date of birth): 'right' counts the records whose guess is their "
           "true value, the attack's blind guess standing in for any record it makes no guess for; 'blind guess' "
           "counts the records that naming the field's most common true value for every record gets right (no "
@@ -1157,9 +1260,10 @@ def main(argv: list[str] | None = None) -> int:
           "the attack learns beyond guessing, and the share and goal are taken on it. Attacks that are not a "
           "guess at a value (row order, pay joins, singling out) show '-' and count every hit.",
           ""]
-    md += [_markdown(r, lbl) for lbl, r in runs.items()]
+    md += [_markdown(r, lbl) for lbl, r in runs.items() if lbl != PUBLIC_KEY]
+    if PUBLIC_KEY in runs:
+        md.append(_public_markdown(runs[PUBLIC_KEY]))
     (results / "privacy.md").write_text("\n".join(md))
-    return 0
 
 
 if __name__ == "__main__":

@@ -535,6 +535,23 @@ def write(results: dict) -> None:
         f"{table(results)}\n\n## Targets (issue 15)\n\n| target | measured | |\n|---|---|---|\n{tgt}\n")
 
 
+def measure(datasets: list[str], systems: list[str], peer_python: str | None = None) -> dict:
+    """Run ``systems`` on ``datasets`` under a new random key; the results with their targets.
+
+    ``bench/privacy.py`` calls this to put the public figures beside the attacks in one run.
+    """
+    results = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "repeat": REPEAT, "datasets": {}}
+    with tempfile.TemporaryDirectory(prefix="hhlink-public-") as tmp:
+        work = Path(tmp)
+        key = work / "bench.key"
+        subprocess.run([sys.executable, "-m", "linkage.cli", "keys", "init", "--key-file", str(key)],
+                       check=True, capture_output=True)
+        for name in datasets:
+            results["datasets"][name] = run_dataset(name, systems, work, key, peer_python)
+    results["targets"] = targets(results)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     global PRECLEAN, REPEAT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -563,15 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     PRECLEAN, args.no_write = args.preclean, args.no_write or args.preclean
     REPEAT = max(1, args.repeat)
     peer = args.peer_python if Path(args.peer_python).exists() else None
-    results = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "repeat": REPEAT, "datasets": {}}
-    with tempfile.TemporaryDirectory(prefix="hhlink-public-") as tmp:
-        work = Path(tmp)
-        key = work / "bench.key"
-        subprocess.run([sys.executable, "-m", "linkage.cli", "keys", "init", "--key-file", str(key)],
-                       check=True, capture_output=True)
-        for name in args.datasets.split(","):
-            results["datasets"][name] = run_dataset(name, args.systems.split(","), work, key, peer)
-    results["targets"] = targets(results)
+    results = measure(args.datasets.split(","), args.systems.split(","), peer)
     print(table(results))
     for t in results["targets"]:
         print(f"  {'met    ' if t['met'] else 'NOT met'}  {t['target']}: {t['measured']}")
