@@ -1154,9 +1154,10 @@ PUBLIC_KEY = "public data, same run"
 def _public_same_run() -> dict:
     """hhlink and the cleartext Splink reference on FEBRL1-4 (:func:`bench.public.measure`), one timed run each.
 
-    ``hhlink link-files`` builds its filters with the configured hardening (XOR-folding and
-    weight levelling by default), the ones the attacks above face in ``identifiers/``; it
-    keeps per-value filters and tokens (no date-of-birth context: it writes no zone).
+    ``hhlink link-files`` builds its filters with the zone's keys, lengths, hash counts and
+    XOR-folding, per value (no date-of-birth context) and not levelled
+    (:func:`linkage.link_files.stage.in_memory_encodings`): it writes no zone, so nothing stored
+    needs either.
     """
     from bench import public
 
@@ -1173,8 +1174,8 @@ def _public_markdown(results: dict) -> str:
     # Linux, so every system would show this process's size; bench/results/public.md has it per system
     rows = [line.rsplit("|", 2)[0] + "|" for line in table(results).splitlines()]
     lines = ["## Linkage on public data in the same run (FEBRL1-4, `bench/public.py`)", "",
-             f"Measured {results['when']}: `hhlink link-files` with the default hardening (the filters' "
-             "construction the attacks above face, per value rather than per date-of-birth context), beside the "
+             f"Measured {results['when']}: `hhlink link-files` (the zone's keys, filter lengths, hash counts and "
+             "XOR-folding; per value, not levelled: it stores no encoding), beside the "
              "cleartext Splink reference; one timed run each (`python -m bench.public` times three and "
              f"measures memory). Targets of issue 15: {met} of {len(results['targets'])} met.", "", *rows, "",
              "| target | measured | met |", "|---|---|---|"]

@@ -752,3 +752,21 @@ def test_a_date_with_the_month_or_year_mistyped_has_its_own_level():
 
     assert level("y", "x", "d") and level("x", "m", "d")        # month mistyped; year mistyped
     assert not level("y", "m", "x") and not level("x", "x", "d")  # day mistyped; only the day equal
+
+
+def test_link_files_filters_are_the_zones_but_not_levelled():
+    # levelling defends stored filters; link-files stores none, so it keeps the weight (and the Dice)
+    # of the plain XOR-folded filter, with the zone's keys, lengths and hash counts
+    from linkage.config import load_config
+    from linkage.encodings import BloomEncoder
+    from linkage.link_files.stage import in_memory_encodings
+    from linkage.pseudonymise.stage import bloom_params
+
+    zone = load_config().pseudonymise
+    here = in_memory_encodings(zone)
+    assert zone.level_weight and not here.level_weight
+    assert here.model_dump(exclude={"level_weight"}) == zone.model_dump(exclude={"level_weight"})
+    key = bytes(range(32))
+    weights = {int.from_bytes(BloomEncoder(key, bloom_params(here)["fn_bf"]).encode(v), "big").bit_count()
+               for v in ("AL", "BARTHOLOMEW", "ANN")}
+    assert len(weights) > 1          # unlevelled: the weight varies with the value
