@@ -511,8 +511,9 @@ def in_memory_encodings(cfg: PseudonymiseConfig) -> PseudonymiseConfig:
     """The encoding settings for filters that exist in memory for one run and are never written.
 
     Levelling a filter's weight (``level_weight``) defends stored filters, whose weight anyone
-    holding the zone can count; ``link-files`` stores none, and levelling cost it 0.15 F1 points on
-    FEBRL4 without the id (0.9954 against 0.9969, ``python -m bench.public``), so here it is off.
+    holding the zone can count; ``link-files`` stores none, and levelling cost it 0.13 F1 points on
+    FEBRL4 without the id (0.9954 against 0.9967, two runs of ``python -m bench.public``), so here
+    it is off.
     The rest (keys, lengths, hash counts, XOR-folding) is the zone's.
     """
     return cfg.model_copy(update={"level_weight": False})
