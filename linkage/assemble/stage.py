@@ -527,6 +527,10 @@ def assemble(config: Config, workspace: Path | str, key: MasterKey | None = None
         measures, transitions = mobility.bootstrap_measures(
             prepared, a.bootstrap_replicates, a.bootstrap_seed, a.confidence_level, a.min_group_size)
         baseline = mobility.headline(prepared)
+        # the "linked" variant is the published national estimate itself: the headline computes each
+        # measure directly, the table from sums of its columns, equal but for the last bits of a float
+        baseline.update({m["measure"]: m["estimate"] for m in measures
+                         if m["group_type"] == "national" and m["measure"] in baseline})
         seconds["measures"] = time.perf_counter() - t
         with ws.publish_dir("research") as out:
             t = time.perf_counter()
