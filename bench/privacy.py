@@ -1242,7 +1242,8 @@ def write_results(results: Path, runs: dict) -> None:
     """``privacy.json`` (every run, by label) and ``privacy.md`` rendered from it."""
     (results / "privacy.json").write_text(json.dumps(runs, indent=2, default=str) + "\n")
     md = ["# Re-identification attacks on the zones after pseudonymisation (`python -m bench.privacy`)", "",
-          "Goal: every attack below 1% of records in every zone a keyless party can hold (issue 16). Scoring "
+          "Goal: every attack below 1% of records in every zone a party without the key, or a linkage operator "
+          "holding only the identifiers zone's subkey, can hold (issue 16). Scoring "
           "decrypts the crosswalk (and research/) with the key to find each row's true person in truth/; no "
           "attack uses the key.",
           "", "Views: `--view keyless` is an attacker holding every zone after pseudonymisation and no key "
