@@ -318,3 +318,25 @@ def test_an_em_estimate_of_zero_is_kept_for_the_floor_rather_than_ending_trainin
     lv = level()
     em.populate_m_u_from_lookup({}, lv, "forename", lookup)
     assert lv.m_probability == 1e-300 and lv.u_probability == 0.25
+
+
+def test_year_typo_u_is_the_dates_coincidence_not_the_names():
+    # the zone's "same day and month, year one apart" level reads name_md_tok, so pairs agree on it
+    # only with the full name too; its u is set to the dates' own coincidence: P(born one year
+    # apart) x 1/365.25, from the identities' clear birth years
+    import duckdb
+
+    from linkage.link.model import model_settings
+    from linkage.link.stage import YEAR_TYPO_LEVEL, year_typo_u
+
+    con = duckdb.connect()
+    con.execute("create table identities as select * from (values (1990), (1990), (1991), (1993), (null)) t(birth_year)")
+    settings = model_settings("duckdb").create_settings_dict("duckdb")
+    assert year_typo_u(settings, con) == [": ".join(YEAR_TYPO_LEVEL)]
+    level = next(lv for c in settings["comparisons"] if c["output_column_name"] == "dob"
+                 for lv in c["comparison_levels"] if lv.get("label_for_charts") == YEAR_TYPO_LEVEL[1])
+    # 4 identities with a year: 1990x1991 twice -> ordered pairs 2 x 2 of 4 x 4
+    assert level["u_probability"] == pytest.approx(2 * 2 / 16 / 365.25)
+    # link-files' plain model reads the level through day and month tokens: its sampled u stands
+    plain = model_settings("duckdb", context=False).create_settings_dict("duckdb")
+    assert year_typo_u(plain, con) == []

@@ -191,6 +191,38 @@ def context_u(settings: dict, measured: dict | None) -> list[str]:
     return done
 
 
+YEAR_TYPO_LEVEL = ("dob", "same day and month, year one apart")
+
+
+def year_typo_u(settings: dict, con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Set the u of "same day and month, year one apart" to the chance of that date coincidence, in place.
+
+    On the zone's encodings the level reads the month and day through the names' token of them
+    (``name_md_tok``; :func:`linkage.link.model._dob_comparison`), so random pairs agree on it only
+    when they also share the full name, which ``names_partial_date`` already counts: sampled, its u
+    was 1.3e-6 against about 1e-4 for the dates alone, a Bayes factor some 50 times too strong.
+    Here u is the dates' own coincidence: the share of identity pairs born one year apart (from
+    ``birth_year``, in clear) times 1/365.25 for the day and month. Returns the level set.
+    """
+    comparison, label = YEAR_TYPO_LEVEL
+    n, apart = con.execute("""with y as (select birth_year, count(*) n from identities
+                                         where birth_year is not null group by 1)
+                              select (select sum(n) from y),
+                                     (select sum(a.n * b.n) from y a join y b on b.birth_year = a.birth_year + 1)
+                           """).fetchall()[0]
+    if not n or not apart:
+        return []
+    u = 2 * float(apart) / (float(n) * float(n)) / 365.25
+    for c in settings["comparisons"]:
+        if c["output_column_name"] != comparison:
+            continue
+        for level in c["comparison_levels"]:
+            if level.get("label_for_charts") == label and "name_md_tok" in level.get("sql_condition", ""):
+                level["u_probability"] = u
+                return [f"{comparison}: {label}"]
+    return []
+
+
 def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path, out: Path,
                       model: Path | str | None = None, measured_u: dict | None = None) -> dict:
     """Train the model on the ``identities`` table, score pairs, cluster into persons.
@@ -251,6 +283,7 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
         linker.training.estimate_u_using_random_sampling(max_pairs=lc.u_max_pairs, seed=lc.seed, **chunking)
         sampled = linker.misc.save_model_to_json()
         set_from_sample = context_u(sampled, measured_u)
+        set_from_sample += year_typo_u(sampled, con)
         linker = Linker(sdfs, sampled, log_level=None)
         for cols in TRAINING_BLOCKS:
             linker.training.estimate_parameters_using_expectation_maximisation(
