@@ -1161,9 +1161,9 @@ def _public_same_run() -> dict:
     """
     from bench import public
 
-    public.REPEAT = 1
     peer = str(public.PEERS / "bin" / "python") if (public.PEERS / "bin" / "python").exists() else None
-    return public.measure(list(public.DATASETS), ["hhlink", "splink"] + (["anonlink"] if peer else []), peer)
+    return public.measure(list(public.DATASETS), ["hhlink", "splink"] + (["anonlink"] if peer else []), peer,
+                          repeat=1)
 
 
 def _public_markdown(results: dict) -> str:

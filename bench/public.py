@@ -535,11 +535,15 @@ def write(results: dict) -> None:
         f"{table(results)}\n\n## Targets (issue 15)\n\n| target | measured | |\n|---|---|---|\n{tgt}\n")
 
 
-def measure(datasets: list[str], systems: list[str], peer_python: str | None = None) -> dict:
+def measure(datasets: list[str], systems: list[str], peer_python: str | None = None, repeat: int | None = None) -> dict:
     """Run ``systems`` on ``datasets`` under a new random key; the results with their targets.
 
+    ``repeat``: timed runs of hhlink and the Splink reference (default :data:`REPEAT`).
     ``bench/privacy.py`` calls this to put the public figures beside the attacks in one run.
     """
+    global REPEAT
+    if repeat is not None:
+        REPEAT = max(1, repeat)
     results = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "repeat": REPEAT, "datasets": {}}
     with tempfile.TemporaryDirectory(prefix="hhlink-public-") as tmp:
         work = Path(tmp)
@@ -553,7 +557,7 @@ def measure(datasets: list[str], systems: list[str], peer_python: str | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    global PRECLEAN, REPEAT
+    global PRECLEAN
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default=",".join(DATASETS))
     ap.add_argument("--systems", default=",".join(SYSTEMS))
@@ -578,9 +582,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"peers installed: {install_peers()}")
         return 0
     PRECLEAN, args.no_write = args.preclean, args.no_write or args.preclean
-    REPEAT = max(1, args.repeat)
     peer = args.peer_python if Path(args.peer_python).exists() else None
-    results = measure(args.datasets.split(","), args.systems.split(","), peer)
+    results = measure(args.datasets.split(","), args.systems.split(","), peer, repeat=args.repeat)
     print(table(results))
     for t in results["targets"]:
         print(f"  {'met    ' if t['met'] else 'NOT met'}  {t['target']}: {t['measured']}")

@@ -265,9 +265,9 @@ class BloomEncoder:
         Positions are taken in one keyed order: a light filter gets the first of its unset
         positions in that order set, a heavy one the last of its set positions cleared. The
         change is a function of the filter alone, so equal values keep equal filters;
-        similar values, of similar weight, change in the same few positions. Over the
-        generator's reference names, 12 of a name filter's 512 bits move on average
-        (median 10); ``bench/privacy.py``'s weight attack measures what the weight gave.
+        similar values, of similar weight, change in the same few positions (as many as the
+        filter is away from half full). ``bench/privacy.py``'s weight attack measures what the
+        weight gave.
         """
         target = self.params.bits // 2
         ordered = np.unpackbits(filters, axis=1)[:, self._order]
