@@ -249,3 +249,77 @@ def test_link_scores_only_pairs_a_delivery_touches_and_finds_the_persons_a_full_
                    where match_probability >= {cfg.link.threshold}) b using (unique_id_l, unique_id_r)
         where a.unique_id_l is null or b.unique_id_l is null""").fetchone()[0]
     assert differ <= 0.001 * full["pairs_scored"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_clustering_only_the_affected_identities_gives_the_components_of_the_whole_graph(tmp_path, seed):
+    """cluster_affected against connected components of every pair, on random graphs.
+
+    A previous release's persons are the components of its pairs; a delivery touches some
+    identities and adds new ones, its scored pairs each have a touched end, and the pairs
+    between untouched identities are carried. Whatever the graph, the persons found by
+    re-clustering only the affected identities must be the components of all of it.
+    """
+    import random
+
+    import duckdb
+
+    from linkage.link.incremental import cluster_affected
+
+    rng, threshold = random.Random(seed), 0.9
+
+    def components(nodes, edges):
+        """Connected components at the threshold, by breadth-first search (the oracle)."""
+        near = {n: set() for n in nodes}
+        for a, b, p in edges:
+            if p >= threshold:
+                near[a].add(b)
+                near[b].add(a)
+        seen, out = set(), set()
+        for start in nodes:
+            if start in seen:
+                continue
+            group, frontier = {start}, [start]
+            while frontier:
+                frontier = [m for n in frontier for m in near[n] if m not in group]
+                group.update(frontier)
+            seen |= group
+            out.add(frozenset(group))
+        return out
+
+    old = [f"i{n:03d}" for n in range(120)]
+    prob = lambda: rng.choice([0.95, 0.99, 0.5, 0.2])   # noqa: E731 - above and below the threshold
+    previous = {tuple(sorted(rng.sample(old, 2))) + (prob(),) for _ in range(140)}
+    persons = components(old, previous)
+    key = {n: f"P{min(g)}" for g in persons for n in g}
+    new = [f"n{n:03d}" for n in range(12)]
+    touched = set(rng.sample(old, 10))
+    every = old + new
+    scored = {}
+    for _ in range(40):
+        a = rng.choice(sorted(touched) + new)
+        b = rng.choice(every)
+        if a != b:
+            scored[tuple(sorted((a, b)))] = prob()
+    carried = [e for e in previous if e[0] not in touched and e[1] not in touched]
+    merged = [(a, b, p) for (a, b), p in scored.items()] + [e for e in carried if (e[0], e[1]) not in scored]
+
+    con = duckdb.connect()
+    con.execute("create table identities (unique_id varchar, touched boolean)")
+    con.executemany("insert into identities values (?, ?)", [(n, n in touched or n in new) for n in every])
+    for name, rows in (("scored", [(a, b, p) for (a, b), p in scored.items()]), ("merged", merged)):
+        con.execute(f"create table {name} (unique_id_l varchar, unique_id_r varchar, match_probability double)")
+        if rows:
+            con.executemany(f"insert into {name} values (?, ?, ?)", rows)
+    con.execute("create table prev (unique_id varchar, person_key varchar)")
+    con.executemany("insert into prev values (?, ?)", list(key.items()))
+    con.execute(f"copy prev to '{tmp_path / 'identities.parquet'}'")
+
+    facts = cluster_affected(con, "scored", "merged", {"previous_identities": tmp_path / "identities.parquet"},
+                             threshold)
+    got: dict = {}
+    for uid, cluster in con.execute("select unique_id, cluster_id from clusters").fetchall():
+        got.setdefault(cluster, set()).add(uid)
+    assert sorted(map(sorted, got.values())) == sorted(map(sorted, components(every, merged)))
+    # and it did not re-cluster everything: untouched persons no new pair reaches stay out
+    assert 0 < facts["affected_identities"] < len(every)

@@ -300,7 +300,13 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
     linker.misc.save_model_to_json(str(out / "model.json"), overwrite=True)
     _save_charts(linker, out / "charts")
     t = time.perf_counter()
-    facts["blocking"], facts["uncompared"] = blocking_counts(con, [f"ids_{s}" for s in sorted(SOURCES)], rules)
+    if increment:
+        # exact counts join every identity's keys (60 s at 1M persons); the rules and the
+        # identities barely move with one delivery, so the last full count is carried and dated
+        facts.update(increment["previous_blocking"], blocking_counted_at=increment["blocking_counted_at"])
+    else:
+        facts["blocking"], facts["uncompared"] = blocking_counts(con, [f"ids_{s}" for s in sorted(SOURCES)], rules)
+        facts["blocking_counted_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     facts["blocking_count_seconds"] = round(time.perf_counter() - t, 1)
     facts["anchors"] = anchors
     t = time.perf_counter()
@@ -313,33 +319,29 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
         pairs = linker.inference.predict(threshold_match_probability=lc.keep_pairs_above,
                                          **({"num_chunks_left": chunks, "num_chunks_right": chunks} if chunks > 1 else {}))
     if increment:
-        from splink import DuckDBAPI
-        from splink.clustering import cluster_pairwise_predictions_at_threshold
-
-        from linkage.link.incremental import merge_pairs
+        from linkage.link.incremental import cluster_affected, merge_pairs
 
         facts["pairs_scored_now"] = con.execute(f"select count(*) from {pairs.physical_name}").fetchall()[0][0]
         merged = merge_pairs(con, pairs.physical_name, increment)
-        clusters = cluster_pairwise_predictions_at_threshold(
-            "identities", merged, DuckDBAPI(connection=con), node_id_column_name="unique_id",
-            edge_id_column_name_left="unique_id_l", edge_id_column_name_right="unique_id_r",
-            threshold_match_probability=lc.threshold)
-        facts["incremental"] = {k: v for k, v in increment.items() if k != "previous_pairs"}
+        affected = cluster_affected(con, pairs.physical_name, merged, increment, lc.threshold)
+        facts["incremental"] = {**{k: increment[k] for k in ("touched_identities", "identities")}, **affected}
+        pairs_name, clusters_name = merged, "clusters"
     else:
         clusters = linker.clustering.cluster_pairwise_predictions_at_threshold(
             pairs, threshold_match_probability=lc.threshold)
+        if lc.engine == "spark":
+            pairs_name, clusters_name = (_from_spark(con, sdf, tmp) for sdf in (pairs, clusters))
+        else:
+            pairs_name, clusters_name = pairs.physical_name, clusters.physical_name
     facts["predict_seconds"] = round(time.perf_counter() - t, 1)
     facts["prediction"], facts["keep_pairs_above"] = prediction, lc.keep_pairs_above
-    if lc.engine == "spark":
-        pairs_name, clusters_name = (_from_spark(con, sdf, tmp) for sdf in (pairs, clusters))
-    else:
-        pairs_name, clusters_name = (merged if increment else pairs.physical_name), clusters.physical_name
     con.execute(f"""
         copy (select unique_id_l, unique_id_r, source_dataset_l as source_l, source_dataset_r as source_r,
                      match_weight, match_probability
               from {pairs_name} order by unique_id_l, unique_id_r)
         to {path_literal(out / 'pairs.parquet')} (compression zstd)""")
-    con.execute(f"create or replace table clusters as select unique_id, cluster_id from {clusters_name}")
+    if clusters_name != "clusters":
+        con.execute(f"create or replace table clusters as select unique_id, cluster_id from {clusters_name}")
     facts["pairs_scored"] = con.execute(f"select count(*) from {pairs_name}").fetchall()[0][0]
     facts["probability_two_random_records_match"] = linker._settings_obj._probability_two_random_records_match
     return facts
@@ -485,6 +487,7 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
             ``link.max_drift``; ``linked/`` is kept as it was.
     """
     from linkage.keys import load_master_key
+    from linkage.link.report import completeness
     from linkage.link.stable_keys import household_keys, person_keys
     from linkage.pseudonymise.store import load_zone, zone_metadata
 
@@ -507,6 +510,8 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
         tmp.mkdir()
         con = connect(config.link, spill=tmp, preserve_insertion_order=False)
         load_zone(con, "identifiers_in", ws.root, "identifiers", key)
+        # the report's completeness, while the zone is decrypted here (the report read it a second time)
+        summary["completeness"] = completeness(con, "identifiers_in")
         con.execute(_identities_sql("identifiers_in"))
         con.execute("drop table identifiers_in")
         summary["identities_seconds"] = round(time.perf_counter() - t0, 1)
