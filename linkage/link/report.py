@@ -34,7 +34,8 @@ def query_rows(con: duckdb.DuckDBPyConnection, sql: str) -> list[dict]:
     return [dict(zip(cols, r)) for r in cur.fetchall()]
 
 
-def _completeness(con, identifiers: str) -> list[dict]:
+def completeness(con, identifiers: str) -> list[dict]:
+    """Per source: records, and the share of them holding each identifier (the link stage computes it)."""
     cols = [c for c in (*IDENTITY_COLUMNS, *ADDRESS_COLUMNS) if not c.startswith(("dob_year", "dob_month", "dob_day", "pc_"))]
     exprs = ", ".join(f"round(avg(({c} is not null)::int), 4) as {c}" for c in cols)
     return query_rows(con, f"select source, count(*) as records, {exprs} from {identifiers} "
@@ -132,15 +133,18 @@ def build_report(config: Config, workspace: Path | str, key=None) -> dict:
     con = connect(config.link)
     previous_path = ws.zone("reports") / "linkage" / "report.json"
     previous = json.loads(previous_path.read_text()) if key is None and previous_path.exists() else {}
-    if key is not None:
+    summary = json.loads((linked / "summary.json").read_text())
+    complete = summary.get("completeness")
+    if key is not None and complete is None:
+        # a linked/ written before the link stage computed it
         load_zone(con, "ids_in", ws.root, "identifiers", key, ["source", *IDENTITY_COLUMNS, *ADDRESS_COLUMNS])
+        complete = completeness(con, "ids_in")
     payload = None
     if key is not None and any(f.stem == "education" for f in zone_files(ws.root, "payload")):
         load_zone(con, "payload_education", ws.root, "payload", key, sources=["education"])
         payload = "payload_education"
     con.execute(f"create table rec as select * from {read_literal(linked / 'records.parquet')}")
     con.execute(f"create table pairs as select * from {read_literal(linked / 'pairs.parquet')}")
-    summary = json.loads((linked / "summary.json").read_text())
     model = json.loads((linked / "model.json").read_text())
     evaluation_path = ws.zone("reports") / "evaluation.json"
     evaluation = json.loads(evaluation_path.read_text()) if evaluation_path.exists() else {}
@@ -149,9 +153,10 @@ def build_report(config: Config, workspace: Path | str, key=None) -> dict:
         "summary": {k: summary.get(k) for k in ("engine", "threshold", "records", "identities", "persons",
                                                 "household_years", "parent_child_relations", "pairs_scored",
                                                 "probability_two_random_records_match", "seconds")},
-        "completeness": _completeness(con, "ids_in") if key is not None else previous.get("completeness", []),
+        "completeness": complete if complete is not None else previous.get("completeness", []),
         "blocking": summary.get("blocking", []),
         "uncompared": summary.get("uncompared"),
+        "blocking_counted_at": summary.get("blocking_counted_at"),
         "parameters": mu_rows(model),
         "match_rates": _match_rates(con),
         "subgroups": (_subgroups(con, payload, config.generate.end_year, config.paths.resolve(config.assemble.la_lookup))
@@ -218,7 +223,8 @@ def render_html(report: dict, charts: dict[str, dict]) -> str:
     sections = [
         ("Summary", kpis),
         ("Coverage and identifier completeness", html_table(report["completeness"])),
-        ("Blocking rules and comparison counts", html_table(report["blocking"]) + _uncompared_html(report.get("uncompared"))),
+        ("Blocking rules and comparison counts", html_table(report["blocking"]) + _uncompared_html(report.get("uncompared"))
+         + _counted_html(report.get("blocking_counted_at"))),
         ("Model parameters (m, u, match weight per level)", html_table(report["parameters"]) + chart_html),
         ("Match rates per source", html_table(report["match_rates"])),
         ("Match rates by subgroup: pupils old enough to appear as adults", sub_html),
@@ -261,6 +267,15 @@ def _drift_html(model: dict | None, drift: dict | None) -> str:
             "level among predicted matches and random pairs, at training and now, weighted to this release's "
             "mix of source pairs; drift is the larger absolute change.</p>")
     return head + note + html_table(drift.get("levels") or [])
+
+
+def _counted_html(counted_at: str | None) -> str:
+    """When the counts above were made: an incremental release scores only its delivery's pairs and
+    carries the counts of the last release that made them over every identity."""
+    if not counted_at:
+        return ""
+    return (f"<p class='note'>Counted over every identity at {html.escape(str(counted_at))}; a release that links a "
+            "delivery incrementally carries these counts (its own pairs scored are in the summary).</p>")
 
 
 def _uncompared_html(u: dict | None) -> str:
