@@ -61,14 +61,26 @@ def _release(cfg, ws: Path) -> tuple[float, dict]:
                         "mode": summary.get("prediction" if stage == "link" else "mode", "")}
         if stage == "link":
             facts[stage].update(pairs_scored=summary.get("pairs_scored"), pairs_scored_now=summary.get("pairs_scored_now"),
+                                training=summary.get("training_seconds"),
                                 touched=(summary.get("incremental") or {}).get("touched_identities"),
-                                parts={"identities": summary.get("identities_seconds"),
-                                       "anchors": (summary.get("anchors") or {}).get("seconds"),
-                                       "counts": summary.get("blocking_count_seconds"),
-                                       "predict": summary.get("predict_seconds"),
-                                       "households": summary.get("households_seconds"),
-                                       "drift": (summary.get("drift") or {}).get("seconds")})
+                                parts=_link_parts(summary))
     return time.perf_counter() - t, facts
+
+
+def _link_parts(summary: dict) -> dict:
+    """The link stage's seconds by part, in the order it runs them (households include their writes)."""
+    zone, identities = summary.get("zone_seconds"), summary.get("identities_seconds")
+    return {"zone": zone,
+            "identities": round(identities - zone, 1) if None not in (zone, identities) else identities,
+            "anchors": (summary.get("anchors") or {}).get("seconds"),
+            "counts": summary.get("blocking_count_seconds"),
+            "predict": summary.get("predict_seconds"),
+            "drift": (summary.get("drift") or {}).get("seconds"),
+            "keys": summary.get("person_keys_seconds"),
+            "writes": summary.get("records_write_seconds"),
+            "households": summary.get("households_seconds"),
+            "household keys": summary.get("household_keys_seconds"),
+            "report": summary.get("report_seconds")}
 
 
 def _full_config(cfg):
@@ -109,9 +121,9 @@ def run(persons: int, deliveries: int, seed: int, workspace: Path, releases: int
     shutil.rmtree(workspace, ignore_errors=True)
     cfg = load_config(generate={"persons": persons, "seed": seed, "deliveries": deliveries})
     generate_population(cfg.generate, workspace)
-    first, _ = _release(cfg, workspace)
+    first, history = _release(cfg, workspace)
     out = {"persons": persons, "deliveries": deliveries, "seed": seed, "history_seconds": round(first, 1),
-           "releases": [], "measured": started}
+           "history_stages": history, "releases": [], "measured": started}
     print(f"history: {first:.1f} s")
     for _ in range(releases or deliveries):
         before, old = _members(workspace)
@@ -176,9 +188,18 @@ def write(result: dict) -> None:
 
 
 def _parts(link: dict) -> str:
-    """The link stage's seconds by part (identities, anchors, exact counts, predict and cluster, households, drift)."""
+    """The link stage's seconds by part (:func:`_part_names`)."""
     parts = link.get("parts")
     return " / ".join("-" if v is None else str(v) for v in parts.values()) if parts else "-"
+
+
+def _part_names(result: dict) -> str:
+    """The link-stage parts a run recorded, in order (runs before a part was timed show fewer)."""
+    for r in result["releases"]:
+        parts = r.get("stages", {}).get("link", {}).get("parts")
+        if parts:
+            return " / ".join("predict and cluster" if k == "predict" else k for k in parts)
+    return "identities / anchors / counts / predict and cluster / households / drift"
 
 
 def _section(result: dict) -> list[str]:
@@ -198,15 +219,20 @@ def _section(result: dict) -> list[str]:
         "",
         "| delivery | records | persons | keys surviving | untouched persons keeping key (target >= 99.9%) "
         "| merged | split | new | retired | changes explained (target 100%) | identities touched | pairs scored "
-        "(of all kept) | seconds: ingest / pseudonymise / link | link: identities / anchors / counts / predict "
-        "and cluster / households / drift | seconds | share of a full run |",
+        f"(of all kept) | seconds: ingest / pseudonymise / link | link: {_part_names(result)} | seconds "
+        "| share of a full run |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |",
     ]
     full = result.get("full")
+    # without a full re-run at the end (--releases), the history release without its training is the full run
+    history = result.get("history_stages") or {}
+    training = (history.get("link") or {}).get("training")
+    base = result["history_seconds"] - training if training is not None else None
     for r in result["releases"]:
         c, st = r["changes"], r.get("stages", {})
         link = st.get("link", {})
-        share = f"{r['seconds'] / full['seconds']:.1%}" if full else "-"
+        share = (f"{r['seconds'] / full['seconds']:.1%}" if full
+                 else f"{r['seconds'] / base:.1%} (of the history)" if base else "-")
         lines.append(f"| {r['month']} | {r['records']:,} | {r['persons']:,} | {r['keys_surviving']:.2%} | "
                      f"{r['untouched_keeping_key']:.2%} of {r['untouched']:,} | {c['merged']} | {c['split']} | "
                      f"{c['new']} | {c['retired']} | {r['changes_explained']:.0%} | "
@@ -225,6 +251,10 @@ def _section(result: dict) -> list[str]:
         modes = sorted({f"{s}: {r['stages'][s]['mode'].split(':')[0]}" for r in result["releases"] for s in STAGES
                         if r.get("stages")})
         lines += ["", "Modes seen in the releases: " + "; ".join(modes) + "."]
+    if history.get("link"):
+        lines += ["", f"History release by stage: {' / '.join(str(history[s]['seconds']) for s in STAGES)} s "
+                  f"(ingest / pseudonymise / link; training {training} s); link parts: "
+                  f"{_parts(history['link'])} ({_part_names(result)})."]
     if result.get("measured"):
         lines += ["", f"Run {result['measured']}." + (f" {result['conditions']}" if result.get("conditions") else "")]
     return lines

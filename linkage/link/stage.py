@@ -512,6 +512,7 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
         load_zone(con, "identifiers_in", ws.root, "identifiers", key)
         # the report's completeness, while the zone is decrypted here (the report read it a second time)
         summary["completeness"] = completeness(con, "identifiers_in")
+        summary["zone_seconds"] = round(time.perf_counter() - t0, 1)
         con.execute(_identities_sql("identifiers_in"))
         con.execute("drop table identifiers_in")
         summary["identities_seconds"] = round(time.perf_counter() - t0, 1)
@@ -525,8 +526,11 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
 
                 release_spark()
         summary.update(_model_lifecycle(config, ws, con, out, mode, stored))
+        t_keys = time.perf_counter()
         # person keys carried over from the previous release by greatest overlap (linked/ is still the old one)
         summary.update(person_keys(con, ws.zone("linked") / "identities.parquet", out))
+        summary["person_keys_seconds"] = round(time.perf_counter() - t_keys, 1)
+        t_write = time.perf_counter()
         # without the encodings: the tokens and Bloom filters stay in the encrypted identifiers zone
         con.execute(f"""copy (select i.unique_id, i.source, i.birth_year, i.n_records, i.first_year, i.last_year,
                                      p.person_key from identities i join persons p using (unique_id)
@@ -537,10 +541,13 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
                        from records r join persons p using (unique_id)""")
         con.execute(f"""copy (select * exclude (postcode_tok, addr_bf) from records_linked order by record_token)
                         to {path_literal(out / 'records.parquet')} (compression zstd)""")
+        summary["records_write_seconds"] = round(time.perf_counter() - t_write, 1)
         t_hh = time.perf_counter()
         summary.update(assemble_households(con, config.link))
+        t_hk = time.perf_counter()
         # household keys carried over from the previous release by greatest overlap of person-years
         summary.update(household_keys(con, ws.zone("linked") / "households.parquet", out))
+        summary["household_keys_seconds"] = round(time.perf_counter() - t_hk, 1)
         con.execute(f"copy households to {path_literal(out / 'households.parquet')} (compression zstd)")
         con.execute(f"copy parent_child to {path_literal(out / 'parent_child.parquet')} (compression zstd)")
         summary["households_seconds"] = round(time.perf_counter() - t_hh, 1)
@@ -554,6 +561,8 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
     con.close()
     from linkage.link.report import write_report
 
+    t = time.perf_counter()
     write_report(config, workspace, key)
+    summary["report_seconds"] = round(time.perf_counter() - t, 1)   # after summary.json: for the caller
     log.info("linked %d records into %d persons", summary["records"], summary["persons"])
     return summary
