@@ -111,7 +111,7 @@ def pairwise(a: Path, b: Path) -> dict:
 
 
 def run(persons: int, deliveries: int, seed: int, workspace: Path, releases: int | None = None,
-        each=None) -> dict:
+        each=None, history_dir: Path | None = None, full: bool = True) -> dict:
     from linkage.config import load_config
     from synthetic_data import generate_population
     from synthetic_data.deliveries import deliver_next
@@ -120,10 +120,26 @@ def run(persons: int, deliveries: int, seed: int, workspace: Path, releases: int
     os.environ.setdefault("HHLINK_KEY", BENCH_KEY)
     shutil.rmtree(workspace, ignore_errors=True)
     cfg = load_config(generate={"persons": persons, "seed": seed, "deliveries": deliveries})
-    generate_population(cfg.generate, workspace)
-    first, history = _release(cfg, workspace)
+    kept = history_dir / "history.json" if history_dir is not None else None
+    if kept is not None and kept.is_file():
+        # the history release of an earlier run of the same size and seed: only the deliveries are re-measured
+        saved = json.loads(kept.read_text())
+        if (saved["persons"], saved["deliveries"], saved["seed"]) != (persons, deliveries, seed):
+            raise SystemExit(f"{history_dir}: its history is another population's")
+        shutil.copytree(history_dir / "workspace", workspace)
+        first, history, started_history = saved["seconds"], saved["stages"], saved["measured"]
+    else:
+        generate_population(cfg.generate, workspace)
+        first, history = _release(cfg, workspace)
+        started_history = started
+        if history_dir is not None:
+            shutil.rmtree(history_dir, ignore_errors=True)
+            shutil.copytree(workspace, history_dir / "workspace")
+            (history_dir / "history.json").write_text(json.dumps(
+                {"persons": persons, "deliveries": deliveries, "seed": seed, "seconds": first, "stages": history,
+                 "measured": started}))
     out = {"persons": persons, "deliveries": deliveries, "seed": seed, "history_seconds": round(first, 1),
-           "history_stages": history, "releases": [], "measured": started}
+           "history_stages": history, "history_measured": started_history, "releases": [], "measured": started}
     print(f"history: {first:.1f} s")
     for _ in range(releases or deliveries):
         before, old = _members(workspace)
@@ -155,6 +171,8 @@ def run(persons: int, deliveries: int, seed: int, workspace: Path, releases: int
         print(json.dumps(row))
         if each is not None:
             each(out)
+    if not full:
+        return out
     # the final data in full, in a copy: the reference for pairwise F1 and for time
     full_ws = workspace.with_name(workspace.name + "-full")
     shutil.rmtree(full_ws, ignore_errors=True)
@@ -256,7 +274,11 @@ def _section(result: dict) -> list[str]:
                   f"(ingest / pseudonymise / link; training {training} s); link parts: "
                   f"{_parts(history['link'])} ({_part_names(result)})."]
     if result.get("measured"):
-        lines += ["", f"Run {result['measured']}." + (f" {result['conditions']}" if result.get("conditions") else "")]
+        again = result.get("history_measured") not in (None, result["measured"])
+        lines += ["", f"Run {result['measured']}"
+                  + (f" (the history release from a run of {result['history_measured']}, kept with --history)"
+                     if again else "") + "."
+                  + (f" {result['conditions']}" if result.get("conditions") else "")]
     return lines
 
 
@@ -267,6 +289,10 @@ def main() -> None:
     ap.add_argument("--releases", type=int, default=None, help="stop after this many deliveries")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--workspace", type=Path, default=Path("/tmp/hhlink-incremental"))
+    ap.add_argument("--history", type=Path, default=None,
+                    help="keep the history release's workspace here, or start from it when it holds one")
+    ap.add_argument("--full", action=argparse.BooleanOptionalAction, default=True,
+                    help="re-run the final data in full at the end (the F1 reference; an hour at 1,000,000)")
     ap.add_argument("--conditions", default=None,
                     help="what else ran on the machine, printed beside the timings (e.g. 'alone')")
     a = ap.parse_args()
@@ -274,7 +300,7 @@ def main() -> None:
     def keep(result: dict) -> None:
         write({**result, "conditions": a.conditions} if a.conditions else result)
 
-    keep(run(a.persons, a.deliveries, a.seed, a.workspace, a.releases, each=keep))
+    keep(run(a.persons, a.deliveries, a.seed, a.workspace, a.releases, each=keep, history_dir=a.history, full=a.full))
 
 
 if __name__ == "__main__":
