@@ -153,6 +153,13 @@ class LinkConfig(_Section):
         engine: ``duckdb`` (embedded, default) or ``spark`` (Splink's SparkAPI).
         spark_master: Spark master URL when ``engine = "spark"`` (``local[2]`` runs on this machine).
         threshold: match probability at or above which two records are the same person.
+        threshold_evidence_bits: ``hhlink link`` also links a pair whose Bayes factor (the match
+            weight without the prior) reaches this many bits, whatever its probability (never
+            below 0.5). The prior of a random pair falls as the population grows, so a fixed
+            probability asks for more evidence the larger the population: at 100,000 persons
+            0.999 left out people recorded with full name and date of birth at another address
+            (pairwise recall 0.987). 25.5 bits is about 0.9995 at 20,000 persons, so
+            ``threshold`` decides there; about 0.997 at 100,000. None: ``threshold`` alone.
         keep_pairs_above: scored pairs at or above this probability are kept in ``linked/pairs.parquet``
             (for the quality report and sensitivity analyses).
         u_max_pairs: record pairs sampled to estimate u probabilities.
@@ -188,6 +195,7 @@ class LinkConfig(_Section):
     engine: Literal["duckdb", "spark"] = "duckdb"
     spark_master: str = "local[2]"
     threshold: float = Field(0.999, gt=0, lt=1)
+    threshold_evidence_bits: float | None = Field(25.5, gt=0, lt=200)
     keep_pairs_above: float = Field(0.01, gt=0, lt=1)
     u_max_pairs: float = Field(5e6, gt=0)
     em_max_pairs: float = Field(2e6, gt=0)
@@ -586,7 +594,7 @@ class FlowConfig(_Section):
 
     Fields:
         min_expected_precision: the smallest acceptable pairwise precision the Splink model
-            expects at ``link.threshold`` (the mean match probability of the pairs at or
+            expects at the linkage threshold (the mean match probability of the pairs at or
             above it: ``expected_vs_true.expected_precision_at_threshold`` in the report).
             Synthetic runs measure 0.9999 at 1,500 to 100,000 persons.
         min_match_rate: per source, the smallest acceptable share of its records that link

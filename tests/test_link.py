@@ -340,3 +340,56 @@ def test_year_typo_u_is_the_dates_coincidence_not_the_names():
     # link-files' plain model reads the level through day and month tokens: its sampled u stands
     plain = model_settings("duckdb", context=False).create_settings_dict("duckdb")
     assert year_typo_u(plain, con) == []
+
+
+def test_the_threshold_is_set_on_the_evidence_so_a_larger_population_needs_no_more_of_it():
+    """effective_threshold: the probability at which the Bayes factor reaches threshold_evidence_bits."""
+    import math
+
+    from linkage.link.stage import effective_threshold
+
+    lc = load_config().link
+    assert lc.threshold_evidence_bits is not None   # the default
+    logit = lambda p: math.log2(p / (1 - p))        # noqa: E731
+    found = {}
+    for prior in (8e-6, 8e-7, 8e-8):                # about 100,000, 1,000,000 and 10,000,000 persons
+        p = effective_threshold(lc, prior)
+        # the match weight at the threshold, less the prior, is the configured evidence
+        assert logit(p) - logit(prior) == pytest.approx(lc.threshold_evidence_bits, abs=1e-6)
+        assert p < lc.threshold
+        found[prior] = p
+    assert found[8e-6] > found[8e-7] > found[8e-8]  # the same evidence is a lower posterior in a larger population
+    # a small population: the evidence gives a posterior above the threshold, which decides
+    assert effective_threshold(lc, 2e-4) == lc.threshold
+    # never a pair the model finds more likely two people, and never below the pairs kept
+    assert effective_threshold(lc, 1e-15) == 0.5
+    high = lc.model_copy(update={"keep_pairs_above": 0.7})
+    assert effective_threshold(high, 1e-15) == 0.7
+    # without the setting, the probability threshold as configured
+    plain = lc.model_copy(update={"threshold_evidence_bits": None})
+    assert effective_threshold(plain, 8e-6) == plain.threshold
+    with pytest.raises(HhlinkError):
+        effective_threshold(lc, 0.0)
+
+
+def test_persons_are_the_components_of_pairs_at_the_threshold_the_summary_states(linked):
+    """The summary's threshold is the one derived from the model's prior, and clustering used it."""
+    from linkage.link.stage import effective_threshold
+
+    root, summary, _ = linked
+    out = root / "linked"
+    prior = json.loads((out / "model.json").read_text())["probability_two_random_records_match"]
+    assert summary["threshold"] == effective_threshold(load_config().link, prior)
+    con = duckdb.connect()
+    con.execute(f"create table ids as select unique_id, person_key from '{out}/identities.parquet'")
+    # every pair at or above it joins one person, and some pair just below it joins two
+    split = con.execute(f"""select count(*) from '{out}/pairs.parquet' p join ids l on l.unique_id = p.unique_id_l
+                            join ids r on r.unique_id = p.unique_id_r
+                            where p.match_probability >= {summary['threshold']!r} and l.person_key != r.person_key""").fetchone()[0]
+    assert split == 0
+    below = con.execute(f"""select count(*) from '{out}/pairs.parquet' p join ids l on l.unique_id = p.unique_id_l
+                            join ids r on r.unique_id = p.unique_id_r
+                            where p.match_probability < {summary['threshold']!r} and l.person_key != r.person_key""").fetchone()[0]
+    assert below > 0
+    ev = json.loads((root / "reports" / "evaluation.json").read_text())
+    assert ev["linkage_threshold"] == summary["threshold"]

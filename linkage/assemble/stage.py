@@ -465,12 +465,15 @@ def sensitivity(con: duckdb.DuckDBPyConnection, config: Config, ws: Workspace, b
     """
     from linkage.assemble.sensitivity import Incremental
 
-    rows = [{"variant": "linked", "threshold": config.link.threshold, **baseline}]
+    from linkage.link.stage import linked_threshold
+
+    threshold = linked_threshold(config, ws.zone("linked"))
+    rows = [{"variant": "linked", "threshold": threshold, **baseline}]
     if not config.assemble.sensitivity_thresholds:
         return rows
     load_pairs(con, ws)
     a = config.assemble
-    inc = Incremental(con, config.link, config.link.threshold,
+    inc = Incremental(con, config.link, threshold,
                       lambda only: build_panel(con, config, full=False, only=only),
                       sql.mobility_cohorts_sql(a.childhood_ages, a.adult_pay_ages, alias="t_cohort"))
     for t in config.assemble.sensitivity_thresholds:

@@ -288,6 +288,8 @@ def evaluate(config: Config, workspace: Path | str, key: MasterKey | None = None
         >>> evaluate(load_config(), "workspace")["person_pairwise_f1"]   # doctest: +SKIP
         0.999...
     """
+    from linkage.link.stage import linked_threshold
+
     from linkage.errors import WorkspaceError
     from linkage.keys import load_master_key
 
@@ -330,7 +332,7 @@ def evaluate(config: Config, workspace: Path | str, key: MasterKey | None = None
                 "min_confidence": next((c for c, p, r in curve if p >= PARENT_CHILD_PRECISION_TARGET
                                         and r == at_target), None)},
             "person_metrics_by_threshold": _by_threshold(con, config.link.evaluation_thresholds),
-            "linkage_threshold": config.link.threshold,
+            "linkage_threshold": linked_threshold(config, ws.zone("linked")),
         }
     finally:
         con.close()

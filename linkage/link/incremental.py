@@ -6,7 +6,9 @@ comparison values (the identity's encodings, its most frequent address, its post
 its year of birth) all come from its records, and the model is the same. So only pairs
 with at least one *touched* identity (one holding a record the previous ``linked/`` did
 not have) are scored; the previous release's pairs between untouched identities are
-carried over, and persons are the connected components of both, as in a full run.
+carried over, and persons are the connected components of both, as in a full run; those
+components are recomputed only over the identities this release's evidence reaches
+(:func:`cluster_affected`), every other identity keeping its previous person.
 
 Record tokens persist from release to release because pseudonymise is incremental
 (:func:`linkage.pseudonymise.stage.plan_increment`); after a full pseudonymise every
@@ -39,7 +41,8 @@ log = logging.getLogger(__name__)
 TOUCHED = "(l.touched OR r.touched)"
 
 
-def scope(con: duckdb.DuckDBPyConnection, previous: Path, model: Path, lc: LinkConfig) -> tuple[dict | None, str]:
+def scope(con: duckdb.DuckDBPyConnection, previous: Path, model: Path, lc: LinkConfig,
+          threshold: float) -> tuple[dict | None, str]:
     """Mark the touched identities and say whether this run can be incremental, with the reason.
 
     Args:
@@ -47,6 +50,7 @@ def scope(con: duckdb.DuckDBPyConnection, previous: Path, model: Path, lc: LinkC
         previous: the previous release's ``linked/``.
         model: the model file this run scores with.
         lc: the link settings (``incremental``, ``incremental_max_share``, ``keep_pairs_above``).
+        threshold: the probability this run clusters at (:func:`linkage.link.stage.effective_threshold`).
 
     Returns:
         ``(facts, reason)``: facts (touched and total identities, the previous pairs' path)
@@ -68,9 +72,9 @@ def scope(con: duckdb.DuckDBPyConnection, previous: Path, model: Path, lc: LinkC
         return None, "full: the previous release's summary is unreadable"
     if before.get("keep_pairs_above") != lc.keep_pairs_above:
         return None, "full: link.keep_pairs_above differs from the previous release's"
-    if before.get("threshold") != lc.threshold:
+    if before.get("threshold") != threshold:
         # the previous persons are its components at its threshold; untouched ones are carried as they are
-        return None, "full: link.threshold differs from the previous release's"
+        return None, "full: the threshold differs from the previous release's"
     identities = previous / "identities.parquet"
     if not identities.is_file():
         return None, "full: no previous release to build on"

@@ -167,7 +167,8 @@ def build_report(config: Config, workspace: Path | str, key=None) -> dict:
                               "persons_with_birth_years_more_than_one_apart": dob_gap},
         "expected_vs_true": {
             "expected_precision_at_threshold": next(
-                (t["expected_precision"] for t in threshold_rows(con, [config.link.threshold])), None),
+                (t["expected_precision"] for t in threshold_rows(con, [summary.get("threshold", config.link.threshold)])),
+                None),
             "true_pairwise_precision": evaluation.get("person_pairwise_precision"),
             "true_pairwise_recall": evaluation.get("person_pairwise_recall"),
             "true_metrics_by_threshold": evaluation.get("person_metrics_by_threshold"),

@@ -15,7 +15,7 @@ no attributes) and writes ``linked/``:
 The model (``linkage.link.model``) is one Splink model over all three sources
 (link and dedupe): u by random sampling, m by EM over several blocking rules, term
 frequency adjustments on name tokens. Persons are the connected components of pairs at
-or above ``link.threshold``.
+or above the threshold (:func:`effective_threshold`).
 
 Example:
     >>> from linkage.config import load_config
@@ -223,6 +223,35 @@ def year_typo_u(settings: dict, con: duckdb.DuckDBPyConnection) -> list[str]:
     return []
 
 
+def effective_threshold(lc, prior: float) -> float:
+    """The match probability at or above which two identities are one person, for a model whose
+    probability that two random records match is ``prior``.
+
+    A pair is linked when its posterior reaches ``link.threshold`` or, with
+    ``link.threshold_evidence_bits``, when its Bayes factor (the match weight without the prior)
+    reaches that many bits: the probability ``1 / (1 + 2 ** -(bits + log2(prior / (1 - prior))))``
+    when that is lower, but never below 0.5 (a pair the model finds more likely two people) nor
+    ``keep_pairs_above``. The prior of a random pair falls as the population grows, so a fixed
+    probability asks for more evidence the larger the population: at 100,000 persons 0.999
+    left out people recorded with their full name and date of birth at another address (their
+    pairs at 0.9986, 99.9% of them true; pairwise recall 0.987), which 20,000 persons had linked.
+    """
+    if lc.threshold_evidence_bits is None:
+        return lc.threshold
+    if not 0 < prior < 1:
+        raise LinkError(f"the model's probability that two random records match is {prior}: cannot set a threshold")
+    weight = lc.threshold_evidence_bits + math.log2(prior / (1 - prior))
+    return min(lc.threshold, max(0.5, lc.keep_pairs_above, 1 / (1 + 2 ** -weight)))
+
+
+def linked_threshold(config: Config, linked: Path) -> float:
+    """The threshold ``linked/`` was clustered at (its summary), or ``link.threshold`` for an older one."""
+    try:
+        return float(json.loads((Path(linked) / "summary.json").read_text())["threshold"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return config.link.threshold
+
+
 def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path, out: Path,
                       model: Path | str | None = None, measured_u: dict | None = None) -> dict:
     """Train the model on the ``identities`` table, score pairs, cluster into persons.
@@ -239,8 +268,13 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
     if model is not None:
         from linkage.link.incremental import scope
 
+        try:
+            prior = json.loads(Path(model).read_text())["probability_two_random_records_match"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise LinkError(f"{model}: cannot read the model's prior ({exc.__class__.__name__})") from None
+        threshold = effective_threshold(lc, prior)
         # publish_dir builds ``out`` beside the zone: the previous release is still ``linked/``
-        increment, prediction = scope(con, out.parent / "linked", Path(model), lc)
+        increment, prediction = scope(con, out.parent / "linked", Path(model), lc, threshold)
     log.info("prediction: %s", prediction)
     db_api = _db_api(config, con, tmp)
     dialect = "spark" if lc.engine == "spark" else "duckdb"
@@ -293,6 +327,9 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
         linker = Linker(sdfs, trained, log_level=None)
     facts = {"training_seconds": round(time.perf_counter() - t, 1)}
     if model is None:
+        threshold = effective_threshold(lc, linker._settings_obj._probability_two_random_records_match)
+    facts["threshold"], facts["threshold_evidence_bits"] = threshold, lc.threshold_evidence_bits
+    if model is None:
         facts["levels_floored"] = floored
         facts["context_u_levels"] = set_from_sample
     if model is not None:
@@ -323,12 +360,12 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
 
         facts["pairs_scored_now"] = con.execute(f"select count(*) from {pairs.physical_name}").fetchall()[0][0]
         merged = merge_pairs(con, pairs.physical_name, increment)
-        affected = cluster_affected(con, pairs.physical_name, merged, increment, lc.threshold)
+        affected = cluster_affected(con, pairs.physical_name, merged, increment, threshold)
         facts["incremental"] = {**{k: increment[k] for k in ("touched_identities", "identities")}, **affected}
         pairs_name, clusters_name = merged, "clusters"
     else:
         clusters = linker.clustering.cluster_pairwise_predictions_at_threshold(
-            pairs, threshold_match_probability=lc.threshold)
+            pairs, threshold_match_probability=threshold)
         if lc.engine == "spark":
             pairs_name, clusters_name = (_from_spark(con, sdf, tmp) for sdf in (pairs, clusters))
         else:
@@ -380,7 +417,7 @@ def blocking_counts(con: duckdb.DuckDBPyConnection, tables: list[str], rules) ->
 
 
 def _model_lifecycle(config: Config, ws: Workspace, con: duckdb.DuckDBPyConnection, out: Path, mode: str,
-                     stored: dict | None) -> dict:
+                     stored: dict | None, threshold: float) -> dict:
     """Keep or reuse the model, measure drift against the stored one, and apply the drift gate.
 
     The previous release's ``linked/`` is still in place: its identities tell which are new,
@@ -398,7 +435,7 @@ def _model_lifecycle(config: Config, ws: Workspace, con: duckdb.DuckDBPyConnecti
     else:
         con.execute("create or replace temp table new_identities as select unique_id from identities")
     con.execute(f"""create or replace temp view _matched as select unique_id_l, unique_id_r
-                    from read_parquet({read_literal(out / 'pairs.parquet')}) where match_probability >= {lc.threshold!r}""")
+                    from read_parquet({read_literal(out / 'pairs.parquet')}) where match_probability >= {threshold!r}""")
     comparisons = model_settings("duckdb").create_settings_dict("duckdb")["comparisons"]
     options = {"sample_side": lc.drift_sample_side, "seed": lc.seed}
     model_store.carry(ws.zone("linked"), out)
@@ -525,7 +562,7 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
                 from linkage.link.spark import release_spark
 
                 release_spark()
-        summary.update(_model_lifecycle(config, ws, con, out, mode, stored))
+        summary.update(_model_lifecycle(config, ws, con, out, mode, stored, summary["threshold"]))
         t_keys = time.perf_counter()
         # person keys carried over from the previous release by greatest overlap (linked/ is still the old one)
         summary.update(person_keys(con, ws.zone("linked") / "identities.parquet", out))
