@@ -66,7 +66,8 @@ def run(persons: int, seed: int, workspace: Path, keys: int = 1) -> dict:
         seconds[stage] = round(time.perf_counter() - t, 1)
         print(f"{stage}: {seconds[stage]} s")
     result = {"persons": persons, "seed": seed, "seconds": seconds,
-              "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **_figures(workspace)}
+              "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **_figures(workspace),
+              "threshold": json.loads((workspace / "linked" / "summary.json").read_text()).get("threshold")}
     if keys > 1:
         # the same extracts under other keys: everything from pseudonymise on is keyed
         result["keys"] = [{"key": 0, **{k: result[k] for k in ("figures", "parent_child_recall_at_precision_target")}}]
@@ -89,14 +90,36 @@ def run(persons: int, seed: int, workspace: Path, keys: int = 1) -> dict:
 
 
 def write(result: dict) -> str:
+    """Keep ``result`` in ``bench/results/synthetic.json`` beside the runs of other sizes, and render them all.
+
+    One run per population size: the targets were set at 20,000 persons, and a larger run
+    shows whether they hold as the population grows. A new run of a size replaces the old one.
+    """
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "synthetic.json").write_text(json.dumps(result, indent=2) + "\n")
+    path = RESULTS / "synthetic.json"
+    try:
+        saved = json.loads(path.read_text())
+        runs = saved.get("runs", {str(saved["persons"]): saved} if "persons" in saved else {})
+    except (OSError, ValueError):
+        runs = {}
+    runs[str(result["persons"])] = result
+    path.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+    lines = ["# Linkage on the synthetic population against its truth", ""]
+    for persons in sorted(runs, key=int):
+        lines += _section(runs[persons]) + [""]
+    text = "\n".join(lines)
+    (RESULTS / "synthetic.md").write_text(text)
+    return text
+
+
+def _section(result: dict) -> list[str]:
     f = result["figures"]
-    lines = ["# Linkage on the synthetic population against its truth", "",
+    lines = [f"## {result['persons']:,} persons", "",
              f"{result['persons']:,} persons, seed {result['seed']}, measured {result['measured']} "
              f"(`python -m bench.synthetic --persons {result['persons']} --seed {result['seed']}"
              + (f" --keys {len(result['keys'])}" if result.get("keys") else "") + "`; stages through the "
-             "registry as `hhlink run` runs them, under the public benchmark key). Targets from issue 15.", "",
+             "registry as `hhlink run` runs them, under the public benchmark key). Targets from issue 15."
+             + (f" Linkage threshold: {result['threshold']:.5f}." if result.get("threshold") else ""), "",
              "| figure | measured | target | met |", "| --- | ---: | --- | --- |"]
     for name, target, _, wording in TARGETS:
         lines.append(f"| {name} | {f[name]:.4f} | {wording} | {'yes' if f[name] >= target else 'no'} |")
@@ -121,9 +144,7 @@ def write(result: dict) -> str:
         lines.append("| target met on every key | " + " | ".join(
             "yes" if worst[name] >= target else "no" for name, target, *_ in TARGETS) + " |")
     lines += ["", "Seconds per stage: " + ", ".join(f"{k} {v}" for k, v in result["seconds"].items()) + "."]
-    text = "\n".join(lines) + "\n"
-    (RESULTS / "synthetic.md").write_text(text)
-    return text
+    return lines
 
 
 def main() -> None:
