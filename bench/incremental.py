@@ -186,23 +186,11 @@ def run(persons: int, deliveries: int, seed: int, workspace: Path, releases: int
 
 
 def write(result: dict) -> None:
-    """Keep ``result`` in ``bench/results/incremental.json`` beside the runs of other sizes, and render them all.
+    """Keep ``result`` in ``bench/results/incremental.json`` beside the runs of other sizes, and render them all
+    (a 100,000-person run of every delivery and a 1,000,000-person run of one answer different targets)."""
+    from bench.runs import keep
 
-    One run per population size (a 100,000-person run of every delivery and a 1,000,000-person
-    run of one delivery answer different targets); a new run of a size replaces the old one.
-    """
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "incremental.json"
-    try:
-        runs = json.loads(path.read_text()).get("runs", {})
-    except (OSError, ValueError):
-        runs = {}
-    runs[str(result["persons"])] = result
-    path.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
-    lines = ["# Releases after monthly deliveries: stable person keys", ""]
-    for persons in sorted(runs, key=int):
-        lines += _section(runs[persons]) + [""]
-    (RESULTS / "incremental.md").write_text("\n".join(lines))
+    keep("incremental", result, "Releases after monthly deliveries: stable person keys", _section, RESULTS)
 
 
 def _parts(link: dict) -> str:

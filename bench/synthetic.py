@@ -90,26 +90,11 @@ def run(persons: int, seed: int, workspace: Path, keys: int = 1) -> dict:
 
 
 def write(result: dict) -> str:
-    """Keep ``result`` in ``bench/results/synthetic.json`` beside the runs of other sizes, and render them all.
+    """Keep ``result`` in ``bench/results/synthetic.json`` beside the runs of other sizes, and render them all:
+    the targets were set at 20,000 persons, and a larger run shows whether they hold as the population grows."""
+    from bench.runs import keep
 
-    One run per population size: the targets were set at 20,000 persons, and a larger run
-    shows whether they hold as the population grows. A new run of a size replaces the old one.
-    """
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "synthetic.json"
-    try:
-        saved = json.loads(path.read_text())
-        runs = saved.get("runs", {str(saved["persons"]): saved} if "persons" in saved else {})
-    except (OSError, ValueError):
-        runs = {}
-    runs[str(result["persons"])] = result
-    path.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
-    lines = ["# Linkage on the synthetic population against its truth", ""]
-    for persons in sorted(runs, key=int):
-        lines += _section(runs[persons]) + [""]
-    text = "\n".join(lines)
-    (RESULTS / "synthetic.md").write_text(text)
-    return text
+    return keep("synthetic", result, "Linkage on the synthetic population against its truth", _section, RESULTS)
 
 
 def _section(result: dict) -> list[str]:
