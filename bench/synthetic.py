@@ -36,6 +36,7 @@ TARGETS = (
     ("parent_child_precision", 0.999, ">=", ">= 0.999"),
     ("parent_child_recall", 0.97, ">=", ">= 0.97 at precision >= 0.999"),
 )
+PERSONS = ("person_pairwise_precision", "person_pairwise_recall", "person_cluster_f1")
 CEILINGS = ("coresidence_evidence_ceiling", "parent_child_evidence_same_year", "parent_child_evidence_ceiling",
             "parent_child_evidence_within_age_gap")
 
@@ -47,8 +48,9 @@ def bench_key(number: int) -> str:
 
 def _figures(workspace: Path) -> dict:
     ev = json.loads((workspace / "reports" / "evaluation.json").read_text())
-    return {"figures": {k: ev[k] for k, *_ in TARGETS} | {k: ev.get(k) for k in CEILINGS},
-            "parent_child_recall_at_precision_target": ev.get("parent_child_recall_at_precision_target")}
+    return {"figures": {k: ev[k] for k, *_ in TARGETS} | {k: ev.get(k) for k in (*CEILINGS, *PERSONS)},
+            "parent_child_recall_at_precision_target": ev.get("parent_child_recall_at_precision_target"),
+            "by_threshold": ev.get("person_metrics_by_threshold")}
 
 
 def run(persons: int, seed: int, workspace: Path, keys: int = 1) -> dict:
@@ -108,6 +110,9 @@ def _section(result: dict) -> list[str]:
              "| figure | measured | target | met |", "| --- | ---: | --- | --- |"]
     for name, target, _, wording in TARGETS:
         lines.append(f"| {name} | {f[name]:.4f} | {wording} | {'yes' if f[name] >= target else 'no'} |")
+    for name in PERSONS:
+        if f.get(name) is not None:
+            lines.append(f"| {name} | {f[name]:.4f} | - | - |")
     at = result.get("parent_child_recall_at_precision_target") or {}
     if at:
         lines.append(f"| parent-child recall at the best confidence cut with precision >= {at['precision_target']} "
@@ -115,6 +120,13 @@ def _section(result: dict) -> list[str]:
     lines += ["", "Ceilings: the share of true relations with any evidence in the extracts, whatever the linkage did "
               "(`relation_evidence_sql` in linkage/evaluate/stage.py):", "", "| ceiling | share |", "| --- | ---: |"]
     lines += [f"| {name} | {f[name]:.4f} |" for name in CEILINGS if f.get(name) is not None]
+    if result.get("by_threshold"):
+        lines += ["", "Persons re-clustered from the same scored pairs at fixed probability thresholds (`hhlink evaluate`'s "
+                  "`person_metrics_by_threshold`); the run's own threshold is above.", "",
+                  "| threshold | pairwise precision | pairwise recall | pairwise F1 | cluster F1 |",
+                  "| ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['threshold']} | {r['pairwise_precision']:.5f} | {r['pairwise_recall']:.5f} | "
+                  f"{r['pairwise_f1']:.5f} | {r['cluster_f1']:.5f} |" for r in result["by_threshold"]]
     if result.get("keys"):
         runs = result["keys"]
         lines += ["", f"The same extracts under {len(runs)} keys (`--keys {len(runs)}`: key 0 is the benchmark key, "
