@@ -4,7 +4,7 @@ A model trained once and reused for every delivery (:func:`linkage.link.stage.li
 right while the data look like the data it was trained on. This module measures, per
 comparison level, how the data moved:
 
-* **m side**: the share of *predicted matches* (pairs at or above ``link.threshold``) at each
+* **m side**: the share of *predicted matches* (pairs at or above the linkage threshold) at each
   level, over the predicted matches that involve a *newest* identity: at a later release
   those new in that release (the delivery); at training, its mirror, those first seen in
   the history's latest year of their source (:func:`recent_identities_sql`). Both are
