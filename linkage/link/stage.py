@@ -233,8 +233,9 @@ def effective_threshold(lc, prior: float) -> float:
     when that is lower, but never below 0.5 (a pair the model finds more likely two people) nor
     ``keep_pairs_above``. The prior of a random pair falls as the population grows, so a fixed
     probability asks for more evidence the larger the population: at 100,000 persons 0.999
-    left out people recorded with their full name and date of birth at another address (their
-    pairs at 0.9986, 99.9% of them true; pairwise recall 0.987), which 20,000 persons had linked.
+    left apart people recorded with their full name and date of birth at another address, which
+    20,000 persons had linked (pairwise recall 0.98722 at 0.999, 0.9997 at this threshold:
+    ``bench/results/synthetic.md``).
     """
     if lc.threshold_evidence_bits is None:
         return lc.threshold
