@@ -159,7 +159,7 @@ class LinkConfig(_Section):
             probability asks for more evidence the larger the population: at 100,000 persons
             0.999 left out people recorded with full name and date of birth at another address
             (pairwise recall 0.987). 25.5 bits is about 0.9995 at 20,000 persons, so
-            ``threshold`` decides there; about 0.997 at 100,000. None: ``threshold`` alone.
+            ``threshold`` decides there; about 0.997 at 100,000. 0: ``threshold`` alone.
         keep_pairs_above: scored pairs at or above this probability are kept in ``linked/pairs.parquet``
             (for the quality report and sensitivity analyses).
         u_max_pairs: record pairs sampled to estimate u probabilities.
@@ -195,7 +195,7 @@ class LinkConfig(_Section):
     engine: Literal["duckdb", "spark"] = "duckdb"
     spark_master: str = "local[2]"
     threshold: float = Field(0.999, gt=0, lt=1)
-    threshold_evidence_bits: float | None = Field(25.5, gt=0, lt=200)
+    threshold_evidence_bits: float = Field(25.5, ge=0, lt=200)
     keep_pairs_above: float = Field(0.01, gt=0, lt=1)
     u_max_pairs: float = Field(5e6, gt=0)
     em_max_pairs: float = Field(2e6, gt=0)

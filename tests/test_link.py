@@ -349,7 +349,7 @@ def test_the_threshold_is_set_on_the_evidence_so_a_larger_population_needs_no_mo
     from linkage.link.stage import effective_threshold
 
     lc = load_config().link
-    assert lc.threshold_evidence_bits is not None   # the default
+    assert lc.threshold_evidence_bits > 0           # the default
     logit = lambda p: math.log2(p / (1 - p))        # noqa: E731
     found = {}
     for prior in (8e-6, 8e-7, 8e-8):                # about 100,000, 1,000,000 and 10,000,000 persons
@@ -366,7 +366,7 @@ def test_the_threshold_is_set_on_the_evidence_so_a_larger_population_needs_no_mo
     high = lc.model_copy(update={"keep_pairs_above": 0.7})
     assert effective_threshold(high, 1e-15) == 0.7
     # without the setting, the probability threshold as configured
-    plain = lc.model_copy(update={"threshold_evidence_bits": None})
+    plain = lc.model_copy(update={"threshold_evidence_bits": 0})
     assert effective_threshold(plain, 8e-6) == plain.threshold
     with pytest.raises(HhlinkError):
         effective_threshold(lc, 0.0)

@@ -15,7 +15,8 @@ from linkage.config import load_config
 @click.option("--engine", type=click.Choice(["duckdb", "spark"]), default=None,
               help="Linkage engine (default from config: duckdb).")
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
-              help="Match probability for 'same person', between 0 and 1 (default from config).")
+              help="Match probability for 'same person', between 0 and 1; given here, it alone decides "
+                   "(default from config, with link.threshold_evidence_bits).")
 @click.option("--retrain", is_flag=True,
               help="Train a new model although one is stored (a deliberate step, written to the audit log).")
 @key_option
@@ -41,7 +42,9 @@ def link(workspace: Path, config_path: Path | None, engine: str | None, threshol
     """
     from linkage.link.drift import DriftGateError
 
-    cfg = load_config(config_path, link={"engine": engine, "threshold": threshold})
+    # a threshold given on the command line is the threshold: the evidence rule is set aside
+    cfg = load_config(config_path, link={"engine": engine, "threshold": threshold,
+                                         "threshold_evidence_bits": 0 if threshold is not None else None})
     audit = audit_log(workspace, key_file)   # no key, no run: a retrain must reach the audit log
     try:
         s = run_stage_command("link", cfg, workspace, key_file, retrain=retrain)

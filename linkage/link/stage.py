@@ -227,8 +227,8 @@ def effective_threshold(lc, prior: float) -> float:
     """The match probability at or above which two identities are one person, for a model whose
     probability that two random records match is ``prior``.
 
-    A pair is linked when its posterior reaches ``link.threshold`` or, with
-    ``link.threshold_evidence_bits``, when its Bayes factor (the match weight without the prior)
+    A pair is linked when its posterior reaches ``link.threshold`` or, unless
+    ``link.threshold_evidence_bits`` is 0, when its Bayes factor (the match weight without the prior)
     reaches that many bits: the probability ``1 / (1 + 2 ** -(bits + log2(prior / (1 - prior))))``
     when that is lower, but never below 0.5 (a pair the model finds more likely two people) nor
     ``keep_pairs_above``. The prior of a random pair falls as the population grows, so a fixed
@@ -237,7 +237,7 @@ def effective_threshold(lc, prior: float) -> float:
     20,000 persons had linked (pairwise recall 0.98722 at 0.999, 0.9997 at this threshold:
     ``bench/results/synthetic.md``).
     """
-    if lc.threshold_evidence_bits is None:
+    if not lc.threshold_evidence_bits:
         return lc.threshold
     if not 0 < prior < 1:
         raise LinkError(f"the model's probability that two random records match is {prior}: cannot set a threshold")
