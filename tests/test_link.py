@@ -393,3 +393,15 @@ def test_persons_are_the_components_of_pairs_at_the_threshold_the_summary_states
     assert below > 0
     ev = json.loads((root / "reports" / "evaluation.json").read_text())
     assert ev["linkage_threshold"] == summary["threshold"]
+
+
+def test_a_threshold_given_to_hhlink_link_alone_decides():
+    """hhlink link --threshold P: P is the threshold whatever the population; without it, the config's rule."""
+    from linkage.cli.link import link_overrides
+    from linkage.link.stage import effective_threshold
+
+    given = load_config(link=link_overrides(None, 0.9999)).link
+    assert effective_threshold(given, 8e-7) == 0.9999          # a large population: the evidence rule would go lower
+    default = load_config(link=link_overrides(None, None)).link
+    assert default.threshold_evidence_bits == load_config().link.threshold_evidence_bits > 0
+    assert effective_threshold(default, 8e-7) < default.threshold

@@ -10,6 +10,13 @@ from linkage.cli.base import actor, audit_log, cli, common_options, key_option, 
 from linkage.config import load_config
 
 
+def link_overrides(engine: str | None, threshold: float | None) -> dict:
+    """The ``[link]`` settings the command line gives: a threshold given there is the threshold,
+    so the evidence rule (``link.threshold_evidence_bits``) is set aside; None keeps the config's."""
+    return {"engine": engine, "threshold": threshold,
+            "threshold_evidence_bits": 0 if threshold is not None else None}
+
+
 @cli.command()
 @common_options
 @click.option("--engine", type=click.Choice(["duckdb", "spark"]), default=None,
@@ -42,9 +49,7 @@ def link(workspace: Path, config_path: Path | None, engine: str | None, threshol
     """
     from linkage.link.drift import DriftGateError
 
-    # a threshold given on the command line is the threshold: the evidence rule is set aside
-    cfg = load_config(config_path, link={"engine": engine, "threshold": threshold,
-                                         "threshold_evidence_bits": 0 if threshold is not None else None})
+    cfg = load_config(config_path, link=link_overrides(engine, threshold))
     audit = audit_log(workspace, key_file)   # no key, no run: a retrain must reach the audit log
     try:
         s = run_stage_command("link", cfg, workspace, key_file, retrain=retrain)
