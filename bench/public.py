@@ -400,7 +400,8 @@ def _evaluate(res: dict, records: list, truth: set, across: bool) -> dict:
     return res
 
 
-def run_dataset(name: str, systems: list[str], work: Path, key: Path, peer_python: str | None) -> dict:
+def run_dataset(name: str, systems: list[str], work: Path, key: Path, peer_python: str | None,
+                repeat: int | None = None) -> dict:
     src = febrl_folder()
     folder = work / name
     folder.mkdir()
@@ -444,7 +445,7 @@ def run_dataset(name: str, systems: list[str], work: Path, key: Path, peer_pytho
             else:
                 res = run_worker(system, files, with_id, folder, peer_python)
             out["systems"][f"{system} ({label})"] = _evaluate(res, records, truth, across)
-        _repeat_timings(out["systems"], label, files, with_id, across, folder, key)
+        _repeat_timings(out["systems"], label, files, with_id, across, folder, key, repeat or REPEAT)
     return out
 
 
@@ -452,8 +453,8 @@ REPEAT = 3    # timed runs of hhlink and the Splink reference, alternating; seco
 
 
 def _repeat_timings(systems: dict, label: str, files: list[Path], with_id: bool, across: bool, folder: Path,
-                    key: Path) -> None:
-    """Time hhlink and the Splink reference REPEAT times in all, alternating, and keep the median seconds.
+                    key: Path, repeat: int = REPEAT) -> None:
+    """Time hhlink and the Splink reference ``repeat`` times in all, alternating, and keep the median seconds.
 
     The machine is shared: one run of each can land on a burst of someone else's load. The
     scores come from the first run (the same inputs and key give the same output); the extra
@@ -461,7 +462,7 @@ def _repeat_timings(systems: dict, label: str, files: list[Path], with_id: bool,
     """
     timed = [s for s in ("hhlink", "splink") if systems.get(f"{s} ({label})", {}).get("ok")]
     runs = {s: [systems[f"{s} ({label})"]["seconds"]] for s in timed}
-    for _ in range(REPEAT - 1):
+    for _ in range(repeat - 1):
         for s in timed:
             res = (run_hhlink(files, with_id, across, folder, key, keep_all=False) if s == "hhlink"
                    else run_worker(s, files, with_id, folder, sys.executable))
@@ -541,17 +542,15 @@ def measure(datasets: list[str], systems: list[str], peer_python: str | None = N
     ``repeat``: timed runs of hhlink and the Splink reference (default :data:`REPEAT`).
     ``bench/privacy.py`` calls this to put the public figures beside the attacks in one run.
     """
-    global REPEAT
-    if repeat is not None:
-        REPEAT = max(1, repeat)
-    results = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "repeat": REPEAT, "datasets": {}}
+    repeat = REPEAT if repeat is None else max(1, repeat)
+    results = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "repeat": repeat, "datasets": {}}
     with tempfile.TemporaryDirectory(prefix="hhlink-public-") as tmp:
         work = Path(tmp)
         key = work / "bench.key"
         subprocess.run([sys.executable, "-m", "linkage.cli", "keys", "init", "--key-file", str(key)],
                        check=True, capture_output=True)
         for name in datasets:
-            results["datasets"][name] = run_dataset(name, systems, work, key, peer_python)
+            results["datasets"][name] = run_dataset(name, systems, work, key, peer_python, repeat)
     results["targets"] = targets(results)
     return results
 

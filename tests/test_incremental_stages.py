@@ -252,7 +252,7 @@ def test_link_scores_only_pairs_a_delivery_touches_and_finds_the_persons_a_full_
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_clustering_only_the_affected_identities_gives_the_components_of_the_whole_graph(tmp_path, seed):
+def test_clustering_only_the_affected_identities_gives_the_components_of_the_whole_graph(seed):
     """cluster_affected against connected components of every pair, on random graphs.
 
     A previous release's persons are the components of its pairs; a delivery touches some
@@ -311,12 +311,10 @@ def test_clustering_only_the_affected_identities_gives_the_components_of_the_who
         con.execute(f"create table {name} (unique_id_l varchar, unique_id_r varchar, match_probability double)")
         if rows:
             con.executemany(f"insert into {name} values (?, ?, ?)", rows)
-    con.execute("create table prev (unique_id varchar, person_key varchar)")
-    con.executemany("insert into prev values (?, ?)", list(key.items()))
-    con.execute(f"copy prev to '{tmp_path / 'identities.parquet'}'")
+    con.execute("create table previous_persons (unique_id varchar, person_key varchar)")
+    con.executemany("insert into previous_persons values (?, ?)", list(key.items()))
 
-    facts = cluster_affected(con, "scored", "merged", {"previous_identities": tmp_path / "identities.parquet"},
-                             threshold)
+    facts = cluster_affected(con, "scored", "merged", threshold)
     got: dict = {}
     for uid, cluster in con.execute("select unique_id, cluster_id from clusters").fetchall():
         got.setdefault(cluster, set()).add(uid)

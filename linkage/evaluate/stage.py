@@ -288,10 +288,9 @@ def evaluate(config: Config, workspace: Path | str, key: MasterKey | None = None
         >>> evaluate(load_config(), "workspace")["person_pairwise_f1"]   # doctest: +SKIP
         0.999...
     """
-    from linkage.link.stage import linked_threshold
-
     from linkage.errors import WorkspaceError
     from linkage.keys import load_master_key
+    from linkage.link.stage import linked_threshold
 
     ws = Workspace(workspace)
     for zone in ("truth", "linked"):

@@ -54,8 +54,9 @@ def scope(con: duckdb.DuckDBPyConnection, previous: Path, model: Path, lc: LinkC
 
     Returns:
         ``(facts, reason)``: facts (touched and total identities, the previous pairs' path)
-        when incremental, else None; ``identities`` gains a boolean column ``touched``
-        only when incremental.
+        when incremental, else None; only when incremental, ``identities`` gains a boolean
+        column ``touched`` and the table ``previous_persons`` (unique_id, person_key) holds
+        the previous release's persons.
     """
     if not lc.incremental:
         return None, "full: link.incremental is false"
@@ -78,9 +79,12 @@ def scope(con: duckdb.DuckDBPyConnection, previous: Path, model: Path, lc: LinkC
     identities = previous / "identities.parquet"
     if not identities.is_file():
         return None, "full: no previous release to build on"
-    gone = con.execute(f"""select count(*) from read_parquet({read_literal(identities)})
-                           anti join identities using (unique_id)""").fetchone()[0]
+    # read once: the check below and cluster_affected both need the previous persons
+    con.execute(f"""create or replace temp table previous_persons as
+                    select unique_id, person_key from read_parquet({read_literal(identities)})""")
+    gone = con.execute("select count(*) from previous_persons anti join identities using (unique_id)").fetchone()[0]
     if gone:
+        con.execute("drop table previous_persons")
         # records only arrive between releases; an identity that went is a re-delivered or removed file
         return None, f"full: {gone:,} identities of the previous release are no longer in the zone"
     con.execute(f"""create or replace temp table _touched as
@@ -88,14 +92,13 @@ def scope(con: duckdb.DuckDBPyConnection, previous: Path, model: Path, lc: LinkC
                     anti join read_parquet({read_literal(files['records.parquet'])}) using (record_token)""")
     touched, total = con.execute("select (select count(*) from _touched), (select count(*) from identities)").fetchone()
     if total and touched / total > lc.incremental_max_share:
-        con.execute("drop table _touched")
+        con.execute("drop table _touched; drop table previous_persons")
         return None, (f"full: {touched:,} of {total:,} identities gained records "
                       f"(more than link.incremental_max_share = {lc.incremental_max_share})")
     con.execute("alter table identities add column touched boolean")
     con.execute("update identities set touched = unique_id in (select unique_id from _touched)")
     con.execute("drop table _touched")
     return ({"touched_identities": int(touched), "identities": int(total), "previous_pairs": files["pairs.parquet"],
-             "previous_identities": identities,
              "previous_blocking": {k: before.get(k) for k in ("blocking", "uncompared")},
              "blocking_counted_at": before.get("blocking_counted_at")},
             f"incremental: {touched:,} of {total:,} identities gained records")
@@ -124,8 +127,7 @@ def merge_pairs(con: duckdb.DuckDBPyConnection, scored: str, facts: dict) -> str
     return "pairs_merged"
 
 
-def cluster_affected(con: duckdb.DuckDBPyConnection, scored: str, merged: str, facts: dict,
-                     threshold: float) -> dict:
+def cluster_affected(con: duckdb.DuckDBPyConnection, scored: str, merged: str, threshold: float) -> dict:
     """``clusters`` (unique_id, cluster_id): persons as the connected components of ``merged`` at
     ``threshold``, computed only where this release's evidence reaches.
 
@@ -139,10 +141,10 @@ def cluster_affected(con: duckdb.DuckDBPyConnection, scored: str, merged: str, f
     At 1,000,000 persons this clusters a few hundred thousand identities instead of millions.
 
     Args:
-        con: the link stage's connection, holding ``identities`` (with ``touched``), ``scored``, ``merged``.
+        con: the link stage's connection, holding ``identities`` (with ``touched``), ``scored``, ``merged``
+            and :func:`scope`'s ``previous_persons``.
         scored: the pairs scored now (each has a touched identity: :func:`restricted_rules`).
         merged: those with the carried ones (:func:`merge_pairs`).
-        facts: :func:`scope`'s facts (``previous_identities``).
         threshold: the match probability at which a pair joins two identities.
 
     Returns:
@@ -153,18 +155,16 @@ def cluster_affected(con: duckdb.DuckDBPyConnection, scored: str, merged: str, f
 
     t = f"{float(threshold)!r}"
     con.execute(f"""
-        create or replace temp table _prev_person as
-        select unique_id, person_key from read_parquet({read_literal(facts['previous_identities'])});
         create or replace temp table _seed as
         select unique_id from identities where touched
-        union select unique_id from identities anti join _prev_person using (unique_id)
+        union select unique_id from identities anti join previous_persons using (unique_id)
         union select unique_id_l from {scored} where match_probability >= {t}
         union select unique_id_r from {scored} where match_probability >= {t};
         create or replace temp table _affected_persons as
-        select distinct person_key from _prev_person join _seed using (unique_id);
+        select distinct person_key from previous_persons join _seed using (unique_id);
         create or replace table affected_identities as
         select unique_id from _seed
-        union select unique_id from _prev_person semi join _affected_persons using (person_key);
+        union select unique_id from previous_persons semi join _affected_persons using (person_key);
         create or replace table affected_pairs as
         select m.unique_id_l, m.unique_id_r, m.match_probability from {merged} m
         semi join affected_identities l on l.unique_id = m.unique_id_l
@@ -179,9 +179,9 @@ def cluster_affected(con: duckdb.DuckDBPyConnection, scored: str, merged: str, f
         create or replace table clusters as
         select unique_id, cluster_id::varchar as cluster_id from {clusters.physical_name}
         union all
-        select p.unique_id, 'previous:' || p.person_key from _prev_person p anti join affected_identities using (unique_id)""")
+        select p.unique_id, 'previous:' || p.person_key from previous_persons p anti join affected_identities using (unique_id)""")
     affected, persons = con.execute(
         "select (select count(*) from affected_identities), (select count(*) from _affected_persons)").fetchone()
-    con.execute("drop table _prev_person; drop table _seed; drop table _affected_persons; "
+    con.execute("drop table previous_persons; drop table _seed; drop table _affected_persons; "
                 "drop table affected_identities; drop table affected_pairs")
     return {"affected_identities": int(affected), "affected_persons_before": int(persons)}

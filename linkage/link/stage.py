@@ -329,10 +329,9 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
     facts = {"training_seconds": round(time.perf_counter() - t, 1)}
     if model is None:
         threshold = effective_threshold(lc, linker._settings_obj._probability_two_random_records_match)
-    facts["threshold"], facts["threshold_evidence_bits"] = threshold, lc.threshold_evidence_bits
-    if model is None:
         facts["levels_floored"] = floored
         facts["context_u_levels"] = set_from_sample
+    facts["threshold"], facts["threshold_evidence_bits"] = threshold, lc.threshold_evidence_bits
     if model is not None:
         facts["model_loaded_from"] = str(model)
     linker.misc.save_model_to_json(str(out / "model.json"), overwrite=True)
@@ -361,7 +360,7 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
 
         facts["pairs_scored_now"] = con.execute(f"select count(*) from {pairs.physical_name}").fetchall()[0][0]
         merged = merge_pairs(con, pairs.physical_name, increment)
-        affected = cluster_affected(con, pairs.physical_name, merged, increment, threshold)
+        affected = cluster_affected(con, pairs.physical_name, merged, threshold)
         facts["incremental"] = {**{k: increment[k] for k in ("touched_identities", "identities")}, **affected}
         pairs_name, clusters_name = merged, "clusters"
     else:
