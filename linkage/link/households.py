@@ -55,9 +55,14 @@ different claims, 0.5 for spells at one address that interleave without a year o
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import duckdb
 
 from linkage.config import LinkConfig
+from linkage.db import read_literal
 from linkage.encodings import dice_sql
 
 ADDRESS_DICE = 0.9   # address-line filters at one postcode at least this similar are one address
@@ -402,25 +407,82 @@ def parent_child_sql(cfg: LinkConfig, weak_membership: bool = False, cross_year:
     """
 
 
-def assemble_households(con: duckdb.DuckDBPyConnection, cfg: LinkConfig) -> dict:
-    """Build ``households`` and ``parent_child`` on ``con``.
+# Every join above relates two people only through a value they share: a postcode (addresses and
+# their keys live within one), a benefit unit or a claim; household keys come from components of
+# those joins. So the households and parent-child relations of a connected component of the graph
+# of people and these values depend on that component's records alone (:func:`_affected_persons`).
+PLACES = ("postcode_tok", "benefit_unit_tok", "claim_tok")
 
-    ``households``: person_key, year, birth_year, household_key, address_evidence
-    (address, postcode, stale, inferred or none), on_claim, records_at_address and the
-    membership confidence; one row per observed person-year.
 
-    Args:
-        con: a DuckDB connection holding ``records_linked`` (record token, person_key, year,
-            birth_year, claim_tok, bu_role, postcode_tok, addr_bf, benefit_unit_tok).
-        cfg: linkage settings (age-gap bounds for parents).
+def households_fingerprint(cfg: LinkConfig) -> str:
+    """A digest of everything that decides households from records: the SQL itself, with its
+    constants and ``cfg``'s age gaps. A release whose previous one had another fingerprint
+    recomputes every household."""
+    sql = _person_years_sql() + _edges_sql() + _membership_sql() + parent_child_sql(cfg, True, True)
+    return hashlib.sha256(json.dumps({"sql": sql, "places": PLACES}).encode()).hexdigest()[:16]
 
-    Returns:
-        Counts of household-years, households' mean size, parent-child relations, and the
-        person-years by address evidence (``address_evidence``).
 
-    Example:
-        >>> assemble_households(con, load_config().link)["household_years"]   # doctest: +SKIP
+def _affected_persons(con: duckdb.DuckDBPyConnection, cfg: LinkConfig, previous: Path | None) -> tuple[int | None, str]:
+    """The persons whose households may differ from the previous release's, as ``_hh_affected``.
+
+    A person is *changed* when one of its records is new or moved from or to another person
+    key since ``previous`` (both keys count, so merged and split persons do). The affected
+    persons are the connected components, in the graph of persons and the :data:`PLACES`
+    they have records at, of the changed ones. Any other person's component holds only
+    unchanged persons with unchanged records, as it did in the previous release (a person
+    who had shared a place with it then still does, under the same key), so its households
+    and relations are the previous release's, exactly. Returns (affected persons, reason),
+    or (None, reason) when every household must be recomputed.
     """
+    if previous is None:
+        return None, "full: no previous release"
+    if not cfg.incremental:
+        return None, "full: link.incremental is false"
+    files = {n: Path(previous) / n for n in ("records.parquet", "households.parquet", "parent_child.parquet",
+                                              "summary.json")}
+    if not all(f.is_file() for f in files.values()):
+        return None, "full: no previous release to build on"
+    try:
+        before = json.loads(files["summary.json"].read_text()).get("households_fingerprint")
+    except (OSError, ValueError):
+        return None, "full: the previous release's summary is unreadable"
+    if before != households_fingerprint(cfg):
+        return None, "full: the households' settings or code differ from the previous release's"
+    places = " union ".join(f"select person_key, '{n}:' || {c} as place from records_linked where {c} is not null"
+                            for n, c in enumerate(PLACES))
+    con.execute(f"""
+        create or replace temp table _hh_prev as
+        select record_token, person_key from read_parquet({read_literal(files['records.parquet'])});
+        create or replace temp table _hh_frontier as
+        select r.person_key from records_linked r left join _hh_prev p using (record_token)
+        where p.person_key is distinct from r.person_key
+        union
+        select p.person_key from _hh_prev p left join records_linked r using (record_token)
+        where r.person_key is distinct from p.person_key;
+        drop table _hh_prev;
+        create or replace temp table _hh_affected as select person_key from _hh_frontier;
+        create or replace temp table _hh_place as {places};
+    """)
+    while True:
+        # breadth first: the places of the persons reached last, and everyone else there
+        con.execute("""create or replace temp table _hh_next as
+                       select distinct b.person_key from _hh_place a semi join _hh_frontier using (person_key)
+                       join _hh_place b using (place) anti join _hh_affected x on x.person_key = b.person_key""")
+        if not con.execute("select count(*) from _hh_next").fetchone()[0]:
+            break
+        con.execute("insert into _hh_affected select person_key from _hh_next; "
+                    "drop table _hh_frontier; alter table _hh_next rename to _hh_frontier")
+    con.execute("drop table if exists _hh_next; drop table _hh_frontier; drop table _hh_place")
+    affected, persons = con.execute("""select (select count(*) from _hh_affected),
+                                              (select count(distinct person_key) from records_linked)""").fetchone()
+    if persons and affected / persons > cfg.incremental_max_share:
+        con.execute("drop table _hh_affected")
+        return None, (f"full: {affected:,} of {persons:,} persons reached by changed records "
+                      f"(more than link.incremental_max_share = {cfg.incremental_max_share})")
+    return affected, f"incremental: {affected:,} of {persons:,} persons recomputed"
+
+
+def _compute(con: duckdb.DuckDBPyConnection, cfg: LinkConfig) -> None:
     from splink import DuckDBAPI
     from splink.clustering import cluster_pairwise_predictions_at_threshold
 
@@ -434,13 +496,77 @@ def assemble_households(con: duckdb.DuckDBPyConnection, cfg: LinkConfig) -> dict
         from py_nodes n join {clusters.physical_name} c using (node_id)""")
     con.execute(_membership_sql())
     con.execute(parent_child_sql(cfg, weak_membership=True, cross_year=True))
+
+
+def assemble_households(con: duckdb.DuckDBPyConnection, cfg: LinkConfig, previous: Path | None = None) -> dict:
+    """Build ``households`` and ``parent_child`` on ``con``.
+
+    ``households``: person_key, year, birth_year, household_key, address_evidence
+    (address, postcode, stale, inferred or none), on_claim, records_at_address and the
+    membership confidence; one row per observed person-year.
+
+    With ``previous`` (the previous release's ``linked/``), only the persons a changed
+    record reaches are recomputed (:func:`_affected_persons`) and everyone else's rows are
+    the previous release's: the same tables a full computation gives, except that a
+    household's ``household_key`` is then only a name for it, the previous release's key for
+    a carried household and ``'N'`` + its computed key for a recomputed one, until
+    :func:`linkage.link.stable_keys.household_keys` gives every household its key (which
+    depends only on the households' members, so the keys are a full computation's too).
+
+    Args:
+        con: a DuckDB connection holding ``records_linked`` (record token, person_key, year,
+            birth_year, claim_tok, bu_role, postcode_tok, addr_bf, benefit_unit_tok).
+        cfg: linkage settings (age-gap bounds for parents; ``incremental``, ``incremental_max_share``).
+        previous: the previous release's ``linked/`` folder, or None.
+
+    Returns:
+        Counts of household-years, households' mean size, parent-child relations, the
+        person-years by address evidence (``address_evidence``), ``households_mode`` (why
+        full or incremental), ``households_recomputed_persons`` and ``households_fingerprint``.
+
+    Example:
+        >>> assemble_households(con, load_config().link)["household_years"]   # doctest: +SKIP
+    """
+    affected, mode = _affected_persons(con, cfg, previous)
+    if affected is None:
+        _compute(con, cfg)
+        recomputed = con.execute("select count(distinct person_key) from records_linked").fetchone()[0]
+    else:
+        households, relations = (read_literal(Path(previous) / f) for f in ("households.parquet", "parent_child.parquet"))
+        con.execute("""alter table records_linked rename to _hh_records_all;
+                       create table records_linked as select * from _hh_records_all semi join _hh_affected using (person_key)""")
+        try:
+            recomputed = con.execute("select count(distinct person_key) from records_linked").fetchone()[0]
+            if recomputed:
+                _compute(con, cfg)
+            else:   # nothing changed: the previous tables as they are
+                con.execute(f"""create or replace table households as select * from read_parquet({households}) where false;
+                                create or replace table parent_child as select * from read_parquet({relations}) where false""")
+        finally:
+            con.execute("drop table if exists records_linked; alter table _hh_records_all rename to records_linked")
+        con.execute(f"""
+            create or replace table households as
+            select * from (select * replace ('N' || household_key as household_key) from households
+                           union all by name
+                           select * from read_parquet({households}) anti join _hh_affected using (person_key))
+            order by person_key, year;
+            create or replace table parent_child as
+            select * from (select * from parent_child
+                           union all by name
+                           select * from read_parquet({relations})
+                           where parent_key not in (select person_key from _hh_affected)
+                             and child_key not in (select person_key from _hh_affected))
+            order by parent_key, child_key;
+            drop table _hh_affected;
+        """)
     hh, size, pc = con.execute("""
         select (select count(distinct (household_key, year)) from households),
                (select avg(n) from (select household_key, year, count(*) n from households group by all)),
                (select count(*) from parent_child)""").fetchall()[0]
-    evidence = dict(con.execute("select address_evidence, count(*) from py_nodes group by 1 order by 1").fetchall())
+    evidence = dict(con.execute("select address_evidence, count(*) from households group by 1 order by 1").fetchall())
     return {"household_years": hh, "mean_household_size": round(size or 0, 3), "parent_child_relations": pc,
-            "address_evidence": evidence}
+            "address_evidence": evidence, "households_mode": mode, "households_recomputed_persons": int(recomputed),
+            "households_fingerprint": households_fingerprint(cfg)}
 
 
 CONFIDENCE_BANDS = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)

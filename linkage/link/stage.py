@@ -488,6 +488,15 @@ def _model_lifecycle(config: Config, ws: Workspace, con: duckdb.DuckDBPyConnecti
     return facts
 
 
+def _drop_tables(con: duckdb.DuckDBPyConnection, keep: set[str]) -> None:
+    """Drop every table and view on ``con`` but ``keep`` (views first: they may read the tables)."""
+    for kind in ("view", "table"):
+        names = con.execute(f"select {kind}_name, temporary from duckdb_{kind}s() where not internal").fetchall()
+        for name, _ in names:
+            if name not in keep:
+                con.execute(f"drop {kind} if exists {quote_ident(name)}")
+
+
 def _write_drift(ws: Workspace, facts: dict) -> None:
     """``reports/linkage/drift.json``: written even when the gate stops the release, so the engineer sees why."""
     from linkage.workspace import atomic_path
@@ -579,8 +588,15 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
         con.execute(f"""copy (select * exclude (postcode_tok, addr_bf) from records_linked order by record_token)
                         to {path_literal(out / 'records.parquet')} (compression zstd)""")
         summary["records_write_seconds"] = round(time.perf_counter() - t_write, 1)
+        counts = con.execute("""select (select count(*) from records), (select count(*) from identities),
+                                       (select count(distinct person_key) from persons)""").fetchall()[0]
+        summary.update(records=counts[0], identities=counts[1], persons=counts[2])
+        # households read records_linked only: the rest (identities with their encodings, the blocked
+        # copies, Splink's predictions) would be spilled to disk beside them (44 GB at 1M persons)
+        _drop_tables(con, keep={"records_linked"})
         t_hh = time.perf_counter()
-        summary.update(assemble_households(con, config.link))
+        summary.update(assemble_households(con, config.link, ws.zone("linked")))   # the previous release's, still in place
+        _drop_tables(con, keep={"households", "parent_child"})
         t_hk = time.perf_counter()
         # household keys carried over from the previous release by greatest overlap of person-years
         summary.update(household_keys(con, ws.zone("linked") / "households.parquet", out))
@@ -588,9 +604,6 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
         con.execute(f"copy households to {path_literal(out / 'households.parquet')} (compression zstd)")
         con.execute(f"copy parent_child to {path_literal(out / 'parent_child.parquet')} (compression zstd)")
         summary["households_seconds"] = round(time.perf_counter() - t_hh, 1)
-        counts = con.execute("""select (select count(*) from records), (select count(*) from identities),
-                                       (select count(distinct person_key) from persons)""").fetchall()[0]
-        summary.update(records=counts[0], identities=counts[1], persons=counts[2])
         summary["seconds"] = round(time.perf_counter() - t0, 1)
         summary["model_seconds"] = round(time.perf_counter() - t, 1)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))

@@ -1,0 +1,132 @@
+"""Households after a delivery: recomputing only the persons changed records reach gives a full computation's tables."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from linkage.config import LinkConfig
+from linkage.keys import MasterKey
+from linkage.link.households import assemble_households, households_fingerprint
+from linkage.link.stable_keys import household_keys
+from linkage.pseudonymise.store import load_zone
+from tests.conftest import PORTAL_KEY_HEX
+
+COLUMNS = ("record_token", "source", "year", "birth_year", "unique_id", "benefit_unit_tok", "bu_role", "claim_tok")
+
+
+@pytest.fixture(scope="module")
+def records(linked_4000, tmp_path_factory):
+    """``linked_4000``'s records as the link stage's ``records_linked`` holds them, in a DuckDB file."""
+    ws, _ = linked_4000
+    path = tmp_path_factory.mktemp("hh_incremental") / "records.duckdb"
+    con = duckdb.connect(str(path))
+    load_zone(con, "z", ws, "identifiers", MasterKey(bytes.fromhex(PORTAL_KEY_HEX), "test"),
+              ["record_token", "postcode_tok", "addr_bf"])
+    con.execute(f"""create table base as
+                    select {", ".join(f"r.{c}" for c in COLUMNS)}, r.person_key, z.postcode_tok, z.addr_bf
+                    from read_parquet('{ws}/linked/records.parquet') r join z using (record_token)""")
+    con.close()
+    return path
+
+
+def _release(records, seed: int):
+    """A previous release and the next one (Arrow tables of records): 2% of persons with their
+    latest year's records new (a delivery), ten pairs of persons merged and ten persons split
+    (the records of half their identities under a new key), all chosen at random."""
+    con = duckdb.connect(str(records), read_only=True)
+    base = con.sql(f"select {', '.join(COLUMNS)}, person_key, postcode_tok, addr_bf from base").to_arrow_table()
+    con.close()
+    rng = random.Random(seed)
+    keys = sorted(set(base.column("person_key").to_pylist()))
+    merged = [rng.sample(keys, 2) for _ in range(10)]
+    con = duckdb.connect()
+    con.register("base", base)
+    con.register("merged", pa.table({"target": [a for a, _ in merged], "key": [b for _, b in merged]}))
+    con.register("split", pa.table({"key": rng.sample(keys, 10)}))
+    con.register("delivered", pa.table({"key": rng.sample(keys, len(keys) // 50)}))
+    previous = con.sql("""select * from base b
+        where not (person_key in (select key from delivered)
+                   and year = (select max(year) from base x where x.person_key = b.person_key))""").to_arrow_table()
+    current = con.sql("""select b.* replace (
+            case when b.person_key in (select key from split) and strpos('13579bdf', right(b.unique_id, 1)) > 0
+                 then 'S' || b.person_key else coalesce(m.target, b.person_key) end as person_key)
+        from base b left join (select key, min(target) as target from merged group by key) m on m.key = b.person_key""").to_arrow_table()
+    con.close()
+    return previous, current
+
+
+def _con(rows):
+    con = duckdb.connect()
+    con.register("_rows", rows)
+    con.execute("create table records_linked as select * from _rows")
+    con.unregister("_rows")
+    return con
+
+
+def _tables(con):
+    households = con.execute("select * from households order by person_key, year").fetchall()
+    relations = con.execute("select * from parent_child order by parent_key, child_key").fetchall()
+    return households, relations
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_recomputing_only_the_reached_persons_gives_the_full_tables(records, tmp_path, seed):
+    cfg = LinkConfig()
+    previous_rows, current_rows = _release(records, seed)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    con = _con(previous_rows)
+    assemble_households(con, cfg)
+    household_keys(con, linked / "none.parquet", linked)   # a first release: its keys as computed
+    con.execute(f"copy (select record_token, person_key from records_linked) to '{linked}/records.parquet'")
+    con.execute(f"copy households to '{linked}/households.parquet'")
+    con.execute(f"copy parent_child to '{linked}/parent_child.parquet'")
+    (linked / "summary.json").write_text(json.dumps({"households_fingerprint": households_fingerprint(cfg)}))
+    con.close()
+
+    results = {}
+    for mode, previous in (("full", None), ("incremental", linked)):
+        out = tmp_path / mode
+        out.mkdir()
+        con = _con(current_rows)
+        facts = assemble_households(con, cfg, previous)
+        assert facts["households_mode"].startswith(mode), facts["households_mode"]
+        household_keys(con, linked / "households.parquet", out)
+        changes = con.execute(f"select * from '{out}/household_key_changes.parquet' "
+                              "order by all").fetchall()
+        results[mode] = (*_tables(con), changes, {k: facts[k] for k in
+                                                  ("household_years", "parent_child_relations", "address_evidence")})
+        persons = con.execute("select count(distinct person_key) from records_linked").fetchone()[0]
+        con.close()
+        if mode == "incremental":
+            # the delivery reached part of the population, not all of it
+            assert 0 < facts["households_recomputed_persons"] < persons / 2
+    full, incremental = results["full"], results["incremental"]
+    assert incremental[0] == full[0]          # every person-year's household, key and evidence
+    assert incremental[1] == full[1]          # every parent-child relation
+    assert incremental[2] == full[2]          # every household key change
+    assert incremental[3] == full[3]
+
+
+def test_a_release_with_other_household_settings_recomputes_everything(records, tmp_path):
+    previous_rows, current_rows = _release(records, 4)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    con = _con(previous_rows)
+    assemble_households(con, LinkConfig())
+    con.execute(f"copy (select record_token, person_key from records_linked) to '{linked}/records.parquet'")
+    con.execute(f"copy households to '{linked}/households.parquet'")
+    con.execute(f"copy parent_child to '{linked}/parent_child.parquet'")
+    (linked / "summary.json").write_text(json.dumps({"households_fingerprint": households_fingerprint(LinkConfig())}))
+    con.close()
+    con = _con(current_rows)
+    facts = assemble_households(con, LinkConfig(parent_min_age_gap=16), linked)
+    assert facts["households_mode"].startswith("full: the households' settings")
+    con = _con(current_rows)
+    facts = assemble_households(con, LinkConfig(incremental=False), linked)
+    assert facts["households_mode"] == "full: link.incremental is false"
