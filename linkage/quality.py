@@ -16,6 +16,19 @@ through ``duckdb_engine`` with the buffering fix in :mod:`linkage.compat.gx_duck
 regex expectations are not available on that dialect, so format rules are
 ``UnexpectedRowsExpectation`` queries using DuckDB's ``regexp_full_match``.
 
+Incremental validation (an ingest that carries earlier deliveries' staged rows): GX runs on
+the rows new in the run for the *row-wise* expectation types (:data:`ROW_WISE`: each row is
+judged on its own values, so counts over a table are the sums of counts over its parts), and
+their counts are added to the counts carried from the previous run for the earlier rows
+(``staged/quality.json``); percentages and the pass/fail judgement are recomputed from the
+summed counts exactly as GX computes them. Every other type (table row count, uniqueness,
+proportions of non-null values, means, ...) runs on the whole staged table each time. A source
+with no new staged rows carries every result (no GX run, so no Data Docs page for it this time),
+unless no source has new rows and Data Docs are wanted: then all are validated whole. Counts
+are carried only when the suite, the GX version and the carried files and rows are those they
+were counted on; otherwise the source is validated whole. ``quality_summary.json`` says per source how it was validated, when, and on
+which rows (``validated``), and per expectation which counts were carried (``scope``).
+
 Privacy: results are requested with ``partial_unexpected_count: 0`` and unexpected-row
 queries return no rows to the report (GX keeps rows only in ``COMPLETE`` format), so the
 reports carry counts and rates, never record values.
@@ -39,6 +52,9 @@ Example:
 
 from __future__ import annotations
 
+import datetime as _dt
+import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -46,11 +62,13 @@ import re
 import shutil
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from linkage import resources
 from linkage.db import connect, read_literal
 from linkage.db import quote_ident as q
+from linkage.db import quote_literal as q_lit
 from linkage.errors import HhlinkError
 
 log = logging.getLogger(__name__)
@@ -85,6 +103,21 @@ CDN_ASSETS = {
     "https://cdn.jsdelivr.net/npm/vega-lite@5": "vega/vega-lite.min.js",
     "https://cdn.jsdelivr.net/npm/vega-embed@6": "vega/vega-embed.min.js",
 }
+#: Expectation types whose counts over a table are the sums of their counts over any split of its
+#: rows (each row judged on its own values), and how GX judges the summed counts. Any other type
+#: is validated over the whole table (see :func:`validate`).
+ROW_WISE = {
+    "expect_column_values_to_not_be_null": "not_null",         # nulls out of every row
+    "expect_column_values_to_be_in_set": "column_map",         # out of the non-null rows
+    "expect_column_values_to_be_between": "column_map",
+    "expect_column_pair_values_a_to_be_greater_than_b": "pair_map",   # out of the rows not ignored
+    "unexpected_rows_expectation": "row_query",                # rows returned, if the query is a plain row filter
+}
+_COUNTS = {"not_null": ("element_count", "unexpected_count"),
+           "column_map": ("element_count", "unexpected_count", "missing_count"),
+           "pair_map": ("element_count", "unexpected_count", "missing_count"),
+           "row_query": ("observed_value",)}
+_PROVENANCE = ("scope", "now", "carried")      # report-only keys of an expectation's result
 _GX_IMAGES = "https://great-expectations-web-assets.s3.us-east-2.amazonaws.com/"
 _ASSET_ATTR = re.compile(r'<(link|script|img)\b[^>]*?\b(href|src)\s*=\s*"(https?://[^"]*)"', re.IGNORECASE)
 _CSS_URL = re.compile(r"url\(\s*['\"]?(https?://[^'\")]+)", re.IGNORECASE)
@@ -143,11 +176,14 @@ def _context(gx, scratch: Path):
     return ctx
 
 
-def _suite(gx, name: str, data: dict):
+def _suite(gx, name: str, data: dict, indices: list[int] | None = None, notes: str | None = None):
     from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
 
-    suite = gx.ExpectationSuite(name=name, meta={k: v for k, v in data.get("meta", {}).items() if k != "hhlink"})
-    for exp in data["expectations"]:
+    suite = gx.ExpectationSuite(name=name, meta={k: v for k, v in data.get("meta", {}).items() if k != "hhlink"},
+                                notes=notes)
+    for i, exp in enumerate(data["expectations"]):
+        if indices is not None and i not in indices:
+            continue
         cfg = ExpectationConfiguration(type=exp["type"], kwargs=exp["kwargs"], meta=exp.get("meta"),
                                        notes=exp.get("notes"), description=exp.get("description"),
                                        severity=exp["severity"])
@@ -185,8 +221,178 @@ def _summarise(result, data: dict) -> dict:
     return out
 
 
+@dataclass
+class Carried:
+    """The earlier rows of one source in an incremental ingest, and the counts carried for them.
+
+    Attributes:
+        files: the landing files whose staged rows are carried unchanged (``_file`` values).
+        rows: how many staged rows those files hold.
+        record: this source's entry of the previous run's ``staged/quality.json`` (what
+            :func:`carry_record` made), or None when there is none.
+    """
+
+    files: list[str]
+    rows: int
+    record: dict | None
+
+
+@dataclass
+class _Plan:
+    how: str                        # "full", "incremental" or "carried"
+    why: str = ""                   # why a source with carried rows is validated whole
+    rows_now: int = 0
+    files_now: tuple[str, ...] = ()
+    row_wise: dict[int, str] | None = None     # suite position -> ROW_WISE kind (incremental only)
+
+
+def suite_digest(data: dict) -> str:
+    """SHA-256 of a suite's content (what carried counts were counted under)."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _walk(node) -> list:
+    out = [node]
+    for child in (node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()):
+        out += _walk(child)
+    return out
+
+
+def _parse(con, sql: str) -> dict | None:
+    """DuckDB's syntax tree of one SELECT statement, or None."""
+    got = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0])
+    return None if got.get("error") or len(got.get("statements", [])) != 1 else got["statements"][0]["node"]
+
+
+def _beyond_row(node: dict) -> bool:
+    """Whether a syntax tree holds a subquery or a window function (values from other rows)."""
+    return any(isinstance(n, dict) and n.get("class") in ("SUBQUERY", "WINDOW") for n in _walk(node))
+
+
+def _not_a_row_filter(con, sql: str) -> str | None:
+    """Why ``sql`` (``_batch`` standing for the table) is not ``SELECT columns FROM _batch WHERE <row
+    condition>``, or None when it is: only then do its row counts over parts of a table add up."""
+    node = _parse(con, sql)
+    if node is None:
+        return "not one statement DuckDB parses"
+    if node.get("type") != "SELECT_NODE" or node.get("modifiers") or node.get("cte_map", {}).get("map") \
+            or node.get("group_expressions") or node.get("group_sets") or node.get("having") \
+            or node.get("qualify") or node.get("sample") or node.get("aggregate_handling") != "STANDARD_HANDLING":
+        return "not a plain SELECT ... WHERE (grouping, DISTINCT, LIMIT, ORDER BY, CTE or sample)"
+    table = node.get("from_table") or {}
+    if table.get("type") != "BASE_TABLE" or table.get("table_name") != "_batch" or table.get("sample"):
+        return "reads something else than the batch alone"
+    if any(item.get("class") not in ("COLUMN_REF", "CONSTANT", "STAR") for item in node.get("select_list", [])):
+        return "its select list computes values"
+    if _beyond_row(node):
+        return "a subquery or window function looks beyond the row"
+    return None
+
+
+def _row_wise(con, exp: dict) -> str | None:
+    """The :data:`ROW_WISE` kind of one expectation, or None when its result needs the whole table."""
+    kind = ROW_WISE.get(exp["type"])
+    if kind is None or "row_condition" in exp["kwargs"]:
+        return None
+    if kind == "row_query":
+        try:
+            sql = exp["kwargs"]["unexpected_rows_query"].format(batch="_batch")
+        except (KeyError, IndexError, ValueError, AttributeError):
+            return None
+        if _not_a_row_filter(con, sql):
+            return None
+    return kind
+
+
+def _plan(con, source: str, path, data: dict, carried: Carried | None, version: str) -> _Plan:
+    """How to validate one source: whole, new rows plus carried counts, or nothing new (all carried)."""
+    if carried is None or not carried.files:
+        return _Plan("full")
+    rec = carried.record
+    if not rec:
+        return _Plan("full", "no counts were carried from the previous run (staged/quality.json)")
+    if rec.get("suite_sha256") != suite_digest(data):
+        return _Plan("full", "the suite changed since the carried counts were made")
+    if rec.get("gx_version") != version:
+        return _Plan("full", f"the carried counts were made by GX {rec.get('gx_version')}, this is {version}")
+    if sorted(rec.get("files", [])) != sorted(carried.files) or rec.get("rows") != carried.rows:
+        return _Plan("full", "the carried counts cover other files or rows than those carried")
+    for name, expr in data.get("meta", {}).get("hhlink", {}).get("derived_columns", {}).items():
+        node = _parse(con, f"SELECT {expr} AS x FROM _batch")
+        if node is None or _beyond_row(node):
+            return _Plan("full", f"derived column '{name}' depends on other rows")
+    exps = data["expectations"]
+    items = {i.get("index"): i for i in rec.get("expectations", [])}
+    if set(items) != set(range(len(exps))) or any(items[i]["type"] != e["type"] for i, e in enumerate(exps)):
+        return _Plan("full", "the carried counts do not match the suite's expectations")
+    row_wise = {i: k for i, e in enumerate(exps) if (k := _row_wise(con, e))}
+    for i, kind in row_wise.items():
+        if "error" in items[i] or any(not isinstance(items[i].get(k), int) for k in _COUNTS[kind]):
+            return _Plan("full", f"expectation {i} ({exps[i]['type']}) has no carried counts")
+    files = ", ".join(q_lit(f) for f in carried.files)
+    old, total = con.execute(f"SELECT count(*) FILTER (WHERE _file IN ({files})), count(*) "
+                             f"FROM read_parquet({read_literal(path)})").fetchall()[0]
+    if old != carried.rows:
+        return _Plan("full", f"staged/{source}.parquet holds {old:,} rows of the carried files, "
+                             f"the carried counts cover {carried.rows:,}")
+    if total == old:
+        return _Plan("carried", rows_now=0)
+    new = [r[0] for r in con.execute(f"SELECT DISTINCT _file FROM read_parquet({read_literal(path)}) "
+                                     f"WHERE _file NOT IN ({files}) ORDER BY 1").fetchall()]
+    return _Plan("incremental", rows_now=total - old, files_now=tuple(new), row_wise=row_wise)
+
+
+def _combine(kind: str, exp: dict, now: dict, before: dict) -> dict:
+    """An expectation's result over carried and new rows from both parts' counts, judged as GX judges
+    (``ColumnMapExpectation._validate``, ``ExpectColumnValuesToNotBeNull._validate``,
+    ``ColumnPairMapExpectation._validate``, ``UnexpectedRowsExpectation._validate``)."""
+    out = {k: now.get(k) for k in ("type", "column", "description", "severity")}
+    keys = _COUNTS[kind]
+    if "error" in now or any(not isinstance(now.get(k), int) for k in keys):
+        return {**out, "success": False, "error": now.get("error", "GX returned no counts for the new rows"),
+                "index": now["index"]}
+    total = {k: now[k] + before[k] for k in keys}
+    mostly = exp["kwargs"].get("mostly", 1)
+    if kind == "row_query":
+        out.update(success=total["observed_value"] == 0, observed_value=total["observed_value"])
+    elif kind == "not_null":
+        e, u = total["element_count"], total["unexpected_count"]
+        out.update(success=True if e == 0 else (e - u) / e >= mostly, element_count=e, unexpected_count=u,
+                   unexpected_percent=u / e * 100 if e > 0 else None)
+    else:
+        e, u, m = total["element_count"], total["unexpected_count"], total["missing_count"]
+        considered = e - m          # non-null rows (column map) or rows not ignored (column pair)
+        ok = True if e == 0 or considered == 0 else (float(considered) - float(u)) / float(considered) >= mostly
+        out.update(success=ok, element_count=e, unexpected_count=u,
+                   unexpected_percent=u / considered * 100 if e > 0 and considered > 0 else None, missing_count=m)
+    if "mostly" in exp["kwargs"]:
+        out["mostly"] = exp["kwargs"]["mostly"]
+    out["index"] = now["index"]
+    return out
+
+
+def _run(gx, ctx, ds, name: str, table: str, data: dict, indices: list[int], notes: str | None = None) -> list[dict]:
+    """One GX validation of ``table`` with the suite's expectations at ``indices``: their summaries."""
+    asset = ds.add_table_asset(name=table, table_name=table)
+    batch = asset.add_batch_definition_whole_table(f"{table}_staged")
+    suite = ctx.suites.add(_suite(gx, name, data, indices, notes))
+    position = {e.id: i for e, i in zip(suite.expectations, indices)}
+    vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=f"{name}_ingest", data=batch, suite=suite))
+    run = vd.run(result_format=RESULT_FORMAT)
+    return [{**_summarise(r, data), "index": position[r.expectation_config.id]} for r in run.results]
+
+
+def _dates(history: list[dict]) -> str:
+    days = sorted({h["at"] for h in history})
+    return days[0] if len(days) == 1 else f"in {len(days)} runs, {days[0]} to {days[-1]}"
+
+
 def validate(staged: dict[str, Path], suites_dir: Path, reports_dir: Path, scratch: Path,
-             data_docs: bool = True) -> dict:
+             data_docs: bool = True, carried: dict[str, Carried] | None = None) -> dict:
     """Run each source's suite on its staged Parquet file and write the quality reports.
 
     Args:
@@ -197,43 +403,104 @@ def validate(staged: dict[str, Path], suites_dir: Path, reports_dir: Path, scrat
         reports_dir: folder to write (``data_docs/`` and ``quality_summary.json``).
         scratch: an empty folder for GX's file context (removed by the caller).
         data_docs: build the HTML Data Docs as well as the JSON summary.
+        carried: per source of a staged file, its rows carried unchanged from the previous ingest
+            and their counts: the row-wise expectations then run on the other (new) rows only.
 
     Returns:
-        ``{"sources": {source: {"success", "critical_failed", "warnings_failed",
-        "expectations": [...]}}, "critical_failed": [...], "seconds": ...}``.
+        ``{"sources": {source: {"success", "critical_failed", "warnings_failed", "validated",
+        "expectations": [...]}}, "critical_failed": [...], "seconds": ...}``; each expectation's
+        ``index`` is its position in the suite (:func:`carry_record` keeps them for the next run).
+
+    Example:
+        >>> validate({"education": Path("staged/education.parquet")}, Path("expectations"),
+        ...          Path("reports/quality"), Path("/tmp/gx"))["critical_failed"]    # doctest: +SKIP
+        []
     """
     t0 = time.perf_counter()
-    gx = _gx()
-    ctx = _context(gx, scratch)
+    at = _now()
+    carried = carried or {}
+    version = importlib.metadata.version("great_expectations")
     # one view per source (staged columns + the suite's derived columns) in a scratch
     # DuckDB file; GX reads them as table assets, so every metric is a query DuckDB
     # answers from the Parquet file
     suites = {source: load_suite_file(suites_dir / f"{source}.json") for source in staged}
+    scratch.mkdir(parents=True, exist_ok=True)
     db = scratch / "staged_views.duckdb"
+    plans: dict[str, _Plan] = {}
+    rows: dict[str, int] = {}
     with connect(database=db) as con:
         for source, path in staged.items():
             derived = suites[source].get("meta", {}).get("hhlink", {}).get("derived_columns", {})
             extra = "".join(f", {expr} AS {q(name)}" for name, expr in derived.items())
             if isinstance(path, Path | str):
                 con.execute(f"CREATE VIEW {q(source)} AS SELECT *{extra} FROM read_parquet({read_literal(path)})")
-                continue
-            con.register("_rows_in", path)
-            try:
-                con.execute(f"CREATE TABLE {q(source)} AS SELECT *{extra} FROM _rows_in")
-            finally:
-                con.unregister("_rows_in")
-    ds = ctx.data_sources.add_sql(name="staged", connection_string=f"duckdb+hhlink:///{db}")
+                plans[source] = _plan(con, source, path, suites[source], carried.get(source), version)
+                if plans[source].how == "incremental":
+                    files = ", ".join(q_lit(f) for f in carried[source].files)
+                    con.execute(f"CREATE VIEW {q(source + '_new_rows')} AS SELECT *{extra} FROM "
+                                f"read_parquet({read_literal(path)}) WHERE _file NOT IN ({files})")
+            else:
+                con.register("_rows_in", path)
+                try:
+                    con.execute(f"CREATE TABLE {q(source)} AS SELECT *{extra} FROM _rows_in")
+                finally:
+                    con.unregister("_rows_in")
+                plans[source] = _Plan("full")
+            rows[source] = con.execute(f"SELECT count(*) FROM {q(source)}").fetchall()[0][0]
+    if data_docs and plans and all(p.how == "carried" for p in plans.values()):
+        # a re-run with nothing new: validated whole (as a full run) so that Data Docs are built
+        plans = {s: _Plan("full", "nothing new to validate, and Data Docs are built from a run") for s in plans}
     summary: dict = {"engine": "great_expectations SQL engine on DuckDB (duckdb_engine)",
-                     "gx_version": gx.__version__, "sources": {}, "critical_failed": []}
-    for source, path in staged.items():
-        data = suites[source]
-        asset = ds.add_table_asset(name=source, table_name=source)
-        batch = asset.add_batch_definition_whole_table(f"{source}_staged")
-        suite = ctx.suites.add(_suite(gx, source, data))
-        vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=f"{source}_ingest", data=batch, suite=suite))
-        t = time.perf_counter()
-        run = vd.run(result_format=RESULT_FORMAT)
-        items = [_summarise(r, data) for r in run.results]
+                     "gx_version": version, "sources": {}, "critical_failed": [],
+                     "row_wise_types": sorted(ROW_WISE)}
+    gx = ctx = ds = None
+    if any(p.how != "carried" for p in plans.values()):
+        gx = _gx()
+        ctx = _context(gx, scratch)
+        ds = ctx.data_sources.add_sql(name="staged", connection_string=f"duckdb+hhlink:///{db}")
+    for source in staged:
+        data, plan, t = suites[source], plans[source], time.perf_counter()
+        exps = data["expectations"]
+        before = {i["index"]: i for i in carried[source].record["expectations"]} if plan.how != "full" else {}
+        if plan.how == "full":
+            items = _run(gx, ctx, ds, source, source, data, list(range(len(exps))))
+            history = [{"at": at, "how": "full", "rows": rows[source]}]
+            note = "every expectation ran on the whole table" + (f" (not incremental: {plan.why})" if plan.why else "")
+        elif plan.how == "carried":
+            history = carried[source].record["validations"]
+            items = [{**{k: v for k, v in before[i].items() if k not in _PROVENANCE},
+                      "scope": "carried whole: the table has no new rows"}
+                     for i in range(len(exps))]
+            note = f"no new staged rows: every result carried (validated {_dates(history)})"
+        else:
+            earlier = carried[source].record["validations"]
+            history = [*earlier, {"at": at, "how": "new rows", "rows": plan.rows_now, "files": list(plan.files_now)}]
+            wise = sorted(plan.row_wise)
+            whole = [i for i in range(len(exps)) if i not in plan.row_wise]
+            news = ", ".join(plan.files_now)
+            items = []
+            if wise:
+                now = _run(gx, ctx, ds, f"{source}_new_rows", f"{source}_new_rows", data, wise,
+                           notes=f"Row-wise expectations on the {plan.rows_now:,} staged rows new in this run "
+                                 f"({news}) only. Their counts plus those carried for the earlier "
+                                 f"{carried[source].rows:,} rows are in quality_summary.json.")
+                for n in now:
+                    i, kind = n["index"], plan.row_wise[n["index"]]
+                    keys = _COUNTS[kind]
+                    item = _combine(kind, exps[i], n, before[i])
+                    item["scope"] = (f"row-wise: {plan.rows_now:,} new rows validated now + counts carried for "
+                                     f"{carried[source].rows:,} earlier rows")
+                    item["now"] = {k: n.get(k) for k in keys}
+                    item["carried"] = {k: before[i][k] for k in keys}
+                    items.append(item)
+            if whole:
+                items += [{**i, "scope": "whole table, validated now"}
+                          for i in _run(gx, ctx, ds, f"{source}_whole_table", source, data, whole,
+                                        notes="Expectations that need the whole staged table, on all of it.")]
+            items.sort(key=lambda i: i["index"])
+            note = (f"row-wise expectations ({len(wise)}) ran on the {plan.rows_now:,} rows new in this run "
+                    f"({news}) and their counts were added to those carried for the {carried[source].rows:,} "
+                    f"earlier rows (validated {_dates(earlier)}); the other {len(whole)} ran on the whole table")
         crit = [i for i in items if not i["success"] and i["severity"] == "critical"]
         warn = [i for i in items if not i["success"] and i["severity"] == "warning"]
         summary["sources"][source] = {
@@ -241,11 +508,18 @@ def validate(staged: dict[str, Path], suites_dir: Path, reports_dir: Path, scrat
             "evaluated": len(items), "passed": sum(i["success"] for i in items),
             "critical_failed": len(crit), "warnings_failed": len(warn), "success": not crit,
             "seconds": round(time.perf_counter() - t, 2),
+            "validated": {"how": plan.how, "at": at, "note": note, "rows": rows[source],
+                          "rows_now": rows[source] if plan.how == "full" else plan.rows_now,
+                          **({"files_now": list(plan.files_now)} if plan.files_now else {}),
+                          **({"rows_carried": carried[source].rows} if plan.how != "full" else {}),
+                          "history": history},
+            "suite_sha256": suite_digest(data),
         }
         summary["critical_failed"] += [f"{source}: {_label(i)}" for i in crit]
-        log.info("%s: %d expectations, %d critical and %d warning failures", source, len(items), len(crit), len(warn))
+        log.info("%s (%s): %d expectations, %d critical and %d warning failures", source, plan.how, len(items),
+                 len(crit), len(warn))
     reports_dir.mkdir(parents=True, exist_ok=True)
-    if data_docs:
+    if data_docs and ctx is not None:
         ctx.build_data_docs()
         site = scratch / "gx" / "uncommitted" / "data_docs" / "local_site"
         offline_data_docs(site, reports_dir / "data_docs")
@@ -253,6 +527,20 @@ def validate(staged: dict[str, Path], suites_dir: Path, reports_dir: Path, scrat
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     (reports_dir / "quality_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
+
+
+def carry_record(summary: dict, source: str, files: list[str]) -> dict:
+    """What the next incremental validation of ``source`` needs from this one (``staged/quality.json``).
+
+    Args:
+        summary: what :func:`validate` returned.
+        source: the source.
+        files: the landing files whose staged rows were validated (every file of the staged table).
+    """
+    s = summary["sources"][source]
+    return {"suite": s["suite"], "suite_sha256": s["suite_sha256"], "gx_version": summary["gx_version"],
+            "files": list(files), "rows": s["validated"]["rows"], "validations": s["validated"]["history"],
+            "expectations": [{k: v for k, v in i.items() if k not in _PROVENANCE} for i in s["expectations"]]}
 
 
 def _label(item: dict) -> str:

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 
 from linkage import resources
 from linkage.quality import CDN_ASSETS, VENDOR, QualityError, load_suite_file, offline_data_docs, validate
+from linkage.db import quote_literal as lit
 from linkage.schemas import SOURCES, load_schema
 
 
@@ -138,3 +139,136 @@ def test_vendored_assets_are_the_minified_builds_the_pages_expect():
         head = (VENDOR / local).read_bytes()[:400].decode("utf-8", "replace")
         assert "<html" not in head.lower(), local                 # not an error page saved by mistake
     assert sorted(p.name for p in (VENDOR / "fontawesome" / "webfonts").iterdir())[0].endswith(".woff2")
+
+
+# --- incremental validation: new rows' counts plus carried counts = a full validation's ---------------
+
+_OLD = [  # (_file, id, a, b, s, e): 1 null a, 1 'z' b and 1 null b, 1 end before start, 1 null end
+    ("old.csv", 1, 1, "x", "2020-01-01", "2020-02-01"), ("old.csv", 2, 2, "x", "2020-01-01", "2020-02-01"),
+    ("old.csv", 3, 3, "y", "2020-01-01", "2020-02-01"), ("old.csv", 4, 4, "x", "2020-01-01", "2020-02-01"),
+    ("old.csv", 5, 5, "z", "2020-01-01", "2020-02-01"), ("old.csv", 6, 6, "x", "2020-01-01", "2020-02-01"),
+    ("old.csv", 7, None, "x", "2020-01-01", "2020-02-01"), ("old.csv", 8, 1, "y", "2020-01-01", "2020-02-01"),
+    ("old.csv", 9, 2, "x", "2020-01-01", None), ("old.csv", 10, 3, None, "2020-01-01", "2019-12-01")]
+_NEW = [  # alone, the new rows fail the 'mostly' of a, b and the pair; with the old ones only b fails
+    ("new.csv", 11, None, "z", "2020-01-01", "2021-01-01"), ("new.csv", 12, None, "z", "2020-01-01", None),
+    ("new.csv", 13, 7, "x", "2020-01-01", "2019-01-01"), ("new.csv", 14, 11, "x", "2020-01-01", "2020-01-01"),
+    ("new.csv", 15, 2, "x", "2020-01-01", "2020-06-01")]
+_ROW_WISE = [
+    {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "a", "mostly": 0.8}, "severity": "critical"},
+    {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "b", "value_set": ["x", "y"], "mostly": 0.8},
+     "severity": "warning"},
+    {"type": "expect_column_values_to_be_between", "kwargs": {"column": "a", "min_value": 0, "max_value": 10},
+     "severity": "critical"},
+    {"type": "expect_column_pair_values_a_to_be_greater_than_b",
+     "kwargs": {"column_A": "e", "column_B": "s", "or_equal": True, "ignore_row_if": "either_value_is_missing",
+                "mostly": 0.8}, "severity": "critical"},
+    {"type": "unexpected_rows_expectation", "description": "a above 5",
+     "kwargs": {"unexpected_rows_query": "SELECT id FROM {batch} WHERE a > 5"}, "severity": "warning"},
+    {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "odd", "value_set": [1], "mostly": 0.5},
+     "severity": "warning"},
+]
+_WHOLE = [
+    {"type": "unexpected_rows_expectation", "description": "a value repeated (needs every row)",
+     "kwargs": {"unexpected_rows_query":
+                "SELECT id FROM {batch} WHERE a IN (SELECT a FROM {batch} GROUP BY a HAVING count(*) > 1)"},
+     "severity": "warning"},
+    {"type": "expect_column_values_to_be_unique", "kwargs": {"column": "id"}, "severity": "critical"},
+    {"type": "expect_column_mean_to_be_between", "kwargs": {"column": "a", "min_value": 0, "max_value": 4},
+     "severity": "warning"},
+    {"type": "expect_table_row_count_to_be_between", "kwargs": {"min_value": 12}, "severity": "critical"},
+    {"type": "expect_column_proportion_of_non_null_values_to_be_between", "kwargs": {"column": "a", "min_value": 0.85},
+     "severity": "warning"},
+]
+
+
+def _toy(path, rows):
+    sql = lambda v, cast="": "NULL" if v is None else cast + (lit(v) if isinstance(v, str) else str(v))  # noqa: E731
+    values = ", ".join(f"({lit(f)}, {i}, {sql(a)}, {sql(b)}, {sql(s, 'DATE ')}, {sql(e, 'DATE ')})"
+                       for f, i, a, b, s, e in rows)
+    duckdb.execute(f"COPY (SELECT * FROM (VALUES {values}) t(_file, id, a, b, s, e)) TO '{path}'")
+    return path
+
+
+def test_a_delivery_validated_on_its_new_rows_with_carried_counts_equals_a_full_validation(tmp_path):
+    """Counts add, percentages and pass/fail come from the sums (here: the new rows alone fail three 'mostly'
+    thresholds that the whole table meets, and meet one it fails); the rest runs on the whole table."""
+    from linkage.quality import Carried, carry_record
+
+    suite = _WHOLE[:1] + _ROW_WISE[:3] + _WHOLE[1:] + _ROW_WISE[3:]
+    wise = [i for i, e in enumerate(suite) if e in _ROW_WISE]
+    suites = _suite(tmp_path, suite, derived={"odd": "a % 2"})
+    before = validate({"toy": _toy(tmp_path / "old.parquet", _OLD)}, suites, tmp_path / "r1", tmp_path / "gx1",
+                      data_docs=False)
+    record = carry_record(before, "toy", ["old.csv"])
+    both = _toy(tmp_path / "both.parquet", _OLD + _NEW)
+    inc = validate({"toy": both}, suites, tmp_path / "r2", tmp_path / "gx2", data_docs=False,
+                   carried={"toy": Carried(["old.csv"], len(_OLD), record)})
+    full = validate({"toy": both}, suites, tmp_path / "r3", tmp_path / "gx3", data_docs=False)
+
+    got, want = inc["sources"]["toy"], full["sources"]["toy"]
+    assert got["validated"]["how"] == "incremental" and got["validated"]["rows_now"] == len(_NEW)
+    assert got["validated"]["files_now"] == ["new.csv"] and want["validated"]["how"] == "full"
+    keys = ("success", "element_count", "unexpected_count", "unexpected_percent", "missing_count", "observed_value")
+    by_index = {i["index"]: i for i in got["expectations"]}
+    assert sorted(by_index) == list(range(len(_ROW_WISE) + len(_WHOLE)))
+    for w in want["expectations"]:
+        g = by_index[w["index"]]
+        assert {k: g.get(k) for k in keys} == {k: w.get(k) for k in keys}, (w["type"], w["column"])
+        assert g["scope"].startswith("row-wise" if w["index"] in wise else "whole table"), (w["index"], g["scope"])
+    for k in ("evaluated", "passed", "critical_failed", "warnings_failed", "success"):
+        assert got[k] == want[k], k
+    assert inc["critical_failed"] == full["critical_failed"] == ["toy: expect_column_values_to_be_between(a) "
+                                                                "[8.33% unexpected]"]
+    # the new rows alone would fail 'mostly' here; the sums pass (0.8 exactly for not-null) ...
+    nulls, in_set, pair = (by_index[suite.index(e)] for e in (_ROW_WISE[0], _ROW_WISE[1], _ROW_WISE[3]))
+    assert nulls["now"] == {"element_count": 5, "unexpected_count": 2} and nulls["success"]
+    assert nulls["carried"] == {"element_count": 10, "unexpected_count": 1}
+    assert pair["now"] == {"element_count": 5, "unexpected_count": 1, "missing_count": 1} and pair["success"]
+    # ... and the earlier rows alone pass the value set, the sums do not (3 of 14)
+    assert in_set["carried"]["unexpected_count"] == 1 and not in_set["success"]
+
+
+def test_carried_counts_are_used_only_for_the_rows_they_were_counted_on(tmp_path):
+    from linkage.quality import Carried, carry_record
+
+    suites = _suite(tmp_path, _ROW_WISE[:2])
+    before = validate({"toy": _toy(tmp_path / "old.parquet", _OLD)}, suites, tmp_path / "r1", tmp_path / "gx1",
+                      data_docs=False)
+    record = carry_record(before, "toy", ["old.csv"])
+    both = _toy(tmp_path / "both.parquet", _OLD + _NEW)
+    cases = {"other_rows": Carried(["old.csv"], 9, record),
+             "other_files": Carried(["old.csv", "older.csv"], 10, record),
+             "suite": Carried(["old.csv"], 10, {**record, "suite_sha256": "0" * 64}),
+             "none": Carried(["old.csv"], 10, None)}
+    out = validate({s: both for s in cases}, _suites_as(tmp_path, suites, cases), tmp_path / "r2", tmp_path / "gx2",
+                   data_docs=False, carried=cases)
+    for source, why in (("other_rows", "cover other files or rows"), ("other_files", "cover other files or rows"),
+                        ("suite", "the suite changed"), ("none", "no counts were carried")):
+        v = out["sources"][source]["validated"]
+        assert v["how"] == "full" and why in v["note"], (source, v)
+        assert out["sources"][source]["expectations"][0]["element_count"] == 15
+
+
+def _suites_as(tmp_path, suites, names):
+    for name in names:
+        (suites / f"{name}.json").write_text((suites / "toy.json").read_text())
+    return suites
+
+
+@pytest.mark.parametrize("sql, row_wise", [
+    ("SELECT id FROM _batch WHERE a > 5 AND NOT regexp_full_match(b, '[a-z]{2}')", True),
+    ("SELECT * FROM _batch WHERE b IS NULL", True),
+    ("SELECT DISTINCT id FROM _batch WHERE a > 5", False),
+    ("SELECT id FROM _batch WHERE a > 5 LIMIT 3", False),
+    ("SELECT a FROM _batch GROUP BY a HAVING count(*) > 1", False),
+    ("SELECT id FROM _batch WHERE a IN (SELECT a FROM _batch WHERE b = 'x')", False),
+    ("SELECT count(*) FROM _batch WHERE a > 5", False),
+    ("SELECT id, row_number() OVER () FROM _batch", False),
+    ("SELECT id FROM _batch JOIN other USING (id)", False),
+    ("WITH t AS (SELECT * FROM _batch) SELECT id FROM t", False),
+    ("SELECT id FROM _batch; SELECT 1", False),
+])
+def test_only_a_plain_row_filter_query_counts_as_row_wise(sql, row_wise):
+    from linkage.quality import _not_a_row_filter
+
+    assert (_not_a_row_filter(duckdb.connect(), sql) is None) == row_wise

@@ -15,7 +15,12 @@ What it writes (zones are published atomically, whole):
 - ``staged/manifest.json``: per file, its SHA-256, schema version, reader and the rows
   read, staged and quarantined (with reason counts).
 - ``staged/ledger.json``: every (file name, SHA-256) ever ingested, carried from run to
-  run; a file whose checksum was ingested under another name is refused as re-sent.
+  run; a file whose checksum was ingested under another name is refused as re-sent. An entry
+  also keeps the file's stat signature (size, mtime, ctime, inode, device) from when it was
+  hashed, if the file had settled: an incremental run takes the SHA-256 of a file with that
+  same signature from the ledger rather than reading it again (a write always moves the ctime).
+- ``staged/quality.json``: per source, the expectation counts over the staged rows, the suite
+  digest and the dated validations they come from: what the next incremental run carries.
 - ``quarantine/<source>.parquet``: ``_file, _line, _row, raw, column, reason``.
 
 Incremental by default (``ingest.incremental``): a monthly delivery stages only the files
@@ -24,7 +29,12 @@ carried over (they come first), and a new row repeating a record id staged from 
 delivery is quarantined as ``duplicate``/``duplicate_id``, the earlier one kept. A full run
 happens when a schema file or the staging code changed (``staged/manifest.json`` holds
 their digest) or a file staged before is gone from ``landing/`` or changed, so a withdrawn
-file leaves no row behind. Either way the outputs are the same as a full run's.
+file leaves no row behind. Either way the outputs are the same as a full run's. The quality
+gates then run the row-wise expectations on the new rows only and add the counts carried for
+the earlier rows (:func:`linkage.quality.validate`); the others run on the whole table. The
+staged Parquet file of a source with new files is still rewritten whole (earlier rows first):
+``pseudonymise`` reads one file per source by row position, so a part file per delivery would
+change its contract.
 - ``reports/quality/``: GX Data Docs (HTML, readable offline), ``quality_summary.json``
   and ``ingest_summary.json`` (counts, reasons, timings; never record values).
 
@@ -52,6 +62,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -69,7 +80,7 @@ from linkage.db import connect, path_literal
 from linkage.db import quote_ident as q
 from linkage.db import quote_literal as lit
 from linkage.normalise import fail_sql, staged_select, typed_sql
-from linkage.quality import QualityGateError, validate
+from linkage.quality import Carried, QualityGateError, carry_record, validate
 from linkage.schemas import Schema, load_schemas
 from linkage.workspace import Workspace, carry_file, publish
 
@@ -101,6 +112,7 @@ log = logging.getLogger(__name__)
 
 LEDGER = "ledger.json"
 MANIFEST = "manifest.json"
+QUALITY = "quality.json"
 QUARANTINE_COLUMNS = "_file VARCHAR, _line BIGINT, _row BIGINT, raw VARCHAR, \"column\" VARCHAR, reason VARCHAR"
 
 
@@ -141,18 +153,33 @@ def ingest(config: Config, workspace: Path | str, key=None) -> dict:
             raise IngestError(f"landing/: no file for source '{source}' (expected "
                               f"landing/{schema.file_stem}.csv or landing/{schema.file_stem}.parquet)")
         files[source] = found
-    everything = fingerprint([f for fs in files.values() for f in fs], threads=2)
+    everything = [f for fs in files.values() for f in fs]
     ledger = _read_ledger(ws)
+    # an incremental run takes a landing file's SHA-256 from the ledger when the file's stat
+    # signature is the one it had when hashed; any file it then has to stage is hashed after all
+    stats = _unchanged_since_hashed(everything, ledger) if cfg.incremental else {}
+    unhashed = set(stats)
+    stats.update(_hash([f for f in everything if _key(f) not in unhashed]))
     _refuse_resent(everything, ledger)
-    for source, fs in files.items():
-        for f in fs:
-            _precheck(f, schemas[source])
-    seconds: dict[str, float] = {"fingerprint": round(time.perf_counter() - t0, 2)}
     digest = ingest_digest(schemas)
     carried, mode = plan_ingest(ws, files, digest, cfg.incremental)
+    redo = [f for f in everything if _key(f) in unhashed and not _is_carried(f, _prior(ws, carried, f.source))]
+    if redo:        # a file to stage after all (or a full run): its fingerprint is needed to read it
+        shas = [f.sha256 for f in redo]
+        unhashed -= {_key(f) for f in redo}
+        stats.update(_hash(redo))
+        if [f.sha256 for f in redo] != shas:     # content changed under an unchanged stat: trust no signature
+            stats.update(_hash([f for f in everything if _key(f) in unhashed]))
+            unhashed = set()
+            _refuse_resent(everything, ledger)
+            carried, mode = plan_ingest(ws, files, digest, cfg.incremental)
+    priors = {s: _prior(ws, carried, s) for s in schemas} if carried is not None else {}
     log.info("ingest: %s", mode)
-    priors = {s: Prior(ws.zone("staged") / f"{s}.parquet", ws.zone("quarantine") / f"{s}.parquet", carried[s])
-              for s in schemas} if carried is not None else {}
+    for source, fs in files.items():
+        for f in fs:
+            if _key(f) not in unhashed:    # the others are carried: unchanged since they were checked and staged
+                _precheck(f, schemas[source])
+    seconds: dict[str, float] = {"fingerprint": round(time.perf_counter() - t0, 2)}
     fresh = {s: [f for f in files[s] if not _is_carried(f, priors.get(s))] for s in schemas}
 
     scratch = Path(tempfile.mkdtemp(prefix=".ingest-", dir=ws.root))
@@ -173,13 +200,14 @@ def ingest(config: Config, workspace: Path | str, key=None) -> dict:
             reports_tmp = Path(tempfile.mkdtemp(prefix=".quality.tmp-", dir=ws.root))
             try:
                 quality = validate({s: staged_dir / f"{s}.parquet" for s in schemas}, suites_dir, reports_tmp,
-                                   scratch / "gx", data_docs=cfg.data_docs)
+                                   scratch / "gx", data_docs=cfg.data_docs, carried=_carried_counts(ws, priors))
                 seconds["quality"] = round(time.perf_counter() - t, 2)
                 seconds["total"] = round(time.perf_counter() - t0, 2)
                 summary = {"workspace": str(ws.root), "rows": rows, "sources": sources, "quality": quality,
                            "seconds": seconds, "reports": str(ws.zone("reports") / "quality"),
                            "passed": not quality["critical_failed"], "mode": mode,
-                           "files_staged_now": [f.name for fs in fresh.values() for f in fs]}
+                           "files_staged_now": [f.name for fs in fresh.values() for f in fs],
+                           "files_hashed_now": [f.name for f in everything if _key(f) not in unhashed]}
                 _write_json(reports_tmp / "ingest_summary.json", _ingest_report(summary))
                 _publish_reports(ws, reports_tmp)
             finally:
@@ -191,7 +219,9 @@ def ingest(config: Config, workspace: Path | str, key=None) -> dict:
                     + (f" (+{len(quality['critical_failed']) - 5} more)" if len(quality["critical_failed"]) > 5 else ""))
             _write_json(staged_dir / MANIFEST, {"files": [f for s in sources.values() for f in s["files"]],
                                                 "digest": digest})
-            _write_json(staged_dir / LEDGER, _updated_ledger(ledger, everything))
+            _write_json(staged_dir / QUALITY, {"sources": {
+                s: carry_record(quality, s, [e["file"] for e in sources[s]["files"]]) for s in schemas}})
+            _write_json(staged_dir / LEDGER, _updated_ledger(ledger, everything, stats))
     finally:
         try:
             con.close()
@@ -262,14 +292,90 @@ def _refuse_resent(files: list[LandingFile], ledger: list[dict]) -> None:
                                   f"'{e['file']}', ingested {e.get('ingested', 'earlier')}; refused")
 
 
-def _updated_ledger(ledger: list[dict], files: list[LandingFile]) -> dict:
+#: a file changed less than this long before it is hashed gets no stat signature: file times are
+#: stamped from a coarse clock, so a second write within the same tick could leave them unchanged
+SETTLED_SECONDS = 2.0
+
+
+def stat_signature(path: Path) -> list[int]:
+    """Size, mtime, ctime (ns), inode and device of a file. Every write moves the ctime, which no
+    user-space call sets back, so an unchanged signature means unchanged content."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def _hash(files: list[LandingFile]) -> dict[tuple[str, str], list[int]]:
+    """Fingerprint ``files``; returns the stat signatures of those settled before and unchanged while read."""
+    start = time.time_ns()
+    before = {}
+    for f in files:
+        try:
+            before[_key(f)] = stat_signature(f.path)
+        except OSError:
+            pass            # fingerprint reports it
+    fingerprint(files, threads=2)
+    settled = {}
+    for f in files:
+        sig = before.get(_key(f))
+        if sig and sig[2] <= start - SETTLED_SECONDS * 1e9 and sig[0] == f.size and stat_signature(f.path) == sig:
+            settled[_key(f)] = sig
+    return settled
+
+
+def _key(f: LandingFile) -> tuple[str, str]:
+    return f.source, f.name
+
+
+def _unchanged_since_hashed(files: list[LandingFile], ledger: list[dict]) -> dict[tuple[str, str], list[int]]:
+    """The files whose stat signature is the one the ledger recorded when they were hashed (and those
+    signatures): their SHA-256 and size are taken from the ledger instead of reading them again."""
+    recorded = {(e.get("source"), e["file"]): e for e in ledger if e.get("stat")}
+    out = {}
+    for f in files:
+        e = recorded.get(_key(f))
+        if e is None:
+            continue
+        try:
+            now = stat_signature(f.path)
+        except OSError:
+            continue            # hashing it reports the error
+        if now == e["stat"]:
+            f.sha256, f.size = e["sha256"], now[0]
+            out[_key(f)] = now
+    return out
+
+
+def _updated_ledger(ledger: list[dict], files: list[LandingFile], stats: dict[tuple[str, str], list[int]]) -> dict:
+    """The ledger with this run's new (file, SHA-256) entries; each entry of a file present now keeps
+    the stat signature it was hashed under (none if it had just changed), so the next run can trust it."""
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    present = {(f.source, f.name, f.sha256): f for f in files}
+    names = {_key(f) for f in files}
+    out = []
+    for e in ledger:
+        e = dict(e)
+        if (e.get("source"), e["file"]) in names:
+            e.pop("stat", None)
+            f = present.get((e.get("source"), e["file"], e["sha256"]))
+            if f is not None and _key(f) in stats:
+                e["stat"] = stats[_key(f)]
+        out.append(e)
     known = {(e["file"], e["sha256"]) for e in ledger}
-    out = list(ledger)
     for f in files:
         if (f.name, f.sha256) not in known:
-            out.append({"file": f.name, "source": f.source, "sha256": f.sha256, "bytes": f.size, "ingested": now})
+            out.append({"file": f.name, "source": f.source, "sha256": f.sha256, "bytes": f.size, "ingested": now,
+                        **({"stat": stats[_key(f)]} if _key(f) in stats else {})})
     return {"files": out}
+
+
+def _carried_counts(ws: Workspace, priors: dict[str, Prior]) -> dict[str, Carried]:
+    """Per source with carried rows: their files and rows, and the counts validated on them before."""
+    try:
+        records = json.loads((ws.zone("staged") / QUALITY).read_text())["sources"]
+    except (OSError, ValueError, KeyError, TypeError):
+        records = {}
+    return {s: Carried([e["file"] for e in p.entries], sum(e["rows_staged"] for e in p.entries), records.get(s))
+            for s, p in priors.items() if p.entries}
 
 
 def ingest_digest(schemas: dict[str, Schema]) -> str:
@@ -295,6 +401,13 @@ class Prior:
     staged: Path
     quarantine: Path
     entries: list[dict]
+
+
+def _prior(ws: Workspace, carried: dict[str, list[dict]] | None, source: str) -> Prior | None:
+    if carried is None:
+        return None
+    return Prior(ws.zone("staged") / f"{source}.parquet", ws.zone("quarantine") / f"{source}.parquet",
+                 carried.get(source, []))
 
 
 def _is_carried(f: LandingFile, prior: Prior | None) -> bool:
