@@ -63,6 +63,7 @@ def _release(cfg, ws: Path) -> tuple[float, dict]:
             facts[stage].update(pairs_scored=summary.get("pairs_scored"), pairs_scored_now=summary.get("pairs_scored_now"),
                                 training=summary.get("training_seconds"),
                                 touched=(summary.get("incremental") or {}).get("touched_identities"),
+                                households=summary.get("households_mode"),
                                 parts=_link_parts(summary))
     return time.perf_counter() - t, facts
 
@@ -257,6 +258,11 @@ def _section(result: dict) -> list[str]:
         modes = sorted({f"{s}: {r['stages'][s]['mode'].split(':')[0]}" for r in result["releases"] for s in STAGES
                         if r.get("stages")})
         lines += ["", "Modes seen in the releases: " + "; ".join(modes) + "."]
+    households = [f"{r['month']}: {r['stages']['link']['households']}" for r in result["releases"]
+                  if (r.get("stages") or {}).get("link", {}).get("households")]
+    if households:
+        lines += ["", "Households in each release (recomputed only for the persons changed records reach, "
+                  "or whole): " + "; ".join(households) + "."]
     if history.get("link"):
         lines += ["", f"History release by stage: {' / '.join(str(history[s]['seconds']) for s in STAGES)} s "
                   f"(ingest / pseudonymise / link; training {training} s); link parts: "
