@@ -422,7 +422,8 @@ def households_fingerprint(cfg: LinkConfig) -> str:
     return hashlib.sha256(json.dumps({"sql": sql, "places": PLACES}).encode()).hexdigest()[:16]
 
 
-def _affected_persons(con: duckdb.DuckDBPyConnection, cfg: LinkConfig, previous: Path | None) -> tuple[int | None, str]:
+def _affected_persons(con: duckdb.DuckDBPyConnection, cfg: LinkConfig, previous: Path | None,
+                      fingerprint: str) -> tuple[int | None, str]:
     """The persons whose households may differ from the previous release's, as ``_hh_affected``.
 
     A person is *changed* when one of its records is new or moved from or to another person
@@ -446,7 +447,7 @@ def _affected_persons(con: duckdb.DuckDBPyConnection, cfg: LinkConfig, previous:
         before = json.loads(files["summary.json"].read_text()).get("households_fingerprint")
     except (OSError, ValueError):
         return None, "full: the previous release's summary is unreadable"
-    if before != households_fingerprint(cfg):
+    if before != fingerprint:
         return None, "full: the households' settings or code differ from the previous release's"
     places = " union ".join(f"select person_key, '{n}:' || {c} as place from records_linked where {c} is not null"
                             for n, c in enumerate(PLACES))
@@ -527,7 +528,8 @@ def assemble_households(con: duckdb.DuckDBPyConnection, cfg: LinkConfig, previou
     Example:
         >>> assemble_households(con, load_config().link)["household_years"]   # doctest: +SKIP
     """
-    affected, mode = _affected_persons(con, cfg, previous)
+    fingerprint = households_fingerprint(cfg)
+    affected, mode = _affected_persons(con, cfg, previous, fingerprint)
     if affected is None:
         _compute(con, cfg)
         recomputed = con.execute("select count(distinct person_key) from records_linked").fetchone()[0]
@@ -566,7 +568,7 @@ def assemble_households(con: duckdb.DuckDBPyConnection, cfg: LinkConfig, previou
     evidence = dict(con.execute("select address_evidence, count(*) from households group by 1 order by 1").fetchall())
     return {"household_years": hh, "mean_household_size": round(size or 0, 3), "parent_child_relations": pc,
             "address_evidence": evidence, "households_mode": mode, "households_recomputed_persons": int(recomputed),
-            "households_fingerprint": households_fingerprint(cfg)}
+            "households_fingerprint": fingerprint}
 
 
 CONFIDENCE_BANDS = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)

@@ -491,8 +491,7 @@ def _model_lifecycle(config: Config, ws: Workspace, con: duckdb.DuckDBPyConnecti
 def _drop_tables(con: duckdb.DuckDBPyConnection, keep: set[str]) -> None:
     """Drop every table and view on ``con`` but ``keep`` (views first: they may read the tables)."""
     for kind in ("view", "table"):
-        names = con.execute(f"select {kind}_name, temporary from duckdb_{kind}s() where not internal").fetchall()
-        for name, _ in names:
+        for (name,) in con.execute(f"select {kind}_name from duckdb_{kind}s() where not internal").fetchall():
             if name not in keep:
                 con.execute(f"drop {kind} if exists {quote_ident(name)}")
 
