@@ -277,8 +277,9 @@ class PseudonymiseConfig(_Section):
         incremental: pseudonymise only the staged rows of landing files not pseudonymised
             before (a monthly delivery), and carry the previous zone's files, record tokens
             and crosswalk rows over unchanged: the new rows go into files of their own
-            (``identifiers/<source>.<n>.parquet``). A full run happens anyway when the key,
-            an encoding setting or a schema version changed, or a file pseudonymised before
+            (``identifiers/<source>.<n>.parquet``, ``crosswalk.<n>.enc``). A full run happens
+            anyway when the key, an encoding setting or a schema version changed, or a file
+            pseudonymised before
             has gone from ``staged/`` or changed; ``false`` always runs in full.
         memory_limit: DuckDB's memory limit while encoding (e.g. ``"8GB"``); beyond it DuckDB
             spills to a scratch folder inside the workspace (spill files can hold cleartext).

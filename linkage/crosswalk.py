@@ -17,6 +17,13 @@ Each segment's associated data binds it to the file, the key and its place:
 truncated segments fail authentication like altered bytes do. The fingerprint stands in
 clear so a wrong key is reported as such before any decryption is tried.
 
+A monthly delivery's rows go into a part file of their own beside it
+(``crosswalk.0001.enc``, ``crosswalk.0002.enc``, ...: the same layout, each segment's
+associated data also naming the part number), so a delivery never rewrites the rows
+before it. :func:`read_crosswalk` of ``crosswalk.enc`` reads the parts after it, in
+order; a part renamed to another number fails authentication, a gap in the numbering is
+refused.
+
 Example:
     >>> rows = crosswalk_lookup("workspace", "3f9c...", key)   # doctest: +SKIP
 """
@@ -41,7 +48,7 @@ from linkage.keys import KeyMismatchError, MasterKey
 from linkage.workspace import Workspace
 
 __all__ = ["CROSSWALK_FILE", "SEGMENT_ROWS", "CrosswalkError", "write_crosswalk", "read_crosswalk",
-           "crosswalk_fingerprint", "crosswalk_lookup"]
+           "crosswalk_fingerprint", "crosswalk_lookup", "crosswalk_parts", "part_path"]
 
 CROSSWALK_FILE = "crosswalk.enc"
 SEGMENT_ROWS = 4_000_000
@@ -55,8 +62,35 @@ class CrosswalkError(HhlinkError):
     """The crosswalk is missing, malformed, or fails authentication."""
 
 
-def _aad(fingerprint: str, index: int, last: bool) -> bytes:
-    return _MAGIC + fingerprint.encode("ascii") + index.to_bytes(4, "big") + (b"\x01" if last else b"\x00")
+def _aad(fingerprint: str, index: int, last: bool, part: int = 0) -> bytes:
+    # part 0 (crosswalk.enc itself) keeps the associated data it always had
+    tail = part.to_bytes(4, "big") if part else b""
+    return _MAGIC + fingerprint.encode("ascii") + index.to_bytes(4, "big") + (b"\x01" if last else b"\x00") + tail
+
+
+_PART = re.compile(r"^(?P<stem>.+)\.(?P<n>\d{4})\.enc$")
+
+
+def part_path(path: Path | str, part: int) -> Path:
+    """The file of part ``part`` of the crosswalk ``path`` (``crosswalk.0003.enc``); part 0 is ``path`` itself."""
+    path = Path(path)
+    return path if part == 0 else path.with_name(f"{path.name.removesuffix('.enc')}.{part:04d}.enc")
+
+
+def crosswalk_parts(path: Path | str) -> list[Path]:
+    """``path`` and its part files after it, in order (``crosswalk.enc``, ``crosswalk.0001.enc``, ...).
+
+    Raises:
+        CrosswalkError: the part numbers have a gap (a part was removed).
+    """
+    path = Path(path)
+    stem = path.name.removesuffix(".enc")
+    numbers = sorted(int(m["n"]) for f in path.parent.glob(f"{stem}.*.enc")
+                     if (m := _PART.match(f.name)) and m["stem"] == stem)
+    if numbers != list(range(1, len(numbers) + 1)):
+        raise CrosswalkError(f"{path}: the crosswalk's part files are not numbered 1 to {len(numbers)}; "
+                             "a part is missing")
+    return [path] + [part_path(path, n) for n in numbers]
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -66,7 +100,7 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 
 def write_crosswalk(path: Path | str, key: MasterKey, batches: Iterable[pa.RecordBatch],
-                    schema: pa.Schema, segment_rows: int = SEGMENT_ROWS) -> dict:
+                    schema: pa.Schema, segment_rows: int = SEGMENT_ROWS, part: int = 0) -> dict:
     """Encrypt a stream of crosswalk rows into ``path``, a segment of Parquet bytes at a time.
 
     Args:
@@ -75,6 +109,8 @@ def write_crosswalk(path: Path | str, key: MasterKey, batches: Iterable[pa.Recor
         batches: record batches with the crosswalk columns.
         schema: their schema (used for an empty crosswalk).
         segment_rows: rows per encrypted segment.
+        part: 0 for ``crosswalk.enc``; n for the part file ``crosswalk.<n>.enc`` (:func:`part_path`)
+            holding a later delivery's rows (its number is bound into every segment).
 
     Returns:
         ``{"rows": n, "segments": s, "bytes": size}``.
@@ -104,12 +140,12 @@ def write_crosswalk(path: Path | str, key: MasterKey, batches: Iterable[pa.Recor
         for table in segments_of(batches):
             rows += table.num_rows
             if previous is not None:
-                _write_segment(out, aead, previous, _aad(fp, segments, last=False))
+                _write_segment(out, aead, previous, _aad(fp, segments, last=False, part=part))
                 segments += 1
             previous = _parquet_bytes(table)
         if previous is None:
             previous = _parquet_bytes(schema.empty_table())
-        _write_segment(out, aead, previous, _aad(fp, segments, last=True))
+        _write_segment(out, aead, previous, _aad(fp, segments, last=True, part=part))
         segments += 1
     return {"rows": rows, "segments": segments, "bytes": os.path.getsize(path)}
 
@@ -133,12 +169,18 @@ def crosswalk_fingerprint(path: Path | str) -> str:
 
 
 def read_crosswalk(path: Path | str, key: MasterKey) -> Iterator[pa.Table]:
-    """Decrypt a crosswalk segment by segment.
+    """Decrypt a crosswalk segment by segment: ``path``, then its part files (:func:`crosswalk_parts`).
 
     Raises:
         KeyMismatchError: the key is not the one the crosswalk was written with.
-        CrosswalkError: the file is malformed, truncated or altered.
+        CrosswalkError: the file is malformed, truncated or altered, or a part is missing.
     """
+    parts = crosswalk_parts(path) if Path(path).exists() else [Path(path)]
+    for number, file in enumerate(parts):
+        yield from _read_part(file, key, number)
+
+
+def _read_part(path: Path, key: MasterKey, part: int) -> Iterator[pa.Table]:
     fp = crosswalk_fingerprint(path)
     if fp != key.fingerprint:
         raise KeyMismatchError(f"the key from {key.origin} (fingerprint {key.fingerprint}) does not match "
@@ -158,7 +200,7 @@ def read_crosswalk(path: Path | str, key: MasterKey) -> Iterator[pa.Table]:
             ciphertext = f.read(length)
             last = f.tell() == size
             try:
-                plaintext = aead.decrypt(nonce, ciphertext, _aad(fp, index, last))
+                plaintext = aead.decrypt(nonce, ciphertext, _aad(fp, index, last, part))
             except InvalidTag:
                 raise CrosswalkError(f"{path}: the crosswalk failed authentication (corrupt, truncated "
                                      "or altered)") from None

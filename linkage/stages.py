@@ -103,7 +103,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           ("research", "reports/mobility.json", "reports/quality/research/quality_summary.json"),
           ("assemble", "link", "paths"), keyed=True, project_files=_la_lookup),
     Stage("evaluate", "linkage.evaluate:evaluate", "linkage and mobility against the synthetic truth",
-          ("truth", "linked", "pseudonymised/crosswalk.enc", "research/mobility.parquet", "reports/mobility.json"),
+          ("truth", "linked", "pseudonymised/crosswalk*.enc", "research/mobility.parquet", "reports/mobility.json"),
           ("reports/evaluation.json",), ("link", "assemble", "generate.end_year", "paths"), keyed=True,
           project_files=_la_lookup, applies=_has_truth),
     Stage("disclose", "linkage.disclose:disclose", "protected aggregate tables into published/",

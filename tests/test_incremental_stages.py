@@ -321,3 +321,82 @@ def test_clustering_only_the_affected_identities_gives_the_components_of_the_who
     assert sorted(map(sorted, got.values())) == sorted(map(sorted, components(every, merged)))
     # and it did not re-cluster everything: untouched persons no new pair reaches stay out
     assert 0 < facts["affected_identities"] < len(every)
+
+
+def _zone_files(ws):
+    """name -> (inode, bytes) of every file of pseudonymised/."""
+    zone = ws / "pseudonymised"
+    return {str(p.relative_to(zone)): (p.stat().st_ino, p.read_bytes()) for p in sorted(zone.rglob("*")) if p.is_file()}
+
+
+def test_deliveries_add_a_crosswalk_part_each_hash_no_earlier_row_and_equal_full_runs(history, tmp_path, monkeypatch):
+    """Three deliveries, each ingested and pseudonymised: the earlier crosswalk parts are the same files (linked,
+    never rewritten), the new rows' mapping is a part of its own, pseudonymise hashes no staged row (ingest's
+    digests are used), and staged rows, manifest, zone and crosswalk equal full runs' on the same files."""
+    import json
+
+    import duckdb
+
+    from linkage.ingest.stage import staged_row_digests
+    from linkage.pseudonymise import stage as pstage
+
+    ws, key, _ = _copy(history, tmp_path)
+    hashed = []
+    monkeypatch.setattr(pstage, "staged_row_digests",
+                        lambda con, path, files=None: hashed.append(path.name) or staged_row_digests(con, path, files))
+    con = duckdb.connect()
+    for n in range(1, 4):
+        before = _zone_files(ws)
+        assert deliver_next(ws)
+        ingest(_cfg(), ws)
+        manifest = json.loads((ws / "staged" / "manifest.json").read_text())
+        for source in ("education", "benefits", "earnings"):   # ingest's digests are those of the rows staged
+            recorded = {e["file"]: e["staged_digest"] for e in manifest["files"] if e["source"] == source}
+            assert staged_row_digests(con, ws / "staged" / f"{source}.parquet") == \
+                {f: d for f, d in recorded.items() if d is not None}
+        summary = pseudonymise(_cfg(), ws, key)
+        assert summary["mode"].startswith("incremental") and hashed == []
+        parts = ["crosswalk.enc"] + [f"crosswalk.{i:04d}.enc" for i in range(1, n + 1)]
+        assert summary["crosswalk"]["parts"] == parts
+        assert sorted(p.name for p in (ws / "pseudonymised").glob("crosswalk*")) == sorted(parts)
+        after = _zone_files(ws)
+        for name in parts[:-1]:
+            assert after[name] == before[name]      # same inode, same bytes: carried, not rewritten
+        assert summary["crosswalk"]["rows"] == len(_crosswalk(ws, key)) == sum(summary["rows"].values())
+    incremental, staged = _by_row(ws, key), {s: _rows(ws / "staged" / f"{s}.parquet")
+                                             for s in ("education", "benefits", "earnings")}
+    strip = lambda files: sorted(json.dumps(e, sort_keys=True) for e in files)  # noqa: E731
+    manifest = strip(json.loads((ws / "staged" / "manifest.json").read_text())["files"])
+
+    ingest(load_config(generate={"persons": PERSONS, "seed": SEED, "deliveries": N}, ingest={"incremental": False}), ws)
+    assert manifest == strip(json.loads((ws / "staged" / "manifest.json").read_text())["files"])
+    for s, rows in staged.items():
+        assert rows.equals(_rows(ws / "staged" / f"{s}.parquet"))
+    full = pseudonymise(_cfg(incremental=False), ws, key)
+    assert full["crosswalk"]["parts"] == ["crosswalk.enc"]
+    assert not list((ws / "pseudonymised").glob("crosswalk.0*.enc"))
+    assert incremental.equals(_by_row(ws, key)[incremental.columns])
+
+
+def test_a_delivery_failing_while_writing_its_crosswalk_part_leaves_the_zone_as_it_was(history, tmp_path, monkeypatch):
+    from linkage.pseudonymise import stage as pstage
+
+    ws, key, _ = _copy(history, tmp_path)
+    deliver_next(ws)
+    ingest(_cfg(), ws)
+    before = _zone_files(ws)
+    real = pstage.write_crosswalk
+
+    def dies(path, *args, **kwargs):
+        real(path, *args, **kwargs)
+        raise OSError("disk full")      # after the part is written in full, before the zone is published
+    monkeypatch.setattr(pstage, "write_crosswalk", dies)
+    with pytest.raises(OSError):
+        pseudonymise(_cfg(), ws, key)
+    assert _zone_files(ws) == before
+    assert not [p for p in ws.iterdir() if p.name.startswith(".pseudonymised")]
+    monkeypatch.setattr(pstage, "write_crosswalk", real)
+    again = pseudonymise(_cfg(), ws, key)
+    assert again["mode"].startswith("incremental") and again["crosswalk"]["parts"] == ["crosswalk.enc",
+                                                                                        "crosswalk.0001.enc"]
+    assert len(_crosswalk(ws, key)) == sum(again["rows"].values())

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from linkage.config import load_config
-from linkage.crosswalk import CrosswalkError, crosswalk_lookup, read_crosswalk, write_crosswalk
+from linkage.crosswalk import (CrosswalkError, crosswalk_lookup, crosswalk_parts, part_path, read_crosswalk,
+                               write_crosswalk)
 from linkage.encodings import BloomEncoder, dice
 from linkage.errors import WorkspaceError
 from linkage.keys import ENV_KEY, ENV_KEY_FILE, KeyMismatchError, KeyNotFoundError, KeyPermissionError, MasterKey
@@ -557,6 +558,31 @@ def test_crosswalk_segments_and_tampering(tmp_path):
     fails(b"not a crosswalk at all", "not an hhlink crosswalk")
     empty = write_crosswalk(tmp_path / "empty.enc", KEY, [], schema)
     assert empty["rows"] == 0 and pa.concat_tables(read_crosswalk(tmp_path / "empty.enc", KEY)).num_rows == 0
+
+
+
+def test_crosswalk_parts_read_in_order_and_a_moved_or_missing_part_is_refused(tmp_path):
+    """A delivery's rows go into crosswalk.<n>.enc; reading crosswalk.enc reads the parts after it."""
+    schema = pa.schema([("record_token", pa.string()), ("row", pa.int64())])
+    tables = [pa.table({"record_token": [f"{i:032x}" for i in range(a, b)], "row": list(range(a, b))}, schema=schema)
+              for a, b in ((0, 1500), (1500, 1600), (1600, 2300))]
+    zone = tmp_path / "pseudonymised"
+    zone.mkdir()
+    path = zone / "crosswalk.enc"
+    for n, table in enumerate(tables):
+        write_crosswalk(part_path(path, n), KEY, table.to_batches(), schema, segment_rows=1000, part=n)
+    assert [p.name for p in crosswalk_parts(path)] == ["crosswalk.enc", "crosswalk.0001.enc", "crosswalk.0002.enc"]
+    assert pa.concat_tables(read_crosswalk(path, KEY)).equals(pa.concat_tables(tables))
+    assert crosswalk_lookup(tmp_path, f"{2200:032x}", KEY)["row"] == 2200      # found in the last part
+    # part 2 renamed part 1 (part 1 gone): its segments name part 2, so it fails authentication
+    (zone / "crosswalk.0001.enc").unlink()
+    (zone / "crosswalk.0002.enc").rename(zone / "crosswalk.0001.enc")
+    with pytest.raises(CrosswalkError, match="authentication"):
+        list(read_crosswalk(path, KEY))
+    # a gap in the numbering: refused before anything is read
+    (zone / "crosswalk.0001.enc").rename(zone / "crosswalk.0002.enc")
+    with pytest.raises(CrosswalkError, match="a part is missing"):
+        list(read_crosswalk(path, KEY))
 
 
 # -- hand-worked rows --------------------------------------------------------------------------

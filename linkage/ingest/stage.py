@@ -12,8 +12,12 @@ What it writes (zones are published atomically, whole):
 - ``staged/<source>.parquet``: the schema's columns, typed and normalised (see
   :mod:`linkage.normalise`), ``<name>_raw`` beside every identifier but ``record_id``,
   and ``_file``, ``_line``, ``_row``; rows in file order.
-- ``staged/manifest.json``: per file, its SHA-256, schema version, reader and the rows
-  read, staged and quarantined (with reason counts).
+- ``staged/manifest.json``: per file, its SHA-256, schema version, reader, the rows
+  read, staged and quarantined (with reason counts) and ``staged_digest``, the count and
+  order-free hash of its staged rows (:func:`staged_row_digests`, made as they are staged,
+  carried with the file's entry); and per source, ``staged_files``, the staged file's
+  signature as written (:func:`staged_file_signature`). ``pseudonymise`` takes the digests
+  from here for a staged file that still has that signature, instead of hashing every row.
 - ``staged/ledger.json``: every (file name, SHA-256) ever ingested, carried from run to
   run; a file whose checksum was ingested under another name is refused as re-sent. An entry
   also keeps the file's stat signature (size, mtime, ctime, inode, device) from when it was
@@ -33,8 +37,9 @@ file leaves no row behind. Either way the outputs are the same as a full run's. 
 gates then run the row-wise expectations on the new rows only and add the counts carried for
 the earlier rows (:func:`linkage.quality.validate`); the others run on the whole table. The
 staged Parquet file of a source with new files is still rewritten whole (earlier rows first):
-``pseudonymise`` reads one file per source by row position, so a part file per delivery would
-change its contract.
+``pseudonymise`` reads one file per source by row position, and the quality gates and several
+benchmarks read ``staged/<source>.parquet`` alone, so a part file per delivery would change
+their contract. Only the new files' rows are hashed for the manifest's ``staged_digest``.
 - ``reports/quality/``: GX Data Docs (HTML, readable offline), ``quality_summary.json``
   and ``ingest_summary.json`` (counts, reasons, timings; never record values).
 
@@ -76,7 +81,7 @@ from linkage.config import Config
 from linkage.errors import HhlinkError, WorkspaceError
 from linkage.ingest.landing import (IngestError, LandingFile, Loaded, read_header, drop, find_files, fingerprint, load,
                              parquet_rows_json, raw_lines)
-from linkage.db import connect, path_literal
+from linkage.db import connect, path_literal, read_literal
 from linkage.db import quote_ident as q
 from linkage.db import quote_literal as lit
 from linkage.normalise import fail_sql, staged_select, typed_sql
@@ -84,7 +89,8 @@ from linkage.quality import Carried, QualityGateError, carry_record, validate
 from linkage.schemas import Schema, load_schemas
 from linkage.workspace import Workspace, carry_file, publish
 
-__all__ = ["IngestError", "QualityGateError", "QUARANTINE_REASONS", "ingest", "stage_files"]
+__all__ = ["IngestError", "QualityGateError", "QUARANTINE_REASONS", "ingest", "stage_files", "staged_row_digests",
+           "staged_file_signature"]
 
 # every reason a quarantined row can carry (the README lists them all; a test checks both ways)
 QUARANTINE_REASONS = {
@@ -218,7 +224,9 @@ def ingest(config: Config, workspace: Path | str, key=None) -> dict:
                     + "; ".join(quality["critical_failed"][:5])
                     + (f" (+{len(quality['critical_failed']) - 5} more)" if len(quality["critical_failed"]) > 5 else ""))
             _write_json(staged_dir / MANIFEST, {"files": [f for s in sources.values() for f in s["files"]],
-                                                "digest": digest})
+                                                "digest": digest, "staged_files": {
+                                                    s: staged_file_signature(staged_dir / f"{s}.parquet")
+                                                    for s in schemas}})
             _write_json(staged_dir / QUALITY, {"sources": {
                 s: carry_record(quality, s, [e["file"] for e in sources[s]["files"]]) for s in schemas}})
             _write_json(staged_dir / LEDGER, _updated_ledger(ledger, everything, stats))
@@ -322,6 +330,38 @@ def _hash(files: list[LandingFile]) -> dict[tuple[str, str], list[int]]:
     return settled
 
 
+def staged_row_digests(con: duckdb.DuckDBPyConnection, path: Path, files: list[str] | None = None) -> dict[str, str]:
+    """Per landing file with staged rows in ``path`` (or only those of ``files``): ``"<rows>:<hash>"``.
+
+    The hash is DuckDB's row hash XORed over the file's staged rows (each row holds its own
+    line number, so no two cancel): equal exactly when the rows are, whatever their order.
+    """
+    where = f" WHERE CAST(_file AS VARCHAR) IN ({', '.join(lit(f) for f in files)})" if files else ""
+    if files is not None and not files:
+        return {}
+    rows = con.execute(f"SELECT CAST(_file AS VARCHAR), count(*), bit_xor(hash(s)) "
+                       f"FROM read_parquet({read_literal(path)}) s{where} GROUP BY 1").fetchall()
+    return {f: f"{n}:{h:016x}" for f, n, h in rows}
+
+
+def staged_file_signature(path: Path) -> list[int]:
+    """Size, mtime (ns), inode and device of a staged file. Not the ctime: carrying a file into the
+    next zone by a hard link moves it. Rewriting the file moves the inode or the mtime."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+
+
+def _with_digests(con: duckdb.DuckDBPyConnection, path: Path, entries: list[dict], new: list[str],
+                  carried_ok: bool) -> list[dict]:
+    """``entries`` with ``staged_digest`` set: the new files' hashed from ``path`` (their rows only), the
+    carried ones' kept when ``carried_ok`` and present, else every file hashed again from ``path``."""
+    old = [e for e in entries if e["file"] not in new]
+    again = not carried_ok or any("staged_digest" not in e for e in old)
+    digests = staged_row_digests(con, path, None if again else new)
+    return [e if (e["file"] not in new and not again)
+            else {**e, "staged_digest": digests.get(e["file"])} for e in entries]
+
+
 def _key(f: LandingFile) -> tuple[str, str]:
     return f.source, f.name
 
@@ -401,13 +441,25 @@ class Prior:
     staged: Path
     quarantine: Path
     entries: list[dict]
+    signature: list[int] | None = None     # the staged file's, as the previous run recorded it
+
+    def digests_hold(self) -> bool:
+        """True when the staged file is the one the previous run wrote (so its carried digests are its rows')."""
+        try:
+            return self.signature is not None and staged_file_signature(self.staged) == self.signature
+        except OSError:
+            return False
 
 
 def _prior(ws: Workspace, carried: dict[str, list[dict]] | None, source: str) -> Prior | None:
     if carried is None:
         return None
+    try:
+        signature = json.loads((ws.zone("staged") / MANIFEST).read_text()).get("staged_files", {}).get(source)
+    except (OSError, ValueError, AttributeError):
+        signature = None
     return Prior(ws.zone("staged") / f"{source}.parquet", ws.zone("quarantine") / f"{source}.parquet",
-                 carried.get(source, []))
+                 carried.get(source, []), signature)
 
 
 def _is_carried(f: LandingFile, prior: Prior | None) -> bool:
@@ -455,7 +507,9 @@ def _ingest_report(summary: dict) -> dict:
     return {
         "rows": summary["rows"], "passed": summary["passed"], "seconds": summary["seconds"],
         "mode": summary["mode"], "files_staged_now": summary["files_staged_now"],
-        "sources": summary["sources"],
+        # the staged digests are for pseudonymise's carry-over check, not for readers of the report
+        "sources": {k: {**v, "files": [{x: y for x, y in e.items() if x != "staged_digest"} for e in v["files"]]}
+                    for k, v in summary["sources"].items()},
         "quality": {s: {k: v for k, v in r.items() if k != "expectations"} for s, r in q["sources"].items()},
         "critical_failed": q["critical_failed"],
     }
@@ -480,8 +534,10 @@ def _publish_reports(ws: Workspace, built: Path) -> None:
 # --- staging one source ---------------------------------------------------------------
 
 
-def _carry_only(source: str, prior: Prior, staged_dir: Path, quarantine_dir: Path) -> dict:
+def _carry_only(con: duckdb.DuckDBPyConnection, source: str, prior: Prior, staged_dir: Path,
+                quarantine_dir: Path) -> dict:
     """A source with no new file: its previous staged and quarantined rows, linked into the new zone."""
+    entries = _with_digests(con, prior.staged, list(prior.entries), [], prior.digests_hold())
     carry_file(prior.staged, staged_dir / f"{source}.parquet")
     carry_file(prior.quarantine, quarantine_dir / f"{source}.parquet")
     reasons = Counter()
@@ -490,7 +546,7 @@ def _carry_only(source: str, prior: Prior, staged_dir: Path, quarantine_dir: Pat
     return {
         "staged": f"staged/{source}.parquet", "quarantine": f"quarantine/{source}.parquet",
         **{f"rows_{k}": sum(e[f"rows_{k}"] for e in prior.entries) for k in ("read", "staged", "quarantined")},
-        "reasons": dict(sorted(reasons.items())), "seconds": {}, "files": list(prior.entries), "files_new": 0,
+        "reasons": dict(sorted(reasons.items())), "seconds": {}, "files": entries, "files_new": 0,
     }
 
 
@@ -527,7 +583,7 @@ def _stage_source(con: duckdb.DuckDBPyConnection, schema: Schema, files: list[La
     """
     source = schema.source
     if prior is not None and prior.entries and not files:
-        return _carry_only(source, prior, staged_dir, quarantine_dir)
+        return _carry_only(con, source, prior, staged_dir, quarantine_dir)
     if prior is not None and not prior.entries:
         prior = None
     rejects_table, fails, flags = f"rejects_{source}", f"fails_{source}", f"flags_{source}"
@@ -575,6 +631,9 @@ def _stage_source(con: duckdb.DuckDBPyConnection, schema: Schema, files: list[La
     new_files = len(entries)
     if prior is not None:
         entries = list(prior.entries) + entries
+    # the digests pseudonymise checks its carry-over against: the new files' rows only, read back as written
+    entries = _with_digests(con, staged_path, entries, [f.name for f in files],
+                            prior is not None and prior.digests_hold())
     for got in loaded.values():
         drop(con, got)
     con.execute(f"DROP TABLE IF EXISTS all_{source}; DROP TABLE {fails}; DROP TABLE {flags}; DROP TABLE {rejects_table}")

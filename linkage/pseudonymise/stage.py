@@ -8,7 +8,8 @@ Reads ``staged/<source>.parquet`` and writes the ``pseudonymised/`` zone, atomic
 * ``payload/<source>.parquet`` - the same token and the row's attribute and period
   columns; department references (claim, employer) only as keyed tokens;
 * ``crosswalk.enc`` - token -> (source, file, line, row, record_id), AES-GCM encrypted
-  (:mod:`linkage.crosswalk`);
+  (:mod:`linkage.crosswalk`); an incremental run writes the new rows' mapping into a part
+  file of its own (``crosswalk.0001.enc``, ...) and carries the earlier ones unchanged;
 * ``metadata.json`` - key fingerprint (never the key), encoding parameters, counts, timings.
 
 Which staged column is a forename, a date of birth, ... comes from the roles in
@@ -32,7 +33,6 @@ Example:
 from __future__ import annotations
 
 import binascii
-import itertools
 import datetime as dt
 import json
 import logging
@@ -54,11 +54,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from linkage.config import Config, PseudonymiseConfig
-from linkage.crosswalk import CROSSWALK_FILE, write_crosswalk
+from linkage.crosswalk import CROSSWALK_FILE, CrosswalkError, crosswalk_parts, part_path, write_crosswalk
 from linkage.db import connect, path_literal, quote_ident, quote_literal, read_literal
 from linkage.encodings import (CONTEXT_SEPARATOR, TOKEN_BYTES, BloomEncoder, BloomParams, ContextPermuter, Tokeniser,
                                context_message, dob_context)
 from linkage.errors import HhlinkError, SchemaError, WorkspaceError
+from linkage.ingest.stage import staged_file_signature, staged_row_digests
 from linkage.keys import MasterKey, load_master_key
 from linkage.pseudonymise.context_u import measure_context_u
 from linkage.pseudonymise.seal import (NONCE_BYTES, SEAL_SUBKEY, aes_block_words, code_int, keystreams, nonces,
@@ -780,21 +781,38 @@ class Increment:
     files: list[dict]
 
 
-def staged_digests(con: duckdb.DuckDBPyConnection, plans: list[Source]) -> dict[tuple[str, str], str]:
+def staged_digests(con: duckdb.DuckDBPyConnection, plans: list[Source],
+                   manifest: dict | None = None) -> dict[tuple[str, str], str]:
     """Per (source, landing file): its staged rows' count and an order-free hash of their values.
 
     Guards the carry-over against staged rows that changed while their landing file did not
     (a re-ingest under new normalisation rules, a hand edit): DuckDB's row hash, XORed
-    over the file's rows (each row holds its own line number, so no two cancel).
+    over the file's rows (each row holds its own line number, so no two cancel)
+    (:func:`linkage.ingest.stage.staged_row_digests`).
+
+    ``manifest`` (``staged/manifest.json``): ingest records there each file's digest, made as
+    it staged the rows, and each staged file's signature (size, mtime, inode, device) as it
+    wrote it. A source whose staged file still has that signature takes its digests from the
+    manifest instead of reading every row again (a delivery's run then reads no earlier row);
+    any other source is hashed here, as before.
     """
     out = {}
+    recorded = (manifest or {}).get("staged_files") or {}
     for p in plans:
+        entries = [e for e in (manifest or {}).get("files", []) if e.get("source") == p.name]
+        sig = recorded.get(p.name)
+        if sig is not None and entries and all("staged_digest" in e for e in entries):
+            try:
+                same = staged_file_signature(p.path) == sig
+            except OSError:
+                same = False
+            if same:
+                out.update({(p.name, e["file"]): e["staged_digest"] for e in entries if e["staged_digest"]})
+                continue
         try:
-            rows = con.execute(f"SELECT CAST(_file AS VARCHAR), count(*), bit_xor(hash(s)) "
-                               f"FROM read_parquet({read_literal(p.path)}) s GROUP BY 1").fetchall()
+            out.update({(p.name, f): d for f, d in staged_row_digests(con, p.path).items()})
         except duckdb.Error as exc:
             raise PseudonymiseError(f"{p.path}: hashing the staged rows failed ({exc.__class__.__name__})") from exc
-        out.update({(p.name, f): f"{n}:{h:016x}" for f, n, h in rows})
     return out
 
 
@@ -821,6 +839,12 @@ def plan_increment(ws: Workspace, digest: str, key: MasterKey, cfg: Pseudonymise
         return None, "full: encoding settings or schema versions differ from the previous zone's"
     if not (zone / CROSSWALK_FILE).exists():
         return None, "full: the previous zone has no crosswalk"
+    try:
+        found = [p.name for p in crosswalk_parts(zone / CROSSWALK_FILE)]
+    except CrosswalkError:
+        return None, "full: the previous zone's crosswalk lacks a part"
+    if found != (previous.get("crosswalk") or {}).get("parts", [CROSSWALK_FILE]):
+        return None, "full: the previous zone's crosswalk parts differ from those its metadata lists"
     now = {(f["source"], f["file"]): f["sha256"] for f in staged}
     for f in previous["files"]:
         if now.get((f["source"], f["file"])) != f["sha256"]:
@@ -878,12 +902,24 @@ def _coverage(ws: Workspace, increment: Increment | None, digest: str, parts: di
     return out
 
 
-def _old_crosswalk(path: Path, key: MasterKey) -> Iterator[pa.RecordBatch]:
-    from linkage.crosswalk import read_crosswalk
+def _crosswalk_part(ws: Workspace, out: Path, key: MasterKey, con: duckdb.DuckDBPyConnection,
+                    work: list[Source]) -> dict:
+    """An incremental run's crosswalk: the previous parts linked unchanged, the new rows in a part of their own.
 
-    for table in read_crosswalk(path, key):
-        for batch in table.cast(_CROSSWALK_SCHEMA).to_batches():
-            yield batch
+    Returns the whole crosswalk's summary (rows, segments and bytes over every part, the parts' names).
+    """
+    previous = zone_metadata(ws.zone("pseudonymised")).get("crosswalk") or {}
+    names = list(previous.get("parts", [CROSSWALK_FILE]))
+    for name in names:
+        carry_file(ws.zone("pseudonymised") / name, out / name)
+    total = {k: int(previous.get(k, 0)) for k in ("rows", "segments", "bytes")}
+    if work:
+        target = part_path(out / CROSSWALK_FILE, len(names))
+        written = write_crosswalk(target, key, _crosswalk_batches(con, work), _CROSSWALK_SCHEMA,
+                                  part=len(names))
+        names.append(target.name)
+        total = {k: total[k] + written[k] for k in total}
+    return {**total, "parts": names}
 
 
 def pseudonymise(config: Config, workspace: Path | str, key: MasterKey | None = None) -> dict:
@@ -941,7 +977,11 @@ def pseudonymise(config: Config, workspace: Path | str, key: MasterKey | None = 
     spill = Path(tempfile.mkdtemp(prefix=".pseudonymise-spill-", dir=ws.root))
     con = _connect(spill, cfg)
     try:
-        rows_now = staged_digests(con, plans)
+        try:
+            manifest = json.loads((staged / "manifest.json").read_text())
+        except (OSError, ValueError):
+            manifest = None     # hashed here, every row (and plan_increment then runs in full)
+        rows_now = staged_digests(con, plans, manifest if isinstance(manifest, dict) else None)
         increment, mode = plan_increment(ws, digest, key, cfg, rows_now)
         log.info("pseudonymise: %s", mode)
         carried = increment.carry if increment else {}
@@ -986,10 +1026,11 @@ def pseudonymise(config: Config, workspace: Path | str, key: MasterKey | None = 
                 parts[plan.name].append(new_parts[plan.name])
             seconds["payload"] = time.perf_counter() - t
             t = time.perf_counter()
-            rows = _crosswalk_batches(con, work)
-            if increment:
-                rows = itertools.chain(_old_crosswalk(ws.zone("pseudonymised") / CROSSWALK_FILE, key), rows)
-            crosswalk = write_crosswalk(out / CROSSWALK_FILE, key, rows, _CROSSWALK_SCHEMA)
+            if increment:   # the earlier rows' mapping is not read again: the new rows go into a part file
+                crosswalk = _crosswalk_part(ws, out, key, con, work)
+            else:
+                crosswalk = {**write_crosswalk(out / CROSSWALK_FILE, key, _crosswalk_batches(con, work),
+                                               _CROSSWALK_SCHEMA), "parts": [CROSSWALK_FILE]}
             seconds["crosswalk"] = time.perf_counter() - t
             seconds["total"] = time.perf_counter() - t0
             summary = _metadata(config, key, plans, payload_columns, distinct, crosswalk, link_refs, seconds)
