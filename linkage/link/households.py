@@ -407,11 +407,125 @@ def parent_child_sql(cfg: LinkConfig, weak_membership: bool = False, cross_year:
     """
 
 
-# Every join above relates two people only through a value they share: a postcode (addresses and
-# their keys live within one), a benefit unit or a claim; household keys come from components of
-# those joins. So the households and parent-child relations of a connected component of the graph
-# of people and these values depend on that component's records alone (:func:`_affected_persons`).
+# Every join above relates two people only through a value they share: an address, a benefit unit
+# or a claim, and (for a record with no address line) what the full addresses at its postcode say;
+# household keys come from components of those joins. So the households and parent-child relations
+# of a connected component of the graph of people and their places (:func:`_places`) depend on that
+# component's records and those postcodes' address sets alone (:func:`_affected_persons`).
 PLACES = ("postcode_tok", "benefit_unit_tok", "claim_tok")
+
+
+def _places(con: duckdb.DuckDBPyConnection, dice: float = ADDRESS_DICE) -> None:
+    """``_hh_place`` (person_key, place) and ``_hh_dirty`` (person_key).
+
+    The places are the values through which the SQL above relates two people:
+
+    * a benefit unit, a claim;
+    * an *address group*: address lines at one postcode joined, directly or through others,
+      by filters at least ``dice`` alike. Every statement that reads several lines together
+      reads one line's neighbours (``addr_canon`` keys a line by the smallest filter within
+      ``dice``), so lines of different groups never meet: two households whose postcodes
+      collide (a shared or mistyped postcode) are not one place;
+    * for a record with no address line (a pupil's), the group of the address it resolves to
+      (``pya``: the one full address at its postcode that year, else the one ever there), or,
+      unresolved, the postcode's unresolved address (``'P|'``, which such records share).
+
+    A pupil's resolution reads every full address at the postcode: the *address sets*
+    (distinct address keys at the postcode in each year, and in all years). These sets
+    change only when a record arrives; so pupils at a postcode whose sets may have changed
+    since the previous release (a new address line there, or a new address in a year with
+    pupils) are *dirty* (``_hh_dirty``): changed persons, like those with new records, and
+    such a postcode is a place as a whole (a pupil there may have resolved to another group
+    then, or now to none). Any other pupil resolves as it did then, so places only grow from
+    release to release: a component of unchanged persons is one the previous release had.
+
+    At 1,000,000 persons the postcode as a place joined most people into one component
+    through colliding postcodes, so every delivery reached more than half of them.
+    Needs ``records_linked`` and ``_hh_prev`` (the previous release's record tokens).
+    """
+    d = dice_sql("a.addr_bf", "b.addr_bf")
+    con.execute(f"""
+        create or replace temp table _hh_lines as
+        select postcode_tok, hex(addr_bf) h, any_value(addr_bf) addr_bf,
+               bool_and(record_token not in (select record_token from _hh_prev)) as new_line
+        from records_linked where postcode_tok is not null and addr_bf is not null group by postcode_tok, hex(addr_bf);
+        create or replace temp table _hh_near as
+        select a.postcode_tok, a.h, b.h g from _hh_lines a join _hh_lines b
+             on a.postcode_tok = b.postcode_tok and a.h != b.h and {d} >= {dice};
+        -- each line's address key is its smallest neighbour (addr_canon); its group, the smallest reachable
+        create or replace temp table _hh_canon as
+        select l.postcode_tok, l.h, least(l.h, min(n.g)) canon from _hh_lines l
+        left join _hh_near n using (postcode_tok, h) group by l.postcode_tok, l.h;
+        create or replace temp table _hh_group as
+        select distinct postcode_tok, h, h as grp from _hh_near;
+    """)
+    while True:
+        # each line takes the smallest group label among its neighbours, until none moves
+        con.execute("""create or replace temp table _hh_group_next as
+                       select g.postcode_tok, g.h, least(g.grp, min(n.grp)) grp
+                       from _hh_group g join _hh_near e using (postcode_tok, h)
+                       join _hh_group n on n.postcode_tok = e.postcode_tok and n.h = e.g
+                       group by g.postcode_tok, g.h, g.grp""")
+        moved = con.execute("""select count(*) from _hh_group_next n join _hh_group g using (postcode_tok, h)
+                               where n.grp != g.grp""").fetchone()[0]
+        con.execute("drop table _hh_group; alter table _hh_group_next rename to _hh_group")
+        if not moved:
+            break
+    con.execute("""
+        create or replace temp table _hh_line_group as
+        select c.postcode_tok, c.h, c.canon, coalesce(g.grp, c.h) grp
+        from _hh_canon c left join _hh_group g using (postcode_tok, h);
+        create or replace temp table _hh_pupil as
+        select distinct postcode_tok, year, record_token not in (select record_token from _hh_prev) as new
+        from records_linked where postcode_tok is not null and addr_bf is null;
+        create or replace temp table _hh_pupil_pc as select distinct postcode_tok from _hh_pupil;
+        -- the address sets at postcodes with pupils: each address key, the years it is at the
+        -- postcode, and whether it was there in that year in the previous release
+        create or replace temp table _hh_kset as
+        select r.postcode_tok, r.year, l.canon, l.grp,
+               bool_or(r.record_token in (select record_token from _hh_prev)) as before
+        from records_linked r join _hh_line_group l on l.postcode_tok = r.postcode_tok and l.h = hex(r.addr_bf)
+        where r.addr_bf is not null and r.postcode_tok in (select postcode_tok from _hh_pupil_pc)
+        group by r.postcode_tok, r.year, l.canon, l.grp;
+        create or replace temp table _hh_resolve as
+        with y as (select postcode_tok, year, count(distinct canon) n, min(grp) grp from _hh_kset
+                   group by postcode_tok, year),
+             e as (select postcode_tok, count(distinct canon) n, min(grp) grp from _hh_kset group by postcode_tok)
+        select p.postcode_tok, p.year,
+               case when y.n = 1 then '3:' || p.postcode_tok || '|' || y.grp
+                    when y.n is null and e.n = 1 then '3:' || p.postcode_tok || '|' || e.grp
+                    else '4:' || p.postcode_tok end as place
+        from (select distinct postcode_tok, year from _hh_pupil) p
+        left join y using (postcode_tok, year) left join e using (postcode_tok);
+        -- dirty: a new line at the postcode (address keys may move), or a new address in a year with pupils
+        create or replace temp table _hh_dirty_pc as
+        select postcode_tok from _hh_lines where new_line and postcode_tok in (select postcode_tok from _hh_pupil_pc)
+        union
+        select k.postcode_tok from _hh_kset k semi join _hh_pupil p using (postcode_tok, year)
+        group by k.postcode_tok, k.year, k.canon having not bool_or(k.before);
+        create or replace temp table _hh_dirty as
+        select distinct person_key from records_linked
+        where addr_bf is null and postcode_tok in (select postcode_tok from _hh_dirty_pc);
+        create or replace temp table _hh_place as
+        select r.person_key, '3:' || r.postcode_tok || '|' || l.grp as place
+        from records_linked r join _hh_line_group l on l.postcode_tok = r.postcode_tok and l.h = hex(r.addr_bf)
+        where r.addr_bf is not null
+        union
+        select r.person_key, x.place from records_linked r join _hh_resolve x using (postcode_tok, year)
+        where r.addr_bf is null
+        union
+        -- a dirty postcode as a whole: a pupil there may resolve elsewhere than it did (moving
+        -- between the groups there, or to none), so the groups it did and does resolve to meet
+        select person_key, '0:' || postcode_tok from records_linked
+        where postcode_tok in (select postcode_tok from _hh_dirty_pc)
+        union
+        select person_key, '1:' || benefit_unit_tok from records_linked where benefit_unit_tok is not null
+        union
+        select person_key, '2:' || claim_tok from records_linked where claim_tok is not null;
+        drop table _hh_lines; drop table _hh_near; drop table _hh_canon; drop table _hh_group;
+        drop table _hh_line_group; drop table _hh_pupil; drop table _hh_pupil_pc; drop table _hh_kset;
+        drop table _hh_resolve; drop table _hh_dirty_pc;
+    """)
 
 
 def households_fingerprint(cfg: LinkConfig) -> str:
@@ -428,8 +542,8 @@ def _affected_persons(con: duckdb.DuckDBPyConnection, cfg: LinkConfig, previous:
 
     A person is *changed* when one of its records is new or moved from or to another person
     key since ``previous`` (both keys count, so merged and split persons do). The affected
-    persons are the connected components, in the graph of persons and the :data:`PLACES`
-    they have records at, of the changed ones. Any other person's component holds only
+    persons are the connected components, in the graph of persons and the places they have
+    records at (:func:`_places`), of the changed ones. Any other person's component holds only
     unchanged persons with unchanged records, as it did in the previous release (a person
     who had shared a place with it then still does, under the same key), so its households
     and relations are the previous release's, exactly. Returns (affected persons, reason),
@@ -449,20 +563,27 @@ def _affected_persons(con: duckdb.DuckDBPyConnection, cfg: LinkConfig, previous:
         return None, "full: the previous release's summary is unreadable"
     if before != fingerprint:
         return None, "full: the households' settings or code differ from the previous release's"
-    places = " union ".join(f"select person_key, '{n}:' || {c} as place from records_linked where {c} is not null"
-                            for n, c in enumerate(PLACES))
     con.execute(f"""
         create or replace temp table _hh_prev as
         select record_token, person_key from read_parquet({read_literal(files['records.parquet'])});
+    """)
+    gone = con.execute("select count(*) from _hh_prev anti join records_linked using (record_token)").fetchone()[0]
+    if gone:
+        con.execute("drop table _hh_prev")
+        # the places assume records only arrive: an address set may have lost one
+        return None, f"full: {gone:,} records of the previous release are gone"
+    _places(con)
+    con.execute("""
         create or replace temp table _hh_frontier as
         select r.person_key from records_linked r left join _hh_prev p using (record_token)
         where p.person_key is distinct from r.person_key
         union
-        select p.person_key from _hh_prev p left join records_linked r using (record_token)
-        where r.person_key is distinct from p.person_key;
-        drop table _hh_prev;
+        select p.person_key from _hh_prev p join records_linked r using (record_token)
+        where r.person_key != p.person_key
+        union
+        select person_key from _hh_dirty;
+        drop table _hh_prev; drop table _hh_dirty;
         create or replace temp table _hh_affected as select person_key from _hh_frontier;
-        create or replace temp table _hh_place as {places};
     """)
     persons = con.execute("select count(distinct person_key) from records_linked").fetchone()[0]
     affected = con.execute("select count(*) from _hh_affected").fetchone()[0]
@@ -539,12 +660,27 @@ def assemble_households(con: duckdb.DuckDBPyConnection, cfg: LinkConfig, previou
         recomputed = con.execute("select count(distinct person_key) from records_linked").fetchone()[0]
     else:
         households, relations = (read_literal(Path(previous) / f) for f in ("households.parquet", "parent_child.parquet"))
+        # with the affected persons' records, the full addresses of everyone else at the postcodes of
+        # their records without an address line: the address sets those resolve by (_places). Those
+        # context rows meet the affected persons nowhere else (other address groups; no claim, no
+        # unit), and their own rows are dropped below.
         con.execute("""alter table records_linked rename to _hh_records_all;
-                       create table records_linked as select * from _hh_records_all semi join _hh_affected using (person_key)""")
+                       create table records_linked as
+                       select * from _hh_records_all semi join _hh_affected using (person_key)
+                       union all
+                       select * replace (null as benefit_unit_tok, null as bu_role, null as claim_tok)
+                       from _hh_records_all r anti join _hh_affected using (person_key)
+                       where r.addr_bf is not null and r.postcode_tok in (
+                           select postcode_tok from _hh_records_all semi join _hh_affected using (person_key)
+                           where addr_bf is null and postcode_tok is not null)""")
         try:
-            recomputed = con.execute("select count(distinct person_key) from records_linked").fetchone()[0]
+            recomputed = con.execute("select count(distinct person_key) from records_linked "
+                                     "semi join _hh_affected using (person_key)").fetchone()[0]
             if recomputed:
                 _compute(con, cfg)
+                con.execute("""delete from households where person_key not in (select person_key from _hh_affected);
+                               delete from parent_child where parent_key not in (select person_key from _hh_affected)
+                                   or child_key not in (select person_key from _hh_affected)""")
             else:   # nothing changed: the previous tables as they are
                 con.execute(f"""create or replace table households as select * from read_parquet({households}) where false;
                                 create or replace table parent_child as select * from read_parquet({relations}) where false""")
