@@ -62,7 +62,7 @@ LEDGER = "releases.jsonl"
 
 
 def carry_keys(con: duckdb.DuckDBPyConnection, previous: str, current: str,
-               new_key: Callable[[str], str], out: str = "carried_keys") -> str:
+               new_key: Callable[[str], str], out: str = "carried_keys", issued: str | None = None) -> str:
     """Assign each cluster of ``current`` a key, keeping ``previous`` keys by greatest overlap.
 
     Args:
@@ -74,6 +74,8 @@ def carry_keys(con: duckdb.DuckDBPyConnection, previous: str, current: str,
             the previous release) is never reissued: ``new_key`` is asked again with
             ``"#2"``, ``"#3"``... appended to the record.
         out: the name of the table to create.
+        issued: a table or view ``(key)`` of every key issued before, when ``previous`` holds
+            only some of them (default: the keys of ``previous``).
 
     Returns:
         ``out``: a table ``(cluster, key, carried)`` with one row per cluster of ``current``.
@@ -106,7 +108,8 @@ def carry_keys(con: duckdb.DuckDBPyConnection, previous: str, current: str,
                         "order by f.first_record").fetchall()
     # a key is never given to another person: not one of the previous release's (retired ones
     # included), not one carried now
-    used = {k for (k,) in con.execute(f"select distinct key from {previous} union select key from _assigned").fetchall()}
+    used = {k for (k,) in con.execute(f"select distinct key from {issued or previous} "
+                                      "union select key from _assigned").fetchall()}
     made = []
     for c, r in fresh:
         k, attempt = new_key(str(r)), 1

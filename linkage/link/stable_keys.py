@@ -38,7 +38,7 @@ def _new_household_key(first: str) -> str:
 
 
 def _carry(con: duckdb.DuckDBPyConnection, current_sql: str, previous_sql: str | None, new_key, changes_file: Path,
-           unit: str) -> tuple[str, dict]:
+           unit: str, issued_sql: str | None = None) -> tuple[str, dict]:
     """Keys for the clusters of ``current_sql`` (record, cluster) carried from ``previous_sql`` (record, key).
 
     Writes every key that did not simply carry over to ``changes_file`` (its record count
@@ -50,14 +50,17 @@ def _carry(con: duckdb.DuckDBPyConnection, current_sql: str, previous_sql: str |
         con.execute(f"create or replace temp table _prev as {previous_sql}")
     else:
         con.execute("create or replace temp table _prev (record varchar, key varchar)")
-    keys = carry_keys(con, "_prev", "_cur", new_key=new_key, out="_keys")
+    if issued_sql is not None:
+        con.execute(f"create or replace temp table _issued as {issued_sql}")
+    keys = carry_keys(con, "_prev", "_cur", new_key=new_key, out="_keys",
+                      issued="_issued" if issued_sql is not None else None)
     changes = key_changes(con, "_prev", "_cur", keys, out="_key_changes")
     con.execute(f"""copy (select change, old_key, new_key, records as {unit} from {changes}
                          order by change, old_key nulls first, new_key nulls first)
                     to {path_literal(changes_file)} (compression zstd)""")
     counts = dict(con.execute(f"select change, count(*) from {changes} group by 1").fetchall())
     carried = con.execute(f"select count(*) from {keys} where carried").fetchone()[0]
-    con.execute("drop table _prev; drop table _key_changes")
+    con.execute("drop table _prev; drop table _key_changes; drop table if exists _issued")
     return keys, {"first_release": previous_sql is None, "carried": carried,
                   **{c: counts.get(c, 0) for c in ("merged", "split", "new", "retired")}}
 
@@ -83,7 +86,7 @@ def person_keys(con: duckdb.DuckDBPyConnection, previous: Path, out: Path) -> di
     return {"key_changes": counts}
 
 
-def household_keys(con: duckdb.DuckDBPyConnection, previous: Path, out: Path) -> dict:
+def household_keys(con: duckdb.DuckDBPyConnection, previous: Path, out: Path, recomputed_only: bool = False) -> dict:
     """Carry the previous release's household keys onto ``households`` and write ``out/household_key_changes.parquet``.
 
     Args:
@@ -92,16 +95,42 @@ def household_keys(con: duckdb.DuckDBPyConnection, previous: Path, out: Path) ->
             its ``household_key`` is replaced in place.
         previous: the previous release's ``linked/households.parquet`` (may be missing).
         out: the folder being published as ``linked/``.
+        recomputed_only: ``households`` came from an incremental assembly: its recomputed
+            households are named ``'N'`` + a key, every other row is a previous row under its
+            previous key. Only the recomputed ones are matched, against the previous rows of
+            their persons and of persons gone since: a previous household lies wholly among
+            those or wholly among the carried rows (its members share a place), so the keys
+            and changes are those of matching everything, without reading ten million
+            person-years at 1,000,000 persons.
 
     Returns:
         ``{"household_key_changes": {"carried": n, "merged": n, "split": n, "new": n, "retired": n}}``.
     """
-    keys, counts = _carry(
-        con, "select person_key || ':' || year as record, household_key as cluster from households",
-        f"select person_key || ':' || year as record, household_key as key from read_parquet({read_literal(previous)})"
-        if previous.is_file() else None, _new_household_key, out / "household_key_changes.parquet", "person_years")
-    con.execute(f"""create or replace table households as
-                    select h.* replace (k.key as household_key)
-                    from households h join {keys} k on k.cluster = h.household_key""")
+    prev = read_literal(previous)
+    if recomputed_only and previous.is_file():
+        con.execute("create or replace temp table _hh_n as select distinct person_key from households "
+                    "where household_key like 'N%'")
+        keys, counts = _carry(
+            con, "select person_key || ':' || year as record, household_key as cluster from households "
+                 "where household_key like 'N%'",
+            f"""select p.person_key || ':' || p.year as record, p.household_key as key from read_parquet({prev}) p
+                where p.person_key in (select person_key from _hh_n)
+                   or p.person_key not in (select person_key from households)""",
+            _new_household_key, out / "household_key_changes.parquet", "person_years",
+            issued_sql=f"select distinct household_key as key from read_parquet({prev})")
+        counts["carried"] += con.execute(
+            "select count(distinct household_key) from households where household_key not like 'N%'").fetchone()[0]
+        con.execute(f"""create or replace table households as
+                        select h.* replace (coalesce(k.key, h.household_key) as household_key)
+                        from households h left join {keys} k on k.cluster = h.household_key;
+                        drop table _hh_n""")
+    else:
+        keys, counts = _carry(
+            con, "select person_key || ':' || year as record, household_key as cluster from households",
+            f"select person_key || ':' || year as record, household_key as key from read_parquet({prev})"
+            if previous.is_file() else None, _new_household_key, out / "household_key_changes.parquet", "person_years")
+        con.execute(f"""create or replace table households as
+                        select h.* replace (k.key as household_key)
+                        from households h join {keys} k on k.cluster = h.household_key""")
     con.execute(f"drop table _cur; drop table {keys}")
     return {"household_key_changes": counts}
