@@ -149,3 +149,44 @@ def test_household_keys_carry_over_and_every_change_is_listed(first_release, tmp
     assert not ids & (set(old_members) | set(new_members))
     households = set(read_research(ws, master, "household_year", ["household_id"]).column("household_id").to_pylist())
     assert {r["new_household_id"] for r in research if r["change"] == "merged"} <= households
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_matching_only_the_recomputed_persons_gives_the_keys_of_matching_all(tmp_path, seed):
+    """An incremental link names every person it did not recompute ``'previous:' + key``; matching
+    only the recomputed clusters gives the same keys, changes and counts as matching every identity."""
+    import json
+    import random
+
+    import pyarrow as pa
+
+    from linkage.link.stable_keys import person_keys
+
+    rng = random.Random(seed)
+    ids = [f"u{i:04d}" for i in range(300)]
+    previous = {u: f"P{rng.randrange(90):03d}" for u in ids[:260]}          # 40 identities are new
+    persons = sorted(set(previous.values()))
+    recomputed = set(rng.sample(persons, 25))
+    clusters = {}
+    for u in ids:
+        if u in previous and previous[u] not in recomputed:
+            clusters[u] = "previous:" + previous[u]
+        else:   # merged, split, kept together or new: any cluster among a few dozen
+            clusters[u] = f"c{rng.randrange(30)}"
+    prev_file = tmp_path / "identities.parquet"
+    duckdb.execute(f"copy (select * from (values {', '.join(f'({u!r}, {k!r})' for u, k in previous.items())}) "
+                   f"t(unique_id, person_key)) to '{prev_file}'")
+    results = []
+    for only in (False, True):
+        out = tmp_path / str(only)
+        out.mkdir()
+        con = duckdb.connect()
+        con.register("_c", pa.table({"unique_id": list(clusters), "cluster_id": list(clusters.values())}))
+        con.execute("create table clusters as select * from _c; create table identities as select unique_id from _c")
+        counts = person_keys(con, prev_file, out, recomputed_only=only)
+        results.append((sorted(con.execute("select * from persons").fetchall()),
+                        duckdb.execute(f"select * from '{out}/key_changes.parquet' order by all").fetchall(),
+                        json.dumps(counts, sort_keys=True)))
+        con.close()
+    assert results[1] == results[0]
+    assert results[0][1], "the release changed some keys"

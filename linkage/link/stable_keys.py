@@ -65,23 +65,49 @@ def _carry(con: duckdb.DuckDBPyConnection, current_sql: str, previous_sql: str |
                   **{c: counts.get(c, 0) for c in ("merged", "split", "new", "retired")}}
 
 
-def person_keys(con: duckdb.DuckDBPyConnection, previous: Path, out: Path) -> dict:
+def person_keys(con: duckdb.DuckDBPyConnection, previous: Path, out: Path, recomputed_only: bool = False) -> dict:
     """Create ``persons (unique_id, person_key)`` from ``clusters`` and write ``out/key_changes.parquet``.
 
     Args:
         con: the link stage's connection, holding ``identities`` and ``clusters`` (``unique_id, cluster_id``).
         previous: the previous release's ``linked/identities.parquet`` (absent on a first release).
         out: the new ``linked/`` folder.
+        recomputed_only: ``clusters`` came from an incremental link
+            (:func:`linkage.link.incremental.cluster_affected`): an identity whose person was
+            not recomputed has the cluster ``'previous:' + its previous key``. Only the
+            recomputed clusters are matched, against the previous identities of the persons
+            they hold: every identity of such a person was recomputed, so the keys and
+            changes are those of matching every identity.
 
     Returns:
         ``{"key_changes": {"carried": n, "merged": n, "split": n, "new": n, "retired": n}}``.
     """
-    keys, counts = _carry(
-        con, "select i.unique_id as record, c.cluster_id as cluster from identities i join clusters c using (unique_id)",
-        f"select unique_id as record, person_key as key from read_parquet({read_literal(previous)})"
-        if previous.is_file() else None, _new_key, out / "key_changes.parquet", "identities")
-    con.execute(f"""create or replace table persons as
-                    select c.record as unique_id, k.key as person_key from _cur c join {keys} k using (cluster)""")
+    prev = read_literal(previous)
+    if recomputed_only and previous.is_file():
+        con.execute(f"""create or replace temp table _pk_prev as
+                        select unique_id, person_key from read_parquet({prev});
+                        create or replace temp table _pk_carried as
+                        select c.unique_id, substr(c.cluster_id, 10) as person_key from clusters c
+                        where c.cluster_id like 'previous:%'""")
+        keys, counts = _carry(
+            con, "select i.unique_id as record, c.cluster_id as cluster from identities i join clusters c "
+                 "using (unique_id) where c.cluster_id not like 'previous:%'",
+            """select unique_id as record, person_key as key from _pk_prev
+               where person_key not in (select person_key from _pk_carried)""",
+            _new_key, out / "key_changes.parquet", "identities",
+            issued_sql="select distinct person_key as key from _pk_prev")
+        counts["carried"] += con.execute("select count(distinct person_key) from _pk_carried").fetchone()[0]
+        con.execute(f"""create or replace table persons as
+                        select c.record as unique_id, k.key as person_key from _cur c join {keys} k using (cluster)
+                        union all select unique_id, person_key from _pk_carried;
+                        drop table _pk_prev; drop table _pk_carried""")
+    else:
+        keys, counts = _carry(
+            con, "select i.unique_id as record, c.cluster_id as cluster from identities i join clusters c using (unique_id)",
+            f"select unique_id as record, person_key as key from read_parquet({prev})"
+            if previous.is_file() else None, _new_key, out / "key_changes.parquet", "identities")
+        con.execute(f"""create or replace table persons as
+                        select c.record as unique_id, k.key as person_key from _cur c join {keys} k using (cluster)""")
     con.execute(f"drop table _cur; drop table {keys}")
     return {"key_changes": counts}
 
