@@ -36,7 +36,7 @@ import duckdb
 
 from linkage.link.model import PREDICTION_BLOCKS, rule_label
 
-__all__ = ["ANCHOR_RULES", "AnchoredRule", "anchored_rules", "build_blocking_keys"]
+__all__ = ["ANCHOR_RULES", "AnchoredRule", "anchored_rules", "rule_sides", "build_blocking_keys", "update_blocking_keys"]
 
 # identities equal on any of these are one anchor group; pairs within a group are compared
 # by these rules themselves (first, in this order)
@@ -72,6 +72,9 @@ def _sides(rule) -> tuple[tuple[str, ...], tuple[str, ...]]:
     if not pairs or re.sub(r"\bAND\b|\s|\(|\)", "", rest, flags=re.I):
         raise ValueError(f"blocking rule {rule!r}: only a conjunction of l.x = r.y can be anchored")
     return tuple(a for a, _ in pairs), tuple(b for _, b in pairs)
+
+
+rule_sides = _sides   # public: incremental prediction finds the identities a rule can pair with a touched one
 
 
 def anchored_rules(rules=PREDICTION_BLOCKS) -> list[AnchoredRule]:
@@ -143,3 +146,46 @@ def build_blocking_keys(con: duckdb.DuckDBPyConnection, table: str = "identities
     groups = con.execute("SELECT count(DISTINCT anchor) FROM __hh_anchor").fetchall()[0][0]
     con.execute("DROP TABLE __hh_anchor")
     return {"anchor_groups": int(groups), "anchor_rounds": rounds}
+
+
+def update_blocking_keys(con: duckdb.DuckDBPyConnection, table: str, out: str, rules: list[AnchoredRule],
+                         previous: str, touched: str) -> dict:
+    """Table ``out`` as :func:`build_blocking_keys` gives it for ``table``, rebuilt only where ``touched`` reaches.
+
+    ``previous`` holds the keys of the previous release's identities (``build_blocking_keys``'
+    columns, from :mod:`linkage.link.state`); ``touched`` the identities that are new or gained
+    records. An identity's keys depend only on its anchor group (label propagation stays inside
+    a connected component, and the representatives are chosen per group by ``n_records`` and
+    ``unique_id``), and a group's identities change only through a touched identity: a new one
+    may join groups, an old one that gained records may become a representative. So the
+    affected groups are those of the touched identities and of every identity sharing an
+    anchor key with one; their identities (a union of whole components, closed under the
+    anchor keys) are rebuilt with :func:`build_blocking_keys` and every other identity keeps its
+    previous keys. The rounds a group needs are its own, so a rebuilt group ends as in a full
+    build, converged or stopped at :data:`MAX_ITERATIONS` alike.
+
+    Returns:
+        facts: anchor groups (all), the rebuild's rounds and the identities rebuilt.
+    """
+    keys = [_key(cols) for cols in ANCHOR_RULES]
+    g = [f"g{n}" for n in range(len(keys))]
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE __hh_g AS
+        SELECT unique_id, {', '.join(f'{k} AS g{n}' for n, k in enumerate(keys))} FROM {table}""")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE __hh_tg AS SELECT * FROM __hh_g SEMI JOIN {touched} USING (unique_id)""")
+    reach = " OR ".join(f"{c} IN (SELECT {c} FROM __hh_tg WHERE {c} IS NOT NULL)" for c in g)
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE __hh_affected AS
+        WITH near AS (SELECT unique_id FROM __hh_g WHERE {reach} UNION SELECT unique_id FROM {touched}),
+             groups AS (SELECT DISTINCT p.anchor FROM {previous} p SEMI JOIN near USING (unique_id))
+        SELECT unique_id FROM near
+        UNION SELECT p.unique_id FROM {previous} p SEMI JOIN groups USING (anchor)""")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE __hh_subset AS SELECT * FROM {table} SEMI JOIN __hh_affected USING (unique_id)")
+    facts = build_blocking_keys(con, "__hh_subset", "__hh_rebuilt", rules)
+    con.execute(f"""CREATE OR REPLACE TABLE {out} AS
+        SELECT * FROM __hh_rebuilt
+        UNION ALL BY NAME
+        SELECT p.* FROM {previous} p SEMI JOIN {table} USING (unique_id) ANTI JOIN __hh_affected USING (unique_id)""")
+    rebuilt = con.execute("SELECT count(*) FROM __hh_affected").fetchall()[0][0]
+    groups = con.execute(f"SELECT count(DISTINCT anchor) FROM {out}").fetchall()[0][0]
+    con.execute("DROP TABLE __hh_g; DROP TABLE __hh_tg; DROP TABLE __hh_affected; DROP TABLE __hh_subset; "
+                "DROP TABLE __hh_rebuilt")
+    return {"anchor_groups": int(groups), "anchor_rounds": facts["anchor_rounds"], "identities_rebuilt": int(rebuilt)}

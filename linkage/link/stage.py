@@ -46,8 +46,55 @@ from linkage.workspace import Workspace
 log = logging.getLogger(__name__)
 
 
+#: predict an incremental release on the identities a rule can pair with a touched one only
+#: (:func:`linkage.link.incremental.reachable_identities`); False gives every identity to Splink, the
+#: reference ``tests/test_link_state.py`` compares the pairs with
+PREDICT_REACHABLE_ONLY = True
+
+
 class LinkError(HhlinkError):
     """Linkage cannot run (missing input, or an engine problem)."""
+
+
+def _records_sql(identifiers: str) -> str:
+    """SELECT: each record of ``identifiers`` with the few columns later steps use and its identity key."""
+    key_parts = ", ".join(
+        f"coalesce(hex({c}), '')" if c.endswith("_bf") else f"coalesce({c}, '')" for c in IDENTITY_COLUMNS)
+    return f"""
+        select record_token, source, year, birth_year, benefit_unit_tok, bu_role, claim_tok,
+               source || '-' || left(md5(concat_ws('|', source, {key_parts})), 20) as unique_id, {", ".join(ADDRESS_COLUMNS)}
+        from {identifiers}"""
+
+
+def _identity_facts_sql(records: str) -> str:
+    """Tables ``identity_address`` (each identity's most frequent address) and ``identity_facts`` from ``records``."""
+    addr = ", ".join(ADDRESS_COLUMNS)
+    return f"""
+        create or replace table identity_address as
+        select unique_id, {addr} from (
+            select unique_id, {addr}, row_number() over (
+                partition by unique_id order by count(*) desc, postcode_tok nulls last, hex(addr_bf) nulls last,
+                sex_tok nulls last) rn
+            from {records} group by unique_id, {addr})
+        where rn = 1;
+        create or replace table identity_facts as
+        select unique_id, min(source) as source, min(birth_year) as birth_year,
+               count(*) as n_records, min(year) as first_year, max(year) as last_year,
+               min(record_token) as representative,
+               list_sort(list(distinct postcode_tok) filter (where postcode_tok is not null)) as postcode_toks
+        from {records} group by unique_id;
+    """
+
+
+def _identities_select_sql(encodings: str) -> str:
+    """SELECT: ``identities`` from ``identity_facts`` and ``identity_address``, the encodings taken from
+    ``encodings``' row (record_token and the encodings) for each identity's representative record."""
+    return f"""
+        select f.unique_id, f.source, f.birth_year, f.n_records, f.first_year, f.last_year,
+               {", ".join(f"p.{c}" for c in IDENTITY_COLUMNS)}, f.postcode_toks, a.* exclude (unique_id)
+        from identity_facts f
+             join {encodings} p on p.record_token = f.representative
+             join identity_address a using (unique_id)"""
 
 
 def _identities_sql(identifiers: str = "identifiers_in") -> str:
@@ -59,37 +106,16 @@ def _identities_sql(identifiers: str = "identifiers_in") -> str:
     the identity facts are aggregated from it, and the encodings are read once more from
     the Parquet files for one representative record per identity (a join on the record
     token), rather than aggregated over every record (81 s of 139 s at 1M persons).
+    Leaves ``records``, ``identity_address``, ``identities`` and ``identity_representative``
+    (each identity's representative record, which the link state keeps).
     """
-    key_parts = ", ".join(
-        f"coalesce(hex({c}), '')" if c.endswith("_bf") else f"coalesce({c}, '')" for c in IDENTITY_COLUMNS)
-    addr = ", ".join(ADDRESS_COLUMNS)
-    encodings = ", ".join(f"p.{c}" for c in IDENTITY_COLUMNS)
     return f"""
-        create or replace table records as
-        select record_token, source, year, birth_year, benefit_unit_tok, bu_role, claim_tok,
-               source || '-' || left(md5(concat_ws('|', source, {key_parts})), 20) as unique_id, {addr}
-        from {identifiers};
-        create or replace table identity_address as
-        select unique_id, {addr} from (
-            select unique_id, {addr}, row_number() over (
-                partition by unique_id order by count(*) desc, postcode_tok nulls last, hex(addr_bf) nulls last,
-                sex_tok nulls last) rn
-            from records group by unique_id, {addr})
-        where rn = 1;
-        create or replace table identity_facts as
-        select unique_id, min(source) as source, min(birth_year) as birth_year,
-               count(*) as n_records, min(year) as first_year, max(year) as last_year,
-               min(record_token) as representative,
-               list_sort(list(distinct postcode_tok) filter (where postcode_tok is not null)) as postcode_toks
-        from records group by unique_id;
+        create or replace table records as {_records_sql(identifiers)};
+        {_identity_facts_sql("records")}
         create or replace table identities as
-        select f.unique_id, f.source, f.birth_year, f.n_records, f.first_year, f.last_year, {encodings},
-               f.postcode_toks, a.* exclude (unique_id)
-        from identity_facts f
-             join (select record_token, {", ".join(IDENTITY_COLUMNS)} from {identifiers}) p
-                  on p.record_token = f.representative
-             join identity_address a using (unique_id)
+        {_identities_select_sql(f"(select record_token, {', '.join(IDENTITY_COLUMNS)} from {identifiers})")}
         order by unique_id;
+        create or replace table identity_representative as select unique_id, representative from identity_facts;
         drop table identity_facts;
     """
 
@@ -254,13 +280,18 @@ def linked_threshold(config: Config, linked: Path) -> float:
 
 
 def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path, out: Path,
-                      model: Path | str | None = None, measured_u: dict | None = None) -> dict:
+                      model: Path | str | None = None, measured_u: dict | None = None,
+                      carried: dict | None = None) -> dict:
     """Train the model on the ``identities`` table, score pairs, cluster into persons.
 
     Writes ``model.json`` and ``pairs.parquet`` into ``out`` and leaves the table
     ``clusters`` (unique_id, cluster_id) on ``con``. Returns training facts. With
     ``model`` (a ``model.json`` from an earlier run, on either engine) nothing is trained:
-    that model's parameters score the pairs.
+    that model's parameters score the pairs. With ``carried`` (tables ``touched`` and
+    ``previous_keys`` from :func:`linkage.link.state.load`) the blocking keys of identities
+    no touched one reaches are carried (:func:`linkage.link.blocking.update_blocking_keys`) and
+    the touched identities are known without reading the previous records. Leaves the table
+    ``blocking_keys`` on ``con`` (the link state keeps it).
     """
     from splink import Linker, block_on
 
@@ -275,27 +306,47 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
             raise LinkError(f"{model}: cannot read the model's prior ({exc.__class__.__name__})") from None
         threshold = effective_threshold(lc, prior)
         # publish_dir builds ``out`` beside the zone: the previous release is still ``linked/``
-        increment, prediction = scope(con, out.parent / "linked", Path(model), lc, threshold)
+        increment, prediction = scope(con, out.parent / "linked", Path(model), lc, threshold,
+                                      touched=carried["touched"] if carried else None)
     log.info("prediction: %s", prediction)
     db_api = _db_api(config, con, tmp)
     dialect = "spark" if lc.engine == "spark" else "duckdb"
-    from linkage.link.blocking import anchored_rules, build_blocking_keys
+    from linkage.link.blocking import anchored_rules, build_blocking_keys, rule_sides, update_blocking_keys
 
     rules = anchored_rules()
     t = time.perf_counter()
-    anchors = build_blocking_keys(con, "identities", "blocking_keys", rules)
+    if carried:
+        anchors = update_blocking_keys(con, "identities", "blocking_keys", rules, carried["previous_keys"],
+                                       carried["touched"])
+    else:
+        anchors = build_blocking_keys(con, "identities", "blocking_keys", rules)
     anchors["seconds"] = round(time.perf_counter() - t, 1)
+    only = ""
+    if increment and PREDICT_REACHABLE_ONLY:
+        from linkage.link.incremental import reachable_identities
+
+        # only identities a rule can pair with a touched one reach Splink: the restricted rules
+        # keep no other pair, so the pairs are those of predicting on every identity
+        used = sorted({c for r in rules for side in rule_sides(r.rule) for c in side})
+        con.execute(f"""create or replace temp table _rule_values as
+            select i.unique_id, i.touched, {", ".join(f"{quote_ident(c)}" for c in used)}
+            from identities i join blocking_keys k using (unique_id)""")
+        increment["reachable_identities"] = reachable_identities(con, "_rule_values", rules, "reachable")
+        # and one identity of each source, so that no input is empty: it pairs with a touched one only if reachable
+        con.execute("""insert into reachable select min(unique_id) from identities group by source
+                       except select unique_id from reachable""")
+        con.execute("drop table _rule_values")
+        only = "semi join reachable using (unique_id)"
     sdfs = []
     for source in SOURCES:
         # each rule's key columns sit beside the encodings for this run only; identities.parquet has none
         con.execute(f"""create or replace table ids_{source} as
-            select i.*, k.* exclude (unique_id) from identities i join blocking_keys k using (unique_id)
+            select i.*, k.* exclude (unique_id) from identities i join blocking_keys k using (unique_id) {only}
             where i.source = {quote_literal(source)}""")
         if lc.engine == "spark":
             sdfs.append(db_api.register(_to_spark(con, db_api, f"ids_{source}", tmp), dataset_display_name=source))
         else:
             sdfs.append(db_api.register(f"ids_{source}", dataset_display_name=source))
-    con.execute("drop table blocking_keys")
     settings = (model_settings(dialect).create_settings_dict(dialect) if model is None
                 else _trained_settings(model, dialect))
     settings["blocking_rules_to_generate_predictions"] = [
@@ -305,6 +356,14 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
 
         settings["blocking_rules_to_generate_predictions"] = restricted_rules(rules, dialect)
     linker = Linker(sdfs, settings, log_level=None)   # the CLI decides what reaches the console (-v)
+    if only:
+        from linkage.link.incremental import term_frequency_sql
+
+        # Splink would take term frequencies from its input, now only the reachable identities: give it every identity's
+        for column in sorted({lv["tf_adjustment_column"] for c in settings["comparisons"]
+                              for lv in c["comparison_levels"] if lv.get("tf_adjustment_column")}):
+            con.execute(f"create or replace table tf_all_{column} as {term_frequency_sql(column, 'identities')}")
+            linker.table_management.register_term_frequency_lookup(db_api.register(f"tf_all_{column}"), column)
     t = time.perf_counter()
     if model is None:
         from linkage.compat.splink_em import allow_zero_em_estimates
@@ -350,7 +409,7 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
     if lc.engine == "spark":
         pairs = _predict_on_spark(linker, lc.keep_pairs_above)
     else:
-        n_identities = con.execute("select count(*) from identities").fetchall()[0][0]
+        n_identities = sum(con.execute(f"select count(*) from ids_{s}").fetchall()[0][0] for s in SOURCES)
         chunks = max(1, math.ceil(n_identities / lc.predict_chunk_identities))
         facts["predict_chunks"] = chunks * chunks
         pairs = linker.inference.predict(threshold_match_probability=lc.keep_pairs_above,
@@ -361,7 +420,8 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
         facts["pairs_scored_now"] = con.execute(f"select count(*) from {pairs.physical_name}").fetchall()[0][0]
         merged = merge_pairs(con, pairs.physical_name, increment)
         affected = cluster_affected(con, pairs.physical_name, merged, threshold)
-        facts["incremental"] = {**{k: increment[k] for k in ("touched_identities", "identities")}, **affected}
+        facts["incremental"] = {"reachable_identities": increment.get("reachable_identities", increment["identities"]),
+                                **{k: increment[k] for k in ("touched_identities", "identities")}, **affected}
         pairs_name, clusters_name = merged, "clusters"
     else:
         clusters = linker.clustering.cluster_pairwise_predictions_at_threshold(
@@ -534,7 +594,8 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
     from linkage.keys import load_master_key
     from linkage.link.report import completeness
     from linkage.link.stable_keys import household_keys, person_keys
-    from linkage.pseudonymise.store import load_zone, zone_metadata
+    from linkage.link import state as link_state
+    from linkage.pseudonymise.store import load_zone, zone_files, zone_metadata
 
     ws = Workspace(workspace)
     identifiers = ws.zone("pseudonymised") / "identifiers"
@@ -550,26 +611,54 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
         mode, use = ("retrained" if stored is not None else "trained"), None
     else:
         mode, use = "reused", stored["path"]
+    files = zone_files(ws.root, "identifiers")
+    # the previous release's link state (linked/ is still the old one): only the new zone files are read
+    carried, summary["link_state"] = link_state.plan(config, ws.zone("linked"), files, key)
     with ws.publish_dir("linked") as out:
         tmp = out / ".tmp"
         tmp.mkdir()
         con = connect(config.link, spill=tmp, preserve_insertion_order=False)
-        load_zone(con, "identifiers_in", ws.root, "identifiers", key)
-        # the report's completeness, while the zone is decrypted here (the report read it a second time)
-        summary["completeness"] = completeness(con, "identifiers_in")
-        summary["zone_seconds"] = round(time.perf_counter() - t0, 1)
-        con.execute(_identities_sql("identifiers_in"))
-        con.execute("drop table identifiers_in")
+        if carried is not None:
+            columns = carried.meta["completeness_columns"]
+            try:
+                counts = link_state.load(con, carried, key)
+            except (HhlinkError, OSError, ValueError, duckdb.Error) as exc:
+                log.warning("link state unusable (%s): linking in full", exc.__class__.__name__)
+                summary["link_state"] = f"full: the link state cannot be read ({exc.__class__.__name__})"
+                carried = None
+                _drop_tables(con, keep=set())
+            else:
+                summary["completeness"] = link_state.completeness_rows(con, counts, columns)
+                summary["zone_seconds"] = round(carried.decrypted_at - t0, 1)
+        if carried is None:
+            load_zone(con, "identifiers_in", ws.root, "identifiers", key)
+            # the report's completeness, while the zone is decrypted here (the report read it a second time)
+            summary["completeness"] = completeness(con, "identifiers_in")
+            columns = [c for c in (summary["completeness"] or [{}])[0] if c not in ("source", "records")]
+            counts = link_state.completeness_counts(con, "identifiers_in", columns)
+            summary["zone_seconds"] = round(time.perf_counter() - t0, 1)
+            con.execute(_identities_sql("identifiers_in"))
+            con.execute("drop table identifiers_in")
         summary["identities_seconds"] = round(time.perf_counter() - t0, 1)
+        log.info("link state: %s", summary["link_state"])
         t = time.perf_counter()
         try:
             summary.update(train_and_predict(config, con, tmp, out, use,
-                                             zone_metadata(ws.zone("pseudonymised")).get("context_u")))
+                                             zone_metadata(ws.zone("pseudonymised")).get("context_u"),
+                                             carried={"touched": "state_touched", "previous_keys": "state_keys"}
+                                             if carried is not None else None))
         finally:
             if config.link.engine == "spark":
                 from linkage.link.spark import release_spark
 
                 release_spark()
+        t_state = time.perf_counter()
+        # what the next release carries instead of re-reading the zone (encrypted as the zone is)
+        summary["state"] = link_state.write(con, out, key, files, counts, columns, carried)
+        summary["state_seconds"] = round(time.perf_counter() - t_state, 1)
+        for table in ("blocking_keys", "identity_representative", "identity_address", "state_keys", "state_touched",
+                      "new_records"):
+            con.execute(f"drop table if exists {table}")
         summary.update(_model_lifecycle(config, ws, con, out, mode, stored, summary["threshold"]))
         t_keys = time.perf_counter()
         # person keys carried over from the previous release by greatest overlap (linked/ is still the old one)

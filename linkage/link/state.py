@@ -1,0 +1,287 @@
+"""The link state: what the next release needs so that its link does only the delivery's work.
+
+A monthly delivery adds a few thousand records to millions, yet a link rebuilt from the zone
+decrypts every identifiers file, collapses every record into identities and derives every
+identity's blocking keys (at 1,000,000 persons 278 s of a delivery's link). Every link run
+(full or not) therefore ends by writing, into ``linked/state/``:
+
+* ``records.NNNN.enc`` - the ``records`` table (record token, source, year, birth year,
+  benefit unit, claim, identity key and the address encodings), in segments: a release
+  carries the previous segments (hard links) and adds one with its new records; a full run,
+  or more than :data:`MAX_SEGMENTS`, writes one;
+* ``identities.enc`` - the ``identities`` table with its encodings, each identity's
+  representative record (the smallest record token, whose encodings it shows) and its
+  blocking keys (:func:`linkage.link.blocking.build_blocking_keys`' columns);
+* ``state.json`` (clear: names, sizes and counts only) - the identifiers-zone files the state
+  was built from (name, size, modification time), the key's fingerprint, the code fingerprint
+  (:func:`code_fingerprint`), the key columns, and per source the records and non-null counts
+  of the completeness report.
+
+The ``.enc`` files hold keyed tokens and Bloom filters: they are identifier-zone data and are
+encrypted exactly as that zone (:func:`linkage.pseudonymise.store.write_encrypted`, subkey
+``zone:identifiers``, which the link stage already holds); they are named ``.enc``, as the
+crosswalk is, because no Parquet reader opens them without the key. Nothing of them is logged. They sit
+in ``linked/`` so that the state and the release it describes are published together (one
+atomic swap of the folder), and the next release reads the previous one's from
+``ws.zone("linked")`` while it builds its own.
+
+A release with a usable state (:func:`plan`) then decrypts only the zone files the state does
+not list, computes their records' identity keys with the full run's expression, and
+recomputes the facts, most frequent address and representative only of the *touched*
+identities (new, or gaining records) from all their records, with the full run's SQL; every
+other identity's row is carried, since all of it comes from its records and none changed.
+Blocking keys are rebuilt only for the anchor groups a touched identity reaches
+(:func:`linkage.link.blocking.update_blocking_keys`). The result is the tables a full run
+builds, row for row (``tests/test_link_state.py`` checks it against a full recompute).
+
+Anything else means the full path, and the summary's ``link_state`` says why: no state, a
+state under another key or another version of this code (:func:`code_fingerprint`), a
+listed zone file changed or gone (a full pseudonymise rewrites them all), nothing listed left
+(every record new), ``link.incremental`` false, the Spark engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from linkage.db import quote_ident
+from linkage.link.model import ADDRESS_COLUMNS, IDENTITY_COLUMNS
+
+__all__ = ["STATE_DIR", "MAX_SEGMENTS", "StatePlan", "code_fingerprint", "plan", "load", "completeness_counts",
+           "completeness_rows", "write"]
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = "state"
+STATE_VERSION = 1
+MAX_SEGMENTS = 36   # record segments carried before one release rewrites them as one
+ZONE = "identifiers"
+IDENTITY_TABLE = ("unique_id", "source", "birth_year", "n_records", "first_year", "last_year", *IDENTITY_COLUMNS,
+                  "postcode_toks", *ADDRESS_COLUMNS)
+
+
+def code_fingerprint() -> str:
+    """A digest of the code that derives what the state holds: the records, identity and key SQL.
+
+    A release under other code (another identity key expression, other blocking keys) cannot
+    carry a state the old code built, so it runs in full.
+    """
+    from linkage.link import blocking, stage
+
+    parts = [str(STATE_VERSION), stage._records_sql("z"), stage._identity_facts_sql("r"),
+             stage._identities_select_sql("e"), stage._identities_sql("z"), inspect.getsource(blocking)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _file_entry(path: Path) -> dict:
+    st = path.stat()
+    return {"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+@dataclass
+class StatePlan:
+    """A usable state: its folder and description, and the identifiers-zone files it lacks."""
+    folder: Path
+    meta: dict
+    new_files: list[Path] = field(default_factory=list)
+    decrypted_at: float | None = None   # perf_counter when :func:`load` had decrypted what it reads
+
+
+def plan(config, linked: Path, zone_files: list[Path], key) -> tuple[StatePlan | None, str]:
+    """Whether the previous release's state (``linked/state/``) can be carried, and why (a phrase for the summary).
+
+    Args:
+        config: the hhlink config (``link.incremental``, ``link.engine``).
+        linked: the previous release's ``linked/`` (still in place while the next is built).
+        zone_files: the identifiers zone's files now (:func:`linkage.pseudonymise.store.zone_files`).
+        key: the master key this run decrypts the zone with.
+    """
+    lc = config.link
+    if not lc.incremental:
+        return None, "full: link.incremental is false"
+    if lc.engine != "duckdb":
+        return None, "full: the link state is used on DuckDB only"
+    folder = Path(linked) / STATE_DIR
+    try:
+        meta = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError):
+        return None, "full: no link state from a previous release"
+    if meta.get("key_fingerprint") != getattr(key, "fingerprint", None):
+        return None, "full: the link state was written under another key"
+    if meta.get("code") != code_fingerprint():
+        return None, "full: the link state was built by another version of the identity or blocking code"
+    if not meta.get("records") or not meta.get("key_columns"):
+        return None, "full: the link state lists no records"
+    for name in [*meta["records"], "identities.enc"]:
+        if not (folder / name).is_file():
+            return None, f"full: the link state lacks {name}"
+    now = {f.name: f for f in zone_files}
+    listed = {e["name"] for e in meta.get("zone_files", [])}
+    for entry in meta.get("zone_files", []):
+        f = now.get(entry["name"])
+        if f is None:
+            return None, f"full: identifiers file {entry['name']} of the link state is gone"
+        if _file_entry(f) != entry:
+            return None, f"full: identifiers file {entry['name']} changed since the link state was built"
+    if not listed:
+        return None, "full: the link state lists no identifiers file"
+    new = [f for f in zone_files if f.name not in listed]
+    return StatePlan(folder, meta, new), f"incremental: {len(new)} new identifiers file(s), {len(listed)} carried"
+
+
+def _load_files(con: duckdb.DuckDBPyConnection, name: str, files: list[Path], key) -> None:
+    """Decrypt ``files`` batch by batch into table ``name``.
+
+    :func:`linkage.pseudonymise.store.load_zone`'s loop for a list of files (it reads the whole
+    zone folder; a ``files`` argument there would let this go).
+    """
+    from linkage.pseudonymise.store import batches_encrypted, register
+
+    readers = [batches_encrypted(f, key, ZONE) for f in files]
+    register(con, name, pa.unify_schemas([r.schema for r in readers], promote_options="default").empty_table())
+    view = f"_arrow_{name}"
+    for reader in readers:
+        con.register(view, reader)
+        try:
+            con.execute(f'insert into "{name}" by name select * from "{view}"')
+        finally:
+            con.unregister(view)
+
+
+def load(con: duckdb.DuckDBPyConnection, state: StatePlan, key) -> dict:
+    """Build ``records``, ``identities``, ``identity_representative`` as a full run would, from the state
+    and the new zone files only.
+
+    Also leaves ``state_touched`` (unique_id: new identities and those gaining records),
+    ``state_keys`` (the previous identities' blocking keys) and ``new_records`` (the records of
+    the new files, which :func:`write` appends as a segment). Returns the completeness counts
+    with the new records' added.
+    """
+    from linkage.link.stage import _identities_select_sql, _identity_facts_sql, _records_sql
+
+    meta = state.meta
+    _load_files(con, "records", [state.folder / n for n in meta["records"]], key)
+    _load_files(con, "state_identities", [state.folder / "identities.enc"], key)
+    counts = meta["completeness"]
+    encodings = ", ".join(IDENTITY_COLUMNS)
+    if state.new_files:
+        _load_files(con, "identifiers_in", state.new_files, key)
+        counts = _add_counts(counts, completeness_counts(con, "identifiers_in", meta["completeness_columns"]))
+        state.decrypted_at = time.perf_counter()
+        con.execute(f"create or replace table new_records as {_records_sql('identifiers_in')}")
+        con.execute(f"create or replace temp table _new_encodings as select record_token, {encodings} from identifiers_in")
+        con.execute("drop table identifiers_in")
+    else:
+        state.decrypted_at = time.perf_counter()
+        con.execute("create or replace table new_records as select * from records limit 0")
+        con.execute(f"create or replace temp table _new_encodings as select record_token, {encodings} "
+                    "from state_identities limit 0")
+    con.execute("insert into records by name select * from new_records")
+    con.execute("create or replace table state_touched as select distinct unique_id from new_records")
+    con.execute("create or replace temp table _touched_records as select * from records semi join state_touched using (unique_id)")
+    con.execute(_identity_facts_sql("_touched_records"))
+    cols = ", ".join(quote_ident(c) for c in IDENTITY_TABLE)
+    key_cols = ", ".join(quote_ident(c) for c in meta["key_columns"])
+    # a touched identity's representative is its old one or a new record: take its encodings from where it is
+    con.execute(f"""create or replace table identities as
+        select {cols} from state_identities anti join state_touched using (unique_id)
+        union all by name
+        {_identities_select_sql(f'''(select * from _new_encodings union all
+                                      select representative as record_token, {encodings}
+                                      from state_identities semi join state_touched using (unique_id))''')}""")
+    con.execute("""create or replace table identity_representative as
+        select unique_id, representative from state_identities anti join state_touched using (unique_id)
+        union all select unique_id, representative from identity_facts""")
+    con.execute(f"create or replace table state_keys as select unique_id, {key_cols} from state_identities")
+    con.execute("drop table state_identities; drop table identity_facts; drop table _touched_records; "
+                "drop table _new_encodings")
+    return counts
+
+
+def completeness_counts(con: duckdb.DuckDBPyConnection, table: str, columns: list[str]) -> dict:
+    """Per source: records and non-null values of each of ``columns`` (what the completeness shares are made of)."""
+    exprs = ", ".join(f"count({quote_ident(c)})" for c in columns)
+    out = {}
+    for source, n, *nonnull in con.execute(f"select source, count(*), {exprs} from {table} group by source").fetchall():
+        out[source] = {"records": int(n), **{c: int(v) for c, v in zip(columns, nonnull)}}
+    return out
+
+
+def _add_counts(a: dict, b: dict) -> dict:
+    out = {s: dict(v) for s, v in a.items()}
+    for source, counts in b.items():
+        mine = out.setdefault(source, {c: 0 for c in counts})
+        for c, v in counts.items():
+            mine[c] = mine.get(c, 0) + v
+    return out
+
+
+def completeness_rows(con: duckdb.DuckDBPyConnection, counts: dict, columns: list[str]) -> list[dict]:
+    """The completeness report's rows (:func:`linkage.link.report.completeness`) from carried counts."""
+    from linkage.link.report import query_rows
+
+    if not counts:
+        return []
+    values = ", ".join(f"({', '.join(['?'] * (len(columns) + 2))})" for _ in counts)
+    params = [v for s in sorted(counts) for v in (s, counts[s]["records"], *(counts[s][c] for c in columns))]
+    names = ", ".join(["source", "records", *(f"n_{i}" for i in range(len(columns)))])
+    con.execute(f"create or replace temp table _completeness ({', '.join(['source varchar', 'records bigint', *(f'n_{i} bigint' for i in range(len(columns)))])})")
+    con.execute(f"insert into _completeness ({names}) values {values}", params)
+    shares = ", ".join(f"round(n_{i}::double / records, 4) as {quote_ident(c)}" for i, c in enumerate(columns))
+    rows = query_rows(con, f"select source, records, {shares} from _completeness order by source")
+    con.execute("drop table _completeness")
+    return rows
+
+
+def write(con: duckdb.DuckDBPyConnection, out: Path, key, zone_files: list[Path], counts: dict,
+          columns: list[str], carried: StatePlan | None) -> dict:
+    """Write ``out/state/`` from ``records``, ``identities``, ``identity_representative`` and ``blocking_keys``.
+
+    ``carried``: the state this run was built on (its record segments are carried and
+    ``new_records`` appended), or None (the records are written whole). Returns facts.
+    """
+    from linkage.pseudonymise.store import write_encrypted
+    from linkage.workspace import carry_file
+
+    folder = out / STATE_DIR
+    folder.mkdir()
+    segments: list[str] = []
+    if carried is not None and len(carried.meta["records"]) < MAX_SEGMENTS:
+        for name in carried.meta["records"]:
+            carry_file(carried.folder / name, folder / name)
+            segments.append(name)
+        source = "new_records"
+    else:
+        source = "records"
+    name = f"records.{len(segments):04d}.enc"
+    reader = con.sql(f"select * from {source}").to_arrow_reader(65_536)
+    if write_encrypted(folder / name, reader, reader.schema, key, ZONE) or not segments:
+        segments.append(name)
+    else:
+        (folder / name).unlink()
+    key_columns = [c for c in con.sql("select * from blocking_keys limit 0").columns if c != "unique_id"]
+    cols = ", ".join(f"i.{quote_ident(c)}" for c in IDENTITY_TABLE)
+    reader = con.sql(f"""select {cols}, r.representative, {", ".join(f"k.{quote_ident(c)}" for c in key_columns)}
+                             from identities i join identity_representative r using (unique_id)
+                             join blocking_keys k using (unique_id)""").to_arrow_reader(65_536)
+    identities = write_encrypted(folder / "identities.enc", reader, reader.schema, key, ZONE)
+    meta = {"version": STATE_VERSION, "code": code_fingerprint(), "key_fingerprint": key.fingerprint,
+            "zone_files": [_file_entry(f) for f in zone_files], "records": segments, "key_columns": key_columns,
+            "completeness_columns": columns, "completeness": counts}
+    (folder / "state.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    return {"record_segments": len(segments), "identities": int(identities)}
+
+
+def discard(out: Path) -> None:
+    """Remove a half-written state (the release then carries none; the next runs in full)."""
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
