@@ -53,7 +53,9 @@ class _DigestCache:
 
     def digest(self, path: Path, key: str) -> str:
         st = path.stat()
-        signature = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+        # not ctime: a release carries zone files into its new folder by hard link, which changes
+        # their ctime and no byte; every file the stages write is a new inode (atomic_path)
+        signature = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
         hit = self.known.get(key)
         if hit and hit[:4] == signature:
             return hit[4]

@@ -218,3 +218,27 @@ def test_run_stage_records_lineage_with_the_key_fingerprint(linked_ws):
     assert read_record(linked_ws, "generate")["key"] is None
     with pytest.raises(KeyError):
         run_stage("nonsense", load_config(), linked_ws)
+
+
+def test_lineage_keeps_the_hash_of_a_file_carried_by_hard_link_and_rehashes_a_rewritten_one(tmp_path):
+    """A release carries zone files into its new folder by hard link (their ctime changes, no byte
+    does): lineage must not hash them again; a file written anew (a new inode) is hashed again."""
+    import os
+
+    from linkage.lineage import _DigestCache
+
+    f = tmp_path / "part.parquet"
+    f.write_bytes(b"x" * 64)
+    first = _DigestCache(tmp_path)
+    digest = first.digest(f, "part")
+    first.save()
+    os.link(f, tmp_path / "carried.parquet")
+    again = _DigestCache(tmp_path)
+    assert again.digest(f, "part") == digest and not again.changed
+    st = f.stat()
+    new = tmp_path / "new.tmp"
+    new.write_bytes(b"y" * 64)
+    os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns))   # same size and mtime, another inode
+    os.replace(new, f)
+    rewritten = _DigestCache(tmp_path)
+    assert rewritten.digest(f, "part") != digest and rewritten.changed

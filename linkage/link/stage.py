@@ -662,7 +662,9 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
         summary.update(_model_lifecycle(config, ws, con, out, mode, stored, summary["threshold"]))
         t_keys = time.perf_counter()
         # person keys carried over from the previous release by greatest overlap (linked/ is still the old one)
-        summary.update(person_keys(con, ws.zone("linked") / "identities.parquet", out))
+        # an incremental link clustered only the persons the delivery reached: only those are matched
+        summary.update(person_keys(con, ws.zone("linked") / "identities.parquet", out,
+                                   recomputed_only=summary["prediction"].startswith("incremental")))
         summary["person_keys_seconds"] = round(time.perf_counter() - t_keys, 1)
         t_write = time.perf_counter()
         # without the encodings: the tokens and Bloom filters stay in the encrypted identifiers zone
@@ -687,7 +689,8 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
         _drop_tables(con, keep={"households", "parent_child"})
         t_hk = time.perf_counter()
         # household keys carried over from the previous release by greatest overlap of person-years
-        summary.update(household_keys(con, ws.zone("linked") / "households.parquet", out))
+        summary.update(household_keys(con, ws.zone("linked") / "households.parquet", out,
+                                      recomputed_only=summary["households_mode"].startswith("incremental")))
         summary["household_keys_seconds"] = round(time.perf_counter() - t_hk, 1)
         con.execute(f"copy households to {path_literal(out / 'households.parquet')} (compression zstd)")
         con.execute(f"copy parent_child to {path_literal(out / 'parent_child.parquet')} (compression zstd)")
