@@ -81,6 +81,7 @@ def _link_parts(summary: dict) -> dict:
             "writes": summary.get("records_write_seconds"),
             "households": summary.get("households_seconds"),
             "household keys": summary.get("household_keys_seconds"),
+            "link state": summary.get("state_seconds"),
             "report": summary.get("report_seconds")}
 
 
