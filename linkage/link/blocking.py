@@ -63,7 +63,7 @@ class AnchoredRule:
         return f"AnchoredRule({self.label!r})"
 
 
-def _sides(rule) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def rule_sides(rule) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The columns a rule equates, left side and right side, in matching order."""
     if not isinstance(rule, str):
         return tuple(rule), tuple(rule)
@@ -72,9 +72,6 @@ def _sides(rule) -> tuple[tuple[str, ...], tuple[str, ...]]:
     if not pairs or re.sub(r"\bAND\b|\s|\(|\)", "", rest, flags=re.I):
         raise ValueError(f"blocking rule {rule!r}: only a conjunction of l.x = r.y can be anchored")
     return tuple(a for a, _ in pairs), tuple(b for _, b in pairs)
-
-
-rule_sides = _sides   # public: incremental prediction finds the identities a rule can pair with a touched one
 
 
 def anchored_rules(rules=PREDICTION_BLOCKS) -> list[AnchoredRule]:
@@ -89,7 +86,7 @@ def anchored_rules(rules=PREDICTION_BLOCKS) -> list[AnchoredRule]:
     for i, rule in enumerate(rules):
         if not isinstance(rule, str) and tuple(rule) in ANCHOR_RULES:
             continue
-        left, right = _sides(rule)
+        left, right = rule_sides(rule)
         label = f"{rule_label(rule)} (anchored)"
         if left == right:
             out.append(AnchoredRule((f"blk_{i}",), label, (f"blk_{i}",), (left,)))

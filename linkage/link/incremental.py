@@ -12,16 +12,18 @@ components are recomputed only over the identities this release's evidence reach
 
 Record tokens persist from release to release because pseudonymise is incremental
 (:func:`linkage.pseudonymise.stage.plan_increment`); after a full pseudonymise every
-record is new, every identity touched, and the run is a full one. The one difference
-from a full run: term-frequency adjustments of carried pairs are those of the release
-that scored them (name frequencies move little month to month); ``bench/incremental.py``
-measures the pairwise F1 of the incremental result against a full re-link.
+record is new, every identity touched, and the run is a full one. A model with
+term-frequency adjustments (the stored one has none) would make the one difference from a
+full run: carried pairs would keep those of the release that scored them.
+``bench/incremental.py`` measures the pairwise F1 of the incremental result against a full
+re-link.
 
 Splink is given only the identities that can be in a scored pair: the touched ones and
-those sharing a prediction rule's value with one (:func:`reachable_identities`), with the
-term frequencies of every identity registered; at 1,000,000 persons this is a small part of
-the millions of identities, all of which were joined on each rule's keys before the touched
-filter dropped most pairs. The pairs are the same.
+those sharing a prediction rule's value with one (:func:`reachable_identities`); at
+1,000,000 persons this is a small part of the millions of identities, all of which were
+joined on each rule's keys before the touched filter dropped most pairs. The pairs are the
+same (a model with term-frequency adjustments would take them from its input, so the link
+stage then gives Splink every identity).
 
 Used only on DuckDB and only when every condition holds (:func:`scope`); otherwise the
 link runs in full and the summary says why.
@@ -40,7 +42,7 @@ from linkage.db import read_literal
 from linkage.link.model import rule_sql
 from linkage.link.model_store import fingerprint
 
-__all__ = ["scope", "restricted_rules", "reachable_identities", "term_frequency_sql", "merge_pairs", "cluster_affected"]
+__all__ = ["scope", "restricted_rules", "reachable_identities", "merge_pairs", "cluster_affected"]
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +131,8 @@ def reachable_identities(con: duckdb.DuckDBPyConnection, table: str, rules, out:
     identities only when they are equal on its columns (or, for a rule equating different
     columns, the left's on one and the right's on the other, either way round). An identity
     sharing no rule's value with a touched one is in no pair the rules keep, so predicting on
-    ``out`` alone gives the pairs predicting on ``table`` gives (the term frequencies must
-    still be those of ``table``: :func:`term_frequency_sql`). ``table`` holds the identities
+    ``out`` alone gives the pairs predicting on ``table`` gives (without term-frequency
+    adjustments, which Splink takes from its input). ``table`` holds the identities
     with their rule keys (:func:`linkage.link.blocking.build_blocking_keys`) and ``touched``.
     Returns the identities in ``out``.
     """
@@ -147,17 +149,6 @@ def reachable_identities(con: duckdb.DuckDBPyConnection, table: str, rules, out:
                              on {on}""")
     con.execute(f"create or replace temp table {out} as " + "\nunion\n".join(parts))
     return con.execute(f"select count(*) from {out}").fetchall()[0][0]
-
-
-def term_frequency_sql(column: str, table: str) -> str:
-    """A term frequency lookup of ``column`` over every row of ``table``, as Splink computes it from its input.
-
-    The formula of ``splink.internals.term_frequencies`` (count of the value over the count
-    of non-null values, as float8), so registering it gives the adjustments a prediction on
-    the whole table would give (:func:`reachable_identities` predicts on part of it).
-    """
-    return f"""select {column}, cast(count(*) as float8) / (select count({column}) as total from {table}) as tf_{column}
-               from {table} where {column} is not null group by {column}"""
 
 
 def merge_pairs(con: duckdb.DuckDBPyConnection, scored: str, facts: dict) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 import duckdb
 
 from linkage.config import Config
-from linkage.db import connect, read_literal
+from linkage.db import connect, quote_ident, read_literal
 from linkage.link.households import confidence_distributions
 from linkage.link.model import ADDRESS_COLUMNS, IDENTITY_COLUMNS
 from linkage.workspace import Workspace, atomic_path
@@ -34,12 +34,33 @@ def query_rows(con: duckdb.DuckDBPyConnection, sql: str) -> list[dict]:
     return [dict(zip(cols, r)) for r in cur.fetchall()]
 
 
+# the identifiers whose completeness the report shows
+COMPLETENESS_COLUMNS = tuple(c for c in (*IDENTITY_COLUMNS, *ADDRESS_COLUMNS)
+                             if not c.startswith(("dob_year", "dob_month", "dob_day", "pc_")))
+
+
+def completeness_counts(con: duckdb.DuckDBPyConnection, identifiers: str) -> dict:
+    """Per source: records, and the non-null values of each of :data:`COMPLETENESS_COLUMNS`.
+
+    Counts rather than shares, so that a release adds its new records' counts to the ones the
+    link state carries (:mod:`linkage.link.state`) and gets a full run's shares.
+    """
+    exprs = ", ".join(f"count({quote_ident(c)})" for c in COMPLETENESS_COLUMNS)
+    return {source: {"records": int(n), **{c: int(v) for c, v in zip(COMPLETENESS_COLUMNS, nonnull)}}
+            for source, n, *nonnull in con.execute(f"select source, count(*), {exprs} from {identifiers} "
+                                                    "group by source").fetchall()}
+
+
+def completeness_rows(counts: dict) -> list[dict]:
+    """Per source: records, and the share of them holding each identifier (from :func:`completeness_counts`)."""
+    return [{"source": source, "records": c["records"],
+             **{col: round(c[col] / c["records"], 4) for col in COMPLETENESS_COLUMNS}}
+            for source, c in sorted(counts.items()) if c["records"]]
+
+
 def completeness(con, identifiers: str) -> list[dict]:
     """Per source: records, and the share of them holding each identifier (the link stage computes it)."""
-    cols = [c for c in (*IDENTITY_COLUMNS, *ADDRESS_COLUMNS) if not c.startswith(("dob_year", "dob_month", "dob_day", "pc_"))]
-    exprs = ", ".join(f"round(avg(({c} is not null)::int), 4) as {c}" for c in cols)
-    return query_rows(con, f"select source, count(*) as records, {exprs} from {identifiers} "
-                      "group by source order by source")
+    return completeness_rows(completeness_counts(con, identifiers))
 
 
 def _match_rates(con) -> list[dict]:

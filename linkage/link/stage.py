@@ -13,8 +13,9 @@ no attributes) and writes ``linked/``:
 * ``summary.json`` - counts, timings, training and clustering facts.
 
 The model (``linkage.link.model``) is one Splink model over all three sources
-(link and dedupe): u by random sampling, m by EM over several blocking rules, term
-frequency adjustments on name tokens. Persons are the connected components of pairs at
+(link and dedupe): u by random sampling, m by EM over several blocking rules,
+term-frequency adjustments on name tokens only when they are not context-keyed (by default
+they are: a context-keyed token's frequency is one person's). Persons are the connected components of pairs at
 or above the threshold (:func:`effective_threshold`).
 
 Example:
@@ -56,7 +57,7 @@ class LinkError(HhlinkError):
     """Linkage cannot run (missing input, or an engine problem)."""
 
 
-def _records_sql(identifiers: str) -> str:
+def records_sql(identifiers: str) -> str:
     """SELECT: each record of ``identifiers`` with the few columns later steps use and its identity key."""
     key_parts = ", ".join(
         f"coalesce(hex({c}), '')" if c.endswith("_bf") else f"coalesce({c}, '')" for c in IDENTITY_COLUMNS)
@@ -66,7 +67,7 @@ def _records_sql(identifiers: str) -> str:
         from {identifiers}"""
 
 
-def _identity_facts_sql(records: str) -> str:
+def identity_facts_sql(records: str) -> str:
     """Tables ``identity_address`` (each identity's most frequent address) and ``identity_facts`` from ``records``."""
     addr = ", ".join(ADDRESS_COLUMNS)
     return f"""
@@ -86,7 +87,7 @@ def _identity_facts_sql(records: str) -> str:
     """
 
 
-def _identities_select_sql(encodings: str) -> str:
+def identities_select_sql(encodings: str) -> str:
     """SELECT: ``identities`` from ``identity_facts`` and ``identity_address``, the encodings taken from
     ``encodings``' row (record_token and the encodings) for each identity's representative record."""
     return f"""
@@ -110,10 +111,10 @@ def _identities_sql(identifiers: str = "identifiers_in") -> str:
     (each identity's representative record, which the link state keeps).
     """
     return f"""
-        create or replace table records as {_records_sql(identifiers)};
-        {_identity_facts_sql("records")}
+        create or replace table records as {records_sql(identifiers)};
+        {identity_facts_sql("records")}
         create or replace table identities as
-        {_identities_select_sql(f"(select record_token, {', '.join(IDENTITY_COLUMNS)} from {identifiers})")}
+        {identities_select_sql(f"(select record_token, {', '.join(IDENTITY_COLUMNS)} from {identifiers})")}
         order by unique_id;
         create or replace table identity_representative as select unique_id, representative from identity_facts;
         drop table identity_facts;
@@ -321,8 +322,13 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
     else:
         anchors = build_blocking_keys(con, "identities", "blocking_keys", rules)
     anchors["seconds"] = round(time.perf_counter() - t, 1)
+    settings = (model_settings(dialect).create_settings_dict(dialect) if model is None
+                else _trained_settings(model, dialect))
+    # Splink takes term frequencies from its input: with any, it must see every identity
+    term_frequencies = any(lv.get("tf_adjustment_column") for c in settings["comparisons"]
+                           for lv in c["comparison_levels"])
     only = ""
-    if increment and PREDICT_REACHABLE_ONLY:
+    if increment and PREDICT_REACHABLE_ONLY and not term_frequencies:
         from linkage.link.incremental import reachable_identities
 
         # only identities a rule can pair with a touched one reach Splink: the restricted rules
@@ -347,8 +353,6 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
             sdfs.append(db_api.register(_to_spark(con, db_api, f"ids_{source}", tmp), dataset_display_name=source))
         else:
             sdfs.append(db_api.register(f"ids_{source}", dataset_display_name=source))
-    settings = (model_settings(dialect).create_settings_dict(dialect) if model is None
-                else _trained_settings(model, dialect))
     settings["blocking_rules_to_generate_predictions"] = [
         {"blocking_rule": rule_sql(r.rule), "sql_dialect": dialect} for r in rules]
     if increment:
@@ -356,14 +360,6 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
 
         settings["blocking_rules_to_generate_predictions"] = restricted_rules(rules, dialect)
     linker = Linker(sdfs, settings, log_level=None)   # the CLI decides what reaches the console (-v)
-    if only:
-        from linkage.link.incremental import term_frequency_sql
-
-        # Splink would take term frequencies from its input, now only the reachable identities: give it every identity's
-        for column in sorted({lv["tf_adjustment_column"] for c in settings["comparisons"]
-                              for lv in c["comparison_levels"] if lv.get("tf_adjustment_column")}):
-            con.execute(f"create or replace table tf_all_{column} as {term_frequency_sql(column, 'identities')}")
-            linker.table_management.register_term_frequency_lookup(db_api.register(f"tf_all_{column}"), column)
     t = time.perf_counter()
     if model is None:
         from linkage.compat.splink_em import allow_zero_em_estimates
@@ -592,7 +588,7 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
             ``link.max_drift``; ``linked/`` is kept as it was.
     """
     from linkage.keys import load_master_key
-    from linkage.link.report import completeness
+    from linkage.link.report import completeness_counts, completeness_rows
     from linkage.link.stable_keys import household_keys, person_keys
     from linkage.link import state as link_state
     from linkage.pseudonymise.store import load_zone, zone_files, zone_metadata
@@ -619,7 +615,6 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
         tmp.mkdir()
         con = connect(config.link, spill=tmp, preserve_insertion_order=False)
         if carried is not None:
-            columns = carried.meta["completeness_columns"]
             try:
                 counts = link_state.load(con, carried, key)
             except (HhlinkError, OSError, ValueError, duckdb.Error) as exc:
@@ -628,14 +623,13 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
                 carried = None
                 _drop_tables(con, keep=set())
             else:
-                summary["completeness"] = link_state.completeness_rows(con, counts, columns)
+                summary["completeness"] = completeness_rows(counts)
                 summary["zone_seconds"] = round(carried.decrypted_at - t0, 1)
         if carried is None:
             load_zone(con, "identifiers_in", ws.root, "identifiers", key)
-            # the report's completeness, while the zone is decrypted here (the report read it a second time)
-            summary["completeness"] = completeness(con, "identifiers_in")
-            columns = [c for c in (summary["completeness"] or [{}])[0] if c not in ("source", "records")]
-            counts = link_state.completeness_counts(con, "identifiers_in", columns)
+            # the report's completeness, while the zone is decrypted here (the link state carries the counts)
+            counts = completeness_counts(con, "identifiers_in")
+            summary["completeness"] = completeness_rows(counts)
             summary["zone_seconds"] = round(time.perf_counter() - t0, 1)
             con.execute(_identities_sql("identifiers_in"))
             con.execute("drop table identifiers_in")
@@ -654,7 +648,7 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
                 release_spark()
         t_state = time.perf_counter()
         # what the next release carries instead of re-reading the zone (encrypted as the zone is)
-        summary["state"] = link_state.write(con, out, key, files, counts, columns, carried)
+        summary["state"] = link_state.write(con, out, key, files, counts, carried)
         summary["state_seconds"] = round(time.perf_counter() - t_state, 1)
         for table in ("blocking_keys", "identity_representative", "identity_address", "state_keys", "state_touched",
                       "new_records"):

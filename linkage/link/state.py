@@ -52,13 +52,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
-import pyarrow as pa
 
 from linkage.db import quote_ident
 from linkage.link.model import ADDRESS_COLUMNS, IDENTITY_COLUMNS
 
-__all__ = ["STATE_DIR", "MAX_SEGMENTS", "StatePlan", "code_fingerprint", "plan", "load", "completeness_counts",
-           "completeness_rows", "write"]
+__all__ = ["STATE_DIR", "MAX_SEGMENTS", "StatePlan", "code_fingerprint", "plan", "load", "write"]
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +69,18 @@ IDENTITY_TABLE = ("unique_id", "source", "birth_year", "n_records", "first_year"
 
 
 def code_fingerprint() -> str:
-    """A digest of the code that derives what the state holds: the records, identity and key SQL.
+    """A digest of the code that derives what the state holds: the records, identity and key SQL,
+    and the identifiers whose completeness it counts.
 
     A release under other code (another identity key expression, other blocking keys) cannot
     carry a state the old code built, so it runs in full.
     """
     from linkage.link import blocking, stage
+    from linkage.link.report import COMPLETENESS_COLUMNS
 
-    parts = [str(STATE_VERSION), stage._records_sql("z"), stage._identity_facts_sql("r"),
-             stage._identities_select_sql("e"), stage._identities_sql("z"), inspect.getsource(blocking)]
+    parts = [str(STATE_VERSION), stage.records_sql("z"), stage.identity_facts_sql("r"),
+             stage.identities_select_sql("e"), stage.identities_sql("z"), inspect.getsource(blocking),
+             *COMPLETENESS_COLUMNS]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -139,25 +140,6 @@ def plan(config, linked: Path, zone_files: list[Path], key) -> tuple[StatePlan |
     return StatePlan(folder, meta, new), f"incremental: {len(new)} new identifiers file(s), {len(listed)} carried"
 
 
-def _load_files(con: duckdb.DuckDBPyConnection, name: str, files: list[Path], key) -> None:
-    """Decrypt ``files`` batch by batch into table ``name``.
-
-    :func:`linkage.pseudonymise.store.load_zone`'s loop for a list of files (it reads the whole
-    zone folder; a ``files`` argument there would let this go).
-    """
-    from linkage.pseudonymise.store import batches_encrypted, register
-
-    readers = [batches_encrypted(f, key, ZONE) for f in files]
-    register(con, name, pa.unify_schemas([r.schema for r in readers], promote_options="default").empty_table())
-    view = f"_arrow_{name}"
-    for reader in readers:
-        con.register(view, reader)
-        try:
-            con.execute(f'insert into "{name}" by name select * from "{view}"')
-        finally:
-            con.unregister(view)
-
-
 def load(con: duckdb.DuckDBPyConnection, state: StatePlan, key) -> dict:
     """Build ``records``, ``identities``, ``identity_representative`` as a full run would, from the state
     and the new zone files only.
@@ -167,18 +149,20 @@ def load(con: duckdb.DuckDBPyConnection, state: StatePlan, key) -> dict:
     the new files, which :func:`write` appends as a segment). Returns the completeness counts
     with the new records' added.
     """
-    from linkage.link.stage import _identities_select_sql, _identity_facts_sql, _records_sql
+    from linkage.link.report import completeness_counts
+    from linkage.link.stage import identities_select_sql, identity_facts_sql, records_sql
+    from linkage.pseudonymise.store import load_files
 
     meta = state.meta
-    _load_files(con, "records", [state.folder / n for n in meta["records"]], key)
-    _load_files(con, "state_identities", [state.folder / "identities.enc"], key)
+    load_files(con, "records", [state.folder / n for n in meta["records"]], key, ZONE)
+    load_files(con, "state_identities", [state.folder / "identities.enc"], key, ZONE)
     counts = meta["completeness"]
     encodings = ", ".join(IDENTITY_COLUMNS)
     if state.new_files:
-        _load_files(con, "identifiers_in", state.new_files, key)
-        counts = _add_counts(counts, completeness_counts(con, "identifiers_in", meta["completeness_columns"]))
+        load_files(con, "identifiers_in", state.new_files, key, ZONE)
+        counts = _add_counts(counts, completeness_counts(con, "identifiers_in"))
         state.decrypted_at = time.perf_counter()
-        con.execute(f"create or replace table new_records as {_records_sql('identifiers_in')}")
+        con.execute(f"create or replace table new_records as {records_sql('identifiers_in')}")
         con.execute(f"create or replace temp table _new_encodings as select record_token, {encodings} from identifiers_in")
         con.execute("drop table identifiers_in")
     else:
@@ -189,14 +173,14 @@ def load(con: duckdb.DuckDBPyConnection, state: StatePlan, key) -> dict:
     con.execute("insert into records by name select * from new_records")
     con.execute("create or replace table state_touched as select distinct unique_id from new_records")
     con.execute("create or replace temp table _touched_records as select * from records semi join state_touched using (unique_id)")
-    con.execute(_identity_facts_sql("_touched_records"))
+    con.execute(identity_facts_sql("_touched_records"))
     cols = ", ".join(quote_ident(c) for c in IDENTITY_TABLE)
     key_cols = ", ".join(quote_ident(c) for c in meta["key_columns"])
     # a touched identity's representative is its old one or a new record: take its encodings from where it is
     con.execute(f"""create or replace table identities as
         select {cols} from state_identities anti join state_touched using (unique_id)
         union all by name
-        {_identities_select_sql(f'''(select * from _new_encodings union all
+        {identities_select_sql(f'''(select * from _new_encodings union all
                                       select representative as record_token, {encodings}
                                       from state_identities semi join state_touched using (unique_id))''')}""")
     con.execute("""create or replace table identity_representative as
@@ -208,15 +192,6 @@ def load(con: duckdb.DuckDBPyConnection, state: StatePlan, key) -> dict:
     return counts
 
 
-def completeness_counts(con: duckdb.DuckDBPyConnection, table: str, columns: list[str]) -> dict:
-    """Per source: records and non-null values of each of ``columns`` (what the completeness shares are made of)."""
-    exprs = ", ".join(f"count({quote_ident(c)})" for c in columns)
-    out = {}
-    for source, n, *nonnull in con.execute(f"select source, count(*), {exprs} from {table} group by source").fetchall():
-        out[source] = {"records": int(n), **{c: int(v) for c, v in zip(columns, nonnull)}}
-    return out
-
-
 def _add_counts(a: dict, b: dict) -> dict:
     out = {s: dict(v) for s, v in a.items()}
     for source, counts in b.items():
@@ -226,25 +201,8 @@ def _add_counts(a: dict, b: dict) -> dict:
     return out
 
 
-def completeness_rows(con: duckdb.DuckDBPyConnection, counts: dict, columns: list[str]) -> list[dict]:
-    """The completeness report's rows (:func:`linkage.link.report.completeness`) from carried counts."""
-    from linkage.link.report import query_rows
-
-    if not counts:
-        return []
-    values = ", ".join(f"({', '.join(['?'] * (len(columns) + 2))})" for _ in counts)
-    params = [v for s in sorted(counts) for v in (s, counts[s]["records"], *(counts[s][c] for c in columns))]
-    names = ", ".join(["source", "records", *(f"n_{i}" for i in range(len(columns)))])
-    con.execute(f"create or replace temp table _completeness ({', '.join(['source varchar', 'records bigint', *(f'n_{i} bigint' for i in range(len(columns)))])})")
-    con.execute(f"insert into _completeness ({names}) values {values}", params)
-    shares = ", ".join(f"round(n_{i}::double / records, 4) as {quote_ident(c)}" for i, c in enumerate(columns))
-    rows = query_rows(con, f"select source, records, {shares} from _completeness order by source")
-    con.execute("drop table _completeness")
-    return rows
-
-
 def write(con: duckdb.DuckDBPyConnection, out: Path, key, zone_files: list[Path], counts: dict,
-          columns: list[str], carried: StatePlan | None) -> dict:
+          carried: StatePlan | None) -> dict:
     """Write ``out/state/`` from ``records``, ``identities``, ``identity_representative`` and ``blocking_keys``.
 
     ``carried``: the state this run was built on (its record segments are carried and
@@ -277,7 +235,7 @@ def write(con: duckdb.DuckDBPyConnection, out: Path, key, zone_files: list[Path]
     identities = write_encrypted(folder / "identities.enc", reader, reader.schema, key, ZONE)
     meta = {"version": STATE_VERSION, "code": code_fingerprint(), "key_fingerprint": key.fingerprint,
             "zone_files": [_file_entry(f) for f in zone_files], "records": segments, "key_columns": key_columns,
-            "completeness_columns": columns, "completeness": counts}
+            "completeness": counts}
     (folder / "state.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
     return {"record_segments": len(segments), "identities": int(identities)}
 

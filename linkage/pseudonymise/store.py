@@ -288,6 +288,16 @@ def load_zone(con, name: str, workspace: Path | str, zone: str, key: MasterKey |
     if not files:
         raise EncryptedZoneError(f"{Workspace(workspace).zone('pseudonymised') / zone}: no files; "
                                  "run 'hhlink pseudonymise' first")
+    load_files(con, name, files, key, zone, columns)
+
+
+def load_files(con, name: str, files: Sequence[Path], key: MasterKey | ZoneKey, zone: str,
+               columns: Sequence[str] | None = None) -> None:
+    """Stream encrypted ``files`` of ``zone`` (the zone's own, or the link state's) into DuckDB table ``name``.
+
+    :func:`load_zone` for a list of files: every footer is checked first, then each file is
+    decrypted batch by batch into the table; columns missing from a file are NULL there.
+    """
     readers = [batches_encrypted(f, key, zone, columns=columns) for f in files]   # footers only, checked first
     register(con, name, pa.unify_schemas([r.schema for r in readers], promote_options="default").empty_table())
     view = f"_arrow_{name}"
