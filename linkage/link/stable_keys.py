@@ -38,29 +38,37 @@ def _new_household_key(first: str) -> str:
 
 
 def _carry(con: duckdb.DuckDBPyConnection, current_sql: str, previous_sql: str | None, new_key, changes_file: Path,
-           unit: str, issued_sql: str | None = None) -> tuple[str, dict]:
+           unit: str, kept_sql: str | None = None) -> tuple[str, dict]:
     """Keys for the clusters of ``current_sql`` (record, cluster) carried from ``previous_sql`` (record, key).
+
+    ``kept_sql`` (cluster, key): clusters an incremental run did not recompute, each keeping its
+    previous key as it is. Only the other clusters are matched, against the previous records
+    under the other keys: a kept key's records are all in its kept cluster, so the keys and
+    changes are those of matching every record. No key of the previous release is reissued.
 
     Writes every key that did not simply carry over to ``changes_file`` (its record count
     in a column named ``unit``) and leaves the table ``_keys`` (cluster, key, carried) on
-    ``con``; returns its name and the counts for the stage's summary.
+    ``con``, every cluster of ``current_sql`` in it; returns its name and the summary's counts.
     """
-    con.execute(f"create or replace temp table _cur as {current_sql}")
+    con.execute(f"create or replace temp table _kept as {kept_sql or 'select null::varchar cluster, null::varchar key where false'}")
+    con.execute(f"create or replace temp table _cur as select * from ({current_sql}) "
+                "where cluster not in (select cluster from _kept)")
     if previous_sql is not None:
-        con.execute(f"create or replace temp table _prev as {previous_sql}")
+        con.execute(f"""create or replace temp view _prev_all as {previous_sql};
+                        create or replace temp table _prev as
+                        select * from _prev_all where key not in (select key from _kept)""")
     else:
-        con.execute("create or replace temp table _prev (record varchar, key varchar)")
-    if issued_sql is not None:
-        con.execute(f"create or replace temp table _issued as {issued_sql}")
-    keys = carry_keys(con, "_prev", "_cur", new_key=new_key, out="_keys",
-                      issued="_issued" if issued_sql is not None else None)
+        con.execute("create or replace temp view _prev_all as select null::varchar record, null::varchar key where false; "
+                    "create or replace temp table _prev as select * from _prev_all")
+    keys = carry_keys(con, "_prev", "_cur", new_key=new_key, out="_keys", issued="_prev_all")
     changes = key_changes(con, "_prev", "_cur", keys, out="_key_changes")
     con.execute(f"""copy (select change, old_key, new_key, records as {unit} from {changes}
                          order by change, old_key nulls first, new_key nulls first)
                     to {path_literal(changes_file)} (compression zstd)""")
     counts = dict(con.execute(f"select change, count(*) from {changes} group by 1").fetchall())
+    con.execute(f"insert into {keys} select cluster, key, true from _kept")
     carried = con.execute(f"select count(*) from {keys} where carried").fetchone()[0]
-    con.execute("drop table _prev; drop table _key_changes; drop table if exists _issued")
+    con.execute("drop table _cur; drop table _prev; drop view _prev_all; drop table _kept; drop table _key_changes")
     return keys, {"first_release": previous_sql is None, "carried": carried,
                   **{c: counts.get(c, 0) for c in ("merged", "split", "new", "retired")}}
 
@@ -74,41 +82,24 @@ def person_keys(con: duckdb.DuckDBPyConnection, previous: Path, out: Path, recom
         out: the new ``linked/`` folder.
         recomputed_only: ``clusters`` came from an incremental link
             (:func:`linkage.link.incremental.cluster_affected`): an identity whose person was
-            not recomputed has the cluster ``'previous:' + its previous key``. Only the
-            recomputed clusters are matched, against the previous identities of the persons
-            they hold: every identity of such a person was recomputed, so the keys and
-            changes are those of matching every identity.
+            not recomputed has the cluster ``'previous:' + its previous key`` and keeps that
+            key; only the recomputed clusters are matched (:func:`_carry`): every identity
+            of a recomputed person was recomputed, so the keys and changes are those of
+            matching every identity.
 
     Returns:
         ``{"key_changes": {"carried": n, "merged": n, "split": n, "new": n, "retired": n}}``.
     """
-    prev = read_literal(previous)
-    if recomputed_only and previous.is_file():
-        con.execute(f"""create or replace temp table _pk_prev as
-                        select unique_id, person_key from read_parquet({prev});
-                        create or replace temp table _pk_carried as
-                        select c.unique_id, substr(c.cluster_id, 10) as person_key from clusters c
-                        where c.cluster_id like 'previous:%'""")
-        keys, counts = _carry(
-            con, "select i.unique_id as record, c.cluster_id as cluster from identities i join clusters c "
-                 "using (unique_id) where c.cluster_id not like 'previous:%'",
-            """select unique_id as record, person_key as key from _pk_prev
-               where person_key not in (select person_key from _pk_carried)""",
-            _new_key, out / "key_changes.parquet", "identities",
-            issued_sql="select distinct person_key as key from _pk_prev")
-        counts["carried"] += con.execute("select count(distinct person_key) from _pk_carried").fetchone()[0]
-        con.execute(f"""create or replace table persons as
-                        select c.record as unique_id, k.key as person_key from _cur c join {keys} k using (cluster)
-                        union all select unique_id, person_key from _pk_carried;
-                        drop table _pk_prev; drop table _pk_carried""")
-    else:
-        keys, counts = _carry(
-            con, "select i.unique_id as record, c.cluster_id as cluster from identities i join clusters c using (unique_id)",
-            f"select unique_id as record, person_key as key from read_parquet({prev})"
-            if previous.is_file() else None, _new_key, out / "key_changes.parquet", "identities")
-        con.execute(f"""create or replace table persons as
-                        select c.record as unique_id, k.key as person_key from _cur c join {keys} k using (cluster)""")
-    con.execute(f"drop table _cur; drop table {keys}")
+    keys, counts = _carry(
+        con, "select i.unique_id as record, c.cluster_id as cluster from identities i join clusters c using (unique_id)",
+        f"select unique_id as record, person_key as key from read_parquet({read_literal(previous)})"
+        if previous.is_file() else None, _new_key, out / "key_changes.parquet", "identities",
+        kept_sql="select distinct cluster_id as cluster, substr(cluster_id, 10) as key from clusters "
+                 "where cluster_id like 'previous:%'" if recomputed_only else None)
+    con.execute(f"""create or replace table persons as
+                    select c.unique_id, k.key as person_key from clusters c join {keys} k on k.cluster = c.cluster_id
+                    semi join identities i using (unique_id)""")
+    con.execute(f"drop table {keys}")
     return {"key_changes": counts}
 
 
@@ -123,40 +114,22 @@ def household_keys(con: duckdb.DuckDBPyConnection, previous: Path, out: Path, re
         out: the folder being published as ``linked/``.
         recomputed_only: ``households`` came from an incremental assembly: its recomputed
             households are named ``'N'`` + a key, every other row is a previous row under its
-            previous key. Only the recomputed ones are matched, against the previous rows of
-            their persons and of persons gone since: a previous household lies wholly among
-            those or wholly among the carried rows (its members share a place), so the keys
-            and changes are those of matching everything, without reading ten million
-            person-years at 1,000,000 persons.
+            previous key, which it keeps. Only the recomputed ones are matched (:func:`_carry`):
+            a previous household lies wholly among the recomputed rows or wholly among the
+            carried ones (its members share a place), so the keys and changes are those of
+            matching everything.
 
     Returns:
         ``{"household_key_changes": {"carried": n, "merged": n, "split": n, "new": n, "retired": n}}``.
     """
-    prev = read_literal(previous)
-    if recomputed_only and previous.is_file():
-        con.execute("create or replace temp table _hh_n as select distinct person_key from households "
-                    "where household_key like 'N%'")
-        keys, counts = _carry(
-            con, "select person_key || ':' || year as record, household_key as cluster from households "
-                 "where household_key like 'N%'",
-            f"""select p.person_key || ':' || p.year as record, p.household_key as key from read_parquet({prev}) p
-                where p.person_key in (select person_key from _hh_n)
-                   or p.person_key not in (select person_key from households)""",
-            _new_household_key, out / "household_key_changes.parquet", "person_years",
-            issued_sql=f"select distinct household_key as key from read_parquet({prev})")
-        counts["carried"] += con.execute(
-            "select count(distinct household_key) from households where household_key not like 'N%'").fetchone()[0]
-        con.execute(f"""create or replace table households as
-                        select h.* replace (coalesce(k.key, h.household_key) as household_key)
-                        from households h left join {keys} k on k.cluster = h.household_key;
-                        drop table _hh_n""")
-    else:
-        keys, counts = _carry(
-            con, "select person_key || ':' || year as record, household_key as cluster from households",
-            f"select person_key || ':' || year as record, household_key as key from read_parquet({prev})"
-            if previous.is_file() else None, _new_household_key, out / "household_key_changes.parquet", "person_years")
-        con.execute(f"""create or replace table households as
-                        select h.* replace (k.key as household_key)
-                        from households h join {keys} k on k.cluster = h.household_key""")
-    con.execute(f"drop table _cur; drop table {keys}")
+    keys, counts = _carry(
+        con, "select person_key || ':' || year as record, household_key as cluster from households",
+        f"select person_key || ':' || year as record, household_key as key from read_parquet({read_literal(previous)})"
+        if previous.is_file() else None, _new_household_key, out / "household_key_changes.parquet", "person_years",
+        kept_sql="select distinct household_key as cluster, household_key as key from households "
+                 "where household_key not like 'N%'" if recomputed_only else None)
+    con.execute(f"""create or replace table households as
+                    select h.* replace (k.key as household_key)
+                    from households h join {keys} k on k.cluster = h.household_key""")
+    con.execute(f"drop table {keys}")
     return {"household_key_changes": counts}
