@@ -41,7 +41,10 @@ def _release(records, seed: int, collide: bool = False):
 
     With ``collide``, a fifth of the postcodes are folded onto a tenth as many (as postcodes
     are shared, or mistyped into others, in a large population): households at one postcode
-    with other address lines, pupils placed by a postcode that several addresses share."""
+    with other address lines, pupils placed by a postcode that several addresses share. At
+    half of the folded postcodes holding several lines, one line is then made a near copy of
+    another (one bit of its filter flipped, within the address dice): lines of different
+    households that meet only through a third line's neighbours."""
     con = duckdb.connect(str(records), read_only=True)
     postcode = (f"""case when hash(postcode_tok || '{seed}') % 5 = 0
                          then 'C' || (hash(postcode_tok) % ((select count(distinct postcode_tok) from base) // 10))
@@ -50,6 +53,8 @@ def _release(records, seed: int, collide: bool = False):
                               case when postcode_tok is not null then {postcode} end as postcode_tok, addr_bf
                        from base""").to_arrow_table()
     con.close()
+    if collide:
+        base = _near_copies(base, random.Random(seed))
     rng = random.Random(seed)
     keys = sorted(set(base.column("person_key").to_pylist()))
     merged = [rng.sample(keys, 2) for _ in range(10)]
@@ -67,6 +72,26 @@ def _release(records, seed: int, collide: bool = False):
         from base b left join (select key, min(target) as target from merged group by key) m on m.key = b.person_key""").to_arrow_table()
     con.close()
     return previous, current
+
+
+def _near_copies(base: pa.Table, rng: random.Random) -> pa.Table:
+    """``base`` with, at half of the folded postcodes holding several lines, the records of the
+    last line (by bytes) given the first line's filter with one bit flipped."""
+    postcodes, lines = base.column("postcode_tok").to_pylist(), base.column("addr_bf").to_pylist()
+    at: dict[str, set] = {}
+    for pc, line in zip(postcodes, lines):
+        if pc is not None and pc.startswith("C") and line is not None:
+            at.setdefault(pc, set()).add(line)
+    moved = {}
+    for pc in sorted(at):
+        found = sorted(at[pc])
+        if len(found) > 1 and rng.random() < 0.5:
+            near = bytearray(found[0])
+            near[0] ^= 1
+            moved[(pc, found[-1])] = bytes(near)
+    assert moved, "no folded postcode holds two lines"
+    new = [moved.get((pc, line), line) for pc, line in zip(postcodes, lines)]
+    return base.set_column(base.schema.get_field_index("addr_bf"), "addr_bf", pa.array(new, pa.binary()))
 
 
 def _con(rows):

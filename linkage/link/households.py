@@ -85,20 +85,23 @@ def _person_birth_sql() -> str:
 def _addresses_sql(dice: float = ADDRESS_DICE) -> str:
     """``addr_canon``: each distinct (postcode, address filter) -> one address key.
 
-    Filters at one postcode within ``dice`` of each other share the key of the smallest
-    (by hex) among them; a postcode-only observation keys on the postcode alone.
+    Filters at one postcode within ``dice`` of each other (``addr_near``, each filter with
+    itself too) share the key of the smallest (by hex) among them; a postcode-only
+    observation keys on the postcode alone.
     """
     d = dice_sql("a.addr_bf", "b.addr_bf")
     return f"""
         create or replace table addr_full as
         select distinct postcode_tok, addr_bf, hex(addr_bf) addr_hex from records_linked
         where postcode_tok is not null and addr_bf is not null;
-        create or replace table addr_canon as
-        select a.postcode_tok, a.addr_hex,
-               a.postcode_tok || '|' || left(md5(min(b.addr_hex)), 16) as address_key, min(b.addr_hex) canon_hex
+        create or replace table addr_near as
+        select a.postcode_tok, a.addr_hex, b.addr_hex near_hex
         from addr_full a join addr_full b
-             on a.postcode_tok = b.postcode_tok and (a.addr_hex = b.addr_hex or {d} >= {dice})
-        group by a.postcode_tok, a.addr_hex;
+             on a.postcode_tok = b.postcode_tok and (a.addr_hex = b.addr_hex or {d} >= {dice});
+        create or replace table addr_canon as
+        select postcode_tok, addr_hex, postcode_tok || '|' || left(md5(min(near_hex)), 16) as address_key,
+               min(near_hex) canon_hex
+        from addr_near group by postcode_tok, addr_hex;
     """
 
 
@@ -412,7 +415,6 @@ def parent_child_sql(cfg: LinkConfig, weak_membership: bool = False, cross_year:
 # household keys come from components of those joins. So the households and parent-child relations
 # of a connected component of the graph of people and their places (:func:`_places`) depend on that
 # component's records and those postcodes' address sets alone (:func:`_affected_persons`).
-PLACES = ("postcode_tok", "benefit_unit_tok", "claim_tok")
 
 
 def _places(con: duckdb.DuckDBPyConnection, dice: float = ADDRESS_DICE) -> None:
@@ -443,41 +445,34 @@ def _places(con: duckdb.DuckDBPyConnection, dice: float = ADDRESS_DICE) -> None:
     through colliding postcodes, so every delivery reached more than half of them.
     Needs ``records_linked`` and ``_hh_prev`` (the previous release's record tokens).
     """
-    d = dice_sql("a.addr_bf", "b.addr_bf")
-    con.execute(f"""
-        create or replace temp table _hh_lines as
-        select postcode_tok, hex(addr_bf) h, any_value(addr_bf) addr_bf,
-               bool_and(record_token not in (select record_token from _hh_prev)) as new_line
-        from records_linked where postcode_tok is not null and addr_bf is not null group by postcode_tok, hex(addr_bf);
-        create or replace temp table _hh_near as
-        select a.postcode_tok, a.h, b.h g from _hh_lines a join _hh_lines b
-             on a.postcode_tok = b.postcode_tok and a.h != b.h and {d} >= {dice};
-        -- each line's address key is its smallest neighbour (addr_canon); its group, the smallest reachable
-        create or replace temp table _hh_canon as
-        select l.postcode_tok, l.h, least(l.h, min(n.g)) canon from _hh_lines l
-        left join _hh_near n using (postcode_tok, h) group by l.postcode_tok, l.h;
-        create or replace temp table _hh_group as
-        select distinct postcode_tok, h, h as grp from _hh_near;
-    """)
-    while True:
-        # each line takes the smallest group label among its neighbours, until none moves
-        con.execute("""create or replace temp table _hh_group_next as
-                       select g.postcode_tok, g.h, least(g.grp, min(n.grp)) grp
-                       from _hh_group g join _hh_near e using (postcode_tok, h)
-                       join _hh_group n on n.postcode_tok = e.postcode_tok and n.h = e.g
-                       group by g.postcode_tok, g.h, g.grp""")
-        moved = con.execute("""select count(*) from _hh_group_next n join _hh_group g using (postcode_tok, h)
-                               where n.grp != g.grp""").fetchone()[0]
-        con.execute("drop table _hh_group; alter table _hh_group_next rename to _hh_group")
-        if not moved:
-            break
+    from splink import DuckDBAPI
+    from splink.clustering import cluster_pairwise_predictions_at_threshold
+
+    # the address keys over every record, as the households SQL builds them (addr_near, addr_canon)
+    con.execute(_addresses_sql(dice))
     con.execute("""
+        create or replace temp table _hh_line_node as
+        select distinct postcode_tok || '|' || addr_hex as node from addr_near where addr_hex != near_hex;
+        create or replace temp table _hh_line_edge as
+        select postcode_tok || '|' || addr_hex as node_l, postcode_tok || '|' || near_hex as node_r
+        from addr_near where addr_hex < near_hex;
+    """)
+    # address groups: the connected components of lines within the dice of each other
+    groups = cluster_pairwise_predictions_at_threshold(
+        "_hh_line_node", "_hh_line_edge", DuckDBAPI(connection=con), node_id_column_name="node",
+        edge_id_column_name_left="node_l", edge_id_column_name_right="node_r")
+    con.execute(f"""
         create or replace temp table _hh_line_group as
-        select c.postcode_tok, c.h, c.canon, coalesce(g.grp, c.h) grp
-        from _hh_canon c left join _hh_group g using (postcode_tok, h);
+        select c.postcode_tok, c.addr_hex h, c.canon_hex canon, coalesce(g.cluster_id, c.postcode_tok || '|' || c.addr_hex) grp
+        from addr_canon c left join {groups.physical_name} g on g.node = c.postcode_tok || '|' || c.addr_hex;
+        create or replace temp table _hh_new_line as
+        select postcode_tok, hex(addr_bf) h from records_linked anti join _hh_prev using (record_token)
+        where postcode_tok is not null and addr_bf is not null
+        except
+        select postcode_tok, hex(addr_bf) from records_linked semi join _hh_prev using (record_token)
+        where postcode_tok is not null and addr_bf is not null;
         create or replace temp table _hh_pupil as
-        select distinct postcode_tok, year, record_token not in (select record_token from _hh_prev) as new
-        from records_linked where postcode_tok is not null and addr_bf is null;
+        select distinct postcode_tok, year from records_linked where postcode_tok is not null and addr_bf is null;
         create or replace temp table _hh_pupil_pc as select distinct postcode_tok from _hh_pupil;
         -- the address sets at postcodes with pupils: each address key, the years it is at the
         -- postcode, and whether it was there in that year in the previous release
@@ -492,14 +487,14 @@ def _places(con: duckdb.DuckDBPyConnection, dice: float = ADDRESS_DICE) -> None:
                    group by postcode_tok, year),
              e as (select postcode_tok, count(distinct canon) n, min(grp) grp from _hh_kset group by postcode_tok)
         select p.postcode_tok, p.year,
-               case when y.n = 1 then '3:' || p.postcode_tok || '|' || y.grp
-                    when y.n is null and e.n = 1 then '3:' || p.postcode_tok || '|' || e.grp
+               case when y.n = 1 then '3:' || y.grp
+                    when y.n is null and e.n = 1 then '3:' || e.grp
                     else '4:' || p.postcode_tok end as place
-        from (select distinct postcode_tok, year from _hh_pupil) p
+        from _hh_pupil p
         left join y using (postcode_tok, year) left join e using (postcode_tok);
         -- dirty: a new line at the postcode (address keys may move), or a new address in a year with pupils
         create or replace temp table _hh_dirty_pc as
-        select postcode_tok from _hh_lines where new_line and postcode_tok in (select postcode_tok from _hh_pupil_pc)
+        select postcode_tok from _hh_new_line where postcode_tok in (select postcode_tok from _hh_pupil_pc)
         union
         select k.postcode_tok from _hh_kset k semi join _hh_pupil p using (postcode_tok, year)
         group by k.postcode_tok, k.year, k.canon having not bool_or(k.before);
@@ -507,7 +502,7 @@ def _places(con: duckdb.DuckDBPyConnection, dice: float = ADDRESS_DICE) -> None:
         select distinct person_key from records_linked
         where addr_bf is null and postcode_tok in (select postcode_tok from _hh_dirty_pc);
         create or replace temp table _hh_place as
-        select r.person_key, '3:' || r.postcode_tok || '|' || l.grp as place
+        select r.person_key, '3:' || l.grp as place
         from records_linked r join _hh_line_group l on l.postcode_tok = r.postcode_tok and l.h = hex(r.addr_bf)
         where r.addr_bf is not null
         union
@@ -522,10 +517,11 @@ def _places(con: duckdb.DuckDBPyConnection, dice: float = ADDRESS_DICE) -> None:
         select person_key, '1:' || benefit_unit_tok from records_linked where benefit_unit_tok is not null
         union
         select person_key, '2:' || claim_tok from records_linked where claim_tok is not null;
-        drop table _hh_lines; drop table _hh_near; drop table _hh_canon; drop table _hh_group;
-        drop table _hh_line_group; drop table _hh_pupil; drop table _hh_pupil_pc; drop table _hh_kset;
-        drop table _hh_resolve; drop table _hh_dirty_pc;
+        drop table _hh_line_node; drop table _hh_line_edge; drop table _hh_line_group; drop table _hh_new_line;
+        drop table _hh_pupil; drop table _hh_pupil_pc; drop table _hh_kset; drop table _hh_resolve;
+        drop table _hh_dirty_pc; drop table addr_full; drop table addr_near; drop table addr_canon;
     """)
+    con.execute(f"drop table if exists {groups.physical_name}")
 
 
 def households_fingerprint(cfg: LinkConfig) -> str:
@@ -533,7 +529,7 @@ def households_fingerprint(cfg: LinkConfig) -> str:
     constants and ``cfg``'s age gaps. A release whose previous one had another fingerprint
     recomputes every household."""
     sql = _person_years_sql() + _edges_sql() + _membership_sql() + parent_child_sql(cfg, True, True)
-    return hashlib.sha256(json.dumps({"sql": sql, "places": PLACES}).encode()).hexdigest()[:16]
+    return hashlib.sha256(sql.encode()).hexdigest()[:16]
 
 
 def _affected_persons(con: duckdb.DuckDBPyConnection, cfg: LinkConfig, previous: Path | None,
