@@ -336,9 +336,9 @@ def staged_row_digests(con: duckdb.DuckDBPyConnection, path: Path, files: list[s
     The hash is DuckDB's row hash XORed over the file's staged rows (each row holds its own
     line number, so no two cancel): equal exactly when the rows are, whatever their order.
     """
-    where = f" WHERE CAST(_file AS VARCHAR) IN ({', '.join(lit(f) for f in files)})" if files else ""
     if files is not None and not files:
         return {}
+    where = f" WHERE CAST(_file AS VARCHAR) IN ({', '.join(lit(f) for f in files)})" if files else ""
     rows = con.execute(f"SELECT CAST(_file AS VARCHAR), count(*), bit_xor(hash(s)) "
                        f"FROM read_parquet({read_literal(path)}) s{where} GROUP BY 1").fetchall()
     return {f: f"{n}:{h:016x}" for f, n, h in rows}
