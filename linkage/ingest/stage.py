@@ -562,15 +562,26 @@ def _flag_prior(con: duckdb.DuckDBPyConnection, schema: Schema, src: str, flags:
     name = rid[0].name
     typed = ", ".join(typed_sql(c) for c in schema.columns)
     old = ", ".join(q(c.name) for c in schema.columns)
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE _prior_dups AS
-        WITH good AS (SELECT s.*, f._pos FROM {src} s POSITIONAL JOIN (SELECT rowid AS _pos, _fail FROM {flags}) f
-                      WHERE f._fail IS NULL),
-        old AS (SELECT CAST({q(name)} AS VARCHAR) AS k, row({old}) AS v FROM read_parquet({path_literal(prior)}))
-        SELECT g._pos, CASE WHEN row({typed}) IS NOT DISTINCT FROM old.v THEN 'duplicate' ELSE 'duplicate_id' END
-                       || ':' || {lit(name)} AS reason
-        FROM good g JOIN old ON CAST(g.{q(name + '__t')} AS VARCHAR) = old.k""")
-    con.execute(f"UPDATE {flags} SET _fail = d.reason FROM _prior_dups d WHERE {flags}.rowid = d._pos")
-    con.execute("DROP TABLE _prior_dups")
+    # first the new stageable rows' ids alone against the earlier ids (one column of the earlier
+    # staged rows is read); only the rows whose id is found there are compared value by value
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE _prior_keys AS
+        SELECT f._pos, CAST(s.{q(name + '__t')} AS VARCHAR) AS k
+        FROM {src} s POSITIONAL JOIN (SELECT rowid AS _pos, _fail FROM {flags}) f WHERE f._fail IS NULL""")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE _prior_hits AS SELECT DISTINCT o.k
+        FROM (SELECT CAST({q(name)} AS VARCHAR) AS k FROM read_parquet({path_literal(prior)})) o
+        SEMI JOIN _prior_keys n ON o.k = n.k""")
+    if con.execute("SELECT count(*) FROM _prior_hits").fetchall()[0][0]:
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE _prior_dups AS
+            WITH good AS (SELECT s.*, f._pos FROM {src} s POSITIONAL JOIN (SELECT rowid AS _pos, _fail FROM {flags}) f
+                          WHERE f._fail IS NULL AND CAST(s.{q(name + '__t')} AS VARCHAR) IN (SELECT k FROM _prior_hits)),
+            old AS (SELECT CAST({q(name)} AS VARCHAR) AS k, row({old}) AS v FROM read_parquet({path_literal(prior)})
+                    WHERE CAST({q(name)} AS VARCHAR) IN (SELECT k FROM _prior_hits))
+            SELECT g._pos, CASE WHEN row({typed}) IS NOT DISTINCT FROM old.v THEN 'duplicate' ELSE 'duplicate_id' END
+                           || ':' || {lit(name)} AS reason
+            FROM good g JOIN old ON CAST(g.{q(name + '__t')} AS VARCHAR) = old.k""")
+        con.execute(f"UPDATE {flags} SET _fail = d.reason FROM _prior_dups d WHERE {flags}.rowid = d._pos")
+        con.execute("DROP TABLE _prior_dups")
+    con.execute("DROP TABLE _prior_keys; DROP TABLE _prior_hits")
 
 
 def _stage_source(con: duckdb.DuckDBPyConnection, schema: Schema, files: list[LandingFile], staged_dir: Path,
