@@ -63,33 +63,78 @@ def completeness(con, identifiers: str) -> list[dict]:
     return completeness_rows(completeness_counts(con, identifiers))
 
 
+def _person_sources(con, identities: str) -> None:
+    """Table ``person_source``: per person and source, its records and their lowest and highest birth year.
+
+    From the linked identities (``linked/identities.parquet``: source, birth year, records and
+    person of each), 4.8 million rows at 1M persons rather than the 19.4 million records: an
+    identity's records share its source and its date-of-birth encoding, so its birth year
+    (``year(dob)``) too, and it counts them (``n_records``). The match rates, the birth-year
+    spans and who holds an adult record are all aggregates of this table; a test checks each
+    against the per-record computation.
+    """
+    con.execute(f"""create or replace temp table person_source as
+                    select person_key, source, sum(n_records) n, min(birth_year) min_birth_year,
+                           max(birth_year) max_birth_year
+                    from {identities} where person_key is not null group by all""")
+
+
 def _match_rates(con) -> list[dict]:
-    return query_rows(con, """
-        with person_sources as (select person_key, list(distinct source order by source) sources from rec group by 1)
-        select r.source, count(*) records,
-               round(avg(list_contains(p.sources, 'education')::int), 4) with_education,
-               round(avg(list_contains(p.sources, 'benefits')::int), 4) with_benefits,
-               round(avg(list_contains(p.sources, 'earnings')::int), 4) with_earnings,
-               round(avg((len(p.sources) > 1)::int), 4) with_another_source
-        from rec r join person_sources p using (person_key) group by 1 order by 1""")
+    """Per source: its records, and the share of them whose person holds records of each source (or of another).
+
+    Weighted by each person-source's records, which is the average over records a
+    per-record join would take (:func:`_person_sources`).
+    """
+    def share(flag: str) -> str:
+        return f"round(sum(case when {flag} then s.n else 0 end) / sum(s.n), 4)"
+
+    return query_rows(con, f"""
+        with p as (select person_key, bool_or(source = 'education') edu, bool_or(source = 'benefits') ben,
+                          bool_or(source = 'earnings') ear, count(source) n_sources
+                   from person_source group by 1)
+        select s.source, sum(s.n)::bigint records, {share("p.edu")} with_education, {share("p.ben")} with_benefits,
+               {share("p.ear")} with_earnings, {share("p.n_sources > 1")} with_another_source
+        from person_source s join p using (person_key) group by 1 order by 1""")
 
 
-def _subgroups(con, payload: str | None, end_year: int, la_lookup: Path) -> dict:
-    """Pupils old enough to be adults in the window: who links to adult records, by subgroup."""
+def _most_frequent_sql(rows: str, column: str) -> str:
+    """A CTE ``m_<column>``: per person of ``rows``, the most frequent non-null ``column``, ties to the lowest."""
+    c = quote_ident(column)
+    return f"""m_{column} as (select person_key, arg_min({c}, {{'k': -n, 'v': {c}}}) {c}
+                          from (select person_key, {c}, count(*) n from {rows} where {c} is not null group by 1, 2)
+                          group by 1)"""
+
+
+def _subgroups(con, payload: str | None, end_year: int, la_lookup: Path, records: str) -> dict:
+    """Pupils old enough to be adults in the window: who links to adult records, by subgroup.
+
+    ``records``: the linked records (``record_token, source, birth_year, person_key``); who holds
+    an adult record comes from ``person_source`` (:func:`_person_sources`). A pupil's birth year
+    is the lowest of their school records', their ethnicity and local authority the most frequent
+    (ties to the lowest): the same figures from every run, which a pick of any value, or
+    of the most frequent in the order rows happen to arrive, did not give (a few pupils moved
+    between groups from one run to the next at 1M persons).
+    """
     if payload is None:
         return {}
     con.execute(f"""
+        create or replace temp table school_records as
+        select r.person_key, r.birth_year, p.fsm, p.ethnicity, p.la_code
+        from (select record_token, person_key, birth_year from {records} where source = 'education') r
+             join {payload} p using (record_token)""")
+    con.execute(f"""
         create or replace table pupils as
-        with adult as (select distinct person_key from rec where source in ('benefits', 'earnings')),
-        edu as (select r.person_key, any_value(r.birth_year) birth_year, max(p.fsm) ever_fsm,
-                       mode(p.ethnicity) ethnicity, mode(p.la_code) la_code
-                from rec r join {payload} p using (record_token)
-                where r.source = 'education' group by 1)
-        select e.*, e.person_key in (select person_key from adult) as linked,
+        with adult as (select distinct person_key from person_source where source in ('benefits', 'earnings')),
+        {_most_frequent_sql("school_records", "ethnicity")}, {_most_frequent_sql("school_records", "la_code")},
+        edu as (select person_key, min(birth_year) birth_year, max(fsm) ever_fsm from school_records group by 1)
+        select e.person_key, e.birth_year, e.ever_fsm, m_ethnicity.ethnicity, m_la_code.la_code,
+               e.person_key in (select person_key from adult) as linked,
                coalesce(la.region_name, 'unknown') region,
                (e.birth_year // 5 * 5)::varchar || '-' || (e.birth_year // 5 * 5 + 4)::varchar birth_cohort
-        from edu e left join read_csv({read_literal(la_lookup)}) la on la.utla_code = e.la_code
+        from edu e left join m_ethnicity using (person_key) left join m_la_code using (person_key)
+             left join read_csv({read_literal(la_lookup)}) la on la.utla_code = m_la_code.la_code
         where e.birth_year <= {end_year} - 22""")
+    con.execute("drop table school_records")
     out = {}
     for dim, expr in (("ethnicity", "ethnicity"), ("ever_fsm", "ever_fsm::varchar"), ("region", "region"),
                       ("birth_cohort", "birth_cohort")):
@@ -113,16 +158,25 @@ def threshold_rows(con, thresholds: list[float]) -> list[dict]:
     return out
 
 
-def _implausible(con) -> dict:
-    return con.execute("""
-        with claim as (select person_key, claim_tok, year, bu_role, record_token from rec where claim_tok is not null),
-        same as (select a.person_key, a.bu_role ra, b.bu_role rb from claim a join claim b
-                 on a.claim_tok = b.claim_tok and a.year = b.year and a.person_key = b.person_key
-                 and a.record_token < b.record_token),
-        span as (select person_key, max(birth_year) - min(birth_year) gap from rec group by 1)
-        select (select count(distinct person_key) from same where (ra = 'dependant') != (rb = 'dependant')),
-               -- a claimant and their partner in one person (two records of one role are a re-delivery)
-               (select count(distinct person_key) from same where ra != 'dependant' and rb != 'dependant' and ra != rb),
+def _implausible(con, records: str) -> tuple[int, int, int]:
+    """Persons holding a parent and their dependant, two adults of one benefit unit, or birth years more than one apart.
+
+    A person's records on one claim and year hold a parent and their dependant when some are
+    dependants and some are adults (a known role other than dependant), and two adults when
+    they hold two adult roles (a claimant and their partner; two records of one role are a
+    re-delivery): what a self-join of those records on claim, year and person finds pair by
+    pair, counted per group. The birth-year span comes from ``person_source``.
+    """
+    return con.execute(f"""
+        with same as (select person_key,
+                             bool_or(bu_role = 'dependant') and bool_or(bu_role <> 'dependant') parent_child,
+                             min(bu_role) filter (where bu_role <> 'dependant')
+                             <> max(bu_role) filter (where bu_role <> 'dependant') two_adults
+                      from (select person_key, claim_tok, year, bu_role from {records} where claim_tok is not null)
+                      where person_key is not null group by claim_tok, year, person_key),
+        span as (select person_key, max(max_birth_year) - min(min_birth_year) gap from person_source group by 1)
+        select (select count(distinct person_key) from same where parent_child),
+               (select count(distinct person_key) from same where two_adults),
                (select count(*) from span where gap > 1)""").fetchall()[0]
 
 
@@ -162,14 +216,20 @@ def build_report(config: Config, workspace: Path | str, key=None) -> dict:
         complete = completeness(con, "ids_in")
     payload = None
     if key is not None and any(f.stem == "education" for f in zone_files(ws.root, "payload")):
-        load_zone(con, "payload_education", ws.root, "payload", key, sources=["education"])
+        # the columns the subgroups read (a Parquet-encrypted file decrypts only the columns read)
+        load_zone(con, "payload_education", ws.root, "payload", key, ["record_token", "fsm", "ethnicity", "la_code"],
+                  sources=["education"])
         payload = "payload_education"
-    con.execute(f"create table rec as select * from {read_literal(linked / 'records.parquet')}")
-    con.execute(f"create table pairs as select * from {read_literal(linked / 'pairs.parquet')}")
+    # only the columns each figure needs, read where they are: no copy of the 19 million records
+    # (942 MB of Parquet at 1M persons, a third of it record tokens) is held
+    records = read_literal(linked / "records.parquet")
+    _person_sources(con, read_literal(linked / "identities.parquet"))
+    con.execute(f"create table pairs as select match_probability, match_weight "
+                f"from {read_literal(linked / 'pairs.parquet')}")
     model = json.loads((linked / "model.json").read_text())
     evaluation_path = ws.zone("reports") / "evaluation.json"
     evaluation = json.loads(evaluation_path.read_text()) if evaluation_path.exists() else {}
-    parent_child, two_adults, dob_gap = _implausible(con)
+    parent_child, two_adults, dob_gap = _implausible(con, records)
     report = {
         "summary": {k: summary.get(k) for k in ("engine", "threshold", "records", "identities", "persons",
                                                 "household_years", "parent_child_relations", "pairs_scored",
@@ -180,7 +240,8 @@ def build_report(config: Config, workspace: Path | str, key=None) -> dict:
         "blocking_counted_at": summary.get("blocking_counted_at"),
         "parameters": mu_rows(model),
         "match_rates": _match_rates(con),
-        "subgroups": (_subgroups(con, payload, config.generate.end_year, config.paths.resolve(config.assemble.la_lookup))
+        "subgroups": (_subgroups(con, payload, config.generate.end_year, config.paths.resolve(config.assemble.la_lookup),
+                                 records)
                       if key is not None else previous.get("subgroups", {})),
         "thresholds": threshold_rows(con, config.link.evaluation_thresholds),
         "implausible_links": {"persons_holding_a_parent_and_their_dependant": parent_child,
