@@ -139,9 +139,9 @@ def profile(con: duckdb.DuckDBPyConnection, comparisons: list[dict], matched_pai
     """Level shares among predicted matches and random pairs, and the share of records matched.
 
     Args:
-        con: the link stage's connection: ``identities``, ``records`` (record to ``unique_id``),
-            ``clusters`` (``unique_id, cluster_id``) and, when ``new_only``, ``new_identities``
-            (``unique_id``).
+        con: the link stage's connection: ``identities`` (with ``source`` and ``n_records``, the
+            records of each), ``clusters`` (``unique_id, cluster_id``) and, when ``new_only``,
+            ``new_identities`` (``unique_id``).
         comparisons: the model's comparisons in DuckDB SQL (Splink settings, ``comparison_levels``).
         matched_pairs: a table of predicted matches ``(unique_id_l, unique_id_r)``.
         new_only: restrict the predicted matches and the records matched to those involving a
