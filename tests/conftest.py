@@ -16,6 +16,15 @@ from synthetic_data import generate_population
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
+#: the pytest-xdist worker this process is ("gw0", "gw1", ...), or None in a plain run (``make test`` runs two)
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    # an ``hhlink run`` without PREFECT_API_URL starts a temporary Prefect server on PREFECT_HOME's SQLite
+    # database: each worker gets a home of its own, so two workers' runs never migrate or lock one database
+    _home = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()
+    os.environ["PREFECT_HOME"] = str(_home.with_name(f"{_home.name}-xdist-{XDIST_WORKER}"))
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+
 #: u estimated from 300,000 random pairs instead of the default 5,000,000, for tests that check what the
 #: pipeline does (orchestration, caching, leaks, keys) rather than how precise u is: at 1,000-2,000
 #: persons sampling 5,000,000 pairs was most of each link's time (42 s of a 57 s link at 1,500 persons)
@@ -30,6 +39,55 @@ def pytest_collection_finish(session):
         return   # an xdist worker collects every test but runs only some: there the first fixture starts it
     if any(getattr(item, "module", None) is install and "wheel" in item.fixturenames for item in session.items):
         install.background(session)
+
+
+#: With pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) the modules that share an expensive
+#: session fixture run in one worker, so it is built once, not once per worker: the three Prefect
+#: modules share one server, the portal's modules one assembled workspace, test_link's and
+#: test_assemble's one linked population. Every other module is a group of its own (its
+#: module-scoped fixtures are built once). Cheap session fixtures (the 5k population) may be built
+#: in both workers.
+SHARED_FIXTURE_GROUPS = {"prefect_server": "prefect", "assembled_2000": "assembled_2000",
+                         "portal_workspace": "assembled_2000", "linked_4000": "linked_4000"}
+#: Groups in the order the workers take them (``--no-loadscope-reorder``): the longest first, so
+#: the run does not end with one worker on a long group while the other idles. test_install comes
+#: early: its tests wait for the wheel, install and pipeline run its background thread makes, which
+#: use a core while the other worker runs. Seconds measured with ``-n 2``; a group not listed
+#: follows in collection order.
+GROUP_ORDER = ("prefect", "tests/test_install.py", "assembled_2000", "tests/test_spark.py", "linked_4000",
+               "tests/test_stages.py", "tests/test_no_cleartext.py", "tests/test_incremental_stages.py")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(session, config, items):
+    """Under xdist: mark each test with its module's ``xdist_group`` (see :data:`SHARED_FIXTURE_GROUPS`)
+    and order the groups by :data:`GROUP_ORDER`, keeping the order of tests within a module. A plain
+    run is left exactly as collected."""
+    if not XDIST_WORKER:
+        return
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    for item in items:      # a module joins every group whose shared fixture one of its tests uses
+        module = item.nodeid.split("::")[0]
+        for name in item.fixturenames:
+            if name in SHARED_FIXTURE_GROUPS:
+                parent[find(module)] = find(SHARED_FIXTURE_GROUPS[name])
+    group = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        root = find(module)
+        group[item.nodeid] = root
+        item.add_marker(pytest.mark.xdist_group(root))
+    rank = {g: i for i, g in enumerate(GROUP_ORDER)}
+    first_seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        first_seen.setdefault(group[item.nodeid], i)
+    items.sort(key=lambda it: (rank.get(group[it.nodeid], len(rank)), first_seen[group[it.nodeid]]))
 
 
 def pytest_sessionfinish(session):
