@@ -20,9 +20,11 @@ Incremental validation (an ingest that carries earlier deliveries' staged rows):
 the rows new in the run for the *row-wise* expectation types (:data:`ROW_WISE`: each row is
 judged on its own values, so counts over a table are the sums of counts over its parts), and
 their counts are added to the counts carried from the previous run for the earlier rows
-(``staged/quality.json``); percentages and the pass/fail judgement are recomputed from the
-summed counts exactly as GX computes them. Every other type (table row count, uniqueness,
-proportions of non-null values, means, ...) runs on the whole staged table each time. A source
+(``staged/quality.json``); when ingest says which staged parts hold the carried rows
+(:attr:`Carried.parts`), the new rows are read from the other parts alone. Percentages and
+the pass/fail judgement are recomputed from the summed counts exactly as GX computes them.
+Every other type (table row count, uniqueness, proportions of non-null values, means, ...) runs
+on the whole staged table (all its parts) each time. A source
 with no new staged rows carries every result (no GX run, so no Data Docs page for it this time),
 unless no source has new rows and Data Docs are wanted: then all are validated whole. Counts
 are carried only when the suite, the GX version and the carried files and rows are those they
@@ -230,11 +232,16 @@ class Carried:
         rows: how many staged rows those files hold.
         record: this source's entry of the previous run's ``staged/quality.json`` (what
             :func:`carry_record` made), or None when there is none.
+        parts: the staged files holding the carried rows and no other (ingest's parts carried
+            unchanged), among those validated; the new rows are then read from the other files
+            alone, so a delivery's validation reads no earlier row for its row-wise checks.
+            None: the new rows are told apart by ``_file`` over the whole table.
     """
 
     files: list[str]
     rows: int
     record: dict | None
+    parts: list[Path] | None = None
 
 
 @dataclass
@@ -308,6 +315,25 @@ def _row_wise(con, exp: dict) -> str | None:
     return kind
 
 
+def _scan(paths) -> str:
+    """``read_parquet(...)`` of one file or of several read as one table (in order)."""
+    if isinstance(paths, list | tuple):
+        if len(paths) != 1:
+            return f"read_parquet([{', '.join(read_literal(p) for p in paths)}])"
+        paths = paths[0]
+    return f"read_parquet({read_literal(paths)})"
+
+
+def _new_parts(path, carried: Carried) -> list | None:
+    """The staged files that hold no carried row, when ``carried.parts`` says which do; else None."""
+    if carried.parts is None or not isinstance(path, list | tuple):
+        return None
+    held = {str(p) for p in carried.parts}
+    if not held <= {str(p) for p in path}:
+        return None
+    return [p for p in path if str(p) not in held]
+
+
 def _plan(con, source: str, path, data: dict, carried: Carried | None, version: str) -> _Plan:
     """How to validate one source: whole, new rows plus carried counts, or nothing new (all carried)."""
     if carried is None or not carried.files:
@@ -334,14 +360,28 @@ def _plan(con, source: str, path, data: dict, carried: Carried | None, version: 
         if "error" in items[i] or any(not isinstance(items[i].get(k), int) for k in _COUNTS[kind]):
             return _Plan("full", f"expectation {i} ({exps[i]['type']}) has no carried counts")
     files = ", ".join(q_lit(f) for f in carried.files)
-    old, total = con.execute(f"SELECT count(*) FILTER (WHERE _file IN ({files})), count(*) "
-                             f"FROM read_parquet({read_literal(path)})").fetchall()[0]
+    fresh = _new_parts(path, carried)
+    if fresh is not None:
+        # the carried parts hold the carried rows alone (ingest carried them unchanged); their row
+        # counts come from the Parquet footers, and only the new parts are read
+        old = con.execute(f"SELECT count(*) FROM {_scan(carried.parts)}").fetchall()[0][0]
+        if fresh:
+            stray, total_new = con.execute(f"SELECT count(*) FILTER (WHERE _file IN ({files})), count(*) "
+                                           f"FROM {_scan(fresh)}").fetchall()[0]
+        else:
+            stray = total_new = 0
+        if stray:
+            return _Plan("full", f"the new staged parts of {source} hold {stray:,} rows of the carried files")
+        total = old + total_new
+    else:
+        old, total = con.execute(f"SELECT count(*) FILTER (WHERE _file IN ({files})), count(*) "
+                                 f"FROM {_scan(path)}").fetchall()[0]
     if old != carried.rows:
         return _Plan("full", f"staged/{source}.parquet holds {old:,} rows of the carried files, "
                              f"the carried counts cover {carried.rows:,}")
     if total == old:
         return _Plan("carried", rows_now=0)
-    new = [r[0] for r in con.execute(f"SELECT DISTINCT _file FROM read_parquet({read_literal(path)}) "
+    new = [r[0] for r in con.execute(f"SELECT DISTINCT _file FROM {_scan(fresh if fresh else path)} "
                                      f"WHERE _file NOT IN ({files}) ORDER BY 1").fetchall()]
     return _Plan("incremental", rows_now=total - old, files_now=tuple(new), row_wise=row_wise)
 
@@ -396,7 +436,8 @@ def validate(staged: dict[str, Path], suites_dir: Path, reports_dir: Path, scrat
     """Run each source's suite on its staged Parquet file and write the quality reports.
 
     Args:
-        staged: source name -> staged Parquet file, or an Arrow ``RecordBatchReader`` of a file
+        staged: source name -> staged Parquet file (or the list of files read as its one table, in
+            order: ingest's parts), or an Arrow ``RecordBatchReader`` of a file
             encrypted at rest (``research/``): its rows are copied into the scratch database,
             which the caller removes.
         suites_dir: folder of ``<source>.json`` suites.
@@ -432,13 +473,14 @@ def validate(staged: dict[str, Path], suites_dir: Path, reports_dir: Path, scrat
         for source, path in staged.items():
             derived = suites[source].get("meta", {}).get("hhlink", {}).get("derived_columns", {})
             extra = "".join(f", {expr} AS {q(name)}" for name, expr in derived.items())
-            if isinstance(path, Path | str):
-                con.execute(f"CREATE VIEW {q(source)} AS SELECT *{extra} FROM read_parquet({read_literal(path)})")
+            if isinstance(path, Path | str | list | tuple):
+                con.execute(f"CREATE VIEW {q(source)} AS SELECT *{extra} FROM {_scan(path)}")
                 plans[source] = _plan(con, source, path, suites[source], carried.get(source), version)
                 if plans[source].how == "incremental":
                     files = ", ".join(q_lit(f) for f in carried[source].files)
+                    fresh = _new_parts(path, carried[source])
                     con.execute(f"CREATE VIEW {q(source + '_new_rows')} AS SELECT *{extra} FROM "
-                                f"read_parquet({read_literal(path)}) WHERE _file NOT IN ({files})")
+                                f"{_scan(fresh if fresh else path)} WHERE _file NOT IN ({files})")
             else:
                 con.register("_rows_in", path)
                 try:

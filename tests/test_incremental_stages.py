@@ -150,6 +150,16 @@ def _rows(path):
     return duckdb.sql(f"SELECT * FROM '{path}' ORDER BY _file, _line").df()
 
 
+def _staged(ws, source):
+    """A source's staged rows, from all its parts (ingest writes a part per delivery), by file and line."""
+    import duckdb
+
+    from linkage.ingest.stage import parquet_source, staged_paths
+
+    return duckdb.sql(f"SELECT * FROM {parquet_source(staged_paths(ws / 'staged', source))} "
+                      f"ORDER BY _file, _line").df()
+
+
 def test_incremental_ingest_stages_only_new_files_and_equals_a_full_ingest(tmp_path):
     """Bad rows and record ids repeated from an earlier delivery are quarantined as a full run would."""
     import json
@@ -173,7 +183,7 @@ def test_incremental_ingest_stages_only_new_files_and_equals_a_full_ingest(tmp_p
     second = ingest(cfg, ws)
     assert second["mode"].startswith("incremental")
     assert sorted(second["files_staged_now"]) == sorted(f["name"] for f in d["files"])
-    staged = {s: _rows(ws / "staged" / f"{s}.parquet") for s in ("education", "benefits", "earnings")}
+    staged = {s: _staged(ws, s) for s in ("education", "benefits", "earnings")}
     quarantined = _rows(ws / "quarantine" / "benefits.parquet")
     assert {"duplicate", "duplicate_id"} <= set(quarantined.reason)
     assert (quarantined._file == target.name).all()
@@ -185,7 +195,7 @@ def test_incremental_ingest_stages_only_new_files_and_equals_a_full_ingest(tmp_p
                               ingest={"incremental": False}), ws)
     assert full["mode"] == "full: ingest.incremental is false"
     for s, rows in staged.items():
-        assert rows.equals(_rows(ws / "staged" / f"{s}.parquet"))
+        assert rows.equals(_staged(ws, s))
     assert quarantined.equals(_rows(ws / "quarantine" / "benefits.parquet"))
     strip = lambda files: sorted(json.dumps(e, sort_keys=True) for e in files)  # noqa: E731
     assert strip(manifest) == strip(json.loads((ws / "staged" / "manifest.json").read_text())["files"])
@@ -201,7 +211,7 @@ def test_a_withdrawn_landing_file_means_a_full_ingest(tmp_path):
     (ws / "landing" / d["files"][0]["name"]).unlink()
     again = ingest(cfg, ws)
     assert again["mode"] == f"full: landing/{d['files'][0]['name']} was staged before and is gone or changed"
-    assert d["files"][0]["name"] not in set(_rows(ws / "staged" / f"{d['files'][0]['source']}.parquet")._file)
+    assert d["files"][0]["name"] not in set(_staged(ws, d["files"][0]["source"])._file)
 
 
 def test_link_scores_only_pairs_a_delivery_touches_and_finds_the_persons_a_full_link_finds(history, tmp_path):
@@ -337,13 +347,13 @@ def test_deliveries_add_a_crosswalk_part_each_hash_no_earlier_row_and_equal_full
 
     import duckdb
 
-    from linkage.ingest.stage import staged_row_digests
+    from linkage.ingest.stage import staged_paths, staged_row_digests
     from linkage.pseudonymise import stage as pstage
 
     ws, key, _ = _copy(history, tmp_path)
     hashed = []
     monkeypatch.setattr(pstage, "staged_row_digests",
-                        lambda con, path, files=None: hashed.append(path.name) or staged_row_digests(con, path, files))
+                        lambda con, path, files=None: hashed.append(path) or staged_row_digests(con, path, files))
     con = duckdb.connect()
     for n in range(1, 4):
         before = _zone_files(ws)
@@ -352,7 +362,7 @@ def test_deliveries_add_a_crosswalk_part_each_hash_no_earlier_row_and_equal_full
         manifest = json.loads((ws / "staged" / "manifest.json").read_text())
         for source in ("education", "benefits", "earnings"):   # ingest's digests are those of the rows staged
             recorded = {e["file"]: e["staged_digest"] for e in manifest["files"] if e["source"] == source}
-            assert staged_row_digests(con, ws / "staged" / f"{source}.parquet") == \
+            assert staged_row_digests(con, staged_paths(ws / "staged", source)) == \
                 {f: d for f, d in recorded.items() if d is not None}
         summary = pseudonymise(_cfg(), ws, key)
         assert summary["mode"].startswith("incremental") and hashed == []
@@ -363,15 +373,14 @@ def test_deliveries_add_a_crosswalk_part_each_hash_no_earlier_row_and_equal_full
         for name in parts[:-1]:
             assert after[name] == before[name]      # same inode, same bytes: carried, not rewritten
         assert summary["crosswalk"]["rows"] == len(_crosswalk(ws, key)) == sum(summary["rows"].values())
-    incremental, staged = _by_row(ws, key), {s: _rows(ws / "staged" / f"{s}.parquet")
-                                             for s in ("education", "benefits", "earnings")}
+    incremental, staged = _by_row(ws, key), {s: _staged(ws, s) for s in ("education", "benefits", "earnings")}
     strip = lambda files: sorted(json.dumps(e, sort_keys=True) for e in files)  # noqa: E731
     manifest = strip(json.loads((ws / "staged" / "manifest.json").read_text())["files"])
 
     ingest(load_config(generate={"persons": PERSONS, "seed": SEED, "deliveries": N}, ingest={"incremental": False}), ws)
     assert manifest == strip(json.loads((ws / "staged" / "manifest.json").read_text())["files"])
     for s, rows in staged.items():
-        assert rows.equals(_rows(ws / "staged" / f"{s}.parquet"))
+        assert rows.equals(_staged(ws, s))
     full = pseudonymise(_cfg(incremental=False), ws, key)
     assert full["crosswalk"]["parts"] == ["crosswalk.enc"]
     assert not list((ws / "pseudonymised").glob("crosswalk.0*.enc"))

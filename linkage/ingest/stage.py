@@ -2,8 +2,8 @@
 
 For each source declared in ``schemas/``, every landing file (``<file_stem>*.csv`` or
 ``*.parquet``) is read against its schema, its values are normalised and typed, and each
-row goes to exactly one place: ``staged/<source>.parquet`` or, with a reason code,
-``quarantine/<source>.parquet``. Per file, rows read = rows staged + rows quarantined,
+row goes to exactly one place: the source's staged table (``staged/<source>.parquet``, plus
+one part per incremental delivery, see below) or, with a reason code, ``quarantine/<source>.parquet``. Per file, rows read = rows staged + rows quarantined,
 checked on every run. Then each source's expectation suite runs on the staged table; a
 critical failure stops the run with the reports written and ``staged/`` left as it was.
 
@@ -11,13 +11,18 @@ What it writes (zones are published atomically, whole):
 
 - ``staged/<source>.parquet``: the schema's columns, typed and normalised (see
   :mod:`linkage.normalise`), ``<name>_raw`` beside every identifier but ``record_id``,
-  and ``_file``, ``_line``, ``_row``; rows in file order.
+  and ``_file``, ``_line``, ``_row``; rows in file order. After incremental runs the source's
+  table is that file followed by its parts ``staged/<source>.0001.parquet``, ``.0002``, ...
+  (one per run that staged new rows of the source): :func:`staged_paths` lists them in order,
+  :func:`parquet_source` / :func:`staged_scan` read them as one table. Every reader of staged
+  rows goes through those (``pseudonymise`` and the quality gates do).
 - ``staged/manifest.json``: per file, its SHA-256, schema version, reader, the rows
   read, staged and quarantined (with reason counts) and ``staged_digest``, the count and
   order-free hash of its staged rows (:func:`staged_row_digests`, made as they are staged,
-  carried with the file's entry); and per source, ``staged_files``, the staged file's
-  signature as written (:func:`staged_file_signature`). ``pseudonymise`` takes the digests
-  from here for a staged file that still has that signature, instead of hashing every row.
+  carried with the file's entry); and per source, ``staged_parts`` (its files, in order) and
+  ``staged_files``, their signature as written (:func:`staged_file_signature`).
+  ``pseudonymise`` takes the digests from here for a source whose files still have that
+  signature, instead of hashing every row.
 - ``staged/ledger.json``: every (file name, SHA-256) ever ingested, carried from run to
   run; a file whose checksum was ingested under another name is refused as re-sent. An entry
   also keeps the file's stat signature (size, mtime, ctime, inode, device) from when it was
@@ -35,11 +40,12 @@ happens when a schema file or the staging code changed (``staged/manifest.json``
 their digest) or a file staged before is gone from ``landing/`` or changed, so a withdrawn
 file leaves no row behind. Either way the outputs are the same as a full run's. The quality
 gates then run the row-wise expectations on the new rows only and add the counts carried for
-the earlier rows (:func:`linkage.quality.validate`); the others run on the whole table. The
-staged Parquet file of a source with new files is still rewritten whole (earlier rows first):
-``pseudonymise`` reads one file per source by row position, and the quality gates and several
-benchmarks read ``staged/<source>.parquet`` alone, so a part file per delivery would change
-their contract. Only the new files' rows are hashed for the manifest's ``staged_digest``.
+the earlier rows (:func:`linkage.quality.validate`), reading the new part alone; the others
+run on the whole table (all parts). A source's earlier parts are carried into the new zone by
+hard link, never rewritten, and its new rows are written into a new part: a monthly delivery
+writes and hashes (``staged_digest``) its own rows only, and reads of the earlier rows are
+one column (record ids, to quarantine repeats) plus the whole-table expectations. A full run
+writes each source into ``<source>.parquet`` alone; its rows, in order, are the parts'.
 - ``reports/quality/``: GX Data Docs (HTML, readable offline), ``quality_summary.json``
   and ``ingest_summary.json`` (counts, reasons, timings; never record values).
 
@@ -68,6 +74,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -76,6 +83,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+import pyarrow.parquet as pq
 
 from linkage.config import Config
 from linkage.errors import HhlinkError, WorkspaceError
@@ -89,8 +97,8 @@ from linkage.quality import Carried, QualityGateError, carry_record, validate
 from linkage.schemas import Schema, load_schemas
 from linkage.workspace import Workspace, carry_file, publish
 
-__all__ = ["IngestError", "QualityGateError", "QUARANTINE_REASONS", "ingest", "stage_files", "staged_row_digests",
-           "staged_file_signature"]
+__all__ = ["IngestError", "QualityGateError", "QUARANTINE_REASONS", "ingest", "parquet_source", "stage_files",
+           "staged_file_signature", "staged_paths", "staged_row_digests", "staged_scan"]
 
 # every reason a quarantined row can carry (the README lists them all; a test checks both ways)
 QUARANTINE_REASONS = {
@@ -205,8 +213,9 @@ def ingest(config: Config, workspace: Path | str, key=None) -> dict:
             t = time.perf_counter()
             reports_tmp = Path(tempfile.mkdtemp(prefix=".quality.tmp-", dir=ws.root))
             try:
-                quality = validate({s: staged_dir / f"{s}.parquet" for s in schemas}, suites_dir, reports_tmp,
-                                   scratch / "gx", data_docs=cfg.data_docs, carried=_carried_counts(ws, priors))
+                quality = validate({s: staged_paths(staged_dir, s) for s in schemas}, suites_dir, reports_tmp,
+                                   scratch / "gx", data_docs=cfg.data_docs,
+                                   carried=_carried_counts(ws, priors, staged_dir))
                 seconds["quality"] = round(time.perf_counter() - t, 2)
                 seconds["total"] = round(time.perf_counter() - t0, 2)
                 summary = {"workspace": str(ws.root), "rows": rows, "sources": sources, "quality": quality,
@@ -225,8 +234,9 @@ def ingest(config: Config, workspace: Path | str, key=None) -> dict:
                     + (f" (+{len(quality['critical_failed']) - 5} more)" if len(quality["critical_failed"]) > 5 else ""))
             _write_json(staged_dir / MANIFEST, {"files": [f for s in sources.values() for f in s["files"]],
                                                 "digest": digest, "staged_files": {
-                                                    s: staged_file_signature(staged_dir / f"{s}.parquet")
-                                                    for s in schemas}})
+                                                    s: staged_file_signature(staged_paths(staged_dir, s))
+                                                    for s in schemas},
+                                                "staged_parts": {s: sources[s]["staged_parts"] for s in schemas}})
             _write_json(staged_dir / QUALITY, {"sources": {
                 s: carry_record(quality, s, [e["file"] for e in sources[s]["files"]]) for s in schemas}})
             _write_json(staged_dir / LEDGER, _updated_ledger(ledger, everything, stats))
@@ -330,8 +340,50 @@ def _hash(files: list[LandingFile]) -> dict[tuple[str, str], list[int]]:
     return settled
 
 
-def staged_row_digests(con: duckdb.DuckDBPyConnection, path: Path, files: list[str] | None = None) -> dict[str, str]:
-    """Per landing file with staged rows in ``path`` (or only those of ``files``): ``"<rows>:<hash>"``.
+def staged_paths(staged_dir: Path | str, source: str) -> list[Path]:
+    """The staged files of ``source`` in row order: ``<source>.parquet`` (the rows of a full run, or of
+    the first one), then one part per incremental delivery, ``<source>.0001.parquet``, ...; [] if none.
+
+    Read together (``read_parquet([...])``, in this order) they are the source's staged table: the
+    same rows in the same order as a full run over the same landing files writes into
+    ``<source>.parquet`` alone.
+    """
+    staged_dir = Path(staged_dir)
+    base = staged_dir / f"{source}.parquet"
+    if not base.is_file():
+        return []
+    pattern = re.compile(re.escape(source) + r"\.(\d{4})\.parquet")
+    parts = sorted((int(m.group(1)), p) for p in staged_dir.iterdir() if (m := pattern.fullmatch(p.name)))
+    return [base, *(p for _, p in parts)]
+
+
+def parquet_source(paths: Path | list[Path]) -> str:
+    """``read_parquet(...)`` of one staged file or of a source's parts (in order), for SQL."""
+    if isinstance(paths, list | tuple):
+        if len(paths) == 1:
+            return f"read_parquet({read_literal(paths[0])})"
+        return f"read_parquet([{', '.join(read_literal(p) for p in paths)}])"
+    return f"read_parquet({read_literal(paths)})"
+
+
+def staged_scan(path: Path | list[Path]) -> str:
+    """``read_parquet(...)`` of a staged source with ``file_row_number``: the row's position in the
+    source's table, counted on across its parts (ingest writes one part per delivery)."""
+    if not isinstance(path, list) or len(path) == 1:
+        return f"read_parquet({read_literal(path[0] if isinstance(path, list) else path)}, file_row_number = true)"
+    offsets, n = [], 0
+    for part in path:
+        offsets.append(n)
+        n += pq.ParquetFile(part).metadata.num_rows
+    files = ", ".join(read_literal(part) for part in path)
+    return (f"(SELECT * EXCLUDE (file_row_number), file_row_number + {offsets}[CAST(file_index AS BIGINT) + 1] AS file_row_number "
+            f"FROM read_parquet([{files}], file_row_number = true))")
+
+
+def staged_row_digests(con: duckdb.DuckDBPyConnection, path: Path | list[Path],
+                       files: list[str] | None = None) -> dict[str, str]:
+    """Per landing file with staged rows in ``path`` (a file, or a source's parts: :func:`staged_paths`),
+    or only those of ``files``: ``"<rows>:<hash>"``.
 
     The hash is DuckDB's row hash XORed over the file's staged rows (each row holds its own
     line number, so no two cancel): equal exactly when the rows are, whatever their order.
@@ -340,24 +392,36 @@ def staged_row_digests(con: duckdb.DuckDBPyConnection, path: Path, files: list[s
         return {}
     where = f" WHERE CAST(_file AS VARCHAR) IN ({', '.join(lit(f) for f in files)})" if files else ""
     rows = con.execute(f"SELECT CAST(_file AS VARCHAR), count(*), bit_xor(hash(s)) "
-                       f"FROM read_parquet({read_literal(path)}) s{where} GROUP BY 1").fetchall()
+                       f"FROM {parquet_source(path)} s{where} GROUP BY 1").fetchall()
     return {f: f"{n}:{h:016x}" for f, n, h in rows}
 
 
-def staged_file_signature(path: Path) -> list[int]:
+def staged_file_signature(path: Path | list[Path]) -> list:
     """Size, mtime (ns), inode and device of a staged file. Not the ctime: carrying a file into the
-    next zone by a hard link moves it. Rewriting the file moves the inode or the mtime."""
+    next zone by a hard link moves it. Rewriting the file moves the inode or the mtime.
+
+    For a source's parts (:func:`staged_paths`): one file alone has its own signature; several,
+    ``[[name, size, mtime, inode, device], ...]`` in order, so a part added, removed or rewritten
+    changes it."""
+    if isinstance(path, list | tuple):
+        if len(path) == 1:
+            return staged_file_signature(path[0])
+        return [[Path(p).name, *staged_file_signature(p)] for p in path]
     st = os.stat(path)
     return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
 
 
-def _with_digests(con: duckdb.DuckDBPyConnection, path: Path, entries: list[dict], new: list[str],
-                  carried_ok: bool) -> list[dict]:
-    """``entries`` with ``staged_digest`` set: the new files' hashed from ``path`` (their rows only), the
-    carried ones' kept when ``carried_ok`` and present, else every file hashed again from ``path``."""
+def _with_digests(con: duckdb.DuckDBPyConnection, path: Path | list[Path], entries: list[dict], new: list[str],
+                  carried_ok: bool, new_path: list[Path] | None = None) -> list[dict]:
+    """``entries`` with ``staged_digest`` set: the new files' hashed (their rows only, from ``new_path``
+    when given: the part holding them), the carried ones' kept when ``carried_ok`` and present, else
+    every file hashed again from ``path`` (the source's staged file or parts)."""
     old = [e for e in entries if e["file"] not in new]
     again = not carried_ok or any("staged_digest" not in e for e in old)
-    digests = staged_row_digests(con, path, None if again else new)
+    if again or new_path is None:
+        digests = staged_row_digests(con, path, None if again else new)
+    else:
+        digests = staged_row_digests(con, new_path, new) if new_path and new else {}
     return [e if (e["file"] not in new and not again)
             else {**e, "staged_digest": digests.get(e["file"])} for e in entries]
 
@@ -408,13 +472,15 @@ def _updated_ledger(ledger: list[dict], files: list[LandingFile], stats: dict[tu
     return {"files": out}
 
 
-def _carried_counts(ws: Workspace, priors: dict[str, Prior]) -> dict[str, Carried]:
-    """Per source with carried rows: their files and rows, and the counts validated on them before."""
+def _carried_counts(ws: Workspace, priors: dict[str, Prior], staged_dir: Path) -> dict[str, Carried]:
+    """Per source with carried rows: their files and rows, the parts (in ``staged_dir``, the zone being
+    built) that hold them and nothing else, and the counts validated on them before."""
     try:
         records = json.loads((ws.zone("staged") / QUALITY).read_text())["sources"]
     except (OSError, ValueError, KeyError, TypeError):
         records = {}
-    return {s: Carried([e["file"] for e in p.entries], sum(e["rows_staged"] for e in p.entries), records.get(s))
+    return {s: Carried([e["file"] for e in p.entries], sum(e["rows_staged"] for e in p.entries), records.get(s),
+                       [staged_dir / part.name for part in p.staged])
             for s, p in priors.items() if p.entries}
 
 
@@ -438,7 +504,7 @@ def ingest_digest(schemas: dict[str, Schema]) -> str:
 @dataclass
 class Prior:
     """The previous run's staged and quarantined rows of one source, and the manifest entries of the files kept."""
-    staged: Path
+    staged: list[Path]          # the source's staged parts, in order (:func:`staged_paths`)
     quarantine: Path
     entries: list[dict]
     signature: list[int] | None = None     # the staged file's, as the previous run recorded it
@@ -458,7 +524,7 @@ def _prior(ws: Workspace, carried: dict[str, list[dict]] | None, source: str) ->
         signature = json.loads((ws.zone("staged") / MANIFEST).read_text()).get("staged_files", {}).get(source)
     except (OSError, ValueError, AttributeError):
         signature = None
-    return Prior(ws.zone("staged") / f"{source}.parquet", ws.zone("quarantine") / f"{source}.parquet",
+    return Prior(staged_paths(ws.zone("staged"), source), ws.zone("quarantine") / f"{source}.parquet",
                  carried.get(source, []), signature)
 
 
@@ -538,19 +604,21 @@ def _carry_only(con: duckdb.DuckDBPyConnection, source: str, prior: Prior, stage
                 quarantine_dir: Path) -> dict:
     """A source with no new file: its previous staged and quarantined rows, linked into the new zone."""
     entries = _with_digests(con, prior.staged, list(prior.entries), [], prior.digests_hold())
-    carry_file(prior.staged, staged_dir / f"{source}.parquet")
+    for part in prior.staged:
+        carry_file(part, staged_dir / part.name)
     carry_file(prior.quarantine, quarantine_dir / f"{source}.parquet")
     reasons = Counter()
     for e in prior.entries:
         reasons.update(e["reasons"])
     return {
         "staged": f"staged/{source}.parquet", "quarantine": f"quarantine/{source}.parquet",
+        "staged_parts": [p.name for p in prior.staged],
         **{f"rows_{k}": sum(e[f"rows_{k}"] for e in prior.entries) for k in ("read", "staged", "quarantined")},
         "reasons": dict(sorted(reasons.items())), "seconds": {}, "files": entries, "files_new": 0,
     }
 
 
-def _flag_prior(con: duckdb.DuckDBPyConnection, schema: Schema, src: str, flags: str, prior: Path) -> None:
+def _flag_prior(con: duckdb.DuckDBPyConnection, schema: Schema, src: str, flags: str, prior: list[Path]) -> None:
     """Quarantine new rows repeating a record id staged from an earlier delivery (kept: the earlier one).
 
     ``duplicate`` when every typed value is the same, ``duplicate_id`` when they differ, as
@@ -568,13 +636,13 @@ def _flag_prior(con: duckdb.DuckDBPyConnection, schema: Schema, src: str, flags:
         SELECT f._pos, CAST(s.{q(name + '__t')} AS VARCHAR) AS k
         FROM {src} s POSITIONAL JOIN (SELECT rowid AS _pos, _fail FROM {flags}) f WHERE f._fail IS NULL""")
     con.execute(f"""CREATE OR REPLACE TEMP TABLE _prior_hits AS SELECT DISTINCT o.k
-        FROM (SELECT CAST({q(name)} AS VARCHAR) AS k FROM read_parquet({path_literal(prior)})) o
+        FROM (SELECT CAST({q(name)} AS VARCHAR) AS k FROM {parquet_source(prior)}) o
         SEMI JOIN _prior_keys n ON o.k = n.k""")
     if con.execute("SELECT count(*) FROM _prior_hits").fetchall()[0][0]:
         con.execute(f"""CREATE OR REPLACE TEMP TABLE _prior_dups AS
             WITH good AS (SELECT s.*, f._pos FROM {src} s POSITIONAL JOIN (SELECT rowid AS _pos, _fail FROM {flags}) f
                           WHERE f._fail IS NULL AND CAST(s.{q(name + '__t')} AS VARCHAR) IN (SELECT k FROM _prior_hits)),
-            old AS (SELECT CAST({q(name)} AS VARCHAR) AS k, row({old}) AS v FROM read_parquet({path_literal(prior)})
+            old AS (SELECT CAST({q(name)} AS VARCHAR) AS k, row({old}) AS v FROM {parquet_source(prior)}
                     WHERE CAST({q(name)} AS VARCHAR) IN (SELECT k FROM _prior_hits))
             SELECT g._pos, CASE WHEN row({typed}) IS NOT DISTINCT FROM old.v THEN 'duplicate' ELSE 'duplicate_id' END
                            || ':' || {lit(name)} AS reason
@@ -588,9 +656,11 @@ def _stage_source(con: duckdb.DuckDBPyConnection, schema: Schema, files: list[La
                   quarantine_dir: Path, scratch: Path, max_encoding_share: float, prior: Prior | None = None) -> dict:
     """Read, check and write one source; returns its counts and per-file manifest entries.
 
-    With ``prior`` (an incremental run), ``files`` are the new files only: the previous rows
-    come first in the staged and quarantine files, then the new ones, and the manifest
-    entries of the earlier files are carried over.
+    With ``prior`` (an incremental run), ``files`` are the new files only: the previous staged
+    parts are carried into the new zone unchanged (hard links) and the new rows go into a part of
+    their own, ``<source>.NNNN.parquet`` (:func:`staged_paths`), so a delivery's run writes and
+    hashes its own rows only; the quarantine file holds the previous rows, then the new ones;
+    the manifest entries of the earlier files are carried over.
     """
     source = schema.source
     if prior is not None and prior.entries and not files:
@@ -616,20 +686,22 @@ def _stage_source(con: duckdb.DuckDBPyConnection, schema: Schema, files: list[La
             con.execute(f"INSERT INTO {src} SELECT * FROM {t}" if i else f"CREATE OR REPLACE TEMP TABLE {src} AS SELECT * FROM {t}")
             drop(con, loaded[f.name])
     staged_path, quarantine_path = staged_dir / f"{source}.parquet", quarantine_dir / f"{source}.parquet"
+    if prior is not None:      # the earlier parts as they are; this run's rows in the next part
+        for part in prior.staged:
+            carry_file(part, staged_dir / part.name)
+        staged_path = staged_dir / f"{source}.{len(prior.staged):04d}.parquet"
     # the rules run once, into a flag per row; a positional join lines the flags up with
     # the rows again without a sort, so both outputs keep the file's order
     t1 = time.perf_counter()
     con.execute(f"CREATE OR REPLACE TEMP TABLE {flags} AS SELECT {fail_sql(schema)} AS _fail FROM {src}")
     _flag_duplicates(con, schema, src, flags, [f.name for f in files])
-    before = ""
     if prior is not None:
         _flag_prior(con, schema, src, flags, prior.staged)
-        before = f"SELECT * FROM read_parquet({path_literal(prior.staged)}) UNION ALL "
     staged_total = con.execute(
-        f"COPY ({before}SELECT {staged_select(schema)} FROM {src} POSITIONAL JOIN {flags} WHERE _fail IS NULL) "
+        f"COPY (SELECT {staged_select(schema)} FROM {src} POSITIONAL JOIN {flags} WHERE _fail IS NULL) "
         f"TO {path_literal(staged_path)} (FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 1)").fetchall()[0][0]
-    if prior is not None:
-        staged_total -= sum(e["rows_staged"] for e in prior.entries)
+    if prior is not None and not staged_total:
+        staged_path.unlink()        # every new row quarantined: no empty part
     con.execute(f"""CREATE OR REPLACE TEMP TABLE {fails} AS SELECT _file, _line, _row, _rawtext AS raw,
         nullif(split_part(_fail, ':', 2), '') AS "column", split_part(_fail, ':', 1) AS reason
         FROM {src} POSITIONAL JOIN {flags} WHERE _fail IS NOT NULL""")
@@ -643,8 +715,9 @@ def _stage_source(con: duckdb.DuckDBPyConnection, schema: Schema, files: list[La
     if prior is not None:
         entries = list(prior.entries) + entries
     # the digests pseudonymise checks its carry-over against: the new files' rows only, read back as written
-    entries = _with_digests(con, staged_path, entries, [f.name for f in files],
-                            prior is not None and prior.digests_hold())
+    parts = staged_paths(staged_dir, source)
+    entries = _with_digests(con, parts, entries, [f.name for f in files],
+                            prior is not None and prior.digests_hold(), [staged_path] if staged_total else [])
     for got in loaded.values():
         drop(con, got)
     con.execute(f"DROP TABLE IF EXISTS all_{source}; DROP TABLE {fails}; DROP TABLE {flags}; DROP TABLE {rejects_table}")
@@ -656,6 +729,7 @@ def _stage_source(con: duckdb.DuckDBPyConnection, schema: Schema, files: list[La
     log.info("%s: %s", source, seconds)
     return {
         "staged": f"staged/{source}.parquet", "quarantine": f"quarantine/{source}.parquet",
+        "staged_parts": [p.name for p in parts],
         "rows_read": sum(e["rows_read"] for e in entries), "rows_staged": sum(e["rows_staged"] for e in entries),
         "rows_quarantined": sum(e["rows_quarantined"] for e in entries), "reasons": dict(sorted(reasons.items())),
         "seconds": seconds, "files": entries, "files_new": new_files,

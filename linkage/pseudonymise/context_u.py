@@ -24,7 +24,8 @@ import re
 import duckdb
 import pyarrow as pa
 
-from linkage.db import quote_ident, quote_literal, read_literal
+from linkage.db import quote_ident, quote_literal
+from linkage.ingest.stage import staged_scan
 
 __all__ = ["SAMPLE_ROWS", "measure_context_u", "sample_sql"]
 
@@ -41,7 +42,7 @@ def sample_sql(plans, roles: tuple[str, ...], seed: int) -> str | None:
         cols = ", ".join(f"CAST(s.{quote_ident(p.role_column[r])} AS VARCHAR) AS {quote_ident(r)}" if r in p.role_column
                          else f"CAST(NULL AS VARCHAR) AS {quote_ident(r)}" for r in roles)
         parts.append(f"SELECT {cols}, hash({quote_literal(p.name)}, s.file_row_number, {int(seed)}) AS h "
-                     f"FROM read_parquet({read_literal(p.path)}, file_row_number = true) s")
+                     f"FROM {staged_scan(p.path)} s")
     if not parts:
         return None
     return f"SELECT * EXCLUDE (h) FROM ({' UNION ALL '.join(parts)}) ORDER BY h LIMIT {SAMPLE_ROWS}"

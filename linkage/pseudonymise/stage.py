@@ -1,6 +1,7 @@
 """Pseudonymisation: split staged rows into keyed identifiers, a payload and an encrypted crosswalk.
 
-Reads ``staged/<source>.parquet`` and writes the ``pseudonymised/`` zone, atomically:
+Reads ``staged/<source>.parquet`` (with its delivery parts, :func:`linkage.ingest.stage.staged_paths`) and
+writes the ``pseudonymised/`` zone, atomically:
 
 * ``identifiers/<source>.parquet`` - one row per staged row: a random record token,
   the row's source, year and year of birth, keyed HMAC tokens of the exact identifiers
@@ -55,11 +56,12 @@ import pyarrow.parquet as pq
 
 from linkage.config import Config, PseudonymiseConfig
 from linkage.crosswalk import CROSSWALK_FILE, CrosswalkError, crosswalk_parts, part_path, write_crosswalk
-from linkage.db import connect, path_literal, quote_ident, quote_literal, read_literal
+from linkage.db import connect, path_literal, quote_ident, quote_literal
 from linkage.encodings import (CONTEXT_SEPARATOR, TOKEN_BYTES, BloomEncoder, BloomParams, ContextPermuter, Tokeniser,
                                context_message, dob_context)
 from linkage.errors import HhlinkError, SchemaError, WorkspaceError
-from linkage.ingest.stage import staged_file_signature, staged_row_digests
+from linkage.ingest.stage import (parquet_source, staged_file_signature, staged_paths, staged_row_digests,
+                                  staged_scan)
 from linkage.keys import MasterKey, load_master_key
 from linkage.pseudonymise.context_u import measure_context_u
 from linkage.pseudonymise.seal import (NONCE_BYTES, SEAL_SUBKEY, aes_block_words, code_int, keystreams, nonces,
@@ -448,10 +450,10 @@ class ContextEncoders:
 
 @dataclass
 class Source:
-    """One staged source: its schema, file and which column plays each role."""
+    """One staged source: its schema, file (or its parts, in order) and which column plays each role."""
 
     name: str
-    path: Path
+    path: Path | list[Path]
     schema: Schema
     rows: int
     role_column: dict[str, str] = field(default_factory=dict)
@@ -462,8 +464,9 @@ class Source:
 
 def _plan_source(source: str, path: Path, schema: Schema, cfg: PseudonymiseConfig) -> Source:
     try:
-        present = set(pq.read_schema(path).names)
-        rows = pq.ParquetFile(path).metadata.num_rows
+        parts = path if isinstance(path, list) else [path]
+        present = set.intersection(*(set(pq.read_schema(p).names) for p in parts))
+        rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
     except (OSError, pa.ArrowInvalid) as exc:
         raise PseudonymiseError(f"{path}: cannot read the staged file ({exc.__class__.__name__})") from None
     missing = [c for c in [*schema.names, *_META_COLUMNS] if c not in present]
@@ -504,8 +507,8 @@ def _plan_source(source: str, path: Path, schema: Schema, cfg: PseudonymiseConfi
 def plan_sources(config: Config, staged: Path) -> list[Source]:
     """The staged sources present in ``staged`` with their schemas and roles (what pseudonymise encodes)."""
     schemas_dir = config.paths.resolve(config.paths.schemas)
-    return [_plan_source(s, staged / f"{s}.parquet", load_schema(s, schemas_dir), config.pseudonymise)
-            for s in SOURCES if (staged / f"{s}.parquet").exists()]
+    return [_plan_source(s, paths[0] if len(paths) == 1 else paths, load_schema(s, schemas_dir), config.pseudonymise)
+            for s in SOURCES if (paths := staged_paths(staged, s))]
 
 
 def _key_sql(column: str, enc: _Encoder, alias: str = "s") -> str:
@@ -522,7 +525,7 @@ def _rows_sql(plan: Source, joins: list[str] | None = None, order: str | None = 
     ``order`` names a column of the record-token table to write the rows in (a keyed
     permutation, :func:`_record_tokens`), so a file's row order says nothing of the landing order.
     """
-    return (f"FROM read_parquet({read_literal(plan.path)}, file_row_number = true) AS s "
+    return (f"FROM {staged_scan(plan.path)} AS s "
             f"POSITIONAL JOIN rt_{plan.name} AS rt {' '.join(joins or [])} "
             "WHERE CASE WHEN rt.i = s.file_row_number THEN true "
             "ELSE error('record tokens are not aligned with staged rows') END"
@@ -599,7 +602,7 @@ def _distinct_context_sql(plans: list[Source], enc: _ContextEncoder) -> str | No
             continue
         columns, dob = found
         values = ", ".join(f"CAST({c} AS VARCHAR) AS v{i}" for i, c in enumerate(columns))
-        parts.append(f"SELECT {values}, {dob} AS d FROM read_parquet({read_literal(p.path)})")
+        parts.append(f"SELECT {values}, {dob} AS d FROM {parquet_source(p.path)}")
     if not parts:
         return None
     where = [f"v{i} IS NOT NULL AND trim(v{i}) <> ''" for i in range(len(enc.roles))]
@@ -635,7 +638,7 @@ def _crosswalk_sql(plan: Source) -> str:
 
 
 def _distinct_sql(plans: list[Source], column_of: Callable[[Source], str | None], value_type: str) -> str | None:
-    parts = [f"SELECT CAST({quote_ident(col)} AS {value_type}) AS v FROM read_parquet({read_literal(p.path)})"
+    parts = [f"SELECT CAST({quote_ident(col)} AS {value_type}) AS v FROM {parquet_source(p.path)}"
              for p in plans if (col := column_of(p)) is not None]
     if not parts:
         return None
@@ -876,11 +879,11 @@ def _part_name(source: str, existing: list[str]) -> str:
     return f"{source}.parquet" if not existing else f"{source}.{len(existing):04d}.parquet"
 
 
-def _subset(con: duckdb.DuckDBPyConnection, path: Path, files: list[str], target: Path) -> Path:
+def _subset(con: duckdb.DuckDBPyConnection, path: Path | list[Path], files: list[str], target: Path) -> Path:
     """The staged rows of ``files`` only, in a spill file (cleartext: it stays in the workspace's spill)."""
     names = ", ".join(quote_literal(f) for f in files)
     try:
-        con.execute(f"COPY (SELECT * FROM read_parquet({read_literal(path)}) WHERE CAST(_file AS VARCHAR) IN ({names})) "
+        con.execute(f"COPY (SELECT * FROM {parquet_source(path)} WHERE CAST(_file AS VARCHAR) IN ({names})) "
                     f"TO {path_literal(target)} (FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 1)")
     except duckdb.Error as exc:
         raise PseudonymiseError(f"{path}: selecting the new files' rows failed ({exc.__class__.__name__})") from exc
