@@ -41,53 +41,69 @@ def pytest_collection_finish(session):
         install.background(session)
 
 
-#: With pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) the modules that share an expensive
-#: session fixture run in one worker, so it is built once, not once per worker: the three Prefect
-#: modules share one server, the portal's modules one assembled workspace, test_link's and
-#: test_assemble's one linked population. Every other module is a group of its own (its
-#: module-scoped fixtures are built once). Cheap session fixtures (the 5k population) may be built
-#: in both workers.
+#: With pytest-xdist (``make test``: ``-n 2 --dist loadfile``) each module runs in one worker, and the
+#: modules that share an expensive session fixture run in one worker together, so it is built once,
+#: not once per worker: the three Prefect modules share one server, the portal's modules one
+#: assembled workspace, test_link's, test_assemble's and test_households_incremental's one linked
+#: population. Cheap session fixtures (the 5k population) may be built in both workers.
+#: (xdist's own ``--dist loadgroup`` renames each test's node id, which pytest 9.2 ignores: every test
+#: would then be scheduled alone and module fixtures built in both workers.)
 SHARED_FIXTURE_GROUPS = {"prefect_server": "prefect", "assembled_2000": "assembled_2000",
                          "portal_workspace": "assembled_2000", "linked_4000": "linked_4000"}
-#: Groups in the order the workers take them (``--no-loadscope-reorder``): the longest first, so
-#: the run does not end with one worker on a long group while the other idles. test_install comes
-#: early: its tests wait for the wheel, install and pipeline run its background thread makes, which
-#: use a core while the other worker runs. Seconds measured with ``-n 2``; a group not listed
-#: follows in collection order.
+#: module -> its group, for the scheduler (which sees node ids only); checked against the fixtures
+#: each module's tests use when the workers collect (:func:`pytest_collection_modifyitems`)
+MODULE_GROUPS = {
+    "tests/test_flows.py": "prefect", "tests/test_lifecycle.py": "prefect", "tests/test_release_e2e.py": "prefect",
+    "tests/test_disclose_command.py": "assembled_2000", "tests/test_privacy.py": "assembled_2000",
+    "tests/test_service.py": "assembled_2000", "tests/test_service_browser.py": "assembled_2000",
+    "tests/test_assemble.py": "linked_4000", "tests/test_link.py": "linked_4000",
+    "tests/test_households_incremental.py": "linked_4000",
+}
+#: Groups in the order the workers take them (``--no-loadscope-reorder``): the longest first, so the
+#: run does not end with one worker on a long group while the other idles. test_install comes early:
+#: its tests wait for the wheel, install and pipeline run of its background thread, which use a core
+#: while the other worker runs. A group not listed follows in collection order.
 GROUP_ORDER = ("prefect", "tests/test_install.py", "assembled_2000", "tests/test_spark.py", "linked_4000",
                "tests/test_stages.py", "tests/test_no_cleartext.py", "tests/test_incremental_stages.py")
 
 
+def _group(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0]
+    return MODULE_GROUPS.get(module, module)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile``, with the modules of one :data:`MODULE_GROUPS` group scheduled as one unit."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class GroupedFileScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid)
+
+    return GroupedFileScheduling(config, log)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session, config, items):
-    """Under xdist: mark each test with its module's ``xdist_group`` (see :data:`SHARED_FIXTURE_GROUPS`)
-    and order the groups by :data:`GROUP_ORDER`, keeping the order of tests within a module. A plain
-    run is left exactly as collected."""
+    """Under xdist: check :data:`MODULE_GROUPS` against the shared fixtures each module uses, and order
+    the groups by :data:`GROUP_ORDER`, keeping the order of the tests within a module (the order the
+    scheduler hands them out). A plain run is left exactly as collected."""
     if not XDIST_WORKER:
         return
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        while parent.setdefault(x, x) != x:
-            x = parent[x]
-        return x
-
-    for item in items:      # a module joins every group whose shared fixture one of its tests uses
-        module = item.nodeid.split("::")[0]
-        for name in item.fixturenames:
-            if name in SHARED_FIXTURE_GROUPS:
-                parent[find(module)] = find(SHARED_FIXTURE_GROUPS[name])
-    group = {}
     for item in items:
-        module = item.nodeid.split("::")[0]
-        root = find(module)
-        group[item.nodeid] = root
-        item.add_marker(pytest.mark.xdist_group(root))
+        module = item.nodeid.split("::", 1)[0]
+        for name in item.fixturenames:
+            if name in SHARED_FIXTURE_GROUPS and MODULE_GROUPS.get(module) != SHARED_FIXTURE_GROUPS[name]:
+                raise pytest.UsageError(f"{module} uses the session fixture {name}: add it to tests/conftest.py's "
+                                        f"MODULE_GROUPS as {SHARED_FIXTURE_GROUPS[name]!r}, so xdist runs it in the "
+                                        "worker that builds the fixture")
     rank = {g: i for i, g in enumerate(GROUP_ORDER)}
     first_seen: dict[str, int] = {}
     for i, item in enumerate(items):
-        first_seen.setdefault(group[item.nodeid], i)
-    items.sort(key=lambda it: (rank.get(group[it.nodeid], len(rank)), first_seen[group[it.nodeid]]))
+        first_seen.setdefault(_group(item.nodeid), i)
+    items.sort(key=lambda it: (rank.get(_group(it.nodeid), len(rank)), first_seen[_group(it.nodeid)]))
 
 
 def pytest_sessionfinish(session):
