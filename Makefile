@@ -50,9 +50,15 @@ demo: $(STAMP)
 
 # PYTEST_ARGS: extra pytest arguments (.ci/run passes --durations so each CI log shows the slowest tests)
 PYTEST_ARGS ?=
+# Two pytest-xdist workers, one a core: much of the suite is single-threaded Python (Splink's and
+# Prefect's orchestration, pandas, subprocesses starting up), so one process leaves a core idle.
+# loadfile keeps each module in one worker, and tests/conftest.py's scheduler keeps the modules
+# that share an expensive session fixture together and orders the groups longest first (which
+# --no-loadscope-reorder keeps). XDIST= runs the tests in one process.
+XDIST   ?= -n 2 --dist loadfile --no-loadscope-reorder
 test: $(STAMP_TEST)
 	bash scripts/ensure-chromium
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 bench: $(STAMP_TEST)
 	$(PY) -m bench.ladder
