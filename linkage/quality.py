@@ -23,7 +23,10 @@ their counts are added to the counts carried from the previous run for the earli
 (``staged/quality.json``); when ingest says which staged parts hold the carried rows
 (:attr:`Carried.parts`), the new rows are read from the other parts alone. Percentages and
 the pass/fail judgement are recomputed from the summed counts exactly as GX computes them.
-Every other type (table row count, uniqueness, proportions of non-null values, means, ...) runs
+Uniqueness (:data:`ACROSS_PARTS`) is validated the same way when the earlier rows are staged
+files of their own: GX on the new rows, plus the rows that a value shared by new and earlier
+rows repeats (:func:`_across`, over the key columns of the earlier files), plus the carried
+counts. Every other type (table row count, proportions of non-null values, means, ...) runs
 on the whole staged table (all its parts) each time. A source
 with no new staged rows carries every result (no GX run, so no Data Docs page for it this time),
 unless no source has new rows and Data Docs are wanted: then all are validated whole. Counts
@@ -115,11 +118,17 @@ ROW_WISE = {
     "expect_column_pair_values_a_to_be_greater_than_b": "pair_map",   # out of the rows not ignored
     "unexpected_rows_expectation": "row_query",                # rows returned, if the query is a plain row filter
 }
+#: Uniqueness expectations, validated on the new rows when the earlier rows are staged files of their own
+#: (:attr:`Carried.parts`): GX counts the repeats among the new rows, :func:`_across` the rows that a value
+#: shared by new and earlier rows makes repeats although neither part repeats it alone (reading the key
+#: columns of the earlier files), and with the carried counts they add up as a column map's.
+ACROSS_PARTS = {"expect_column_values_to_be_unique": "column", "expect_compound_columns_to_be_unique": "column_list"}
 _COUNTS = {"not_null": ("element_count", "unexpected_count"),
+           "unique": ("element_count", "unexpected_count", "missing_count"),
            "column_map": ("element_count", "unexpected_count", "missing_count"),
            "pair_map": ("element_count", "unexpected_count", "missing_count"),
            "row_query": ("observed_value",)}
-_PROVENANCE = ("scope", "now", "carried")      # report-only keys of an expectation's result
+_PROVENANCE = ("scope", "now", "carried", "across")      # report-only keys of an expectation's result
 _GX_IMAGES = "https://great-expectations-web-assets.s3.us-east-2.amazonaws.com/"
 _ASSET_ATTR = re.compile(r'<(link|script|img)\b[^>]*?\b(href|src)\s*=\s*"(https?://[^"]*)"', re.IGNORECASE)
 _CSS_URL = re.compile(r"url\(\s*['\"]?(https?://[^'\")]+)", re.IGNORECASE)
@@ -251,6 +260,8 @@ class _Plan:
     rows_now: int = 0
     files_now: tuple[str, ...] = ()
     row_wise: dict[int, str] | None = None     # suite position -> ROW_WISE kind (incremental only)
+    new_parts: list | None = None              # the staged files holding the new rows only (else None)
+    across: dict[int, int] | None = None       # uniqueness expectation -> rows repeating across old and new
 
 
 def suite_digest(data: dict) -> str:
@@ -300,8 +311,12 @@ def _not_a_row_filter(con, sql: str) -> str | None:
     return None
 
 
-def _row_wise(con, exp: dict) -> str | None:
-    """The :data:`ROW_WISE` kind of one expectation, or None when its result needs the whole table."""
+def _row_wise(con, exp: dict, parts: bool = False) -> str | None:
+    """The :data:`ROW_WISE` kind of one expectation, or None when its result needs the whole table.
+    With ``parts`` (the earlier rows are files of their own), uniqueness (:data:`ACROSS_PARTS`) is ``unique``."""
+    if parts and exp["type"] in ACROSS_PARTS and "row_condition" not in exp["kwargs"] \
+            and exp["kwargs"].get("ignore_row_if", "all_values_are_missing") == "all_values_are_missing":
+        return "unique"
     kind = ROW_WISE.get(exp["type"])
     if kind is None or "row_condition" in exp["kwargs"]:
         return None
@@ -355,12 +370,12 @@ def _plan(con, source: str, path, data: dict, carried: Carried | None, version: 
     items = {i.get("index"): i for i in rec.get("expectations", [])}
     if set(items) != set(range(len(exps))) or any(items[i]["type"] != e["type"] for i, e in enumerate(exps)):
         return _Plan("full", "the carried counts do not match the suite's expectations")
-    row_wise = {i: k for i, e in enumerate(exps) if (k := _row_wise(con, e))}
+    fresh = _new_parts(path, carried)
+    row_wise = {i: k for i, e in enumerate(exps) if (k := _row_wise(con, e, fresh is not None))}
     for i, kind in row_wise.items():
         if "error" in items[i] or any(not isinstance(items[i].get(k), int) for k in _COUNTS[kind]):
             return _Plan("full", f"expectation {i} ({exps[i]['type']}) has no carried counts")
     files = ", ".join(q_lit(f) for f in carried.files)
-    fresh = _new_parts(path, carried)
     if fresh is not None:
         # the carried parts hold the carried rows alone (ingest carried them unchanged); their row
         # counts come from the Parquet footers, and only the new parts are read
@@ -383,7 +398,21 @@ def _plan(con, source: str, path, data: dict, carried: Carried | None, version: 
         return _Plan("carried", rows_now=0)
     new = [r[0] for r in con.execute(f"SELECT DISTINCT _file FROM {_scan(fresh if fresh else path)} "
                                      f"WHERE _file NOT IN ({files}) ORDER BY 1").fetchall()]
-    return _Plan("incremental", rows_now=total - old, files_now=tuple(new), row_wise=row_wise)
+    return _Plan("incremental", rows_now=total - old, files_now=tuple(new), row_wise=row_wise, new_parts=fresh)
+
+
+def _across(con, old: str, new: str, columns: list[str]) -> int:
+    """Rows that a key (value, or tuple of values none NULL) found among both the earlier rows (view ``old``)
+    and the new ones (``new``) makes repeats, beyond those each part repeats alone: per shared key, the
+    side(s) holding it once. GX counts a row unexpected when its key, none of it NULL, occurs more than once
+    (a NULL in a compound key never matches, so such a row is not); the repeats within each part are GX's."""
+    cols = ", ".join(q(c) for c in columns)
+    given = " AND ".join(f"{q(c)} IS NOT NULL" for c in columns)
+    on = " AND ".join(f"o.{q(c)} = n.{q(c)}" for c in columns)
+    return con.execute(f"""WITH n AS (SELECT {cols}, count(*) AS c FROM {q(new)} WHERE {given} GROUP BY ALL),
+        o AS (SELECT {', '.join('o.' + q(c) for c in columns)}, count(*) AS c FROM {q(old)} o SEMI JOIN n ON {on}
+              GROUP BY ALL)
+        SELECT coalesce(sum(CAST(o.c = 1 AS BIGINT) + CAST(n.c = 1 AS BIGINT)), 0) FROM o JOIN n ON {on}""").fetchall()[0][0]
 
 
 def _combine(kind: str, exp: dict, now: dict, before: dict) -> dict:
@@ -476,11 +505,21 @@ def validate(staged: dict[str, Path], suites_dir: Path, reports_dir: Path, scrat
             if isinstance(path, Path | str | list | tuple):
                 con.execute(f"CREATE VIEW {q(source)} AS SELECT *{extra} FROM {_scan(path)}")
                 plans[source] = _plan(con, source, path, suites[source], carried.get(source), version)
-                if plans[source].how == "incremental":
+                plan = plans[source]
+                if plan.how == "incremental":
                     files = ", ".join(q_lit(f) for f in carried[source].files)
-                    fresh = _new_parts(path, carried[source])
                     con.execute(f"CREATE VIEW {q(source + '_new_rows')} AS SELECT *{extra} FROM "
-                                f"{_scan(fresh if fresh else path)} WHERE _file NOT IN ({files})")
+                                f"{_scan(plan.new_parts or path)} WHERE _file NOT IN ({files})")
+                    unique = {i: k for i, k in plan.row_wise.items() if k == "unique"}
+                    if unique:
+                        con.execute(f"CREATE VIEW {q(source + '_old_rows')} AS SELECT *{extra} FROM "
+                                    f"{_scan(carried[source].parts)}")
+                        plan.across = {}
+                        for i in unique:
+                            kw = suites[source]["expectations"][i]["kwargs"]
+                            key = ACROSS_PARTS[suites[source]["expectations"][i]["type"]]
+                            plan.across[i] = _across(con, source + "_old_rows", source + "_new_rows",
+                                                     [kw[key]] if key == "column" else list(kw[key]))
             else:
                 con.register("_rows_in", path)
                 try:
@@ -529,9 +568,19 @@ def validate(staged: dict[str, Path], suites_dir: Path, reports_dir: Path, scrat
                 for n in now:
                     i, kind = n["index"], plan.row_wise[n["index"]]
                     keys = _COUNTS[kind]
-                    item = _combine(kind, exps[i], n, before[i])
-                    item["scope"] = (f"row-wise: {plan.rows_now:,} new rows validated now + counts carried for "
-                                     f"{carried[source].rows:,} earlier rows")
+                    if kind == "unique":
+                        shared = (plan.across or {})[i]
+                        both = {**n, "unexpected_count": n["unexpected_count"] + shared} \
+                            if isinstance(n.get("unexpected_count"), int) else n
+                        item = _combine(kind, exps[i], both, before[i])
+                        item["scope"] = (f"uniqueness: {plan.rows_now:,} new rows validated now + {shared:,} rows "
+                                         f"repeating a value across new and earlier rows + counts carried for "
+                                         f"{carried[source].rows:,} earlier rows")
+                        item["across"] = shared
+                    else:
+                        item = _combine(kind, exps[i], n, before[i])
+                        item["scope"] = (f"row-wise: {plan.rows_now:,} new rows validated now + counts carried for "
+                                         f"{carried[source].rows:,} earlier rows")
                     item["now"] = {k: n.get(k) for k in keys}
                     item["carried"] = {k: before[i][k] for k in keys}
                     items.append(item)
@@ -540,9 +589,13 @@ def validate(staged: dict[str, Path], suites_dir: Path, reports_dir: Path, scrat
                           for i in _run(gx, ctx, ds, f"{source}_whole_table", source, data, whole,
                                         notes="Expectations that need the whole staged table, on all of it.")]
             items.sort(key=lambda i: i["index"])
-            note = (f"row-wise expectations ({len(wise)}) ran on the {plan.rows_now:,} rows new in this run "
+            uniq = sum(1 for i in wise if plan.row_wise[i] == "unique")
+            note = (f"row-wise expectations ({len(wise) - uniq}) ran on the {plan.rows_now:,} rows new in this run "
                     f"({news}) and their counts were added to those carried for the {carried[source].rows:,} "
-                    f"earlier rows (validated {_dates(earlier)}); the other {len(whole)} ran on the whole table")
+                    f"earlier rows (validated {_dates(earlier)})"
+                    + (f"; uniqueness ({uniq}) likewise, plus the rows a value shared by new and earlier rows "
+                       f"repeats (key columns of the earlier rows read)" if uniq else "")
+                    + f"; the other {len(whole)} ran on the whole table")
         crit = [i for i in items if not i["success"] and i["severity"] == "critical"]
         warn = [i for i in items if not i["success"] and i["severity"] == "warning"]
         summary["sources"][source] = {

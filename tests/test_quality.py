@@ -272,3 +272,55 @@ def test_only_a_plain_row_filter_query_counts_as_row_wise(sql, row_wise):
     from linkage.quality import _not_a_row_filter
 
     assert (_not_a_row_filter(duckdb.connect(), sql) is None) == row_wise
+
+
+_UNIQUE = [
+    {"type": "expect_column_values_to_be_unique", "kwargs": {"column": "id"}, "severity": "critical"},
+    {"type": "expect_column_values_to_be_unique", "kwargs": {"column": "a", "mostly": 0.1}, "severity": "warning"},
+    {"type": "expect_column_values_to_be_unique", "kwargs": {"column": "b", "mostly": 0.1}, "severity": "warning"},
+    {"type": "expect_compound_columns_to_be_unique", "kwargs": {"column_list": ["a", "b"], "mostly": 0.1},
+     "severity": "warning"},
+    {"type": "expect_compound_columns_to_be_unique", "kwargs": {"column_list": ["b", "s"], "mostly": 0.1},
+     "severity": "warning"},
+    {"type": "expect_compound_columns_to_be_unique", "kwargs": {"column_list": ["a", "e"], "mostly": 0.1},
+     "severity": "warning"},
+]
+
+
+def test_uniqueness_over_parts_new_rows_plus_repeats_across_plus_carried_equals_a_full_validation(tmp_path):
+    """With the earlier rows in a file of their own, uniqueness runs in GX on the new rows, the repeats a value
+    shared by new and earlier rows makes are counted on the key columns, and the sums are a full validation's
+    (NULLs in a key, values repeated within a part and across parts, a value once on each side)."""
+    from linkage.quality import Carried, carry_record
+
+    extra = [("new.csv", 16, 1, "y", "2020-01-01", "2020-02-01"), ("new.csv", 17, 3, None, "2020-01-01", None),
+             ("new.csv", 18, 3, None, "2020-01-01", None), ("new.csv", 19, None, None, None, None)]
+    suite = _ROW_WISE[:2] + _UNIQUE + _WHOLE[2:3]
+    suites = _suite(tmp_path, suite)
+    old = _toy(tmp_path / "old.parquet", _OLD)
+    before = validate({"toy": old}, suites, tmp_path / "r1", tmp_path / "gx1", data_docs=False)
+    record = carry_record(before, "toy", ["old.csv"])
+    parts = [old, _toy(tmp_path / "new.parquet", _NEW + extra)]
+    inc = validate({"toy": parts}, suites, tmp_path / "r2", tmp_path / "gx2", data_docs=False,
+                   carried={"toy": Carried(["old.csv"], len(_OLD), record, [old])})
+    full = validate({"toy": _toy(tmp_path / "both.parquet", _OLD + _NEW + extra)}, suites, tmp_path / "r3",
+                    tmp_path / "gx3", data_docs=False)
+    got, want = inc["sources"]["toy"], full["sources"]["toy"]
+    assert got["validated"]["how"] == "incremental" and got["validated"]["rows_now"] == len(_NEW + extra)
+    keys = ("success", "element_count", "unexpected_count", "unexpected_percent", "missing_count", "observed_value")
+    by_index = {i["index"]: i for i in got["expectations"]}
+    for w in want["expectations"]:
+        g = by_index[w["index"]]
+        assert {k: g.get(k) for k in keys} == {k: w.get(k) for k in keys}, (w["type"], w["column"])
+    unique = [by_index[suite.index(e)] for e in _UNIQUE]
+    assert all(u["scope"].startswith("uniqueness") for u in unique)
+    # a: 1 and 2 repeat among the earlier rows and occur once among the new (+2), 3 repeats on both sides (+0)
+    assert [u["across"] for u in unique][:2] == [0, 2]
+    assert any(u["unexpected_count"] > u["now"]["unexpected_count"] + u["carried"]["unexpected_count"]
+               for u in unique[3:])
+    assert by_index[suite.index(_WHOLE[2])]["scope"] == "whole table, validated now"
+    # without the parts named, uniqueness needs the whole table as before
+    plain = validate({"toy": parts}, suites, tmp_path / "r4", tmp_path / "gx4", data_docs=False,
+                     carried={"toy": Carried(["old.csv"], len(_OLD), record)})
+    assert all(plain["sources"]["toy"]["expectations"][suite.index(e)]["scope"] == "whole table, validated now"
+               for e in _UNIQUE)

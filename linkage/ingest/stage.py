@@ -39,12 +39,14 @@ delivery is quarantined as ``duplicate``/``duplicate_id``, the earlier one kept.
 happens when a schema file or the staging code changed (``staged/manifest.json`` holds
 their digest) or a file staged before is gone from ``landing/`` or changed, so a withdrawn
 file leaves no row behind. Either way the outputs are the same as a full run's. The quality
-gates then run the row-wise expectations on the new rows only and add the counts carried for
-the earlier rows (:func:`linkage.quality.validate`), reading the new part alone; the others
-run on the whole table (all parts). A source's earlier parts are carried into the new zone by
-hard link, never rewritten, and its new rows are written into a new part: a monthly delivery
-writes and hashes (``staged_digest``) its own rows only, and reads of the earlier rows are
-one column (record ids, to quarantine repeats) plus the whole-table expectations. A full run
+gates then run the row-wise and uniqueness expectations on the new rows only and add the
+counts carried for the earlier rows (:func:`linkage.quality.validate`), reading the new part
+alone (and, for uniqueness, the key columns of the earlier parts); the others run on the whole
+table (all parts). A source's earlier parts are carried into the new zone by hard link, never
+rewritten, and its new rows are written into a new part: a monthly delivery writes and hashes
+(``staged_digest``) its own rows only, and reads of the earlier rows are key columns (record
+ids, to quarantine repeats; the uniqueness keys) plus the few whole-table expectations (row
+count, shares of non-null values, means). A full run
 writes each source into ``<source>.parquet`` alone; its rows, in order, are the parts'.
 - ``reports/quality/``: GX Data Docs (HTML, readable offline), ``quality_summary.json``
   and ``ingest_summary.json`` (counts, reasons, timings; never record values).
