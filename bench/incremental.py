@@ -64,6 +64,7 @@ def _release(cfg, ws: Path) -> tuple[float, dict]:
                                 training=summary.get("training_seconds"),
                                 touched=(summary.get("incremental") or {}).get("touched_identities"),
                                 households=summary.get("households_mode"),
+                                households_parts=summary.get("households_parts"),
                                 parts=_link_parts(summary))
     return time.perf_counter() - t, facts
 
@@ -210,6 +211,16 @@ def _part_names(result: dict) -> str:
     return "identities / anchors / counts / predict and cluster / households / drift"
 
 
+def _households_parts(link: dict) -> str:
+    """The households' seconds by part, as a parenthesis (runs before they were timed show none)."""
+    parts = link.get("households_parts")
+    if not parts:
+        return ""
+    steps = parts.get("reach_steps")
+    return " (" + ", ".join(f"{k} {v} s" + (f" in {steps} steps" if k == "reach" and steps is not None else "")
+                            for k, v in parts.items() if k != "reach_steps") + ")"
+
+
 def _section(result: dict) -> list[str]:
     lines = [
         f"## {result['persons']:,} persons",
@@ -259,8 +270,8 @@ def _section(result: dict) -> list[str]:
         modes = sorted({f"{s}: {r['stages'][s]['mode'].split(':')[0]}" for r in result["releases"] for s in STAGES
                         if r.get("stages")})
         lines += ["", "Modes seen in the releases: " + "; ".join(modes) + "."]
-    households = [f"{r['month']}: {r['stages']['link']['households']}" for r in result["releases"]
-                  if (r.get("stages") or {}).get("link", {}).get("households")]
+    households = [f"{r['month']}: {r['stages']['link']['households']}" + _households_parts(r['stages']['link'])
+                  for r in result["releases"] if (r.get("stages") or {}).get("link", {}).get("households")]
     if households:
         lines += ["", "Households in each release (recomputed only for the persons changed records reach, "
                   "or whole): " + "; ".join(households) + "."]

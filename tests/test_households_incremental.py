@@ -115,39 +115,55 @@ def test_recomputing_only_the_reached_persons_gives_the_full_tables(records, tmp
     linked = tmp_path / "linked"
     linked.mkdir()
     con = _con(previous_rows)
-    assemble_households(con, cfg)
+    first = assemble_households(con, cfg)
     household_keys(con, linked / "none.parquet", linked)   # a first release: its keys as computed
     con.execute(f"copy (select record_token, person_key from records_linked) to '{linked}/records.parquet'")
+    con.execute(f"copy (select distinct unique_id, person_key from records_linked) to '{linked}/identities.parquet'")
     con.execute(f"copy households to '{linked}/households.parquet'")
     con.execute(f"copy parent_child to '{linked}/parent_child.parquet'")
-    (linked / "summary.json").write_text(json.dumps({"households_fingerprint": households_fingerprint(cfg)}))
+    # the previous release's counts, which an incremental one moves by its recomputed rows
+    (linked / "summary.json").write_text(json.dumps(first))
+    assert first["households_fingerprint"] == households_fingerprint(cfg)
     con.close()
 
-    results = {}
-    for mode, previous in (("full", None), ("incremental", linked)):
+    results, reached = {}, {}
+    # incremental: the previous records are read to find what changed; arrived: the caller names the new
+    # records (as the link state does) and the changed persons come from the identities' keys
+    for mode, previous in (("full", None), ("incremental", linked), ("arrived", linked)):
         out = tmp_path / mode
         out.mkdir()
         con = _con(current_rows)
-        facts = assemble_households(con, cfg, previous)
-        assert facts["households_mode"].startswith(mode), facts["households_mode"]
+        if mode == "arrived":
+            con.register("_previous", previous_rows)
+            con.execute("""create table arrived as select record_token from records_linked
+                           anti join _previous using (record_token);
+                           create table persons as select distinct unique_id, person_key from records_linked""")
+            facts = assemble_households(con, cfg, previous, arrived="arrived", persons="persons")
+        else:
+            facts = assemble_households(con, cfg, previous)
+        assert facts["households_mode"].startswith("full" if mode == "full" else "incremental"), facts["households_mode"]
         # incremental: only the recomputed households are matched against the previous keys
         counts = household_keys(con, linked / "households.parquet", out, recomputed_only=mode == "incremental")
         changes = con.execute(f"select * from '{out}/household_key_changes.parquet' "
                               "order by all").fetchall()
         results[mode] = (*_tables(con), changes, {k: facts[k] for k in
-                                                  ("household_years", "parent_child_relations", "address_evidence")},
+                                                  ("household_years", "parent_child_relations", "address_evidence",
+                                                   "mean_household_size")},
                          counts)
         persons = con.execute("select count(distinct person_key) from records_linked").fetchone()[0]
         con.close()
-        if mode == "incremental":
+        if mode != "full":
             # the delivery reached part of the population, not all of it
             assert 0 < facts["households_recomputed_persons"] < persons / 2
-    full, incremental = results["full"], results["incremental"]
-    assert incremental[0] == full[0]          # every person-year's household, key and evidence
-    assert incremental[1] == full[1]          # every parent-child relation
-    assert incremental[2] == full[2]          # every household key change
-    assert incremental[3] == full[3]
-    assert incremental[4] == full[4]          # carried, merged, split, new and retired household keys
+            reached[mode] = facts["households_recomputed_persons"]
+    assert reached["arrived"] == reached["incremental"]
+    full = results["full"]
+    for incremental in (results["incremental"], results["arrived"]):
+        assert incremental[0] == full[0]          # every person-year's household, key and evidence
+        assert incremental[1] == full[1]          # every parent-child relation
+        assert incremental[2] == full[2]          # every household key change
+        assert incremental[3] == full[3]
+        assert incremental[4] == full[4]          # carried, merged, split, new and retired household keys
 
 
 def test_a_release_with_other_household_settings_recomputes_everything(records, tmp_path):

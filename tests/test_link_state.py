@@ -76,11 +76,21 @@ def _rows(con, path):
     return con.execute(f"select * from read_parquet('{path}') order by all").fetchall()
 
 
+def _assert_same_outputs(ws, other):
+    con = duckdb.connect()
+    for name in OUTPUTS:
+        assert _rows(con, ws / "linked" / name) == _rows(con, other / "linked" / name), name
+
+
 def _state_table(ws, key, name):
     folder = ws / "linked" / link_state.STATE_DIR
     meta = json.loads((folder / "state.json").read_text())
-    files = meta["records"] if name == "records" else ["identities.enc"]
-    return pa.concat_tables([read_encrypted(folder / f, key, "identifiers") for f in files])
+    if name == "records":
+        return pa.concat_tables([read_encrypted(folder / f, key, "identifiers") for f in meta["records"]])
+    # identity segments: a later segment's row for an identity replaces an earlier one's
+    con = duckdb.connect()
+    link_state._load_identities(con, "t", [folder / f for f in meta["identities"]], key)
+    return con.execute("select * from t").to_arrow_table()
 
 
 def test_every_release_writes_a_state_and_the_next_reads_only_new_zone_files(released):
@@ -92,7 +102,10 @@ def test_every_release_writes_a_state_and_the_next_reads_only_new_zone_files(rel
     # Splink saw the touched identities and those a rule can pair with one, not every identity
     assert 0 < inc["touched_identities"] <= inc["reachable_identities"] < inc["identities"]
     assert 0 < second["anchors"]["identities_rebuilt"] < inc["identities"]
-    assert second["state"]["record_segments"] == 2 and second["state"]["identities"] == second["identities"]
+    # the release added a segment of the identities that changed (touched, or blocking keys rebuilt)
+    assert second["state"]["record_segments"] == 2 and second["state"]["identity_segments"] == 2
+    assert first["state"]["identities_written"] == first["identities"]
+    assert inc["touched_identities"] <= second["state"]["identities_written"] < second["identities"]
 
 
 def test_a_release_from_the_state_equals_one_rebuilt_from_the_whole_zone(both):
@@ -104,16 +117,15 @@ def test_a_release_from_the_state_equals_one_rebuilt_from_the_whole_zone(both):
         assert sa[k] == sb[k], k
     assert sa["anchors"]["anchor_groups"] == sb["anchors"]["anchor_groups"]
     assert sa["incremental"]["reachable_identities"] < sb["incremental"]["reachable_identities"] == sb["identities"]
-    con = duckdb.connect()
-    for name in OUTPUTS:
-        assert _rows(con, a / "linked" / name) == _rows(con, b / "linked" / name), name
+    _assert_same_outputs(a, b)
 
 
 @pytest.mark.parametrize("name", ["identities", "records"])
 def test_the_state_carried_equals_the_state_rebuilt(released, both, name):
     """Encodings, facts, addresses, representatives and blocking keys of every identity; every record."""
     _, key, _, _ = released
-    a, b, _, _ = both
+    a, b, sa, sb = both
+    assert (sa["state"]["identity_segments"], sb["state"]["identity_segments"]) == (3, 1)
     ta, tb = _state_table(a, key, name), _state_table(b, key, name)
     assert ta.schema == tb.schema
     con = duckdb.connect()
@@ -157,9 +169,46 @@ def test_a_zone_file_rewritten_since_the_state_means_a_full_rebuild_with_the_sam
     os.utime(listed[0], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     summary = link(_cfg(), ws, key)
     assert summary["link_state"] == f"full: identifiers file {listed[0].name} changed since the link state was built"
+    _assert_same_outputs(ws, a)
+
+
+def _link_copy(source, tmp_path, key, **patches):
+    """Link a copy of workspace ``source`` (with ``link_state``'s constants patched); returns it and the summary."""
+    ws = tmp_path / "ws"
+    shutil.copytree(source, ws)
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in patches.items():
+            mp.setattr(link_state, name, value)
+        return ws, link(_cfg(), ws, key)
+
+
+def test_a_link_with_no_new_zone_file_carries_everything_and_changes_nothing(both, released, tmp_path):
+    """Linking again before the next delivery (a re-run): no file to decrypt, no segment added, the same outputs."""
+    _, key, _, _ = released
+    a, _, sa, _ = both
+    ws, summary = _link_copy(a, tmp_path, key)
+    assert summary["link_state"].startswith("incremental: 0 new identifiers file(s)"), summary["link_state"]
+    assert summary["state"]["record_segments"] == sa["state"]["record_segments"]
+    assert summary["state"]["identity_segments"] == sa["state"]["identity_segments"]
+    assert summary["households_mode"].startswith("incremental: 0 of"), summary["households_mode"]
+    assert summary["key_changes"]["carried"] == summary["persons"]
+    _assert_same_outputs(ws, a)
+
+
+def test_identity_segments_are_rewritten_as_one_once_they_replace_too_many_rows(released, both, tmp_path):
+    """Past MAX_REPLACED_SHARE the release writes every identity in one segment: the same state, the same outputs."""
+    base, key, _, _ = released
+    a, _, _, _ = both
+    ws, summary = _link_copy(base, tmp_path, key, MAX_REPLACED_SHARE=0.0)
+    assert summary["link_state"].startswith("incremental: ")
+    assert summary["state"]["identity_segments"] == 1 and summary["state"]["identities_written"] == summary["identities"]
     con = duckdb.connect()
-    for name in OUTPUTS:
-        assert _rows(con, ws / "linked" / name) == _rows(con, a / "linked" / name), name
+    con.register("ta", _state_table(ws, key, "identities"))
+    con.register("tb", _state_table(a, key, "identities"))
+    assert con.execute("select count(*) from ta").fetchone()[0] == summary["identities"]
+    assert con.execute("select * from ta except all select * from tb").fetchall() == []
+    assert con.execute("select * from tb except all select * from ta").fetchall() == []
+    _assert_same_outputs(ws, a)
 
 
 def test_the_state_holds_no_token_in_clear_and_needs_the_key(released, both):

@@ -146,7 +146,7 @@ def build_blocking_keys(con: duckdb.DuckDBPyConnection, table: str = "identities
 
 
 def update_blocking_keys(con: duckdb.DuckDBPyConnection, table: str, out: str, rules: list[AnchoredRule],
-                         previous: str, touched: str) -> dict:
+                         previous: str, touched: str, rebuilt_table: str | None = None) -> dict:
     """Table ``out`` as :func:`build_blocking_keys` gives it for ``table``, rebuilt only where ``touched`` reaches.
 
     ``previous`` holds the keys of the previous release's identities (``build_blocking_keys``'
@@ -160,6 +160,9 @@ def update_blocking_keys(con: duckdb.DuckDBPyConnection, table: str, out: str, r
     anchor keys) are rebuilt with :func:`build_blocking_keys` and every other identity keeps its
     previous keys. The rounds a group needs are its own, so a rebuilt group ends as in a full
     build, converged or stopped at :data:`MAX_ITERATIONS` alike.
+
+    With ``rebuilt_table``, that table is left holding the rebuilt identities (unique_id): every
+    other identity's keys are its ``previous`` ones.
 
     Returns:
         facts: anchor groups (all), the rebuild's rounds and the identities rebuilt.
@@ -183,6 +186,8 @@ def update_blocking_keys(con: duckdb.DuckDBPyConnection, table: str, out: str, r
         SELECT p.* FROM {previous} p SEMI JOIN {table} USING (unique_id) ANTI JOIN __hh_affected USING (unique_id)""")
     rebuilt = con.execute("SELECT count(*) FROM __hh_affected").fetchall()[0][0]
     groups = con.execute(f"SELECT count(DISTINCT anchor) FROM {out}").fetchall()[0][0]
+    if rebuilt_table is not None:
+        con.execute(f"CREATE OR REPLACE TABLE {rebuilt_table} AS SELECT unique_id FROM __hh_affected")
     con.execute("DROP TABLE __hh_g; DROP TABLE __hh_tg; DROP TABLE __hh_affected; DROP TABLE __hh_subset; "
                 "DROP TABLE __hh_rebuilt")
     return {"anchor_groups": int(groups), "anchor_rounds": facts["anchor_rounds"], "identities_rebuilt": int(rebuilt)}

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import duckdb
@@ -82,17 +83,18 @@ def _person_birth_sql() -> str:
     """
 
 
-def _addresses_sql(dice: float = ADDRESS_DICE) -> str:
+def _addresses_sql(dice: float = ADDRESS_DICE, source: str = "records_linked") -> str:
     """``addr_canon``: each distinct (postcode, address filter) -> one address key.
 
     Filters at one postcode within ``dice`` of each other (``addr_near``, each filter with
     itself too) share the key of the smallest (by hex) among them; a postcode-only
-    observation keys on the postcode alone.
+    observation keys on the postcode alone. ``source``: the records (all, or every record at
+    some postcodes: each postcode's keys depend on its own records only).
     """
     d = dice_sql("a.addr_bf", "b.addr_bf")
     return f"""
         create or replace table addr_full as
-        select distinct postcode_tok, addr_bf, hex(addr_bf) addr_hex from records_linked
+        select distinct postcode_tok, addr_bf, hex(addr_bf) addr_hex from {source}
         where postcode_tok is not null and addr_bf is not null;
         create or replace table addr_near as
         select a.postcode_tok, a.addr_hex, b.addr_hex near_hex
@@ -413,12 +415,14 @@ def parent_child_sql(cfg: LinkConfig, weak_membership: bool = False, cross_year:
 # Every join above relates two people only through a value they share: an address, a benefit unit
 # or a claim, and (for a record with no address line) what the full addresses at its postcode say;
 # household keys come from components of those joins. So the households and parent-child relations
-# of a connected component of the graph of people and their places (:func:`_places`) depend on that
+# of a connected component of the graph of people and their places (:func:`_expand_places`) depend on that
 # component's records and those postcodes' address sets alone (:func:`_affected_persons`).
 
 
-def _places(con: duckdb.DuckDBPyConnection, dice: float = ADDRESS_DICE) -> None:
-    """``_hh_place`` (person_key, place) and ``_hh_dirty`` (person_key).
+def _expand_places(con: duckdb.DuckDBPyConnection, dice: float = ADDRESS_DICE) -> None:
+    """Add to ``_hh_place`` (person_key, place) the places of every record at the postcodes in
+    ``_hh_pc_todo``, benefit units in ``_hh_unit_todo`` and claims in ``_hh_claim_todo``, and
+    leave in ``_hh_dirty`` (person_key) the persons dirty at those postcodes.
 
     The places are the values through which the SQL above relates two people:
 
@@ -436,92 +440,107 @@ def _places(con: duckdb.DuckDBPyConnection, dice: float = ADDRESS_DICE) -> None:
     (distinct address keys at the postcode in each year, and in all years). These sets
     change only when a record arrives; so pupils at a postcode whose sets may have changed
     since the previous release (a new address line there, or a new address in a year with
-    pupils) are *dirty* (``_hh_dirty``): changed persons, like those with new records, and
-    such a postcode is a place as a whole (a pupil there may have resolved to another group
-    then, or now to none). Any other pupil resolves as it did then, so places only grow from
-    release to release: a component of unchanged persons is one the previous release had.
+    pupils) are *dirty*: changed persons, like those with new records, and such a postcode
+    is a place as a whole (a pupil there may have resolved to another group then, or now to
+    none). Any other pupil resolves as it did then, so places only grow from release to
+    release: a component of unchanged persons is one the previous release had.
 
-    At 1,000,000 persons the postcode as a place joined most people into one component
-    through colliding postcodes, so every delivery reached more than half of them.
-    Needs ``records_linked`` and ``_hh_prev`` (the previous release's record tokens).
+    Every place but a unit or claim lies within one postcode and depends only on the records
+    there, so the places are built postcode by postcode as the search reaches them, never
+    for every record: at 1,000,000 persons building them all took most of a delivery's
+    households. A dirty postcode holds a new record, so the first step, from the persons
+    with new records, finds every one. Needs ``records_linked`` and ``_hh_new_rec`` (the
+    tokens of the records the previous release lacked).
     """
     from splink import DuckDBAPI
     from splink.clustering import cluster_pairwise_predictions_at_threshold
 
-    # the address keys over every record, as the households SQL builds them (addr_near, addr_canon)
-    con.execute(_addresses_sql(dice))
     con.execute("""
-        create or replace temp table _hh_line_node as
-        select distinct postcode_tok || '|' || addr_hex as node from addr_near where addr_hex != near_hex;
-        create or replace temp table _hh_line_edge as
-        select postcode_tok || '|' || addr_hex as node_l, postcode_tok || '|' || near_hex as node_r
-        from addr_near where addr_hex < near_hex;
+        create or replace temp table _hh_at as
+        select person_key, record_token, year, postcode_tok, addr_bf from records_linked
+        where postcode_tok in (select postcode_tok from _hh_pc_todo);
+        create or replace temp table _hh_dirty (person_key varchar);
     """)
-    # address groups: the connected components of lines within the dice of each other
-    groups = cluster_pairwise_predictions_at_threshold(
-        "_hh_line_node", "_hh_line_edge", DuckDBAPI(connection=con), node_id_column_name="node",
-        edge_id_column_name_left="node_l", edge_id_column_name_right="node_r")
-    con.execute(f"""
-        create or replace temp table _hh_line_group as
-        select c.postcode_tok, c.addr_hex h, c.canon_hex canon, coalesce(g.cluster_id, c.postcode_tok || '|' || c.addr_hex) grp
-        from addr_canon c left join {groups.physical_name} g on g.node = c.postcode_tok || '|' || c.addr_hex;
-        create or replace temp table _hh_new_line as
-        select postcode_tok, hex(addr_bf) h from records_linked anti join _hh_prev using (record_token)
-        where postcode_tok is not null and addr_bf is not null
-        except
-        select postcode_tok, hex(addr_bf) from records_linked semi join _hh_prev using (record_token)
-        where postcode_tok is not null and addr_bf is not null;
-        create or replace temp table _hh_pupil as
-        select distinct postcode_tok, year from records_linked where postcode_tok is not null and addr_bf is null;
-        create or replace temp table _hh_pupil_pc as select distinct postcode_tok from _hh_pupil;
-        -- the address sets at postcodes with pupils: each address key, the years it is at the
-        -- postcode, and whether it was there in that year in the previous release
-        create or replace temp table _hh_kset as
-        select r.postcode_tok, r.year, l.canon, l.grp,
-               bool_or(r.record_token in (select record_token from _hh_prev)) as before
-        from records_linked r join _hh_line_group l on l.postcode_tok = r.postcode_tok and l.h = hex(r.addr_bf)
-        where r.addr_bf is not null and r.postcode_tok in (select postcode_tok from _hh_pupil_pc)
-        group by r.postcode_tok, r.year, l.canon, l.grp;
-        create or replace temp table _hh_resolve as
-        with y as (select postcode_tok, year, count(distinct canon) n, min(grp) grp from _hh_kset
-                   group by postcode_tok, year),
-             e as (select postcode_tok, count(distinct canon) n, min(grp) grp from _hh_kset group by postcode_tok)
-        select p.postcode_tok, p.year,
-               case when y.n = 1 then '3:' || y.grp
-                    when y.n is null and e.n = 1 then '3:' || e.grp
-                    else '4:' || p.postcode_tok end as place
-        from _hh_pupil p
-        left join y using (postcode_tok, year) left join e using (postcode_tok);
-        -- dirty: a new line at the postcode (address keys may move), or a new address in a year with pupils
-        create or replace temp table _hh_dirty_pc as
-        select postcode_tok from _hh_new_line where postcode_tok in (select postcode_tok from _hh_pupil_pc)
+    if con.execute("select count(*) from _hh_at").fetchone()[0]:
+        # the address keys at these postcodes, as the households SQL builds them (addr_near, addr_canon)
+        con.execute(_addresses_sql(dice, "_hh_at"))
+        con.execute("""
+            create or replace temp table _hh_line_node as
+            select distinct postcode_tok || '|' || addr_hex as node from addr_near where addr_hex != near_hex;
+            create or replace temp table _hh_line_edge as
+            select postcode_tok || '|' || addr_hex as node_l, postcode_tok || '|' || near_hex as node_r
+            from addr_near where addr_hex < near_hex;
+        """)
+        # address groups: the connected components of lines within the dice of each other
+        groups = cluster_pairwise_predictions_at_threshold(
+            "_hh_line_node", "_hh_line_edge", DuckDBAPI(connection=con), node_id_column_name="node",
+            edge_id_column_name_left="node_l", edge_id_column_name_right="node_r")
+        con.execute(f"""
+            create or replace temp table _hh_line_group as
+            select c.postcode_tok, c.addr_hex h, c.canon_hex canon, coalesce(g.cluster_id, c.postcode_tok || '|' || c.addr_hex) grp
+            from addr_canon c left join {groups.physical_name} g on g.node = c.postcode_tok || '|' || c.addr_hex;
+            create or replace temp table _hh_at_new as
+            select *, record_token in (select record_token from _hh_new_rec) new from _hh_at;
+            create or replace temp table _hh_new_line as
+            select postcode_tok, hex(addr_bf) h from _hh_at_new where new and addr_bf is not null
+            except
+            select postcode_tok, hex(addr_bf) from _hh_at_new where not new and addr_bf is not null;
+            create or replace temp table _hh_pupil as
+            select distinct postcode_tok, year from _hh_at where addr_bf is null;
+            create or replace temp table _hh_pupil_pc as select distinct postcode_tok from _hh_pupil;
+            -- the address sets at postcodes with pupils: each address key, the years it is at the
+            -- postcode, and whether it was there in that year in the previous release
+            create or replace temp table _hh_kset as
+            select r.postcode_tok, r.year, l.canon, l.grp, bool_or(not r.new) as before
+            from _hh_at_new r join _hh_line_group l on l.postcode_tok = r.postcode_tok and l.h = hex(r.addr_bf)
+            where r.addr_bf is not null and r.postcode_tok in (select postcode_tok from _hh_pupil_pc)
+            group by r.postcode_tok, r.year, l.canon, l.grp;
+            create or replace temp table _hh_resolve as
+            with y as (select postcode_tok, year, count(distinct canon) n, min(grp) grp from _hh_kset
+                       group by postcode_tok, year),
+                 e as (select postcode_tok, count(distinct canon) n, min(grp) grp from _hh_kset group by postcode_tok)
+            select p.postcode_tok, p.year,
+                   case when y.n = 1 then '3:' || y.grp
+                        when y.n is null and e.n = 1 then '3:' || e.grp
+                        else '4:' || p.postcode_tok end as place
+            from _hh_pupil p
+            left join y using (postcode_tok, year) left join e using (postcode_tok);
+            -- dirty: a new line at the postcode (address keys may move), or a new address in a year with pupils
+            create or replace temp table _hh_dirty_pc as
+            select postcode_tok from _hh_new_line where postcode_tok in (select postcode_tok from _hh_pupil_pc)
+            union
+            select k.postcode_tok from _hh_kset k semi join _hh_pupil p using (postcode_tok, year)
+            group by k.postcode_tok, k.year, k.canon having not bool_or(k.before);
+            insert into _hh_dirty
+            select distinct person_key from _hh_at
+            where addr_bf is null and postcode_tok in (select postcode_tok from _hh_dirty_pc);
+            insert into _hh_place
+            select r.person_key, '3:' || l.grp as place
+            from _hh_at r join _hh_line_group l on l.postcode_tok = r.postcode_tok and l.h = hex(r.addr_bf)
+            where r.addr_bf is not null
+            union
+            select r.person_key, x.place from _hh_at r join _hh_resolve x using (postcode_tok, year)
+            where r.addr_bf is null
+            union
+            -- a dirty postcode as a whole: a pupil there may resolve elsewhere than it did (moving
+            -- between the groups there, or to none), so the groups it did and does resolve to meet
+            select person_key, '0:' || postcode_tok from _hh_at
+            where postcode_tok in (select postcode_tok from _hh_dirty_pc);
+            drop table _hh_line_node; drop table _hh_line_edge; drop table _hh_line_group; drop table _hh_new_line;
+            drop table _hh_pupil; drop table _hh_pupil_pc; drop table _hh_kset; drop table _hh_resolve;
+            drop table _hh_dirty_pc; drop table _hh_at_new; drop table addr_full; drop table addr_near;
+            drop table addr_canon;
+        """)
+        con.execute(f"drop table if exists {groups.physical_name}")
+    con.execute("""
+        insert into _hh_place
+        select distinct person_key, '1:' || benefit_unit_tok from records_linked
+        where benefit_unit_tok in (select unit from _hh_unit_todo)
         union
-        select k.postcode_tok from _hh_kset k semi join _hh_pupil p using (postcode_tok, year)
-        group by k.postcode_tok, k.year, k.canon having not bool_or(k.before);
-        create or replace temp table _hh_dirty as
-        select distinct person_key from records_linked
-        where addr_bf is null and postcode_tok in (select postcode_tok from _hh_dirty_pc);
-        create or replace temp table _hh_place as
-        select r.person_key, '3:' || l.grp as place
-        from records_linked r join _hh_line_group l on l.postcode_tok = r.postcode_tok and l.h = hex(r.addr_bf)
-        where r.addr_bf is not null
-        union
-        select r.person_key, x.place from records_linked r join _hh_resolve x using (postcode_tok, year)
-        where r.addr_bf is null
-        union
-        -- a dirty postcode as a whole: a pupil there may resolve elsewhere than it did (moving
-        -- between the groups there, or to none), so the groups it did and does resolve to meet
-        select person_key, '0:' || postcode_tok from records_linked
-        where postcode_tok in (select postcode_tok from _hh_dirty_pc)
-        union
-        select person_key, '1:' || benefit_unit_tok from records_linked where benefit_unit_tok is not null
-        union
-        select person_key, '2:' || claim_tok from records_linked where claim_tok is not null;
-        drop table _hh_line_node; drop table _hh_line_edge; drop table _hh_line_group; drop table _hh_new_line;
-        drop table _hh_pupil; drop table _hh_pupil_pc; drop table _hh_kset; drop table _hh_resolve;
-        drop table _hh_dirty_pc; drop table addr_full; drop table addr_near; drop table addr_canon;
+        select distinct person_key, '2:' || claim_tok from records_linked
+        where claim_tok in (select claim from _hh_claim_todo);
+        drop table _hh_at;
     """)
-    con.execute(f"drop table if exists {groups.physical_name}")
 
 
 def households_fingerprint(cfg: LinkConfig) -> str:
@@ -533,13 +552,14 @@ def households_fingerprint(cfg: LinkConfig) -> str:
 
 
 def _affected_persons(con: duckdb.DuckDBPyConnection, cfg: LinkConfig, previous: Path | None,
-                      fingerprint: str) -> tuple[int | None, str]:
+                      fingerprint: str, parts: dict, arrived: str | None = None,
+                      persons: str | None = None) -> tuple[int | None, str]:
     """The persons whose households may differ from the previous release's, as ``_hh_affected``.
 
     A person is *changed* when one of its records is new or moved from or to another person
     key since ``previous`` (both keys count, so merged and split persons do). The affected
     persons are the connected components, in the graph of persons and the places they have
-    records at (:func:`_places`), of the changed ones. Any other person's component holds only
+    records at (:func:`_expand_places`), of the changed ones. Any other person's component holds only
     unchanged persons with unchanged records, as it did in the previous release (a person
     who had shared a place with it then still does, under the same key), so its households
     and relations are the previous release's, exactly. Returns (affected persons, reason),
@@ -559,49 +579,99 @@ def _affected_persons(con: duckdb.DuckDBPyConnection, cfg: LinkConfig, previous:
         return None, "full: the previous release's summary is unreadable"
     if before != fingerprint:
         return None, "full: the households' settings or code differ from the previous release's"
-    con.execute(f"""
-        create or replace temp table _hh_prev as
-        select record_token, person_key from read_parquet({read_literal(files['records.parquet'])});
-    """)
-    gone = con.execute("select count(*) from _hh_prev anti join records_linked using (record_token)").fetchone()[0]
-    if gone:
-        con.execute("drop table _hh_prev")
-        # the places assume records only arrive: an address set may have lost one
-        return None, f"full: {gone:,} records of the previous release are gone"
-    _places(con)
+    t = time.perf_counter()
+    if arrived is None:
+        con.execute(f"""
+            create or replace temp table _hh_prev as
+            select record_token, person_key from read_parquet({read_literal(files['records.parquet'])});
+        """)
+        gone = con.execute("select count(*) from _hh_prev anti join records_linked using (record_token)").fetchone()[0]
+        if gone:
+            con.execute("drop table _hh_prev")
+            # the places assume records only arrive: an address set may have lost one
+            return None, f"full: {gone:,} records of the previous release are gone"
+        con.execute("""
+            create or replace temp table _hh_new_rec as
+            select record_token from records_linked anti join _hh_prev using (record_token);
+            create or replace temp table _hh_frontier as
+            select distinct r.person_key from records_linked r left join _hh_prev p using (record_token)
+            where p.person_key is distinct from r.person_key
+            union
+            select p.person_key from _hh_prev p join records_linked r using (record_token)
+            where r.person_key != p.person_key;
+            drop table _hh_prev;""")
+    else:
+        # the records are the previous release's and ``arrived``: a record moved from or to another
+        # person key exactly when its identity did (an identity's records share one), so the
+        # identities say it without reading every record of the previous release
+        ids = Path(previous) / "identities.parquet"
+        if not ids.is_file():
+            return None, "full: no previous release to build on"
+        now = persons or "(select unique_id, any_value(person_key) person_key from records_linked group by unique_id)"
+        con.execute(f"""
+            create or replace temp table _hh_new_rec as select record_token from {arrived};
+            create or replace temp table _hh_frontier as
+            select distinct person_key from records_linked semi join _hh_new_rec using (record_token)
+            union
+            select unnest([p.person_key, n.person_key]) from read_parquet({read_literal(ids)}) p
+            join {now} n using (unique_id)
+            where p.person_key != n.person_key""")
     con.execute("""
-        create or replace temp table _hh_frontier as
-        select r.person_key from records_linked r left join _hh_prev p using (record_token)
-        where p.person_key is distinct from r.person_key
-        union
-        select p.person_key from _hh_prev p join records_linked r using (record_token)
-        where r.person_key != p.person_key
-        union
-        select person_key from _hh_dirty;
-        drop table _hh_prev; drop table _hh_dirty;
         create or replace temp table _hh_affected as select person_key from _hh_frontier;
+        create or replace temp table _hh_place (person_key varchar, place varchar);
+        create or replace temp table _hh_pc_done (postcode_tok varchar);
+        create or replace temp table _hh_unit_done (unit varchar);
+        create or replace temp table _hh_claim_done (claim varchar);
     """)
-    persons = con.execute("select count(distinct person_key) from records_linked").fetchone()[0]
+    parts["changed"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    everyone = con.execute(f"select count(distinct person_key) from {persons or 'records_linked'}").fetchone()[0]
     affected = con.execute("select count(*) from _hh_affected").fetchone()[0]
-    # stop as soon as the reach passes the bound: the search itself costs more each step
-    # (at 1,000,000 persons it reached 594,074 persons before falling back)
-    while not persons or affected / persons <= cfg.incremental_max_share:
-        # breadth first: the places of the persons reached last, and everyone else there
+    steps = 0
+    # breadth first, building the places of what each step reaches (_expand_places); stop as soon as
+    # the reach passes the bound (at 1,000,000 persons it once reached 594,074 persons before falling back)
+    while not everyone or affected / everyone <= cfg.incremental_max_share:
+        steps += 1
+        con.execute("""
+            create or replace temp table _hh_fr_rec as
+            select postcode_tok, benefit_unit_tok, claim_tok from records_linked semi join _hh_frontier using (person_key);
+            create or replace temp table _hh_pc_todo as
+            select distinct postcode_tok from _hh_fr_rec where postcode_tok is not null
+            except select postcode_tok from _hh_pc_done;
+            create or replace temp table _hh_unit_todo as
+            select distinct benefit_unit_tok unit from _hh_fr_rec where benefit_unit_tok is not null
+            except select unit from _hh_unit_done;
+            create or replace temp table _hh_claim_todo as
+            select distinct claim_tok claim from _hh_fr_rec where claim_tok is not null
+            except select claim from _hh_claim_done;
+            insert into _hh_pc_done select * from _hh_pc_todo;
+            insert into _hh_unit_done select * from _hh_unit_todo;
+            insert into _hh_claim_done select * from _hh_claim_todo;
+            drop table _hh_fr_rec;
+        """)
+        _expand_places(con)
+        # the persons sharing a place with the frontier, and those dirty at the postcodes just built
         con.execute("""create or replace temp table _hh_next as
-                       select distinct b.person_key from _hh_place a semi join _hh_frontier using (person_key)
-                       join _hh_place b using (place) anti join _hh_affected x on x.person_key = b.person_key""")
+                       select person_key from (
+                           select b.person_key from _hh_place a semi join _hh_frontier using (person_key)
+                           join _hh_place b using (place)
+                           union select person_key from _hh_dirty)
+                       anti join _hh_affected using (person_key);
+                       drop table _hh_dirty; drop table _hh_pc_todo; drop table _hh_unit_todo; drop table _hh_claim_todo""")
         reached = con.execute("select count(*) from _hh_next").fetchone()[0]
         if not reached:
             break
         affected += reached
         con.execute("insert into _hh_affected select person_key from _hh_next; "
                     "drop table _hh_frontier; alter table _hh_next rename to _hh_frontier")
-    con.execute("drop table if exists _hh_next; drop table _hh_frontier; drop table _hh_place")
-    if persons and affected / persons > cfg.incremental_max_share:
+    con.execute("drop table if exists _hh_next; drop table _hh_frontier; drop table _hh_place; drop table _hh_new_rec; "
+                "drop table _hh_pc_done; drop table _hh_unit_done; drop table _hh_claim_done")
+    parts["reach"], parts["reach_steps"] = round(time.perf_counter() - t, 1), steps
+    if everyone and affected / everyone > cfg.incremental_max_share:
         con.execute("drop table _hh_affected")
-        return None, (f"full: at least {affected:,} of {persons:,} persons reached by changed records "
+        return None, (f"full: at least {affected:,} of {everyone:,} persons reached by changed records "
                       f"(more than link.incremental_max_share = {cfg.incremental_max_share})")
-    return affected, f"incremental: {affected:,} of {persons:,} persons recomputed"
+    return affected, f"incremental: {affected:,} of {everyone:,} persons recomputed"
 
 
 def _compute(con: duckdb.DuckDBPyConnection, cfg: LinkConfig) -> None:
@@ -620,7 +690,8 @@ def _compute(con: duckdb.DuckDBPyConnection, cfg: LinkConfig) -> None:
     con.execute(parent_child_sql(cfg, weak_membership=True, cross_year=True))
 
 
-def assemble_households(con: duckdb.DuckDBPyConnection, cfg: LinkConfig, previous: Path | None = None) -> dict:
+def assemble_households(con: duckdb.DuckDBPyConnection, cfg: LinkConfig, previous: Path | None = None,
+                        arrived: str | None = None, persons: str | None = None) -> dict:
     """Build ``households`` and ``parent_child`` on ``con``.
 
     ``households``: person_key, year, birth_year, household_key, address_evidence
@@ -640,24 +711,34 @@ def assemble_households(con: duckdb.DuckDBPyConnection, cfg: LinkConfig, previou
             birth_year, claim_tok, bu_role, postcode_tok, addr_bf, benefit_unit_tok).
         cfg: linkage settings (age-gap bounds for parents; ``incremental``, ``incremental_max_share``).
         previous: the previous release's ``linked/`` folder, or None.
+        arrived: a table of the record tokens (``record_token``) that ``previous`` lacks, when the
+            caller knows that ``records_linked`` holds exactly ``previous``' records and those (the
+            link state's new records); None: ``previous``' records are read to find out.
+        persons: with ``arrived``, a table of this release's identities and their person keys
+            (unique_id, person_key); None: taken from ``records_linked``.
 
     Returns:
         Counts of household-years, households' mean size, parent-child relations, the
         person-years by address evidence (``address_evidence``), ``households_mode`` (why
-        full or incremental), ``households_recomputed_persons`` and ``households_fingerprint``.
+        full or incremental), ``households_recomputed_persons``, ``households_fingerprint`` and
+        ``households_parts`` (seconds by part: places, reach and its breadth-first steps, compute,
+        merge with the previous release's rows, counts).
 
     Example:
         >>> assemble_households(con, load_config().link)["household_years"]   # doctest: +SKIP
     """
     fingerprint = households_fingerprint(cfg)
-    affected, mode = _affected_persons(con, cfg, previous, fingerprint)
+    parts: dict = {}
+    affected, mode = _affected_persons(con, cfg, previous, fingerprint, parts, arrived, persons)
+    t = time.perf_counter()
+    totals = None
     if affected is None:
         _compute(con, cfg)
         recomputed = con.execute("select count(distinct person_key) from records_linked").fetchone()[0]
     else:
         households, relations = (read_literal(Path(previous) / f) for f in ("households.parquet", "parent_child.parquet"))
         # with the affected persons' records, the full addresses of everyone else at the postcodes of
-        # their records without an address line: the address sets those resolve by (_places). Those
+        # their records without an address line: the address sets those resolve by (_expand_places). Those
         # context rows meet the affected persons nowhere else (other address groups; no claim, no
         # unit), and their own rows are dropped below.
         con.execute("""alter table records_linked rename to _hh_records_all;
@@ -682,6 +763,25 @@ def assemble_households(con: duckdb.DuckDBPyConnection, cfg: LinkConfig, previou
                                 create or replace table parent_child as select * from read_parquet({relations}) where false""")
         finally:
             con.execute("drop table if exists records_linked; alter table _hh_records_all rename to records_linked")
+        parts["compute"] = round(time.perf_counter() - t, 1)
+        t = time.perf_counter()
+        # the counts move by the recomputed rows' less the rows they replace (a household lies wholly
+        # among one or the other), so they need no pass over every household
+        try:
+            before = json.loads((Path(previous) / "summary.json").read_text())
+            totals = {k: before[k] for k in ("household_years", "parent_child_relations", "address_evidence")}
+        except (OSError, ValueError, KeyError):
+            totals = None
+        if totals is not None:
+            added = _counts(con, "households", "parent_child")
+            removed = _counts(con, f"(select * from read_parquet({households}) semi join _hh_affected using (person_key))",
+                              f"""(select * from read_parquet({relations})
+                                   where parent_key in (select person_key from _hh_affected)
+                                      or child_key in (select person_key from _hh_affected))""")
+            totals = {k: totals[k] - removed[k] + added[k] for k in ("household_years", "parent_child_relations")} | {
+                "address_evidence": {e: n for e in sorted({*totals["address_evidence"], *added["address_evidence"]})
+                                     if (n := totals["address_evidence"].get(e, 0) - removed["address_evidence"].get(e, 0)
+                                         + added["address_evidence"].get(e, 0))}}
         con.execute(f"""
             create or replace table households as
             select * from (select * replace ('N' || household_key as household_key) from households
@@ -697,14 +797,26 @@ def assemble_households(con: duckdb.DuckDBPyConnection, cfg: LinkConfig, previou
             order by parent_key, child_key;
             drop table _hh_affected;
         """)
-    hh, size, pc = con.execute("""
-        select (select count(distinct (household_key, year)) from households),
-               (select avg(n) from (select household_key, year, count(*) n from households group by all)),
-               (select count(*) from parent_child)""").fetchall()[0]
-    evidence = dict(con.execute("select address_evidence, count(*) from households group by 1 order by 1").fetchall())
-    return {"household_years": hh, "mean_household_size": round(size or 0, 3), "parent_child_relations": pc,
-            "address_evidence": evidence, "households_mode": mode, "households_recomputed_persons": int(recomputed),
-            "households_fingerprint": fingerprint}
+        parts["merge"] = round(time.perf_counter() - t, 1)
+    if "compute" not in parts:
+        parts["compute"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    if totals is None:
+        totals = _counts(con, "households", "parent_child")
+    parts["counts"] = round(time.perf_counter() - t, 1)
+    hh, evidence = totals["household_years"], totals["address_evidence"]
+    return {"household_years": hh, "mean_household_size": round(sum(evidence.values()) / hh if hh else 0, 3),
+            "parent_child_relations": totals["parent_child_relations"], "address_evidence": evidence,
+            "households_mode": mode, "households_recomputed_persons": int(recomputed),
+            "households_fingerprint": fingerprint, "households_parts": parts}
+
+
+def _counts(con: duckdb.DuckDBPyConnection, households: str, relations: str) -> dict:
+    """Household-years, parent-child relations and person-years by address evidence of the tables or queries given."""
+    hh, pc = con.execute(f"""select (select count(distinct (household_key, year)) from {households}),
+                                    (select count(*) from {relations})""").fetchall()[0]
+    evidence = dict(con.execute(f"select address_evidence, count(*) from {households} group by 1 order by 1").fetchall())
+    return {"household_years": hh, "parent_child_relations": pc, "address_evidence": evidence}
 
 
 CONFIDENCE_BANDS = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
