@@ -20,6 +20,7 @@ import numpy as np
 
 from linkage.db import connect, quote_ident, read_literal
 from linkage.encodings import BloomEncoder, BloomParams, dice, hashes_for_half_fill
+from linkage.ingest.stage import parquet_source, staged_paths
 from linkage.schemas import SOURCES, load_schema
 
 
@@ -29,7 +30,7 @@ def _pairs(con, ws: str, role: str, rng) -> tuple[list, list]:
         col = load_schema(s).columns_with_role(role)[0].name
         rid = load_schema(s).columns_with_role("record_id")[0].name
         parts.append(f"SELECT {quote_ident(rid)} AS record_id, {quote_ident(col)} AS v "
-                     f"FROM {read_literal(Path(ws, 'staged', f'{s}.parquet'))}")
+                     f"FROM {parquet_source(staged_paths(Path(ws, 'staged'), s))}")   # every delivery's part
     con.execute(f"""CREATE OR REPLACE TABLE d AS SELECT DISTINCT t.person_id, s.v
                     FROM ({' UNION ALL '.join(parts)}) s JOIN {read_literal(Path(ws, 'truth', 'source_rows.parquet'))} t USING (record_id)
                     WHERE s.v IS NOT NULL""")

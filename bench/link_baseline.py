@@ -26,6 +26,7 @@ from splink import DuckDBAPI, Linker, SettingsCreator, block_on
 from linkage.config import load_config
 from linkage.db import connect, quote_ident, quote_literal, read_literal
 from linkage.evaluate.stage import person_metrics
+from linkage.ingest.stage import parquet_source, staged_paths
 from linkage.schemas import SOURCES, load_schema
 
 ROLES = ("first_name", "middle_names", "surname", "dob", "sex", "postcode", "nino", "upn", "address")
@@ -48,7 +49,7 @@ def _cleartext_sql(staged: Path) -> str:
         parts.append(f"""select record_id, {quote_literal(source)} source, {e['first_name']} first_name, {e['surname']} surname,
                          {e['dob']} dob, {e['sex']} sex, {e['postcode']} postcode, {e['nino']} nino, {e['upn']} upn,
                          {e['address']} address, left({e['middle_names']}, 1) middle_initial
-                         from {read_literal(staged / f'{source}.parquet')}""")
+                         from {parquet_source(staged_paths(staged, source))}""")   # every delivery's part
     union = " union all ".join(parts)
     return f"""
         create or replace table clear_records as
