@@ -183,12 +183,9 @@ def load(con: duckdb.DuckDBPyConnection, state: StatePlan, key) -> dict:
     con.execute("create or replace table state_touched as select distinct unique_id from new_records")
     con.execute("create or replace temp table _touched_records as select * from records semi join state_touched using (unique_id)")
     con.execute(identity_facts_sql("_touched_records"))
-    cols = ", ".join(quote_ident(c) for c in IDENTITY_TABLE)
     key_cols = ", ".join(quote_ident(c) for c in meta["key_columns"])
     # a touched identity's representative is its old one or a new record: take its encodings from where it is
-    con.execute(f"""create or replace table identities as
-        select {cols} from state_identities anti join state_touched using (unique_id)
-        union all by name
+    con.execute(f"""create or replace temp table _touched_identities as
         {identities_select_sql(f'''(select * from _new_encodings union all
                                       select representative as record_token, {encodings}
                                       from state_identities semi join state_touched using (unique_id))''')}""")
@@ -196,8 +193,15 @@ def load(con: duckdb.DuckDBPyConnection, state: StatePlan, key) -> dict:
         select unique_id, representative from state_identities anti join state_touched using (unique_id)
         union all select unique_id, representative from identity_facts""")
     con.execute(f"create or replace table state_keys as select unique_id, {key_cols} from state_identities")
-    con.execute("drop table state_identities; drop table identity_facts; drop table _touched_records; "
-                "drop table _new_encodings")
+    # the identities in place: the touched ones' rows replaced, the state's own columns dropped (a copy
+    # of every identity with its encodings took 10.8 s of a monthly delivery at 1,000,000 persons)
+    con.execute("delete from state_identities where unique_id in (select unique_id from state_touched)")
+    for column in ("representative", *meta["key_columns"]):
+        con.execute(f"alter table state_identities drop column {quote_ident(column)}")
+    con.execute("insert into state_identities by name select * from _touched_identities; "
+                "drop table if exists identities; alter table state_identities rename to identities")
+    con.execute("drop table identity_facts; drop table _touched_records; drop table _new_encodings; "
+                "drop table _touched_identities")
     return counts
 
 
