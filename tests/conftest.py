@@ -72,6 +72,7 @@ def _group(nodeid: str) -> str:
     return MODULE_GROUPS.get(module, module)
 
 
+@pytest.hookimpl(optionalhook=True)   # xdist's hook: a run without the plugin (-p no:xdist) still loads this file
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadfile``, with the modules of one :data:`MODULE_GROUPS` group scheduled as one unit."""
     if config.getvalue("dist") != "loadfile":
