@@ -79,6 +79,7 @@ from scipy.optimize import linear_sum_assignment
 from linkage.crosswalk import CROSSWALK_FILE, crosswalk_table
 from linkage.db import connect, read_literal
 from linkage.keys import load_master_key
+from linkage.link.linked_records import records_relation
 from synthetic_data.reference import ETHNICITIES
 
 REFERENCE = Path(__file__).resolve().parents[1] / "synthetic_data" / "reference"
@@ -749,7 +750,7 @@ def _research_truth(con, ws: Path, key_file: str) -> None:
     project = json.loads((ws / "research" / "metadata.json").read_text())["project"]
     secret = project_key(load_master_key(key_file, workspace=ws), project)
     rec = con.execute(f"""SELECT r.person_key, mode(s.person_id) AS person_id
-                          FROM {read_literal(ws / 'linked' / 'records.parquet')} r JOIN scored s USING (record_token)
+                          FROM {records_relation(ws / 'linked')} r JOIN scored s USING (record_token)
                           GROUP BY 1""").df()
     rec["person"] = Tokeniser(secret, "person").many(rec["person_key"].tolist())
     con.register("research_truth_df", rec[["person", "person_id"]])

@@ -17,6 +17,7 @@ from linkage.keys import KeyMismatchError, MasterKey
 from linkage.pseudonymise.store import (EncryptedZoneError, is_encrypted, read_encrypted_schema, read_research,
                                         register_research, research_key, research_zone)
 from linkage.quality import validate
+from linkage.link.linked_records import records_relation
 from tests.conftest import PORTAL_KEY_HEX, copy_workspace
 
 KEY = PORTAL_KEY_HEX               # the key of conftest's shared linked_4000
@@ -102,9 +103,9 @@ def test_research_zone_holds_no_identifiers_or_linkage_keys(assembled):
                                "all_varchar=true)").fetchall():
             banned.update(v for v in row if v and len(v) >= 4)
     linked = root / "linked"
-    for q in (f"select distinct person_key from '{linked}/records.parquet'",
-              f"select distinct record_token from '{linked}/records.parquet'",
-              f"select distinct unique_id from '{linked}/records.parquet'",
+    for q in (f"select distinct person_key from {records_relation(linked)}",
+              f"select distinct record_token from {records_relation(linked)}",
+              f"select distinct unique_id from {records_relation(linked)}",
               f"select distinct household_key from '{linked}/households.parquet'"):
         banned.update(v for (v,) in con.execute(q).fetchall() if v)
     from linkage.keys import MasterKey

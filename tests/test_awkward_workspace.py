@@ -30,7 +30,8 @@ def test_pipeline_runs_in_a_workspace_with_quotes_spaces_unicode_and_glob_charac
     # a sibling a glob of the workspace path would also match ("[1]" matches "1"): it must never be read
     decoy = tmp_path / "o'brien ł ws 1"
     (decoy / "linked").mkdir(parents=True)
-    (decoy / "linked" / "records.parquet").write_text("not parquet")
+    (decoy / "linked" / "records.0000.parquet").write_text("not parquet")
+    (decoy / "linked" / "identities.parquet").write_text("not parquet")
     monkeypatch.chdir(tmp_path)                 # DuckDB's default spill folder would land here
     monkeypatch.setenv("HHLINK_KEY", "5e" * 32)
     cfg = load_config(generate={"persons": 400, "seed": 11}, link=FAST_LINK,

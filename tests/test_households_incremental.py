@@ -14,6 +14,7 @@ from linkage.keys import MasterKey
 from linkage.link.households import assemble_households, households_fingerprint
 from linkage.link.stable_keys import household_keys
 from linkage.pseudonymise.store import load_zone
+from linkage.link.linked_records import records_relation
 from tests.conftest import PORTAL_KEY_HEX
 
 COLUMNS = ("record_token", "source", "year", "birth_year", "unique_id", "benefit_unit_tok", "bu_role", "claim_tok")
@@ -29,7 +30,7 @@ def records(linked_4000, tmp_path_factory):
               ["record_token", "postcode_tok", "addr_bf"])
     con.execute(f"""create table base as
                     select {", ".join(f"r.{c}" for c in COLUMNS)}, r.person_key, z.postcode_tok, z.addr_bf
-                    from read_parquet('{ws}/linked/records.parquet') r join z using (record_token)""")
+                    from {records_relation(ws / "linked")} r join z using (record_token)""")
     con.close()
     return path
 
@@ -117,7 +118,8 @@ def test_recomputing_only_the_reached_persons_gives_the_full_tables(records, tmp
     con = _con(previous_rows)
     first = assemble_households(con, cfg)
     household_keys(con, linked / "none.parquet", linked)   # a first release: its keys as computed
-    con.execute(f"copy (select record_token, person_key from records_linked) to '{linked}/records.parquet'")
+    # the linked zone's contract: record segments (no person key) and each identity's person key
+    con.execute(f"copy (select record_token, unique_id from records_linked) to '{linked}/records.0000.parquet'")
     con.execute(f"copy (select distinct unique_id, person_key from records_linked) to '{linked}/identities.parquet'")
     con.execute(f"copy households to '{linked}/households.parquet'")
     con.execute(f"copy parent_child to '{linked}/parent_child.parquet'")
@@ -172,7 +174,8 @@ def test_a_release_with_other_household_settings_recomputes_everything(records, 
     linked.mkdir()
     con = _con(previous_rows)
     assemble_households(con, LinkConfig())
-    con.execute(f"copy (select record_token, person_key from records_linked) to '{linked}/records.parquet'")
+    con.execute(f"copy (select record_token, unique_id from records_linked) to '{linked}/records.0000.parquet'")
+    con.execute(f"copy (select distinct unique_id, person_key from records_linked) to '{linked}/identities.parquet'")
     con.execute(f"copy households to '{linked}/households.parquet'")
     con.execute(f"copy parent_child to '{linked}/parent_child.parquet'")
     (linked / "summary.json").write_text(json.dumps({"households_fingerprint": households_fingerprint(LinkConfig())}))

@@ -25,6 +25,7 @@ import pytest
 from bench.drift import DRIFTED, land_drifted
 from linkage.config import load_config
 from linkage.stages import run_stage
+from linkage.link.linked_records import records_relation
 from synthetic_data import generate_population
 from synthetic_data.deliveries import deliver_next, pending
 
@@ -340,7 +341,7 @@ def _assert_report_figures_as_per_record(cfg, ws: Path) -> None:
 
     linked = ws / "linked"
     con = connect()
-    records = read_literal(linked / "records.parquet")
+    records = records_relation(linked)
     con.execute(f"create table rec as select * from {records}")
     rp._person_sources(con, read_literal(linked / "identities.parquet"))
     assert rp._match_rates(con) == rp.query_rows(con, MATCH_RATES_BY_RECORD)
@@ -365,7 +366,7 @@ def _assert_records_matched_as_per_record(ws: Path, previous: Path) -> None:
 
     linked = ws / "linked"
     con = connect()
-    identities, records = read_literal(linked / "identities.parquet"), read_literal(linked / "records.parquet")
+    identities, records = read_literal(linked / "identities.parquet"), records_relation(linked)
     con.execute(f"create table identities as select unique_id, source, n_records from {identities}")
     con.execute(f"create table clusters as select unique_id, person_key cluster_id from {identities}")
     con.execute(f"create table records as select unique_id, source from {records}")

@@ -13,6 +13,7 @@ import pytest
 from linkage.config import load_config
 from linkage.errors import HhlinkError
 from linkage.link.stage import link
+from linkage.link.linked_records import records_relation
 from tests.conftest import PORTAL_KEY_HEX, copy_workspace
 
 KEY = PORTAL_KEY_HEX               # the key of conftest's shared linked_4000
@@ -61,7 +62,7 @@ def test_linked_zone_contents(linked):
     model = json.loads((out / "model.json").read_text())
     assert {c["output_column_name"] for c in model["comparisons"]} >= {"forename", "surname", "dob", "postcode", "nino"}
     con = duckdb.connect()
-    n_records = con.execute(f"select count(*), count(distinct record_token) from '{out}/records.parquet'").fetchall()[0]
+    n_records = con.execute(f"select count(*), count(distinct record_token) from {records_relation(out)}").fetchall()[0]
     landing = sum(con.execute(f"select count(*) from read_csv('{root}/landing/{s}.csv')").fetchall()[0][0]
                   for s in ("education", "benefits", "earnings"))
     assert n_records == (landing, landing) == (summary["records"], summary["records"])

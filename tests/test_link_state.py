@@ -14,7 +14,9 @@ from linkage.config import load_config
 from linkage.ingest import ingest
 from linkage.keys import KeyMismatchError, MasterKey
 from linkage.link import link
+from linkage.link import linked_records
 from linkage.link import state as link_state
+from linkage.link.linked_records import record_files, records_relation
 from linkage.pseudonymise import pseudonymise
 from linkage.pseudonymise.store import is_encrypted, read_encrypted, read_identifiers, zone_files
 from synthetic_data import generate_population
@@ -22,7 +24,7 @@ from synthetic_data.deliveries import deliver_next
 from tests.conftest import FAST_LINK
 
 PERSONS, SEED, N = 1200, 11, 3
-OUTPUTS = ("identities.parquet", "pairs.parquet", "records.parquet", "households.parquet", "parent_child.parquet")
+OUTPUTS = ("identities.parquet", "pairs.parquet", "households.parquet", "parent_child.parquet")
 
 
 def _cfg(**link_settings):
@@ -80,6 +82,9 @@ def _assert_same_outputs(ws, other):
     con = duckdb.connect()
     for name in OUTPUTS:
         assert _rows(con, ws / "linked" / name) == _rows(con, other / "linked" / name), name
+    # every record with its identity and person key, however the segments divide them
+    records = [con.execute(f"select * from {records_relation(w / 'linked')} order by all").fetchall() for w in (ws, other)]
+    assert records[0] == records[1] and len(records[0]) > 0
 
 
 def _state_table(ws, key, name):
@@ -172,13 +177,13 @@ def test_a_zone_file_rewritten_since_the_state_means_a_full_rebuild_with_the_sam
     _assert_same_outputs(ws, a)
 
 
-def _link_copy(source, tmp_path, key, **patches):
-    """Link a copy of workspace ``source`` (with ``link_state``'s constants patched); returns it and the summary."""
+def _link_copy(source, tmp_path, key, module=link_state, **patches):
+    """Link a copy of workspace ``source`` (with ``module``'s constants patched); returns it and the summary."""
     ws = tmp_path / "ws"
     shutil.copytree(source, ws)
     with pytest.MonkeyPatch.context() as mp:
         for name, value in patches.items():
-            mp.setattr(link_state, name, value)
+            mp.setattr(module, name, value)
         return ws, link(_cfg(), ws, key)
 
 
@@ -190,6 +195,7 @@ def test_a_link_with_no_new_zone_file_carries_everything_and_changes_nothing(bot
     assert summary["link_state"].startswith("incremental: 0 new identifiers file(s)"), summary["link_state"]
     assert summary["state"]["record_segments"] == sa["state"]["record_segments"]
     assert summary["state"]["identity_segments"] == sa["state"]["identity_segments"]
+    assert summary["linked_records"] == {"segments": sa["linked_records"]["segments"], "written": 0}
     assert summary["households_mode"].startswith("incremental: 0 of"), summary["households_mode"]
     assert summary["key_changes"]["carried"] == summary["persons"]
     _assert_same_outputs(ws, a)
@@ -230,3 +236,48 @@ def test_the_state_holds_no_token_in_clear_and_needs_the_key(released, both):
     blobs = [p.read_bytes() for p in (a / "linked").rglob("*") if p.is_file()]
     leaked = [v for v in values if any(v.encode() in blob for blob in blobs)]
     assert leaked == []
+
+
+def test_a_release_carries_the_record_segments_and_adds_one_of_its_new_records(released, both):
+    """linked/'s records are append-only: the previous release's segments unchanged, then exactly the new records."""
+    base, key, first, second = released
+    a, b, sa, sb = both
+    assert [f.name for f in record_files(a / "linked")] == [f"records.{i:04d}.parquet" for i in range(3)]
+    assert first["linked_records"] == {"segments": 1, "written": first["records"]}
+    assert second["linked_records"] == {"segments": 2, "written": second["records"] - first["records"]}
+    assert sa["linked_records"] == {"segments": 3, "written": sa["records"] - second["records"]} and sa["records"] > second["records"]
+    # the state removed: every record in one segment, as a full link writes them
+    assert sb["linked_records"] == {"segments": 1, "written": sb["records"]}
+    for old in record_files(base / "linked"):
+        assert (a / "linked" / old.name).read_bytes() == old.read_bytes(), old.name
+    con = duckdb.connect()
+    new = {t for (t,) in con.execute(f"select record_token from '{a}/linked/records.0002.parquet'").fetchall()}
+    before = {t for (t,) in con.execute(f"select record_token from {records_relation(base / 'linked', False)}").fetchall()}
+    now = {t for (t,) in con.execute(f"select record_token from {records_relation(a / 'linked', False)}").fetchall()}
+    assert new == now - before and not new & before and len(now) == sa["records"]
+    assert con.execute(f"select count(*) from '{a}/linked/records.0002.parquet'").fetchone()[0] == len(new)
+    # no person key in a segment: a merge or split changes identities.parquet only
+    assert "person_key" not in con.sql(f"select * from '{a}/linked/records.0000.parquet' limit 0").columns
+
+
+def test_record_segments_are_written_as_one_past_their_bound(released, both, tmp_path):
+    base, key, _, _ = released
+    a, _, _, _ = both
+    ws, summary = _link_copy(base, tmp_path, key, module=linked_records, MAX_SEGMENTS=2)
+    assert summary["link_state"].startswith("incremental: ")
+    assert summary["linked_records"] == {"segments": 1, "written": summary["records"]}
+    assert [f.name for f in record_files(ws / "linked")] == ["records.0000.parquet"]
+    _assert_same_outputs(ws, a)
+
+
+def test_record_segments_that_do_not_add_up_are_written_again(released, both, tmp_path):
+    """A previous segment missing (a damaged linked/): its records are not lost, every record is written again."""
+    base, key, _, _ = released
+    a, _, _, _ = both
+    damaged = tmp_path / "damaged"
+    shutil.copytree(base, damaged)
+    (damaged / "linked" / "records.0001.parquet").unlink()
+    ws, summary = _link_copy(damaged, tmp_path, key)
+    assert summary["link_state"].startswith("incremental: ")
+    assert summary["linked_records"] == {"segments": 1, "written": summary["records"]}
+    _assert_same_outputs(ws, a)

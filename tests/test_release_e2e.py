@@ -31,6 +31,7 @@ import pytest
 from linkage.crosswalk import CROSSWALK_FILE, crosswalk_table
 from linkage.db import connect, read_literal
 from linkage.keys import MasterKey
+from linkage.link.linked_records import records_relation
 
 pytestmark = pytest.mark.slow
 
@@ -78,10 +79,10 @@ def _snapshot(ws: Path) -> dict:
     crosswalk_table(con, ws / "pseudonymised" / CROSSWALK_FILE, MasterKey(bytes.fromhex(KEY), "test"))
     rows = con.execute(f"""
         select x.source, x.record_id, r.person_key, t.person_id
-        from {read_literal(linked / 'records.parquet')} r join xw x using (record_token)
+        from {records_relation(linked)} r join xw x using (record_token)
         join {read_literal(ws / 'truth' / 'source_rows.parquet')} t on t.source = x.source and t.record_id = x.record_id
     """).fetchall()
-    n_linked = con.execute(f"select count(*) from {read_literal(linked / 'records.parquet')}").fetchone()[0]
+    n_linked = con.execute(f"select count(*) from {records_relation(linked, person_key=False)}").fetchone()[0]
     assert len(rows) == n_linked, "every linked record is in the crosswalk and the truth"
     households = {f"{pk}:{year}": hk for pk, year, hk in con.execute(
         f"select person_key, year, household_key from {read_literal(linked / 'households.parquet')}").fetchall()}

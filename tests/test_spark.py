@@ -33,6 +33,7 @@ from linkage.encodings import dice, dice_sql
 from linkage.link.stage import link
 from linkage.keys import MasterKey
 from linkage.pseudonymise.store import read_identifiers
+from linkage.link.linked_records import records_relation
 
 KEY = "5e" * 32                       # a fixed test key (hex of 32 bytes)
 MASTER = MasterKey(bytes.fromhex(KEY), "test")   # identifiers/ are encrypted at rest: link decrypts them
@@ -73,7 +74,7 @@ def _copy_identifiers(src: Path, dst: Path) -> Path:
 def _partition(workspace: Path) -> set[frozenset[str]]:
     """Persons as sets of record tokens: independent of how either engine names its clusters."""
     rows = duckdb.sql(f"select list(record_token order by record_token) from "
-                      f"'{workspace}/linked/records.parquet' group by person_key").fetchall()
+                      f"{records_relation(workspace / 'linked')} group by person_key").fetchall()
     return {frozenset(r[0]) for r in rows}
 
 

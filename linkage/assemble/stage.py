@@ -58,6 +58,7 @@ from linkage.config import Config
 from linkage.db import connect, quote_ident, read_literal
 from linkage.errors import HhlinkError, SchemaError, WorkspaceError, read_toml
 from linkage.keys import MasterKey
+from linkage.link.linked_records import record_files, records_relation
 from linkage.pseudonymise.store import batches_encrypted, read_encrypted_schema, research_zone, write_research
 from linkage.workspace import Workspace, atomic_path, publish
 
@@ -174,7 +175,7 @@ def load_inputs(con: duckdb.DuckDBPyConnection, ws: Workspace, key, la_lookup: P
         create or replace table recs as
         select r.record_token, i.uid as unique_id, r.source, r.year::int as year, r.birth_year::int as birth_year,
                r.claim_tok, r.bu_role, p.pid as base_key
-        from read_parquet({read_literal(linked / 'records.parquet')}) r
+        from {records_relation(linked)} r
         join identity_map i on i.linkage_id = r.unique_id join person_map p on p.linkage_key = r.person_key;
         create or replace table unique_sex as
         select r.unique_id, any_value(d.sex) sex
@@ -505,9 +506,12 @@ def assemble(config: Config, workspace: Path | str, key: MasterKey | None = None
     from linkage.quality import QualityGateError
 
     ws = Workspace(workspace)
-    for need in (ws.zone("linked") / "records.parquet", ws.zone("pseudonymised") / "payload"):
+    for need in (ws.zone("linked") / "identities.parquet", ws.zone("pseudonymised") / "payload"):
         if not need.exists():
             raise AssembleError(f"{need}: missing; run 'hhlink pseudonymise' and 'hhlink link' first")
+    if not record_files(ws.zone("linked")):
+        raise AssembleError(f"{ws.zone('linked') / 'records.0000.parquet'}: missing; run 'hhlink link' again "
+                            "(a release linked by an earlier version kept its records in one file)")
     a = config.assemble
     key = key if key is not None else load_master_key(workspace=ws.root)
     secret = project_key(key, a.project)

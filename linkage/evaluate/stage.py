@@ -28,6 +28,7 @@ import duckdb
 from linkage.config import Config
 from linkage.db import connect, read_literal
 from linkage.keys import MasterKey
+from linkage.link.linked_records import records_relation
 from linkage.workspace import Workspace, atomic_path
 
 PARENT_CHILD_PRECISION_TARGET = 0.999   # issue 15: parent-child recall is reported at this precision
@@ -237,7 +238,7 @@ def _load(con: duckdb.DuckDBPyConnection, ws: Workspace, key) -> None:
     con.execute(f"""
         create or replace table rec_truth as
         select r.record_token, r.unique_id, r.person_key, t.person_id truth_person, r.year
-        from {read_literal(linked / 'records.parquet')} r join xw using (record_token)
+        from {records_relation(linked)} r join xw using (record_token)
         join {read_literal(truth / 'source_rows.parquet')} t on t.source = xw.source and t.record_id = xw.record_id""")
     con.execute("create or replace table pk_truth as select person_key, mode(truth_person) truth_person "
                 "from rec_truth group by 1")

@@ -65,6 +65,7 @@ import duckdb
 from linkage.config import LinkConfig
 from linkage.db import read_literal
 from linkage.encodings import dice_sql
+from linkage.link.linked_records import record_files, records_relation
 
 ADDRESS_DICE = 0.9   # address-line filters at one postcode at least this similar are one address
 # co-residence counts as parent-child evidence while the younger is under this age: children
@@ -569,9 +570,9 @@ def _affected_persons(con: duckdb.DuckDBPyConnection, cfg: LinkConfig, previous:
         return None, "full: no previous release"
     if not cfg.incremental:
         return None, "full: link.incremental is false"
-    files = {n: Path(previous) / n for n in ("records.parquet", "households.parquet", "parent_child.parquet",
+    files = {n: Path(previous) / n for n in ("identities.parquet", "households.parquet", "parent_child.parquet",
                                               "summary.json")}
-    if not all(f.is_file() for f in files.values()):
+    if not all(f.is_file() for f in files.values()) or (arrived is None and not record_files(previous)):
         return None, "full: no previous release to build on"
     try:
         before = json.loads(files["summary.json"].read_text()).get("households_fingerprint")
@@ -583,7 +584,7 @@ def _affected_persons(con: duckdb.DuckDBPyConnection, cfg: LinkConfig, previous:
     if arrived is None:
         con.execute(f"""
             create or replace temp table _hh_prev as
-            select record_token, person_key from read_parquet({read_literal(files['records.parquet'])});
+            select record_token, person_key from {records_relation(previous)};
         """)
         gone = con.execute("select count(*) from _hh_prev anti join records_linked using (record_token)").fetchone()[0]
         if gone:
@@ -604,9 +605,7 @@ def _affected_persons(con: duckdb.DuckDBPyConnection, cfg: LinkConfig, previous:
         # the records are the previous release's and ``arrived``: a record moved from or to another
         # person key exactly when its identity did (an identity's records share one), so the
         # identities say it without reading every record of the previous release
-        ids = Path(previous) / "identities.parquet"
-        if not ids.is_file():
-            return None, "full: no previous release to build on"
+        ids = files["identities.parquet"]
         now = persons or "(select unique_id, any_value(person_key) person_key from records_linked group by unique_id)"
         con.execute(f"""
             create or replace temp table _hh_new_rec as select record_token from {arrived};

@@ -41,6 +41,7 @@ from linkage.config import LinkConfig
 from linkage.db import read_literal
 from linkage.link.model import rule_sql
 from linkage.link.model_store import fingerprint
+from linkage.link.linked_records import record_files, records_relation
 
 __all__ = ["scope", "restricted_rules", "reachable_identities", "merge_pairs", "cluster_affected"]
 
@@ -61,7 +62,7 @@ def scope(con: duckdb.DuckDBPyConnection, previous: Path, model: Path, lc: LinkC
         threshold: the probability this run clusters at (:func:`linkage.link.stage.effective_threshold`).
         touched: a table (unique_id) of the identities holding records the previous release did not
             have, when the caller knows them (:mod:`linkage.link.state`); else they are found by
-            reading the previous ``records.parquet``.
+            reading the previous release's records (:mod:`linkage.link.linked_records`).
 
     Returns:
         ``(facts, reason)``: facts (touched and total identities, the previous pairs' path)
@@ -73,8 +74,8 @@ def scope(con: duckdb.DuckDBPyConnection, previous: Path, model: Path, lc: LinkC
         return None, "full: link.incremental is false"
     if lc.engine != "duckdb":
         return None, "full: incremental prediction runs on DuckDB only"
-    files = {n: previous / n for n in ("pairs.parquet", "records.parquet", "model.json", "summary.json")}
-    if not all(p.is_file() for p in files.values()):
+    files = {n: previous / n for n in ("pairs.parquet", "model.json", "summary.json")}
+    if not all(p.is_file() for p in files.values()) or (touched is None and not record_files(previous)):
         return None, "full: no previous release to build on"
     if fingerprint(files["model.json"]) != fingerprint(model):
         return None, "full: the model differs from the one that scored the previous release's pairs"
@@ -103,7 +104,7 @@ def scope(con: duckdb.DuckDBPyConnection, previous: Path, model: Path, lc: LinkC
     else:
         con.execute(f"""create or replace temp table _touched as
                         select distinct unique_id from records
-                        anti join read_parquet({read_literal(files['records.parquet'])}) using (record_token)""")
+                        anti join {records_relation(previous, person_key=False)} using (record_token)""")
     touched, total = con.execute("select (select count(*) from _touched), (select count(*) from identities)").fetchone()
     if total and touched / total > lc.incremental_max_share:
         con.execute("drop table _touched; drop table previous_persons")

@@ -25,6 +25,7 @@ from linkage.config import Config
 from linkage.db import connect, quote_ident, read_literal
 from linkage.link.households import confidence_distributions
 from linkage.link.model import ADDRESS_COLUMNS, IDENTITY_COLUMNS
+from linkage.link.linked_records import records_relation
 from linkage.workspace import Workspace, atomic_path
 
 
@@ -222,7 +223,7 @@ def build_report(config: Config, workspace: Path | str, key=None) -> dict:
         payload = "payload_education"
     # only the columns each figure needs, read where they are: no copy of the 19 million records
     # (942 MB of Parquet at 1M persons, a third of it record tokens) is held
-    records = read_literal(linked / "records.parquet")
+    records = records_relation(linked)
     _person_sources(con, read_literal(linked / "identities.parquet"))
     con.execute(f"create table pairs as select match_probability, match_weight "
                 f"from {read_literal(linked / 'pairs.parquet')}")
