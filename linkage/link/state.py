@@ -75,6 +75,11 @@ IDENTITY_TABLE = ("unique_id", "source", "birth_year", "n_records", "first_year"
                   "postcode_toks", *ADDRESS_COLUMNS)
 
 
+#: the records' string columns with few distinct values in a row group, decoded as dictionaries
+#: (:func:`linkage.pseudonymise.store.load_files`)
+RECORD_DICTIONARY = ("source", "bu_role", "unique_id", "postcode_tok", "pc_sector_tok", "pc_district_tok")
+
+
 def code_fingerprint() -> str:
     """A digest of the code that derives what the state holds: the records, identity and key SQL,
     and the identifiers whose completeness it counts.
@@ -163,7 +168,7 @@ def load(con: duckdb.DuckDBPyConnection, state: StatePlan, key) -> dict:
     from linkage.pseudonymise.store import load_files
 
     meta = state.meta
-    load_files(con, "records", [state.folder / n for n in meta["records"]], key, ZONE)
+    load_files(con, "records", [state.folder / n for n in meta["records"]], key, ZONE, dictionary=RECORD_DICTIONARY)
     _load_identities(con, "state_identities", [state.folder / n for n in meta["identities"]], key)
     counts = meta["completeness"]
     encodings = ", ".join(IDENTITY_COLUMNS)

@@ -24,7 +24,7 @@ The encryption is Arrow's (``pyarrow.parquet.encryption``, OpenSSL). DuckDB 2.0.
 encrypted Parquet only with the ``httpfs`` extension loaded (its built-in mbedtls module
 is read-only, and ``force_mbedtls_unsafe`` is named so for a reason); ``httpfs`` cannot be
 installed offline. So files are written from Arrow batches and read back as Arrow: the
-stages stream them batch by batch into DuckDB tables (:func:`load_zone`), small readers take
+stages decrypt them chunk by chunk into DuckDB tables (:func:`load_zone`), small readers take
 whole Arrow tables (:func:`read_zone`). DuckDB never sees a key, so none of its error
 messages can echo one.
 
@@ -225,15 +225,16 @@ def read_encrypted_schema(path: Path | str, key: MasterKey | ZoneKey, zone: str)
 class _opened:
     """``with _opened(path, zk) as pf``: the decrypting ParquetFile; key errors in one line naming the file."""
 
-    def __init__(self, path: Path, zk: ZoneKey):
-        self.path, self.zk = path, zk
+    def __init__(self, path: Path, zk: ZoneKey, read_dictionary: Sequence[str] | None = None):
+        self.path, self.zk, self.read_dictionary = path, zk, read_dictionary
 
     def __enter__(self) -> pq.ParquetFile:
         if not is_encrypted(self.path):
             stage = "assemble" if self.zk.zone.startswith(_RESEARCH) else "pseudonymise"
             raise EncryptedZoneError(f"{self.path}: not an encrypted zone file; re-run 'hhlink {stage}'")
         try:
-            return pq.ParquetFile(str(self.path), decryption_properties=_decryption(self.zk))
+            return pq.ParquetFile(str(self.path), decryption_properties=_decryption(self.zk),
+                                  read_dictionary=self.read_dictionary or None)
         except (InvalidTag, OSError, ValueError) as exc:
             self.__exit__(type(exc), exc, None)
             raise
@@ -272,10 +273,10 @@ def read_zone(workspace: Path | str, zone: str, key: MasterKey | ZoneKey, column
 
 def load_zone(con, name: str, workspace: Path | str, zone: str, key: MasterKey | ZoneKey,
               columns: Sequence[str] | None = None, sources: Sequence[str] | None = None) -> None:
-    """Stream every file of ``pseudonymised/<zone>/`` (or those of ``sources``) into DuckDB table ``name``.
+    """Decrypt every file of ``pseudonymised/<zone>/`` (or those of ``sources``) into DuckDB table ``name``.
 
     What :func:`register` of :func:`read_zone` gives, without holding the decrypted zone in
-    memory: each file is decrypted batch by batch straight into the table, which DuckDB keeps
+    memory: each file is decrypted a chunk at a time (:func:`load_files`) into the table, which DuckDB keeps
     within its memory limit (spilling beyond it). At 1,000,000 persons the identifiers zone
     decrypted into one Arrow table, then copied, held 19 GB before linkage began. Columns
     missing from a file are NULL there, as in :func:`read_zone`.
@@ -291,22 +292,54 @@ def load_zone(con, name: str, workspace: Path | str, zone: str, key: MasterKey |
     load_files(con, name, files, key, zone, columns)
 
 
+#: rows :func:`load_files` decrypts at once: enough for Arrow to decode columns and row groups
+#: on every core and DuckDB to insert in parallel, bounded so a file is never held whole
+LOAD_CHUNK_ROWS = 1 << 20
+
+
 def load_files(con, name: str, files: Sequence[Path], key: MasterKey | ZoneKey, zone: str,
-               columns: Sequence[str] | None = None) -> None:
-    """Stream encrypted ``files`` of ``zone`` (the zone's own, or the link state's) into DuckDB table ``name``.
+               columns: Sequence[str] | None = None, dictionary: Sequence[str] = ()) -> None:
+    """Decrypt encrypted ``files`` of ``zone`` (the zone's own, or the link state's) into DuckDB table ``name``.
 
     :func:`load_zone` for a list of files: every footer is checked first, then each file is
-    decrypted batch by batch into the table; columns missing from a file are NULL there.
+    decrypted in chunks of row groups (about :data:`LOAD_CHUNK_ROWS` rows) into the table;
+    columns missing from a file are NULL there. A chunk rather than a stream of batches: a
+    stream is decoded and inserted on one thread (at 1,000,000 persons the link state's 19.4
+    million records took most of a monthly delivery's 21.8 s of loading). ``dictionary``: string
+    columns with few distinct values in a row group (a source, a postcode sector), which Arrow
+    then decodes as dictionaries rather than one string per row (a third faster on the link
+    state's records).
     """
-    readers = [batches_encrypted(f, key, zone, columns=columns) for f in files]   # footers only, checked first
-    register(con, name, pa.unify_schemas([r.schema for r in readers], promote_options="default").empty_table())
+    zk = zone_key(key, zone)
+    schemas, names = [], []
+    for f in files:                                       # footers only, checked first
+        schema = read_encrypted_schema(f, zk, zone)
+        names.append(schema.names)
+        if columns is not None:
+            missing = [c for c in columns if c not in schema.names]
+            if missing:
+                raise EncryptedZoneError(f"{f}: no column(s) {', '.join(missing)}")
+            schema = pa.schema([schema.field(c) for c in columns])
+        schemas.append(schema)
+    register(con, name, pa.unify_schemas(schemas, promote_options="default").empty_table())
     view = f"_arrow_{name}"
-    for reader in readers:
-        con.register(view, reader)
-        try:
-            con.execute(f'insert into "{name}" by name select * from "{view}"')
-        finally:
-            con.unregister(view)
+    for f, present in zip(files, names):
+        with _opened(Path(f), zk, [c for c in dictionary if c in present]) as pf:
+            groups, rows = [], 0
+            for g in range(pf.num_row_groups):
+                groups.append(g)
+                rows += pf.metadata.row_group(g).num_rows
+                if rows < LOAD_CHUNK_ROWS and g < pf.num_row_groups - 1:
+                    continue
+                chunk = pf.read_row_groups(groups, columns=list(columns) if columns is not None else None,
+                                           use_threads=True)
+                groups, rows = [], 0
+                con.register(view, chunk)
+                try:
+                    con.execute(f'insert into "{name}" by name select * from "{view}"')
+                finally:
+                    con.unregister(view)
+                del chunk
 
 
 def read_identifiers(workspace: Path | str, key: MasterKey | ZoneKey,
