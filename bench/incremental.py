@@ -74,9 +74,11 @@ def _link_parts(summary: dict) -> dict:
     zone, identities = summary.get("zone_seconds"), summary.get("identities_seconds")
     return {"zone": zone,
             "identities": round(identities - zone, 1) if None not in (zone, identities) else identities,
+            "scope": summary.get("scope_seconds"),
             "anchors": (summary.get("anchors") or {}).get("seconds"),
             "counts": summary.get("blocking_count_seconds"),
             "predict": summary.get("predict_seconds"),
+            "pairs write": summary.get("pairs_write_seconds"),
             "drift": (summary.get("drift") or {}).get("seconds"),
             "keys": summary.get("person_keys_seconds"),
             "writes": summary.get("records_write_seconds"),

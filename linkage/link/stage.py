@@ -308,9 +308,11 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
         except (OSError, ValueError, KeyError) as exc:
             raise LinkError(f"{model}: cannot read the model's prior ({exc.__class__.__name__})") from None
         threshold = effective_threshold(lc, prior)
+        t = time.perf_counter()
         # publish_dir builds ``out`` beside the zone: the previous release is still ``linked/``
         increment, prediction = scope(con, out.parent / "linked", Path(model), lc, threshold,
                                       touched=carried["touched"] if carried else None)
+        scope_seconds = round(time.perf_counter() - t, 1)
     log.info("prediction: %s", prediction)
     db_api = _db_api(config, con, tmp)
     dialect = "spark" if lc.engine == "spark" else "duckdb"
@@ -430,6 +432,9 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
             pairs_name, clusters_name = pairs.physical_name, clusters.physical_name
     facts["predict_seconds"] = round(time.perf_counter() - t, 1)
     facts["prediction"], facts["keep_pairs_above"] = prediction, lc.keep_pairs_above
+    if model is not None:
+        facts["scope_seconds"] = scope_seconds
+    t = time.perf_counter()
     con.execute(f"""
         copy (select unique_id_l, unique_id_r, source_dataset_l as source_l, source_dataset_r as source_r,
                      match_weight, match_probability
@@ -438,6 +443,7 @@ def train_and_predict(config: Config, con: duckdb.DuckDBPyConnection, tmp: Path,
     if clusters_name != "clusters":
         con.execute(f"create or replace table clusters as select unique_id, cluster_id from {clusters_name}")
     facts["pairs_scored"] = con.execute(f"select count(*) from {pairs_name}").fetchall()[0][0]
+    facts["pairs_write_seconds"] = round(time.perf_counter() - t, 1)
     facts["probability_two_random_records_match"] = linker._settings_obj._probability_two_random_records_match
     return facts
 
