@@ -122,14 +122,20 @@ def household_keys(con: duckdb.DuckDBPyConnection, previous: Path, out: Path, re
     Returns:
         ``{"household_key_changes": {"carried": n, "merged": n, "split": n, "new": n, "retired": n}}``.
     """
+    # the carried rows keep their keys: only the recomputed ones ('N' + a key) are matched and renamed
+    recomputed = " where household_key like 'N%'" if recomputed_only else ""
     keys, counts = _carry(
-        con, "select person_key || ':' || year as record, household_key as cluster from households",
+        con, f"select person_key || ':' || year as record, household_key as cluster from households{recomputed}",
         f"select person_key || ':' || year as record, household_key as key from read_parquet({read_literal(previous)})"
         if previous.is_file() else None, _new_household_key, out / "household_key_changes.parquet", "person_years",
         kept_sql="select distinct household_key as cluster, household_key as key from households "
                  "where household_key not like 'N%'" if recomputed_only else None)
-    con.execute(f"""create or replace table households as
-                    select h.* replace (k.key as household_key)
-                    from households h join {keys} k on k.cluster = h.household_key""")
+    if recomputed_only:   # in place: 15.6 million rows at 1,000,000 persons, a few per cent of them recomputed
+        con.execute(f"""update households set household_key = k.key from {keys} k
+                        where households.household_key like 'N%' and k.cluster = households.household_key""")
+    else:
+        con.execute(f"""create or replace table households as
+                        select h.* replace (k.key as household_key)
+                        from households h join {keys} k on k.cluster = h.household_key""")
     con.execute(f"drop table {keys}")
     return {"household_key_changes": counts}
