@@ -146,8 +146,10 @@ def run(persons: int, deliveries: int, seed: int, workspace: Path, releases: int
     out = {"persons": persons, "deliveries": deliveries, "seed": seed, "history_seconds": round(first, 1),
            "history_stages": history, "history_measured": started_history, "releases": [], "measured": started}
     print(f"history: {first:.1f} s")
-    # the workspace copies (23 GB at 1,000,000 persons) are written back before a release is timed:
-    # their write-back slowed a release's ingest and pseudonymise from 10.0 and 2.1 s to 24.6 and 14.1 s
+    # the workspace copies (23 GB at 1,000,000 persons) are written back before a release is timed.
+    # A release from a copied history (--history) still costs more than one in place: every file of a
+    # copy is a new inode, so ingest re-hashes the landing files and each stage's lineage its files
+    # (184.6 and 193.8 s against 141.7 s at 1,000,000 persons)
     os.sync()
     for _ in range(releases or deliveries):
         before, old = _members(workspace)
