@@ -89,6 +89,9 @@ def write_records(con: duckdb.DuckDBPyConnection, out: Path, records: str, *, pr
     source = new if carried else records
     written = con.execute(f"select count(*) from {source}").fetchone()[0]
     if written or not carried:
+        # zstd's fastest level: at 1,000,000 persons every record (0.9 GB) wrote in 19 s against the default
+        # level's 26 s, to a file of the same size (random tokens barely compress)
         con.execute(f"""copy (select {', '.join(RECORD_COLUMNS)} from {source} order by record_token)
-                        to {path_literal(out / f'records.{len(carried):04d}.parquet')} (compression zstd)""")
+                        to {path_literal(out / f'records.{len(carried):04d}.parquet')}
+                        (compression zstd, compression_level 1)""")
     return {"linked_records": {"segments": len(carried) + (1 if written or not carried else 0), "written": int(written)}}
