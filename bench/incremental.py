@@ -82,6 +82,8 @@ def _link_parts(summary: dict) -> dict:
             "drift": (summary.get("drift") or {}).get("seconds"),
             "keys": summary.get("person_keys_seconds"),
             "writes": summary.get("records_write_seconds"),
+            "drop": summary.get("drop_seconds"),
+            "join": summary.get("records_join_seconds"),
             "households": summary.get("households_seconds"),
             "household keys": summary.get("household_keys_seconds"),
             "link state": summary.get("state_seconds"),
@@ -147,9 +149,10 @@ def run(persons: int, deliveries: int, seed: int, workspace: Path, releases: int
            "history_stages": history, "history_measured": started_history, "releases": [], "measured": started}
     print(f"history: {first:.1f} s")
     # the workspace copies (23 GB at 1,000,000 persons) are written back before a release is timed.
-    # A release from a copied history (--history) still costs more than one in place: every file of a
-    # copy is a new inode, so ingest re-hashes the landing files and each stage's lineage its files
-    # (184.6 and 193.8 s against 141.7 s at 1,000,000 persons)
+    # A release from a copied history (--history) still does work one in place does not: every file
+    # of a copy is a new inode, and ingest's ledger and the lineage digest cache know files by inode,
+    # so they hash them again (at 1,000,000 persons ingest re-hashed the landing files in 10.9 s and
+    # pseudonymise took 14-26 s against 2.1-2.3 s in place)
     os.sync()
     for _ in range(releases or deliveries):
         before, old = _members(workspace)

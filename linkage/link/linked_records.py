@@ -47,9 +47,10 @@ def record_files(linked: Path | str) -> list[Path]:
     return sorted(Path(linked).glob(_PATTERN))
 
 
-def records_relation(linked: Path | str, person_key: bool = True) -> str:
+def records_relation(linked: Path | str, person_key: bool = True, persons: str | None = None) -> str:
     """A SQL relation of every linked record (:data:`RECORD_COLUMNS`), with its person key from
-    ``identities.parquet`` unless ``person_key`` is False.
+    ``identities.parquet`` unless ``person_key`` is False. ``persons``: a table (unique_id,
+    person_key) already read from it, for a caller that scans the records more than once.
 
     Raises:
         LinkedRecordsError: ``linked/`` holds no record segments.
@@ -60,9 +61,8 @@ def records_relation(linked: Path | str, person_key: bool = True) -> str:
     scan = f"read_parquet([{', '.join(read_literal(f) for f in files)}])"
     if not person_key:
         return f"(select * from {scan})"
-    identities = read_literal(Path(linked) / "identities.parquet")
-    return f"""(select r.*, i.person_key from {scan} r
-                join (select unique_id, person_key from read_parquet({identities})) i using (unique_id))"""
+    persons = persons or f"(select unique_id, person_key from {read_literal(Path(linked) / 'identities.parquet')})"
+    return f"(select r.*, i.person_key from {scan} r join {persons} i using (unique_id))"
 
 
 def write_records(con: duckdb.DuckDBPyConnection, out: Path, records: str, *, previous: Path | None = None,

@@ -223,7 +223,9 @@ def build_report(config: Config, workspace: Path | str, key=None) -> dict:
         payload = "payload_education"
     # only the columns each figure needs, read where they are: no copy of the 19 million records
     # (942 MB of Parquet at 1M persons, a third of it record tokens) is held
-    records = records_relation(linked)
+    con.execute(f"create temp table report_persons as select unique_id, person_key "
+                f"from {read_literal(linked / 'identities.parquet')}")
+    records = records_relation(linked, persons="report_persons")   # scanned twice: identities read once
     _person_sources(con, read_literal(linked / "identities.parquet"))
     con.execute(f"create table pairs as select match_probability, match_weight "
                 f"from {read_literal(linked / 'pairs.parquet')}")
