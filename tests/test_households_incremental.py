@@ -130,45 +130,37 @@ def test_recomputing_only_the_reached_persons_gives_the_full_tables(records, tmp
 
     results, reached = {}, {}
     # incremental: the previous records are read to find what changed; arrived: the caller names the new
-    # records (as the link state does) and the changed persons come from the identities' keys; records: the
-    # same, with the records given without person keys (the link stage's way), which only the records read get
-    for mode, previous in (("full", None), ("incremental", linked), ("arrived", linked), ("records", linked)):
+    # records (as the link state does) and the changed persons come from the identities' keys
+    for mode, previous in (("full", None), ("incremental", linked), ("arrived", linked)):
         out = tmp_path / mode
         out.mkdir()
         con = _con(current_rows)
-        persons = con.execute("select count(distinct person_key) from records_linked").fetchall()[0][0]
-        if mode in ("arrived", "records"):
+        if mode == "arrived":
             con.register("_previous", previous_rows)
             con.execute("""create table arrived as select record_token from records_linked
                            anti join _previous using (record_token);
                            create table persons as select distinct unique_id, person_key from records_linked""")
-            if mode == "records":
-                con.execute("""create table records as select * exclude (person_key) from records_linked;
-                               drop table records_linked""")
-            facts = assemble_households(con, cfg, previous, arrived="arrived", persons="persons",
-                                        records="records" if mode == "records" else None)
-            if mode == "records":   # only the recomputed persons' records and their context got person keys
-                given = con.execute("select count(distinct person_key) from records_linked").fetchall()[0][0]
-                assert facts["households_recomputed_persons"] <= given < persons
+            facts = assemble_households(con, cfg, previous, arrived="arrived", persons="persons")
         else:
             facts = assemble_households(con, cfg, previous)
         assert facts["households_mode"].startswith("full" if mode == "full" else "incremental"), facts["households_mode"]
         # incremental: only the recomputed households are matched against the previous keys
-        counts = household_keys(con, linked / "households.parquet", out, recomputed_only=mode in ("incremental", "records"))
+        counts = household_keys(con, linked / "households.parquet", out, recomputed_only=mode == "incremental")
         changes = con.execute(f"select * from '{out}/household_key_changes.parquet' "
                               "order by all").fetchall()
         results[mode] = (*_tables(con), changes, {k: facts[k] for k in
                                                   ("household_years", "parent_child_relations", "address_evidence",
                                                    "mean_household_size")},
                          counts)
+        persons = con.execute("select count(distinct person_key) from records_linked").fetchone()[0]
         con.close()
         if mode != "full":
             # the delivery reached part of the population, not all of it
             assert 0 < facts["households_recomputed_persons"] < persons / 2
             reached[mode] = facts["households_recomputed_persons"]
-    assert reached["arrived"] == reached["incremental"] == reached["records"]
+    assert reached["arrived"] == reached["incremental"]
     full = results["full"]
-    for incremental in (results["incremental"], results["arrived"], results["records"]):
+    for incremental in (results["incremental"], results["arrived"]):
         assert incremental[0] == full[0]          # every person-year's household, key and evidence
         assert incremental[1] == full[1]          # every parent-child relation
         assert incremental[2] == full[2]          # every household key change
@@ -194,36 +186,3 @@ def test_a_release_with_other_household_settings_recomputes_everything(records, 
     con = _con(current_rows)
     facts = assemble_households(con, LinkConfig(incremental=False), linked)
     assert facts["households_mode"] == "full: link.incremental is false"
-
-
-def test_records_without_person_keys_give_the_full_tables_when_the_search_reaches_too_far(records, tmp_path):
-    previous_rows, current_rows = _release(records, 5)
-    linked = tmp_path / "linked"
-    linked.mkdir()
-    con = _con(previous_rows)
-    first = assemble_households(con, LinkConfig())
-    con.execute(f"copy (select record_token, unique_id from records_linked) to '{linked}/records.0000.parquet'")
-    con.execute(f"copy (select distinct unique_id, person_key from records_linked) to '{linked}/identities.parquet'")
-    con.execute(f"copy households to '{linked}/households.parquet'")
-    con.execute(f"copy parent_child to '{linked}/parent_child.parquet'")
-    (linked / "summary.json").write_text(json.dumps(first))
-    con.close()
-    con = _con(current_rows)
-    full = assemble_households(con, LinkConfig())
-    expected = _tables(con)
-    con.close()
-    con = _con(current_rows)
-    con.register("_previous", previous_rows)
-    con.execute("""create table arrived as select record_token from records_linked anti join _previous using (record_token);
-                   create table persons as select distinct unique_id, person_key from records_linked;
-                   create table records as select * exclude (person_key) from records_linked;
-                   drop table records_linked""")
-    # no share of the persons may be reached: every household is computed, from every record given its person key
-    facts = assemble_households(con, LinkConfig(incremental_max_share=1e-9), linked, arrived="arrived",
-                                persons="persons", records="records")
-    assert facts["households_mode"].startswith("full: at least"), facts["households_mode"]
-    assert _tables(con) == expected
-    assert facts["household_years"] == full["household_years"]
-    assert con.execute("select count(*) from records_linked").fetchall()[0][0] == len(current_rows)
-    with pytest.raises(ValueError, match="records need persons and arrived"):
-        assemble_households(con, LinkConfig(), linked, records="records")

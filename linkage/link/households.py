@@ -71,41 +71,6 @@ ADDRESS_DICE = 0.9   # address-line filters at one postcode at least this simila
 # co-residence counts as parent-child evidence while the younger is under this age: children
 # leave home at 18-24, and an adult living with someone 15-55 years older is most often their child
 CHILD_MAX_AGE = 25
-#: ``records_linked``'s columns, in its order: each record with its person's key
-LINKED_COLUMNS = ("record_token", "source", "year", "birth_year", "unique_id", "person_key",
-                  "benefit_unit_tok", "bu_role", "claim_tok", "postcode_tok", "addr_bf")
-
-
-class _Linked:
-    """SQL for some of the linked records (``LINKED_COLUMNS``), filtered on their own columns or by person.
-
-    From ``records_linked`` (every record with its person key); or, given ``records`` (the
-    records without person keys) and ``persons`` (unique_id, person_key), from the records
-    filtered first, each then given its person key through its identity. The incremental
-    households read only the records their search reaches, so this way no join of every
-    record with its person is made (at 1,000,000 persons, 18.7 million rows and 11-14 s).
-    """
-
-    def __init__(self, records: str | None = None, persons: str | None = None):
-        self.records, self.persons = records, persons
-
-    def where(self, condition: str) -> str:
-        """The records meeting ``condition`` (on the records' columns, not ``person_key``)."""
-        if self.records is None:
-            return f"(select * from records_linked where {condition})"
-        columns = ", ".join("p.person_key" if c == "person_key" else f"r.{c}" for c in LINKED_COLUMNS)
-        return (f"(select {columns} from (select * from {self.records} where {condition}) r "
-                f"join {self.persons} p using (unique_id))")
-
-    def of(self, persons: str) -> str:
-        """The records of the persons in table ``persons`` (``person_key``)."""
-        if self.records is None:
-            return f"(select * from records_linked semi join {persons} using (person_key))"
-        return self.where(f"unique_id in (select unique_id from {self.persons} semi join {persons} using (person_key))")
-
-    def all(self) -> str:
-        """Every record with its person key."""
-        return self.where("true")
 
 
 def _person_birth_sql() -> str:
@@ -455,7 +420,7 @@ def parent_child_sql(cfg: LinkConfig, weak_membership: bool = False, cross_year:
 # component's records and those postcodes' address sets alone (:func:`_affected_persons`).
 
 
-def _expand_places(con: duckdb.DuckDBPyConnection, rows: _Linked, dice: float = ADDRESS_DICE) -> None:
+def _expand_places(con: duckdb.DuckDBPyConnection, dice: float = ADDRESS_DICE) -> None:
     """Add to ``_hh_place`` (person_key, place) the places of every record at the postcodes in
     ``_hh_pc_todo``, benefit units in ``_hh_unit_todo`` and claims in ``_hh_claim_todo``, and
     leave in ``_hh_dirty`` (person_key) the persons dirty at those postcodes.
@@ -485,16 +450,16 @@ def _expand_places(con: duckdb.DuckDBPyConnection, rows: _Linked, dice: float = 
     there, so the places are built postcode by postcode as the search reaches them, never
     for every record: at 1,000,000 persons building them all took most of a delivery's
     households. A dirty postcode holds a new record, so the first step, from the persons
-    with new records, finds every one. Reads the records through ``rows`` and needs ``_hh_new_rec``
-    (the tokens of the records the previous release lacked).
+    with new records, finds every one. Needs ``records_linked`` and ``_hh_new_rec`` (the
+    tokens of the records the previous release lacked).
     """
     from splink import DuckDBAPI
     from splink.clustering import cluster_pairwise_predictions_at_threshold
 
-    con.execute(f"""
+    con.execute("""
         create or replace temp table _hh_at as
-        select person_key, record_token, year, postcode_tok, addr_bf
-        from {rows.where("postcode_tok in (select postcode_tok from _hh_pc_todo)")};
+        select person_key, record_token, year, postcode_tok, addr_bf from records_linked
+        where postcode_tok in (select postcode_tok from _hh_pc_todo);
         create or replace temp table _hh_dirty (person_key varchar);
     """)
     if con.execute("select count(*) from _hh_at").fetchone()[0]:
@@ -568,12 +533,13 @@ def _expand_places(con: duckdb.DuckDBPyConnection, rows: _Linked, dice: float = 
             drop table addr_canon;
         """)
         con.execute(f"drop table if exists {groups.physical_name}")
-    con.execute(f"""
+    con.execute("""
         insert into _hh_place
-        select distinct person_key, '1:' || benefit_unit_tok
-        from {rows.where("benefit_unit_tok in (select unit from _hh_unit_todo)")}
+        select distinct person_key, '1:' || benefit_unit_tok from records_linked
+        where benefit_unit_tok in (select unit from _hh_unit_todo)
         union
-        select distinct person_key, '2:' || claim_tok from {rows.where("claim_tok in (select claim from _hh_claim_todo)")};
+        select distinct person_key, '2:' || claim_tok from records_linked
+        where claim_tok in (select claim from _hh_claim_todo);
         drop table _hh_at;
     """)
 
@@ -587,7 +553,7 @@ def households_fingerprint(cfg: LinkConfig) -> str:
 
 
 def _affected_persons(con: duckdb.DuckDBPyConnection, cfg: LinkConfig, previous: Path | None,
-                      fingerprint: str, parts: dict, rows: _Linked, arrived: str | None = None,
+                      fingerprint: str, parts: dict, arrived: str | None = None,
                       persons: str | None = None) -> tuple[int | None, str]:
     """The persons whose households may differ from the previous release's, as ``_hh_affected``.
 
@@ -644,7 +610,7 @@ def _affected_persons(con: duckdb.DuckDBPyConnection, cfg: LinkConfig, previous:
         con.execute(f"""
             create or replace temp table _hh_new_rec as select record_token from {arrived};
             create or replace temp table _hh_frontier as
-            select distinct person_key from {rows.where(f"record_token in (select record_token from {arrived})")}
+            select distinct person_key from records_linked semi join _hh_new_rec using (record_token)
             union
             select unnest([p.person_key, n.person_key]) from read_parquet({read_literal(ids)}) p
             join {now} n using (unique_id)
@@ -665,9 +631,9 @@ def _affected_persons(con: duckdb.DuckDBPyConnection, cfg: LinkConfig, previous:
     # the reach passes the bound (at 1,000,000 persons it once reached 594,074 persons before falling back)
     while not everyone or affected / everyone <= cfg.incremental_max_share:
         steps += 1
-        con.execute(f"""
+        con.execute("""
             create or replace temp table _hh_fr_rec as
-            select postcode_tok, benefit_unit_tok, claim_tok from {rows.of("_hh_frontier")};
+            select postcode_tok, benefit_unit_tok, claim_tok from records_linked semi join _hh_frontier using (person_key);
             create or replace temp table _hh_pc_todo as
             select distinct postcode_tok from _hh_fr_rec where postcode_tok is not null
             except select postcode_tok from _hh_pc_done;
@@ -682,7 +648,7 @@ def _affected_persons(con: duckdb.DuckDBPyConnection, cfg: LinkConfig, previous:
             insert into _hh_claim_done select * from _hh_claim_todo;
             drop table _hh_fr_rec;
         """)
-        _expand_places(con, rows)
+        _expand_places(con)
         # the persons sharing a place with the frontier, and those dirty at the postcodes just built
         con.execute("""create or replace temp table _hh_next as
                        select person_key from (
@@ -724,7 +690,7 @@ def _compute(con: duckdb.DuckDBPyConnection, cfg: LinkConfig) -> None:
 
 
 def assemble_households(con: duckdb.DuckDBPyConnection, cfg: LinkConfig, previous: Path | None = None,
-                        arrived: str | None = None, persons: str | None = None, records: str | None = None) -> dict:
+                        arrived: str | None = None, persons: str | None = None) -> dict:
     """Build ``households`` and ``parent_child`` on ``con``.
 
     ``households``: person_key, year, birth_year, household_key, address_evidence
@@ -749,10 +715,6 @@ def assemble_households(con: duckdb.DuckDBPyConnection, cfg: LinkConfig, previou
             link state's new records); None: ``previous``' records are read to find out.
         persons: with ``arrived``, a table of this release's identities and their person keys
             (unique_id, person_key); None: taken from ``records_linked``.
-        records: with ``arrived`` and ``persons``, a table of the records without their person keys, in place of
-            ``records_linked``: only the records the households read are given their person keys
-            (every one of them when every household is computed). ``records_linked`` is then
-            left on ``con`` holding the records computed.
 
     Returns:
         Counts of household-years, households' mean size, parent-child relations, the
@@ -765,17 +727,12 @@ def assemble_households(con: duckdb.DuckDBPyConnection, cfg: LinkConfig, previou
     Example:
         >>> assemble_households(con, load_config().link)["household_years"]   # doctest: +SKIP
     """
-    if records is not None and (persons is None or arrived is None):
-        raise ValueError("assemble_households: records need persons and arrived")
     fingerprint = households_fingerprint(cfg)
     parts: dict = {}
-    rows = _Linked(records, persons)
-    affected, mode = _affected_persons(con, cfg, previous, fingerprint, parts, rows, arrived, persons)
+    affected, mode = _affected_persons(con, cfg, previous, fingerprint, parts, arrived, persons)
     t = time.perf_counter()
     totals = None
     if affected is None:
-        if records is not None:
-            con.execute(f"create or replace table records_linked as select * from {rows.all()}")
         _compute(con, cfg)
         recomputed = con.execute("select count(distinct person_key) from records_linked").fetchone()[0]
     else:
@@ -786,17 +743,17 @@ def assemble_households(con: duckdb.DuckDBPyConnection, cfg: LinkConfig, previou
         # unit), and their own rows are dropped below.
         # in three statements: as one (a union with the postcodes as a subquery) DuckDB took 9.6 s at
         # 1,000,000 persons, against 2.6 s for its parts
-        context = "addr_bf is not null and postcode_tok in (select postcode_tok from _hh_context_pc)"
-        con.execute(f"""create or replace table _hh_selected as select * from {rows.of("_hh_affected")};
-                        create or replace temp table _hh_context_pc as
-                        select distinct postcode_tok from _hh_selected where addr_bf is null and postcode_tok is not null;
-                        insert into _hh_selected
-                        select * replace (null as benefit_unit_tok, null as bu_role, null as claim_tok)
-                        from {rows.where(context)} anti join _hh_affected using (person_key);
-                        drop table _hh_context_pc""")
-        if records is None:
-            con.execute("alter table records_linked rename to _hh_records_all")
-        con.execute("alter table _hh_selected rename to records_linked")
+        con.execute("""alter table records_linked rename to _hh_records_all;
+                       create or replace temp table _hh_context_pc as
+                       select distinct postcode_tok from _hh_records_all semi join _hh_affected using (person_key)
+                       where addr_bf is null and postcode_tok is not null;
+                       create table records_linked as
+                       select * from _hh_records_all semi join _hh_affected using (person_key);
+                       insert into records_linked
+                       select * replace (null as benefit_unit_tok, null as bu_role, null as claim_tok)
+                       from _hh_records_all r anti join _hh_affected using (person_key)
+                       where r.addr_bf is not null and r.postcode_tok in (select postcode_tok from _hh_context_pc);
+                       drop table _hh_context_pc""")
         try:
             recomputed = con.execute("select count(distinct person_key) from records_linked "
                                      "semi join _hh_affected using (person_key)").fetchone()[0]
@@ -810,8 +767,7 @@ def assemble_households(con: duckdb.DuckDBPyConnection, cfg: LinkConfig, previou
                 con.execute(f"""create or replace table households as select * from read_parquet({households}) where false;
                                 create or replace table parent_child as select * from read_parquet({relations}) where false""")
         finally:
-            if records is None:
-                con.execute("drop table if exists records_linked; alter table _hh_records_all rename to records_linked")
+            con.execute("drop table if exists records_linked; alter table _hh_records_all rename to records_linked")
         parts["compute"] = round(time.perf_counter() - t - parts["select"], 1)
         t = time.perf_counter()
         # the counts move by the recomputed rows' less the rows they replace (a household lies wholly

@@ -683,24 +683,21 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
         summary.update(records=counts[0], identities=counts[1], persons=counts[2])
         summary["records_write_seconds"] = round(time.perf_counter() - t_write, 1)
         t_join = time.perf_counter()
-        # households read the records (and, from the link state, the new records and the persons'
+        # households read records_linked (and, from the link state, the new records and the persons'
         # identities) only: the rest (identities with their encodings, the blocked copies, Splink's
         # predictions) would be spilled to disk beside them (44 GB at 1M persons), so it goes first
         _drop_tables(con, keep={"records", "new_records", "persons"})
         summary["drop_seconds"] = round(time.perf_counter() - t_join, 1)
-        if carried is None:
-            con.execute("""create or replace table records_linked as
-                           select r.record_token, r.source, r.year, r.birth_year, r.unique_id, p.person_key,
-                                  r.benefit_unit_tok, r.bu_role, r.claim_tok, r.postcode_tok, r.addr_bf
-                           from records r join persons p using (unique_id);
-                           drop table records""")
-        # with the link state, households give person keys to the records they read only
+        con.execute("""create or replace table records_linked as
+                       select r.record_token, r.source, r.year, r.birth_year, r.unique_id, p.person_key,
+                              r.benefit_unit_tok, r.bu_role, r.claim_tok, r.postcode_tok, r.addr_bf
+                       from records r join persons p using (unique_id);
+                       drop table records""")
         summary["records_join_seconds"] = round(time.perf_counter() - t_join - summary["drop_seconds"], 1)
         t_hh = time.perf_counter()
-        # the previous release's linked/, still in place; with the state, records holds its records and new_records
+        # the previous release's linked/, still in place; with the state, records_linked holds its records and new_records
         summary.update(assemble_households(con, config.link, ws.zone("linked"),
-                                           arrived="new_records" if carried is not None else None, persons="persons",
-                                           records="records" if carried is not None else None))
+                                           arrived="new_records" if carried is not None else None, persons="persons"))
         _drop_tables(con, keep={"households", "parent_child"})
         t_hk = time.perf_counter()
         # household keys carried over from the previous release by greatest overlap of person-years
