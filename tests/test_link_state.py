@@ -122,6 +122,10 @@ def test_a_release_from_the_state_equals_one_rebuilt_from_the_whole_zone(both):
         assert sa[k] == sb[k], k
     assert sa["anchors"]["anchor_groups"] == sb["anchors"]["anchor_groups"]
     assert sa["incremental"]["reachable_identities"] < sb["incremental"]["reachable_identities"] == sb["identities"]
+    # households from the state's new records, against those found by reading the previous release's records
+    for s in (sa, sb):
+        assert s["households_mode"].startswith("incremental") and s["households_recomputed_persons"] > 0, s
+    assert sa["households_recomputed_persons"] == sb["households_recomputed_persons"]
     _assert_same_outputs(a, b)
 
 
