@@ -158,14 +158,18 @@ def merge_pairs(con: duckdb.DuckDBPyConnection, scored: str, facts: dict) -> str
     Columns as Splink's predictions (``unique_id_l/_r``, ``source_dataset_l/_r``,
     ``match_weight``, ``match_probability``). Returns the table's name.
     """
-    con.execute(f"""create or replace table pairs_merged as
+    # the few touched identities, anti-joined: every previous pair's identities are still here (scope
+    # checked it), and a join with every identity, twice, took 2.7 s at 1,000,000 persons against 0.8 s
+    con.execute(f"""create or replace temp table _touched_ids as select unique_id from identities where touched;
+        create or replace table pairs_merged as
         select unique_id_l, unique_id_r, source_dataset_l, source_dataset_r, match_weight, match_probability
         from {scored}
         union all
         select p.unique_id_l, p.unique_id_r, p.source_l, p.source_r, p.match_weight, p.match_probability
         from read_parquet({read_literal(facts['previous_pairs'])}) p
-        join identities l on l.unique_id = p.unique_id_l and not l.touched
-        join identities r on r.unique_id = p.unique_id_r and not r.touched""")
+        anti join _touched_ids l on l.unique_id = p.unique_id_l
+        anti join _touched_ids r on r.unique_id = p.unique_id_r;
+        drop table _touched_ids""")
     return "pairs_merged"
 
 
