@@ -357,6 +357,10 @@ def _assert_report_figures_as_per_record(cfg, ws: Path) -> None:
     # and the report the link stage wrote says the same
     report = json.loads((ws / "reports" / "linkage" / "report.json").read_text())
     assert report["match_rates"] == rp.query_rows(con, MATCH_RATES_BY_RECORD)
+    # the implausible links on claims, which the link stage counted on the records it held
+    by_record = con.execute(IMPLAUSIBLE_BY_RECORD).fetchall()[0]
+    assert json.loads((linked / "summary.json").read_text())["implausible_claims"] == list(by_record[:2])
+    assert tuple(report["implausible_links"].values()) == by_record
     con.close()
 
 

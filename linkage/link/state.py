@@ -159,6 +159,7 @@ def load(con: duckdb.DuckDBPyConnection, state: StatePlan, key) -> dict:
     and the new zone files only.
 
     Also leaves ``state_touched`` (unique_id: new identities and those gaining records),
+    ``new_identities`` (unique_id: those of them the state did not hold),
     ``state_keys`` (the previous identities' blocking keys) and ``new_records`` (the records of
     the new files, which :func:`write` appends as a segment). Returns the completeness counts
     with the new records' added.
@@ -186,6 +187,10 @@ def load(con: duckdb.DuckDBPyConnection, state: StatePlan, key) -> dict:
                     "from state_identities limit 0")
     con.execute("insert into records by name select * from new_records")
     con.execute("create or replace table state_touched as select distinct unique_id from new_records")
+    # the identities new in this release (the drift's scope): those the state did not hold, which is
+    # what the previous release's identities.parquet would say, without reading its millions of rows
+    con.execute("""create or replace temp table new_identities as
+                   select unique_id from state_touched anti join state_identities using (unique_id)""")
     con.execute("create or replace temp table _touched_records as select * from records semi join state_touched using (unique_id)")
     con.execute(identity_facts_sql("_touched_records"))
     key_cols = ", ".join(quote_ident(c) for c in meta["key_columns"])
