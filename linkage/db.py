@@ -22,7 +22,7 @@ import duckdb
 
 from linkage.errors import WorkspaceError
 
-__all__ = ["connect", "quote_ident", "quote_literal", "path_literal", "read_literal"]
+__all__ = ["connect", "quote_ident", "quote_literal", "path_literal", "read_literal", "table_exists"]
 
 
 class Limits(Protocol):
@@ -142,3 +142,8 @@ def read_literal(path: Path | str, pattern: str | None = None) -> str:
     if "\\" in text and (pattern is not None or escaped != text):
         raise WorkspaceError(f"{text}: DuckDB cannot read files under a path holding a backslash; rename the folder")
     return quote_literal(escaped)
+
+
+def table_exists(con, name: str) -> bool:
+    """Whether ``con`` holds a table (or temporary table) called ``name``."""
+    return bool(con.execute("select count(*) from duckdb_tables() where table_name = ?", [name]).fetchall()[0][0])

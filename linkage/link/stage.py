@@ -36,7 +36,7 @@ from pathlib import Path
 import duckdb
 
 from linkage.config import Config
-from linkage.db import connect, path_literal, quote_ident, quote_literal, read_literal
+from linkage.db import connect, path_literal, quote_ident, quote_literal, read_literal, table_exists
 from linkage.errors import HhlinkError
 from linkage.link import model_store
 from linkage.link.households import assemble_households
@@ -495,9 +495,8 @@ def _model_lifecycle(config: Config, ws: Workspace, con: duckdb.DuckDBPyConnecti
     t = time.perf_counter()
     lc = config.link
     previous = ws.zone("linked") / "identities.parquet"
-    known = con.execute("select count(*) from duckdb_tables() where table_name = 'new_identities'").fetchall()[0][0]
-    if known:   # the link state said which identities are new (linkage.link.state.load)
-        pass
+    if table_exists(con, "new_identities"):
+        pass   # the link state said which identities are new (linkage.link.state.load)
     elif previous.is_file():
         con.execute(f"""create or replace temp table new_identities as select unique_id from identities
                         anti join read_parquet({read_literal(previous)}) using (unique_id)""")

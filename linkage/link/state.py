@@ -59,7 +59,7 @@ from pathlib import Path
 
 import duckdb
 
-from linkage.db import quote_ident
+from linkage.db import quote_ident, table_exists
 from linkage.link.model import ADDRESS_COLUMNS, IDENTITY_COLUMNS
 
 __all__ = ["STATE_DIR", "MAX_SEGMENTS", "StatePlan", "code_fingerprint", "plan", "load", "write"]
@@ -254,7 +254,7 @@ def write(con: duckdb.DuckDBPyConnection, out: Path, key, zone_files: list[Path]
     # the identities' rows that changed, when the state carries the others: touched ones (new, or
     # gaining records: facts and representative) and those whose blocking keys were rebuilt
     changed = (carried is not None and carried.meta.get("key_columns") == key_columns
-               and _table_exists(con, "state_touched") and _table_exists(con, "state_rebuilt"))
+               and table_exists(con, "state_touched") and table_exists(con, "state_rebuilt"))
     previous = carried.meta.get("identity_rows", []) if changed else []
     only = ""
     if changed:
@@ -304,10 +304,6 @@ def write(con: duckdb.DuckDBPyConnection, out: Path, key, zone_files: list[Path]
     (folder / "state.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
     return {"record_segments": len(segments), "identity_segments": len(identity_segments),
             "identities_written": int(rows)}
-
-
-def _table_exists(con: duckdb.DuckDBPyConnection, name: str) -> bool:
-    return bool(con.execute("select count(*) from duckdb_tables() where table_name = ?", [name]).fetchall()[0][0])
 
 
 def discard(out: Path) -> None:
