@@ -107,22 +107,31 @@ def carry_keys(con: duckdb.DuckDBPyConnection, previous: str, current: str,
     fresh = con.execute("select f.cluster, f.first_record from _first f anti join _assigned a using (cluster) "
                         "order by f.first_record").fetchall()
     # a key is never given to another person: not one of the previous release's (retired ones
-    # included), not one carried now
-    used = {k for (k,) in con.execute(f"select distinct key from {issued or previous} "
-                                      "union select key from _assigned").fetchall()}
-    made = []
+    # included), not one carried now. Only the keys asked for are looked up (reading every issued
+    # key into Python took about a second per release at 1,000,000 persons, for a thousand new ones)
+    import pyarrow as pa
+
+    def issued_among(keys: list[str]) -> set[str]:
+        con.register("_asked_keys", pa.table({"key": keys}))
+        try:
+            return {k for (k,) in con.execute(f"select key from (select key from {issued or previous} "
+                                              "union select key from _assigned) semi join _asked_keys using (key)"
+                                              ).fetchall()}
+        finally:
+            con.unregister("_asked_keys")
+
+    used = issued_among([new_key(str(r)) for _, r in fresh]) if fresh else set()
+    made, mine = [], set()
     for c, r in fresh:
         k, attempt = new_key(str(r)), 1
-        while k in used:
+        while k in used or k in mine or (attempt > 1 and issued_among([k])):
             attempt += 1
             k = new_key(f"{r}#{attempt}")
-        used.add(k)
+        mine.add(k)
         made.append((c, k))
     con.execute("create or replace temp table _fresh as select cluster, key from _assigned where false")
     if made:
         # one Arrow insert: executemany took 12 s for 20,000 keys, minutes for a first release at 1M
-        import pyarrow as pa
-
         con.register("_fresh_made", pa.table({"cluster": [c for c, _ in made], "key": [k for _, k in made]}))
         con.execute("insert into _fresh select * from _fresh_made")
         con.unregister("_fresh_made")

@@ -109,3 +109,11 @@ def test_a_key_in_use_or_retired_is_never_reissued():
     con = _con({"a": "K1", "z": "K9"}, {"a": 1, "b": 2, "c": 3})
     keys = carry_keys(con, "prev", "cur", new_key=lambda r: {"b": "K1", "c": "K9"}.get(r, f"new:{r}"))
     assert dict(con.execute(f"select cluster, key from {keys}").fetchall()) == {1: "K1", 2: "new:b#2", 3: "new:c#2"}
+
+
+def test_a_key_asked_again_is_checked_again_against_every_issued_and_new_key():
+    # b: K1 (carried by a), then K9 (retired), then new:b#3; c: new:b#3 (just made for b), then K9, then new:c#3
+    con = _con({"a": "K1", "z": "K9"}, {"a": 1, "b": 2, "c": 3})
+    names = {"b": "K1", "b#2": "K9", "c": "new:b#3", "c#2": "K9"}
+    keys = carry_keys(con, "prev", "cur", new_key=lambda r: names.get(r, f"new:{r}"))
+    assert dict(con.execute(f"select cluster, key from {keys}").fetchall()) == {1: "K1", 2: "new:b#3", 3: "new:c#3"}
