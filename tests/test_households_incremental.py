@@ -135,12 +135,16 @@ def test_recomputing_only_the_reached_persons_gives_the_full_tables(records, tmp
         out = tmp_path / mode
         out.mkdir()
         con = _con(current_rows)
+        persons = con.execute("select count(distinct person_key) from records_linked").fetchall()[0][0]
         if mode == "arrived":
             con.register("_previous", previous_rows)
             con.execute("""create table arrived as select record_token from records_linked
                            anti join _previous using (record_token);
                            create table persons as select distinct unique_id, person_key from records_linked""")
-            facts = assemble_households(con, cfg, previous, arrived="arrived", persons="persons")
+            # as the link stage calls it: the records go once the reached persons' are taken
+            facts = assemble_households(con, cfg, previous, arrived="arrived", persons="persons", consume=True)
+            assert not con.execute("select count(*) from duckdb_tables() where table_name in "
+                                   "('records_linked', '_hh_records_all')").fetchall()[0][0]
         else:
             facts = assemble_households(con, cfg, previous)
         assert facts["households_mode"].startswith("full" if mode == "full" else "incremental"), facts["households_mode"]
@@ -152,7 +156,6 @@ def test_recomputing_only_the_reached_persons_gives_the_full_tables(records, tmp
                                                   ("household_years", "parent_child_relations", "address_evidence",
                                                    "mean_household_size")},
                          counts)
-        persons = con.execute("select count(distinct person_key) from records_linked").fetchone()[0]
         con.close()
         if mode != "full":
             # the delivery reached part of the population, not all of it

@@ -725,7 +725,8 @@ def link(config: Config, workspace: Path | str, key=None, *, model: Path | str |
         t_hh = time.perf_counter()
         # the previous release's linked/, still in place; with the state, records_linked holds its records and new_records
         summary.update(assemble_households(con, config.link, ws.zone("linked"),
-                                           arrived="new_records" if carried is not None else None, persons="persons"))
+                                           arrived="new_records" if carried is not None else None, persons="persons",
+                                           consume=True))
         _drop_tables(con, keep={"households", "parent_child"})
         t_hk = time.perf_counter()
         # household keys carried over from the previous release by greatest overlap of person-years
