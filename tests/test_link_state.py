@@ -221,6 +221,25 @@ def test_identity_segments_are_rewritten_as_one_once_they_replace_too_many_rows(
     _assert_same_outputs(ws, a)
 
 
+def test_record_segments_past_max_segments_are_rewritten_whole_with_every_column(released, both, tmp_path):
+    """A release loads the columns only identity facts read for the touched identities' records alone,
+    except when it rewrites the records as one segment: then every record keeps them all."""
+    base, key, _, _ = released
+    a, _, _, _ = both
+    ws, summary = _link_copy(base, tmp_path, key, MAX_SEGMENTS=1)
+    assert summary["link_state"].startswith("incremental: ")
+    assert summary["state"]["record_segments"] == 1
+    mine, theirs = _state_table(ws, key, "records"), _state_table(a, key, "records")
+    assert set(link_state.RECORD_FACT_COLUMNS) <= set(mine.column_names) and mine.num_rows == summary["records"]
+    con = duckdb.connect()
+    con.register("ta", mine)
+    con.register("tb", theirs.select(mine.column_names))
+    assert con.execute("select count(*) from ta where sex_tok is not null").fetchone()[0] > 0
+    assert con.execute("select * from ta except all select * from tb").fetchall() == []
+    assert con.execute("select * from tb except all select * from ta").fetchall() == []
+    _assert_same_outputs(ws, a)
+
+
 def test_the_state_holds_no_token_in_clear_and_needs_the_key(released, both):
     base, key, _, _ = released
     a, _, _, _ = both

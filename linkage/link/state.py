@@ -78,6 +78,9 @@ IDENTITY_TABLE = ("unique_id", "source", "birth_year", "n_records", "first_year"
 #: the records' string columns with few distinct values in a row group, decoded as dictionaries
 #: (:func:`linkage.pseudonymise.store.load_files`)
 RECORD_DICTIONARY = ("source", "bu_role", "unique_id", "postcode_tok", "pc_sector_tok", "pc_district_tok")
+#: the records' columns only an identity's facts read (its most frequent address): a release loads
+#: them for the touched identities' records alone (2.7 GB of memory at 1,000,000 persons for all)
+RECORD_FACT_COLUMNS = ("pc_sector_tok", "pc_district_tok", "sex_tok")
 
 
 def code_fingerprint() -> str:
@@ -169,7 +172,23 @@ def load(con: duckdb.DuckDBPyConnection, state: StatePlan, key) -> dict:
     from linkage.pseudonymise.store import load_files, read_encrypted_schema
 
     meta = state.meta
-    load_files(con, "records", [state.folder / n for n in meta["records"]], key, ZONE, dictionary=RECORD_DICTIONARY)
+    encodings = ", ".join(IDENTITY_COLUMNS)
+    counts = meta["completeness"]
+    # the new records first: they say which identities are touched, whose old records are read whole
+    if state.new_files:
+        load_files(con, "identifiers_in", state.new_files, key, ZONE)
+        counts = _add_counts(counts, completeness_counts(con, "identifiers_in"))
+        con.execute(f"create or replace table new_records as {records_sql('identifiers_in')}")
+        con.execute(f"create or replace temp table _new_encodings as select record_token, {encodings} from identifiers_in")
+        con.execute("drop table identifiers_in")
+        con.execute("create or replace table state_touched as select distinct unique_id from new_records")
+    else:
+        con.execute("create or replace table state_touched (unique_id varchar)")
+    # the records' columns only the touched identities' facts read are kept for their records alone (a
+    # state rewritten whole, past MAX_SEGMENTS, needs them all)
+    deferred = RECORD_FACT_COLUMNS if len(meta["records"]) < MAX_SEGMENTS else ()
+    load_files(con, "records", [state.folder / n for n in meta["records"]], key, ZONE, dictionary=RECORD_DICTIONARY,
+               aside=("_touched_records", deferred, "unique_id in (select unique_id from state_touched)"))
     segments = [state.folder / n for n in meta["identities"]]
     # the identities and their blocking keys into tables of their own, each decoding only its columns:
     # at 1,000,000 persons the keys load in 1.8 s where copying them out of one table took 2.2 s, and
@@ -177,27 +196,18 @@ def load(con: duckdb.DuckDBPyConnection, state: StatePlan, key) -> dict:
     columns = read_encrypted_schema(segments[0], key, ZONE).names
     _load_identities(con, "state_identities", segments, key, [c for c in columns if c not in meta["key_columns"]])
     _load_identities(con, "state_keys", segments, key, ["unique_id", *meta["key_columns"]])
-    counts = meta["completeness"]
-    encodings = ", ".join(IDENTITY_COLUMNS)
-    if state.new_files:
-        load_files(con, "identifiers_in", state.new_files, key, ZONE)
-        counts = _add_counts(counts, completeness_counts(con, "identifiers_in"))
-        state.decrypted_at = time.perf_counter()
-        con.execute(f"create or replace table new_records as {records_sql('identifiers_in')}")
-        con.execute(f"create or replace temp table _new_encodings as select record_token, {encodings} from identifiers_in")
-        con.execute("drop table identifiers_in")
-    else:
-        state.decrypted_at = time.perf_counter()
-        con.execute("create or replace table new_records as select * from records limit 0")
+    state.decrypted_at = time.perf_counter()
+    if not state.new_files:
+        con.execute("create or replace table new_records as select * from _touched_records limit 0")
         con.execute(f"create or replace temp table _new_encodings as select representative as record_token, {encodings} "
                     "from state_identities limit 0")
-    con.execute("insert into records by name select * from new_records")
-    con.execute("create or replace table state_touched as select distinct unique_id from new_records")
+    narrow = f"* exclude ({', '.join(deferred)})" if deferred else "*"
+    con.execute(f"insert into records by name select {narrow} from new_records")
+    con.execute("insert into _touched_records by name select * from new_records")
     # the identities new in this release (the drift's scope): those the state did not hold, which is
     # what the previous release's identities.parquet would say, without reading its millions of rows
     con.execute("""create or replace temp table new_identities as
                    select unique_id from state_touched anti join state_identities using (unique_id)""")
-    con.execute("create or replace temp table _touched_records as select * from records semi join state_touched using (unique_id)")
     con.execute(identity_facts_sql("_touched_records"))
     # a touched identity's representative is its old one or a new record: take its encodings from where it is
     con.execute(f"""create or replace temp table _touched_identities as

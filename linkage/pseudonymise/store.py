@@ -56,6 +56,7 @@ import pyarrow.parquet.encryption as pqe
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from linkage.db import quote_ident
 from linkage.errors import HhlinkError
 from linkage.keys import KeyMismatchError, MasterKey
 from linkage.workspace import Workspace
@@ -304,7 +305,8 @@ LOAD_CHUNK_ROWS = 1 << 20
 
 
 def load_files(con, name: str, files: Sequence[Path], key: MasterKey | ZoneKey, zone: str,
-               columns: Sequence[str] | None = None, dictionary: Sequence[str] = ()) -> None:
+               columns: Sequence[str] | None = None, dictionary: Sequence[str] = (),
+               aside: tuple[str, Sequence[str], str] | None = None) -> None:
     """Decrypt encrypted ``files`` of ``zone`` (the zone's own, or the link state's) into DuckDB table ``name``.
 
     :func:`load_zone` for a list of files: every footer is checked first, then each file is
@@ -315,12 +317,22 @@ def load_files(con, name: str, files: Sequence[Path], key: MasterKey | ZoneKey, 
     columns with few distinct values in a row group (a source, a postcode sector), which Arrow
     then decodes as dictionaries rather than one string per row. Both together: 15-17 s to
     about 13 s for the link state's 18.7 million records, offline at 1,000,000 persons.
+
+    ``aside``: ``(table, deferred, where)``: ``name`` gets every column but ``deferred``, and
+    the rows matching ``where`` (SQL on the file's columns) go whole into ``table`` too, from
+    the same decoded chunk. For columns only a few rows are read for: kept for all, they
+    held 2.7 GB of the link state's records in memory at 1,000,000 persons.
     """
     zk = zone_key(key, zone)
     full = [read_encrypted_schema(f, zk, zone) for f in files]   # footers only, checked first
     schemas = [_selected(Path(f), schema, columns) for f, schema in zip(files, full)]
-    register(con, name, pa.unify_schemas(schemas, promote_options="default").empty_table())
+    unified = pa.unify_schemas(schemas, promote_options="default")
+    deferred = [c for c in aside[1] if c in unified.names] if aside else []
+    register(con, name, pa.schema([fld for fld in unified if fld.name not in deferred]).empty_table())
+    if aside:
+        register(con, aside[0], unified.empty_table())
     view = f"_arrow_{name}"
+    narrow = f'* exclude ({", ".join(quote_ident(c) for c in deferred)})' if deferred else "*"
     for f, schema in zip(files, full):
         with _opened(Path(f), zk, [c for c in dictionary if c in schema.names]) as pf:
             groups, rows = [], 0
@@ -334,7 +346,9 @@ def load_files(con, name: str, files: Sequence[Path], key: MasterKey | ZoneKey, 
                 groups, rows = [], 0
                 con.register(view, chunk)
                 try:
-                    con.execute(f'insert into "{name}" by name select * from "{view}"')
+                    con.execute(f'insert into "{name}" by name select {narrow} from "{view}"')
+                    if aside:
+                        con.execute(f'insert into "{aside[0]}" by name select * from "{view}" where {aside[2]}')
                 finally:
                     con.unregister(view)
                 del chunk
