@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import duckdb
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -46,6 +48,22 @@ def test_connect_takes_a_config_section_and_keywords_override_it():
         assert _setting(c, "memory_limit").startswith(("953.6", "1.0"))
     with connect(cfg.link, threads=2) as c:
         assert _setting(c, "threads") == 2
+
+
+def test_a_memory_limit_may_be_a_share_of_the_machine():
+    """``"60%"`` (the link stage's default) is DuckDB's share of physical memory; out of range is refused."""
+    from linkage.errors import ConfigError
+
+    cfg = load_config(link={"memory_limit": "50%"})
+    units = {"KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": 2 ** 30, "TiB": 2 ** 40}
+    machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limits, share in ((cfg.link, 0.5), (None, 0.25)):
+        with connect(limits, memory_limit=None if limits else "25%") as c:
+            amount, unit = _setting(c, "memory_limit").split()
+            assert float(amount) * units[unit] == pytest.approx(share * machine, rel=0.1)
+    for bad in ("0%", "95%", "100%", "60 %", "lots"):
+        with pytest.raises(ConfigError, match="link.memory_limit"):
+            load_config(link={"memory_limit": bad})
 
 
 def test_connect_opens_a_database_file(tmp_path):
