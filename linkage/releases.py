@@ -120,10 +120,11 @@ def carry_keys(con: duckdb.DuckDBPyConnection, previous: str, current: str,
         finally:
             con.unregister("_asked_keys")
 
-    used = issued_among([new_key(str(r)) for _, r in fresh]) if fresh else set()
+    first = [new_key(str(r)) for _, r in fresh]
+    used = issued_among(first) if fresh else set()
     made, mine = [], set()
-    for c, r in fresh:
-        k, attempt = new_key(str(r)), 1
+    for (c, r), k in zip(fresh, first):
+        attempt = 1
         while k in used or k in mine or (attempt > 1 and issued_among([k])):
             attempt += 1
             k = new_key(f"{r}#{attempt}")

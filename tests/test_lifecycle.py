@@ -343,9 +343,9 @@ def _assert_report_figures_as_per_record(cfg, ws: Path) -> None:
     con = connect()
     records = records_relation(linked)
     con.execute(f"create table rec as select * from {records}")
-    rp._person_sources(con, read_literal(linked / "identities.parquet"))
+    rp.person_sources(con, read_literal(linked / "identities.parquet"))
     assert rp._match_rates(con) == rp.query_rows(con, MATCH_RATES_BY_RECORD)
-    assert tuple(rp._implausible(con, records)) == con.execute(IMPLAUSIBLE_BY_RECORD).fetchall()[0]
+    assert tuple(rp.implausible_counts(con, records)) == con.execute(IMPLAUSIBLE_BY_RECORD).fetchall()[0]
     load_zone(con, "payload_education", ws, "payload", load_master_key(workspace=ws), sources=["education"])
     la_lookup = cfg.paths.resolve(cfg.assemble.la_lookup)
     rp._subgroups(con, "payload_education", cfg.generate.end_year, la_lookup, records)
@@ -366,7 +366,7 @@ def _assert_report_figures_as_per_record(cfg, ws: Path) -> None:
 
 def _assert_records_matched_as_per_record(ws: Path, previous: Path) -> None:
     from linkage.db import connect, read_literal
-    from linkage.link.drift import _matched_share_sql
+    from linkage.link.drift import matched_share_sql
 
     linked = ws / "linked"
     con = connect()
@@ -379,7 +379,7 @@ def _assert_records_matched_as_per_record(ws: Path, previous: Path) -> None:
     assert con.execute("select count(*) from new_identities").fetchall()[0][0] > 0
     for new_only in (True, False):
         scope = "where r.unique_id in (select unique_id from new_identities)" if new_only else ""
-        assert con.execute(_matched_share_sql(new_only)).fetchall() == \
+        assert con.execute(matched_share_sql(new_only)).fetchall() == \
             con.execute(MATCHED_SHARE_BY_RECORD.format(scope=scope)).fetchall()
     con.close()
 
@@ -389,7 +389,7 @@ def test_implausible_links_and_records_matched_count_as_the_per_record_queries_o
     spanning sources, new identities among old: the grouped queries count as the per-record ones."""
     from linkage.db import connect
     from linkage.link import report as rp
-    from linkage.link.drift import _matched_share_sql
+    from linkage.link.drift import matched_share_sql
 
     con = connect()
     # record_token, source, year, birth_year, unique_id, person_key, bu_role, claim_tok
@@ -415,9 +415,9 @@ def test_implausible_links_and_records_matched_count_as_the_per_record_queries_o
         t(record_token, source, year, birth_year, unique_id, person_key, bu_role, claim_tok)""")
     con.execute("""create table ids as select unique_id, min(source) source, min(birth_year) birth_year,
                    count(*) n_records, any_value(person_key) person_key from rec group by 1""")
-    rp._person_sources(con, "ids")
+    rp.person_sources(con, "ids")
     assert rp._match_rates(con) == rp.query_rows(con, MATCH_RATES_BY_RECORD)
-    assert tuple(rp._implausible(con, "rec")) == con.execute(IMPLAUSIBLE_BY_RECORD).fetchall()[0] == (2, 1, 1)
+    assert tuple(rp.implausible_counts(con, "rec")) == con.execute(IMPLAUSIBLE_BY_RECORD).fetchall()[0] == (2, 1, 1)
     con.execute("create table identities as select unique_id, source, n_records from ids")
     con.execute("create table clusters as select unique_id, person_key cluster_id from ids")
     con.execute("create table records as select unique_id, source from rec")
@@ -425,5 +425,5 @@ def test_implausible_links_and_records_matched_count_as_the_per_record_queries_o
         con.execute(f"create or replace table new_identities as select unnest({new!r}) unique_id")
         for new_only in (True, False):
             scope = "where r.unique_id in (select unique_id from new_identities)" if new_only else ""
-            assert con.execute(_matched_share_sql(new_only)).fetchall() == \
+            assert con.execute(matched_share_sql(new_only)).fetchall() == \
                 con.execute(MATCHED_SHARE_BY_RECORD.format(scope=scope)).fetchall()

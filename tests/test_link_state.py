@@ -94,7 +94,7 @@ def _state_table(ws, key, name):
         return pa.concat_tables([read_encrypted(folder / f, key, "identifiers") for f in meta["records"]])
     # identity segments: a later segment's row for an identity replaces an earlier one's
     con = duckdb.connect()
-    link_state._load_identities(con, "t", [folder / f for f in meta["identities"]], key)
+    link_state.load_identities(con, "t", [folder / f for f in meta["identities"]], key)
     return con.execute("select * from t").to_arrow_table()
 
 

@@ -53,7 +53,8 @@ import duckdb
 from linkage.db import quote_ident, quote_literal
 from linkage.quality import QualityGateError
 
-__all__ = ["DriftGateError", "check_drift", "compare_profiles", "level_case_sql", "profile", "recent_identities_sql"]
+__all__ = ["DriftGateError", "check_drift", "compare_profiles", "level_case_sql", "matched_share_sql", "profile",
+           "recent_identities_sql"]
 
 
 class DriftGateError(QualityGateError):
@@ -115,7 +116,7 @@ def _shares(con: duckdb.DuckDBPyConnection, sql: str) -> dict:
     return out
 
 
-def _matched_share_sql(new_only: bool) -> str:
+def matched_share_sql(new_only: bool) -> str:
     """Per source: records, and records whose person (cluster) holds records of another source.
 
     From the identities, each counting its records (``n_records``) and of one source, rather
@@ -170,7 +171,7 @@ def profile(con: duckdb.DuckDBPyConnection, comparisons: list[dict], matched_pai
                    using (unique_id)""")
     out = {"m": _shares(con, level_counts_sql(comparisons, "_drift_matched", columns, "_drift_ids")),
            "u": _shares(con, level_counts_sql(comparisons, "_drift_random", columns, "_drift_ids")),
-           "records_matched": {s: [int(n), int(k)] for s, n, k in con.execute(_matched_share_sql(new_only)).fetchall()}}
+           "records_matched": {s: [int(n), int(k)] for s, n, k in con.execute(matched_share_sql(new_only)).fetchall()}}
     con.execute("drop table _drift_matched; drop table _drift_random; drop table _drift_ids")
     return out
 

@@ -64,7 +64,7 @@ def completeness(con, identifiers: str) -> list[dict]:
     return completeness_rows(completeness_counts(con, identifiers))
 
 
-def _person_sources(con, identities: str) -> None:
+def person_sources(con, identities: str) -> None:
     """Table ``person_source``: per person and source, its records and their lowest and highest birth year.
 
     From the linked identities (``linked/identities.parquet``: source, birth year, records and
@@ -84,7 +84,7 @@ def _match_rates(con) -> list[dict]:
     """Per source: its records, and the share of them whose person holds records of each source (or of another).
 
     Weighted by each person-source's records, which is the average over records a
-    per-record join would take (:func:`_person_sources`).
+    per-record join would take (:func:`person_sources`).
     """
     def share(flag: str) -> str:
         return f"round(sum(case when {flag} then s.n else 0 end) / sum(s.n), 4)"
@@ -110,7 +110,7 @@ def _subgroups(con, payload: str | None, end_year: int, la_lookup: Path, records
     """Pupils old enough to be adults in the window: who links to adult records, by subgroup.
 
     ``records``: the linked records (``record_token, source, birth_year, person_key``); who holds
-    an adult record comes from ``person_source`` (:func:`_person_sources`). A pupil's birth year
+    an adult record comes from ``person_source`` (:func:`person_sources`). A pupil's birth year
     is the lowest of their school records', their ethnicity and local authority the most frequent
     (ties to the lowest): the same figures from every run, which a pick of any value, or
     of the most frequent in the order rows happen to arrive, did not give (a few pupils moved
@@ -180,7 +180,7 @@ def claim_implausible_sql(records: str) -> str:
                (select count(distinct person_key) from same where two_adults)"""
 
 
-def _implausible(con, records: str, claims: list[int] | None = None) -> tuple[int, int, int]:
+def implausible_counts(con, records: str, claims: list[int] | None = None) -> tuple[int, int, int]:
     """Persons holding a parent and their dependant, two adults of one benefit unit, or birth years more than one apart.
 
     The first two by :func:`claim_implausible_sql` over ``records``, unless ``claims`` gives
@@ -240,13 +240,13 @@ def build_report(config: Config, workspace: Path | str, key=None) -> dict:
     con.execute(f"create temp table report_persons as select unique_id, person_key "
                 f"from {read_literal(linked / 'identities.parquet')}")
     records = records_relation(linked, persons="report_persons")   # scanned twice: identities read once
-    _person_sources(con, read_literal(linked / "identities.parquet"))
+    person_sources(con, read_literal(linked / "identities.parquet"))
     con.execute(f"create table pairs as select match_probability, match_weight "
                 f"from {read_literal(linked / 'pairs.parquet')}")
     model = json.loads((linked / "model.json").read_text())
     evaluation_path = ws.zone("reports") / "evaluation.json"
     evaluation = json.loads(evaluation_path.read_text()) if evaluation_path.exists() else {}
-    parent_child, two_adults, dob_gap = _implausible(con, records, summary.get("implausible_claims"))
+    parent_child, two_adults, dob_gap = implausible_counts(con, records, summary.get("implausible_claims"))
     report = {
         "summary": {k: summary.get(k) for k in ("engine", "threshold", "records", "identities", "persons",
                                                 "household_years", "parent_child_relations", "pairs_scored",

@@ -62,7 +62,7 @@ import duckdb
 from linkage.db import quote_ident, table_exists
 from linkage.link.model import ADDRESS_COLUMNS, IDENTITY_COLUMNS
 
-__all__ = ["STATE_DIR", "MAX_SEGMENTS", "StatePlan", "code_fingerprint", "plan", "load", "write"]
+__all__ = ["STATE_DIR", "MAX_SEGMENTS", "StatePlan", "code_fingerprint", "plan", "load", "load_identities", "write"]
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +194,8 @@ def load(con: duckdb.DuckDBPyConnection, state: StatePlan, key) -> dict:
     # at 1,000,000 persons the keys load in 1.8 s where copying them out of one table took 2.2 s, and
     # the identities table no longer holds them
     columns = read_encrypted_schema(segments[0], key, ZONE).names
-    _load_identities(con, "state_identities", segments, key, [c for c in columns if c not in meta["key_columns"]])
-    _load_identities(con, "state_keys", segments, key, ["unique_id", *meta["key_columns"]])
+    load_identities(con, "state_identities", segments, key, [c for c in columns if c not in meta["key_columns"]])
+    load_identities(con, "state_keys", segments, key, ["unique_id", *meta["key_columns"]])
     state.decrypted_at = time.perf_counter()
     if not state.new_files:
         con.execute("create or replace table new_records as select * from _touched_records limit 0")
@@ -228,7 +228,7 @@ def load(con: duckdb.DuckDBPyConnection, state: StatePlan, key) -> dict:
     return counts
 
 
-def _load_identities(con: duckdb.DuckDBPyConnection, name: str, segments: list[Path], key,
+def load_identities(con: duckdb.DuckDBPyConnection, name: str, segments: list[Path], key,
                      columns: list[str] | None = None) -> None:
     """Table ``name`` from identity segments: for each identity, its row in the last segment holding one
     (``columns`` of it, with ``unique_id``; all of them for None)."""
