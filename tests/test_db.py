@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import duckdb
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -54,13 +53,16 @@ def test_a_memory_limit_may_be_a_share_of_the_machine():
     """``"60%"`` (the link stage's default) is DuckDB's share of physical memory; out of range is refused."""
     from linkage.errors import ConfigError
 
-    cfg = load_config(link={"memory_limit": "50%"})
     units = {"KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": 2 ** 30, "TiB": 2 ** 40}
     machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for limits, share in ((cfg.link, 0.5), (None, 0.25)):
-        with connect(limits, memory_limit=None if limits else "25%") as c:
-            amount, unit = _setting(c, "memory_limit").split()
-            assert float(amount) * units[unit] == pytest.approx(share * machine, rel=0.1)
+
+    def limit(c) -> float:
+        amount, unit = _setting(c, "memory_limit").split()
+        return float(amount) * units[unit]
+
+    with connect(load_config(link={"memory_limit": "50%"}).link) as half, connect(memory_limit="25%") as quarter:
+        assert limit(half) == pytest.approx(0.5 * machine, rel=0.1)
+        assert limit(quarter) == pytest.approx(0.25 * machine, rel=0.1)
     for bad in ("0%", "95%", "100%", "60 %", "lots"):
         with pytest.raises(ConfigError, match="link.memory_limit"):
             load_config(link={"memory_limit": bad})

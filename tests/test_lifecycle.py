@@ -344,11 +344,11 @@ def _assert_report_figures_as_per_record(cfg, ws: Path) -> None:
     records = records_relation(linked)
     con.execute(f"create table rec as select * from {records}")
     rp.person_sources(con, read_literal(linked / "identities.parquet"))
-    assert rp._match_rates(con) == rp.query_rows(con, MATCH_RATES_BY_RECORD)
+    assert rp.match_rates(con) == rp.query_rows(con, MATCH_RATES_BY_RECORD)
     assert tuple(rp.implausible_counts(con, records)) == con.execute(IMPLAUSIBLE_BY_RECORD).fetchall()[0]
     load_zone(con, "payload_education", ws, "payload", load_master_key(workspace=ws), sources=["education"])
     la_lookup = cfg.paths.resolve(cfg.assemble.la_lookup)
-    rp._subgroups(con, "payload_education", cfg.generate.end_year, la_lookup, records)
+    rp.subgroups(con, "payload_education", cfg.generate.end_year, la_lookup, records)
     con.execute(f"create table expected as select * from ({PUPILS_BY_RECORD}) "
                 f"where birth_year <= {cfg.generate.end_year} - 22")
     got = con.execute("select person_key, birth_year, ever_fsm, ethnicity, la_code, linked from pupils "
@@ -416,7 +416,7 @@ def test_implausible_links_and_records_matched_count_as_the_per_record_queries_o
     con.execute("""create table ids as select unique_id, min(source) source, min(birth_year) birth_year,
                    count(*) n_records, any_value(person_key) person_key from rec group by 1""")
     rp.person_sources(con, "ids")
-    assert rp._match_rates(con) == rp.query_rows(con, MATCH_RATES_BY_RECORD)
+    assert rp.match_rates(con) == rp.query_rows(con, MATCH_RATES_BY_RECORD)
     assert tuple(rp.implausible_counts(con, "rec")) == con.execute(IMPLAUSIBLE_BY_RECORD).fetchall()[0] == (2, 1, 1)
     con.execute("create table identities as select unique_id, source, n_records from ids")
     con.execute("create table clusters as select unique_id, person_key cluster_id from ids")

@@ -80,7 +80,7 @@ def person_sources(con, identities: str) -> None:
                     from {identities} where person_key is not null group by all""")
 
 
-def _match_rates(con) -> list[dict]:
+def match_rates(con) -> list[dict]:
     """Per source: its records, and the share of them whose person holds records of each source (or of another).
 
     Weighted by each person-source's records, which is the average over records a
@@ -106,7 +106,7 @@ def _most_frequent_sql(rows: str, column: str) -> str:
                           group by 1)"""
 
 
-def _subgroups(con, payload: str | None, end_year: int, la_lookup: Path, records: str) -> dict:
+def subgroups(con, payload: str | None, end_year: int, la_lookup: Path, records: str) -> dict:
     """Pupils old enough to be adults in the window: who links to adult records, by subgroup.
 
     ``records``: the linked records (``record_token, source, birth_year, person_key``); who holds
@@ -256,8 +256,8 @@ def build_report(config: Config, workspace: Path | str, key=None) -> dict:
         "uncompared": summary.get("uncompared"),
         "blocking_counted_at": summary.get("blocking_counted_at"),
         "parameters": mu_rows(model),
-        "match_rates": _match_rates(con),
-        "subgroups": (_subgroups(con, payload, config.generate.end_year, config.paths.resolve(config.assemble.la_lookup),
+        "match_rates": match_rates(con),
+        "subgroups": (subgroups(con, payload, config.generate.end_year, config.paths.resolve(config.assemble.la_lookup),
                                  records)
                       if key is not None else previous.get("subgroups", {})),
         "thresholds": threshold_rows(con, config.link.evaluation_thresholds),

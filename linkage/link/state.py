@@ -201,7 +201,7 @@ def load(con: duckdb.DuckDBPyConnection, state: StatePlan, key) -> dict:
         con.execute("create or replace table new_records as select * from _touched_records limit 0")
         con.execute(f"create or replace temp table _new_encodings as select representative as record_token, {encodings} "
                     "from state_identities limit 0")
-    narrow = f"* exclude ({', '.join(deferred)})" if deferred else "*"
+    narrow = f"* exclude ({', '.join(quote_ident(c) for c in deferred)})" if deferred else "*"
     con.execute(f"insert into records by name select {narrow} from new_records")
     con.execute("insert into _touched_records by name select * from new_records")
     # the identities new in this release (the drift's scope): those the state did not hold, which is
